@@ -1,0 +1,428 @@
+"""The machine: guest RAM, vCPU threads, devices, boot, pause and resume.
+
+Thread model: one thread per vCPU runs KVM_RUN; every other caller (the control server's
+worker threads, the CLI) changes the run state through the methods here, which take
+``self._cond``. Pause closes a gate, sets ``immediate_exit`` on every vCPU and kicks each
+vCPU thread with a signal so a vCPU spinning in guest ring 3 leaves KVM_RUN at once;
+it returns when every vCPU reports itself parked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
+from vmipc.kvm.structs import KVM_PIT_SPEAKER_DUMMY
+from vmipc.vmm.devices import Uart16550
+from vmipc.vmm.iobus import IoBus
+from vmipc.vmm.loaders import (
+    BootPlan,
+    GuestImageError,
+    load_bootsector_file,
+    load_multiboot,
+    load_multiboot_file,
+)
+from vmipc.vmm.machine_api import InvalidStateError, StateChange
+from vmipc.vmm.memory import GuestMemory
+from vmipc.vmm.runstate import RunState
+from vmipc.vmm.vcpu import (
+    GuestStopped,
+    VcpuThread,
+    apply_boot_plan,
+    configure_cpuid,
+    describe_registers,
+)
+
+log = logging.getLogger("vmipc.vmm")
+
+COM1_BASE = 0x3F8
+COM1_IRQ = 4
+#: Writing a byte here powers the guest off (QEMU's isa-debug-exit uses the same port).
+POWER_OFF_PORT = 0x501
+POST_CODE_PORT = 0x80
+KICK_SIGNAL = signal.SIGUSR1
+_TSS_ADDR = 0xFFFBD000
+_IDENTITY_MAP_ADDR = 0xFFFBC000
+MAX_VCPUS = 64
+
+
+@dataclass(frozen=True)
+class BootSource:
+    """What to boot. ``kind`` is "builtin", "bootsector", "multiboot" or "none" (incoming)."""
+
+    kind: str = "builtin"
+    path: str | None = None
+    cmdline: str = ""
+    guest_options: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "cmdline": self.cmdline,
+            "guest_options": [list(pair) for pair in self.guest_options],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BootSource:
+        return cls(
+            kind=str(data["kind"]),
+            path=data.get("path"),
+            cmdline=str(data.get("cmdline", "")),
+            guest_options=tuple((str(k), str(v)) for k, v in data.get("guest_options", [])),
+        )
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything needed to build the same machine again (saved with its state)."""
+
+    VERSION = 1
+
+    memory_size: int
+    vcpus: int = 1
+    boot: BootSource = field(default_factory=BootSource)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "memory_size": self.memory_size,
+            "vcpus": self.vcpus,
+            "boot": self.boot.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MachineConfig:
+        if data.get("version") != cls.VERSION:
+            raise ValueError(f"machine config version {data.get('version')} is not supported")
+        return cls(
+            memory_size=int(data["memory_size"]),
+            vcpus=int(data["vcpus"]),
+            boot=BootSource.from_dict(data["boot"]),
+        )
+
+
+def builtin_cmdline(config: MachineConfig) -> str:
+    """The built-in guest's command line: the vCPU count plus the user's guest options."""
+    options = dict(config.boot.guest_options)
+    options["vcpus"] = str(config.vcpus)
+    return " ".join(f"{key}={value}" for key, value in options.items())
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """The kick only has to interrupt KVM_RUN; nothing to do when it is delivered."""
+
+
+def install_kick_handler() -> None:
+    """Install the no-op handler for the vCPU kick signal (must run in the main thread)."""
+    current = signal.getsignal(KICK_SIGNAL)
+    if current is _ignore_signal:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "the first Machine must be created in the main thread (it installs a signal handler)"
+        )
+    signal.signal(KICK_SIGNAL, _ignore_signal)
+
+
+class Machine:
+    """A KVM virtual machine with its vCPU threads and devices."""
+
+    def __init__(
+        self,
+        config: MachineConfig,
+        console: Callable[[bytes], None],
+        *,
+        kvm_path: str = "/dev/kvm",
+    ) -> None:
+        if not 1 <= config.vcpus <= MAX_VCPUS:
+            raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, not {config.vcpus}")
+        install_kick_handler()
+        self.config = config
+        self._cond = threading.Condition()
+        self._state = RunState.CREATED
+        self._stop_reason: str | None = None
+        self._gate_closed = True
+        self._stopping = False
+        self._parked: set[int] = set()
+        self._listeners: list[Callable[[StateChange], None]] = []
+        self._threads: list[VcpuThread] = []
+        self.vcpus: list[Vcpu] = []
+        self.power_off_code: int | None = None
+
+        self.kvm = Kvm(kvm_path)
+        self.vm: Vm | None = None
+        self.memory: GuestMemory | None = None
+        try:
+            self.kvm.require()
+            self.vm = self.kvm.create_vm()
+            self.memory = GuestMemory(config.memory_size)
+            self._register_memory()
+            self._create_platform()
+            self.iobus = IoBus()
+            self.uart = Uart16550(console, self._set_com1_irq)
+            self.iobus.register(COM1_BASE, 8, self.uart.io_read, self.uart.io_write, "COM1")
+            self.iobus.register(POWER_OFF_PORT, 1, lambda _o: 0xFF, self._power_off, "power-off")
+            self.iobus.register(POST_CODE_PORT, 1, lambda _o: 0xFF, lambda _o, _v: None, "post")
+            supported = self.kvm.get_supported_cpuid()
+            for index in range(config.vcpus):
+                vcpu = self.vm.create_vcpu(index)
+                self.vcpus.append(vcpu)
+                configure_cpuid(vcpu, supported, config.vcpus)
+            self.boot_plan = self._load_guest()
+            if self.boot_plan is not None:
+                apply_boot_plan(self.vcpus[0], self.boot_plan)
+        except BaseException:
+            self._release()
+            raise
+        for vcpu in self.vcpus:
+            self._threads.append(
+                VcpuThread(
+                    vcpu,
+                    self.iobus,
+                    self._cond,
+                    lambda: self._gate_closed,
+                    lambda: self._stopping,
+                    self._note_parked,
+                    self._guest_stopped,
+                )
+            )
+
+    @classmethod
+    def create(cls, config: MachineConfig, console: Callable[[bytes], None]) -> Machine:
+        return cls(config, console)
+
+    # --- construction -------------------------------------------------------------
+
+    def _register_memory(self, flags: int = 0) -> None:
+        assert self.vm is not None and self.memory is not None
+        for region in self.memory.regions:
+            self.vm.set_user_memory_region(
+                region.slot,
+                region.guest_phys_addr,
+                region.size,
+                self.memory.host_address + region.offset,
+                flags,
+            )
+
+    def _create_platform(self) -> None:
+        assert self.vm is not None
+        try:
+            self.vm.set_identity_map_addr(_IDENTITY_MAP_ADDR)
+            self.vm.set_tss_addr(_TSS_ADDR)
+        except KvmError as exc:  # only VMX needs them; other backends may refuse
+            log.debug("TSS/identity map address not set: %s", exc)
+        self.vm.create_irqchip()
+        self.vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
+
+    def _load_guest(self) -> BootPlan | None:
+        assert self.memory is not None
+        boot = self.config.boot
+        if boot.kind == "none":
+            return None
+        if boot.kind == "bootsector":
+            if not boot.path:
+                raise GuestImageError("a boot sector needs a file")
+            return load_bootsector_file(self.memory, boot.path)
+        if boot.kind == "multiboot":
+            if not boot.path:
+                raise GuestImageError("a multiboot kernel needs a file")
+            return load_multiboot_file(self.memory, boot.path, boot.cmdline)
+        if boot.kind == "builtin":
+            from vmipc.guest import BUILTIN_GUEST_PATH
+
+            image = BUILTIN_GUEST_PATH.read_bytes()
+            return load_multiboot(self.memory, image, builtin_cmdline(self.config))
+        raise GuestImageError(f"unknown boot source {boot.kind!r}")
+
+    # --- MachineApi -----------------------------------------------------------------
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    @property
+    def vcpu_count(self) -> int:
+        return self.config.vcpus
+
+    @property
+    def memory_size(self) -> int:
+        return self.config.memory_size
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    def add_listener(self, callback: Callable[[StateChange], None]) -> Callable[[], None]:
+        with self._cond:
+            self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            with self._cond:
+                if callback in self._listeners:
+                    self._listeners.remove(callback)
+
+        return unsubscribe
+
+    def start(self) -> None:
+        """CREATED -> RUNNING: start every vCPU thread."""
+        with self._cond:
+            if self._state is not RunState.CREATED:
+                raise InvalidStateError("start", self._state)
+            self._gate_closed = False
+            change = self._set_state(RunState.RUNNING)
+        for thread in self._threads:
+            thread.start()
+        self._notify(change)
+
+    def pause(self) -> None:
+        """RUNNING -> PAUSED; returns when every vCPU is parked with its exit completed."""
+        with self._cond:
+            if self._state is not RunState.RUNNING:
+                raise InvalidStateError("pause", self._state)
+            self._gate_closed = True
+            for vcpu in self.vcpus:
+                vcpu.kvm_run.immediate_exit = 1
+            self._kick_all()
+            # A kick that lands just before KVM_RUN is caught by immediate_exit; waiting
+            # with a short timeout only re-checks, it never re-kicks a parked thread.
+            while len(self._parked) < len(self._threads) and self._state is RunState.RUNNING:
+                self._cond.wait(0.05)
+            if self._state is not RunState.RUNNING:  # the guest stopped meanwhile
+                raise InvalidStateError("pause", self._state)
+            change = self._set_state(RunState.PAUSED)
+        self._notify(change)
+
+    def resume(self) -> None:
+        """PAUSED -> RUNNING: each vCPU continues exactly where it stopped."""
+        with self._cond:
+            if self._state is not RunState.PAUSED:
+                raise InvalidStateError("resume", self._state)
+            for vcpu in self.vcpus:
+                vcpu.kvm_run.immediate_exit = 0
+            self._gate_closed = False
+            change = self._set_state(RunState.RUNNING)
+            self._cond.notify_all()
+        self._notify(change)
+
+    def wait_stopped(self, timeout: float | None = None) -> RunState:
+        """Block until the guest powers off or dies (or ``timeout`` passes); returns the state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._state not in (RunState.SHUTDOWN, RunState.CRASHED, RunState.DESTROYED):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._state
+
+    def close(self) -> None:
+        """Stop every vCPU thread and release all KVM resources. Idempotent."""
+        with self._cond:
+            if self._state is RunState.DESTROYED:
+                return
+            self._stop_all_locked()
+        for thread in self._threads:
+            if thread.thread.is_alive() and thread.thread is not threading.current_thread():
+                thread.thread.join()
+        with self._cond:
+            change = self._set_state(RunState.DESTROYED)
+        self._notify(change)
+        self._release()
+
+    def feed_console(self, data: bytes) -> int:
+        """Console input for the guest's COM1; returns how many bytes were taken."""
+        return self.uart.feed_input(data)
+
+    # --- internals ------------------------------------------------------------------
+
+    def _set_com1_irq(self, level: int) -> None:
+        if self.vm is not None and self.vm.fd >= 0:
+            self.vm.irq_line(COM1_IRQ, level)
+
+    def _power_off(self, _offset: int, value: int) -> None:
+        self.power_off_code = value
+        raise GuestStopped(False, f"guest powered off (code {value})")
+
+    def _kick_all(self) -> None:
+        for thread in self._threads:
+            ident = thread.thread.ident
+            if ident is not None and thread.thread.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pthread_kill(ident, KICK_SIGNAL)
+
+    def _note_parked(self, thread: VcpuThread, parked: bool) -> None:
+        # called with self._cond held
+        if parked:
+            self._parked.add(thread.vcpu.id)
+            self._cond.notify_all()
+        else:
+            self._parked.discard(thread.vcpu.id)
+
+    def _guest_stopped(self, thread: VcpuThread, stop: GuestStopped) -> None:
+        """A vCPU hit power-off or a fatal exit: stop the whole machine, keep the process."""
+        if stop.crashed:
+            log.error("%s; %s", stop.reason, describe_registers(thread.vcpu))
+        else:
+            log.info("%s", stop.reason)
+        with self._cond:
+            if self._state in (RunState.SHUTDOWN, RunState.CRASHED, RunState.DESTROYED):
+                return
+            self._stop_reason = stop.reason
+            self._stop_all_locked()
+            change = self._set_state(RunState.CRASHED if stop.crashed else RunState.SHUTDOWN)
+        self._notify(change)
+
+    def _stop_all_locked(self) -> None:
+        self._stopping = True
+        self._gate_closed = True
+        for vcpu in self.vcpus:
+            if vcpu.fd >= 0:
+                vcpu.kvm_run.immediate_exit = 1
+        self._kick_all()
+        self._cond.notify_all()
+
+    def _set_state(self, new: RunState) -> StateChange:
+        change = StateChange(self._state, new, self._stop_reason)
+        self._state = new
+        self._cond.notify_all()
+        return change
+
+    def _notify(self, change: StateChange) -> None:
+        with self._cond:
+            listeners = list(self._listeners)
+        for callback in listeners:
+            try:
+                callback(change)
+            except Exception:
+                log.exception("state listener failed")
+
+    def _release(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.vm is not None:
+            self.vm.close()
+        self.kvm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Machine {self.config.vcpus} vcpu(s) {self.config.memory_size >> 20} MiB "
+            f"{self._state.value} pid={os.getpid()}>"
+        )

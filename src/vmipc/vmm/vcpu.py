@@ -1,0 +1,235 @@
+"""vCPU setup (CPUID, boot registers) and the per-vCPU thread that runs KVM_RUN."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from vmipc.kvm import ExitReason, Vcpu, structs
+from vmipc.kvm.structs import KVM_EXIT_IO_OUT
+from vmipc.vmm.loaders import BootPlan, CpuMode
+
+if TYPE_CHECKING:
+    from vmipc.vmm.iobus import IoBus
+
+log = logging.getLogger("vmipc.vmm")
+
+_CPUID_HYPERVISOR_BIT = 1 << 31
+
+
+def configure_cpuid(vcpu: Vcpu, supported: ctypes.Structure, vcpu_count: int) -> None:
+    """Give ``vcpu`` the host-supported CPUID with its own APIC ID and topology."""
+    count = int(supported.nent)
+    cpuid = structs.kvm_cpuid2(count)
+    ctypes.memmove(
+        ctypes.addressof(cpuid.entries),
+        ctypes.addressof(supported.entries),
+        count * ctypes.sizeof(structs.KvmCpuidEntry2),
+    )
+    for index in range(count):
+        entry = cpuid.entries[index]
+        if entry.function == 1:
+            entry.ebx = (entry.ebx & 0x0000FFFF) | (vcpu.id << 24) | (max(vcpu_count, 1) << 16)
+            entry.ecx |= _CPUID_HYPERVISOR_BIT
+        elif entry.function in (0xB, 0x1F):
+            entry.edx = vcpu.id
+    vcpu.set_cpuid2(cpuid)
+
+
+def _flat_segment(selector: int, code: bool) -> structs.KvmSegment:
+    return structs.KvmSegment(
+        base=0,
+        limit=0xFFFFFFFF,
+        selector=selector,
+        type=0xB if code else 0x3,
+        present=1,
+        dpl=0,
+        db=1,
+        s=1,
+        l=0,
+        g=1,
+    )
+
+
+def apply_boot_plan(vcpu: Vcpu, plan: BootPlan) -> None:
+    """Put the boot vCPU in the mode and registers a loader asked for."""
+    sregs = vcpu.get_sregs()
+    if plan.mode is CpuMode.REAL:
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            segment = getattr(sregs, name)
+            segment.base = 0
+            segment.selector = 0
+    else:
+        sregs.cs = _flat_segment(0x10, code=True)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(sregs, name, _flat_segment(0x18, code=False))
+        sregs.cr0 = (sregs.cr0 | 0x1) & ~0x80000000  # PE on, PG off
+    vcpu.set_sregs(sregs)
+    regs = structs.KvmRegs()
+    regs.rflags = 0x2
+    regs.rip = plan.rip
+    for name, value in plan.registers.items():
+        setattr(regs, name, value)
+    vcpu.set_regs(regs)
+
+
+def describe_registers(vcpu: Vcpu) -> str:
+    """A one-line register dump for the log when a guest dies."""
+    try:
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+    except OSError as exc:
+        return f"(registers unavailable: {exc})"
+    names = ["rip", "rsp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rflags"]
+    parts = [f"{name}={getattr(regs, name):#x}" for name in names]
+    parts += [
+        f"cs={sregs.cs.selector:#x}",
+        f"cr0={sregs.cr0:#x}",
+        f"cr3={sregs.cr3:#x}",
+        f"cr4={sregs.cr4:#x}",
+        f"efer={sregs.efer:#x}",
+    ]
+    return " ".join(parts)
+
+
+class GuestStopped(Exception):
+    """Raised from exit handling when the guest powers off or dies."""
+
+    def __init__(self, crashed: bool, reason: str) -> None:
+        super().__init__(reason)
+        self.crashed = crashed
+        self.reason = reason
+
+
+class VcpuThread:
+    """Runs one vCPU in its own thread and parks it outside KVM_RUN on request.
+
+    The machine owns the gate (``gate_closed``) and the condition variable; this class only
+    runs the loop. A pending I/O or MMIO exit is always completed by one more KVM_RUN
+    (which returns at once with ``immediate_exit`` set) before the vCPU parks, so a
+    parked vCPU's state is complete.
+    """
+
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        iobus: IoBus,
+        cond: threading.Condition,
+        gate_closed: Callable[[], bool],
+        stopping: Callable[[], bool],
+        on_park: Callable[[VcpuThread, bool], None],
+        on_guest_stop: Callable[[VcpuThread, GuestStopped], None],
+    ) -> None:
+        self.vcpu = vcpu
+        self._iobus = iobus
+        self._cond = cond
+        self._gate_closed = gate_closed
+        self._stopping = stopping
+        self._on_park = on_park
+        self._on_guest_stop = on_guest_stop
+        self.exits = 0
+        self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.id}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except GuestStopped as stop:
+            self._on_guest_stop(self, stop)
+        except Exception as exc:  # a VMM bug must stop the VM, not kill the process silently
+            log.exception("vcpu%d: unexpected error", self.vcpu.id)
+            self._on_guest_stop(
+                self, GuestStopped(True, f"VMM error on vcpu {self.vcpu.id}: {exc}")
+            )
+
+    def _loop(self) -> None:
+        vcpu = self.vcpu
+        needs_completion = False
+        while True:
+            if self._gate_closed() and not needs_completion:
+                if not self._park():
+                    return
+                continue
+            reason = vcpu.run()
+            needs_completion = False
+            if reason < 0:
+                continue
+            self.exits += 1
+            needs_completion = self._handle_exit(reason)
+
+    def _park(self) -> bool:
+        """Wait at the closed gate. Returns False when the machine is stopping."""
+        with self._cond:
+            self._on_park(self, True)
+            while self._gate_closed() and not self._stopping():
+                self._cond.wait()
+            self._on_park(self, False)
+            return not self._stopping()
+
+    def _handle_exit(self, reason: int) -> bool:
+        """Handle one exit; returns True when KVM must be re-entered to complete it."""
+        run = self.vcpu.kvm_run
+        if reason == ExitReason.IO:
+            io = run.exit.io
+            size, port = int(io.size), int(io.port)
+            data = self.vcpu.io_data()
+            if io.direction == KVM_EXIT_IO_OUT:
+                raw = bytes(data)
+                for start in range(0, len(raw), size):
+                    value = int.from_bytes(raw[start : start + size], "little")
+                    self._iobus.write(port, size, value)
+            else:
+                out = bytearray()
+                for _ in range(int(io.count)):
+                    out += self._iobus.read(port, size).to_bytes(size, "little")
+                ctypes.memmove(data, bytes(out), len(out))
+            return True
+        if reason == ExitReason.MMIO:
+            mmio = run.exit.mmio
+            if not mmio.is_write:
+                for index in range(8):
+                    mmio.data[index] = 0xFF
+            log.debug("vcpu%d: unclaimed MMIO at %#x", self.vcpu.id, mmio.phys_addr)
+            return True
+        if reason == ExitReason.HLT:
+            return False  # in-kernel LAPIC: KVM waits for interrupts itself; just re-enter
+        if reason == ExitReason.SHUTDOWN:
+            raise GuestStopped(True, f"triple fault (shutdown) on vcpu {self.vcpu.id}")
+        if reason == ExitReason.INTERNAL_ERROR:
+            internal = run.exit.internal
+            detail = " ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
+            raise GuestStopped(
+                True,
+                f"KVM internal error on vcpu {self.vcpu.id}: suberror {internal.suberror}"
+                f" ({_INTERNAL_SUBERRORS.get(int(internal.suberror), 'unknown')})"
+                + (f" data {detail}" if detail else ""),
+            )
+        if reason == ExitReason.FAIL_ENTRY:
+            fail = run.exit.fail_entry
+            raise GuestStopped(
+                True,
+                f"VM entry failed on vcpu {self.vcpu.id}: hardware reason "
+                f"{fail.hardware_entry_failure_reason:#x}",
+            )
+        if reason == ExitReason.SYSTEM_EVENT:
+            kind = int(run.exit.system_event.type)
+            if kind == 1:
+                raise GuestStopped(False, f"guest shut down (system event) on vcpu {self.vcpu.id}")
+            if kind == 2:
+                raise GuestStopped(False, f"guest asked for a reset on vcpu {self.vcpu.id}")
+            raise GuestStopped(True, f"guest system event {kind} on vcpu {self.vcpu.id}")
+        name = ExitReason(reason).name if reason in ExitReason._value2member_map_ else str(reason)
+        raise GuestStopped(True, f"unhandled KVM exit {name} on vcpu {self.vcpu.id}")
+
+
+_INTERNAL_SUBERRORS = {
+    1: "instruction emulation failed",
+    2: "simultaneous exceptions",
+    3: "delivery event",
+    4: "unexpected exit reason",
+}
