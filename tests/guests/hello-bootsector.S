@@ -12,7 +12,7 @@ _start:
     out %al, %dx
     jmp 1b
 2:  mov $0x501, %dx
-    mov $7, %al
+    mov $0, %al
     out %al, %dx
     hlt
 msg: .asciz "hello from the boot sector\n"

@@ -272,15 +272,19 @@ class Machine:
 
         return unsubscribe
 
-    def start(self) -> None:
-        """CREATED -> RUNNING: start every vCPU thread."""
+    def start(self, *, paused: bool = False) -> None:
+        """CREATED -> RUNNING (or PAUSED, with every vCPU parked before its first KVM_RUN)."""
         with self._cond:
             if self._state is not RunState.CREATED:
                 raise InvalidStateError("start", self._state)
-            self._gate_closed = False
-            change = self._set_state(RunState.RUNNING)
-        for thread in self._threads:
-            thread.start()
+            self._gate_closed = paused
+            for vcpu in self.vcpus:
+                vcpu.kvm_run.immediate_exit = 1 if paused else 0
+            for thread in self._threads:
+                thread.start()
+            while paused and len(self._parked) < len(self._threads):
+                self._cond.wait()
+            change = self._set_state(RunState.PAUSED if paused else RunState.RUNNING)
         self._notify(change)
 
     def pause(self) -> None:

@@ -1,0 +1,3 @@
+from vmipc.cli import entry_point
+
+entry_point()

@@ -1,0 +1,54 @@
+"""The ``vmipc`` command: argument parsing and output only; the logic lives below.
+
+Exit codes (all subcommands): 0 success; 1 the operation failed (guest crashed, command
+refused); 2 bad usage or input; 3 the environment cannot run it (no /dev/kvm, no memory);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ENVIRONMENT = 3
+EXIT_INTERRUPTED = 130
+
+#: subcommand modules, each exporting add_parser(subparsers) and run(args) -> int
+_SUBCOMMANDS = ("vmipc.cli.vmm", "vmipc.cli.call")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmipc",
+        description="Control a KVM VMM with small building-block commands.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except KeyboardInterrupt:
+        print("vmipc: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return result
+
+
+def entry_point() -> None:
+    sys.exit(main())

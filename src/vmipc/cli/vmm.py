@@ -1,0 +1,206 @@
+"""``vmipc vmm``: start a VMM (and, with --socket, its control server)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from vmipc.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
+from vmipc.vmm.loaders import GuestImageError
+from vmipc.vmm.machine import MAX_VCPUS, BootSource, Machine, MachineConfig
+from vmipc.vmm.memory import MemoryConfigError, layout_for, parse_size
+from vmipc.vmm.runstate import RunState
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "vmm",
+        help="start a VMM with a guest",
+        description=(
+            "Start a KVM virtual machine. Without --socket it runs until the guest powers "
+            "off or dies, or until SIGINT/SIGTERM. With --socket it also serves the control "
+            "protocol and runs until a client sends quit."
+        ),
+    )
+    boot = parser.add_mutually_exclusive_group()
+    boot.add_argument(
+        "--guest",
+        choices=["builtin"],
+        help="boot the built-in deterministic test guest (the default)",
+    )
+    boot.add_argument("--bootsector", metavar="FILE", help="boot a raw 512-byte boot sector")
+    boot.add_argument("--multiboot", metavar="FILE", help="boot a multiboot (v1) kernel")
+    parser.add_argument("--cmdline", default="", help="kernel command line (--multiboot)")
+    parser.add_argument(
+        "--guest-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option for the built-in guest, e.g. ws=8M rate=4096 passes=10 (repeatable)",
+    )
+    parser.add_argument("--memory", default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
+    parser.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    parser.add_argument(
+        "--console",
+        default="-",
+        metavar="PATH|-",
+        help="where COM1 output goes: a file (appended) or - for stdout (default)",
+    )
+    parser.add_argument(
+        "--no-console-input",
+        action="store_true",
+        help="do not forward standard input to COM1 (with --console -)",
+    )
+    parser.add_argument("--socket", metavar="PATH", help="serve the control protocol here")
+    parser.add_argument("--paused", action="store_true", help="with --socket: create the VM paused")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.set_defaults(run=run)
+
+
+def _console_sink(target: str) -> tuple[Callable[[bytes], None], int | None]:
+    if target == "-":
+        return (lambda data: _write_all(1, data)), None
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    return (lambda data: _write_all(fd, data)), fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BrokenPipeError:
+            return  # the reader went away; the guest must not die of it
+        view = view[written:]
+
+
+def _config_from(args: argparse.Namespace) -> MachineConfig:
+    options: list[tuple[str, str]] = []
+    for item in args.guest_opt:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--guest-opt wants KEY=VALUE, not {item!r}")
+        options.append((key, value))
+    if args.bootsector:
+        boot = BootSource(kind="bootsector", path=args.bootsector)
+    elif args.multiboot:
+        boot = BootSource(kind="multiboot", path=args.multiboot, cmdline=args.cmdline)
+    else:
+        boot = BootSource(kind="builtin", guest_options=tuple(options))
+    if options and boot.kind != "builtin":
+        raise ValueError("--guest-opt applies to the built-in guest only")
+    memory_size = parse_size(args.memory)
+    layout_for(memory_size)  # a size it cannot use is a usage error, not an environment one
+    if not 1 <= args.vcpus <= MAX_VCPUS:
+        raise ValueError(f"--vcpus must be 1..{MAX_VCPUS}")
+    return MachineConfig(memory_size=memory_size, vcpus=args.vcpus, boot=boot)
+
+
+def _forward_stdin(machine: Machine) -> None:
+    """Feed standard input to COM1 until EOF (runs in a daemon thread)."""
+    while True:
+        try:
+            data = os.read(0, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        view = data
+        while view and machine.state not in (RunState.SHUTDOWN, RunState.CRASHED):
+            taken = machine.feed_console(view)
+            view = view[taken:]
+            if view:
+                threading.Event().wait(0.01)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="vmipc: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = _config_from(args)
+    except (ValueError, MemoryConfigError) as exc:
+        print(f"vmipc vmm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        sink, console_fd = _console_sink(args.console)
+    except OSError as exc:
+        print(f"vmipc vmm: cannot open console {args.console}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        machine = Machine(config, sink)
+    except GuestImageError as exc:
+        print(f"vmipc vmm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (KvmUnavailableError, MissingCapabilityError) as exc:
+        print(f"vmipc vmm: KVM is not usable: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except MemoryConfigError as exc:
+        print(f"vmipc vmm: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except KvmError as exc:
+        print(f"vmipc vmm: KVM refused to build the VM: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    try:
+        if args.console == "-" and not args.no_console_input:
+            threading.Thread(target=_forward_stdin, args=(machine,), daemon=True).start()
+        if args.socket:
+            return _run_with_server(machine, args)
+        return _run_standalone(machine)
+    finally:
+        machine.close()
+        if console_fd is not None:
+            os.close(console_fd)
+
+
+def _run_standalone(machine: Machine) -> int:
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        machine.start()
+        while not stop.is_set():
+            state = machine.wait_stopped(0.2)
+            if state in (RunState.SHUTDOWN, RunState.CRASHED):
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return _exit_code_for(machine)
+
+
+def _exit_code_for(machine: Machine) -> int:
+    if machine.state is RunState.CRASHED:
+        print(f"vmipc vmm: guest crashed: {machine.stop_reason}", file=sys.stderr)
+        return EXIT_FAILED
+    if machine.state is RunState.SHUTDOWN and machine.power_off_code not in (None, 0):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run_with_server(machine: Machine, args: argparse.Namespace) -> int:
+    import trio
+
+    from vmipc.server import serve
+
+    async def main() -> None:
+        machine.start(paused=args.paused)
+        await serve(machine, args.socket)
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass
+    return _exit_code_for(machine)
