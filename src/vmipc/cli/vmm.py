@@ -197,10 +197,20 @@ def _run_with_server(machine: Machine, args: argparse.Namespace) -> int:
 
     async def main() -> None:
         machine.start(paused=args.paused)
-        await serve(machine, args.socket)
+        async with trio.open_nursery() as nursery:
 
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass
+            async def serve_then_stop() -> None:
+                await serve(machine, args.socket)
+                nursery.cancel_scope.cancel()
+
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(serve_then_stop)
+            nursery.start_soon(stop_on_signal)
+
+    trio.run(main)
     return _exit_code_for(machine)
