@@ -1,0 +1,141 @@
+"""The sans-I/O core of the control protocol: framing, messages, schema, validation.
+
+Nothing here does I/O: no trio, no sockets, no ``os`` calls. Bytes and fd numbers go in,
+events come out; events go in, bytes come out. The spec is ``protocol/README.md`` at the
+top of the repository.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from vmipc.protocol._connection import (
+    HELLO,
+    ClientEvent,
+    ClientProtocol,
+    ConnectionBroken,
+    Limits,
+    PeerClosed,
+    RequestReceived,
+    RequestRejected,
+    ServerEvent,
+    ServerProtocol,
+    ServerState,
+)
+from vmipc.protocol._errors import (
+    ClosedByPeer,
+    ClosedByUs,
+    CommandError,
+    ConnectionClosed,
+    ErrorCode,
+    ErrorInfo,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    VmipcError,
+)
+from vmipc.protocol._framing import (
+    DEFAULT_MAX_FDS,
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
+    Frame,
+    FrameDecoder,
+    encode_frame,
+)
+from vmipc.protocol._messages import (
+    MAX_ID,
+    Error,
+    Event,
+    Message,
+    Request,
+    Result,
+    decode_message,
+    encode_message,
+    pack,
+    unpack,
+)
+from vmipc.protocol._schema import (
+    CommandSpec,
+    ErrorSpec,
+    EventSpec,
+    FdMismatch,
+    FdSpec,
+    FieldSpec,
+    Schema,
+    SchemaError,
+    StateSpec,
+    TypeSpec,
+    ValidationError,
+    check_value,
+    load_schema,
+    match_fds,
+    parse_version,
+    validate_args,
+)
+
+#: the protocol major versions this package speaks
+SUPPORTED_MAJORS: tuple[int, ...] = (1,)
+
+
+def negotiate_version(offered: Iterable[int], schema: Schema) -> str | None:
+    """The version to speak: the schema's, if its major is among ``offered``, else None."""
+    return schema.version if schema.major in set(offered) else None
+
+
+__all__ = [
+    "DEFAULT_MAX_FDS",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HEADER_SIZE",
+    "HELLO",
+    "MAX_ID",
+    "SUPPORTED_MAJORS",
+    "ClientEvent",
+    "ClientProtocol",
+    "ClosedByPeer",
+    "ClosedByUs",
+    "CommandError",
+    "CommandSpec",
+    "ConnectionBroken",
+    "ConnectionClosed",
+    "Error",
+    "ErrorCode",
+    "ErrorInfo",
+    "ErrorSpec",
+    "Event",
+    "EventSpec",
+    "FdMismatch",
+    "FdSpec",
+    "FieldSpec",
+    "Frame",
+    "FrameDecoder",
+    "Limits",
+    "LocalProtocolError",
+    "Message",
+    "PeerClosed",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Request",
+    "RequestReceived",
+    "RequestRejected",
+    "Result",
+    "Schema",
+    "SchemaError",
+    "ServerEvent",
+    "ServerProtocol",
+    "ServerState",
+    "StateSpec",
+    "TypeSpec",
+    "ValidationError",
+    "VmipcError",
+    "check_value",
+    "decode_message",
+    "encode_frame",
+    "encode_message",
+    "load_schema",
+    "match_fds",
+    "negotiate_version",
+    "pack",
+    "parse_version",
+    "unpack",
+    "validate_args",
+]

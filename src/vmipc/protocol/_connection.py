@@ -1,0 +1,361 @@
+"""The two ends of a control connection as sans-I/O state machines (h11 style).
+
+:class:`ServerProtocol` turns received bytes (and fds) into events -- a request ready to
+run, a request refused with an error, a broken connection -- and turns results, errors
+and events into bytes to send. :class:`ClientProtocol` does the converse. Neither does
+any I/O: the caller moves the bytes and closes the fds the protocol hands back.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vmipc.protocol._errors import (
+    ErrorCode,
+    ErrorInfo,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from vmipc.protocol._framing import (
+    DEFAULT_MAX_FDS,
+    DEFAULT_MAX_FRAME_SIZE,
+    FrameDecoder,
+    encode_frame,
+)
+from vmipc.protocol._messages import (
+    MAX_ID,
+    Error,
+    Event,
+    Request,
+    Result,
+    decode_message,
+    encode_message,
+)
+from vmipc.protocol._schema import (
+    CommandSpec,
+    FdMismatch,
+    Schema,
+    ValidationError,
+    check_value,
+    match_fds,
+    validate_args,
+)
+
+HELLO = "hello"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection limits the server enforces (and announces in ``hello``)."""
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_fds_per_request: int = DEFAULT_MAX_FDS
+    max_in_flight: int = 32
+
+
+# --- server side ---------------------------------------------------------------------
+
+
+class ServerState(enum.Enum):
+    HANDSHAKE = "handshake"  # only hello is accepted
+    READY = "ready"
+    BROKEN = "broken"  # a framing error: send the connection-level error and close
+
+
+@dataclass(frozen=True)
+class RequestReceived:
+    """A valid request to run. The receiver owns ``fds`` (name -> fd) from now on."""
+
+    request: Request
+    spec: CommandSpec
+    args: dict[str, Any]
+    fds: dict[str, int]
+
+
+@dataclass(frozen=True)
+class RequestRejected:
+    """A request refused before it ran; answer with :meth:`ServerProtocol.send_error`.
+
+    ``request_id`` is None when the message had no usable id (or a duplicate one).
+    Its fds have already been moved to the discarded list.
+    """
+
+    request_id: int | None
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
+class ConnectionBroken:
+    """The byte stream is unusable (framing error) or ended inside a frame.
+
+    When ``error`` is set, send it with :meth:`ServerProtocol.send_connection_error`
+    (best effort) and close the connection.
+    """
+
+    error: ErrorInfo | None
+
+
+@dataclass(frozen=True)
+class PeerClosed:
+    """The peer closed its side cleanly, at a frame boundary."""
+
+
+ServerEvent = RequestReceived | RequestRejected | ConnectionBroken | PeerClosed
+
+
+@dataclass
+class _InFlight:
+    spec: CommandSpec
+
+
+class ServerProtocol:
+    """The server's end of one connection.
+
+    Usage: call :meth:`receive_data` with each chunk from ``recvmsg()`` (and its fds),
+    act on the events it returns, then close every fd from :meth:`take_discarded_fds`.
+    Answer each :class:`RequestReceived` exactly once with :meth:`send_result` or
+    :meth:`send_error`.
+    """
+
+    def __init__(self, schema: Schema, limits: Limits | None = None) -> None:
+        self.schema = schema
+        self.limits = limits or Limits()
+        self.state = ServerState.HANDSHAKE
+        self._decoder = FrameDecoder(self.limits.max_frame_size, self.limits.max_fds_per_request)
+        self._in_flight: dict[int, _InFlight] = {}
+        self._hello_id: int | None = None
+        self._discarded: list[int] = []
+
+    @property
+    def in_flight(self) -> frozenset[int]:
+        return frozenset(self._in_flight)
+
+    # receiving
+
+    def receive_data(
+        self, data: bytes, fds: Sequence[int] = (), *, fds_truncated: bool = False
+    ) -> list[ServerEvent]:
+        if self.state is ServerState.BROKEN:
+            self._discarded.extend(fds)
+            return []
+        self._decoder.feed(data, fds, fds_truncated=fds_truncated)
+        events: list[ServerEvent] = []
+        while True:
+            try:
+                frame = self._decoder.next_frame()
+            except RemoteProtocolError as exc:
+                self.state = ServerState.BROKEN
+                self._discarded.extend(self._decoder.release_fds())
+                events.append(ConnectionBroken(exc.info))
+                break
+            if frame is None:
+                break
+            events.append(self._handle_frame(frame.payload, frame.fds, frame.fds_truncated))
+        self._discarded.extend(self._decoder.take_discarded_fds())
+        return events
+
+    def receive_eof(self) -> list[ServerEvent]:
+        """The peer shut its side. Returns PeerClosed, or ConnectionBroken mid-frame."""
+        if self.state is ServerState.BROKEN:
+            return []
+        try:
+            self._decoder.feed_eof()
+        except RemoteProtocolError:
+            self.state = ServerState.BROKEN
+            self._discarded.extend(self._decoder.release_fds())
+            return [ConnectionBroken(None)]
+        self._discarded.extend(self._decoder.release_fds())
+        return [PeerClosed()]
+
+    def take_discarded_fds(self) -> list[int]:
+        """Fds of refused requests, or that no request owns. Close them now."""
+        fds, self._discarded = self._discarded, []
+        return fds
+
+    def release_fds(self) -> list[int]:
+        """Every fd still held (for teardown). Close them."""
+        return self.take_discarded_fds() + self._decoder.release_fds()
+
+    def _reject(self, request_id: int | None, code: str, message: str,
+                fds: list[int], **details: Any) -> RequestRejected:
+        self._discarded.extend(fds)
+        return RequestRejected(request_id, ErrorInfo(code, message, details))
+
+    def _handle_frame(self, payload: bytes, fds: list[int], truncated: bool) -> ServerEvent:
+        try:
+            msg = decode_message(payload, allowed=frozenset({"request"}))
+        except RemoteProtocolError as exc:
+            rid = exc.details.get("id")
+            return self._reject(rid if isinstance(rid, int) else None, exc.code, exc.message,
+                                fds, problem=exc.message)
+        assert isinstance(msg, Request)
+        rid = msg.id
+        if rid in self._in_flight:
+            return self._reject(None, ErrorCode.INVALID_MESSAGE,
+                                f"request id {rid} is already in flight", fds,
+                                id=rid, problem="duplicate id")
+        if self.state is ServerState.HANDSHAKE:
+            if msg.command != HELLO:
+                return self._reject(rid, ErrorCode.HANDSHAKE_REQUIRED,
+                                    "send hello first and wait for its result", fds)
+            if self._hello_id is not None:
+                return self._reject(rid, ErrorCode.HANDSHAKE_REQUIRED,
+                                    "a hello is already in flight", fds)
+        elif msg.command == HELLO:
+            return self._reject(rid, ErrorCode.HANDSHAKE_REQUIRED,
+                                "the handshake is already complete", fds)
+        if len(self._in_flight) >= self.limits.max_in_flight:
+            return self._reject(rid, ErrorCode.LIMIT_EXCEEDED,
+                                f"more than {self.limits.max_in_flight} requests in flight", fds,
+                                limit="max_in_flight", value=self.limits.max_in_flight)
+        spec = self.schema.commands.get(msg.command)
+        if spec is None:
+            return self._reject(rid, ErrorCode.UNKNOWN_COMMAND,
+                                f"unknown command {msg.command!r}", fds, command=msg.command)
+        if truncated:
+            return self._reject(rid, ErrorCode.LIMIT_EXCEEDED,
+                                f"more than {self.limits.max_fds_per_request} fds on one request",
+                                fds, limit="max_fds_per_request",
+                                value=self.limits.max_fds_per_request)
+        try:
+            index = match_fds(spec, msg.fds, len(fds))
+        except FdMismatch as exc:
+            details: dict[str, Any] = {"problem": exc.problem}
+            if exc.fd is not None:
+                details["fd"] = exc.fd
+            return self._reject(rid, ErrorCode.INVALID_FDS, str(exc), fds, **details)
+        try:
+            args = validate_args(spec, msg.args)
+        except ValidationError as exc:
+            return self._reject(rid, ErrorCode.INVALID_ARGUMENTS, f"{msg.command}: {exc}", fds,
+                                argument=exc.where, problem=exc.problem)
+        self._in_flight[rid] = _InFlight(spec)
+        if spec.name == HELLO:
+            self._hello_id = rid
+        return RequestReceived(msg, spec, args, {name: fds[i] for name, i in index.items()})
+
+    # sending
+
+    def send_result(self, request_id: int, result: Any) -> bytes:
+        """Bytes answering ``request_id`` with ``result``.
+
+        Raises LocalProtocolError (and leaves the request in flight, so it can still be
+        answered with an error) when the result does not match the command's schema or
+        does not fit in a frame.
+        """
+        entry = self._in_flight.get(request_id)
+        if entry is None:
+            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR,
+                                     f"request {request_id} is not in flight")
+        try:
+            check_value(entry.spec.result, result, "result")
+        except ValidationError as exc:
+            raise LocalProtocolError(
+                ErrorCode.INTERNAL_ERROR,
+                f"{entry.spec.name} produced a result that does not match its schema: {exc}",
+            ) from None
+        data = encode_frame(encode_message(Result(request_id, result)),
+                            self.limits.max_frame_size)
+        del self._in_flight[request_id]
+        if request_id == self._hello_id:
+            self._hello_id = None
+            self.state = ServerState.READY
+        return data
+
+    def send_error(self, request_id: int | None, error: ErrorInfo) -> bytes:
+        """Bytes answering ``request_id`` (or nobody, if None) with ``error``."""
+        data = encode_frame(encode_message(Error(request_id, error)), self.limits.max_frame_size)
+        if request_id is not None:
+            self._in_flight.pop(request_id, None)
+            if request_id == self._hello_id:
+                self._hello_id = None
+        return data
+
+    def send_connection_error(self, error: ErrorInfo) -> bytes:
+        """Bytes of a connection-level error (null id); the caller closes afterwards."""
+        return self.send_error(None, error)
+
+    def send_event(self, name: str, data: Mapping[str, Any], time: float) -> bytes:
+        """Bytes of event ``name``. LocalProtocolError if ``data`` does not match."""
+        spec = self.schema.events.get(name)
+        if spec is None:
+            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, f"unknown event {name!r}")
+        try:
+            check_value(spec.data, data, "data")
+        except ValidationError as exc:
+            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR,
+                                     f"event {name} does not match its schema: {exc}") from None
+        return encode_frame(encode_message(Event(name, time, data)), self.limits.max_frame_size)
+
+
+# --- client side ---------------------------------------------------------------------
+
+
+ClientEvent = Result | Error | Event
+
+
+class ClientProtocol:
+    """The client's end of one connection.
+
+    :meth:`send_request` allocates an id and returns the bytes to send (the caller
+    attaches the fds, in the order of ``fd_names``, to the first byte). Feed received
+    bytes to :meth:`receive_data`; it returns results, errors and events, and raises
+    :class:`RemoteProtocolError` when the server breaks the protocol.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._decoder = FrameDecoder(max_frame_size, 0)
+        self._next_id = 0
+        self._in_flight: dict[int, str] = {}
+
+    @property
+    def in_flight(self) -> Mapping[int, str]:
+        """Request id -> command, for requests not answered yet."""
+        return dict(self._in_flight)
+
+    def command_of(self, request_id: int) -> str | None:
+        return self._in_flight.get(request_id)
+
+    def set_max_frame_size(self, size: int) -> None:
+        """Adopt the server's announced frame limit (from ``hello``)."""
+        self.max_frame_size = size
+        self._decoder.max_frame_size = size
+
+    def send_request(
+        self,
+        command: str,
+        args: Mapping[str, Any] | None = None,
+        fd_names: Sequence[str] = (),
+    ) -> tuple[int, bytes]:
+        request_id = self._next_id
+        self._next_id = (self._next_id + 1) % (MAX_ID + 1)
+        data = encode_frame(
+            encode_message(Request(request_id, command, dict(args or {}), tuple(fd_names))),
+            self.max_frame_size,
+        )
+        self._in_flight[request_id] = command
+        return request_id, data
+
+    def receive_data(self, data: bytes) -> list[ClientEvent]:
+        self._decoder.feed(data)
+        out: list[ClientEvent] = []
+        while (frame := self._decoder.next_frame()) is not None:
+            msg = decode_message(frame.payload, allowed=frozenset({"result", "error", "event"}))
+            if isinstance(msg, Result | Error) and msg.id is not None:
+                if msg.id not in self._in_flight:
+                    raise RemoteProtocolError(
+                        ErrorCode.INVALID_MESSAGE,
+                        f"reply to request {msg.id}, which is not in flight",
+                    )
+                del self._in_flight[msg.id]
+            assert not isinstance(msg, Request)
+            out.append(msg)
+        return out
+
+    def receive_eof(self) -> None:
+        """The server closed. RemoteProtocolError if it closed inside a frame."""
+        self._decoder.feed_eof()

@@ -1,0 +1,132 @@
+"""Error codes and the exceptions of the control protocol.
+
+Three kinds of failure, kept apart on purpose:
+
+* a **command error** -- the peer answered a request with an error reply carrying a
+  stable code (:class:`CommandError`); the connection carries on;
+* a **protocol error** -- somebody broke the protocol: :class:`LocalProtocolError` when
+  it is us (we were about to send something invalid), :class:`RemoteProtocolError` when
+  it is the peer (it sent something we cannot accept);
+* a **closed connection** -- :class:`ClosedByUs` after we closed it ourselves,
+  :class:`ClosedByPeer` when the peer closed or broke it (possibly after telling us why,
+  see :attr:`ClosedByPeer.error`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ErrorCode(enum.StrEnum):
+    """The stable error codes. Their meaning is in the schema's ``errors`` catalogue."""
+
+    # request scope: an error reply to one request; the connection carries on
+    HANDSHAKE_REQUIRED = "handshake-required"
+    UNSUPPORTED_VERSION = "unsupported-version"
+    INVALID_MESSAGE = "invalid-message"
+    UNKNOWN_COMMAND = "unknown-command"
+    INVALID_ARGUMENTS = "invalid-arguments"
+    INVALID_FDS = "invalid-fds"
+    LIMIT_EXCEEDED = "limit-exceeded"
+    INVALID_STATE = "invalid-state"
+    CANCELLED = "cancelled"
+    SHUTTING_DOWN = "shutting-down"
+    INTERNAL_ERROR = "internal-error"
+    # connection scope: sent with a null id, then the server closes the connection
+    FRAME_TOO_LARGE = "frame-too-large"
+    HANDSHAKE_TIMEOUT = "handshake-timeout"
+    TOO_MANY_CONNECTIONS = "too-many-connections"
+    ACCESS_DENIED = "access-denied"
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """What travels in an error message: a stable code, one line, and details."""
+
+    code: str
+    message: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class VmipcError(Exception):
+    """Base of every exception this package raises on purpose."""
+
+
+class CommandError(VmipcError):
+    """The server answered a request with an error (or a local check refused it).
+
+    ``code`` is one of the stable codes (see :class:`ErrorCode`); ``message`` is one line
+    meant for a human; ``details`` is a map meant for programs.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        details: Mapping[str, Any] | None = None,
+        *,
+        command: str | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details: Mapping[str, Any] = dict(details or {})
+        self.command = command
+
+    @property
+    def info(self) -> ErrorInfo:
+        return ErrorInfo(self.code, self.message, self.details)
+
+    @classmethod
+    def from_info(cls, info: ErrorInfo, *, command: str | None = None) -> CommandError:
+        return cls(info.code, info.message, info.details, command=command)
+
+
+class ProtocolError(VmipcError):
+    """Somebody broke the protocol; ``code`` says how (same codes as error replies)."""
+
+    def __init__(
+        self, code: str, message: str, details: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details: Mapping[str, Any] = dict(details or {})
+
+    @property
+    def info(self) -> ErrorInfo:
+        return ErrorInfo(self.code, self.message, self.details)
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the protocol (e.g. send a frame over the size limit)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol (e.g. sent a frame we cannot decode)."""
+
+
+class ConnectionClosed(VmipcError):
+    """The connection is gone; see the two subclasses for who ended it."""
+
+
+class ClosedByUs(ConnectionClosed):
+    """We closed the connection (e.g. ``aclose()`` was called) and then tried to use it."""
+
+
+class ClosedByPeer(ConnectionClosed):
+    """The peer closed or broke the connection.
+
+    ``error`` is the connection-level error the server sent just before closing (for
+    example ``frame-too-large`` or ``access-denied``), or None when it just went away.
+    """
+
+    def __init__(self, message: str, error: ErrorInfo | None = None) -> None:
+        super().__init__(message if error is None else f"{message} ({error})")
+        self.error = error

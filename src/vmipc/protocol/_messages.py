@@ -1,0 +1,182 @@
+"""The four messages of the control protocol and their msgpack encoding.
+
+Every frame's payload is one msgpack map with a ``type`` key:
+
+* ``request`` (client to server): ``id``, ``command``, ``args`` (map, may be omitted),
+  ``fds`` (list of fd names in the order of the fds attached to the frame, may be
+  omitted);
+* ``result`` (server to client): ``id``, ``result``;
+* ``error`` (server to client): ``id`` (null for a connection-level error), ``code``,
+  ``message``, ``details`` (map);
+* ``event`` (server to client): ``event``, ``time`` (seconds since the epoch),
+  ``data`` (map).
+
+Decoding checks the shape strictly (no unknown keys, right types) and raises
+:class:`RemoteProtocolError` with code ``invalid-message``; the error carries the
+request id in ``details["id"]`` when one could be read, so the server can answer it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+
+from vmipc.protocol._errors import ErrorCode, ErrorInfo, LocalProtocolError, RemoteProtocolError
+
+#: request ids are integers in [0, MAX_ID]; the bound keeps them exact in JSON and doubles
+MAX_ID = 2**53 - 1
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    command: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    fds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Result:
+    id: int
+    result: Any
+
+
+@dataclass(frozen=True)
+class Error:
+    id: int | None
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
+class Event:
+    event: str
+    time: float
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+Message = Request | Result | Error | Event
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack-encode ``obj`` (str as str, bytes as bin). LocalProtocolError if it can't."""
+    try:
+        data: bytes = msgpack.packb(obj, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"cannot encode message: {exc}"
+        ) from None
+    return data
+
+
+def unpack(payload: bytes) -> Any:
+    """msgpack-decode one whole object. RemoteProtocolError (invalid-message) if it can't."""
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises a zoo: ExtraData, FormatError, ValueError...
+        raise RemoteProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"payload is not one valid msgpack object ({type(exc).__name__})",
+        ) from None
+
+
+def encode_message(message: Message) -> bytes:
+    """The payload (not yet framed) for ``message``."""
+    obj: dict[str, Any]
+    if isinstance(message, Request):
+        obj = {"type": "request", "id": message.id, "command": message.command}
+        if message.args:
+            obj["args"] = dict(message.args)
+        if message.fds:
+            obj["fds"] = list(message.fds)
+    elif isinstance(message, Result):
+        obj = {"type": "result", "id": message.id, "result": message.result}
+    elif isinstance(message, Error):
+        obj = {
+            "type": "error",
+            "id": message.id,
+            "code": message.error.code,
+            "message": message.error.message,
+            "details": dict(message.error.details),
+        }
+    else:
+        obj = {"type": "event", "event": message.event, "time": message.time,
+               "data": dict(message.data)}
+    return pack(obj)
+
+
+_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    # type: (required keys, optional keys)
+    "request": (frozenset({"type", "id", "command"}), frozenset({"args", "fds"})),
+    "result": (frozenset({"type", "id", "result"}), frozenset()),
+    "error": (frozenset({"type", "id", "code", "message"}), frozenset({"details"})),
+    "event": (frozenset({"type", "event", "time"}), frozenset({"data"})),
+}
+
+
+def _bad(problem: str, request_id: int | None = None) -> RemoteProtocolError:
+    details: dict[str, Any] = {"problem": problem}
+    if request_id is not None:
+        details["id"] = request_id
+    return RemoteProtocolError(ErrorCode.INVALID_MESSAGE, problem, details)
+
+
+def _is_id(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_ID
+
+
+def decode_message(payload: bytes, *, allowed: frozenset[str] | None = None) -> Message:
+    """Decode and shape-check one payload. ``allowed`` limits the acceptable types."""
+    obj = unpack(payload)
+    if not isinstance(obj, dict):
+        raise _bad(f"a message must be a map, not {type(obj).__name__}")
+    rid = obj.get("id")
+    request_id = rid if _is_id(rid) else None
+    mtype = obj.get("type")
+    if not isinstance(mtype, str) or mtype not in _KEYS:
+        raise _bad(f"unknown message type {mtype!r}", request_id)
+    if allowed is not None and mtype not in allowed:
+        raise _bad(f"a {mtype!r} message is not expected here", request_id)
+    required, optional = _KEYS[mtype]
+    missing = required - obj.keys()
+    if missing:
+        raise _bad(f"{mtype} is missing {', '.join(sorted(missing))}", request_id)
+    extra = obj.keys() - required - optional
+    if extra:
+        raise _bad(f"{mtype} has unknown keys {', '.join(sorted(map(str, extra)))}", request_id)
+
+    if mtype == "request":
+        if request_id is None:
+            raise _bad(f"request id must be an integer in [0, 2**53), not {rid!r}")
+        command = obj["command"]
+        if not isinstance(command, str) or not command:
+            raise _bad("request command must be a non-empty string", request_id)
+        args = obj.get("args", {})
+        if not isinstance(args, dict):
+            raise _bad("request args must be a map", request_id)
+        fds = obj.get("fds", [])
+        if not isinstance(fds, list) or not all(isinstance(n, str) for n in fds):
+            raise _bad("request fds must be a list of fd names", request_id)
+        return Request(request_id, command, args, tuple(fds))
+    if mtype == "result":
+        if request_id is None:
+            raise _bad(f"result id must be an integer in [0, 2**53), not {rid!r}")
+        return Result(request_id, obj["result"])
+    if mtype == "error":
+        if rid is not None and request_id is None:
+            raise _bad(f"error id must be null or a request id, not {rid!r}")
+        code, message = obj["code"], obj["message"]
+        details = obj.get("details", {})
+        if not isinstance(code, str) or not isinstance(message, str):
+            raise _bad("error code and message must be strings")
+        if not isinstance(details, dict):
+            raise _bad("error details must be a map")
+        return Error(request_id, ErrorInfo(code, message, details))
+    name, time, data = obj["event"], obj["time"], obj.get("data", {})
+    if not isinstance(name, str) or not isinstance(time, int | float) or isinstance(time, bool):
+        raise _bad("event name must be a string and time a number")
+    if not isinstance(data, dict):
+        raise _bad("event data must be a map")
+    return Event(name, float(time), data)

@@ -1,0 +1,168 @@
+"""The schema document: loading, self-consistency, value validation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmipc.protocol import (
+    FdMismatch,
+    Schema,
+    SchemaError,
+    TypeSpec,
+    ValidationError,
+    check_value,
+    load_schema,
+    match_fds,
+    parse_version,
+    validate_args,
+)
+from vmipc.vmm.runstate import RunState
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_top_level_schema_is_the_package_schema() -> None:
+    link = ROOT / "protocol" / "schema.json"
+    assert link.is_symlink(), "protocol/schema.json must link to the package copy"
+    assert not os.path.isabs(os.readlink(link)), "the link must be relative"
+    assert link.resolve() == (ROOT / "src" / "vmipc" / "protocol" / "schema.json").resolve()
+
+
+def test_schema_states_are_the_run_states() -> None:
+    schema = load_schema()
+    assert [s.name for s in schema.states] == [s.value for s in RunState]
+    status = schema.commands["query-status"].result.fields
+    assert status is not None
+    state_field = next(f for f in status if f.name == "state")
+    assert state_field.type.enum == tuple(s.value for s in RunState)
+
+
+def test_every_entry_has_doc_and_since() -> None:
+    schema = load_schema()
+    current = parse_version(schema.version)
+    for spec in [*schema.commands.values(), *schema.events.values(), *schema.errors.values()]:
+        assert spec.doc.strip(), spec
+        assert parse_version(spec.since) <= current, spec
+    for cmd in schema.commands.values():
+        for arg in cmd.args:
+            assert arg.doc.strip()
+
+
+def test_every_error_code_is_used_and_defined() -> None:
+    from vmipc.protocol import ErrorCode
+
+    schema = load_schema()
+    assert set(schema.errors) == {c.value for c in ErrorCode}
+
+
+def base_doc() -> dict[str, Any]:
+    return copy.deepcopy(dict(load_schema().document))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "problem"),
+    [
+        (lambda d: d["commands"][0].pop("since"), "since"),
+        (lambda d: d["commands"][0].update(name="Bad_Name"), "kebab"),
+        (lambda d: d["commands"].append(copy.deepcopy(d["commands"][0])), "duplicate"),
+        (lambda d: d["commands"][0].update(errors=["no-such-code"]), "unknown codes"),
+        (lambda d: d["commands"][0].update(states=["flying"]), "unknown states"),
+        (lambda d: d["commands"][5].update(errors=[]), "invalid-state"),
+        (lambda d: d["commands"][0]["args"][0].update(type="complex"), "unknown type"),
+        (lambda d: d["commands"][0]["args"][1].update(default=3), "default"),
+        (lambda d: d["commands"][0]["args"][0].update(name="fds"), "reserved"),
+        (lambda d: d["commands"][0]["args"][0].update(doc=""), "empty doc"),
+        (lambda d: d["commands"][0].update(fds=[{"name": "x", "direction": "up", "doc": "."}]),
+         "direction"),
+        (lambda d: d["commands"][0].update(color="red"), "unknown keys"),
+        (lambda d: d.update(version="1"), "major.minor"),
+    ],
+)
+def test_malformed_schema_is_refused(mutate: Any, problem: str) -> None:
+    doc = base_doc()
+    mutate(doc)
+    with pytest.raises(SchemaError, match=problem):
+        Schema.from_document(doc)
+
+
+def test_schema_round_trips_through_json() -> None:
+    schema = load_schema()
+    again = Schema.from_document(json.loads(json.dumps(schema.document)))
+    assert again.commands == schema.commands
+    assert again.events == schema.events
+
+
+@pytest.mark.parametrize(
+    ("spec", "good", "bad"),
+    [
+        (TypeSpec("bool"), [True, False], [0, 1, "true", None]),
+        (TypeSpec("int", minimum=0, maximum=9), [0, 9], [-1, 10, 1.0, True, "1"]),
+        (TypeSpec("float"), [1, 1.5], ["1", None, False]),
+        (TypeSpec("string", nullable=True), ["", "x", None], [b"x", 1]),
+        (TypeSpec("bytes"), [b"", b"\x00"], ["x"]),
+        (TypeSpec("list", items=TypeSpec("int")), [[], [1, 2]], [[1, "2"], {}, "12"]),
+        (TypeSpec("map"), [{}, {"a": 1}], [[], {1: 2}]),
+        (TypeSpec("string", enum=("a", "b")), ["a"], ["c"]),
+        (TypeSpec("any"), [None, 1, {"x": [b""]}], []),
+    ],
+)
+def test_check_value(spec: TypeSpec, good: list[Any], bad: list[Any]) -> None:
+    for value in good:
+        check_value(spec, value, "v")
+    for value in bad:
+        with pytest.raises(ValidationError):
+            check_value(spec, value, "v")
+
+
+def test_check_value_closed_map_names_the_path() -> None:
+    spec = load_schema().commands["query-status"].result
+    good = {"state": "running", "vcpu_count": 1, "memory_size": 1, "stop_reason": None}
+    check_value(spec, good, "result")
+    with pytest.raises(ValidationError) as info:
+        check_value(spec, {**good, "extra": 1}, "result")
+    assert info.value.where == "result.extra"
+    with pytest.raises(ValidationError) as info:
+        check_value(spec, {**good, "state": "asleep"}, "result")
+    assert info.value.where == "result.state"
+
+
+def test_validate_args_fills_defaults_and_names_the_culprit() -> None:
+    hello = load_schema().commands["hello"]
+    assert validate_args(hello, {"versions": [1]}) == {"versions": [1], "client": ""}
+    for args, where, problem in [
+        ({}, "versions", "missing"),
+        ({"versions": [1], "bogus": 1}, "bogus", "unknown"),
+        ({"versions": "1"}, "versions", "expected list"),
+        ({"versions": [0]}, "versions[0]", ">= 1"),
+    ]:
+        with pytest.raises(ValidationError) as info:
+            validate_args(hello, args)
+        assert info.value.where == where
+        assert problem in info.value.problem
+
+
+def test_match_fds() -> None:
+    schema = load_schema().extended({"commands": [{
+        "name": "copy", "since": "1.0", "doc": "test", "args": [],
+        "fds": [{"name": "src", "direction": "in", "doc": "."},
+                {"name": "dst", "direction": "out", "doc": "."},
+                {"name": "log", "direction": "out", "doc": ".", "required": False}],
+        "result": {"type": "map"}, "states": "any", "errors": [],
+        "cancellable": True, "progress": True}]})
+    copy_cmd = schema.commands["copy"]
+    assert match_fds(copy_cmd, ["dst", "src"], 2) == {"dst": 0, "src": 1}
+    assert match_fds(copy_cmd, ["dst", "src", "log"], 3) == {"dst": 0, "src": 1, "log": 2}
+    for names, count, problem in [
+        (["src"], 2, "names 1 fds but 2"),
+        (["src", "src"], 2, "twice"),
+        (["src", "zzz"], 2, "no fd named"),
+        (["src"], 1, "missing required"),
+    ]:
+        with pytest.raises(FdMismatch, match=problem):
+            match_fds(copy_cmd, names, count)
