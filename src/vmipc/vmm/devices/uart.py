@@ -24,6 +24,8 @@ probe) and polled writers. Deliberate simplifications, none visible to those dri
   through :meth:`Uart16550.feed_input`, which accepts only what fits.
 * The modem-status inputs are wired to "carrier, data set ready, clear to send" (MSR 0xB0)
   outside loopback.
+* The line settings (divisor latch, LCR word length, parity, stop bits, break) are stored
+  and read back but do not change the bytes: the sink gets all 8 bits of every THR write.
 
 On a PC the UART's interrupt output reaches the interrupt controller only while MCR.OUT2 is
 set; in loopback mode the OUT2 pin is forced inactive, so the line is gated off there too.
