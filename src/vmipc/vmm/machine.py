@@ -10,6 +10,7 @@ it returns when every vCPU reports itself parked.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -17,11 +18,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
-from vmipc.kvm.structs import KVM_PIT_SPEAKER_DUMMY
-from vmipc.vmm.devices import Uart16550
+from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY
+from vmipc.vmm.devices import Uart16550, UartState
 from vmipc.vmm.iobus import IoBus
 from vmipc.vmm.loaders import (
     BootPlan,
@@ -31,8 +32,19 @@ from vmipc.vmm.loaders import (
     load_multiboot_file,
 )
 from vmipc.vmm.machine_api import InvalidStateError, StateChange
-from vmipc.vmm.memory import GuestMemory
+from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
 from vmipc.vmm.runstate import RunState
+from vmipc.vmm.state import (
+    StateRecordError,
+    VcpuState,
+    VmState,
+    cpuid_from_state,
+    readable_msrs,
+    restore_vcpu,
+    restore_vm,
+    save_vcpu,
+    save_vm,
+)
 from vmipc.vmm.vcpu import (
     GuestStopped,
     VcpuThread,
@@ -99,6 +111,14 @@ class MachineConfig:
             "boot": self.boot.to_dict(),
         }
 
+    def mismatch(self, other: MachineConfig) -> str | None:
+        """Why a machine built from ``other`` cannot take this configuration's state."""
+        if self.memory_size != other.memory_size:
+            return f"memory {self.memory_size >> 20} MiB vs {other.memory_size >> 20} MiB"
+        if self.vcpus != other.vcpus:
+            return f"{self.vcpus} vcpus vs {other.vcpus}"
+        return None
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MachineConfig:
         if data.get("version") != cls.VERSION:
@@ -108,6 +128,44 @@ class MachineConfig:
             vcpus=int(data["vcpus"]),
             boot=BootSource.from_dict(data["boot"]),
         )
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """All of a machine that is not RAM: configuration, vCPUs, in-kernel and user devices."""
+
+    VERSION: ClassVar[int] = 1
+
+    config: MachineConfig
+    vcpus: tuple[VcpuState, ...]
+    vm: VmState
+    uart: UartState
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "config": self.config.to_dict(),
+            "vcpus": [vcpu.to_dict() for vcpu in self.vcpus],
+            "vm": self.vm.to_dict(),
+            "devices": {"uart": self.uart.to_dict()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MachineState:
+        if data.get("version") != cls.VERSION:
+            raise StateRecordError(f"machine state version {data.get('version')!r} unsupported")
+        try:
+            config = MachineConfig.from_dict(data["config"])
+            vcpus = tuple(VcpuState.from_dict(item) for item in data["vcpus"])
+            vm = VmState.from_dict(data["vm"])
+            uart = UartState.from_dict(data["devices"]["uart"])
+        except (KeyError, TypeError) as exc:
+            raise StateRecordError(f"machine state is malformed: missing {exc}") from None
+        except ValueError as exc:
+            raise StateRecordError(str(exc)) from None
+        if len(vcpus) != config.vcpus or [v.vcpu_id for v in vcpus] != list(range(config.vcpus)):
+            raise StateRecordError("machine state: vcpu records do not match the configuration")
+        return cls(config, vcpus, vm, uart)
 
 
 def builtin_cmdline(config: MachineConfig) -> str:
@@ -157,6 +215,7 @@ class Machine:
         self._threads: list[VcpuThread] = []
         self.vcpus: list[Vcpu] = []
         self.power_off_code: int | None = None
+        self._dirty_logging = False
 
         self.kvm = Kvm(kvm_path)
         self.vm: Vm | None = None
@@ -168,15 +227,25 @@ class Machine:
             self._register_memory()
             self._create_platform()
             self.iobus = IoBus()
+            self._console = console
             self.uart = Uart16550(console, self._set_com1_irq)
-            self.iobus.register(COM1_BASE, 8, self.uart.io_read, self.uart.io_write, "COM1")
+            # Through self.uart at call time: a state restore replaces the device object.
+            self.iobus.register(
+                COM1_BASE,
+                8,
+                lambda offset: self.uart.io_read(offset),
+                lambda offset, value: self.uart.io_write(offset, value),
+                "COM1",
+            )
             self.iobus.register(POWER_OFF_PORT, 1, lambda _o: 0xFF, self._power_off, "power-off")
             self.iobus.register(POST_CODE_PORT, 1, lambda _o: 0xFF, lambda _o, _v: None, "post")
             supported = self.kvm.get_supported_cpuid()
+            self._cpuid: list[ctypes.Structure] = []
             for index in range(config.vcpus):
                 vcpu = self.vm.create_vcpu(index)
                 self.vcpus.append(vcpu)
-                configure_cpuid(vcpu, supported, config.vcpus)
+                self._cpuid.append(configure_cpuid(vcpu, supported, config.vcpus))
+            self._msr_indices = readable_msrs(self.vcpus[0], self.kvm.get_msr_index_list())
             self.boot_plan = self._load_guest()
             if self.boot_plan is not None:
                 apply_boot_plan(self.vcpus[0], self.boot_plan)
@@ -341,6 +410,89 @@ class Machine:
             change = self._set_state(RunState.DESTROYED)
         self._notify(change)
         self._release()
+
+    # --- state ------------------------------------------------------------------------
+
+    def save_state(self) -> MachineState:
+        """The complete non-RAM state. Only while PAUSED, when every vCPU stopped cleanly."""
+        with self._cond:
+            if self._state is not RunState.PAUSED:
+                raise InvalidStateError("save the state", self._state)
+            assert self.vm is not None
+            return MachineState(
+                config=self.config,
+                vcpus=tuple(
+                    save_vcpu(vcpu, self._msr_indices, cpuid)
+                    for vcpu, cpuid in zip(self.vcpus, self._cpuid, strict=True)
+                ),
+                vm=save_vm(self.vm),
+                uart=self.uart.save(),
+            )
+
+    def restore_state(self, state: MachineState) -> None:
+        """Make this paused machine continue exactly as ``state`` was taken.
+
+        The machine must have been built with the same memory size and vCPU count; the
+        guest RAM is loaded separately.
+        """
+        with self._cond:
+            if self._state is not RunState.PAUSED:
+                raise InvalidStateError("load state", self._state)
+            mismatch = state.config.mismatch(self.config)
+            if mismatch:
+                raise StateRecordError(f"state does not fit this machine: {mismatch}")
+            assert self.vm is not None
+            for vcpu, vcpu_state in zip(self.vcpus, state.vcpus, strict=True):
+                restore_vcpu(vcpu, vcpu_state)
+                self._cpuid[vcpu.id] = cpuid_from_state(vcpu_state)
+            restore_vm(self.vm, state.vm)
+            self.uart = Uart16550.restore(state.uart, self._console, self._set_com1_irq)
+            self.config = state.config
+
+    # --- dirty page tracking -----------------------------------------------------------
+
+    @property
+    def dirty_logging(self) -> bool:
+        return self._dirty_logging
+
+    def dirty_log_start(self) -> None:
+        """Start counting written pages; the first fetch reports pages written since now."""
+        with self._cond:
+            if self._dirty_logging:
+                return
+            self._register_memory(KVM_MEM_LOG_DIRTY_PAGES)
+            self._dirty_logging = True
+            assert self.memory is not None
+            self.memory.track_writes(True)
+
+    def dirty_log_stop(self) -> None:
+        with self._cond:
+            if not self._dirty_logging:
+                return
+            self._register_memory(0)
+            self._dirty_logging = False
+            assert self.memory is not None
+            self.memory.track_writes(False)
+
+    def fetch_dirty_bitmaps(self) -> list[bytes]:
+        """Per memory region, a bitmap (bit n = page n of the region, 64-bit little-endian
+        words) of the pages written since the previous fetch — by the guest (KVM's dirty
+        log) or by the VMM itself (loaders, device writes) — and reset the log."""
+        with self._cond:
+            if not self._dirty_logging:
+                raise InvalidStateError("fetch dirty pages without dirty logging", self._state)
+            assert self.vm is not None and self.memory is not None
+            bitmaps = []
+            vmm_written = self.memory.take_written_pages()
+            for region in self.memory.regions:
+                pages = region.size // PAGE_SIZE
+                words = (ctypes.c_uint64 * ((pages + 63) // 64))()
+                self.vm.get_dirty_log(region.slot, words)
+                bitmap = bytearray(memoryview(words).cast("B"))
+                for page in vmm_written.get(region.slot, ()):
+                    bitmap[page >> 3] |= 1 << (page & 7)
+                bitmaps.append(bytes(bitmap))
+            return bitmaps
 
     def feed_console(self, data: bytes) -> int:
         """Console input for the guest's COM1; returns how many bytes were taken."""

@@ -102,6 +102,8 @@ class GuestMemory:
         #: host virtual address of memfd offset 0
         self.host_address = ctypes.addressof(self._anchor)
         self.view = memoryview(self._map)
+        self._tracking = False
+        self._written: dict[int, set[int]] = {}
 
     def close(self) -> None:
         if self.fd < 0:
@@ -120,8 +122,32 @@ class GuestMemory:
         raise ValueError(f"guest-physical range {gpa:#x}+{length:#x} is not RAM")
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """A VMM-side write (loaders, devices); counted as dirty while tracking is on."""
         offset = self.offset_of(gpa, len(data))
         self.view[offset : offset + len(data)] = data
+        if self._tracking and len(data):
+            self.note_written(gpa, len(data))
+
+    def note_written(self, gpa: int, length: int) -> None:
+        """Record that the VMM wrote ``[gpa, gpa+length)`` behind KVM's back."""
+        if not self._tracking:
+            return
+        for region in self.regions:
+            start, end = max(gpa, region.guest_phys_addr), min(gpa + length, region.end)
+            if start < end:
+                pages = self._written.setdefault(region.slot, set())
+                first = (start - region.guest_phys_addr) // PAGE_SIZE
+                last = (end - 1 - region.guest_phys_addr) // PAGE_SIZE
+                pages.update(range(first, last + 1))
+
+    def track_writes(self, enabled: bool) -> None:
+        self._tracking = enabled
+        self._written = {}
+
+    def take_written_pages(self) -> dict[int, set[int]]:
+        """Pages the VMM wrote since the last call, per slot (page index within the slot)."""
+        written, self._written = self._written, {}
+        return written
 
     def read(self, gpa: int, length: int) -> bytes:
         offset = self.offset_of(gpa, length)

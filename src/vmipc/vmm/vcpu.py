@@ -20,7 +20,9 @@ log = logging.getLogger("vmipc.vmm")
 _CPUID_HYPERVISOR_BIT = 1 << 31
 
 
-def configure_cpuid(vcpu: Vcpu, supported: ctypes.Structure, vcpu_count: int) -> None:
+def configure_cpuid(
+    vcpu: Vcpu, supported: ctypes.Structure, vcpu_count: int
+) -> ctypes.Structure:
     """Give ``vcpu`` the host-supported CPUID with its own APIC ID and topology."""
     count = int(supported.nent)
     cpuid = structs.kvm_cpuid2(count)
@@ -37,6 +39,7 @@ def configure_cpuid(vcpu: Vcpu, supported: ctypes.Structure, vcpu_count: int) ->
         elif entry.function in (0xB, 0x1F):
             entry.edx = vcpu.id
     vcpu.set_cpuid2(cpuid)
+    return cpuid
 
 
 def _flat_segment(selector: int, code: bool) -> structs.KvmSegment:

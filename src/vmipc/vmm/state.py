@@ -1,0 +1,242 @@
+"""Versioned records of vCPU and in-kernel device state, with save/restore pairs.
+
+Each record is a frozen dataclass holding the kernel's structs as raw bytes (they are
+stable kernel ABI) plus plain values. ``save_*`` cannot fail on a paused machine;
+``restore_*`` applies a record to live KVM objects in the order that is known to work
+(KVM-FACTS.md; Firecracker and QEMU do the same).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from vmipc.kvm import Vcpu, Vm, structs
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+
+_S = TypeVar("_S", bound=ctypes.Structure)
+
+
+class StateRecordError(ValueError):
+    """A state record that cannot be used (wrong version, wrong size, missing field)."""
+
+
+def _raw(struct: ctypes.Structure) -> bytes:
+    return bytes(memoryview(struct).cast("B"))
+
+
+def _from_raw(kind: type[_S], data: bytes, what: str) -> _S:
+    if len(data) != ctypes.sizeof(kind):
+        raise StateRecordError(
+            f"{what}: {len(data)} bytes, expected {ctypes.sizeof(kind)} for {kind.__name__}"
+        )
+    return kind.from_buffer_copy(data)
+
+
+def _check_version(data: dict[str, Any], expected: int, what: str) -> None:
+    version = data.get("version")
+    if version != expected:
+        raise StateRecordError(
+            f"{what} record version {version!r} is not supported (want {expected})"
+        )
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    """Everything KVM holds for one vCPU, taken at a clean stop."""
+
+    VERSION: ClassVar[int] = 1
+
+    vcpu_id: int
+    mp_state: int
+    regs: bytes
+    sregs: bytes
+    xsave: bytes
+    xcrs: bytes
+    debugregs: bytes
+    lapic: bytes
+    msrs: tuple[tuple[int, int], ...]
+    vcpu_events: bytes
+    cpuid: tuple[tuple[int, ...], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "vcpu_id": self.vcpu_id,
+            "mp_state": self.mp_state,
+            "regs": self.regs,
+            "sregs": self.sregs,
+            "xsave": self.xsave,
+            "xcrs": self.xcrs,
+            "debugregs": self.debugregs,
+            "lapic": self.lapic,
+            "msrs": [list(pair) for pair in self.msrs],
+            "vcpu_events": self.vcpu_events,
+            "cpuid": [list(entry) for entry in self.cpuid],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VcpuState:
+        _check_version(data, cls.VERSION, "vcpu")
+        try:
+            state = cls(
+                vcpu_id=int(data["vcpu_id"]),
+                mp_state=int(data["mp_state"]),
+                regs=bytes(data["regs"]),
+                sregs=bytes(data["sregs"]),
+                xsave=bytes(data["xsave"]),
+                xcrs=bytes(data["xcrs"]),
+                debugregs=bytes(data["debugregs"]),
+                lapic=bytes(data["lapic"]),
+                msrs=tuple((int(i), int(v)) for i, v in data["msrs"]),
+                vcpu_events=bytes(data["vcpu_events"]),
+                cpuid=tuple(tuple(int(x) for x in entry) for entry in data["cpuid"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateRecordError(f"vcpu record is malformed: {exc}") from None
+        for name, kind in (
+            ("regs", structs.KvmRegs),
+            ("sregs", structs.KvmSregs),
+            ("xsave", structs.KvmXsave),
+            ("xcrs", structs.KvmXcrs),
+            ("debugregs", structs.KvmDebugregs),
+            ("lapic", structs.KvmLapicState),
+            ("vcpu_events", structs.KvmVcpuEvents),
+        ):
+            _from_raw(kind, getattr(state, name), f"vcpu {state.vcpu_id} {name}")
+        return state
+
+
+_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
+def readable_msrs(vcpu: Vcpu, candidates: list[int]) -> list[int]:
+    """The MSRs among ``candidates`` this vCPU can read (KVM_GET_MSRS stops at the first
+    one it cannot, so each is probed alone), TSC first and TSC_DEADLINE last."""
+    readable = [index for index in candidates if vcpu.get_msrs([index])]
+    readable.sort(key=lambda i: (i != MSR_IA32_TSC, i == MSR_IA32_TSC_DEADLINE))
+    return readable
+
+
+def save_vcpu(vcpu: Vcpu, msr_indices: list[int], cpuid: ctypes.Structure) -> VcpuState:
+    """Take a vCPU's state. MP_STATE first and VCPU_EVENTS last, as KVM expects."""
+    mp_state = vcpu.get_mp_state()
+    regs = vcpu.get_regs()
+    sregs = vcpu.get_sregs()
+    xsave = vcpu.get_xsave()
+    xcrs = vcpu.get_xcrs()
+    debugregs = vcpu.get_debugregs()
+    lapic = vcpu.get_lapic()
+    msrs = vcpu.get_msrs(msr_indices)
+    events = vcpu.get_vcpu_events()
+    entries = cpuid.entries
+    return VcpuState(
+        vcpu_id=vcpu.id,
+        mp_state=mp_state,
+        regs=_raw(regs),
+        sregs=_raw(sregs),
+        xsave=_raw(xsave),
+        xcrs=_raw(xcrs),
+        debugregs=_raw(debugregs),
+        lapic=_raw(lapic),
+        msrs=tuple((index, msrs[index]) for index in msr_indices if index in msrs),
+        vcpu_events=_raw(events),
+        cpuid=tuple(
+            tuple(int(getattr(entries[i], name)) for name in _CPUID_FIELDS)
+            for i in range(int(cpuid.nent))
+        ),
+    )
+
+
+def cpuid_from_state(state: VcpuState) -> ctypes.Structure:
+    cpuid = structs.kvm_cpuid2(len(state.cpuid))
+    for slot, values in enumerate(state.cpuid):
+        entry = cpuid.entries[slot]
+        for name, value in zip(_CPUID_FIELDS, values, strict=True):
+            setattr(entry, name, value)
+    return cpuid
+
+
+def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
+    """Apply ``state`` to a vCPU that is not in KVM_RUN, in the order KVM needs."""
+    if state.vcpu_id != vcpu.id:
+        raise StateRecordError(f"state of vcpu {state.vcpu_id} cannot go to vcpu {vcpu.id}")
+    vcpu.set_cpuid2(cpuid_from_state(state))
+    vcpu.set_mp_state(state.mp_state)
+    vcpu.set_regs(_from_raw(structs.KvmRegs, state.regs, "regs"))
+    vcpu.set_sregs(_from_raw(structs.KvmSregs, state.sregs, "sregs"))
+    vcpu.set_xsave(_from_raw(structs.KvmXsave, state.xsave, "xsave"))
+    vcpu.set_xcrs(_from_raw(structs.KvmXcrs, state.xcrs, "xcrs"))
+    vcpu.set_debugregs(_from_raw(structs.KvmDebugregs, state.debugregs, "debugregs"))
+    vcpu.set_lapic(_from_raw(structs.KvmLapicState, state.lapic, "lapic"))
+    accepted = vcpu.set_msrs(list(state.msrs))
+    if accepted != len(state.msrs):
+        failed = state.msrs[accepted][0]
+        raise StateRecordError(f"vcpu {vcpu.id}: KVM refused MSR {failed:#x}")
+    events = _from_raw(structs.KvmVcpuEvents, state.vcpu_events, "vcpu_events")
+    events.flags |= (
+        structs.KVM_VCPUEVENT_VALID_NMI_PENDING | structs.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+    )
+    vcpu.set_vcpu_events(events)
+
+
+@dataclass(frozen=True)
+class VmState:
+    """In-kernel devices of the VM: the two PICs, the IOAPIC, the PIT and the clock."""
+
+    VERSION: ClassVar[int] = 1
+
+    pic_master: bytes
+    pic_slave: bytes
+    ioapic: bytes
+    pit: bytes
+    clock: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "pic_master": self.pic_master,
+            "pic_slave": self.pic_slave,
+            "ioapic": self.ioapic,
+            "pit": self.pit,
+            "clock": self.clock,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VmState:
+        _check_version(data, cls.VERSION, "vm")
+        try:
+            state = cls(
+                pic_master=bytes(data["pic_master"]),
+                pic_slave=bytes(data["pic_slave"]),
+                ioapic=bytes(data["ioapic"]),
+                pit=bytes(data["pit"]),
+                clock=int(data["clock"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateRecordError(f"vm record is malformed: {exc}") from None
+        for name in ("pic_master", "pic_slave", "ioapic"):
+            _from_raw(structs.KvmIrqchip, getattr(state, name), name)
+        _from_raw(structs.KvmPitState2, state.pit, "pit")
+        return state
+
+
+def save_vm(vm: Vm) -> VmState:
+    return VmState(
+        pic_master=_raw(vm.get_irqchip(structs.KVM_IRQCHIP_PIC_MASTER)),
+        pic_slave=_raw(vm.get_irqchip(structs.KVM_IRQCHIP_PIC_SLAVE)),
+        ioapic=_raw(vm.get_irqchip(structs.KVM_IRQCHIP_IOAPIC)),
+        pit=_raw(vm.get_pit2()),
+        clock=int(vm.get_clock().clock),
+    )
+
+
+def restore_vm(vm: Vm, state: VmState) -> None:
+    """Irqchips (PIC master, PIC slave, IOAPIC), then the PIT, then the clock."""
+    for raw in (state.pic_master, state.pic_slave, state.ioapic):
+        vm.set_irqchip(_from_raw(structs.KvmIrqchip, raw, "irqchip"))
+    vm.set_pit2(_from_raw(structs.KvmPitState2, state.pit, "pit"))
+    vm.set_clock(structs.KvmClockData(clock=state.clock))
