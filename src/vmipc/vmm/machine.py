@@ -24,6 +24,7 @@ from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
 from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY
 from vmipc.vmm.devices import Uart16550, UartState
 from vmipc.vmm.iobus import IoBus
+from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
 from vmipc.vmm.loaders import (
     BootPlan,
     GuestImageError,
@@ -60,7 +61,6 @@ COM1_IRQ = 4
 #: Writing a byte here powers the guest off (QEMU's isa-debug-exit uses the same port).
 POWER_OFF_PORT = 0x501
 POST_CODE_PORT = 0x80
-KICK_SIGNAL = signal.SIGUSR1
 _TSS_ADDR = 0xFFFBD000
 _IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_VCPUS = 64
@@ -173,22 +173,6 @@ def builtin_cmdline(config: MachineConfig) -> str:
     options = dict(config.boot.guest_options)
     options["vcpus"] = str(config.vcpus)
     return " ".join(f"{key}={value}" for key, value in options.items())
-
-
-def _ignore_signal(signum: int, frame: object) -> None:
-    """The kick only has to interrupt KVM_RUN; nothing to do when it is delivered."""
-
-
-def install_kick_handler() -> None:
-    """Install the no-op handler for the vCPU kick signal (must run in the main thread)."""
-    current = signal.getsignal(KICK_SIGNAL)
-    if current is _ignore_signal:
-        return
-    if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError(
-            "the first Machine must be created in the main thread (it installs a signal handler)"
-        )
-    signal.signal(KICK_SIGNAL, _ignore_signal)
 
 
 class Machine:
