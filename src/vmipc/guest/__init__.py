@@ -1,0 +1,133 @@
+"""The built-in deterministic test guest and a Python twin of what it prints.
+
+``BUILTIN_GUEST_PATH`` is the committed multiboot image (source in ``guest/`` at the top of
+the repository, rebuilt with ``make -C guest``). Each vCPU of the guest rewrites its working
+set pass after pass and prints ``vcpu=<i> pass=<n> sum=<16 hex digits>`` lines whose values
+are a pure function of (seed, vcpu, pass, working-set size); :func:`expected_lines` computes
+exactly those lines, so a test can compare a console against them. ``guest/README.md``
+describes the options and the format.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = [
+    "BUILTIN_GUEST_PATH",
+    "PAGE_SIZE",
+    "banner",
+    "expected_lines",
+    "pass_sums",
+    "working_set_bytes",
+]
+
+BUILTIN_GUEST_PATH: Path = Path(__file__).resolve().with_name("builtin.elf")
+"""The committed guest image (an ELF32 multiboot v1 kernel, loaded at 1 MiB)."""
+
+PAGE_SIZE = 4096
+
+_M64 = (1 << 64) - 1
+_WORDS = PAGE_SIZE // 8
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finalizer on z + golden ratio (``mix64`` in guest/main.c)."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _rotl13(x: int) -> int:
+    return ((x << 13) | (x >> 51)) & _M64
+
+
+@lru_cache(maxsize=1)
+def _page_tables() -> tuple[int, int]:
+    """(T, R): T holds the page's fixed words T[j] little-endian, R has a 1 in every word."""
+    t = b"".join(_mix64(0xA5A5A5A5A5A5A5A5 ^ j).to_bytes(8, "little") for j in range(_WORDS))
+    r = (b"\x01" + b"\x00" * 7) * _WORDS
+    return int.from_bytes(t, "little"), int.from_bytes(r, "little")
+
+
+def _page_crc(h: int) -> int:
+    """CRC-32 (zlib) of a page whose word j is h ^ T[j]."""
+    t, r = _page_tables()
+    return zlib.crc32((t ^ (h * r)).to_bytes(PAGE_SIZE, "little"))
+
+
+def working_set_bytes(ws: int) -> int:
+    """The working-set size the guest uses for ``ws=``: rounded up to whole pages."""
+    if ws < 1:
+        raise ValueError("ws must be at least 1 byte")
+    return -(-ws // PAGE_SIZE) * PAGE_SIZE
+
+
+def pass_sums(vcpu: int, ws: int = 1 << 20, seed: int = 0) -> Iterator[int]:
+    """The sums vCPU ``vcpu`` computes for passes 1, 2, 3, ... (an endless iterator)."""
+    if not 0 <= vcpu < 64:
+        raise ValueError("vcpu must be 0..63")
+    npages = working_set_bytes(ws) // PAGE_SIZE
+    vbase = _mix64(_mix64(seed & _M64) ^ vcpu)
+    # xmm8 = (a, b), the running mix; xmm9 = (k0, k1), constants for the whole run
+    a = _mix64(vbase ^ 0x1111111111111111)
+    b = _mix64(vbase ^ 0x2222222222222222)
+    k0 = _mix64(vbase ^ 0x3333333333333333)
+    k1 = _mix64(vbase ^ 0x4444444444444444)
+
+    def update(a: int, b: int, v: int) -> tuple[int, int]:
+        # per lane: rotl(((lane + v) ^ k), 13), then the two lanes swap
+        return _rotl13(((b + v) & _M64) ^ k1), _rotl13(((a + v) & _M64) ^ k0)
+
+    pass_no = 0
+    while True:
+        pass_no += 1
+        hpass = _mix64(vbase ^ pass_no)
+        hashes = [_mix64(hpass ^ p) for p in range(npages)]
+        for h in hashes:  # the write phase: each page's hash, in page order
+            a, b = update(a, b, h)
+        for p, h in enumerate(hashes):  # the read-back phase: each page's CRC
+            a, b = update(a, b, (p << 32) | _page_crc(h))
+        yield a ^ b
+
+
+def expected_lines(
+    vcpu: int, passes: int, ws: int = 1 << 20, seed: int = 0, *, every: int = 1
+) -> list[str]:
+    """The lines (without newlines) vCPU ``vcpu`` prints for ``passes=N`` (N >= 1).
+
+    ``ws`` and ``seed`` are the guest options of the same names (``ws`` in bytes), ``every``
+    likewise (0: no pass lines). The banner, printed by vCPU 0 before everything else, is not
+    part of the list: see :func:`banner`. Lines of different vCPUs interleave arbitrarily.
+    """
+    if passes < 1:
+        raise ValueError("passes must be at least 1 (passes=0 runs forever: use pass_sums)")
+    lines = []
+    sums = pass_sums(vcpu, ws, seed)
+    for n in range(1, passes + 1):
+        total = next(sums)
+        if every and n % every == 0:
+            lines.append(f"vcpu={vcpu} pass={n} sum={total:016x}")
+    lines.append(f"vcpu={vcpu} done")
+    return lines
+
+
+def banner(
+    *,
+    vcpus: int = 1,
+    ws: int = 1 << 20,
+    rate: int = 4096,
+    passes: int = 0,
+    seed: int = 0,
+    hz: int = 100,
+    every: int = 1,
+    clock: str = "kvmclock",
+) -> str:
+    """The first line the guest prints (``clock`` is "kvmclock", "tsc" or "tsc-uncalibrated")."""
+    return (
+        f"vmipc-guest 1 vcpus={vcpus} ws={working_set_bytes(ws)} rate={rate} passes={passes}"
+        f" seed={seed} hz={hz} every={every} clock={clock}"
+    )
