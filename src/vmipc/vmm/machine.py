@@ -49,6 +49,7 @@ from vmipc.vmm.state import (
 from vmipc.vmm.vcpu import (
     GuestStopped,
     VcpuThread,
+    apply_bios_lapic_setup,
     apply_boot_plan,
     configure_cpuid,
     describe_registers,
@@ -233,6 +234,7 @@ class Machine:
             self.boot_plan = self._load_guest()
             if self.boot_plan is not None:
                 apply_boot_plan(self.vcpus[0], self.boot_plan)
+                apply_bios_lapic_setup(self.vcpus[0])
         except BaseException:
             self._release()
             raise

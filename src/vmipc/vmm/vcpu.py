@@ -20,9 +20,7 @@ log = logging.getLogger("vmipc.vmm")
 _CPUID_HYPERVISOR_BIT = 1 << 31
 
 
-def configure_cpuid(
-    vcpu: Vcpu, supported: ctypes.Structure, vcpu_count: int
-) -> ctypes.Structure:
+def configure_cpuid(vcpu: Vcpu, supported: ctypes.Structure, vcpu_count: int) -> ctypes.Structure:
     """Give ``vcpu`` the host-supported CPUID with its own APIC ID and topology."""
     count = int(supported.nent)
     cpuid = structs.kvm_cpuid2(count)
@@ -77,6 +75,31 @@ def apply_boot_plan(vcpu: Vcpu, plan: BootPlan) -> None:
     for name, value in plan.registers.items():
         setattr(regs, name, value)
     vcpu.set_regs(regs)
+
+
+_APIC_SVR = 0xF0
+_APIC_LVT_LINT0 = 0x350
+_APIC_LVT_LINT1 = 0x360
+_APIC_SVR_ENABLE = 0x100
+_APIC_DELIVERY_EXTINT = 0x700
+_APIC_DELIVERY_NMI = 0x400
+
+
+def apply_bios_lapic_setup(vcpu: Vcpu) -> None:
+    """Leave the boot vCPU's LAPIC as a PC BIOS does before it hands over: software
+    enabled, LINT0 in ExtINT mode (the PIC's output), LINT1 as NMI. Guests that were
+    written for real firmware (and QEMU's, which runs SeaBIOS) rely on it."""
+    lapic = vcpu.get_lapic()
+    raw = bytearray(memoryview(lapic).cast("B"))
+
+    def update(offset: int, value: int) -> None:
+        raw[offset : offset + 4] = value.to_bytes(4, "little")
+
+    svr = int.from_bytes(raw[_APIC_SVR : _APIC_SVR + 4], "little")
+    update(_APIC_SVR, svr | _APIC_SVR_ENABLE)
+    update(_APIC_LVT_LINT0, _APIC_DELIVERY_EXTINT)
+    update(_APIC_LVT_LINT1, _APIC_DELIVERY_NMI)
+    vcpu.set_lapic(structs.KvmLapicState.from_buffer_copy(bytes(raw)))
 
 
 def describe_registers(vcpu: Vcpu) -> str:
