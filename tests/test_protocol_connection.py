@@ -26,12 +26,22 @@ from vmipc.protocol import (
 )
 from vmipc.protocol._connection import Limits
 
-FD_SCHEMA_EXTRA = {"commands": [{
-    "name": "write-to", "since": "1.0", "doc": "test command taking an out fd",
-    "args": [{"name": "n", "type": "int", "default": 1, "doc": "."}],
-    "fds": [{"name": "out", "direction": "out", "doc": "."}],
-    "result": {"type": "map"}, "states": "any", "errors": [],
-    "cancellable": True, "progress": True}]}
+FD_SCHEMA_EXTRA = {
+    "commands": [
+        {
+            "name": "write-to",
+            "since": "1.0",
+            "doc": "test command taking an out fd",
+            "args": [{"name": "n", "type": "int", "default": 1, "doc": "."}],
+            "fds": [{"name": "out", "direction": "out", "doc": "."}],
+            "result": {"type": "map"},
+            "states": "any",
+            "errors": [],
+            "cancellable": True,
+            "progress": True,
+        }
+    ]
+}
 
 
 def schema() -> Schema:
@@ -52,9 +62,14 @@ def handshaken(limits: Limits | None = None) -> ServerProtocol:
 
 
 def hello_result() -> dict[str, Any]:
-    return {"protocol": "1.0", "server": {"name": "t", "version": "0", "pid": 1},
-            "commands": [], "events": [], "capabilities": [],
-            "limits": {"max_frame_size": 1, "max_fds_per_request": 1, "max_in_flight": 1}}
+    return {
+        "protocol": "1.0",
+        "server": {"name": "t", "version": "0", "pid": 1},
+        "commands": [],
+        "events": [],
+        "capabilities": [],
+        "limits": {"max_frame_size": 1, "max_fds_per_request": 1, "max_in_flight": 1},
+    }
 
 
 def rejected(events: list[Any]) -> RequestRejected:
@@ -131,8 +146,7 @@ def test_fds_are_handed_out_by_name_or_discarded() -> None:
     assert ev.fds == {"out": 42}
     assert server.take_discarded_fds() == []
     # wrong kind of arguments: the fd is refused and comes back to be closed
-    ev2 = rejected(server.receive_data(request(6, "write-to", args={"n": "x"}, fds=["out"]),
-                                       [43]))
+    ev2 = rejected(server.receive_data(request(6, "write-to", args={"n": "x"}, fds=["out"]), [43]))
     assert ev2.error.code == "invalid-arguments"
     assert server.take_discarded_fds() == [43]
     # an fd on a command that takes none
@@ -143,8 +157,7 @@ def test_fds_are_handed_out_by_name_or_discarded() -> None:
 
 def test_too_many_fds_is_limit_exceeded() -> None:
     server = handshaken(Limits(max_fds_per_request=1))
-    ev = rejected(server.receive_data(request(5, "write-to", fds=["out"]), [1],
-                                      fds_truncated=True))
+    ev = rejected(server.receive_data(request(5, "write-to", fds=["out"]), [1], fds_truncated=True))
     assert ev.error.code == "limit-exceeded"
     assert ev.error.details == {"limit": "max_fds_per_request", "value": 1}
     assert server.take_discarded_fds() == [1]
@@ -159,8 +172,9 @@ def test_duplicate_in_flight_id_and_in_flight_limit() -> None:
     server.receive_data(request(2, "query-status"))
     ev = rejected(server.receive_data(request(3, "query-status")))
     assert (ev.request_id, ev.error.code) == (3, "limit-exceeded")
-    server.send_result(1, {"state": "running", "vcpu_count": 1, "memory_size": 1,
-                           "stop_reason": None})
+    server.send_result(
+        1, {"state": "running", "vcpu_count": 1, "memory_size": 1, "stop_reason": None}
+    )
     [ok] = server.receive_data(request(3, "query-status"))
     assert isinstance(ok, RequestReceived)
 
@@ -198,8 +212,9 @@ def test_results_are_checked_against_the_schema() -> None:
 def test_events_are_checked_against_the_schema() -> None:
     server = handshaken()
     client = ClientProtocol()
-    data = server.send_event("state-change", {"old": "running", "new": "paused",
-                                              "reason": None}, 12.5)
+    data = server.send_event(
+        "state-change", {"old": "running", "new": "paused", "reason": None}, 12.5
+    )
     [ev] = client.receive_data(data)
     assert ev.event == "state-change" and ev.time == 12.5  # type: ignore[union-attr]
     with pytest.raises(LocalProtocolError):

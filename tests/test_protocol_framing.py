@@ -89,8 +89,11 @@ def test_fds_go_to_the_frame_starting_in_their_chunk() -> None:
     decoder.feed(a)
     decoder.feed(b, [10, 11])
     decoder.feed(c)
-    assert frames_of(decoder) == [(b"A" * 10, [], False), (b"B" * 10, [10, 11], False),
-                                  (b"C" * 10, [], False)]
+    assert frames_of(decoder) == [
+        (b"A" * 10, [], False),
+        (b"B" * 10, [10, 11], False),
+        (b"C" * 10, [], False),
+    ]
     assert decoder.take_discarded_fds() == []
 
 

@@ -58,8 +58,9 @@ def raw(obj: object) -> bytes:
         (raw({"type": "request", "id": 1, "command": "x", "fds": "out"}), "fds must be", 1),
     ],
 )
-def test_bad_shapes_are_invalid_message(payload: bytes, problem: str,
-                                        echoed_id: int | None) -> None:
+def test_bad_shapes_are_invalid_message(
+    payload: bytes, problem: str, echoed_id: int | None
+) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decode_message(payload)
     assert info.value.code == "invalid-message"

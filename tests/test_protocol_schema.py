@@ -78,8 +78,10 @@ def base_doc() -> dict[str, Any]:
         (lambda d: d["commands"][0]["args"][1].update(default=3), "default"),
         (lambda d: d["commands"][0]["args"][0].update(name="fds"), "reserved"),
         (lambda d: d["commands"][0]["args"][0].update(doc=""), "empty doc"),
-        (lambda d: d["commands"][0].update(fds=[{"name": "x", "direction": "up", "doc": "."}]),
-         "direction"),
+        (
+            lambda d: d["commands"][0].update(fds=[{"name": "x", "direction": "up", "doc": "."}]),
+            "direction",
+        ),
         (lambda d: d["commands"][0].update(color="red"), "unknown keys"),
         (lambda d: d.update(version="1"), "major.minor"),
     ],
@@ -148,13 +150,28 @@ def test_validate_args_fills_defaults_and_names_the_culprit() -> None:
 
 
 def test_match_fds() -> None:
-    schema = load_schema().extended({"commands": [{
-        "name": "copy", "since": "1.0", "doc": "test", "args": [],
-        "fds": [{"name": "src", "direction": "in", "doc": "."},
-                {"name": "dst", "direction": "out", "doc": "."},
-                {"name": "log", "direction": "out", "doc": ".", "required": False}],
-        "result": {"type": "map"}, "states": "any", "errors": [],
-        "cancellable": True, "progress": True}]})
+    schema = load_schema().extended(
+        {
+            "commands": [
+                {
+                    "name": "copy",
+                    "since": "1.0",
+                    "doc": "test",
+                    "args": [],
+                    "fds": [
+                        {"name": "src", "direction": "in", "doc": "."},
+                        {"name": "dst", "direction": "out", "doc": "."},
+                        {"name": "log", "direction": "out", "doc": ".", "required": False},
+                    ],
+                    "result": {"type": "map"},
+                    "states": "any",
+                    "errors": [],
+                    "cancellable": True,
+                    "progress": True,
+                }
+            ]
+        }
+    )
     copy_cmd = schema.commands["copy"]
     assert match_fds(copy_cmd, ["dst", "src"], 2) == {"dst": 0, "src": 1}
     assert match_fds(copy_cmd, ["dst", "src", "log"], 3) == {"dst": 0, "src": 1, "log": 2}

@@ -21,6 +21,7 @@ from vmipc.protocol._connection import (
     ServerEvent,
     ServerProtocol,
     ServerState,
+    encode_event,
 )
 from vmipc.protocol._errors import (
     ClosedByPeer,
@@ -129,6 +130,7 @@ __all__ = [
     "VmipcError",
     "check_value",
     "decode_message",
+    "encode_event",
     "encode_frame",
     "encode_message",
     "load_schema",

@@ -179,8 +179,9 @@ class ServerProtocol:
         """Every fd still held (for teardown). Close them."""
         return self.take_discarded_fds() + self._decoder.release_fds()
 
-    def _reject(self, request_id: int | None, code: str, message: str,
-                fds: list[int], **details: Any) -> RequestRejected:
+    def _reject(
+        self, request_id: int | None, code: str, message: str, fds: list[int], **details: Any
+    ) -> RequestRejected:
         self._discarded.extend(fds)
         return RequestRejected(request_id, ErrorInfo(code, message, details))
 
@@ -189,37 +190,67 @@ class ServerProtocol:
             msg = decode_message(payload, allowed=frozenset({"request"}))
         except RemoteProtocolError as exc:
             rid = exc.details.get("id")
-            return self._reject(rid if isinstance(rid, int) else None, exc.code, exc.message,
-                                fds, problem=exc.message)
+            return self._reject(
+                rid if isinstance(rid, int) else None,
+                exc.code,
+                exc.message,
+                fds,
+                problem=exc.message,
+            )
         assert isinstance(msg, Request)
         rid = msg.id
         if rid in self._in_flight:
-            return self._reject(None, ErrorCode.INVALID_MESSAGE,
-                                f"request id {rid} is already in flight", fds,
-                                id=rid, problem="duplicate id")
+            return self._reject(
+                None,
+                ErrorCode.INVALID_MESSAGE,
+                f"request id {rid} is already in flight",
+                fds,
+                id=rid,
+                problem="duplicate id",
+            )
         if self.state is ServerState.HANDSHAKE:
             if msg.command != HELLO:
-                return self._reject(rid, ErrorCode.HANDSHAKE_REQUIRED,
-                                    "send hello first and wait for its result", fds)
+                return self._reject(
+                    rid,
+                    ErrorCode.HANDSHAKE_REQUIRED,
+                    "send hello first and wait for its result",
+                    fds,
+                )
             if self._hello_id is not None:
-                return self._reject(rid, ErrorCode.HANDSHAKE_REQUIRED,
-                                    "a hello is already in flight", fds)
+                return self._reject(
+                    rid, ErrorCode.HANDSHAKE_REQUIRED, "a hello is already in flight", fds
+                )
         elif msg.command == HELLO:
-            return self._reject(rid, ErrorCode.HANDSHAKE_REQUIRED,
-                                "the handshake is already complete", fds)
+            return self._reject(
+                rid, ErrorCode.HANDSHAKE_REQUIRED, "the handshake is already complete", fds
+            )
         if len(self._in_flight) >= self.limits.max_in_flight:
-            return self._reject(rid, ErrorCode.LIMIT_EXCEEDED,
-                                f"more than {self.limits.max_in_flight} requests in flight", fds,
-                                limit="max_in_flight", value=self.limits.max_in_flight)
+            return self._reject(
+                rid,
+                ErrorCode.LIMIT_EXCEEDED,
+                f"more than {self.limits.max_in_flight} requests in flight",
+                fds,
+                limit="max_in_flight",
+                value=self.limits.max_in_flight,
+            )
         spec = self.schema.commands.get(msg.command)
         if spec is None:
-            return self._reject(rid, ErrorCode.UNKNOWN_COMMAND,
-                                f"unknown command {msg.command!r}", fds, command=msg.command)
+            return self._reject(
+                rid,
+                ErrorCode.UNKNOWN_COMMAND,
+                f"unknown command {msg.command!r}",
+                fds,
+                command=msg.command,
+            )
         if truncated:
-            return self._reject(rid, ErrorCode.LIMIT_EXCEEDED,
-                                f"more than {self.limits.max_fds_per_request} fds on one request",
-                                fds, limit="max_fds_per_request",
-                                value=self.limits.max_fds_per_request)
+            return self._reject(
+                rid,
+                ErrorCode.LIMIT_EXCEEDED,
+                f"more than {self.limits.max_fds_per_request} fds on one request",
+                fds,
+                limit="max_fds_per_request",
+                value=self.limits.max_fds_per_request,
+            )
         try:
             index = match_fds(spec, msg.fds, len(fds))
         except FdMismatch as exc:
@@ -230,8 +261,14 @@ class ServerProtocol:
         try:
             args = validate_args(spec, msg.args)
         except ValidationError as exc:
-            return self._reject(rid, ErrorCode.INVALID_ARGUMENTS, f"{msg.command}: {exc}", fds,
-                                argument=exc.where, problem=exc.problem)
+            return self._reject(
+                rid,
+                ErrorCode.INVALID_ARGUMENTS,
+                f"{msg.command}: {exc}",
+                fds,
+                argument=exc.where,
+                problem=exc.problem,
+            )
         self._in_flight[rid] = _InFlight(spec)
         if spec.name == HELLO:
             self._hello_id = rid
@@ -248,8 +285,9 @@ class ServerProtocol:
         """
         entry = self._in_flight.get(request_id)
         if entry is None:
-            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR,
-                                     f"request {request_id} is not in flight")
+            raise LocalProtocolError(
+                ErrorCode.INTERNAL_ERROR, f"request {request_id} is not in flight"
+            )
         try:
             check_value(entry.spec.result, result, "result")
         except ValidationError as exc:
@@ -257,8 +295,7 @@ class ServerProtocol:
                 ErrorCode.INTERNAL_ERROR,
                 f"{entry.spec.name} produced a result that does not match its schema: {exc}",
             ) from None
-        data = encode_frame(encode_message(Result(request_id, result)),
-                            self.limits.max_frame_size)
+        data = encode_frame(encode_message(Result(request_id, result)), self.limits.max_frame_size)
         del self._in_flight[request_id]
         if request_id == self._hello_id:
             self._hello_id = None
@@ -280,15 +317,30 @@ class ServerProtocol:
 
     def send_event(self, name: str, data: Mapping[str, Any], time: float) -> bytes:
         """Bytes of event ``name``. LocalProtocolError if ``data`` does not match."""
-        spec = self.schema.events.get(name)
-        if spec is None:
-            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, f"unknown event {name!r}")
-        try:
-            check_value(spec.data, data, "data")
-        except ValidationError as exc:
-            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR,
-                                     f"event {name} does not match its schema: {exc}") from None
-        return encode_frame(encode_message(Event(name, time, data)), self.limits.max_frame_size)
+        return encode_event(self.schema, name, data, time, self.limits.max_frame_size)
+
+
+def encode_event(
+    schema: Schema,
+    name: str,
+    data: Mapping[str, Any],
+    time: float,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+) -> bytes:
+    """The framed bytes of event ``name`` (the same for every connection).
+
+    Raises LocalProtocolError when ``data`` does not match the event's schema.
+    """
+    spec = schema.events.get(name)
+    if spec is None:
+        raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, f"unknown event {name!r}")
+    try:
+        check_value(spec.data, data, "data")
+    except ValidationError as exc:
+        raise LocalProtocolError(
+            ErrorCode.INTERNAL_ERROR, f"event {name} does not match its schema: {exc}"
+        ) from None
+    return encode_frame(encode_message(Event(name, time, data)), max_frame_size)
 
 
 # --- client side ---------------------------------------------------------------------

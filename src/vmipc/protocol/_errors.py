@@ -91,9 +91,7 @@ class CommandError(VmipcError):
 class ProtocolError(VmipcError):
     """Somebody broke the protocol; ``code`` says how (same codes as error replies)."""
 
-    def __init__(
-        self, code: str, message: str, details: Mapping[str, Any] | None = None
-    ) -> None:
+    def __init__(self, code: str, message: str, details: Mapping[str, Any] | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message

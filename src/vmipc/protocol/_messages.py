@@ -102,8 +102,12 @@ def encode_message(message: Message) -> bytes:
             "details": dict(message.error.details),
         }
     else:
-        obj = {"type": "event", "event": message.event, "time": message.time,
-               "data": dict(message.data)}
+        obj = {
+            "type": "event",
+            "event": message.event,
+            "time": message.time,
+            "data": dict(message.data),
+        }
     return pack(obj)
 
 

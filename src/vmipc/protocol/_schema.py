@@ -314,10 +314,25 @@ def _unique(names: Sequence[str], where: str) -> None:
         seen.add(n)
 
 
-def _parse_command(obj: Mapping[str, Any], where: str, state_names: set[str],
-                   error_codes: set[str]) -> CommandSpec:
-    _only(obj, {"name", "since", "doc", "args", "fds", "result", "states", "errors",
-                "cancellable", "progress"}, where)
+def _parse_command(
+    obj: Mapping[str, Any], where: str, state_names: set[str], error_codes: set[str]
+) -> CommandSpec:
+    _only(
+        obj,
+        {
+            "name",
+            "since",
+            "doc",
+            "args",
+            "fds",
+            "result",
+            "states",
+            "errors",
+            "cancellable",
+            "progress",
+        },
+        where,
+    )
     name = _need(obj, "name", str, where)
     where = f"command {name!r}"
     if not _KEBAB.match(name):
@@ -336,8 +351,15 @@ def _parse_command(obj: Mapping[str, Any], where: str, state_names: set[str],
         direction = _need(f, "direction", str, fwhere)
         if direction not in ("in", "out"):
             raise SchemaError(f"{fwhere}: direction must be 'in' or 'out'")
-        fds.append(FdSpec(fname, direction, _need(f, "doc", str, fwhere),
-                          bool(f.get("required", True)), _since(f, fwhere, required=False)))
+        fds.append(
+            FdSpec(
+                fname,
+                direction,
+                _need(f, "doc", str, fwhere),
+                bool(f.get("required", True)),
+                _since(f, fwhere, required=False),
+            )
+        )
     _unique([a.name for a in args] + [f.name for f in fds], where)
     states_obj = _need(obj, "states", (str, list), where)
     if states_obj == "any":
@@ -373,8 +395,11 @@ def _parse_command(obj: Mapping[str, Any], where: str, state_names: set[str],
 def _parse_schema(doc: Mapping[str, Any]) -> Schema:
     if not isinstance(doc, Mapping):
         raise SchemaError("the schema must be an object")
-    _only(doc, {"name", "version", "doc", "states", "errors", "common_errors", "commands",
-                "events"}, "schema")
+    _only(
+        doc,
+        {"name", "version", "doc", "states", "errors", "common_errors", "commands", "events"},
+        "schema",
+    )
     version = _need(doc, "version", str, "schema")
     try:
         parse_version(version)
@@ -393,8 +418,12 @@ def _parse_schema(doc: Mapping[str, Any]) -> Schema:
         scope = _need(e, "scope", str, f"error {code!r}")
         if scope not in ("request", "connection"):
             raise SchemaError(f"error {code!r}: scope must be 'request' or 'connection'")
-        errors[code] = ErrorSpec(code, scope, _need(e, "doc", str, f"error {code!r}"),
-                                 _since(e, f"error {code!r}", required=True) or "")
+        errors[code] = ErrorSpec(
+            code,
+            scope,
+            _need(e, "doc", str, f"error {code!r}"),
+            _since(e, f"error {code!r}", required=True) or "",
+        )
     common = tuple(_need(doc, "common_errors", list, "schema"))
     if set(common) - set(errors):
         raise SchemaError(f"common_errors: unknown codes {sorted(set(common) - set(errors))}")
@@ -412,7 +441,8 @@ def _parse_schema(doc: Mapping[str, Any]) -> Schema:
         if not _KEBAB.match(name) or name in events:
             raise SchemaError(f"event {name!r}: bad or duplicate name")
         events[name] = EventSpec(
-            name, _need(e, "doc", str, f"event {name!r}"),
+            name,
+            _need(e, "doc", str, f"event {name!r}"),
             _since(e, f"event {name!r}", required=True) or "",
             _parse_type(_need(e, "data", dict, f"event {name!r}"), f"event {name!r}.data"),
         )
@@ -459,8 +489,9 @@ def check_value(spec: TypeSpec, value: Any, where: str = "") -> None:
     if not ok:
         raise ValidationError(where, f"expected {spec.describe()}, got {_kind(value)}")
     if spec.enum is not None and value not in spec.enum:
-        raise ValidationError(where, f"expected one of {', '.join(map(repr, spec.enum))}, "
-                                     f"got {value!r}")
+        raise ValidationError(
+            where, f"expected one of {', '.join(map(repr, spec.enum))}, got {value!r}"
+        )
     if t == "int":
         if spec.minimum is not None and value < spec.minimum:
             raise ValidationError(where, f"must be >= {spec.minimum}, got {value}")
