@@ -1,0 +1,65 @@
+"""Clients of the control protocol: async (trio) and blocking.
+
+Both have one method per schema command (``query_status()``, ``pause()``...), generated
+from the schema, plus ``call(name, fds={...}, **args)`` for any command by name::
+
+    async with open_client("/run/vm.sock") as client:
+        status = await client.query_status()
+        await client.pause()
+
+    with SyncClient("/run/vm.sock") as client:
+        client.resume()
+"""
+
+from __future__ import annotations
+
+from vmipc.client._async import Client, open_client
+from vmipc.client._common import DEFAULT_CLIENT_NAME, FdLike, ProgressCallback
+from vmipc.client._generated import (
+    AsyncCommands,
+    CancelResult,
+    HelloResult,
+    ProgressData,
+    QueryStatusResult,
+    StateChangeData,
+    SubscribeResult,
+    SyncCommands,
+)
+from vmipc.client._sync import SyncClient
+from vmipc.protocol import (
+    ClosedByPeer,
+    ClosedByUs,
+    CommandError,
+    ConnectionClosed,
+    ErrorCode,
+    Event,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+
+__all__ = [
+    "DEFAULT_CLIENT_NAME",
+    "AsyncCommands",
+    "CancelResult",
+    "Client",
+    "ClosedByPeer",
+    "ClosedByUs",
+    "CommandError",
+    "ConnectionClosed",
+    "ErrorCode",
+    "Event",
+    "FdLike",
+    "HelloResult",
+    "LocalProtocolError",
+    "ProgressCallback",
+    "ProgressData",
+    "ProtocolError",
+    "QueryStatusResult",
+    "RemoteProtocolError",
+    "StateChangeData",
+    "SubscribeResult",
+    "SyncClient",
+    "SyncCommands",
+    "open_client",
+]

@@ -1,0 +1,175 @@
+"""The blocking client, for scripts: a plain socket around the same protocol core."""
+
+from __future__ import annotations
+
+import collections
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+from vmipc.client._common import (
+    DEFAULT_CLIENT_NAME,
+    FdLike,
+    ProgressCallback,
+    progress_request,
+    scm_rights,
+    split_fds,
+)
+from vmipc.client._generated import HelloResult, SyncCommands
+from vmipc.protocol import (
+    SUPPORTED_MAJORS,
+    ClientProtocol,
+    ClosedByPeer,
+    ClosedByUs,
+    CommandError,
+    ConnectionClosed,
+    Error,
+    ErrorInfo,
+    Event,
+    ProtocolError,
+    Result,
+)
+
+_RECV_SIZE = 64 * 1024
+EVENT_BUFFER = 4096
+
+
+class SyncClient(SyncCommands):
+    """A blocking connection to a control server; one method per schema command.
+
+    ``with SyncClient(path) as client: client.pause()``. One call at a time. ``timeout``
+    (seconds, or None to wait forever) bounds every socket operation; when it expires
+    the call raises TimeoutError and the connection is closed (a reply may be pending).
+
+    Errors are those of the async :class:`~vmipc.client.Client`.
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        timeout: float | None = None,
+        events: Iterable[str] = (),
+        client_name: str = DEFAULT_CLIENT_NAME,
+    ) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._proto = ClientProtocol()
+        self._events: collections.deque[Event] = collections.deque(maxlen=EVENT_BUFFER)
+        self._inbox: collections.deque[Result | Error | Event] = collections.deque()
+        self._closed: ConnectionClosed | None = None
+        self._connection_error: ErrorInfo | None = None
+        self.server_info: HelloResult = cast(HelloResult, {})
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(socket_path)
+            self.server_info = self.hello(versions=list(SUPPORTED_MAJORS), client=client_name)
+            self._proto.set_max_frame_size(self.server_info["limits"]["max_frame_size"])
+            if events:
+                self.subscribe(events=list(events))
+        except BaseException:
+            self._sock.close()
+            raise
+
+    @property
+    def protocol_version(self) -> str:
+        return self.server_info["protocol"]
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed is None:
+            self._closed = ClosedByUs("the client closed the connection")
+        self._sock.close()
+
+    def _fail(self, exc: ConnectionClosed) -> ConnectionClosed:
+        if self._closed is None:
+            self._closed = exc
+        self._sock.close()
+        return self._closed
+
+    def call(
+        self,
+        command: str,
+        /,
+        *,
+        fds: Mapping[str, FdLike] | None = None,
+        on_progress: ProgressCallback | None = None,
+        **args: Any,
+    ) -> Any:
+        """Send ``command`` with ``args`` (and ``fds`` by name); return its result."""
+        if self._closed is not None:
+            raise self._closed
+        names, numbers = split_fds(fds)
+        rid, frame = self._proto.send_request(command, args, names)
+        self._send(frame, numbers)
+        while True:
+            message = self._next_message()
+            if isinstance(message, Event):
+                if on_progress is not None and progress_request(message) == rid:
+                    on_progress(message)
+                else:
+                    self._events.append(message)
+            elif message.id == rid:
+                if isinstance(message, Result):
+                    return message.result
+                raise CommandError.from_info(message.error, command=command)
+
+    def next_event(self) -> Event:
+        """The next event (subscribe first); blocks up to the client's timeout."""
+        while not self._events:
+            message = self._next_message()
+            if isinstance(message, Event):
+                self._events.append(message)
+        return self._events.popleft()
+
+    def _next_message(self) -> Result | Error | Event:
+        while not self._inbox:
+            for message in self._receive():
+                if isinstance(message, Error) and message.id is None:
+                    self._connection_error = message.error  # the server closes next
+                else:
+                    self._inbox.append(message)
+        return self._inbox.popleft()
+
+    def _send(self, frame: bytes, fds: list[int]) -> None:
+        view = memoryview(frame)
+        try:
+            if fds:
+                sent = self._sock.sendmsg([view], scm_rights(fds))
+                view = view[sent:]
+            if view:
+                self._sock.sendall(view)
+        except TimeoutError:
+            self._fail(ClosedByUs("timed out while sending"))
+            raise
+        except OSError as exc:
+            raise self._fail(
+                ClosedByPeer(f"sending failed: {exc.strerror}", self._connection_error)
+            ) from None
+
+    def _receive(self) -> list[Result | Error | Event]:
+        if self._closed is not None:
+            raise self._closed
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except TimeoutError:
+            self._fail(ClosedByUs("timed out waiting for the server"))
+            raise
+        except OSError as exc:
+            raise self._fail(
+                ClosedByPeer(f"connection broken: {exc.strerror}", self._connection_error)
+            ) from None
+        try:
+            if not data:
+                self._proto.receive_eof()
+                raise self._fail(
+                    ClosedByPeer("the server closed the connection", self._connection_error)
+                )
+            return self._proto.receive_data(data)
+        except ProtocolError as exc:
+            self._fail(ClosedByUs(f"closed after the server broke the protocol: {exc}"))
+            raise

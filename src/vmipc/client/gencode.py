@@ -1,0 +1,232 @@
+"""Generate ``vmipc/client/_generated.py`` (typed client methods) from the schema.
+
+Run ``python -m vmipc.client.gencode`` after changing the schema; a test fails while the
+committed file differs from what this produces. ``--check`` exits 1 instead of writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import keyword
+import sys
+import textwrap
+from pathlib import Path
+
+from vmipc.protocol import CommandSpec, FieldSpec, Schema, TypeSpec, load_schema
+
+TARGET = Path(__file__).with_name("_generated.py")
+_WIDTH = 100
+
+
+def method_name(command: str) -> str:
+    name = command.replace("-", "_")
+    return f"{name}_" if keyword.iskeyword(name) else name
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.replace("-", "_").split("_"))
+
+
+class _Generator:
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.typed_dicts: list[str] = []
+        self.seen: set[str] = set()
+        self.docs: dict[str, str] = {}
+        for command in schema.commands:
+            self.docs[_camel(command) + "Result"] = f"The result of ``{command}``."
+        for event in schema.events:
+            self.docs[_camel(event) + "Data"] = f"The data of the ``{event}`` event."
+
+    def py_type(self, spec: TypeSpec, hint: str) -> str:
+        t = spec.type
+        text: str
+        if spec.enum is not None and t in ("string", "int", "bool"):
+            text = "Literal[" + ", ".join(repr(v).replace("'", '"') for v in spec.enum) + "]"
+        elif t == "bool":
+            text = "bool"
+        elif t == "int":
+            text = "int"
+        elif t == "float":
+            text = "float"
+        elif t == "string":
+            text = "str"
+        elif t == "bytes":
+            text = "bytes"
+        elif t == "list":
+            assert spec.items is not None
+            text = f"list[{self.py_type(spec.items, hint + 'Item')}]"
+        elif t == "map" and spec.fields is not None:
+            text = self.typed_dict(hint, spec.fields, spec.doc or self.docs.get(hint, ""))
+        elif t == "map":
+            text = "dict[str, Any]"
+        else:
+            text = "Any"
+        if spec.nullable and text != "Any":
+            text += " | None"
+        return text
+
+    def typed_dict(self, name: str, fields: tuple[FieldSpec, ...], doc: str) -> str:
+        if name in self.seen:
+            return name
+        self.seen.add(name)
+        body = [f"class {name}(TypedDict):"]
+        body += _docstring(doc or f"The fields of {name}.", 4)
+        body.append("")
+        if not fields:
+            body.pop()
+        for f in fields:
+            body.append(f"    {f.name}: {self.py_type(f.type, name + _camel(f.name))}")
+            body += _docstring(f.doc, 4, attribute=True)
+        self.typed_dicts.append("\n".join(body))
+        return name
+
+    def method(self, spec: CommandSpec, *, sync: bool) -> str:
+        result_type = self.py_type(spec.result, _camel(spec.name) + "Result")
+        params: list[str] = []
+        passed: list[str] = []
+        for a in spec.args:
+            annotation = self.py_type(a.type, _camel(spec.name) + _camel(a.name))
+            default = "" if a.required else f" = {_literal(a.default)}"
+            params.append(f"{a.name}: {annotation}{default}")
+            passed.append(f"{a.name}={a.name}")
+        for f in spec.fds:
+            params.append(f"{f.name}: FdLike" if f.required else f"{f.name}: FdLike | None = None")
+        if spec.fds:
+            items = ", ".join(f'"{f.name}": {f.name}' for f in spec.fds)
+            if all(f.required for f in spec.fds):
+                passed.append(f"fds={{{items}}}")
+            else:
+                passed.append(f"fds={{k: v for k, v in {{{items}}}.items() if v is not None}}")
+        if spec.progress:
+            params.append("on_progress: ProgressCallback | None = None")
+            passed.append("on_progress=on_progress")
+        name = method_name(spec.name)
+        prefix = "def" if sync else "async def"
+        head = f"    {prefix} {name}(self" + (", *, " + ", ".join(params) if params else "")
+        head += f") -> {result_type}:"
+        if len(head) > _WIDTH:
+            lines = [f"    {prefix} {name}(", "        self,"]
+            if params:
+                lines.append("        *,")
+                lines += [f"        {p}," for p in params]
+            lines.append(f"    ) -> {result_type}:")
+        else:
+            lines = [head]
+        lines += _docstring(_method_doc(self.schema, spec), 8)
+        call = "self.call(" + ", ".join([f'"{spec.name}"', *passed]) + ")"
+        if not sync:
+            call = "await " + call
+        ret = f"        return cast({result_type}, {call})"
+        if len(ret) > _WIDTH:
+            lines.append(f"        result = {call}")
+            if len(lines[-1]) > _WIDTH:
+                inner = ",\n".join(f"            {p}" for p in [f'"{spec.name}"', *passed])
+                lines[-1] = (
+                    "        result = "
+                    + ("await " if not sync else "")
+                    + "self.call(\n"
+                    + inner
+                    + ",\n        )"
+                )
+            lines.append(f"        return cast({result_type}, result)")
+        else:
+            lines.append(ret)
+        return "\n".join(lines)
+
+    def module(self) -> str:
+        commands = list(self.schema.commands.values())
+        async_methods = [self.method(c, sync=False) for c in commands]
+        sync_methods = [self.method(c, sync=True) for c in commands]
+        for event in self.schema.events.values():
+            self.py_type(event.data, _camel(event.name) + "Data")
+        call_sig = (
+            "        command: str,\n        /,\n        *,\n"
+            "        fds: Mapping[str, FdLike] | None = None,\n"
+            "        on_progress: ProgressCallback | None = None,\n"
+            "        **args: Any,\n"
+        )
+        header = (
+            f'"""Typed command methods and result types, generated from the schema (version '
+            f"{self.schema.version}).\n\nDo not edit: run ``python -m vmipc.client.gencode``.\n"
+            '"""\n\n'
+            "from __future__ import annotations\n\n"
+            "from collections.abc import Mapping\n"
+            "from typing import Any, Literal, TypedDict, cast\n\n"
+            "from vmipc.client._common import FdLike, ProgressCallback\n\n"
+            f'SCHEMA_VERSION = "{self.schema.version}"'
+        )
+        parts = [
+            header,
+            *self.typed_dicts,
+            "class AsyncCommands:\n"
+            '    """One coroutine method per schema command; each sends it with ``call``."""\n\n'
+            "    async def call(\n        self,\n" + call_sig + "    ) -> Any:\n"
+            "        raise NotImplementedError\n\n" + "\n\n".join(async_methods),
+            "class SyncCommands:\n"
+            '    """One blocking method per schema command; each sends it with ``call``."""\n\n'
+            "    def call(\n        self,\n" + call_sig + "    ) -> Any:\n"
+            "        raise NotImplementedError\n\n" + "\n\n".join(sync_methods),
+        ]
+        return "\n\n\n".join(parts) + "\n"
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    raise ValueError(f"generated methods support scalar defaults only, not {value!r}")
+
+
+def _method_doc(schema: Schema, spec: CommandSpec) -> str:
+    states = "any" if spec.states is None else ", ".join(sorted(spec.states))
+    text = spec.doc.replace("`", "``")
+    own = ", ".join(spec.errors)
+    errors = f"{own}, and the common errors" if own else "the common errors only"
+    return (
+        f"{text}\n\nAllowed in states: {states}. Since protocol {spec.since}.\n"
+        f"Errors: {errors} ({', '.join(schema.common_errors)})."
+    )
+
+
+def _docstring(text: str, indent: int, *, attribute: bool = False) -> list[str]:
+    pad = " " * indent
+    paragraphs = [p for p in text.strip().split("\n\n")]
+    wrapped: list[str] = []
+    for i, para in enumerate(paragraphs):
+        if i:
+            wrapped.append("")
+        for line in para.split("\n"):
+            wrapped += textwrap.wrap(line, _WIDTH - indent - 3, break_on_hyphens=False) or [""]
+    if len(wrapped) == 1 and len(pad) + len(wrapped[0]) + 6 <= _WIDTH:
+        return [f'{pad}"""{wrapped[0]}"""']
+    lines = [f'{pad}"""{wrapped[0]}']
+    lines += [f"{pad}{w}" if w else "" for w in wrapped[1:]]
+    lines.append(f'{pad}"""')
+    return lines
+
+
+def generate(schema: Schema | None = None) -> str:
+    gen = _Generator(schema or load_schema())
+    return gen.module()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
+    args = parser.parse_args(argv)
+    text = generate()
+    if args.check:
+        current = TARGET.read_text() if TARGET.exists() else ""
+        if current != text:
+            print(f"{TARGET} is stale: run python -m vmipc.client.gencode", file=sys.stderr)
+            return 1
+        return 0
+    TARGET.write_text(text)
+    print(f"wrote {TARGET}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

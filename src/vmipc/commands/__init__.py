@@ -1,0 +1,31 @@
+"""Command handlers: one per schema command, registered with :func:`handler`.
+
+Adding a command means adding its entry to the schema (``vmipc/protocol/schema.json``)
+and a module here with its handler; the server, client, CLI and docs pick it up.
+"""
+
+from __future__ import annotations
+
+from vmipc.commands._registry import (
+    CommandContext,
+    ConnectionControl,
+    FdSet,
+    Handler,
+    HandlerEntry,
+    ServerControl,
+    ServerInfo,
+    handler,
+    load_handlers,
+)
+
+__all__ = [
+    "CommandContext",
+    "ConnectionControl",
+    "FdSet",
+    "Handler",
+    "HandlerEntry",
+    "ServerControl",
+    "ServerInfo",
+    "handler",
+    "load_handlers",
+]

@@ -1,0 +1,150 @@
+"""The handler registry and the context a handler runs with.
+
+One handler per schema command, registered with :func:`handler`::
+
+    @handler("pause", exclusive=True)
+    async def pause(ctx: CommandContext) -> dict[str, Any]:
+        await trio.to_thread.run_sync(ctx.machine.pause)
+        return {}
+
+Before a handler runs, the server has already checked everything the schema says: the
+arguments (``ctx.args``, with defaults filled in), the fds (``ctx.fds``, by name, already
+checked for direction and kind) and the machine's run state. A handler returns the
+result (checked against the schema's ``result``) or raises :class:`CommandError` with a
+code the schema lists for the command. :class:`InvalidStateError` from the machine is
+turned into ``invalid-state``.
+
+Fds: ``ctx.fds`` belong to the request. The server closes every one of them when the
+handler returns (or fails); a handler that must keep one longer calls ``ctx.fds.take``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from vmipc.protocol import Schema
+from vmipc.vmm.machine_api import MachineApi
+
+#: a handler: takes the context, returns the command's result
+Handler = Callable[["CommandContext"], Awaitable[Any]]
+H = TypeVar("H", bound=Handler)
+
+
+@dataclass(frozen=True)
+class HandlerEntry:
+    name: str
+    func: Handler
+    #: run with the server's machine lock held (commands that change the run state), so
+    #: that, say, a pause and a resume from two connections never interleave
+    exclusive: bool
+
+
+_REGISTRY: dict[str, HandlerEntry] = {}
+
+
+def handler(name: str, *, exclusive: bool = False) -> Callable[[H], H]:
+    """Register the decorated coroutine function as the handler of command ``name``."""
+
+    def register(func: H) -> H:
+        if name in _REGISTRY and _REGISTRY[name].func is not func:
+            raise ValueError(f"two handlers for command {name!r}")
+        _REGISTRY[name] = HandlerEntry(name, func, exclusive)
+        return func
+
+    return register
+
+
+def load_handlers() -> Mapping[str, HandlerEntry]:
+    """Import every module of this package (so each registers its handlers); return them."""
+    package = importlib.import_module("vmipc.commands")
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"vmipc.commands.{info.name}")
+    return dict(_REGISTRY)
+
+
+class FdSet(Mapping[str, int]):
+    """A request's fds by name. Read-only, except :meth:`take` to keep one past the handler."""
+
+    def __init__(self, fds: Mapping[str, int]) -> None:
+        self._fds = dict(fds)
+
+    def __getitem__(self, name: str) -> int:
+        return self._fds[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fds)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def take(self, name: str) -> int:
+        """Remove ``name`` and return its fd: the caller now owns it and must close it."""
+        return self._fds.pop(name)
+
+    def release(self) -> list[int]:
+        """Remove and return every fd still held (the server closes them)."""
+        fds = list(self._fds.values())
+        self._fds.clear()
+        return fds
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """Who the server is and what it offers; the ``hello`` result is built from it."""
+
+    name: str
+    version: str
+    pid: int
+    capabilities: tuple[str, ...]
+    max_frame_size: int
+    max_fds_per_request: int
+    max_in_flight: int
+
+
+class ConnectionControl(Protocol):
+    """What handlers may do to the connection their request came on."""
+
+    def subscribe(self, events: frozenset[str]) -> None:
+        """Replace the connection's event subscriptions."""
+
+    def cancel(self, request_id: int) -> bool:
+        """Cancel one of the connection's requests in flight; True if it will say cancelled."""
+        ...
+
+
+class ServerControl(Protocol):
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown once the current request has been answered."""
+
+
+class ProgressSink(Protocol):
+    def __call__(self, phase: str, done: int, total: int | None) -> None: ...
+
+
+@dataclass
+class CommandContext:
+    """Everything a handler gets. See the module docstring."""
+
+    machine: MachineApi
+    request_id: int
+    command: str
+    args: dict[str, Any]
+    fds: FdSet
+    schema: Schema
+    server_info: ServerInfo
+    connection: ConnectionControl
+    server: ServerControl
+    _progress: ProgressSink
+
+    def progress(self, phase: str, done: int, total: int | None = None) -> None:
+        """Report progress; sent as a ``progress`` event if the client subscribed.
+
+        Cheap to call often: the server sends at most a few events a second per request
+        (plus the first one). Never blocks.
+        """
+        self._progress(phase, done, total)

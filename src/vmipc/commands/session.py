@@ -1,0 +1,59 @@
+"""Connection-level commands: hello, query-commands, subscribe, cancel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmipc.commands._registry import CommandContext, handler
+from vmipc.protocol import CommandError, ErrorCode, negotiate_version
+
+
+@handler("hello")
+async def hello(ctx: CommandContext) -> dict[str, Any]:
+    offered = ctx.args["versions"]
+    version = negotiate_version(offered, ctx.schema)
+    if version is None:
+        raise CommandError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"no common protocol version: the server speaks major {ctx.schema.major}, "
+            f"the client offered {', '.join(map(str, offered)) or 'nothing'}",
+            {"supported": [ctx.schema.major], "offered": list(offered)},
+        )
+    info = ctx.server_info
+    return {
+        "protocol": version,
+        "server": {"name": info.name, "version": info.version, "pid": info.pid},
+        "commands": sorted(ctx.schema.commands),
+        "events": sorted(ctx.schema.events),
+        "capabilities": list(info.capabilities),
+        "limits": {
+            "max_frame_size": info.max_frame_size,
+            "max_fds_per_request": info.max_fds_per_request,
+            "max_in_flight": info.max_in_flight,
+        },
+    }
+
+
+@handler("query-commands")
+async def query_commands(ctx: CommandContext) -> dict[str, Any]:
+    return dict(ctx.schema.document)
+
+
+@handler("subscribe")
+async def subscribe(ctx: CommandContext) -> dict[str, Any]:
+    events: list[str] = ctx.args["events"]
+    for i, name in enumerate(events):
+        if name not in ctx.schema.events:
+            raise CommandError(
+                ErrorCode.INVALID_ARGUMENTS,
+                f"subscribe: no event named {name!r}",
+                {"argument": f"events[{i}]", "problem": "unknown event"},
+            )
+    chosen = frozenset(events)
+    ctx.connection.subscribe(chosen)
+    return {"events": sorted(chosen)}
+
+
+@handler("cancel")
+async def cancel(ctx: CommandContext) -> dict[str, Any]:
+    return {"cancelled": ctx.connection.cancel(ctx.args["request"])}

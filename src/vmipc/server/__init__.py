@@ -1,0 +1,21 @@
+"""The trio control server that runs inside the VMM process.
+
+``vmipc vmm --socket PATH`` runs :func:`serve` inside ``trio.run()``.
+"""
+
+from __future__ import annotations
+
+from vmipc.server._config import ServerConfig
+from vmipc.server._os import MAX_SOCKET_PATH, PeerCredentials, SocketPathError
+from vmipc.server._server import CAPABILITIES, PROGRESS_INTERVAL, Server, serve
+
+__all__ = [
+    "CAPABILITIES",
+    "MAX_SOCKET_PATH",
+    "PROGRESS_INTERVAL",
+    "PeerCredentials",
+    "Server",
+    "ServerConfig",
+    "SocketPathError",
+    "serve",
+]

@@ -1,0 +1,39 @@
+"""The server's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmipc.protocol import DEFAULT_MAX_FDS, DEFAULT_MAX_FRAME_SIZE
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits and access control of a control server. The defaults suit one VMM.
+
+    Access: the socket file is created with mode ``socket_mode`` (0600, or 0660 when
+    ``socket_group`` is set) and then every connection's peer credentials (SO_PEERCRED)
+    are checked: the peer's uid must be in ``allowed_uids`` (default: the VMM's own
+    effective uid and root) or its gid in ``allowed_gids`` (default: ``socket_group``'s
+    gid when one is set, else none).
+    """
+
+    max_connections: int = 64
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_fds_per_request: int = DEFAULT_MAX_FDS
+    max_in_flight: int = 32
+    #: seconds a new connection has to complete ``hello``
+    handshake_timeout: float = 10.0
+    allowed_uids: frozenset[int] | None = None
+    allowed_gids: frozenset[int] | None = None
+    #: None: 0o600, or 0o660 with ``socket_group``
+    socket_mode: int | None = None
+    #: group name or gid to give the socket file
+    socket_group: int | str | None = None
+    #: frames queued for one connection before events overflow (the client is too slow)
+    outbound_queue: int = 256
+    #: seconds a shutdown (or a closing connection) waits for replies to drain
+    shutdown_grace: float = 2.0
+    #: the ``server.name`` that ``hello`` reports
+    server_name: str = "vmipc"
+    listen_backlog: int = 64

@@ -1,0 +1,638 @@
+"""The trio control server that lives inside the VMM process.
+
+Tasks: one accept loop; per connection a reader (``recvmsg`` -> :class:`ServerProtocol`),
+a writer (draining a bounded queue of frames), a handshake timer, and one task per
+request in flight. Nothing a client does can block another client or the vCPUs:
+
+* replies wait for room in *their own* connection's queue;
+* events are queued without waiting; a connection whose queue overflows with state
+  changes is closed (progress events are dropped instead);
+* machine state changes arrive from vCPU threads through ``run_sync_soon`` only;
+* blocking machine calls run in worker threads (see the handlers in ``commands/``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+import vmipc
+from vmipc.commands import (
+    CommandContext,
+    FdSet,
+    HandlerEntry,
+    ServerInfo,
+    load_handlers,
+)
+from vmipc.protocol import (
+    CommandError,
+    ConnectionBroken,
+    Error,
+    ErrorCode,
+    ErrorInfo,
+    Limits,
+    LocalProtocolError,
+    RequestReceived,
+    RequestRejected,
+    Schema,
+    ServerEvent,
+    ServerProtocol,
+    ServerState,
+    encode_event,
+    encode_frame,
+    encode_message,
+    load_schema,
+)
+from vmipc.protocol._schema import CommandSpec
+from vmipc.server._config import ServerConfig
+from vmipc.server._os import (
+    PeerCredentials,
+    check_fd,
+    close_fds,
+    create_listener,
+    fds_from_ancdata,
+    peer_credentials,
+    peer_hung_up,
+    remove_socket_file,
+    resolve_group,
+)
+from vmipc.vmm.machine_api import InvalidStateError, MachineApi, StateChange
+
+log = logging.getLogger("vmipc.server")
+
+#: optional protocol features this server supports (announced by ``hello``)
+CAPABILITIES = ("fd-passing", "events", "progress", "cancel")
+_RECV_SIZE = 64 * 1024
+#: at most one progress event per request this often (seconds), besides the first and last
+PROGRESS_INTERVAL = 0.2
+_MISSING: Any = object()
+#: what sending on a connection's queue raises once the connection is going away
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def _cancelled(request_id: int) -> ErrorInfo:
+    return ErrorInfo(ErrorCode.CANCELLED, f"request {request_id} was cancelled")
+
+
+_SHUTTING_DOWN = ErrorInfo(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+
+
+async def serve(
+    machine: MachineApi,
+    socket_path: str,
+    *,
+    config: ServerConfig | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the control protocol for ``machine`` on an AF_UNIX socket at ``socket_path``.
+
+    Returns after a client's ``quit`` has been answered, every connection closed and the
+    machine closed. If cancelled instead, it closes every connection at once and leaves
+    the machine to the caller. Either way the socket file is removed.
+
+    ``task_status.started()`` is called, with the socket's absolute path, once clients
+    can connect. Raises :class:`~vmipc.server.SocketPathError` (an OSError) when the
+    path is taken by a live server, is not a socket, or is too long.
+    """
+    await Server(machine, config).serve(socket_path, task_status=task_status)
+
+
+class Server:
+    """The control server for one machine. :func:`serve` is the usual way to run it.
+
+    ``schema`` and ``handlers`` default to the package's; tests pass extended ones.
+    """
+
+    def __init__(
+        self,
+        machine: MachineApi,
+        config: ServerConfig | None = None,
+        *,
+        schema: Schema | None = None,
+        handlers: dict[str, HandlerEntry] | None = None,
+    ) -> None:
+        self.machine = machine
+        self.config = config = config or ServerConfig()
+        self.schema = schema or load_schema()
+        self.handlers = dict(handlers) if handlers is not None else dict(load_handlers())
+        self.limits = Limits(
+            config.max_frame_size, config.max_fds_per_request, config.max_in_flight
+        )
+        self.info = ServerInfo(
+            name=config.server_name,
+            version=vmipc.__version__,
+            pid=os.getpid(),
+            capabilities=CAPABILITIES,
+            max_frame_size=config.max_frame_size,
+            max_fds_per_request=config.max_fds_per_request,
+            max_in_flight=config.max_in_flight,
+        )
+        #: held by ``exclusive`` handlers (run-state changes), so they never interleave
+        self.machine_lock = trio.Lock()
+        self.closing = False
+        self._quit = False
+        self._connections: set[_Connection] = set()
+        self._all_closed = trio.Event()
+        self._shutdown = trio.Event()
+        self._next_id = 1
+        self._allowed_uids: frozenset[int] = frozenset()
+        self._allowed_gids: frozenset[int] = frozenset()
+        self._trio_thread = 0
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def begin_shutdown(self, *, quit: bool = True) -> None:
+        """Stop accepting, tell every connection ``shutting-down``, close them, return."""
+        self._quit = self._quit or quit
+        self.closing = True
+        self._shutdown.set()
+
+    async def serve(
+        self, socket_path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        config = self.config
+        gid = resolve_group(config.socket_group) if config.socket_group is not None else None
+        mode = config.socket_mode
+        if mode is None:
+            mode = 0o660 if gid is not None else 0o600
+        self._allowed_uids = (
+            config.allowed_uids if config.allowed_uids is not None else frozenset({os.geteuid(), 0})
+        )
+        if config.allowed_gids is not None:
+            self._allowed_gids = config.allowed_gids
+        else:
+            self._allowed_gids = frozenset({gid}) if gid is not None else frozenset()
+        path = os.path.abspath(socket_path)
+        raw, identity = create_listener(path, mode=mode, gid=gid, backlog=config.listen_backlog)
+        listener = trio.socket.from_stdlib_socket(raw)
+        self._token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
+        unsubscribe = self.machine.add_listener(self._state_changed_threadsafe)
+        log.info("serving %s on %s", self.info.name, path)
+        try:
+            async with trio.open_nursery() as nursery:
+                accept_scope = trio.CancelScope()
+                nursery.start_soon(self._accept_loop, listener, nursery, accept_scope)
+                task_status.started(path)
+                await self._shutdown.wait()
+                log.info("shutting down")
+                accept_scope.cancel()
+                listener.close()
+                for conn in list(self._connections):
+                    conn.shutdown()
+                with trio.move_on_after(config.shutdown_grace):
+                    if self._connections:
+                        await self._all_closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            unsubscribe()
+            listener.close()
+            remove_socket_file(path, identity)
+        if self._quit:
+            await trio.to_thread.run_sync(self.machine.close)
+            log.info("machine closed")
+
+    # --- connections ------------------------------------------------------------------
+
+    async def _accept_loop(
+        self, listener: trio.socket.SocketType, nursery: trio.Nursery, scope: trio.CancelScope
+    ) -> None:
+        with scope:
+            while True:
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.warning("accept failed: %s; retrying shortly", exc)
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                nursery.start_soon(self._handle_new, sock)
+
+    async def _handle_new(self, sock: trio.socket.SocketType) -> None:
+        try:
+            peer = peer_credentials(sock)
+        except OSError:
+            sock.close()
+            return
+        refusal: ErrorInfo | None = None
+        if peer.uid not in self._allowed_uids and peer.gid not in self._allowed_gids:
+            log.warning(
+                "refused connection from pid %d uid %d gid %d: not allowed",
+                peer.pid,
+                peer.uid,
+                peer.gid,
+            )
+            refusal = ErrorInfo(
+                ErrorCode.ACCESS_DENIED,
+                f"uid {peer.uid} / gid {peer.gid} may not use this server",
+                {"uid": peer.uid, "gid": peer.gid},
+            )
+        elif self.closing:
+            refusal = _SHUTTING_DOWN
+        elif len(self._connections) >= self.config.max_connections:
+            log.warning(
+                "refused connection from pid %d: %d connections already",
+                peer.pid,
+                len(self._connections),
+            )
+            refusal = ErrorInfo(
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                f"the server already has {self.config.max_connections} connections",
+                {"limit": self.config.max_connections},
+            )
+        if refusal is not None:
+            with sock:
+                data = encode_frame(encode_message(Error(None, refusal)))
+                with trio.move_on_after(1.0):
+                    with contextlib.suppress(OSError):
+                        await sock.send(data)
+            return
+        conn = _Connection(self, sock, peer, self._next_id)
+        self._next_id += 1
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+            if not self._connections:
+                self._all_closed.set()
+
+    # --- events -----------------------------------------------------------------------
+
+    def _state_changed_threadsafe(self, change: StateChange) -> None:
+        """The machine's listener: may run on any thread, never blocks."""
+        token = self._token
+        if token is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(self._broadcast_state_change, change)
+
+    def _broadcast_state_change(self, change: StateChange) -> None:
+        data = {"old": change.old.value, "new": change.new.value, "reason": change.reason}
+        frame: bytes | None = None
+        for conn in list(self._connections):
+            if "state-change" in conn.subscriptions:
+                if frame is None:
+                    frame = encode_event(
+                        self.schema, "state-change", data, time.time(), self.limits.max_frame_size
+                    )
+                conn.send_event(frame, droppable=False)
+
+
+@dataclass(eq=False)
+class _RequestEntry:
+    spec: CommandSpec
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: the handler has begun (it then finishes unless the command is cancellable)
+    started: bool = False
+    #: the error to answer with when ``scope`` is cancelled
+    cancel_error: ErrorInfo | None = None
+    shutdown_requested: bool = False
+    last_progress: float = -math.inf
+
+
+class _RequestServerControl:
+    def __init__(self, entry: _RequestEntry) -> None:
+        self._entry = entry
+
+    def request_shutdown(self) -> None:
+        self._entry.shutdown_requested = True
+
+
+class _Connection:
+    def __init__(
+        self, server: Server, sock: trio.socket.SocketType, peer: PeerCredentials, conn_id: int
+    ) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.id = conn_id
+        self.proto = ServerProtocol(server.schema, server.limits)
+        self.subscriptions: frozenset[str] = frozenset()
+        send, recv = trio.open_memory_channel[bytes](server.config.outbound_queue)
+        self._send = send
+        self._recv = recv
+        self._requests: dict[int, _RequestEntry] = {}
+        self._outer = trio.CancelScope()
+        self._reader_scope = trio.CancelScope()
+        self._timer_scope = trio.CancelScope()
+        self._writer_scope = trio.CancelScope()
+        self._stopping = False
+        self._ancsize = socket.CMSG_SPACE(server.limits.max_fds_per_request * 4)
+        self._work: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        return f"<connection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
+
+    async def run(self) -> None:
+        log.info("%r opened", self)
+        try:
+            with self._outer:
+                async with trio.open_nursery() as outer:
+                    outer.start_soon(self._writer)
+                    async with trio.open_nursery() as work:
+                        self._work = work
+                        work.start_soon(self._handshake_timer)
+                        await self._read_loop()
+                        self._timer_scope.cancel()
+                    # every request has been answered (or dropped): flush and close
+                    self._send.close()
+                    self._writer_scope.deadline = (
+                        trio.current_time() + self.server.config.shutdown_grace
+                    )
+        finally:
+            close_fds(self.proto.release_fds())
+            self.sock.close()
+            log.info("%r closed", self)
+
+    # ConnectionControl, for handlers
+
+    def subscribe(self, events: frozenset[str]) -> None:
+        self.subscriptions = events
+
+    def cancel(self, request_id: int) -> bool:
+        entry = self._requests.get(request_id)
+        if entry is None or (entry.started and not entry.spec.cancellable):
+            return False
+        if entry.cancel_error is None:
+            entry.cancel_error = _cancelled(request_id)
+        entry.scope.cancel()
+        return True
+
+    # stopping
+
+    def _stop(self, why: ErrorInfo | None) -> None:
+        """Stop reading; cancel the requests that can be cancelled (they answer ``why``)."""
+        self._stopping = True
+        self._reader_scope.cancel()
+        self._timer_scope.cancel()
+        for rid, entry in self._requests.items():
+            if entry.spec.cancellable or not entry.started:
+                entry.cancel_error = entry.cancel_error or why or _cancelled(rid)
+                entry.scope.cancel()
+
+    def shutdown(self) -> None:
+        """The server is shutting down: say so, stop, let replies drain."""
+        self._stop(_SHUTTING_DOWN)
+        self._send_nowait(self.proto.send_connection_error(_SHUTTING_DOWN))
+
+    def send_event(self, frame: bytes, *, droppable: bool) -> None:
+        try:
+            self._send.send_nowait(frame)
+        except trio.WouldBlock:
+            if not droppable:
+                log.warning(
+                    "%r reads too slowly: %d frames queued; closing it",
+                    self,
+                    self.server.config.outbound_queue,
+                )
+                self._outer.cancel()
+        except _GONE:
+            pass
+
+    def _send_nowait(self, frame: bytes) -> None:
+        with contextlib.suppress(trio.WouldBlock, *_GONE):
+            self._send.send_nowait(frame)
+
+    async def _reply(self, frame: bytes) -> None:
+        with contextlib.suppress(*_GONE):  # if the peer is gone, the reply has nowhere to go
+            await self._send.send(frame)
+
+    # tasks
+
+    async def _writer(self) -> None:
+        with self._writer_scope:
+            async with self._recv:
+                async for frame in self._recv:
+                    view = memoryview(frame)
+                    try:
+                        while view:
+                            sent = await self.sock.send(view)
+                            view = view[sent:]
+                    except OSError as exc:
+                        log.info("%r: peer gone while sending (%s)", self, exc.strerror)
+                        self._stop(None)
+                        return
+
+    async def _handshake_timer(self) -> None:
+        with self._timer_scope:
+            await trio.sleep(self.server.config.handshake_timeout)
+            if self.proto.state is ServerState.HANDSHAKE:
+                log.info(
+                    "%r: no hello within %gs; closing", self, self.server.config.handshake_timeout
+                )
+                self._send_nowait(
+                    self.proto.send_connection_error(
+                        ErrorInfo(
+                            ErrorCode.HANDSHAKE_TIMEOUT,
+                            f"no hello within {self.server.config.handshake_timeout:g} seconds",
+                        )
+                    )
+                )
+                self._stop(None)
+
+    async def _read_loop(self) -> None:
+        with self._reader_scope:
+            while True:
+                try:
+                    data, ancdata, flags, _ = await self.sock.recvmsg(
+                        _RECV_SIZE, self._ancsize, socket.MSG_CMSG_CLOEXEC
+                    )
+                except OSError as exc:
+                    log.info("%r: receive failed (%s)", self, exc.strerror)
+                    self._stop(None)
+                    return
+                fds = fds_from_ancdata(ancdata)
+                events: list[ServerEvent]
+                if not data and not fds:
+                    events = self.proto.receive_eof()
+                else:
+                    truncated = bool(flags & socket.MSG_CTRUNC)
+                    events = self.proto.receive_data(data, fds, fds_truncated=truncated)
+                close_fds(self.proto.take_discarded_fds())
+                for event in events:
+                    if not await self._handle(event):
+                        return
+
+    async def _handle(self, event: ServerEvent) -> bool:
+        """Act on one protocol event; False when reading must stop."""
+        if isinstance(event, RequestReceived):
+            rid = event.request.id
+            if self.server.closing or self._stopping:
+                close_fds(event.fds.values())
+                await self._reply(self.proto.send_error(rid, _SHUTTING_DOWN))
+                return True
+            entry = _RequestEntry(event.spec)
+            self._requests[rid] = entry
+            assert self._work is not None
+            self._work.start_soon(self._run_request, event, entry)
+            return True
+        if isinstance(event, RequestRejected):
+            await self._reply(self.proto.send_error(event.request_id, event.error))
+            return True
+        if isinstance(event, ConnectionBroken):
+            if event.error is not None:
+                log.info("%r: %s; closing", self, event.error)
+                self._send_nowait(self.proto.send_connection_error(event.error))
+            self._stop(None)
+            return False
+        # PeerClosed: a peer that only shut its writing side still gets its replies
+        if peer_hung_up(self.sock.fileno()):
+            self._stop(None)
+        return False
+
+    # requests
+
+    async def _run_request(self, event: RequestReceived, entry: _RequestEntry) -> None:
+        rid = event.request.id
+        spec = event.spec
+        fds = FdSet(event.fds)
+        result: Any = _MISSING
+        error: ErrorInfo | None = None
+        try:
+            with entry.scope:
+                error = self._check_fds(spec, fds)
+                handler = self.server.handlers.get(spec.name)
+                if error is None and handler is None:
+                    error = ErrorInfo(
+                        ErrorCode.INTERNAL_ERROR, f"{spec.name} has no handler in this server"
+                    )
+                if error is None and handler is not None:
+                    ctx = CommandContext(
+                        machine=self.server.machine,
+                        request_id=rid,
+                        command=spec.name,
+                        args=event.args,
+                        fds=fds,
+                        schema=self.server.schema,
+                        server_info=self.server.info,
+                        connection=self,
+                        server=_RequestServerControl(entry),
+                        _progress=self._progress_sink(rid, spec.name, entry),
+                    )
+                    if handler.exclusive:
+                        async with self.server.machine_lock:
+                            result, error = await self._start(handler, ctx, entry)
+                    else:
+                        result, error = await self._start(handler, ctx, entry)
+        finally:
+            close_fds(fds.release())
+            self._requests.pop(rid, None)
+        if result is _MISSING and error is None:
+            error = entry.cancel_error or _cancelled(rid)
+        try:
+            frame: bytes | None = None
+            if error is None:
+                try:
+                    frame = self.proto.send_result(rid, result)
+                except LocalProtocolError as exc:
+                    log.error("%s: %s", spec.name, exc.message)
+                    error = ErrorInfo(ErrorCode.INTERNAL_ERROR, exc.message)
+            if frame is None:
+                frame = self.proto.send_error(rid, error or _cancelled(rid))
+            await self._reply(frame)
+        finally:
+            if entry.shutdown_requested:
+                self.server.begin_shutdown()
+
+    async def _start(
+        self, handler: HandlerEntry, ctx: CommandContext, entry: _RequestEntry
+    ) -> tuple[Any, ErrorInfo | None]:
+        spec = entry.spec
+        error = self._check_state(spec)
+        if error is not None:
+            return _MISSING, error
+        entry.started = True
+        with trio.CancelScope(shield=not spec.cancellable):
+            try:
+                return await handler.func(ctx), None
+            except InvalidStateError as exc:
+                return _MISSING, _invalid_state(spec, exc.state.value)
+            except CommandError as exc:
+                if exc.code not in self.server.schema.errors_of(spec.name):
+                    log.error(
+                        "%s answered with %s, which its schema does not list", spec.name, exc.code
+                    )
+                return _MISSING, exc.info
+            except Exception as exc:
+                log.exception("%s failed", spec.name)
+                return _MISSING, ErrorInfo(
+                    ErrorCode.INTERNAL_ERROR, f"{spec.name} failed: {type(exc).__name__}: {exc}"
+                )
+        return _MISSING, None  # not reached: the shield scope is never cancelled itself
+
+    def _check_state(self, spec: CommandSpec) -> ErrorInfo | None:
+        if spec.states is None:
+            return None
+        state = self.server.machine.state.value
+        if state in spec.states:
+            return None
+        return _invalid_state(spec, state)
+
+    def _check_fds(self, spec: CommandSpec, fds: FdSet) -> ErrorInfo | None:
+        for name, fd in fds.items():
+            fd_spec = spec.fd(name)
+            assert fd_spec is not None  # the protocol matched the names already
+            problem = check_fd(fd, fd_spec.direction)
+            if problem is not None:
+                return ErrorInfo(
+                    ErrorCode.INVALID_FDS,
+                    f"{spec.name}: fd {name!r} ({fd_spec.direction}) {problem}",
+                    {"fd": name, "problem": problem},
+                )
+        return None
+
+    def _progress_sink(self, rid: int, command: str, entry: _RequestEntry) -> Any:
+        server = self.server
+
+        def report(phase: str, done: int, total: int | None) -> None:
+            if threading.get_ident() != server._trio_thread:
+                assert server._token is not None
+                with contextlib.suppress(trio.RunFinishedError):
+                    server._token.run_sync_soon(report, phase, done, total)
+                return
+            if "progress" not in self.subscriptions or rid not in self._requests:
+                return
+            now = trio.current_time()
+            final = total is not None and done >= total
+            if not final and now - entry.last_progress < PROGRESS_INTERVAL:
+                return
+            entry.last_progress = now
+            data = {
+                "request": rid,
+                "command": command,
+                "phase": phase,
+                "done": done,
+                "total": total,
+            }
+            self.send_event(
+                encode_event(
+                    server.schema, "progress", data, time.time(), server.limits.max_frame_size
+                ),
+                droppable=True,
+            )
+
+        return report
+
+
+def _invalid_state(spec: CommandSpec, state: str) -> ErrorInfo:
+    allowed = sorted(spec.states) if spec.states is not None else []
+    return ErrorInfo(
+        ErrorCode.INVALID_STATE,
+        f"cannot {spec.name} while {state}",
+        {"state": state, "allowed": allowed},
+    )
