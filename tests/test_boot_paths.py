@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from vmipc.guest import expected_lines
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig
 from vmipc.vmm.memory import MIB
 from vmipc.vmm.runstate import RunState
@@ -98,6 +100,7 @@ def test_cli_console_to_file(guests: Path, tmp_path: Path) -> None:
         (["--memory", "lots"], 2, "not a size"),
         (["--vcpus", "0"], 2, "--vcpus must be"),
         (["--guest-opt", "novalue"], 2, "KEY=VALUE"),
+        (["--guest-opt", "color=blue"], 2, "unknown guest option 'color'"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(args: list[str], code: int, message: str) -> None:
@@ -105,3 +108,49 @@ def test_cli_bad_input_is_one_clear_line(args: list[str], code: int, message: st
     assert result.returncode == code
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_builtin_guest_from_the_cli_with_long_option_names() -> None:
+    result = vmipc(
+        "vmm", "--vcpus", "2", "--guest-opt", "working-set=64K", "--guest-opt", "passes=2"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("vmipc-guest 1 vcpus=2 ws=65536 ")
+    assert sorted(lines[1:]) == sorted(expected_lines(0, 2, 65536) + expected_lines(1, 2, 65536))
+
+
+def test_console_input_reaches_the_guest(guests: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vmipc", "vmm", "--bootsector", str(guests / "echo-bootsector.bin")],
+        input="typed into COM1.",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ">typed into COM1"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_the_vmm_cleanly(guests: Path, signum: int) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vmipc",
+            "vmm",
+            "--bootsector",
+            str(guests / "counter-bootsector.bin"),
+            "--no-console-input",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    assert process.stdout.read(15) == b"count=00000000\n"  # the guest runs
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0
+    assert b"Traceback" not in stderr

@@ -14,7 +14,13 @@ from typing import Any
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vmipc.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
 from vmipc.vmm.loaders import GuestImageError
-from vmipc.vmm.machine import MAX_VCPUS, BootSource, Machine, MachineConfig
+from vmipc.vmm.machine import (
+    BUILTIN_GUEST_OPTIONS,
+    MAX_VCPUS,
+    BootSource,
+    Machine,
+    MachineConfig,
+)
 from vmipc.vmm.memory import MemoryConfigError, layout_for, parse_size
 from vmipc.vmm.runstate import RunState
 
@@ -87,6 +93,9 @@ def _config_from(args: argparse.Namespace) -> MachineConfig:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--guest-opt wants KEY=VALUE, not {item!r}")
+        if key not in BUILTIN_GUEST_OPTIONS:
+            known = ", ".join(sorted(BUILTIN_GUEST_OPTIONS))
+            raise ValueError(f"unknown guest option {key!r} (known: {known})")
         options.append((key, value))
     if args.bootsector:
         boot = BootSource(kind="bootsector", path=args.bootsector)

@@ -169,9 +169,21 @@ class MachineState:
         return cls(config, vcpus, vm, uart)
 
 
+#: The built-in guest's options (guest/README.md), with the long spellings users may type.
+BUILTIN_GUEST_OPTIONS = {
+    "ws": "ws",
+    "working-set": "ws",
+    "rate": "rate",
+    "passes": "passes",
+    "seed": "seed",
+    "hz": "hz",
+    "every": "every",
+}
+
+
 def builtin_cmdline(config: MachineConfig) -> str:
     """The built-in guest's command line: the vCPU count plus the user's guest options."""
-    options = dict(config.boot.guest_options)
+    options = {BUILTIN_GUEST_OPTIONS.get(k, k): v for k, v in config.boot.guest_options}
     options["vcpus"] = str(config.vcpus)
     return " ".join(f"{key}={value}" for key, value in options.items())
 
