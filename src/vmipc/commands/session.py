@@ -46,7 +46,7 @@ async def subscribe(ctx: CommandContext) -> dict[str, Any]:
         if name not in ctx.schema.events:
             raise CommandError(
                 ErrorCode.INVALID_ARGUMENTS,
-                f"subscribe: no event named {name!r}",
+                f"no event named {name!r}",
                 {"argument": f"events[{i}]", "problem": "unknown event"},
             )
     chosen = frozenset(events)

@@ -264,7 +264,7 @@ class ServerProtocol:
             return self._reject(
                 rid,
                 ErrorCode.INVALID_ARGUMENTS,
-                f"{msg.command}: {exc}",
+                str(exc),
                 fds,
                 argument=exc.where,
                 problem=exc.problem,

@@ -1,0 +1,329 @@
+"""One conversation per command and per documented error, in raw frames over a real socket.
+
+Every test runs inside ``serving()``, which fails if the server leaks an fd.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.control_support import RecordingMachine, schema_with_test_commands, serving
+from vmipc.protocol import Error, ErrorInfo, Event, Result, Schema, encode_frame
+from vmipc.server import ServerConfig
+from vmipc.vmm.machine_api import InvalidStateError
+from vmipc.vmm.runstate import RunState
+
+# --- commands -------------------------------------------------------------------------
+
+
+def test_hello_negotiates_and_describes_the_server() -> None:
+    with serving() as s, s.connect(hello=False) as c:
+        rid = c.request("hello", args={"versions": [3, 1, 2], "client": "test/1"})
+        result = c.result(rid)
+        assert result["protocol"] == "1.0"
+        assert result["server"] == {"name": "vmipc", "version": "0.1.0", "pid": os.getpid()}
+        assert result["commands"] == sorted(schema_with_test_commands().commands)
+        assert result["events"] == ["progress", "state-change"]
+        assert set(result["capabilities"]) == {"fd-passing", "events", "progress", "cancel"}
+        assert result["limits"] == {
+            "max_frame_size": 1 << 20,
+            "max_fds_per_request": 8,
+            "max_in_flight": 32,
+        }
+
+
+def test_hello_with_no_common_version_is_unsupported_version_and_may_retry() -> None:
+    with serving() as s, s.connect(hello=False) as c:
+        err = c.error(c.request("hello", args={"versions": [2, 7]}))
+        assert err.error.code == "unsupported-version"
+        assert err.error.details == {"supported": [1], "offered": [2, 7]}
+        # still in the handshake: other requests are refused, a new hello works
+        assert c.error(c.request("query-status")).error.code == "handshake-required"
+        assert c.result(c.request("hello", args={"versions": [1]}))["protocol"] == "1.0"
+
+
+def test_query_commands_returns_the_schema_the_server_implements() -> None:
+    with serving() as s, s.connect() as c:
+        document = c.result(c.request("query-commands"))
+        assert document == dict(schema_with_test_commands().document)
+        assert Schema.from_document(document).commands == schema_with_test_commands().commands
+
+
+def test_query_status() -> None:
+    with serving() as s, s.connect() as c:
+        assert c.result(c.request("query-status")) == {
+            "state": "running",
+            "vcpu_count": 2,
+            "memory_size": 64 << 20,
+            "stop_reason": None,
+        }
+
+
+def test_pause_and_resume_change_the_machine_state() -> None:
+    with serving() as s, s.connect() as c:
+        assert c.result(c.request("pause")) == {}
+        assert s.machine.state is RunState.PAUSED
+        assert c.result(c.request("query-status"))["state"] == "paused"
+        assert c.result(c.request("resume")) == {}
+        assert s.machine.state is RunState.RUNNING
+        assert s.machine.calls == ["pause", "resume"]
+
+
+def test_pause_belongs_to_the_machine_not_the_connection() -> None:
+    with serving() as s:
+        with s.connect() as a:
+            a.result(a.request("pause"))
+        s.wait_connections(0)
+        assert s.machine.state is RunState.PAUSED  # closing the pauser resumes nothing
+        with s.connect() as b:
+            b.result(b.request("resume"))
+        assert s.machine.state is RunState.RUNNING
+
+
+def test_subscribe_delivers_state_changes_from_other_connections() -> None:
+    with serving() as s, s.connect() as watcher, s.connect() as actor:
+        assert watcher.result(watcher.request("subscribe", args={"events": ["state-change"]})) == {
+            "events": ["state-change"]
+        }
+        actor.result(actor.request("pause"))
+        event = watcher.event()
+        assert (event.event, event.data) == (
+            "state-change",
+            {"old": "running", "new": "paused", "reason": None},
+        )
+        assert abs(event.time - time.time()) < 60
+        watcher.result(watcher.request("subscribe", args={"events": []}))
+        actor.result(actor.request("resume"))
+        # unsubscribed: the next thing the watcher sees is the reply to its own request
+        rid = watcher.request("query-status")
+        assert isinstance(watcher.next_message(), Result)
+        assert rid
+
+
+def test_subscribe_to_an_unknown_event_is_invalid_arguments() -> None:
+    with serving() as s, s.connect() as c:
+        err = c.error(c.request("subscribe", args={"events": ["state-change", "weather"]}))
+        assert err.error.code == "invalid-arguments"
+        assert err.error.details == {"argument": "events[1]", "problem": "unknown event"}
+
+
+def test_cancel_a_cancellable_request() -> None:
+    with serving() as s, s.connect() as c:
+        slow = c.request("test-sleep", args={"seconds": 30.0})
+        time.sleep(0.05)
+        assert c.result(c.request("cancel", args={"request": slow})) == {"cancelled": True}
+        err = c.error(slow)
+        assert err.error.code == "cancelled"
+        assert err.error.message == f"request {slow} was cancelled"
+
+
+def test_cancel_of_an_unknown_or_finished_request_says_false() -> None:
+    with serving() as s, s.connect() as c:
+        done = c.request("query-status")
+        c.result(done)
+        assert c.result(c.request("cancel", args={"request": done})) == {"cancelled": False}
+        assert c.result(c.request("cancel", args={"request": 424242})) == {"cancelled": False}
+
+
+def test_cancel_cannot_stop_a_started_non_cancellable_request() -> None:
+    with serving() as s, s.connect() as c:
+        blocked = c.request("test-block", args={"seconds": 0.3})
+        time.sleep(0.1)
+        assert c.result(c.request("cancel", args={"request": blocked})) == {"cancelled": False}
+        assert c.result(blocked) == {}
+
+
+def test_quit_answers_then_tells_everyone_and_closes_the_machine() -> None:
+    with serving() as s, s.connect() as other, s.connect() as c:
+        assert c.result(c.request("quit")) == {}
+        assert c.wait_closed() == [Error(None, _shutting_down())]
+        assert other.wait_closed() == [Error(None, _shutting_down())]
+        assert s.thread.join(5), "serve() did not return after quit"
+        assert s.machine.calls[-1] == "close"
+        assert s.machine.state is RunState.DESTROYED
+        assert not os.path.exists(s.path), "the socket file was left behind"
+
+
+def _shutting_down() -> ErrorInfo:
+    return ErrorInfo("shutting-down", "the server is shutting down", {})
+
+
+# --- request errors -------------------------------------------------------------------
+
+
+def test_handshake_required_before_hello_and_after_it() -> None:
+    with serving() as s, s.connect(hello=False) as c:
+        err = c.error(c.request("pause"))
+        assert err.error.code == "handshake-required"
+        assert s.machine.calls == []
+        c.hello()
+        assert c.error(c.request("hello", args={"versions": [1]})).error.code == (
+            "handshake-required"
+        )
+
+
+def test_invalid_message_without_an_id_echoes_null() -> None:
+    with serving() as s, s.connect() as c:
+        c.send_raw(encode_frame(b"\xc1 not msgpack"))
+        err = c.error(None)
+        assert err.error.code == "invalid-message"
+        assert "msgpack" in err.error.message
+
+
+def test_invalid_message_with_an_id_echoes_it() -> None:
+    with serving() as s, s.connect() as c:
+        c.send({"type": "request", "id": 77, "command": "pause", "colour": "red"})
+        err = c.error(77)
+        assert err.error.code == "invalid-message"
+        assert "unknown keys colour" in err.error.message
+        assert s.machine.calls == []
+
+
+def test_a_duplicate_in_flight_id_is_invalid_message_with_null_id() -> None:
+    with serving() as s, s.connect() as c:
+        c.send({"type": "request", "id": 5, "command": "test-sleep", "args": {"seconds": 0.3}})
+        c.send({"type": "request", "id": 5, "command": "query-status"})
+        err = c.error(None)
+        assert err.error.code == "invalid-message"
+        assert err.error.details == {"id": 5, "problem": "duplicate id"}
+        assert c.result(5) == {"slept": 0.3}
+
+
+def test_unknown_command() -> None:
+    with serving() as s, s.connect() as c:
+        err = c.error(c.request("self-destruct"))
+        assert err.error.code == "unknown-command"
+        assert err.error.details == {"command": "self-destruct"}
+
+
+@pytest.mark.parametrize(
+    ("args", "argument", "problem"),
+    [
+        ({}, "seconds", "missing required argument"),
+        ({"seconds": 1.0, "extra": 1}, "extra", "unknown argument"),
+        ({"seconds": "1"}, "seconds", "expected float, got string"),
+    ],
+)
+def test_invalid_arguments(args: dict[str, object], argument: str, problem: str) -> None:
+    with serving() as s, s.connect() as c:
+        err = c.error(c.request("test-sleep", args=args))
+        assert err.error.code == "invalid-arguments"
+        assert err.error.details == {"argument": argument, "problem": problem}
+
+
+def test_invalid_state_leaves_the_machine_alone() -> None:
+    with serving() as s, s.connect() as c:
+        err = c.error(c.request("resume"))
+        assert err.error.code == "invalid-state"
+        assert err.error.message == "cannot resume while running"
+        assert err.error.details == {"state": "running", "allowed": ["paused"]}
+        assert s.machine.calls == []  # refused before the machine was asked
+        assert s.machine.state is RunState.RUNNING
+
+
+def test_invalid_state_raised_by_the_machine_itself() -> None:
+    # the state check passed, but the machine changed its mind (e.g. the guest stopped)
+    machine = RecordingMachine()
+
+    def pause() -> None:
+        raise InvalidStateError("pause", RunState.SHUTDOWN)
+
+    machine.pause = pause  # type: ignore[method-assign]
+    with serving(machine=machine) as s, s.connect() as c:
+        err = c.error(c.request("pause"))
+        assert err.error.code == "invalid-state"
+        assert err.error.details == {"state": "shutdown", "allowed": ["running"]}
+
+
+def test_limit_exceeded_when_too_many_requests_are_in_flight() -> None:
+    with serving(ServerConfig(max_in_flight=2)) as s, s.connect() as c:
+        first = c.request("test-sleep", args={"seconds": 0.2})
+        second = c.request("test-sleep", args={"seconds": 0.2})
+        err = c.error(c.request("query-status"))
+        assert err.error.code == "limit-exceeded"
+        assert err.error.details == {"limit": "max_in_flight", "value": 2}
+        c.result(first)
+        c.result(second)
+        c.result(c.request("query-status"))
+
+
+def test_internal_error_when_a_handler_fails() -> None:
+    with serving() as s, s.connect() as c:
+        err = c.error(c.request("test-fail"))
+        assert err.error.code == "internal-error"
+        assert err.error.message == "test-fail failed: RuntimeError: boom"
+        c.result(c.request("query-status"))  # and the server carries on
+
+
+def test_internal_error_when_a_result_is_off_schema() -> None:
+    with serving() as s, s.connect() as c:
+        err = c.error(c.request("test-bad-result"))
+        assert err.error.code == "internal-error"
+        assert "does not match its schema" in err.error.message
+
+
+def test_shutting_down_refuses_requests_that_race_with_quit() -> None:
+    with serving() as s, s.connect() as c:
+        quit_id = c.request("quit")
+        late = c.request("query-status")
+        got = c.wait_closed()
+        replies = {m.id: m for m in got if isinstance(m, Result | Error)}
+        assert isinstance(replies[quit_id], Result)
+        late_reply = replies.get(late)
+        # either it was answered before quit took effect, or it was refused
+        assert (
+            late_reply is None
+            or isinstance(late_reply, Result)
+            or (late_reply.error.code == "shutting-down")
+        )
+        assert s.thread.join(5)
+
+
+# --- connection errors ----------------------------------------------------------------
+
+
+def test_frame_too_large_is_refused_from_its_header_and_the_connection_closed() -> None:
+    with serving(ServerConfig(max_frame_size=1000)) as s:
+        with s.connect() as c:
+            c.send_raw((1001).to_bytes(4, "big"))  # nothing more: refused on the header
+            got = c.wait_closed()
+            assert len(got) == 1 and isinstance(got[0], Error) and got[0].id is None
+            assert got[0].error.code == "frame-too-large"
+            assert got[0].error.details == {"size": 1001, "limit": 1000}
+        with s.connect() as other:  # the server carries on
+            other.result(other.request("query-status"))
+
+
+def test_handshake_timeout_closes_a_client_that_never_speaks() -> None:
+    config = ServerConfig(handshake_timeout=0.2)
+    with serving(config) as s, s.connect(hello=False) as silent, s.connect() as talker:
+        time.sleep(0.3)
+        talker.result(talker.request("query-status"))  # unaffected, already handshaken
+        got = silent.wait_closed()
+        assert [m.error.code for m in got if isinstance(m, Error)] == ["handshake-timeout"]
+
+
+def test_too_many_connections() -> None:
+    with serving(ServerConfig(max_connections=2)) as s:
+        with s.connect() as a, s.connect() as b, s.connect(hello=False) as c:
+            got = c.wait_closed()
+            assert [m.error.code for m in got if isinstance(m, Error)] == ["too-many-connections"]
+            assert got[0].id is None  # type: ignore[union-attr]
+            a.result(a.request("query-status"))
+            b.result(b.request("query-status"))
+        s.wait_connections(0)
+        with s.connect() as d:
+            d.result(d.request("query-status"))
+
+
+def test_events_are_not_sent_to_connections_that_did_not_ask() -> None:
+    with serving() as s, s.connect() as c:
+        c.result(c.request("pause"))
+        c.result(c.request("resume"))
+        rid = c.request("query-status")
+        msg = c.next_message()
+        assert not isinstance(msg, Event)
+        assert isinstance(msg, Result) and msg.id == rid
