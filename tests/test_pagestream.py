@@ -1,0 +1,575 @@
+"""The page stream codec: round trips, corruption, truncation, versions, bounds, helpers."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmipc.formats import (
+    NEED_DATA,
+    BadRecord,
+    DataRun,
+    LayoutMismatch,
+    PageRun,
+    PageStreamChecksumMismatch,
+    PageStreamCorrupt,
+    PageStreamDecoder,
+    PageStreamEncoder,
+    PageStreamError,
+    PageStreamTruncated,
+    PageStreamUnsupportedVersion,
+    RoundEnd,
+    StreamEnd,
+    StreamHeader,
+    ZeroRun,
+    bitmap_to_runs,
+    runs_to_bitmap,
+    split_zero_runs,
+)
+from vmipc.formats import pagestream as ps
+
+PAGE = 4096
+LAYOUT = ((0, 16 * PAGE), (1 << 32, 8 * PAGE))
+
+
+def page(fill: int) -> bytes:
+    return bytes([fill]) * PAGE
+
+
+def sample_stream() -> bytes:
+    """Two rounds over LAYOUT: data, zero, data spanning a few pages, then an empty round."""
+    enc = PageStreamEncoder(LAYOUT)
+    out = [enc.header()]
+    payload = page(1) + page(2)
+    out += [enc.data(PAGE, 2), payload]
+    enc.payload(memoryview(payload)[:100])
+    enc.payload(memoryview(payload)[100:])
+    out += [enc.zero(1 << 32, 3)]
+    payload = page(3)
+    out += [enc.data((1 << 32) + 7 * PAGE, 1), payload]
+    enc.payload(payload)
+    out += [enc.end_round()]
+    out += [enc.data(0, 1), page(9)]
+    enc.payload(page(9))
+    out += [enc.end_round(), enc.end_round(), enc.end_stream()]
+    return b"".join(out)
+
+
+def decode_all(
+    data: bytes, *, chunk: int = 1 << 30, **kwargs: object
+) -> list[StreamHeader | DataRun | ZeroRun | RoundEnd | StreamEnd]:
+    """Decode ``data`` fed in ``chunk``-sized pieces, then EOF; all events."""
+    dec = PageStreamDecoder(**kwargs)  # type: ignore[arg-type]
+    events: list[StreamHeader | DataRun | ZeroRun | RoundEnd | StreamEnd] = []
+    position = 0
+    while True:
+        event = dec.next_event()
+        if event is NEED_DATA:
+            piece = data[position : position + chunk]
+            position += len(piece)
+            dec.feed(piece)
+            continue
+        assert not isinstance(event, ps.NeedData)
+        events.append(event)
+        if isinstance(event, StreamEnd):
+            return events
+
+
+def apply(
+    events: list[StreamHeader | DataRun | ZeroRun | RoundEnd | StreamEnd],
+) -> dict[int, bytes]:
+    """Replay events onto a sparse page map {gpa: page bytes} (missing = never sent)."""
+    pages: dict[int, bytearray] = {}
+    for event in events:
+        if isinstance(event, DataRun):
+            gpa = event.gpa
+            for i, byte in enumerate(event.data):
+                addr = gpa + i
+                base = addr - addr % PAGE
+                pages.setdefault(base, bytearray(PAGE))[addr - base] = byte
+        elif isinstance(event, ZeroRun):
+            for i in range(event.npages):
+                pages[event.gpa + i * PAGE] = bytearray(PAGE)
+    return {gpa: bytes(data) for gpa, data in pages.items()}
+
+
+# -- round trips --------------------------------------------------------------------------
+
+
+def test_sample_stream_events() -> None:
+    events = decode_all(sample_stream())
+    assert events[0] == StreamHeader(1, 0, PAGE, LAYOUT)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == [
+        "StreamHeader",
+        "DataRun",
+        "ZeroRun",
+        "DataRun",
+        "RoundEnd",
+        "DataRun",
+        "RoundEnd",
+        "RoundEnd",
+        "StreamEnd",
+    ]
+    assert events[1] == DataRun(PAGE, page(1) + page(2))
+    assert events[2] == ZeroRun(1 << 32, 3)
+    assert [e.round for e in events if isinstance(e, RoundEnd)] == [0, 1, 2]
+    assert all(e.ok for e in events if isinstance(e, RoundEnd))
+    assert events[-1] == StreamEnd(3)
+
+
+def test_round_checksum_covers_every_byte_of_the_round() -> None:
+    data = sample_stream()
+    header_length = struct.unpack_from("<I", data, 12)[0]
+    events = decode_all(data)
+    round0 = next(e for e in events if isinstance(e, RoundEnd))
+    # the round's bytes: from the end of the header up to the END_OF_ROUND record
+    body_len = 32 + 2 * PAGE + 32 + 32 + PAGE
+    body = data[header_length : header_length + body_len]
+    assert round0.checksum == xxhash.xxh3_64_intdigest(body)
+
+
+@st.composite
+def stream_plans(
+    draw: st.DrawFn,
+) -> tuple[tuple[tuple[int, int], ...], list[list[tuple[int, int, int]]]]:
+    """A layout and rounds of (kind, page index, npages) runs (kind 0 zero, else fill)."""
+    sizes = draw(st.lists(st.integers(1, 6), min_size=1, max_size=3))
+    layout = []
+    gpa = 0
+    for size in sizes:
+        gpa += draw(st.integers(0, 3)) * PAGE
+        layout.append((gpa, size * PAGE))
+        gpa += size * PAGE
+    rounds = []
+    for _ in range(draw(st.integers(0, 3))):
+        runs = []
+        for _ in range(draw(st.integers(0, 4))):
+            region = draw(st.integers(0, len(layout) - 1))
+            rpages = layout[region][1] // PAGE
+            first = draw(st.integers(0, rpages - 1))
+            count = draw(st.integers(1, rpages - first))
+            fill = draw(st.integers(0, 255))
+            runs.append((fill, layout[region][0] + first * PAGE, count))
+        rounds.append(runs)
+    return tuple(layout), rounds
+
+
+@settings(max_examples=60, deadline=None)
+@given(plan=stream_plans(), chunk=st.integers(1, 20000), max_chunk=st.integers(1, 9000))
+def test_round_trip(
+    plan: tuple[tuple[tuple[int, int], ...], list[list[tuple[int, int, int]]]],
+    chunk: int,
+    max_chunk: int,
+) -> None:
+    layout, rounds = plan
+    enc = PageStreamEncoder(layout)
+    out = [enc.header()]
+    expected: dict[int, bytes] = {}
+    for runs in rounds:
+        for fill, gpa, count in runs:
+            if fill == 0:
+                out.append(enc.zero(gpa, count))
+            else:
+                payload = b"".join(bytes([fill, i]) * (PAGE // 2) for i in range(count))
+                out.append(enc.data(gpa, count))
+                out.append(payload)
+                enc.payload(memoryview(payload))
+            for i in range(count):
+                expected[gpa + i * PAGE] = (
+                    bytes(PAGE) if fill == 0 else bytes([fill, i]) * (PAGE // 2)
+                )
+        out.append(enc.end_round())
+    out.append(enc.end_stream())
+    events = decode_all(b"".join(out), chunk=chunk, max_chunk=max_chunk)
+    assert events[0] == StreamHeader(1, 0, PAGE, layout)
+    assert all(len(e.data) <= max_chunk for e in events if isinstance(e, DataRun))
+    assert apply(events) == expected
+    assert events[-1] == StreamEnd(len(rounds))
+
+
+def test_expected_layout_and_page_size() -> None:
+    data = sample_stream()
+    decode_all(data, expect_layout=LAYOUT, expect_page_size=PAGE)
+    with pytest.raises(LayoutMismatch, match="RAM layout"):
+        decode_all(data, expect_layout=((0, 16 * PAGE),))
+    with pytest.raises(LayoutMismatch, match="page size"):
+        decode_all(data, expect_page_size=2 * PAGE)
+
+
+def test_trailing_data_is_kept_for_the_caller() -> None:
+    dec = PageStreamDecoder()
+    dec.feed(sample_stream() + b"next protocol")
+    while not isinstance(dec.next_event(), StreamEnd):
+        pass
+    assert dec.ended
+    assert dec.trailing_data == b"next protocol"
+    with pytest.raises(RuntimeError):
+        dec.next_event()
+
+
+def test_feed_after_eof_is_a_bug() -> None:
+    dec = PageStreamDecoder()
+    dec.feed(b"")
+    with pytest.raises(RuntimeError):
+        dec.feed(b"x")
+
+
+# -- corruption and truncation -------------------------------------------------------------
+
+
+def test_every_single_byte_corruption_is_detected() -> None:
+    data = bytearray(sample_stream())
+    for position in range(len(data)):
+        for mask in (0x01, 0xFF):
+            data[position] ^= mask
+            with pytest.raises(PageStreamError):
+                decode_all(bytes(data), chunk=5000)
+            data[position] ^= mask
+
+
+def test_payload_corruption_is_a_round_checksum_mismatch() -> None:
+    data = bytearray(sample_stream())
+    header_length = struct.unpack_from("<I", data, 12)[0]
+    data[header_length + 32 + 10] ^= 1
+    with pytest.raises(PageStreamChecksumMismatch, match=r"^page stream round 0: checksum"):
+        decode_all(bytes(data))
+    events = decode_all(bytes(data), strict=False)
+    assert [e.ok for e in events if isinstance(e, RoundEnd)] == [False, True, True]
+
+
+def test_record_header_corruption_is_caught_before_the_record_is_used() -> None:
+    data = bytearray(sample_stream())
+    header_length = struct.unpack_from("<I", data, 12)[0]
+    data[header_length + 9] ^= 0x10  # the gpa of the first data record
+    dec = PageStreamDecoder()
+    dec.feed(bytes(data))
+    assert isinstance(dec.next_event(), StreamHeader)
+    with pytest.raises(PageStreamCorrupt, match="record header fails its check"):
+        dec.next_event()
+
+
+def test_truncation_at_every_byte_is_detected() -> None:
+    data = sample_stream()
+    for cut in range(len(data)):
+        with pytest.raises(PageStreamTruncated) as info:
+            decode_all(data[:cut], chunk=777)
+        assert "\n" not in str(info.value)
+
+
+def test_truncation_messages() -> None:
+    data = sample_stream()
+    with pytest.raises(PageStreamTruncated, match="ends before the stream header"):
+        decode_all(b"")
+    with pytest.raises(PageStreamTruncated, match="payload bytes missing"):
+        decode_all(data[: len(data) - 200 - 3 * 32 - PAGE])
+    with pytest.raises(PageStreamTruncated, match="without an end-of-stream record"):
+        decode_all(data[:-32])
+
+
+# -- versions ------------------------------------------------------------------------------
+
+
+def stream_with_version(major: int, minor: int) -> bytes:
+    data = sample_stream()
+    header = ps.stream_header(LAYOUT, version=(major, minor))
+    return header + data[len(header) :]
+
+
+def test_future_major_is_refused() -> None:
+    with pytest.raises(PageStreamUnsupportedVersion, match=r"2\.0 is not supported"):
+        decode_all(stream_with_version(2, 0))
+
+
+def test_future_major_with_another_header_shape_is_refused_as_a_version() -> None:
+    # only the prefix and the trailing checksum are frozen across majors
+    body = struct.pack("<8sHHI", b"VMIPCPGS", 7, 3, 48) + b"\xaa" * 24
+    header = body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+    with pytest.raises(PageStreamUnsupportedVersion, match=r"7\.3"):
+        decode_all(header + b"whatever follows")
+
+
+def test_newer_minor_is_refused_and_older_minor_read() -> None:
+    with pytest.raises(PageStreamUnsupportedVersion, match=r"1\.1 is newer"):
+        decode_all(stream_with_version(1, 1))
+    events = decode_all(stream_with_version(1, 0), supported=(1, 1))
+    assert isinstance(events[-1], StreamEnd)
+
+
+def test_bad_magic() -> None:
+    with pytest.raises(PageStreamCorrupt, match="bad magic"):
+        decode_all(b"GARBAGE!" + bytes(100))
+
+
+# -- records that do not fit ---------------------------------------------------------------
+
+
+def stream_of(*records: bytes, layout: tuple[tuple[int, int], ...] = LAYOUT) -> bytes:
+    return ps.stream_header(layout) + b"".join(records)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (ps.zero_record(16 * PAGE, 1), "outside RAM"),
+        (ps.zero_record(15 * PAGE, 2), "outside RAM"),  # runs into the hole
+        (ps.zero_record((1 << 32) - PAGE, 2), "outside RAM"),  # starts in the hole
+        (ps.zero_record(100, 1), "not aligned"),
+        (ps.data_record_header(32 * PAGE, 1), "outside RAM"),
+        (ps._record(ps.RecordType.ZERO, 0, 0, 0), "empty run"),
+        (ps._record(ps.RecordType.DATA, 1, 0, 5), "reserved"),
+        (ps._record(9, 0, 0, 0), "unknown record type 9"),  # type: ignore[arg-type]
+        (ps.end_of_round(1, 0), "expected round 0"),
+        (ps.end_of_stream(4), "says 4 rounds, 0 were received"),
+        (ps.zero_record(0, 1) + ps.end_of_stream(0), "end of stream inside round 0"),
+    ],
+)
+def test_bad_records(record: bytes, message: str) -> None:
+    with pytest.raises(BadRecord, match=message) as info:
+        decode_all(stream_of(record))
+    assert str(info.value).startswith("page stream round 0, record at byte ")
+
+
+def test_reserved_bits_are_refused() -> None:
+    body = struct.pack("<BBHIQQI", 2, 1, 0, 1, 0, 0, 0)
+    record = body + (xxhash.xxh3_64_intdigest(body) & 0xFFFFFFFF).to_bytes(4, "little")
+    with pytest.raises(BadRecord, match="reserved"):
+        decode_all(stream_of(record))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        (),
+        ((0, 0),),
+        ((0, 100),),
+        ((PAGE, PAGE), (0, PAGE)),
+        ((0, 2 * PAGE), (PAGE, PAGE)),
+        tuple((i * 2 * PAGE, PAGE) for i in range(65)),
+    ],
+)
+def test_bad_layouts_are_refused_by_the_encoder(layout: tuple[tuple[int, int], ...]) -> None:
+    with pytest.raises(ValueError):
+        PageStreamEncoder(layout)
+
+
+def test_bad_layout_in_a_stream_is_corrupt() -> None:
+    # a header that passes its checksum but has overlapping ranges
+    body = struct.pack("<8sHHIIII4x", b"VMIPCPGS", 1, 0, 32 + 32 + 8, PAGE, 0, 2)
+    body += struct.pack("<QQQQ", 0, 2 * PAGE, PAGE, PAGE)
+    header = body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+    with pytest.raises(PageStreamCorrupt, match="overlaps"):
+        decode_all(header)
+
+
+def test_encoder_refuses_misuse() -> None:
+    enc = PageStreamEncoder(LAYOUT)
+    with pytest.raises(ValueError, match="header"):
+        enc.zero(0, 1)
+    enc.header()
+    with pytest.raises(ValueError, match="not page-aligned RAM"):
+        enc.zero(16 * PAGE, 1)
+    with pytest.raises(ValueError, match="not page-aligned RAM"):
+        enc.data(1, 1)
+    enc.data(0, 1)
+    assert enc.payload_pending == PAGE
+    with pytest.raises(ValueError, match="pending"):
+        enc.zero(PAGE, 1)
+    with pytest.raises(ValueError, match="expected"):
+        enc.payload(bytes(PAGE + 1))
+    enc.payload(bytes(PAGE))
+    with pytest.raises(ValueError, match="end_round"):
+        enc.end_stream()
+    enc.end_round()
+    enc.end_stream()
+    with pytest.raises(ValueError, match="ended"):
+        enc.end_round()
+
+
+# -- fuzz: only documented errors, bounded memory -------------------------------------------
+
+
+def run_fuzz(data: bytes, chunk: int, max_chunk: int) -> None:
+    dec = PageStreamDecoder(max_chunk=max_chunk)
+    position = 0
+    try:
+        while True:
+            event = dec.next_event()
+            if event is NEED_DATA:
+                assert dec.buffered < ps.MAX_HEADER_LENGTH
+                piece = data[position : position + chunk]
+                position += len(piece)
+                dec.feed(piece)
+            elif isinstance(event, DataRun):
+                assert 0 < len(event.data) <= max_chunk
+            elif isinstance(event, StreamEnd):
+                return
+    except PageStreamError as exc:
+        assert "\n" not in str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=3000), chunk=st.integers(1, 4096))
+def test_fuzz_random_bytes(data: bytes, chunk: int) -> None:
+    run_fuzz(data, chunk, 1000)
+    run_fuzz(ps.MAGIC + data, chunk, 1000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 1 << 20),
+    chunk=st.integers(1, 9000),
+)
+def test_fuzz_mutated_streams(edits: list[tuple[int, int]], cut: int, chunk: int) -> None:
+    data = bytearray(sample_stream())
+    for position, value in edits:
+        data[position % len(data)] = value
+    run_fuzz(bytes(data[: cut % (len(data) + 1)]), chunk, 3000)
+
+
+def test_memory_stays_bounded_for_a_huge_run() -> None:
+    layout = ((0, 1 << 30),)
+    header = ps.stream_header(layout)
+    dec = PageStreamDecoder(max_chunk=1 << 16)
+    dec.feed(header + ps.data_record_header(0, (1 << 30) // PAGE))
+    assert isinstance(dec.next_event(), StreamHeader)
+    assert dec.next_event() is NEED_DATA
+    got = 0
+    piece = bytes(300_000)
+    for _ in range(20):
+        dec.feed(piece)
+        while (event := dec.next_event()) is not NEED_DATA:
+            assert isinstance(event, DataRun)
+            assert len(event.data) <= 1 << 16
+            assert event.gpa == got
+            got += len(event.data)
+        assert dec.buffered == 0
+    assert got == 20 * len(piece)
+
+
+# -- dirty bitmaps -------------------------------------------------------------------------
+
+
+def bits(*set_bits: int, nbytes: int = 8) -> bytes:
+    value = 0
+    for bit in set_bits:
+        value |= 1 << bit
+    return value.to_bytes(nbytes, "little")
+
+
+@pytest.mark.parametrize(
+    ("bitmap", "npages", "runs"),
+    [
+        (b"", None, []),
+        (bytes(8), None, []),
+        (bits(0), None, [(0, 1)]),
+        (bits(63), None, [(63, 1)]),
+        (bits(0, 1, 2, 5), None, [(0, 3), (5, 1)]),
+        (b"\xff" * 8, None, [(0, 64)]),
+        (b"\xff" * 8, 10, [(0, 10)]),
+        (bits(3, 9), 8, [(3, 1)]),
+        (bits(62, 63, 64, 65, nbytes=16), None, [(62, 4)]),  # across a word boundary
+        (b"\xff" * 16, None, [(0, 128)]),
+        (bits(0, 127, nbytes=16), None, [(0, 1), (127, 1)]),
+        (b"\x0f\x00\xf0\xff\xff\xff\xff\xff\x01" + bytes(7), None, [(0, 4), (20, 45)]),
+        # across the 512-byte (4096-bit) block boundary the fast paths use
+        (bits(4095, 4096, nbytes=1024), None, [(4095, 2)]),
+        (b"\xff" * 512 + bits(0, 1), None, [(0, 4098)]),
+        (b"\xff" * 512 + b"\xff" * 512, None, [(0, 8192)]),
+        (bytes(512) + b"\xff" * 512 + bytes(8), None, [(4096, 4096)]),
+        (b"\xff" * 1024, 5000, [(0, 5000)]),
+        (b"\xaa" * 8, None, [(i, 1) for i in range(1, 64, 2)]),
+    ],
+)
+def test_bitmap_to_runs_table(
+    bitmap: bytes, npages: int | None, runs: list[tuple[int, int]]
+) -> None:
+    assert bitmap_to_runs(bitmap, npages) == runs
+    assert bitmap_to_runs(memoryview(bitmap), npages) == runs
+    words = [int.from_bytes(bitmap[i : i + 8], "little") for i in range(0, len(bitmap), 8)]
+    assert bitmap_to_runs(words, npages) == runs
+
+
+def test_bitmap_to_runs_refuses_bad_input() -> None:
+    with pytest.raises(ValueError):
+        bitmap_to_runs(bytes(8), 65)
+    with pytest.raises(ValueError):
+        bitmap_to_runs([1 << 64])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.booleans(), max_size=9000))
+def test_bitmap_round_trip(pages: list[bool]) -> None:
+    npages = len(pages)
+    expected: list[tuple[int, int]] = []
+    for i, dirty in enumerate(pages):
+        if not dirty:
+            continue
+        if expected and sum(expected[-1]) == i:
+            expected[-1] = (expected[-1][0], expected[-1][1] + 1)
+        else:
+            expected.append((i, 1))
+    bitmap = runs_to_bitmap(expected, npages)
+    assert len(bitmap) % 8 == 0
+    assert bitmap_to_runs(bitmap, npages) == expected
+    assert bitmap_to_runs(bitmap) == expected
+
+
+def test_bitmap_random_dense() -> None:
+    rng = random.Random(7)
+    npages = 200_000
+    dirty = [rng.random() < 0.3 for _ in range(npages)]
+    value = sum(1 << i for i, d in enumerate(dirty) if d)
+    runs = bitmap_to_runs(value.to_bytes(npages // 8 + 8, "little"), npages)
+    assert sum(n for _, n in runs) == sum(dirty)
+    assert all(dirty[p] for first, n in runs for p in range(first, first + n))
+
+
+# -- zero pages ------------------------------------------------------------------------------
+
+
+def ram_of(*fills: int) -> memoryview:
+    return memoryview(b"".join(page(f) for f in fills))
+
+
+@pytest.mark.parametrize(
+    ("fills", "runs", "expected"),
+    [
+        ((0, 0, 0), [(0, 3)], [PageRun(0, 3, True)]),
+        ((1, 2, 3), [(0, 3)], [PageRun(0, 3, False)]),
+        ((1, 0, 0, 4), [(0, 4)], [PageRun(0, 1, False), PageRun(1, 2, True), PageRun(3, 1, False)]),
+        ((1, 0, 0, 4), [(1, 2)], [PageRun(1, 2, True)]),
+        ((1, 0, 0, 4), [(0, 1), (3, 1)], [PageRun(0, 1, False), PageRun(3, 1, False)]),
+        ((1, 0, 0, 4), [], []),
+        (
+            (0,) * 70 + (5,) + (0,) * 70,
+            [(0, 141)],
+            [PageRun(0, 70, True), PageRun(70, 1, False), PageRun(71, 70, True)],
+        ),
+        ((5,) * 130, [(2, 128)], [PageRun(2, 128, False)]),
+    ],
+)
+def test_split_zero_runs_table(
+    fills: tuple[int, ...], runs: list[tuple[int, int]], expected: list[PageRun]
+) -> None:
+    assert split_zero_runs(ram_of(*fills), runs) == expected
+
+
+def test_split_zero_runs_sees_a_single_nonzero_byte() -> None:
+    ram = bytearray(200 * PAGE)
+    for position in (0, PAGE - 1, 64 * PAGE + 5, 199 * PAGE + PAGE - 1):
+        ram[position] = 1
+        found = [r for r in split_zero_runs(ram, [(0, 200)]) if not r.zero]
+        assert found == [PageRun(position // PAGE, 1, False)]
+        ram[position] = 0
+
+
+def test_split_zero_runs_refuses_runs_outside_ram() -> None:
+    with pytest.raises(ValueError):
+        split_zero_runs(ram_of(0, 0), [(1, 2)])
