@@ -362,8 +362,8 @@ static void read_multiboot(void)
     }
 }
 
-/* Returns the bytes still missing, 0 on success. */
-static u64 place_working_sets(void)
+/* Each vCPU's working set is contiguous, in the first region with room. 0 if they do not fit. */
+static int place_working_sets(void)
 {
     u32 r = 0;
     u64 cur = nram ? ram[0].base : 0;
@@ -372,11 +372,11 @@ static u64 place_working_sets(void)
             u64 start = cur > ram[r].base ? cur : ram[r].base;
             if (start < ram[r].end && ram[r].end - start >= opt.ws) { cur = start; break; }
         }
-        if (r == nram) return (opt.vcpus - i) * opt.ws;
+        if (r == nram) return 0;
         ws_base[i] = cur;
         cur += opt.ws;
     }
-    return 0;
+    return 1;
 }
 
 static void map_high(void)              /* 2 MiB identity pages for RAM above 4 GiB */
@@ -455,7 +455,7 @@ struct watch {                          /* the timer and clock checks of one vCP
     u64 id;
     volatile struct pvclock *clk;
     u64 last_t, tick_t, ticks;
-    int backwards_told, stall_told;
+    int backwards_told, stall_told, disarmed_told;
 };
 
 /* The current time; reports (once each) time going backwards and 2 s without a tick. */
@@ -484,6 +484,24 @@ static u64 watch_now(struct watch *w)
     }
     w->last_t = t;
     return t;
+}
+
+/* Sleeping (HLT) needs the timer to wake us: check that it is still armed
+   (a lost LAPIC state masks it) and has not stalled. If not, say so once and
+   pace by spinning, so that the lines (and the error) keep coming. */
+static int may_sleep(struct watch *w)
+{
+    u32 lvt = *lapic(LAPIC_LVT_TIMER);
+    if ((lvt & 0x700ff) != ((1u << 17) | TIMER_VECTOR) || !(*lapic(LAPIC_SVR) & 0x100)) {
+        if (!w->disarmed_told) {
+            struct line l;
+            l_vcpu(&l, w->id); l_str(&l, " ERROR LAPIC timer not armed, lvt=0x"); l_hex16(&l, lvt);
+            emit(&l);
+            w->disarmed_told = 1;
+        }
+        return 0;
+    }
+    return !w->stall_told;
 }
 
 /* ---------------------------------------------------------------- the work */
@@ -531,7 +549,10 @@ static void run(u64 id)
                 if (next > now + step + 100000000ul)
                     next = now;         /* the clock went back: do not wait for it */
                 while (now < next) {
-                    sleep_until_interrupt();
+                    if (may_sleep(&w))
+                        sleep_until_interrupt();
+                    else
+                        cpu_relax();
                     now = watch_now(&w);
                 }
                 if (now > next + 100000000ul)
@@ -620,10 +641,12 @@ void r3_entry(u64 id)
         l_str(&l, "'");
         fail(&l);
     }
-    u64 missing = place_working_sets();
-    if (missing) {
-        l_vcpu(&l, 0); l_str(&l, " ERROR not enough RAM for the working sets: ");
-        l_dec(&l, missing); l_str(&l, " bytes short");
+    if (!place_working_sets()) {
+        u64 usable = 0;
+        for (u32 i = 0; i < nram; i++) usable += ram[i].end - ram[i].base;
+        l_vcpu(&l, 0); l_str(&l, " ERROR not enough RAM: "); l_dec(&l, opt.vcpus);
+        l_str(&l, " working sets of "); l_dec(&l, opt.ws); l_str(&l, " bytes, ");
+        l_dec(&l, usable); l_str(&l, " bytes usable above the image");
         fail(&l);
     }
     map_high();
