@@ -19,7 +19,7 @@ EXIT_ENVIRONMENT = 3
 EXIT_INTERRUPTED = 130
 
 #: subcommand modules, each exporting add_parser(subparsers) and run(args) -> int
-_SUBCOMMANDS = ("vmipc.cli.vmm", "vmipc.cli.call")
+_SUBCOMMANDS = ("vmipc.cli.vmm", "vmipc.cli.call", "vmipc.cli.snapshot")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,207 @@
+"""``vmipc snapshot``: look into snapshot files.
+
+    vmipc snapshot inspect FILE [--json]     the header, the section table, the memory layout
+    vmipc snapshot verify FILE [--section NAME]
+                                             check every checksum (or one section's)
+
+Exit codes: 0 fine; 1 the file is corrupt, truncated, incomplete or of an unsupported
+version (one line on standard error naming the part of the file and the problem); 2 bad
+usage or a file that cannot be opened or read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from vmipc.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from vmipc.formats import FormatError, MissingSection, SnapshotReader
+from vmipc.formats import snapshot as fmt
+
+PROG = "vmipc snapshot"
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "snapshot",
+        help="inspect or verify a snapshot file",
+        description="Inspect or verify a vmipc snapshot file (see protocol/snapshot-file.md).",
+        epilog=(
+            "exit codes: 0 fine; 1 corrupt, truncated, incomplete or unsupported file; "
+            "2 bad usage or unreadable file"
+        ),
+    )
+    actions = parser.add_subparsers(dest="snapshot_action", metavar="ACTION", required=True)
+    inspect = actions.add_parser(
+        "inspect",
+        help="print the header, the section table and the memory layout",
+        description=(
+            "Print a snapshot's header, section table and memory layout. Checks the "
+            "header, table and trailer checksums, not the sections' (use verify)."
+        ),
+    )
+    inspect.add_argument("file", metavar="FILE")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.set_defaults(run=run, _action=_inspect)
+    verify = actions.add_parser(
+        "verify",
+        help="check every checksum",
+        description=(
+            "Check every checksum of a snapshot (every byte of the file is covered) and "
+            "that the sections a restore needs are present."
+        ),
+    )
+    verify.add_argument("file", metavar="FILE")
+    verify.add_argument("--section", metavar="NAME", help="check only this section")
+    verify.set_defaults(run=run, _action=_verify)
+
+
+class _Failure(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@contextmanager
+def _open_reader(path: str) -> Iterator[SnapshotReader]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _Failure(EXIT_USAGE, f"cannot open {path}: {exc.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        yield SnapshotReader(functools.partial(os.pread, fd), size)
+    finally:
+        os.close(fd)
+
+
+def run(args: argparse.Namespace) -> int:
+    action: Callable[[argparse.Namespace, SnapshotReader], int] = args._action
+    try:
+        with _open_reader(args.file) as reader:
+            return action(args, reader)
+    except _Failure as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.code
+    except FormatError as exc:
+        print(f"{PROG}: {args.file}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"{PROG}: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _verify(args: argparse.Namespace, reader: SnapshotReader) -> int:
+    if args.section is not None:
+        reader.verify(args.section)
+        entry = reader.entry(args.section)
+        print(f"{args.file}: section '{entry.name}' ok ({entry.length} bytes)")
+        return EXIT_OK
+    reader.verify()
+    reader.check_complete()
+    print(f"{args.file}: ok ({len(reader.entries)} sections, {reader.size} bytes)")
+    return EXIT_OK
+
+
+def describe(reader: SnapshotReader) -> dict[str, Any]:
+    """The JSON form of ``inspect``."""
+    header = reader.header
+    memory: dict[str, Any] | None = None
+    try:
+        section = reader.memory()
+    except MissingSection:
+        pass
+    else:
+        desc = section.descriptor
+        memory = {
+            "encoding": desc.encoding_name,
+            "page_size": desc.page_size,
+            "data_offset": section.data_offset,
+            "data_size": section.data_size,
+            "regions": [
+                {
+                    "gpa": region.gpa,
+                    "size": region.size,
+                    "image_offset": region.offset,
+                    "file_offset": section.data_offset + region.offset,
+                }
+                for region in desc.regions
+            ],
+        }
+    return {
+        "size": reader.size,
+        "format": {"major": header.major, "minor": header.minor},
+        "producer": header.producer,
+        "snapshot_id": header.snapshot_id.hex(),
+        "parent_id": header.parent_id.hex() if header.has_parent else None,
+        "parent_checksum": header.parent_checksum if header.has_parent else None,
+        "flags": header.flags,
+        "incremental": header.incremental,
+        "created_ns": header.created_ns or None,
+        "table_checksum": reader.table_checksum,
+        "sections": [entry.to_dict() for entry in reader.entries],
+        "memory": memory,
+    }
+
+
+def _time(created_ns: int | None) -> str:
+    if not created_ns:
+        return "unknown"
+    seconds, nanos = divmod(created_ns, 1_000_000_000)
+    try:
+        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        return f"{created_ns} ns after the epoch"
+    return f"{moment:%Y-%m-%d %H:%M:%S}.{nanos // 1000:06d} UTC"
+
+
+def _inspect(args: argparse.Namespace, reader: SnapshotReader) -> int:
+    info = describe(reader)
+    if args.json:
+        print(json.dumps({"file": args.file, **info}, indent=2))
+        return EXIT_OK
+    flags = f"{info['flags']:#x}" + (" (incremental)" if info["incremental"] else "")
+    parent = (
+        f"{info['parent_id']} (checksum {info['parent_checksum']:#018x})"
+        if info["parent_id"]
+        else "none"
+    )
+    lines = [
+        f"file        {args.file} ({info['size']} bytes)",
+        f"format      {info['format']['major']}.{info['format']['minor']} "
+        f"(this reader reads {fmt.MAJOR}.0 to {fmt.MAJOR}.{fmt.MINOR})",
+        f"producer    {info['producer']}",
+        f"snapshot    {info['snapshot_id']}",
+        f"parent      {parent}",
+        f"flags       {flags}",
+        f"created     {_time(info['created_ns'])}",
+        f"checksum    {info['table_checksum']:#018x} (section table)",
+        f"sections    {len(reader.entries)}",
+    ]
+    if reader.entries:
+        lines.append(f"  {'NAME':16} {'VERSION':>7}  {'OFFSET':>12}  {'LENGTH':>14}  CHECKSUM")
+        for entry in reader.entries:
+            lines.append(
+                f"  {entry.name:16} {entry.version:7}  {entry.offset:#12x}  "
+                f"{entry.length:14}  {entry.checksum:#018x}"
+            )
+    memory = info["memory"]
+    if memory is not None:
+        lines.append(
+            f"memory      {memory['encoding']}, page size {memory['page_size']}, "
+            f"{memory['data_size']} bytes at file offset {memory['data_offset']:#x}"
+        )
+        lines.append(f"  {'GPA':>18}  {'SIZE':>14}  {'FILE OFFSET':>14}")
+        for region in memory["regions"]:
+            lines.append(
+                f"  {region['gpa']:#18x}  {region['size']:#14x}  {region['file_offset']:#14x}"
+            )
+    print("\n".join(lines))
+    return EXIT_OK
