@@ -13,6 +13,7 @@ from typing import Any
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vmipc.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
+from vmipc.vmm.host import MachineHost
 from vmipc.vmm.loaders import GuestImageError
 from vmipc.vmm.machine import (
     BUILTIN_GUEST_OPTIONS,
@@ -51,8 +52,16 @@ def add_parser(subparsers: Any) -> None:
         metavar="KEY=VALUE",
         help="an option for the built-in guest, e.g. ws=8M rate=4096 passes=10 (repeatable)",
     )
-    parser.add_argument("--memory", default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
-    parser.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    parser.add_argument("--memory", help="guest RAM, e.g. 64M, 1G (default 64M)")
+    parser.add_argument("--vcpus", type=int, help="number of vCPUs (default 1)")
+    boot.add_argument(
+        "--incoming",
+        action="store_true",
+        help=(
+            "boot nothing: wait (paused) for memory and state through the control socket; "
+            "the configuration comes from --memory/--vcpus if given, else from load-state"
+        ),
+    )
     parser.add_argument(
         "--console",
         default="-",
@@ -105,14 +114,15 @@ def _config_from(args: argparse.Namespace) -> MachineConfig:
         boot = BootSource(kind="builtin", guest_options=tuple(options))
     if options and boot.kind != "builtin":
         raise ValueError("--guest-opt applies to the built-in guest only")
-    memory_size = parse_size(args.memory)
+    memory_size = parse_size(args.memory or "64M")
     layout_for(memory_size)  # a size it cannot use is a usage error, not an environment one
-    if not 1 <= args.vcpus <= MAX_VCPUS:
+    vcpus = 1 if args.vcpus is None else args.vcpus
+    if not 1 <= vcpus <= MAX_VCPUS:
         raise ValueError(f"--vcpus must be 1..{MAX_VCPUS}")
-    return MachineConfig(memory_size=memory_size, vcpus=args.vcpus, boot=boot)
+    return MachineConfig(memory_size=memory_size, vcpus=vcpus, boot=boot)
 
 
-def _forward_stdin(machine: Machine) -> None:
+def _forward_stdin(host: MachineHost) -> None:
     """Feed standard input to COM1 until EOF (runs in a daemon thread)."""
     while True:
         try:
@@ -122,8 +132,9 @@ def _forward_stdin(machine: Machine) -> None:
         if not data:
             return
         view = data
-        while view and machine.state not in (RunState.SHUTDOWN, RunState.CRASHED):
-            taken = machine.feed_console(view)
+        while view and host.state not in (RunState.SHUTDOWN, RunState.CRASHED):
+            machine = host.machine
+            taken = machine.feed_console(view) if machine is not None else 0
             view = view[taken:]
             if view:
                 threading.Event().wait(0.01)
@@ -145,8 +156,21 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"vmipc vmm: cannot open console {args.console}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
+    if args.incoming and not args.socket:
+        print(
+            "vmipc vmm: --incoming needs --socket (that is how the guest arrives)", file=sys.stderr
+        )
+        return EXIT_USAGE
+    if args.paused and not args.socket:
+        print("vmipc vmm: --paused needs --socket (something must resume it)", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        machine = Machine(config, sink)
+        if args.incoming:
+            host = MachineHost(sink)
+            if args.memory is not None or args.vcpus is not None:
+                host.configure(config)
+        else:
+            host = MachineHost(sink, Machine(config, sink))
     except GuestImageError as exc:
         print(f"vmipc vmm: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -161,12 +185,13 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ENVIRONMENT
     try:
         if args.console == "-" and not args.no_console_input:
-            threading.Thread(target=_forward_stdin, args=(machine,), daemon=True).start()
+            threading.Thread(target=_forward_stdin, args=(host,), daemon=True).start()
         if args.socket:
-            return _run_with_server(machine, args)
-        return _run_standalone(machine)
+            return _run_with_server(host, args)
+        assert host.machine is not None
+        return _run_standalone(host.machine)
     finally:
-        machine.close()
+        host.close()
         if console_fd is not None:
             os.close(console_fd)
 
@@ -190,7 +215,9 @@ def _run_standalone(machine: Machine) -> int:
     return _exit_code_for(machine)
 
 
-def _exit_code_for(machine: Machine) -> int:
+def _exit_code_for(machine: Machine | None) -> int:
+    if machine is None:
+        return EXIT_OK
     if machine.state is RunState.CRASHED:
         print(f"vmipc vmm: guest crashed: {machine.stop_reason}", file=sys.stderr)
         return EXIT_FAILED
@@ -199,17 +226,18 @@ def _exit_code_for(machine: Machine) -> int:
     return EXIT_OK
 
 
-def _run_with_server(machine: Machine, args: argparse.Namespace) -> int:
+def _run_with_server(host: MachineHost, args: argparse.Namespace) -> int:
     import trio
 
     from vmipc.server import serve
 
     async def main() -> None:
-        machine.start(paused=args.paused)
+        if host.machine is not None and not host.incoming:
+            host.machine.start(paused=args.paused)
         async with trio.open_nursery() as nursery:
 
             async def serve_then_stop() -> None:
-                await serve(machine, args.socket)
+                await serve(host, args.socket)
                 nursery.cancel_scope.cancel()
 
             async def stop_on_signal() -> None:
@@ -222,4 +250,4 @@ def _run_with_server(machine: Machine, args: argparse.Namespace) -> int:
             nursery.start_soon(stop_on_signal)
 
     trio.run(main)
-    return _exit_code_for(machine)
+    return _exit_code_for(host.machine)
