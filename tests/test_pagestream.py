@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import random
+import re
 import struct
+from pathlib import Path
 
 import pytest
 import xxhash
@@ -32,6 +35,8 @@ from vmipc.formats import (
     split_zero_runs,
 )
 from vmipc.formats import pagestream as ps
+
+SPEC = Path(__file__).resolve().parent.parent / "protocol" / "page-stream.md"
 
 PAGE = 4096
 LAYOUT = ((0, 16 * PAGE), (1 << 32, 8 * PAGE))
@@ -213,6 +218,27 @@ def test_trailing_data_is_kept_for_the_caller() -> None:
         dec.next_event()
 
 
+@pytest.mark.parametrize("limit", [1, 7, 32, 5000, 1 << 20])
+def test_reading_what_is_wanted_never_reads_past_the_end(limit: int) -> None:
+    stream = sample_stream()
+    source = io.BytesIO(stream + b"the next protocol's bytes")
+    dec = PageStreamDecoder()
+    events = []
+    while True:
+        event = dec.next_event()
+        if event is NEED_DATA:
+            assert dec.wanted >= 1
+            dec.feed(source.read(min(dec.wanted, limit)))
+            continue
+        events.append(event)
+        if isinstance(event, StreamEnd):
+            break
+    assert source.tell() == len(stream)
+    assert dec.wanted == 0
+    assert dec.trailing_data == b""
+    assert apply(events) == apply(decode_all(stream))
+
+
 def test_feed_after_eof_is_a_bug() -> None:
     dec = PageStreamDecoder()
     dec.feed(b"")
@@ -367,6 +393,15 @@ def test_bad_layout_in_a_stream_is_corrupt() -> None:
         decode_all(header)
 
 
+@pytest.mark.parametrize(("offset", "value"), [(20, 1), (28, 1), (31, 0x80)])
+def test_header_flags_and_reserved_bytes_are_refused(offset: int, value: int) -> None:
+    header = bytearray(ps.stream_header(LAYOUT))
+    header[offset] = value
+    header[-8:] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(header[:-8])))
+    with pytest.raises(PageStreamCorrupt, match="reserved"):
+        decode_all(bytes(header))
+
+
 def test_encoder_refuses_misuse() -> None:
     enc = PageStreamEncoder(LAYOUT)
     with pytest.raises(ValueError, match="header"):
@@ -402,6 +437,7 @@ def run_fuzz(data: bytes, chunk: int, max_chunk: int) -> None:
             event = dec.next_event()
             if event is NEED_DATA:
                 assert dec.buffered < ps.MAX_HEADER_LENGTH
+                assert dec.wanted >= 1
                 piece = data[position : position + chunk]
                 position += len(piece)
                 dec.feed(piece)
@@ -573,3 +609,26 @@ def test_split_zero_runs_sees_a_single_nonzero_byte() -> None:
 def test_split_zero_runs_refuses_runs_outside_ram() -> None:
     with pytest.raises(ValueError):
         split_zero_runs(ram_of(0, 0), [(1, 2)])
+
+
+def hexdump_blocks(text: str) -> dict[int, bytes]:
+    """{offset: bytes} of every hexdump line (``00001000  68 65 ...``) in a spec."""
+    found = {}
+    for match in re.finditer(r"^([0-9a-f]{8})  ([0-9a-f]{2}(?: [0-9a-f]{2})*)", text, re.M):
+        found[int(match.group(1), 16)] = bytes.fromhex(match.group(2))
+    return found
+
+
+def test_the_specs_worked_example_is_what_the_code_writes() -> None:
+    enc = PageStreamEncoder(((0, 0x4000), (0x100000000, 0x1000)))
+    payload = b"\xab" * PAGE
+    stream = enc.header() + enc.data(0x1000, 1) + payload
+    enc.payload(payload)
+    stream += enc.zero(0x100000000, 1) + enc.end_round() + enc.end_stream()
+    blocks = hexdump_blocks(SPEC.read_text())
+    assert len(blocks) >= 10
+    for offset, expected in blocks.items():
+        assert stream[offset : offset + len(expected)] == expected, hex(offset)
+    assert max(blocks) + len(blocks[max(blocks)]) == len(stream)
+    assert "0x297b6bc6a481cd36" in SPEC.read_text()
+    assert xxhash.xxh3_64_intdigest(stream[0x48:0x1088]) == 0x297B6BC6A481CD36

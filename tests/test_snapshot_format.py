@@ -8,6 +8,7 @@ import io
 import mmap
 import os
 import random
+import re
 import struct
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from vmipc.formats import (
     split_zero_runs,
 )
 from vmipc.formats import snapshot as sn
+
+SPEC = Path(__file__).resolve().parent.parent / "protocol" / "snapshot-file.md"
 
 PAGE = 4096
 SNAPSHOT_ID = bytes(range(1, 17))
@@ -110,6 +113,20 @@ def test_memory_section_maps_guest_ram() -> None:
     assert memory.file_offset((1 << 32) + PAGE + 17) == memory.data_offset + 9 * PAGE + 17
     with pytest.raises(ValueError):
         memory.file_offset(16 * PAGE)
+
+
+def test_memory_layout_problem() -> None:
+    memory = read(sample_file()).memory()
+    assert memory.layout_problem(REGIONS) is None
+    assert memory.layout_problem([sn.MemoryRegion(*r) for r in REGIONS]) is None
+    problem = memory.layout_problem([(0, 16 * PAGE, 0)])
+    assert problem is not None
+    assert problem.startswith("section 'memory': memory layout 0x0+0x8000@0x0, ")
+    assert "differs from this VM's 0x0+0x10000@0x0" in problem
+    assert "page size 4096" in (memory.layout_problem(REGIONS, page_size=2 * PAGE) or "")
+    stream = sn.encode_memory_section(REGIONS, b"stream", encoding=sn.MEMORY_ENCODING_PAGE_STREAM)
+    incremental = read(sn.build_snapshot(HEADER, [("memory", 1, stream)])).memory()
+    assert "page-stream" in (incremental.layout_problem(REGIONS) or "")
 
 
 def test_header_fields_round_trip_with_a_parent() -> None:
@@ -545,3 +562,25 @@ def test_fuzz_random_files(data: bytes) -> None:
     for candidate in (data, b"VMIPCSNP" + data):
         with contextlib.suppress(SnapshotError):
             read(candidate).verify()
+
+
+def hexdump_blocks(text: str) -> dict[int, bytes]:
+    """{offset: bytes} of every hexdump line (``00001000  68 65 ...``) in a spec."""
+    found = {}
+    for match in re.finditer(r"^([0-9a-f]{8})  ([0-9a-f]{2}(?: [0-9a-f]{2})*)", text, re.M):
+        found[int(match.group(1), 16)] = bytes.fromhex(match.group(2))
+    return found
+
+
+def test_the_specs_worked_example_is_what_the_code_writes() -> None:
+    header = SnapshotHeader(bytes(range(16)), "vmipc 0.1.0")
+    image = b"\xf4\xeb\xfe\x90".ljust(PAGE, b"\0")
+    memory = sn.encode_memory_section([(0, PAGE, 0)], image)
+    data = sn.build_snapshot(header, [("config", 1, b"hello"), ("memory", 1, memory)])
+    blocks = hexdump_blocks(SPEC.read_text())
+    assert len(blocks) >= 20
+    for offset, expected in blocks.items():
+        assert data[offset : offset + len(expected)] == expected, hex(offset)
+    assert len(data) == 0x40C0 == max(blocks) + 16
+    assert "0x22cebac6e48caeaa" in SPEC.read_text()
+    assert read(data).table_checksum == 0x22CEBAC6E48CAEAA

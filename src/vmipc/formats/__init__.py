@@ -4,11 +4,13 @@ Bytes in, records out: nothing here reads or writes files or sockets, so every p
 testable with plain byte strings. The specs are ``protocol/page-stream.md`` and
 ``protocol/snapshot-file.md``; the modules :mod:`vmipc.formats.pagestream` and
 :mod:`vmipc.formats.snapshot` hold the details, and the names most callers need are
-re-exported here.
+re-exported here, with :func:`checksum` / :class:`Checksum` (xxh3_64, one-shot and
+streaming), the checksum both formats use.
 """
 
 from __future__ import annotations
 
+from vmipc.formats._common import Checksum, checksum
 from vmipc.formats.errors import (
     BadRecord,
     ChecksumMismatchError,
@@ -62,6 +64,7 @@ from vmipc.formats.snapshot import (
 __all__ = [
     "NEED_DATA",
     "BadRecord",
+    "Checksum",
     "ChecksumMismatchError",
     "CorruptError",
     "DataRun",
@@ -97,6 +100,7 @@ __all__ = [
     "UnsupportedVersionError",
     "ZeroRun",
     "bitmap_to_runs",
+    "checksum",
     "encode_table",
     "new_snapshot_id",
     "runs_to_bitmap",

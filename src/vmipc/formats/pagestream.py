@@ -470,6 +470,29 @@ class PageStreamDecoder:
         return len(self._buf) - self._pos
 
     @property
+    def wanted(self) -> int:
+        """How many more bytes the decoder needs before it can produce the next event.
+
+        Reading at most this many bytes never reads past the end of the stream, so a
+        receiver whose fd carries something after the stream reads ``min(wanted, limit)``
+        each time it gets NEED_DATA. It is at least 1 whenever ``next_event()`` returned
+        NEED_DATA, and 0 once the stream has ended.
+        """
+        have = self.buffered
+        if self._state == _RECORD_STATE:
+            need = RECORD_SIZE
+        elif self._state == _PAYLOAD:
+            need = self._payload_left
+        elif self._state == _HEADER:
+            need = _PREFIX.size
+            if have >= _PREFIX.size:
+                length = _PREFIX.unpack_from(self._buf, self._pos)[3]
+                need = max(length, _PREFIX.size)
+        else:
+            return 0
+        return max(0, need - have)
+
+    @property
     def offset(self) -> int:
         """Stream bytes turned into events so far."""
         return self._offset
@@ -551,8 +574,8 @@ class PageStreamDecoder:
         if length < _HEADER_V1.size + 8:
             raise PageStreamCorrupt(where, f"header length {length} too short")
         _, _, _, _, page_size, flags, count = _HEADER_V1.unpack_from(raw)
-        if flags:
-            raise PageStreamCorrupt(where, f"unknown flags {flags:#x}")
+        if flags or any(raw[28:32]):
+            raise PageStreamCorrupt(where, f"unknown flags {flags:#x} or reserved bytes set")
         if length != _HEADER_V1.size + _RANGE.size * count + 8:
             raise PageStreamCorrupt(where, f"header length {length} does not fit {count} ranges")
         ranges = [_RANGE.unpack_from(raw, _HEADER_V1.size + i * _RANGE.size) for i in range(count)]

@@ -452,12 +452,41 @@ class MemorySection:
     def data_size(self) -> int:
         return self.entry.length - MEMORY_DESCRIPTOR_SIZE
 
+    def layout_problem(
+        self, regions: Iterable[tuple[int, int, int] | MemoryRegion], page_size: int = 4096
+    ) -> str | None:
+        """Why this memory cannot be loaded as the RAM of a VM with ``regions`` ((gpa, size,
+        memfd offset) triples) and ``page_size``, or None when it can (image encoding, same
+        page size, same regions)."""
+        desc = self.descriptor
+        if desc.encoding != MEMORY_ENCODING_IMAGE:
+            return (
+                f"section '{self.entry.name}': memory is a {desc.encoding_name} "
+                "(incremental), not a full image"
+            )
+        if desc.page_size != page_size:
+            return (
+                f"section '{self.entry.name}': page size {desc.page_size}, "
+                f"but this VM uses {page_size}"
+            )
+        wanted = _descriptor_for(regions, page_size, MEMORY_ENCODING_IMAGE).regions
+        if desc.regions != wanted:
+            return (
+                f"section '{self.entry.name}': memory layout {_format_regions(desc.regions)} "
+                f"differs from this VM's {_format_regions(wanted)}"
+            )
+        return None
+
     def file_offset(self, gpa: int, length: int = 1) -> int:
         """File offset of guest-physical ``gpa`` (image encoding)."""
         for region in self.descriptor.regions:
             if region.gpa <= gpa and gpa + length <= region.gpa + region.size:
                 return self.data_offset + region.offset + gpa - region.gpa
         raise ValueError(f"guest-physical range {gpa:#x}+{length:#x} is not RAM")
+
+
+def _format_regions(regions: Iterable[MemoryRegion]) -> str:
+    return ", ".join(f"{r.gpa:#x}+{r.size:#x}@{r.offset:#x}" for r in regions)
 
 
 def _descriptor_for(
