@@ -213,6 +213,7 @@ class Machine:
         self.vcpus: list[Vcpu] = []
         self.power_off_code: int | None = None
         self._dirty_logging = False
+        self._dirty_pending: list[int] = []
 
         self.kvm = Kvm(kvm_path)
         self.vm: Vm | None = None
@@ -460,6 +461,7 @@ class Machine:
                 return
             self._register_memory(KVM_MEM_LOG_DIRTY_PAGES)
             self._dirty_logging = True
+            self._dirty_pending = []
             assert self.memory is not None
             self.memory.track_writes(True)
 
@@ -471,6 +473,34 @@ class Machine:
             self._dirty_logging = False
             assert self.memory is not None
             self.memory.track_writes(False)
+
+    def query_dirty(self) -> int:
+        """How many pages are dirty now (since the last :meth:`take_dirty`), without
+        resetting: what KVM reports is kept for the next take."""
+        with self._cond:
+            self._accumulate_dirty()
+            return sum(bits.bit_count() for bits in self._dirty_pending)
+
+    def take_dirty(self) -> list[bytes]:
+        """Per memory region, the bitmap (bit n = page n, little-endian) of pages written
+        since the previous take (or since dirty logging started), and reset."""
+        assert self.memory is not None
+        with self._cond:
+            self._accumulate_dirty()
+            pending, self._dirty_pending = self._dirty_pending, []
+        return [
+            bits.to_bytes(-(-region.size // PAGE_SIZE // 8), "little")
+            for bits, region in zip(pending, self.memory.regions, strict=True)
+        ]
+
+    def _accumulate_dirty(self) -> None:
+        fetched = self.fetch_dirty_bitmaps()
+        if not self._dirty_pending:
+            self._dirty_pending = [0] * len(fetched)
+        self._dirty_pending = [
+            old | int.from_bytes(new, "little")
+            for old, new in zip(self._dirty_pending, fetched, strict=True)
+        ]
 
     def fetch_dirty_bitmaps(self) -> list[bytes]:
         """Per memory region, a bitmap (bit n = page n of the region, 64-bit little-endian

@@ -31,6 +31,9 @@ _write.restype = ctypes.c_ssize_t
 _pwrite = _libc.pwrite
 _pwrite.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
 _pwrite.restype = ctypes.c_ssize_t
+_pread = _libc.pread
+_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
+_pread.restype = ctypes.c_ssize_t
 _read = _libc.read
 _read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 _read.restype = ctypes.c_ssize_t
@@ -48,15 +51,30 @@ class PeerClosed(Exception):
 
 
 class Transfer:
-    """One cancellable bulk operation. Create it in the worker thread that runs it."""
+    """One cancellable bulk operation, run by one worker thread.
+
+    Built in the worker thread it is bound to that thread; built elsewhere (so a canceller
+    holds it before the worker starts), the worker calls :meth:`bind` first.
+    """
 
     def __init__(self, progress: Callable[[int], None] | None = None) -> None:
         install_kick_handler()
-        self._worker = threading.get_ident()
+        self._worker: int | None = threading.get_ident()
         self._cancelled = threading.Event()
         self._finished = threading.Event()
         self._progress = progress
         self.done = 0
+
+    @classmethod
+    def unbound(cls, progress: Callable[[int], None] | None = None) -> Transfer:
+        """A transfer whose worker will call :meth:`bind`."""
+        transfer = cls(progress)
+        transfer._worker = None
+        return transfer
+
+    def bind(self) -> None:
+        """Make the calling thread the worker (the one cancel kicks)."""
+        self._worker = threading.get_ident()
 
     @property
     def cancelled(self) -> bool:
@@ -83,10 +101,11 @@ class Transfer:
         self._cancelled.set()
         deadline = time.monotonic() + wait
         while not self._finished.is_set() and time.monotonic() < deadline:
-            try:
-                signal.pthread_kill(self._worker, KICK_SIGNAL)
-            except ProcessLookupError:
-                break
+            if self._worker is not None:
+                try:
+                    signal.pthread_kill(self._worker, KICK_SIGNAL)
+                except ProcessLookupError:
+                    break
             self._finished.wait(0.005)
         return self._finished.is_set()
 
@@ -139,6 +158,23 @@ class Transfer:
                 "pwrite",
             )
             sent += moved
+            self.advance(moved)
+
+    def write_at(self, out_fd: int, data: bytes | bytearray | memoryview, file_offset: int) -> None:
+        """Write (small, possibly read-only) ``data`` at ``file_offset`` of a file."""
+        self.pwrite(out_fd, memoryview(bytearray(data)), file_offset)
+
+    def preadinto(self, in_fd: int, view: memoryview, file_offset: int) -> None:
+        """Fill ``view`` (writable) from ``in_fd`` at ``file_offset``."""
+        base = _address_of(view)
+        got = 0
+        while got < len(view):
+            self.check()
+            result = _pread(in_fd, base + got, min(len(view) - got, CHUNK), file_offset + got)
+            if result == 0:
+                raise PeerClosed(f"the file ends {len(view) - got} bytes early")
+            moved = self._result(result, "pread")
+            got += moved
             self.advance(moved)
 
     def readinto(self, in_fd: int, view: memoryview) -> None:
