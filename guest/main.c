@@ -454,11 +454,17 @@ static void clock_setup(void)
 struct watch {                          /* the timer and clock checks of one vCPU */
     u64 id;
     volatile struct pvclock *clk;
-    u64 last_t, tick_t, ticks;
+    u64 last_t, ticks, quiet;
     int backwards_told, stall_told, disarmed_told;
 };
 
-/* The current time; reports (once each) time going backwards and 2 s without a tick. */
+/* Longer steps between two readings are a pause, a restore or the host not running us:
+   the timer cannot be blamed for them (after a restore, the next tick may legitimately
+   come a full period after a big step of the clock). */
+#define WATCH_GAP (250 * 1000000ul)
+
+/* The current time. Reports (once each) time going backwards, and 2 s of guest time,
+   counted in steps of at most WATCH_GAP, without a timer tick. */
 static u64 watch_now(struct watch *w)
 {
     volatile u64 *ticks = &percpu[w->id].ticks;
@@ -467,21 +473,26 @@ static u64 watch_now(struct watch *w)
         k = *ticks;
         t = clock_ns(w->clk);
     } while (k != *ticks);
-    if (t < w->last_t && !w->backwards_told) {
-        struct line l;
-        l_vcpu(&l, w->id); l_str(&l, " ERROR clock went backwards by "); l_dec(&l, w->last_t - t); l_str(&l, " ns");
-        emit(&l);
-        w->backwards_told = 1;
-    }
-    if (k != w->ticks || t < w->tick_t) {
+    if (t < w->last_t) {
+        if (!w->backwards_told) {
+            struct line l;
+            l_vcpu(&l, w->id); l_str(&l, " ERROR clock went backwards by "); l_dec(&l, w->last_t - t); l_str(&l, " ns");
+            emit(&l);
+            w->backwards_told = 1;
+        }
+    } else if (k != w->ticks) {
         w->ticks = k;
-        w->tick_t = t;
-    } else if (t - w->tick_t > 2 * NS && !w->stall_told) {
-        struct line l;
-        l_vcpu(&l, w->id); l_str(&l, " ERROR no timer tick for "); l_dec(&l, (t - w->tick_t) / 1000000); l_str(&l, " ms");
-        emit(&l);
-        w->stall_told = 1;
+        w->quiet = 0;
+    } else if (t - w->last_t <= WATCH_GAP) {
+        w->quiet += t - w->last_t;
+        if (w->quiet > 2 * NS && !w->stall_told) {
+            struct line l;
+            l_vcpu(&l, w->id); l_str(&l, " ERROR no timer tick for "); l_dec(&l, w->quiet / 1000000); l_str(&l, " ms");
+            emit(&l);
+            w->stall_told = 1;
+        }
     }
+    w->ticks = k;
     w->last_t = t;
     return t;
 }
@@ -525,7 +536,7 @@ static void run(u64 id)
 {
     lapic_timer_start();
     struct watch w = {.id = id, .clk = clock_of[id], .ticks = percpu[id].ticks};
-    w.last_t = w.tick_t = clock_ns(w.clk);
+    w.last_t = clock_ns(w.clk);
     u64 now = watch_now(&w);
 
     const u64 vbase = mix64(mix64(opt.seed) ^ id);
@@ -601,9 +612,11 @@ static void start_aps(void)
                 cpu_relax();
         }
     }
-    u64 t0 = clock_ns(clock_of[0]);
+    /* Give up after 5 s of timer ticks (a paused VM gets one tick on resume, however
+       long the pause), or 60 s of clock time should the timer not run at all. */
+    const u64 k0 = percpu[0].ticks, t0 = clock_ns(clock_of[0]);
     while (cpus_up < opt.vcpus - 1) {
-        if (clock_ns(clock_of[0]) - t0 > 5 * NS) {
+        if (percpu[0].ticks - k0 > 5 * opt.hz || clock_ns(clock_of[0]) - t0 > 60 * NS) {
             struct line l;
             l_vcpu(&l, 0); l_str(&l, " ERROR only "); l_dec(&l, cpus_up + 1); l_str(&l, " of ");
             l_dec(&l, opt.vcpus); l_str(&l, " vcpus started");
@@ -651,6 +664,7 @@ void r3_entry(u64 id)
     }
     map_high();
     cpus_running = (u32)opt.vcpus;
+    lapic_timer_start();                /* for the start-up timeout; run() starts it afresh */
     start_aps();
     run(0);
 }
