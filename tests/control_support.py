@@ -376,10 +376,11 @@ class RawConnection:
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         self.send_raw(encode_frame(pack(message)), fds)
 
-    def request(self, command: str, fds: list[int] | None = None, **fields: Any) -> int:
+    def request(self, command: str, attach: list[int] | None = None, **fields: Any) -> int:
+        """Send a request (``attach``: fds to pass with it); return its id."""
         rid = self._next_id
         self._next_id += 1
-        self.send({"type": "request", "id": rid, "command": command, **fields}, fds)
+        self.send({"type": "request", "id": rid, "command": command, **fields}, attach)
         return rid
 
     def hello(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -174,8 +175,18 @@ class Client(AsyncCommands):
             except trio.ClosedResourceError:
                 raise self._closed or ClosedByUs("the connection is closed") from None
             except OSError as exc:
+                self._read_last_words()
                 self._fail(ClosedByPeer(f"sending failed: {exc.strerror}", self._connection_error))
                 raise self._closed or ClosedByPeer("sending failed") from None
+
+    def _read_last_words(self) -> None:
+        """After a failed send: find the connection-level error the server sent, if any."""
+        with suppress(OSError, ProtocolError):
+            fd = self._sock.fileno()
+            while data := os.read(fd, _RECV_SIZE):  # the socket is non-blocking
+                for message in self._proto.receive_data(data):
+                    if isinstance(message, Error) and message.id is None:
+                        self._connection_error = message.error
 
     async def _send_cancel(self, rid: int) -> None:
         """Ask the server to cancel ``rid``; its answer (and rid's) will be dropped."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -147,9 +148,18 @@ class SyncClient(SyncCommands):
             self._fail(ClosedByUs("timed out while sending"))
             raise
         except OSError as exc:
+            self._read_last_words()
             raise self._fail(
                 ClosedByPeer(f"sending failed: {exc.strerror}", self._connection_error)
             ) from None
+
+    def _read_last_words(self) -> None:
+        """After a failed send: find the connection-level error the server sent, if any."""
+        with contextlib.suppress(OSError, ProtocolError):
+            while data := self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT):
+                for message in self._proto.receive_data(data):
+                    if isinstance(message, Error) and message.id is None:
+                        self._connection_error = message.error
 
     def _receive(self) -> list[Result | Error | Event]:
         if self._closed is not None:
