@@ -1,0 +1,162 @@
+"""Slow, stuck, vanishing and numerous clients: the others, and the machine, carry on."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from tests.control_support import RecordingMachine, serving
+from vmipc.protocol import Error, Event, Result, encode_frame, pack
+from vmipc.server import PROGRESS_INTERVAL, ServerConfig
+from vmipc.vmm.runstate import RunState
+
+
+def test_a_client_that_never_reads_does_not_block_the_others() -> None:
+    config = ServerConfig(outbound_queue=8)
+    with serving(config) as s, s.connect() as stuck, s.connect() as busy:
+        stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.result(stuck.request("subscribe", args={"events": ["state-change"]}))
+        worst = 0.0
+        for _ in range(300):  # 600 events for a client that never reads them
+            start = time.monotonic()
+            busy.result(busy.request("pause"))
+            busy.result(busy.request("resume"))
+            worst = max(worst, time.monotonic() - start)
+        assert worst < 0.5, f"a round trip took {worst:.3f}s while a client was stuck"
+        # the stuck client overflowed its queue and was closed; what it got is intact
+        got = stuck.wait_closed()
+        assert got and all(isinstance(m, Event) for m in got)
+        assert s.machine.state is RunState.RUNNING
+
+
+def test_a_slow_pause_does_not_delay_other_connections() -> None:
+    machine = RecordingMachine(pause_delay=0.5)
+    with serving(machine=machine) as s, s.connect() as pauser, s.connect() as other:
+        rid = pauser.request("pause")
+        time.sleep(0.05)
+        start = time.monotonic()
+        other.result(other.request("query-status"))
+        assert time.monotonic() - start < 0.2
+        pauser.result(rid)
+
+
+def test_state_changes_are_serialised_across_connections() -> None:
+    machine = RecordingMachine(pause_delay=0.2)
+    with serving(machine=machine) as s, s.connect() as a, s.connect() as b:
+        ra = a.request("pause")
+        rb = b.request("pause")
+        replies = [a.reply(ra), b.reply(rb)]
+        codes = sorted("ok" if isinstance(r, Result) else r.error.code for r in replies)
+        assert codes == ["invalid-state", "ok"]
+        assert s.machine.state is RunState.PAUSED
+
+
+def test_disconnecting_mid_frame_changes_nothing() -> None:
+    with serving() as s:
+        with s.connect() as c:
+            c.send_raw(encode_frame(pack({"type": "request", "id": 1, "command": "pause"}))[:-3])
+        s.wait_connections(0)
+        assert s.machine.calls == []
+        with s.connect() as other:
+            assert other.result(other.request("query-status"))["state"] == "running"
+
+
+def test_disconnecting_cancels_cancellable_requests() -> None:
+    with serving() as s:
+        with s.connect() as c:
+            c.request("test-sleep", args={"seconds": 30.0})
+            time.sleep(0.05)
+        start = time.monotonic()
+        s.wait_connections(0, timeout=2)
+        assert time.monotonic() - start < 1
+
+
+def test_a_half_closed_client_still_gets_its_replies() -> None:
+    with serving() as s, s.connect() as c:
+        rid = c.request("test-sleep", args={"seconds": 0.1})
+        c.sock.shutdown(socket.SHUT_WR)
+        assert c.result(rid) == {"slept": 0.1}
+        assert c.wait_closed() == []
+
+
+def test_progress_events_are_throttled_and_end_with_the_total() -> None:
+    with serving() as s, s.connect() as c:
+        c.result(c.request("subscribe", args={"events": ["progress"]}))
+        rid = c.request("test-sleep", args={"seconds": 0.5})
+        c.result(rid)
+        progress = []
+        for msg in c._inbox:
+            assert isinstance(msg, Event)
+            progress.append(msg)
+        c._inbox.clear()
+        assert progress, "no progress events"
+        assert all(e.event == "progress" and e.data["request"] == rid for e in progress)
+        assert progress[0].data["done"] == 0
+        assert progress[-1].data == {
+            "request": rid,
+            "command": "test-sleep",
+            "phase": "sleeping",
+            "done": 20,
+            "total": 20,
+        }
+        # 21 reports in 0.5 s, at most one per PROGRESS_INTERVAL (+ first and last) sent
+        assert len(progress) <= 0.5 / PROGRESS_INTERVAL + 3
+
+
+def test_progress_is_not_sent_without_a_subscription() -> None:
+    with serving() as s, s.connect() as c:
+        rid = c.request("test-sleep", args={"seconds": 0.1})
+        assert isinstance(c.next_message(), Result)
+        assert rid
+
+
+def test_many_clients_at_once() -> None:
+    with serving() as s:
+        errors: list[BaseException] = []
+
+        def client() -> None:
+            try:
+                with s.connect() as c:
+                    for _ in range(20):
+                        assert c.result(c.request("query-status"))["vcpu_count"] == 2
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert errors == []
+
+
+def test_spontaneous_state_changes_reach_subscribers() -> None:
+    machine = RecordingMachine()
+    with serving(machine=machine) as s, s.connect() as c:
+        c.result(c.request("subscribe", args={"events": ["state-change"]}))
+        machine.stop_reason = "guest powered off (code 0)"
+        threading.Thread(target=machine._set, args=(RunState.SHUTDOWN,)).start()
+        event = c.event()
+        assert event.data == {
+            "old": "running",
+            "new": "shutdown",
+            "reason": "guest powered off (code 0)",
+        }
+        err = c.error(c.request("pause"))
+        assert err.error.details == {"state": "shutdown", "allowed": ["running"]}
+
+
+def test_quit_returns_even_with_a_stuck_client() -> None:
+    config = ServerConfig(shutdown_grace=0.3, outbound_queue=4)
+    with serving(config) as s, s.connect() as stuck, s.connect() as c:
+        stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.result(stuck.request("subscribe", args={"events": ["state-change"]}))
+        for _ in range(50):
+            c.result(c.request("pause"))
+            c.result(c.request("resume"))
+        start = time.monotonic()
+        c.result(c.request("quit"))
+        assert s.thread.join(3)
+        assert time.monotonic() - start < 2
+        assert isinstance(c.wait_closed()[-1], Error)
