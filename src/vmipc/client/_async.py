@@ -63,16 +63,23 @@ async def open_client(
         sock.close()
         raise
     client = Client(sock)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client._read_loop)
-        try:
-            await client._handshake(client_name)
-            if events:
-                await client.subscribe(events=list(events))
-            yield client
-        finally:
-            client.close()
-            nursery.cancel_scope.cancel()
+    try:
+        # the reader never raises, so whatever comes out of the nursery is the body's
+        # exception (or the handshake's): hand it on as itself, not in a group
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._read_loop)
+            try:
+                await client._handshake(client_name)
+                if events:
+                    await client.subscribe(events=list(events))
+                yield client
+            finally:
+                client.close()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        raise
 
 
 @dataclass(eq=False)

@@ -1,0 +1,171 @@
+"""The async client against a server in the same trio loop."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from tests.control_support import RecordingMachine, make_server, short_tmpdir
+from vmipc.client import (
+    ClosedByPeer,
+    ClosedByUs,
+    CommandError,
+    Event,
+    open_client,
+)
+from vmipc.protocol import load_schema
+from vmipc.server import Server, ServerConfig
+from vmipc.vmm.runstate import RunState
+
+
+@dataclass
+class Running:
+    machine: RecordingMachine
+    server: Server
+    path: str
+
+
+@pytest.fixture
+async def running(nursery: trio.Nursery) -> AsyncIterator[Running]:
+    with short_tmpdir() as tmp:
+        machine = RecordingMachine()
+        server = make_server(machine, ServerConfig(max_connections=3))
+        path = await nursery.start(server.serve, os.path.join(tmp, "vm.sock"))
+        yield Running(machine, server, path)
+
+
+async def test_typed_methods(running: Running) -> None:
+    async with open_client(running.path) as client:
+        assert client.protocol_version == load_schema().version
+        assert client.server_info["server"]["pid"] == os.getpid()
+        status = await client.query_status()
+        assert status == {
+            "state": "running",
+            "vcpu_count": 2,
+            "memory_size": 64 << 20,
+            "stop_reason": None,
+        }
+        assert await client.pause() == {}
+        assert (await client.query_status())["state"] == "paused"
+        assert await client.resume() == {}
+        assert running.machine.calls == ["pause", "resume"]
+
+
+async def test_call_by_name_and_command_errors(running: Running) -> None:
+    async with open_client(running.path) as client:
+        assert (await client.call("query-status"))["state"] == "running"
+        with pytest.raises(CommandError) as info:
+            await client.call("resume")
+        assert info.value.code == "invalid-state"
+        assert info.value.command == "resume"
+        assert info.value.details == {"state": "running", "allowed": ["paused"]}
+        assert str(info.value) == "invalid-state: cannot resume while running"
+        with pytest.raises(CommandError) as info:
+            await client.call("no-such-command")
+        assert info.value.code == "unknown-command"
+        with pytest.raises(CommandError) as info:
+            await client.call("test-sleep", seconds="soon")
+        assert info.value.code == "invalid-arguments"
+
+
+async def test_fds_by_number_or_file_object(running: Running) -> None:
+    r, w = os.pipe()
+    try:
+        async with open_client(running.path) as client:
+            assert await client.call("test-write", fds={"out": w}, data=b"one ") == {"written": 4}
+            with os.fdopen(os.dup(w), "wb") as f:
+                await client.call("test-write", fds={"out": f}, data=b"two")
+        assert os.read(r, 100) == b"one two"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_events_and_progress(running: Running) -> None:
+    async with (
+        open_client(running.path, events=["state-change"]) as watcher,
+        open_client(running.path) as actor,
+    ):
+        await actor.pause()
+        event = await watcher.next_event()
+        assert isinstance(event, Event)
+        assert event.data["new"] == "paused"
+        await actor.resume()
+        async for event in watcher.events():
+            assert event.data["new"] == "running"
+            break
+        await actor.subscribe(events=["progress"])
+        seen: list[Event] = []
+        assert await actor.call("test-sleep", seconds=0.2, on_progress=seen.append) == {
+            "slept": 0.2
+        }
+        assert seen and seen[-1].data["done"] == seen[-1].data["total"] == 20
+
+
+async def test_concurrent_calls_on_one_connection(running: Running) -> None:
+    async with open_client(running.path) as client:
+        results: list[object] = []
+
+        async def one(i: int) -> None:
+            results.append(await client.call("test-sleep", seconds=0.05 * (i % 3)))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, i)
+        assert len(results) == 20
+
+
+async def test_cancelling_a_call_cancels_the_request_on_the_server(running: Running) -> None:
+    async with open_client(running.path) as client:
+        with trio.move_on_after(0.1) as scope:
+            await client.call("test-sleep", seconds=30)
+        assert scope.cancelled_caught
+        # the server got `cancel` and dropped the request: nothing is left in flight
+        (conn,) = running.server._connections
+        with trio.fail_after(2):
+            while conn._requests:
+                await trio.sleep(0.01)
+        assert (await client.query_status())["state"] == "running"
+
+
+async def test_closed_by_peer_after_quit_says_why(running: Running) -> None:
+    async with open_client(running.path) as client, open_client(running.path) as other:
+        await client.quit()
+        with pytest.raises(ClosedByPeer) as info:
+            await other.next_event()
+        assert info.value.error is not None
+        assert info.value.error.code == "shutting-down"
+        with pytest.raises(ClosedByPeer):
+            await other.query_status()
+    with trio.fail_after(3):  # serve() closes the machine once the connections are gone
+        while running.machine.state is not RunState.DESTROYED:
+            await trio.sleep(0.01)
+
+
+async def test_closed_by_us(running: Running) -> None:
+    async with open_client(running.path) as client:
+        await client.aclose()
+        assert client.is_closed
+        with pytest.raises(ClosedByUs):
+            await client.query_status()
+
+
+async def test_refused_connection_raises_closed_by_peer_with_the_reason(
+    running: Running,
+) -> None:
+    async with open_client(running.path), open_client(running.path), open_client(running.path):
+        with pytest.raises(ClosedByPeer) as info:
+            async with open_client(running.path):
+                pass
+        assert info.value.error is not None
+        assert info.value.error.code == "too-many-connections"
+
+
+async def test_no_server_is_an_os_error() -> None:
+    with short_tmpdir() as tmp, pytest.raises(FileNotFoundError):
+        async with open_client(os.path.join(tmp, "nothing.sock")):
+            pass
