@@ -1,12 +1,14 @@
 """Generate ``vmipc/client/_generated.py`` (typed client methods) from the schema.
 
 Run ``python -m vmipc.client.gencode`` after changing the schema; a test fails while the
-committed file differs from what this produces. ``--check`` exits 1 instead of writing.
+committed file differs from what this produces. ``--check`` exits 1 instead of writing;
+``--schema FILE`` generates from another schema document (e.g. a committed revision).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import keyword
 import sys
 import textwrap
@@ -215,8 +217,10 @@ def generate(schema: Schema | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
+    parser.add_argument("--schema", type=Path, help="generate from this schema document")
     args = parser.parse_args(argv)
-    text = generate()
+    schema = Schema.from_document(json.loads(args.schema.read_text())) if args.schema else None
+    text = generate(schema)
     if args.check:
         current = TARGET.read_text() if TARGET.exists() else ""
         if current != text:

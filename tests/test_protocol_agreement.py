@@ -1,0 +1,92 @@
+"""Code, schema and docs agree: one source of truth, and a failing test on any drift.
+
+When one of these fails after a schema change, regenerate:
+``python -m vmipc.client.gencode`` and ``python -m vmipc.protocol.gendocs``.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+from vmipc.cli.call import command_help
+from vmipc.client import Client, SyncClient, gencode
+from vmipc.client.gencode import method_name
+from vmipc.commands import load_handlers
+from vmipc.protocol import ErrorCode, gendocs, load_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_client_code_is_generated_from_the_schema() -> None:
+    assert gencode.TARGET.read_text() == gencode.generate(), (
+        "src/vmipc/client/_generated.py is stale: run python -m vmipc.client.gencode"
+    )
+
+
+def test_reference_docs_are_generated_from_the_schema() -> None:
+    page = ROOT / "docs" / "protocol-reference.md"
+    assert page.read_text() == gendocs.render(), (
+        "docs/protocol-reference.md is stale: run python -m vmipc.protocol.gendocs"
+    )
+
+
+def test_every_command_has_exactly_one_handler_and_vice_versa() -> None:
+    assert set(load_handlers()) == set(load_schema().commands)
+
+
+def test_error_codes_in_code_are_the_schema_catalogue() -> None:
+    assert {c.value for c in ErrorCode} == set(load_schema().errors)
+
+
+@pytest.mark.parametrize("client_class", [Client, SyncClient])
+def test_client_methods_match_the_schema(client_class: type) -> None:
+    for spec in load_schema().commands.values():
+        method = getattr(client_class, method_name(spec.name))
+        params = inspect.signature(method).parameters
+        expected = ["self", *(a.name for a in spec.args), *(f.name for f in spec.fds)]
+        if spec.progress:
+            expected.append("on_progress")
+        assert list(params) == expected, spec.name
+        for a in spec.args:
+            assert (params[a.name].default is inspect.Parameter.empty) == a.required
+
+
+def test_cli_help_covers_every_argument_and_fd() -> None:
+    schema = load_schema()
+    for spec in schema.commands.values():
+        text = command_help(schema, spec)
+        assert text.startswith(f"usage: vmipc call {spec.name}")
+        for a in spec.args:
+            assert f"{a.name}=VALUE" in text
+        for f in spec.fds:
+            assert f"--fd {f.name}=PATH|-" in text
+
+
+def test_handlers_only_raise_error_codes_their_command_documents() -> None:
+    schema = load_schema()
+    for path in (ROOT / "src" / "vmipc" / "commands").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.AsyncFunctionDef):
+                continue
+            commands = [
+                d.args[0].value
+                for d in node.decorator_list
+                if isinstance(d, ast.Call)
+                and getattr(d.func, "id", None) == "handler"
+                and isinstance(d.args[0], ast.Constant)
+            ]
+            codes = {
+                ErrorCode[n.attr].value
+                for n in ast.walk(node)
+                if isinstance(n, ast.Attribute)
+                and isinstance(n.value, ast.Name)
+                and n.value.id == "ErrorCode"
+            }
+            for command in commands:
+                undocumented = codes - set(schema.errors_of(command))
+                assert not undocumented, f"{path.name}: {command} raises {undocumented}"
