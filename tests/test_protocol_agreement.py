@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ast
 import inspect
+import keyword
+import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from vmipc.cli.call import command_help
 from vmipc.client import Client, SyncClient, gencode
 from vmipc.client.gencode import method_name
 from vmipc.commands import load_handlers
-from vmipc.protocol import ErrorCode, gendocs, load_schema
+from vmipc.protocol import ErrorCode, encode_frame, gendocs, load_schema, pack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +50,8 @@ def test_client_methods_match_the_schema(client_class: type) -> None:
     for spec in load_schema().commands.values():
         method = getattr(client_class, method_name(spec.name))
         params = inspect.signature(method).parameters
-        expected = ["self", *(a.name for a in spec.args), *(f.name for f in spec.fds)]
+        fd_params = (f"{f.name}_" if keyword.iskeyword(f.name) else f.name for f in spec.fds)
+        expected = ["self", *(a.name for a in spec.args), *fd_params]
         if spec.progress:
             expected.append("on_progress")
         assert list(params) == expected, spec.name
@@ -90,3 +94,39 @@ def test_handlers_only_raise_error_codes_their_command_documents() -> None:
             for command in commands:
                 undocumented = codes - set(schema.errors_of(command))
                 assert not undocumented, f"{path.name}: {command} raises {undocumented}"
+
+
+def _hex_blocks(text: str) -> list[bytes]:
+    """The bytes of each fenced block of hex dumps (annotations after the hex ignored)."""
+    blocks: list[bytes] = []
+    for block in re.findall(r"```\n(.*?)```", text, re.S):
+        data = bytearray()
+        for line in block.splitlines():
+            tokens = line.replace("→", " ").replace("←", " ").split()
+            hex_tokens = list(itertools.takewhile(lambda t: re.fullmatch("[0-9a-f]{2}", t), tokens))
+            if not hex_tokens:
+                data = bytearray()
+                break
+            data += bytes.fromhex("".join(hex_tokens))
+        if data:
+            blocks.append(bytes(data))
+    return blocks
+
+
+def test_the_spec_examples_are_the_bytes_the_code_sends() -> None:
+    blocks = _hex_blocks((ROOT / "protocol" / "README.md").read_text())
+    hello = {"type": "request", "id": 0, "command": "hello"}
+    hello["args"] = {"versions": [1], "client": "demo"}  # type: ignore[assignment]
+    status = {"type": "request", "id": 1, "command": "query-status"}
+    result = {
+        "type": "result",
+        "id": 1,
+        "result": {
+            "state": "running",
+            "vcpu_count": 2,
+            "memory_size": 64 << 20,
+            "stop_reason": None,
+        },
+    }
+    assert blocks[0] == encode_frame(pack(hello))
+    assert blocks[1] == encode_frame(pack(status)) + encode_frame(pack(result))
