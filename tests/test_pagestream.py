@@ -632,3 +632,14 @@ def test_the_specs_worked_example_is_what_the_code_writes() -> None:
     assert max(blocks) + len(blocks[max(blocks)]) == len(stream)
     assert "0x297b6bc6a481cd36" in SPEC.read_text()
     assert xxhash.xxh3_64_intdigest(stream[0x48:0x1088]) == 0x297B6BC6A481CD36
+
+
+def test_split_zero_runs_with_pages_larger_than_the_zero_buffer() -> None:
+    big = 2 << 20
+    ram = bytearray(3 * big)
+    ram[big + big - 1] = 1
+    assert split_zero_runs(ram, [(0, 3)], page_size=big) == [
+        PageRun(0, 1, True),
+        PageRun(1, 1, False),
+        PageRun(2, 1, True),
+    ]

@@ -806,7 +806,16 @@ class PageRun(NamedTuple):
     zero: bool
 
 
-_ZERO_BLOCK_PAGES = 64
+#: bytes checked at once for "all zero" before looking at single pages
+_ZERO_BLOCK_BYTES = 256 << 10
+
+
+def _all_zero(view: memoryview) -> bool:
+    """Whether every byte of ``view`` is zero (memcmp against a zero buffer, no copy)."""
+    for start in range(0, view.nbytes, ZERO_CHUNK_SIZE):
+        if not ZEROS.startswith(view[start : start + ZERO_CHUNK_SIZE]):
+            return False
+    return True
 
 
 def split_zero_runs(
@@ -820,8 +829,8 @@ def split_zero_runs(
     """
     view = memoryview(ram).cast("B")
     total_pages = len(view) // page_size
-    zero_page = ZEROS[:page_size] if page_size <= ZERO_CHUNK_SIZE else bytes(page_size)
-    zero_block = bytes(_ZERO_BLOCK_PAGES * page_size)
+    block_pages = max(1, _ZERO_BLOCK_BYTES // page_size)
+    small = page_size <= ZERO_CHUNK_SIZE
     out: list[PageRun] = []
     for first, count in runs:
         if first < 0 or count < 0 or first + count > total_pages:
@@ -831,9 +840,9 @@ def split_zero_runs(
         kind_start = first
         kind: bool | None = None
         while page < end:
-            block = min(end - page, _ZERO_BLOCK_PAGES)
+            block = min(end - page, block_pages)
             offset = page * page_size
-            if zero_block.startswith(view[offset : offset + block * page_size]):
+            if _all_zero(view[offset : offset + block * page_size]):
                 if kind is False:
                     out.append(PageRun(kind_start, page - kind_start, False))
                     kind_start = page
@@ -842,7 +851,8 @@ def split_zero_runs(
                 continue
             for _ in range(block):
                 offset = page * page_size
-                is_zero = zero_page.startswith(view[offset : offset + page_size])
+                page_view = view[offset : offset + page_size]
+                is_zero = ZEROS.startswith(page_view) if small else _all_zero(page_view)
                 if is_zero is not kind:
                     if kind is not None:
                         out.append(PageRun(kind_start, page - kind_start, kind))
