@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ast
 import inspect
-import keyword
 import itertools
+import keyword
 import re
 from pathlib import Path
 

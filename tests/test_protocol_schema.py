@@ -81,6 +81,7 @@ def base_doc() -> dict[str, Any]:
         (lambda d: d["commands"][0]["args"][0].update(type="complex"), "unknown type"),
         (lambda d: d["commands"][0]["args"][1].update(default=3), "default"),
         (lambda d: d["commands"][0]["args"][0].update(name="fds"), "reserved"),
+        (lambda d: d["commands"][0]["args"][0].update(name="for"), "reserved"),
         (lambda d: d["commands"][0]["args"][0].update(doc=""), "empty doc"),
         (
             lambda d: d["commands"][0].update(fds=[{"name": "x", "direction": "up", "doc": "."}]),

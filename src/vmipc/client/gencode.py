@@ -29,6 +29,11 @@ def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.replace("-", "_").split("_"))
 
 
+def _param_name(name: str) -> str:
+    """A Python parameter for a wire name: ``in`` (a keyword) becomes ``in_``."""
+    return f"{name}_" if keyword.iskeyword(name) else name
+
+
 class _Generator:
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
@@ -93,9 +98,10 @@ class _Generator:
             params.append(f"{a.name}: {annotation}{default}")
             passed.append(f"{a.name}={a.name}")
         for f in spec.fds:
-            params.append(f"{f.name}: FdLike" if f.required else f"{f.name}: FdLike | None = None")
+            param = _param_name(f.name)
+            params.append(f"{param}: FdLike" if f.required else f"{param}: FdLike | None = None")
         if spec.fds:
-            items = ", ".join(f'"{f.name}": {f.name}' for f in spec.fds)
+            items = ", ".join(f'"{f.name}": {_param_name(f.name)}' for f in spec.fds)
             if all(f.required for f in spec.fds):
                 passed.append(f"fds={{{items}}}")
             else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import keyword
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -282,7 +283,8 @@ def _parse_field(obj: Mapping[str, Any], where: str, *, arg: bool) -> FieldSpec:
     name = _need(obj, "name", str, where)
     if not _IDENT.match(name):
         raise SchemaError(f"{where}: field name {name!r} must match {_IDENT.pattern}")
-    if arg and name in RESERVED_ARG_NAMES:
+    if arg and (name in RESERVED_ARG_NAMES or keyword.iskeyword(name)):
+        # arguments become keyword arguments of the clients' methods
         raise SchemaError(f"{where}: argument name {name!r} is reserved")
     doc = _need(obj, "doc", str, where)
     if not doc.strip():
