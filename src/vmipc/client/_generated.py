@@ -1,4 +1,4 @@
-"""Typed command methods and result types, generated from the schema (version 1.0).
+"""Typed command methods and result types, generated from the schema (version 1.1).
 
 Do not edit: run ``python -m vmipc.client.gencode``.
 """
@@ -10,7 +10,7 @@ from typing import Any, Literal, TypedDict, cast
 
 from vmipc.client._common import FdLike, ProgressCallback
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 
 class HelloResultServer(TypedDict):
@@ -92,6 +92,129 @@ class ResumeResult(TypedDict):
 
 class QuitResult(TypedDict):
     """The result of ``quit``."""
+
+
+class DumpMemoryResultSection(TypedDict):
+    """A snapshot section-table entry: pass it on to finish the file (`vmipc snapshot seal`)."""
+
+    name: str
+    """Section name (config, vcpus, devices, memory)."""
+    version: int
+    """The section's record version."""
+    offset: int
+    """File offset of the section (4096-aligned)."""
+    length: int
+    """Its length in bytes."""
+    checksum: int
+    """xxh3_64 of its bytes."""
+
+
+class DumpMemoryResult(TypedDict):
+    """The result of ``dump-memory``."""
+
+    data_pages: int
+    """Pages sent (or received) as data."""
+    zero_pages: int
+    """Pages sent (or received) as zero runs, never as data."""
+    bytes: int
+    """Bytes written to (or read from) the fd."""
+    consistent: bool | None
+    """Whether the guest was paused, so the image is one consistent moment (a running guest's dump
+    is the first pass of a pre-copy migration).
+    """
+    section: DumpMemoryResultSection | None
+    """A snapshot section-table entry: pass it on to finish the file (`vmipc snapshot seal`)."""
+
+
+class DumpStateResultSectionsItem(TypedDict):
+    """A snapshot section-table entry: pass it on to finish the file (`vmipc snapshot seal`)."""
+
+    name: str
+    """Section name (config, vcpus, devices, memory)."""
+    version: int
+    """The section's record version."""
+    offset: int
+    """File offset of the section (4096-aligned)."""
+    length: int
+    """Its length in bytes."""
+    checksum: int
+    """xxh3_64 of its bytes."""
+
+
+class DumpStateResult(TypedDict):
+    """The result of ``dump-state``."""
+
+    bytes: int
+    """Bytes written."""
+    sections: list[DumpStateResultSectionsItem]
+    """The snapshot section-table entries written (empty for a blob)."""
+
+
+class DirtyLogStartResult(TypedDict):
+    """The result of ``dirty-log-start``."""
+
+
+class DirtyLogStopResult(TypedDict):
+    """The result of ``dirty-log-stop``."""
+
+
+class QueryDirtyResult(TypedDict):
+    """The result of ``query-dirty``."""
+
+    dirty_pages: int
+    """Pages dirty now."""
+    dirty_bytes: int
+    """The same in bytes."""
+
+
+class DumpDirtyResult(TypedDict):
+    """The result of ``dump-dirty``."""
+
+    data_pages: int
+    """Pages sent (or received) as data."""
+    zero_pages: int
+    """Pages sent (or received) as zero runs, never as data."""
+    bytes: int
+    """Bytes written to (or read from) the fd."""
+    consistent: bool | None
+    """Whether the guest was paused, so the image is one consistent moment (a running guest's dump
+    is the first pass of a pre-copy migration).
+    """
+
+
+class LoadMemoryResult(TypedDict):
+    """The result of ``load-memory``."""
+
+    data_pages: int
+    """Pages sent (or received) as data."""
+    zero_pages: int
+    """Pages sent (or received) as zero runs, never as data."""
+    bytes: int
+    """Bytes written to (or read from) the fd."""
+    rounds: int | None
+    """Page-stream rounds received (stream format)."""
+
+
+class ApplyPagesResult(TypedDict):
+    """The result of ``apply-pages``."""
+
+    data_pages: int
+    """Pages sent (or received) as data."""
+    zero_pages: int
+    """Pages sent (or received) as zero runs, never as data."""
+    bytes: int
+    """Bytes written to (or read from) the fd."""
+    rounds: int | None
+    """Rounds received."""
+
+
+class LoadStateResult(TypedDict):
+    """The result of ``load-state``."""
+
+    vcpus: int
+    """vCPUs restored."""
+    memory_size: int
+    """The machine's RAM in bytes."""
 
 
 class StateChangeData(TypedDict):
@@ -222,6 +345,177 @@ class AsyncCommands:
         """
         return cast(QuitResult, await self.call("quit"))
 
+    async def dump_memory(
+        self,
+        *,
+        format: Literal["stream", "raw", "snapshot"] = "stream",
+        out: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> DumpMemoryResult:
+        """Write guest RAM to the ``out`` fd, by the VMM, straight from the memory file (sendfile to
+        pipes and sockets, pwrite to files): never through the client. ``format: stream``
+        (default) writes one page stream (protocol/page-stream.md): never-touched and all-zero
+        pages become zero records, so the stream is about as large as the RAM in use. ``raw``
+        writes the flat RAM image (regions in memory-file order; a regular file keeps holes for
+        zero pages). ``snapshot`` appends the memory section of a snapshot file at the file's end
+        and returns its table entry (the fd must be a regular file). Allowed while paused (a
+        consistent image) and while running (the first pass of a pre-copy migration: each run is
+        copied before it is sent so its checksum is right). Cancellable; reports progress in
+        bytes.
+
+        Allowed in states: paused, running. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
+        (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
+        limit-exceeded, shutting-down, internal-error).
+        """
+        result = await self.call(
+            "dump-memory",
+            format=format,
+            fds={"out": out},
+            on_progress=on_progress,
+        )
+        return cast(DumpMemoryResult, result)
+
+    async def dump_state(
+        self,
+        *,
+        format: Literal["blob", "snapshot"] = "blob",
+        out: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> DumpStateResult:
+        """Write everything that is not RAM — the machine configuration, every vCPU's registers
+        (regs, sregs, XSAVE, XCRs, debug registers, LAPIC, MSRs, events, CPUID), the in-kernel
+        PICs, IOAPIC, PIT and clock, and the UART — to the ``out`` fd. ``format: blob`` (default)
+        writes one self-delimiting, checksummed state blob (protocol/state-blob.md); ``snapshot``
+        appends the config, vcpus and devices sections of a snapshot file and returns their table
+        entries. Only while paused.
+
+        Allowed in states: paused. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
+        (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
+        limit-exceeded, shutting-down, internal-error).
+        """
+        result = await self.call(
+            "dump-state",
+            format=format,
+            fds={"out": out},
+            on_progress=on_progress,
+        )
+        return cast(DumpStateResult, result)
+
+    async def dirty_log_start(self) -> DirtyLogStartResult:
+        """Start dirty-page tracking (KVM's dirty log on every memory slot, plus pages the VMM
+        itself writes). The first ``dump-dirty`` sends the pages written since now. Idempotent.
+
+        Allowed in states: paused, running. Since protocol 1.1.
+        Errors: invalid-state, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error).
+        """
+        return cast(DirtyLogStartResult, await self.call("dirty-log-start"))
+
+    async def dirty_log_stop(self) -> DirtyLogStopResult:
+        """Stop dirty-page tracking and forget pending dirty pages. Idempotent.
+
+        Allowed in states: crashed, paused, running, shutdown. Since protocol 1.1.
+        Errors: invalid-state, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error).
+        """
+        return cast(DirtyLogStopResult, await self.call("dirty-log-stop"))
+
+    async def query_dirty(self) -> QueryDirtyResult:
+        """How many pages were written since the previous ``dump-dirty`` (or since
+        ``dirty-log-start``), without resetting: the next ``dump-dirty`` still sends them.
+
+        Allowed in states: paused, running. Since protocol 1.1.
+        Errors: invalid-state, dirty-log-off, and the common errors (handshake-required,
+        invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
+        shutting-down, internal-error).
+        """
+        return cast(QueryDirtyResult, await self.call("query-dirty"))
+
+    async def dump_dirty(
+        self,
+        *,
+        out: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> DumpDirtyResult:
+        """Write the pages written since the previous ``dump-dirty`` (or since ``dirty-log-start``)
+        to the ``out`` fd as one page stream, and start a new round of tracking. While running,
+        pages written during the dump are reported by the next call.
+
+        Allowed in states: paused, running. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, and the common
+        errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
+        invalid-fds, limit-exceeded, shutting-down, internal-error).
+        """
+        result = await self.call("dump-dirty", fds={"out": out}, on_progress=on_progress)
+        return cast(DumpDirtyResult, result)
+
+    async def load_memory(
+        self,
+        *,
+        format: Literal["stream", "raw", "snapshot"] = "stream",
+        in_: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> LoadMemoryResult:
+        """On an incoming VMM: fill guest RAM from the ``in`` fd. ``format: stream`` (default) reads
+        one page stream (like ``apply-pages``), ``raw`` a flat image as ``dump-memory`` writes
+        it, ``snapshot`` the memory section of a complete snapshot file (verified first; on a VMM
+        without a machine yet, the machine is built from the file's config section).
+
+        Allowed in states: incoming. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
+        not-configured, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error).
+        """
+        result = await self.call(
+            "load-memory",
+            format=format,
+            fds={"in": in_},
+            on_progress=on_progress,
+        )
+        return cast(LoadMemoryResult, result)
+
+    async def apply_pages(
+        self,
+        *,
+        in_: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> ApplyPagesResult:
+        """On an incoming VMM: apply one page stream from the ``in`` fd to guest RAM as it arrives,
+        reading exactly the stream (never past its end, so one socket can carry several streams
+        in turn). Every round's checksum is verified; a bad stream answers ``bad-stream``.
+
+        Allowed in states: incoming. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
+        the common errors (handshake-required, invalid-message, unknown-command,
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        """
+        result = await self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
+        return cast(ApplyPagesResult, result)
+
+    async def load_state(
+        self,
+        *,
+        format: Literal["blob", "snapshot"] = "blob",
+        in_: FdLike,
+    ) -> LoadStateResult:
+        """On an incoming VMM: read the machine state from the ``in`` fd (``format: blob`` as
+        ``dump-state`` writes it, or ``snapshot`` sections of a snapshot file) and restore every
+        vCPU and device. A VMM started without --memory/--vcpus builds its machine from the
+        state's configuration; otherwise the configuration must match. The machine is then
+        ``paused``: ``resume`` runs the guest.
+
+        Allowed in states: incoming. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, bad-state, bad-snapshot, and the
+        common errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
+        invalid-fds, limit-exceeded, shutting-down, internal-error).
+        """
+        return cast(LoadStateResult, await self.call("load-state", format=format, fds={"in": in_}))
+
 
 class SyncCommands:
     """One blocking method per schema command; each sends it with ``call``."""
@@ -324,3 +618,159 @@ class SyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
         """
         return cast(QuitResult, self.call("quit"))
+
+    def dump_memory(
+        self,
+        *,
+        format: Literal["stream", "raw", "snapshot"] = "stream",
+        out: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> DumpMemoryResult:
+        """Write guest RAM to the ``out`` fd, by the VMM, straight from the memory file (sendfile to
+        pipes and sockets, pwrite to files): never through the client. ``format: stream``
+        (default) writes one page stream (protocol/page-stream.md): never-touched and all-zero
+        pages become zero records, so the stream is about as large as the RAM in use. ``raw``
+        writes the flat RAM image (regions in memory-file order; a regular file keeps holes for
+        zero pages). ``snapshot`` appends the memory section of a snapshot file at the file's end
+        and returns its table entry (the fd must be a regular file). Allowed while paused (a
+        consistent image) and while running (the first pass of a pre-copy migration: each run is
+        copied before it is sent so its checksum is right). Cancellable; reports progress in
+        bytes.
+
+        Allowed in states: paused, running. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
+        (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
+        limit-exceeded, shutting-down, internal-error).
+        """
+        result = self.call("dump-memory", format=format, fds={"out": out}, on_progress=on_progress)
+        return cast(DumpMemoryResult, result)
+
+    def dump_state(
+        self,
+        *,
+        format: Literal["blob", "snapshot"] = "blob",
+        out: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> DumpStateResult:
+        """Write everything that is not RAM — the machine configuration, every vCPU's registers
+        (regs, sregs, XSAVE, XCRs, debug registers, LAPIC, MSRs, events, CPUID), the in-kernel
+        PICs, IOAPIC, PIT and clock, and the UART — to the ``out`` fd. ``format: blob`` (default)
+        writes one self-delimiting, checksummed state blob (protocol/state-blob.md); ``snapshot``
+        appends the config, vcpus and devices sections of a snapshot file and returns their table
+        entries. Only while paused.
+
+        Allowed in states: paused. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
+        (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
+        limit-exceeded, shutting-down, internal-error).
+        """
+        result = self.call("dump-state", format=format, fds={"out": out}, on_progress=on_progress)
+        return cast(DumpStateResult, result)
+
+    def dirty_log_start(self) -> DirtyLogStartResult:
+        """Start dirty-page tracking (KVM's dirty log on every memory slot, plus pages the VMM
+        itself writes). The first ``dump-dirty`` sends the pages written since now. Idempotent.
+
+        Allowed in states: paused, running. Since protocol 1.1.
+        Errors: invalid-state, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error).
+        """
+        return cast(DirtyLogStartResult, self.call("dirty-log-start"))
+
+    def dirty_log_stop(self) -> DirtyLogStopResult:
+        """Stop dirty-page tracking and forget pending dirty pages. Idempotent.
+
+        Allowed in states: crashed, paused, running, shutdown. Since protocol 1.1.
+        Errors: invalid-state, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error).
+        """
+        return cast(DirtyLogStopResult, self.call("dirty-log-stop"))
+
+    def query_dirty(self) -> QueryDirtyResult:
+        """How many pages were written since the previous ``dump-dirty`` (or since
+        ``dirty-log-start``), without resetting: the next ``dump-dirty`` still sends them.
+
+        Allowed in states: paused, running. Since protocol 1.1.
+        Errors: invalid-state, dirty-log-off, and the common errors (handshake-required,
+        invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
+        shutting-down, internal-error).
+        """
+        return cast(QueryDirtyResult, self.call("query-dirty"))
+
+    def dump_dirty(
+        self,
+        *,
+        out: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> DumpDirtyResult:
+        """Write the pages written since the previous ``dump-dirty`` (or since ``dirty-log-start``)
+        to the ``out`` fd as one page stream, and start a new round of tracking. While running,
+        pages written during the dump are reported by the next call.
+
+        Allowed in states: paused, running. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, and the common
+        errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
+        invalid-fds, limit-exceeded, shutting-down, internal-error).
+        """
+        result = self.call("dump-dirty", fds={"out": out}, on_progress=on_progress)
+        return cast(DumpDirtyResult, result)
+
+    def load_memory(
+        self,
+        *,
+        format: Literal["stream", "raw", "snapshot"] = "stream",
+        in_: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> LoadMemoryResult:
+        """On an incoming VMM: fill guest RAM from the ``in`` fd. ``format: stream`` (default) reads
+        one page stream (like ``apply-pages``), ``raw`` a flat image as ``dump-memory`` writes
+        it, ``snapshot`` the memory section of a complete snapshot file (verified first; on a VMM
+        without a machine yet, the machine is built from the file's config section).
+
+        Allowed in states: incoming. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
+        not-configured, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error).
+        """
+        result = self.call("load-memory", format=format, fds={"in": in_}, on_progress=on_progress)
+        return cast(LoadMemoryResult, result)
+
+    def apply_pages(
+        self,
+        *,
+        in_: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> ApplyPagesResult:
+        """On an incoming VMM: apply one page stream from the ``in`` fd to guest RAM as it arrives,
+        reading exactly the stream (never past its end, so one socket can carry several streams
+        in turn). Every round's checksum is verified; a bad stream answers ``bad-stream``.
+
+        Allowed in states: incoming. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
+        the common errors (handshake-required, invalid-message, unknown-command,
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        """
+        result = self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
+        return cast(ApplyPagesResult, result)
+
+    def load_state(
+        self,
+        *,
+        format: Literal["blob", "snapshot"] = "blob",
+        in_: FdLike,
+    ) -> LoadStateResult:
+        """On an incoming VMM: read the machine state from the ``in`` fd (``format: blob`` as
+        ``dump-state`` writes it, or ``snapshot`` sections of a snapshot file) and restore every
+        vCPU and device. A VMM started without --memory/--vcpus builds its machine from the
+        state's configuration; otherwise the configuration must match. The machine is then
+        ``paused``: ``resume`` runs the guest.
+
+        Allowed in states: incoming. Since protocol 1.1.
+        Errors: invalid-state, cancelled, peer-closed, io-error, bad-state, bad-snapshot, and the
+        common errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
+        invalid-fds, limit-exceeded, shutting-down, internal-error).
+        """
+        return cast(LoadStateResult, self.call("load-state", format=format, fds={"in": in_}))

@@ -35,6 +35,14 @@ class ErrorCode(enum.StrEnum):
     CANCELLED = "cancelled"
     SHUTTING_DOWN = "shutting-down"
     INTERNAL_ERROR = "internal-error"
+    # bulk-data commands (1.1)
+    PEER_CLOSED = "peer-closed"
+    IO_ERROR = "io-error"
+    BAD_STREAM = "bad-stream"
+    BAD_SNAPSHOT = "bad-snapshot"
+    BAD_STATE = "bad-state"
+    NOT_CONFIGURED = "not-configured"
+    DIRTY_LOG_OFF = "dirty-log-off"
     # connection scope: sent with a null id, then the server closes the connection
     FRAME_TOO_LARGE = "frame-too-large"
     HANDSHAKE_TIMEOUT = "handshake-timeout"

@@ -1,0 +1,396 @@
+"""The bulk-data work behind dump-memory, dump-dirty, dump-state and the loads.
+
+Everything here is blocking and runs in a worker thread with a :class:`Transfer`, which a
+cancelled request uses to stop it. Guest RAM goes straight from the memfd to the passed fd
+(``sendfile`` to pipes and sockets, ``pwrite`` from the mapping to files, which is faster
+there) and never through the client.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+
+from vmipc.formats import (
+    NEED_DATA,
+    DataRun,
+    FormatError,
+    MemorySectionWriter,
+    PageStreamDecoder,
+    PageStreamEncoder,
+    RoundEnd,
+    SectionEntry,
+    SnapshotReader,
+    StreamEnd,
+    ZeroRun,
+    checksum,
+    section_entry,
+    section_offset,
+    split_zero_runs,
+)
+from vmipc.formats.snapshot import SECTION_CONFIG, SECTION_DEVICES, SECTION_VCPUS
+from vmipc.vmm.machine import Machine, MachineConfig, MachineState
+from vmipc.vmm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
+
+#: pages per DATA record: bounds the copy made for a running guest and the progress step
+RUN_PAGES = 1024
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+class BulkError(Exception):
+    """A bulk command failed in a way the client should hear about (with a stable code)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Stats:
+    data_pages: int = 0
+    zero_pages: int = 0
+    bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "data_pages": self.data_pages,
+            "zero_pages": self.zero_pages,
+            "bytes": self.bytes,
+            **self.extra,
+        }
+
+
+# --- which pages to send ---------------------------------------------------------------
+
+
+def data_extents(fd: int, start: int, length: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the parts of ``fd[start:start+length]`` that hold data: the
+    memfd reports never-touched (and punched) ranges as holes."""
+    position, end = start, start + length
+    while position < end:
+        try:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole - data
+        position = hole
+
+
+def _region_pieces(
+    memory: GuestMemory, region: MemoryRegion, runs: Sequence[tuple[int, int]] | None
+) -> Iterator[tuple[int, int, bool]]:
+    """(first_page, npages, is_zero) covering ``runs`` of the region (all of it if None),
+    in order; holes and all-zero pages are zero pieces."""
+    view = memory.view[region.offset : region.offset + region.size]
+    if runs is None:
+        cursor = 0
+        for offset, length in data_extents(memory.fd, region.offset, region.size):
+            first = (offset - region.offset) // PAGE_SIZE
+            last = -(-(offset - region.offset + length) // PAGE_SIZE)
+            if first > cursor:
+                yield cursor, first - cursor, True
+            for piece in split_zero_runs(view, [(first, last - first)]):
+                yield piece.first_page, piece.npages, piece.zero
+            cursor = last
+        total = region.size // PAGE_SIZE
+        if cursor < total:
+            yield cursor, total - cursor, True
+    else:
+        for piece in split_zero_runs(view, runs):
+            yield piece.first_page, piece.npages, piece.zero
+    view.release()
+
+
+# --- page streams --------------------------------------------------------------------------
+
+
+def send_page_stream(
+    machine: Machine,
+    fd: int,
+    transfer: Transfer,
+    *,
+    consistent: bool,
+    runs: Sequence[Sequence[tuple[int, int]]] | None = None,
+) -> Stats:
+    """Write one complete page stream (header, one round, end) of guest RAM to ``fd``.
+
+    ``runs`` limits it to those (first_page, npages) runs per memory region (dirty pages);
+    None sends everything. ``consistent`` means the guest is paused: pages then go
+    zero-copy; from a running guest each run is copied first so that the round checksum
+    covers exactly the bytes sent.
+    """
+    memory = machine.memory
+    assert memory is not None
+    kind = fd_kind(fd)
+    encoder = PageStreamEncoder(list(memory.ram_ranges()))
+    stats = Stats()
+    transfer.write(fd, encoder.header())
+    for index, region in enumerate(memory.regions):
+        region_runs = None if runs is None else runs[index]
+        for first, npages, zero in _region_pieces(memory, region, region_runs):
+            gpa = region.guest_phys_addr + first * PAGE_SIZE
+            if zero:
+                transfer.write(fd, encoder.zero(gpa, npages))
+                stats.zero_pages += npages
+                continue
+            for start in range(first, first + npages, RUN_PAGES):
+                count = min(RUN_PAGES, first + npages - start)
+                offset = region.offset + start * PAGE_SIZE
+                length = count * PAGE_SIZE
+                transfer.write(fd, encoder.data(region.guest_phys_addr + start * PAGE_SIZE, count))
+                view = memory.view[offset : offset + length]
+                if not consistent:
+                    copy = memoryview(bytearray(view))
+                    encoder.payload(copy)
+                    transfer.write(fd, copy)
+                elif kind == "file":
+                    encoder.payload(view)
+                    transfer.write(fd, view)
+                else:
+                    encoder.payload(view)
+                    transfer.sendfile(fd, memory.fd, offset, length)
+                view.release()
+                stats.data_pages += count
+    transfer.write(fd, encoder.end_round())
+    transfer.write(fd, encoder.end_stream())
+    stats.bytes = transfer.done
+    return stats
+
+
+def _zero_range(memory: GuestMemory, offset: int, length: int) -> None:
+    """Make RAM zero by punching a hole (no memory is touched or allocated)."""
+    if _fallocate(memory.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        memory.view[offset : offset + length] = bytes(length)
+
+
+def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
+    """Apply one page stream from ``fd`` to guest RAM as it arrives.
+
+    Reads exactly the stream's bytes, never past its end (the fd may carry more after it).
+    Raises :class:`BulkError` ("bad-stream") when the stream is corrupt, truncated or for
+    other RAM: the memory then holds a partial update and must not be run.
+    """
+    decoder = PageStreamDecoder(expect_layout=list(memory.ram_ranges()))
+    stats = Stats()
+    rounds = 0
+    try:
+        while True:
+            event = decoder.next_event()
+            if event is NEED_DATA:
+                data = transfer.read_some(fd, max(1, min(decoder.wanted, 1 << 20)))
+                decoder.feed(data)
+                stats.bytes += len(data)
+            elif isinstance(event, DataRun):
+                offset = memory.offset_of(event.gpa, len(event.data))
+                memory.view[offset : offset + len(event.data)] = event.data
+                stats.data_pages += len(event.data) // PAGE_SIZE
+            elif isinstance(event, ZeroRun):
+                length = event.npages * PAGE_SIZE
+                _zero_range(memory, memory.offset_of(event.gpa, length), length)
+                stats.zero_pages += event.npages
+            elif isinstance(event, RoundEnd):
+                rounds += 1
+            elif isinstance(event, StreamEnd):
+                break
+    except FormatError as exc:
+        raise BulkError("bad-stream", str(exc)) from None
+    except PeerClosed as exc:
+        raise BulkError("bad-stream", f"page stream truncated: {exc}") from None
+    stats.extra["rounds"] = rounds
+    return stats
+
+
+# --- raw images and snapshot memory sections ---------------------------------------------
+
+
+def write_memory_section(
+    machine: Machine, fd: int, transfer: Transfer, *, consistent: bool
+) -> SectionEntry:
+    """Append the snapshot memory section (descriptor + sparse RAM image) to file ``fd``."""
+    memory = machine.memory
+    assert memory is not None
+    offset = section_offset(os.fstat(fd).st_size)
+    regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
+    writer = MemorySectionWriter(offset, regions)
+    transfer.write_at(fd, writer.descriptor, writer.offset)
+    for region in memory.regions:
+        for first, npages, zero in _region_pieces(memory, region, None):
+            if zero:
+                continue
+            for start in range(first, first + npages, RUN_PAGES):
+                count = min(RUN_PAGES, first + npages - start)
+                image_offset = region.offset + start * PAGE_SIZE
+                view = memory.view[image_offset : image_offset + count * PAGE_SIZE]
+                data = view if consistent else memoryview(bytearray(view))
+                transfer.pwrite(fd, data, writer.data(image_offset, data))
+                view.release()
+    if os.fstat(fd).st_size < writer.end:
+        os.ftruncate(fd, writer.end)
+    return writer.finish()
+
+
+def write_raw_image(machine: Machine, fd: int, transfer: Transfer) -> Stats:
+    """RAM as one flat image in memfd order; a regular file keeps holes for zero pages."""
+    memory = machine.memory
+    assert memory is not None
+    stats = Stats()
+    if fd_kind(fd) == "file":
+        base = os.lseek(fd, 0, os.SEEK_CUR)
+        for region in memory.regions:
+            for first, npages, zero in _region_pieces(memory, region, None):
+                if zero:
+                    stats.zero_pages += npages
+                    continue
+                offset = region.offset + first * PAGE_SIZE
+                view = memory.view[offset : offset + npages * PAGE_SIZE]
+                transfer.pwrite(fd, view, base + offset)
+                view.release()
+                stats.data_pages += npages
+        if os.fstat(fd).st_size < base + memory.size:
+            os.ftruncate(fd, base + memory.size)
+        os.lseek(fd, base + memory.size, os.SEEK_SET)
+    else:
+        transfer.sendfile(fd, memory.fd, 0, memory.size)
+        stats.data_pages = memory.size // PAGE_SIZE
+    stats.bytes = memory.size
+    return stats
+
+
+def read_raw_image(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
+    """Fill RAM from a flat image (as written by :func:`write_raw_image`)."""
+    transfer.readinto(fd, memory.view)
+    return Stats(data_pages=memory.size // PAGE_SIZE, bytes=memory.size)
+
+
+def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
+    """Fill RAM from the memory section of the snapshot file ``fd`` (eagerly, verified)."""
+    try:
+        reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size)
+        section = reader.memory()
+        reader.verify(section.entry.name)
+    except FormatError as exc:
+        raise BulkError("bad-snapshot", str(exc)) from None
+    stored = [(r.gpa, r.size) for r in section.descriptor.regions]
+    if stored != list(memory.ram_ranges()) or section.descriptor.page_size != PAGE_SIZE:
+        raise BulkError("bad-snapshot", f"the snapshot's RAM layout {stored} is not this machine's")
+    stats = Stats()
+    for region in memory.regions:
+        start = section.file_offset(region.guest_phys_addr, region.size)
+        for offset, length in data_extents(fd, start, region.size):
+            target = region.offset + (offset - start)
+            view = memory.view[target : target + length]
+            transfer.preadinto(fd, view, offset)
+            view.release()
+            stats.data_pages += length // PAGE_SIZE
+    stats.bytes = memory.size
+    return stats
+
+
+def _pread(fd: int) -> Any:
+    def pread(size: int, offset: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    return pread
+
+
+# --- state ---------------------------------------------------------------------------------
+
+STATE_MAGIC = b"VMIPCST1"
+_STATE_HEADER = struct.Struct("<8sIQ")  # magic, payload length, xxh3_64 of the payload
+MAX_STATE_SIZE = 64 << 20
+
+
+def encode_state_blob(state: MachineState) -> bytes:
+    """The self-delimiting state blob dump-state writes to pipes and sockets."""
+    payload: bytes = msgpack.packb(state.to_dict(), use_bin_type=True)
+    return _STATE_HEADER.pack(STATE_MAGIC, len(payload), checksum(payload)) + payload
+
+
+def read_state_blob(fd: int, transfer: Transfer) -> MachineState:
+    header = bytearray(_STATE_HEADER.size)
+    try:
+        transfer.readinto(fd, memoryview(header))
+    except PeerClosed as exc:
+        raise BulkError("bad-state", f"state blob truncated in its header: {exc}") from None
+    magic, length, stored = _STATE_HEADER.unpack(header)
+    if magic != STATE_MAGIC:
+        raise BulkError("bad-state", f"not a vmipc state blob (magic {bytes(magic)!r})")
+    if length > MAX_STATE_SIZE:
+        raise BulkError("bad-state", f"state blob claims {length} bytes (limit {MAX_STATE_SIZE})")
+    payload = bytearray(length)
+    try:
+        transfer.readinto(fd, memoryview(payload))
+    except PeerClosed as exc:
+        raise BulkError("bad-state", f"state blob truncated: {exc}") from None
+    if checksum(payload) != stored:
+        raise BulkError("bad-state", "state blob checksum mismatch (corrupt)")
+    return decode_state(bytes(payload))
+
+
+def decode_state(payload: bytes) -> MachineState:
+    try:
+        return MachineState.from_dict(msgpack.unpackb(payload, raw=False))
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+        raise BulkError("bad-state", f"state record refused: {exc}") from None
+
+
+def state_sections(state: MachineState) -> list[tuple[str, int, bytes]]:
+    """The snapshot sections that hold the non-RAM state: (name, version, bytes)."""
+    record = state.to_dict()
+    return [
+        (SECTION_CONFIG, MachineConfig.VERSION, msgpack.packb(record["config"])),
+        (SECTION_VCPUS, 1, msgpack.packb({"version": record["version"], "vcpus": record["vcpus"]})),
+        (SECTION_DEVICES, 1, msgpack.packb({"vm": record["vm"], "devices": record["devices"]})),
+    ]
+
+
+def write_state_sections(state: MachineState, fd: int, transfer: Transfer) -> list[SectionEntry]:
+    entries = []
+    for name, version, data in state_sections(state):
+        offset = section_offset(os.fstat(fd).st_size)
+        transfer.write_at(fd, data, offset)
+        entries.append(section_entry(name, version, offset, data))
+    return entries
+
+
+def read_state_sections(fd: int) -> MachineState:
+    try:
+        reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size)
+        config = msgpack.unpackb(reader.read_section(SECTION_CONFIG))
+        vcpus = msgpack.unpackb(reader.read_section(SECTION_VCPUS))
+        devices = msgpack.unpackb(reader.read_section(SECTION_DEVICES))
+    except FormatError as exc:
+        raise BulkError("bad-snapshot", str(exc)) from None
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise BulkError("bad-snapshot", f"state sections are not msgpack: {exc}") from None
+    try:
+        record = {
+            "version": vcpus["version"],
+            "config": config,
+            "vcpus": vcpus["vcpus"],
+            "vm": devices["vm"],
+            "devices": devices["devices"],
+        }
+    except (KeyError, TypeError) as exc:
+        raise BulkError("bad-snapshot", f"state sections lack {exc}") from None
+    return decode_state(msgpack.packb(record))

@@ -1,0 +1,266 @@
+"""Bulk-data building blocks: dumps and loads of memory and state through passed fds,
+and dirty-page tracking. The VMM never opens a path: it reads and writes the fds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from vmipc.commands._bulk import (
+    BulkError,
+    Stats,
+    encode_state_blob,
+    read_raw_image,
+    read_snapshot_memory,
+    read_state_blob,
+    read_state_sections,
+    receive_page_stream,
+    send_page_stream,
+    write_memory_section,
+    write_raw_image,
+    write_state_sections,
+)
+from vmipc.commands._registry import CommandContext, handler
+from vmipc.formats import bitmap_to_runs
+from vmipc.protocol import CommandError
+from vmipc.vmm.host import MachineHost
+from vmipc.vmm.machine import Machine, MachineState
+from vmipc.vmm.machine_api import InvalidStateError
+from vmipc.vmm.memory import PAGE_SIZE
+from vmipc.vmm.runstate import RunState
+from vmipc.vmm.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
+
+T = TypeVar("T")
+
+
+def _host(ctx: CommandContext) -> MachineHost:
+    host = ctx.machine
+    if not isinstance(host, MachineHost):
+        raise CommandError("internal-error", "this server has no machine host")
+    return host
+
+
+def _machine(ctx: CommandContext) -> Machine:
+    return _host(ctx).require_machine(ctx.command)
+
+
+async def _run_bulk(
+    ctx: CommandContext, phase: str, total: int | None, work: Callable[[Transfer], T]
+) -> T:
+    """Run ``work`` in a worker thread; a cancelled request kicks it out of any blocked
+    system call and waits for it, so the fd is released before the reply."""
+
+    def report(done: int) -> None:
+        ctx.progress(phase, done, total)
+
+    transfer = Transfer.unbound(report)
+
+    def worker() -> T:
+        transfer.bind()
+        try:
+            return work(transfer)
+        finally:
+            transfer.finish()
+
+    try:
+        return await trio.to_thread.run_sync(worker, abandon_on_cancel=True)
+    except trio.Cancelled:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(transfer.cancel)
+        raise
+    except TransferCancelled:
+        raise CommandError("cancelled", f"{ctx.command} was cancelled") from None
+    except PeerClosed as exc:
+        raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
+    except BulkError as exc:
+        raise CommandError(exc.code, f"{ctx.command}: {exc}") from None
+    except OSError as exc:
+        raise CommandError("io-error", f"{ctx.command}: {exc.strerror or exc}") from None
+
+
+def _require_file(ctx: CommandContext, name: str, what: str) -> int:
+    fd = ctx.fds[name]
+    if fd_kind(fd) != "file":
+        raise CommandError(
+            "invalid-fds",
+            f"{ctx.command}: format {what} needs a regular file for fd {name!r}",
+            {"fd": name, "problem": "not a regular file"},
+        )
+    return fd
+
+
+def _with_stats(stats: Stats, **extra: Any) -> dict[str, Any]:
+    return {**stats.result(), **extra}
+
+
+# --- memory --------------------------------------------------------------------------------
+
+
+@handler("dump-memory")
+async def dump_memory(ctx: CommandContext) -> dict[str, Any]:
+    machine = _machine(ctx)
+    fmt = ctx.args["format"]
+    consistent = machine.state is not RunState.RUNNING
+    if fmt == "snapshot":
+        fd = _require_file(ctx, "out", "snapshot")
+        entry = await _run_bulk(
+            ctx,
+            "memory",
+            machine.memory_size,
+            lambda t: write_memory_section(machine, fd, t, consistent=consistent),
+        )
+        return {"data_pages": 0, "zero_pages": 0, "bytes": entry.length, "section": entry.to_dict()}
+    if fmt == "raw":
+        stats = await _run_bulk(
+            ctx,
+            "memory",
+            machine.memory_size,
+            lambda t: write_raw_image(machine, ctx.fds["out"], t),
+        )
+        return _with_stats(stats, consistent=consistent)
+    stats = await _run_bulk(
+        ctx,
+        "memory",
+        None,
+        lambda t: send_page_stream(machine, ctx.fds["out"], t, consistent=consistent),
+    )
+    return _with_stats(stats, consistent=consistent)
+
+
+@handler("load-memory", exclusive=True)
+async def load_memory(ctx: CommandContext) -> dict[str, Any]:
+    host = _host(ctx)
+    fmt = ctx.args["format"]
+    fd = ctx.fds["in"]
+    if fmt == "snapshot":
+        _require_file(ctx, "in", "snapshot")
+        if host.machine is None:
+            state = await _run_bulk(ctx, "config", None, lambda t: read_state_sections(fd))
+            await trio.to_thread.run_sync(host.configure, state.config)
+    machine = _incoming_machine(ctx, host)
+    memory = machine.memory
+    assert memory is not None
+    if fmt == "snapshot":
+        stats = await _run_bulk(
+            ctx, "memory", memory.size, lambda t: read_snapshot_memory(memory, fd, t)
+        )
+    elif fmt == "raw":
+        stats = await _run_bulk(ctx, "memory", memory.size, lambda t: read_raw_image(memory, fd, t))
+    else:
+        stats = await _run_bulk(ctx, "memory", None, lambda t: receive_page_stream(memory, fd, t))
+    return _with_stats(stats)
+
+
+@handler("apply-pages", exclusive=True)
+async def apply_pages(ctx: CommandContext) -> dict[str, Any]:
+    machine = _incoming_machine(ctx, _host(ctx))
+    memory = machine.memory
+    assert memory is not None
+    stats = await _run_bulk(
+        ctx, "pages", None, lambda t: receive_page_stream(memory, ctx.fds["in"], t)
+    )
+    return _with_stats(stats)
+
+
+def _incoming_machine(ctx: CommandContext, host: MachineHost) -> Machine:
+    if not host.incoming:
+        raise InvalidStateError(ctx.command, host.state)
+    machine = host.machine
+    if machine is None:
+        raise CommandError(
+            "not-configured",
+            f"{ctx.command}: this incoming VMM has no machine yet: start it with "
+            "--memory/--vcpus, or send load-state first",
+        )
+    return machine
+
+
+# --- state -----------------------------------------------------------------------------------
+
+
+@handler("dump-state")
+async def dump_state(ctx: CommandContext) -> dict[str, Any]:
+    machine = _machine(ctx)
+    state = await trio.to_thread.run_sync(machine.save_state)
+    if ctx.args["format"] == "snapshot":
+        fd = _require_file(ctx, "out", "snapshot")
+        entries = await _run_bulk(ctx, "state", None, lambda t: write_state_sections(state, fd, t))
+        return {
+            "bytes": sum(entry.length for entry in entries),
+            "sections": [entry.to_dict() for entry in entries],
+        }
+    blob = encode_state_blob(state)
+    await _run_bulk(ctx, "state", len(blob), lambda t: t.write(ctx.fds["out"], blob))
+    return {"bytes": len(blob), "sections": []}
+
+
+@handler("load-state", exclusive=True)
+async def load_state(ctx: CommandContext) -> dict[str, Any]:
+    host = _host(ctx)
+    if not host.incoming:
+        raise InvalidStateError(ctx.command, host.state)
+    fd = ctx.fds["in"]
+    if ctx.args["format"] == "snapshot":
+        _require_file(ctx, "in", "snapshot")
+        state: MachineState = await _run_bulk(ctx, "state", None, lambda t: read_state_sections(fd))
+    else:
+        state = await _run_bulk(ctx, "state", None, lambda t: read_state_blob(fd, t))
+    try:
+        await trio.to_thread.run_sync(host.load_state, state)
+    except ValueError as exc:
+        raise CommandError("bad-state", f"load-state: {exc}") from None
+    return {"vcpus": state.config.vcpus, "memory_size": state.config.memory_size}
+
+
+# --- dirty pages -------------------------------------------------------------------------------
+
+
+@handler("dirty-log-start", exclusive=True)
+async def dirty_log_start(ctx: CommandContext) -> dict[str, Any]:
+    machine = _machine(ctx)
+    await trio.to_thread.run_sync(machine.dirty_log_start)
+    return {}
+
+
+@handler("dirty-log-stop", exclusive=True)
+async def dirty_log_stop(ctx: CommandContext) -> dict[str, Any]:
+    machine = _machine(ctx)
+    await trio.to_thread.run_sync(machine.dirty_log_stop)
+    return {}
+
+
+def _require_logging(ctx: CommandContext, machine: Machine) -> None:
+    if not machine.dirty_logging:
+        raise CommandError(
+            "dirty-log-off", f"{ctx.command}: dirty logging is off (send dirty-log-start)"
+        )
+
+
+@handler("query-dirty")
+async def query_dirty(ctx: CommandContext) -> dict[str, Any]:
+    machine = _machine(ctx)
+    _require_logging(ctx, machine)
+    pages = await trio.to_thread.run_sync(machine.query_dirty)
+    return {"dirty_pages": pages, "dirty_bytes": pages * PAGE_SIZE}
+
+
+@handler("dump-dirty")
+async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
+    machine = _machine(ctx)
+    _require_logging(ctx, machine)
+    consistent = machine.state is not RunState.RUNNING
+    bitmaps = await trio.to_thread.run_sync(machine.take_dirty)
+    assert machine.memory is not None
+    runs = [
+        bitmap_to_runs(bitmap, region.size // PAGE_SIZE)
+        for bitmap, region in zip(bitmaps, machine.memory.regions, strict=True)
+    ]
+    stats = await _run_bulk(
+        ctx,
+        "pages",
+        None,
+        lambda t: send_page_stream(machine, ctx.fds["out"], t, consistent=consistent, runs=runs),
+    )
+    return _with_stats(stats, consistent=consistent)
