@@ -160,3 +160,35 @@ def test_quit_returns_even_with_a_stuck_client() -> None:
         assert s.thread.join(3)
         assert time.monotonic() - start < 2
         assert isinstance(c.wait_closed()[-1], Error)
+
+
+def test_progress_from_a_worker_thread_is_throttled_there() -> None:
+    import trio
+
+    from vmipc.commands import CommandContext, HandlerEntry
+    from vmipc.server import Server
+
+    calls = 0
+
+    async def chatty(ctx: CommandContext) -> dict[str, object]:
+        def work() -> None:
+            nonlocal calls
+            for i in range(200_000):  # e.g. once per page
+                ctx.progress("copying", i, 200_000)
+                calls += 1
+            ctx.progress("copying", 200_000, 200_000)
+
+        await trio.to_thread.run_sync(work)
+        return {"slept": 0.0}
+
+    with serving() as s, s.connect() as c:
+        server: Server = s.thread.server
+        server.handlers["test-sleep"] = HandlerEntry("test-sleep", chatty, exclusive=False)
+        c.result(c.request("subscribe", args={"events": ["progress"]}))
+        rid = c.request("test-sleep", args={"seconds": 0.0})
+        c.result(rid)
+        events = [m for m in c._inbox if isinstance(m, Event)]
+        c._inbox.clear()
+        assert calls == 200_000
+        assert 1 <= len(events) <= 20
+        assert events[-1].data["done"] == events[-1].data["total"] == 200_000

@@ -599,19 +599,9 @@ class _Connection:
     def _progress_sink(self, rid: int, command: str, entry: _RequestEntry) -> Any:
         server = self.server
 
-        def report(phase: str, done: int, total: int | None) -> None:
-            if threading.get_ident() != server._trio_thread:
-                assert server._token is not None
-                with contextlib.suppress(trio.RunFinishedError):
-                    server._token.run_sync_soon(report, phase, done, total)
-                return
+        def emit(phase: str, done: int, total: int | None) -> None:  # on the trio thread
             if "progress" not in self.subscriptions or rid not in self._requests:
                 return
-            now = trio.current_time()
-            final = total is not None and done >= total
-            if not final and now - entry.last_progress < PROGRESS_INTERVAL:
-                return
-            entry.last_progress = now
             data = {
                 "request": rid,
                 "command": command,
@@ -619,12 +609,25 @@ class _Connection:
                 "done": done,
                 "total": total,
             }
-            self.send_event(
-                encode_event(
-                    server.schema, "progress", data, time.time(), server.limits.max_frame_size
-                ),
-                droppable=True,
+            frame = encode_event(
+                server.schema, "progress", data, time.time(), server.limits.max_frame_size
             )
+            self.send_event(frame, droppable=True)
+
+        def report(phase: str, done: int, total: int | None) -> None:  # on any thread
+            # throttle first, so that a worker thread calling this for every page costs
+            # next to nothing and never floods the trio loop
+            now = time.monotonic()
+            final = total is not None and done >= total
+            if not final and now - entry.last_progress < PROGRESS_INTERVAL:
+                return
+            entry.last_progress = now
+            if threading.get_ident() == server._trio_thread:
+                emit(phase, done, total)
+                return
+            assert server._token is not None
+            with contextlib.suppress(trio.RunFinishedError):
+                server._token.run_sync_soon(emit, phase, done, total)
 
         return report
 
