@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from vmipc.commands._registry import CommandContext, handler
 from vmipc.protocol import CommandError, ErrorCode, negotiate_version
+
+log = logging.getLogger("vmipc.server")
 
 
 @handler("hello")
 async def hello(ctx: CommandContext) -> dict[str, Any]:
     offered = ctx.args["versions"]
     version = negotiate_version(offered, ctx.schema)
+    log.info("hello from %r offering %s: %s", ctx.args["client"], offered, version or "refused")
     if version is None:
         raise CommandError(
             ErrorCode.UNSUPPORTED_VERSION,
