@@ -463,9 +463,11 @@ class AsyncCommands:
         """On an incoming VMM: fill guest RAM from the ``in`` fd. ``format: stream`` (default) reads
         one page stream (like ``apply-pages``), ``raw`` a flat image as ``dump-memory`` writes
         it, ``snapshot`` the memory section of a complete snapshot file (verified first; on a VMM
-        without a machine yet, the machine is built from the file's config section).
+        without a machine yet, the machine is built from the file's config section). Allowed
+        until the received guest first runs (also after ``load-state``, which may come first); a
+        load that fails half-way makes ``resume`` refuse until a later load succeeds.
 
-        Allowed in states: incoming. Since protocol 1.1.
+        Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
         not-configured, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
@@ -488,8 +490,10 @@ class AsyncCommands:
         """On an incoming VMM: apply one page stream from the ``in`` fd to guest RAM as it arrives,
         reading exactly the stream (never past its end, so one socket can carry several streams
         in turn). Every round's checksum is verified; a bad stream answers ``bad-stream``.
+        Allowed until the received guest first runs (also after ``load-state``, which may come
+        first); a load that fails half-way makes ``resume`` refuse until a later load succeeds.
 
-        Allowed in states: incoming. Since protocol 1.1.
+        Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
         the common errors (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
@@ -727,9 +731,11 @@ class SyncCommands:
         """On an incoming VMM: fill guest RAM from the ``in`` fd. ``format: stream`` (default) reads
         one page stream (like ``apply-pages``), ``raw`` a flat image as ``dump-memory`` writes
         it, ``snapshot`` the memory section of a complete snapshot file (verified first; on a VMM
-        without a machine yet, the machine is built from the file's config section).
+        without a machine yet, the machine is built from the file's config section). Allowed
+        until the received guest first runs (also after ``load-state``, which may come first); a
+        load that fails half-way makes ``resume`` refuse until a later load succeeds.
 
-        Allowed in states: incoming. Since protocol 1.1.
+        Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
         not-configured, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
@@ -747,8 +753,10 @@ class SyncCommands:
         """On an incoming VMM: apply one page stream from the ``in`` fd to guest RAM as it arrives,
         reading exactly the stream (never past its end, so one socket can carry several streams
         in turn). Every round's checksum is verified; a bad stream answers ``bad-stream``.
+        Allowed until the received guest first runs (also after ``load-state``, which may come
+        first); a load that fails half-way makes ``resume`` refuse until a later load succeeds.
 
-        Allowed in states: incoming. Since protocol 1.1.
+        Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
         the common errors (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).

@@ -28,7 +28,7 @@ from vmipc.protocol import CommandError
 from vmipc.vmm.host import MachineHost
 from vmipc.vmm.machine import Machine, MachineState
 from vmipc.vmm.machine_api import InvalidStateError
-from vmipc.vmm.memory import PAGE_SIZE
+from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
 from vmipc.vmm.runstate import RunState
 from vmipc.vmm.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
 
@@ -111,7 +111,13 @@ async def dump_memory(ctx: CommandContext) -> dict[str, Any]:
             machine.memory_size,
             lambda t: write_memory_section(machine, fd, t, consistent=consistent),
         )
-        return {"data_pages": 0, "zero_pages": 0, "bytes": entry.length, "section": entry.to_dict()}
+        return {
+            "data_pages": 0,
+            "zero_pages": 0,
+            "bytes": entry.length,
+            "consistent": consistent,
+            "section": entry.to_dict(),
+        }
     if fmt == "raw":
         stats = await _run_bulk(
             ctx,
@@ -119,14 +125,14 @@ async def dump_memory(ctx: CommandContext) -> dict[str, Any]:
             machine.memory_size,
             lambda t: write_raw_image(machine, ctx.fds["out"], t),
         )
-        return _with_stats(stats, consistent=consistent)
+        return _with_stats(stats, consistent=consistent, section=None)
     stats = await _run_bulk(
         ctx,
         "memory",
         None,
         lambda t: send_page_stream(machine, ctx.fds["out"], t, consistent=consistent),
     )
-    return _with_stats(stats, consistent=consistent)
+    return _with_stats(stats, consistent=consistent, section=None)
 
 
 @handler("load-memory", exclusive=True)
@@ -142,30 +148,42 @@ async def load_memory(ctx: CommandContext) -> dict[str, Any]:
     machine = _incoming_machine(ctx, host)
     memory = machine.memory
     assert memory is not None
-    if fmt == "snapshot":
-        stats = await _run_bulk(
-            ctx, "memory", memory.size, lambda t: read_snapshot_memory(memory, fd, t)
-        )
-    elif fmt == "raw":
-        stats = await _run_bulk(ctx, "memory", memory.size, lambda t: read_raw_image(memory, fd, t))
-    else:
-        stats = await _run_bulk(ctx, "memory", None, lambda t: receive_page_stream(memory, fd, t))
-    return _with_stats(stats)
+    readers: dict[str, Callable[[GuestMemory, int, Transfer], Stats]] = {
+        "snapshot": read_snapshot_memory,
+        "raw": read_raw_image,
+        "stream": receive_page_stream,
+    }
+    read = readers[fmt]
+    stats = await _load(ctx, host, memory.size, lambda t: read(memory, fd, t))
+    return _with_stats(stats, rounds=stats.extra.get("rounds"))
+
+
+async def _load(
+    ctx: CommandContext, host: MachineHost, total: int | None, work: Callable[[Transfer], Stats]
+) -> Stats:
+    """Run a memory load; if it fails half-way the guest must not run from that memory."""
+    try:
+        stats = await _run_bulk(ctx, "memory", total, work)
+    except BaseException as exc:
+        host.mark_damaged(f"{ctx.command} failed: {exc}")
+        raise
+    host.mark_loaded()
+    return stats
 
 
 @handler("apply-pages", exclusive=True)
 async def apply_pages(ctx: CommandContext) -> dict[str, Any]:
-    machine = _incoming_machine(ctx, _host(ctx))
+    host = _host(ctx)
+    machine = _incoming_machine(ctx, host)
     memory = machine.memory
     assert memory is not None
-    stats = await _run_bulk(
-        ctx, "pages", None, lambda t: receive_page_stream(memory, ctx.fds["in"], t)
-    )
+    fd = ctx.fds["in"]
+    stats = await _load(ctx, host, None, lambda t: receive_page_stream(memory, fd, t))
     return _with_stats(stats)
 
 
 def _incoming_machine(ctx: CommandContext, host: MachineHost) -> Machine:
-    if not host.incoming:
+    if not host.receiving:
         raise InvalidStateError(ctx.command, host.state)
     machine = host.machine
     if machine is None:

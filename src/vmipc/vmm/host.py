@@ -34,6 +34,10 @@ class MachineHost:
         self._machine: Machine | None = None
         #: True while a received machine waits for its state (reported as ``incoming``)
         self._awaiting_state = machine is None
+        #: True for a received machine until it first runs: memory may still be loaded
+        self._receiving = machine is None
+        #: why the received memory or state cannot be trusted (a load failed half-way)
+        self._damaged: str | None = None
         self._closed = False
         if machine is not None:
             self._adopt(machine)
@@ -46,7 +50,20 @@ class MachineHost:
 
     @property
     def incoming(self) -> bool:
+        """The machine waits for its state (``incoming``)."""
         return self._awaiting_state
+
+    @property
+    def receiving(self) -> bool:
+        """A received machine that has not run yet: loads are allowed."""
+        return self._receiving and not self._closed
+
+    def mark_damaged(self, reason: str) -> None:
+        """A load failed half-way: refuse to resume until a later load succeeds."""
+        self._damaged = reason
+
+    def mark_loaded(self) -> None:
+        self._damaged = None
 
     def require_machine(self, operation: str) -> Machine:
         machine = self._machine
@@ -136,7 +153,13 @@ class MachineHost:
     def resume(self) -> None:
         if self._awaiting_state:
             raise InvalidStateError("resume", RunState.INCOMING)
+        if self._damaged is not None:
+            raise InvalidStateError(
+                f"resume a guest whose incoming data failed its checks ({self._damaged})",
+                self.state,
+            )
         self.require_machine("resume").resume()
+        self._receiving = False
 
     def close(self) -> None:
         with self._lock:

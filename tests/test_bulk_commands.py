@@ -1,0 +1,429 @@
+"""The bulk-data building blocks on real KVM with the built-in guest: dumps and loads of
+memory and state through every kind of fd, dirty tracking, cancellation, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.builtin_guest import Console, check_against_model
+from tests.control_support import ServerThread, short_tmpdir
+from vmipc.client import SyncClient, open_client
+from vmipc.formats import (
+    NEED_DATA,
+    DataRun,
+    PageStreamDecoder,
+    SnapshotHeader,
+    StreamEnd,
+    ZeroRun,
+    encode_table,
+    new_snapshot_id,
+)
+from vmipc.protocol import CommandError
+from vmipc.vmm.host import MachineHost
+from vmipc.vmm.machine import BootSource, Machine, MachineConfig
+from vmipc.vmm.memory import MIB
+from vmipc.vmm.runstate import RunState
+
+pytestmark = pytest.mark.kvm
+
+WS = 256 * 1024
+MEMORY = 64 * MIB
+
+
+class Vmm:
+    """A VMM in this process: a machine host and its control server on a thread."""
+
+    def __init__(self, host: MachineHost, console: Console, path: str) -> None:
+        self.host = host
+        self.console = console
+        self.path = path
+        self.server = ServerThread(host, path).start()
+
+    def client(self) -> SyncClient:
+        return SyncClient(self.path, timeout=30)
+
+    @property
+    def machine(self) -> Machine:
+        assert self.host.machine is not None
+        return self.host.machine
+
+    def close(self) -> None:
+        self.server.stop()
+        self.host.close()
+
+
+@contextlib.contextmanager
+def vmms() -> Iterator[Callable[..., Vmm]]:
+    """Make VMMs: ``make()`` boots the built-in guest, ``make(incoming=True)`` receives."""
+    made: list[Vmm] = []
+    with short_tmpdir() as tmp:
+
+        def make(*, incoming: bool = False, vcpus: int = 2, **options: str) -> Vmm:
+            console = Console()
+            if incoming:
+                host = MachineHost(console)
+            else:
+                options = {"ws": str(WS), **options}
+                source = BootSource("builtin", guest_options=tuple(options.items()))
+                host = MachineHost(console, Machine(MachineConfig(MEMORY, vcpus, source), console))
+                assert host.machine is not None
+                host.machine.start()
+            vmm = Vmm(host, console, os.path.join(tmp, f"vmm{len(made)}.sock"))
+            made.append(vmm)
+            return vmm
+
+        try:
+            yield make
+        finally:
+            for vmm in made:
+                vmm.close()
+
+
+def decode_stream(data: bytes) -> dict[int, bytes]:
+    """Page-aligned guest-physical address -> page bytes (zero pages as zeros)."""
+    decoder = PageStreamDecoder()
+    decoder.feed(data)
+    decoder.feed(b"")
+    pages: dict[int, bytes] = {}
+    while True:
+        event = decoder.next_event()
+        assert event is not NEED_DATA
+        if isinstance(event, DataRun):
+            for offset in range(0, len(event.data), 4096):
+                pages[event.gpa + offset] = event.data[offset : offset + 4096]
+        elif isinstance(event, ZeroRun):
+            for index in range(event.npages):
+                pages[event.gpa + index * 4096] = bytes(4096)
+        elif isinstance(event, StreamEnd):
+            return pages
+
+
+def ram_of(machine: Machine) -> bytes:
+    assert machine.memory is not None
+    return bytes(machine.memory.view)
+
+
+def read_all(fd: int, sink: bytearray) -> None:
+    while chunk := os.read(fd, 1 << 20):
+        sink.extend(chunk)
+
+
+@contextlib.contextmanager
+def fd_pair(kind: str, tmp: Path) -> Iterator[tuple[int, Callable[[], bytes]]]:
+    """A writable fd of ``kind`` for the VMM, and a function that returns what arrived."""
+    if kind == "file":
+        path = tmp / "dump"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            yield fd, path.read_bytes
+        finally:
+            os.close(fd)
+        return
+    received = bytearray()
+    if kind == "pipe":
+        read_end, write_end = os.pipe()
+    elif kind == "socketpair":
+        left, right = socket.socketpair()
+        read_end, write_end = right.detach(), left.detach()
+    else:  # tcp on loopback
+        listener = socket.create_server(("127.0.0.1", 0))
+        sender = socket.create_connection(listener.getsockname())
+        receiver, _ = listener.accept()
+        listener.close()
+        read_end, write_end = receiver.detach(), sender.detach()
+    reader = threading.Thread(target=read_all, args=(read_end, received))
+    reader.start()
+
+    def result() -> bytes:
+        os.close(write_end)
+        reader.join(30)
+        return bytes(received)
+
+    try:
+        yield write_end, result
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(write_end)
+        reader.join(30)
+        os.close(read_end)
+
+
+# --- memory ------------------------------------------------------------------------------
+
+
+def test_raw_dump_while_paused_equals_ram_byte_for_byte_and_keeps_holes(tmp_path: Path) -> None:
+    with vmms() as make:
+        vmm = make()
+        vmm.console.wait_for_passes(2, 1)
+        with vmm.client() as client:
+            client.pause()
+            with open(tmp_path / "ram.img", "wb") as image:
+                result = client.dump_memory(format="raw", out=image.fileno())
+            assert result["consistent"] is True
+            dumped = (tmp_path / "ram.img").read_bytes()
+            assert dumped == ram_of(vmm.machine)
+            blocks = os.stat(tmp_path / "ram.img").st_blocks * 512
+            assert blocks < MEMORY // 4, "zero pages were written instead of left as holes"
+
+
+@pytest.mark.parametrize("kind", ["file", "pipe", "socketpair", "tcp"])
+def test_stream_dump_through_every_fd_kind_equals_ram(kind: str, tmp_path: Path) -> None:
+    with vmms() as make:
+        vmm = make()
+        vmm.console.wait_for_passes(2, 1)
+        with vmm.client() as client, fd_pair(kind, tmp_path) as (fd, received):
+            client.pause()
+            result = client.dump_memory(out=fd)
+            data = received()
+        pages = decode_stream(data)
+        ram = ram_of(vmm.machine)
+        assert len(pages) == MEMORY // 4096
+        assert b"".join(pages[gpa] for gpa in range(0, MEMORY, 4096)) == ram
+        assert result["data_pages"] + result["zero_pages"] == MEMORY // 4096
+        assert result["zero_pages"] > result["data_pages"], "zero pages went as data"
+        assert len(data) < MEMORY // 2
+
+
+def test_state_and_memory_into_a_fresh_incoming_vmm_continue_the_guest(tmp_path: Path) -> None:
+    with vmms() as make:
+        source = make(rate="8192")
+        source.console.wait_for_passes(2, 2)
+        target = make(incoming=True)
+        with source.client() as src, target.client() as dst:
+            assert dst.query_status()["state"] == "incoming"
+            src.pause()
+            reached = max(source.console.passes().values())
+            with fd_pair("pipe", tmp_path) as (fd, received):
+                src.dump_state(out=fd)
+                blob = received()
+            with fd_pair("socketpair", tmp_path) as (fd, received):
+                src.dump_memory(out=fd)
+                stream = received()
+            state_r, state_w = os.pipe()
+            os.write(state_w, blob)
+            os.close(state_w)
+            assert dst.load_state(in_=state_r) == {"vcpus": 2, "memory_size": MEMORY}
+            os.close(state_r)
+            assert dst.query_status()["state"] == "paused"
+            (tmp_path / "stream").write_bytes(stream)
+            with open(tmp_path / "stream", "rb") as stream_file:
+                dst.apply_pages(in_=stream_file.fileno())
+            assert ram_of(target.machine) == ram_of(source.machine)
+            dst.resume()
+            target.console.wait_for_passes(2, reached + 2)
+            dst.pause()
+    combined = (source.console.text + target.console.text).split("\n")[:-1]
+    assert min(check_against_model(combined, 2, WS).values()) >= reached + 2
+
+
+def test_a_snapshot_composed_from_building_blocks_restores(tmp_path: Path) -> None:
+    path = tmp_path / "snap.vmipc"
+    with vmms() as make:
+        source = make()
+        source.console.wait_for_passes(2, 1)
+        target = make(incoming=True)
+        with source.client() as src, target.client() as dst:
+            src.pause()
+            reached = max(source.console.passes().values())
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                state = src.dump_state(format="snapshot", out=fd)
+                memory = src.dump_memory(format="snapshot", out=fd)
+                entries = [*state["sections"], memory["section"]]
+                snapshot_id = new_snapshot_id()
+                from vmipc.formats import SectionEntry
+
+                table = encode_table(
+                    [SectionEntry.from_dict(e) for e in entries],
+                    snapshot_id,
+                    os.fstat(fd).st_size,
+                )
+                os.pwrite(fd, table.data, table.offset)
+                os.pwrite(fd, SnapshotHeader(snapshot_id, "vmipc-test").encode(), 0)
+            finally:
+                os.close(fd)
+            with open(path, "rb") as snapshot:
+                dst.load_memory(format="snapshot", in_=snapshot.fileno())
+                dst.load_state(format="snapshot", in_=snapshot.fileno())
+            dst.resume()
+            target.console.wait_for_passes(2, reached + 1)
+            dst.pause()
+    combined = (source.console.text + target.console.text).split("\n")[:-1]
+    check_against_model(combined, 2, WS)
+
+
+# --- dirty pages -------------------------------------------------------------------------
+
+
+def working_set_base(ram: bytes, vcpu: int, passes: dict[int, int]) -> int:
+    """Find vCPU ``vcpu``'s working set in RAM by its first page's first word, which is a
+    pure function of the pass that last wrote it (guest/README.md)."""
+    from vmipc.guest import _mix64
+
+    vbase = _mix64(_mix64(0) ^ vcpu)
+    t0 = _mix64(0xA5A5A5A5A5A5A5A5 ^ 0)
+    done = passes[vcpu]
+    for pass_no in (done + 1, done, done + 2):
+        word = (_mix64(_mix64(vbase ^ pass_no) ^ 0) ^ t0).to_bytes(8, "little")
+        offset = ram.find(word)
+        while offset >= 0 and offset % 4096:
+            offset = ram.find(word, offset + 1)
+        if offset >= 0:
+            return offset
+    raise AssertionError(f"working set of vcpu {vcpu} not found")
+
+
+def test_dirty_tracking_reports_every_page_the_guest_wrote(tmp_path: Path) -> None:
+    with vmms() as make:
+        vmm = make(rate="16384")
+        vmm.console.wait_for_passes(2, 1)
+        with vmm.client() as client:
+            with pytest.raises(CommandError) as refused:
+                client.query_dirty()
+            assert refused.value.code == "dirty-log-off"
+            client.dirty_log_start()
+            start = vmm.console.passes()
+            vmm.console.wait_for_passes(2, max(start.values()) + 2)
+            client.pause()
+            passes = vmm.console.passes()
+            pending = client.query_dirty()["dirty_pages"]
+            with fd_pair("pipe", tmp_path) as (fd, received):
+                result = client.dump_dirty(out=fd)
+                dirty = decode_stream(received())
+            assert result["data_pages"] + result["zero_pages"] == pending == len(dirty)
+            ram = ram_of(vmm.machine)
+            for vcpu in range(2):
+                base = working_set_base(ram, vcpu, passes)
+                working_set = set(range(base, base + WS, 4096))
+                assert working_set <= set(dirty), f"vcpu {vcpu}: dirty pages missed"
+            # Extra pages are the guest's own: its image and bss (per-vCPU blocks, stacks,
+            # the kvmclock pages, page tables) end below 4 MiB.
+            extra = set(dirty) - {
+                gpa
+                for vcpu in range(2)
+                for gpa in range(
+                    working_set_base(ram, vcpu, passes),
+                    working_set_base(ram, vcpu, passes) + WS,
+                    4096,
+                )
+            }
+            assert all(gpa < 4 * MIB for gpa in extra), sorted(hex(g) for g in extra)[:10]
+            for gpa, page in dirty.items():
+                assert page == ram[gpa : gpa + 4096]
+            # the next round starts empty while paused
+            assert client.query_dirty()["dirty_pages"] == 0
+            client.dirty_log_stop()
+
+
+# --- a stuck reader, errors ------------------------------------------------------------
+
+
+def test_a_reader_that_stops_reading_does_not_hang_the_vmm() -> None:
+    async def scenario(path: str) -> None:
+        read_end, write_end = os.pipe()
+        try:
+            async with open_client(path) as client, open_client(path) as other:
+                await client.pause()
+                async with trio.open_nursery() as nursery:
+                    outcome: list[str] = []
+
+                    async def dump() -> None:
+                        try:
+                            await client.dump_memory(format="raw", out=write_end)
+                            outcome.append("finished")
+                        except CommandError as exc:
+                            outcome.append(exc.code)
+
+                    nursery.start_soon(dump)
+                    await trio.sleep(0.3)
+                    # the dump is stuck on a full pipe; the server still answers
+                    with trio.fail_after(5):
+                        status = await other.query_status()
+                    assert status["state"] == "paused"
+                    nursery.cancel_scope.cancel()
+                with trio.fail_after(10):
+                    await other.resume()
+                    assert (await other.query_status())["state"] == "running"
+                assert outcome == []  # the client's own cancellation ended the call
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+    with vmms() as make:
+        vmm = make()
+        trio.run(scenario, vmm.path)
+        time.sleep(0.1)
+        assert vmm.host.state is RunState.RUNNING
+
+
+def expect_error(call: Callable[[], Any], code: str) -> CommandError:
+    with pytest.raises(CommandError) as info:
+        call()
+    assert info.value.code == code, info.value
+    return info.value
+
+
+def test_documented_refusals(tmp_path: Path) -> None:
+    with vmms() as make:
+        vmm = make()
+        incoming = make(incoming=True)
+        read_end, write_end = os.pipe()
+        try:
+            with vmm.client() as client, incoming.client() as receiver:
+                expect_error(lambda: client.dump_state(out=write_end), "invalid-state")
+                client.pause()
+                expect_error(
+                    lambda: client.dump_memory(format="snapshot", out=write_end), "invalid-fds"
+                )
+                expect_error(lambda: client.load_state(in_=read_end), "invalid-state")
+                expect_error(lambda: receiver.apply_pages(in_=read_end), "not-configured")
+                os.write(write_end, b"not a state blob at all")
+                expect_error(lambda: receiver.load_state(in_=read_end), "bad-state")
+                assert receiver.query_status()["state"] == "incoming"
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+
+def test_a_corrupt_page_stream_is_refused_and_the_guest_cannot_resume(tmp_path: Path) -> None:
+    with vmms() as make:
+        source = make()
+        source.console.wait_for_passes(2, 1)
+        target = make(incoming=True)
+        with source.client() as src, target.client() as dst:
+            src.pause()
+            with fd_pair("pipe", tmp_path) as (fd, received):
+                src.dump_state(out=fd)
+                blob = received()
+            with fd_pair("pipe", tmp_path) as (fd, received):
+                src.dump_memory(out=fd)
+                stream = bytearray(received())
+            state_file = tmp_path / "state"
+            state_file.write_bytes(blob)
+            with open(state_file, "rb") as handle:
+                dst.load_state(in_=handle.fileno())
+            stream[len(stream) // 2] ^= 0x40
+            (tmp_path / "bad").write_bytes(bytes(stream))
+            with open(tmp_path / "bad", "rb") as handle:
+                error = expect_error(lambda: dst.apply_pages(in_=handle.fileno()), "bad-stream")
+            assert "page stream" in str(error)
+            expect_error(dst.resume, "invalid-state")
+            (tmp_path / "good").write_bytes(bytes(stream[: len(stream) // 2 - 1]))
+            with open(tmp_path / "good", "rb") as handle:
+                expect_error(lambda: dst.apply_pages(in_=handle.fileno()), "bad-stream")
+            stream[len(stream) // 2] ^= 0x40
+            (tmp_path / "good").write_bytes(bytes(stream))
+            with open(tmp_path / "good", "rb") as handle:
+                dst.apply_pages(in_=handle.fileno())
+            dst.resume()
+            assert dst.query_status()["state"] == "running"
