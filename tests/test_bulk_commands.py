@@ -22,6 +22,7 @@ from vmipc.formats import (
     NEED_DATA,
     DataRun,
     PageStreamDecoder,
+    SectionEntry,
     SnapshotHeader,
     StreamEnd,
     ZeroRun,
@@ -226,6 +227,22 @@ def test_state_and_memory_into_a_fresh_incoming_vmm_continue_the_guest(tmp_path:
     assert min(check_against_model(combined, 2, WS).values()) >= reached + 2
 
 
+def compose_snapshot(client: SyncClient, path: Path) -> None:
+    """A snapshot file from building blocks: the VMM appends its sections to the file, the
+    client writes the header and, last, the section table."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        state = client.dump_state(format="snapshot", out=fd)
+        memory = client.dump_memory(format="snapshot", out=fd)
+        entries = [SectionEntry.from_dict(e) for e in [*state["sections"], memory["section"]]]
+        snapshot_id = new_snapshot_id()
+        table = encode_table(entries, snapshot_id, os.fstat(fd).st_size)
+        os.pwrite(fd, table.data, table.offset)
+        os.pwrite(fd, SnapshotHeader(snapshot_id, "vmipc-test").encode(), 0)
+    finally:
+        os.close(fd)
+
+
 def test_a_snapshot_composed_from_building_blocks_restores(tmp_path: Path) -> None:
     path = tmp_path / "snap.vmipc"
     with vmms() as make:
@@ -235,23 +252,7 @@ def test_a_snapshot_composed_from_building_blocks_restores(tmp_path: Path) -> No
         with source.client() as src, target.client() as dst:
             src.pause()
             reached = max(source.console.passes().values())
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                state = src.dump_state(format="snapshot", out=fd)
-                memory = src.dump_memory(format="snapshot", out=fd)
-                entries = [*state["sections"], memory["section"]]
-                snapshot_id = new_snapshot_id()
-                from vmipc.formats import SectionEntry
-
-                table = encode_table(
-                    [SectionEntry.from_dict(e) for e in entries],
-                    snapshot_id,
-                    os.fstat(fd).st_size,
-                )
-                os.pwrite(fd, table.data, table.offset)
-                os.pwrite(fd, SnapshotHeader(snapshot_id, "vmipc-test").encode(), 0)
-            finally:
-                os.close(fd)
+            compose_snapshot(src, path)
             with open(path, "rb") as snapshot:
                 dst.load_memory(format="snapshot", in_=snapshot.fileno())
                 dst.load_state(format="snapshot", in_=snapshot.fileno())

@@ -22,6 +22,7 @@ from vmipc.vmm.machine import (
     Machine,
     MachineConfig,
 )
+from vmipc.vmm.machine_api import StateChange
 from vmipc.vmm.memory import MemoryConfigError, layout_for, parse_size
 from vmipc.vmm.runstate import RunState
 
@@ -44,6 +45,22 @@ def add_parser(subparsers: Any) -> None:
     )
     boot.add_argument("--bootsector", metavar="FILE", help="boot a raw 512-byte boot sector")
     boot.add_argument("--multiboot", metavar="FILE", help="boot a multiboot (v1) kernel")
+    boot.add_argument(
+        "--restore",
+        metavar="FILE",
+        help=(
+            "restore a snapshot: configuration, vCPUs and devices from the file, guest RAM "
+            "mapped from it lazily (copy-on-write) unless --eager; runs at once unless --paused"
+        ),
+    )
+    parser.add_argument(
+        "--eager", action="store_true", help="with --restore: load all of RAM before running"
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="with --restore: check the memory section's checksum first (reads all of it)",
+    )
     parser.add_argument("--cmdline", default="", help="kernel command line (--multiboot)")
     parser.add_argument(
         "--guest-opt",
@@ -74,7 +91,9 @@ def add_parser(subparsers: Any) -> None:
         help="do not forward standard input to COM1 (with --console -)",
     )
     parser.add_argument("--socket", metavar="PATH", help="serve the control protocol here")
-    parser.add_argument("--paused", action="store_true", help="with --socket: create the VM paused")
+    parser.add_argument(
+        "--paused", action="store_true", help="with --socket: create (or restore) the VM paused"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.set_defaults(run=run)
 
@@ -161,11 +180,16 @@ def run(args: argparse.Namespace) -> int:
             "vmipc vmm: --incoming needs --socket (that is how the guest arrives)", file=sys.stderr
         )
         return EXIT_USAGE
+    if (args.eager or args.verify) and not args.restore:
+        print("vmipc vmm: --eager and --verify go with --restore", file=sys.stderr)
+        return EXIT_USAGE
     if args.paused and not args.socket:
         print("vmipc vmm: --paused needs --socket (something must resume it)", file=sys.stderr)
         return EXIT_USAGE
     try:
-        if args.incoming:
+        if args.restore:
+            host = MachineHost(sink, restore_machine(args.restore, sink, args))
+        elif args.incoming:
             host = MachineHost(sink)
             if args.memory is not None or args.vcpus is not None:
                 host.configure(config)
@@ -174,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
     except GuestImageError as exc:
         print(f"vmipc vmm: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RestoreError as exc:
+        print(f"vmipc vmm: cannot restore {args.restore}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (KvmUnavailableError, MissingCapabilityError) as exc:
         print(f"vmipc vmm: KVM is not usable: {exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT
@@ -196,6 +223,71 @@ def run(args: argparse.Namespace) -> int:
             os.close(console_fd)
 
 
+class RestoreError(Exception):
+    """The snapshot cannot be restored (one line: the section and the problem)."""
+
+
+def restore_machine(
+    path: str, console: Callable[[bytes], None], args: argparse.Namespace
+) -> Machine:
+    """Build a machine from a snapshot file: small sections read and verified, RAM mapped
+    from the memory section (lazy) or copied into a memfd (--eager), state restored.
+    The machine is paused, or running unless ``args.paused``."""
+    from vmipc.commands._bulk import BulkError, read_snapshot_memory, read_state_sections
+    from vmipc.formats import FormatError, SnapshotReader
+    from vmipc.vmm.memory import GuestMemory
+    from vmipc.vmm.transfer import Transfer
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RestoreError(exc.strerror) from None
+    try:
+        try:
+            reader = SnapshotReader(
+                lambda size, offset: os.pread(fd, size, offset), os.fstat(fd).st_size
+            )
+            reader.check_complete()
+            if reader.header.incremental:
+                raise RestoreError("an incremental snapshot: merge its chain first")
+            state = read_state_sections(fd)
+            section = reader.memory()
+            if args.verify:
+                reader.verify("memory")
+        except (FormatError, BulkError) as exc:
+            raise RestoreError(str(exc)) from None
+        stored = [(r.gpa, r.size, r.offset) for r in section.descriptor.regions]
+        empty = MachineConfig(state.config.memory_size, state.config.vcpus, BootSource("none"))
+        if args.eager:
+            machine = Machine(empty, console)
+            assert machine.memory is not None
+            try:
+                read_snapshot_memory(machine.memory, fd, Transfer())
+            except BulkError as exc:
+                machine.close()
+                raise RestoreError(str(exc)) from None
+        else:
+            memory = GuestMemory(
+                state.config.memory_size, fd=os.dup(fd), private_file_offset=section.data_offset
+            )
+            ours = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
+            if stored != ours or section.data_size < memory.size:
+                memory.close()
+                raise RestoreError(f"the memory section's layout {stored} does not fit")
+            machine = Machine(empty, console, memory=memory)
+    finally:
+        os.close(fd)
+    try:
+        machine.start(paused=True)
+        machine.restore_state(state)
+        if not args.paused:
+            machine.resume()
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
 def _run_standalone(machine: Machine) -> int:
     stop = threading.Event()
 
@@ -215,13 +307,16 @@ def _run_standalone(machine: Machine) -> int:
     return _exit_code_for(machine)
 
 
-def _exit_code_for(machine: Machine | None) -> int:
+def _exit_code_for(machine: Machine | None, state: RunState | None = None) -> int:
+    """0, or 1 when the guest crashed or powered off with a failure code. ``state``: the
+    last state before the machine was closed (a server closes it on quit)."""
     if machine is None:
         return EXIT_OK
-    if machine.state is RunState.CRASHED:
+    state = state or machine.state
+    if state is RunState.CRASHED:
         print(f"vmipc vmm: guest crashed: {machine.stop_reason}", file=sys.stderr)
         return EXIT_FAILED
-    if machine.state is RunState.SHUTDOWN and machine.power_off_code not in (None, 0):
+    if state is RunState.SHUTDOWN and machine.power_off_code not in (None, 0):
         return EXIT_FAILED
     return EXIT_OK
 
@@ -232,7 +327,7 @@ def _run_with_server(host: MachineHost, args: argparse.Namespace) -> int:
     from vmipc.server import serve
 
     async def main() -> None:
-        if host.machine is not None and not host.incoming:
+        if host.machine is not None and not host.incoming and not args.restore:
             host.machine.start(paused=args.paused)
         async with trio.open_nursery() as nursery:
 
@@ -249,5 +344,12 @@ def _run_with_server(host: MachineHost, args: argparse.Namespace) -> int:
             nursery.start_soon(serve_then_stop)
             nursery.start_soon(stop_on_signal)
 
+    final: list[RunState] = []
+
+    def remember(change: StateChange) -> None:
+        if change.new in (RunState.SHUTDOWN, RunState.CRASHED):
+            final.append(change.new)
+
+    host.add_listener(remember)
     trio.run(main)
-    return _exit_code_for(host.machine)
+    return _exit_code_for(host.machine, final[-1] if final else None)

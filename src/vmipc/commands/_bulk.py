@@ -102,6 +102,10 @@ def _region_pieces(
     """(first_page, npages, is_zero) covering ``runs`` of the region (all of it if None),
     in order; holes and all-zero pages are zero pieces."""
     view = memory.view[region.offset : region.offset + region.size]
+    if runs is None and not memory.fd_is_ram:
+        # RAM mapped privately from a snapshot: the file's holes say nothing of the
+        # guest's writes since, so every page is looked at
+        runs = [(0, region.size // PAGE_SIZE)]
     if runs is None:
         cursor = 0
         for offset, length in data_extents(memory.fd, region.offset, region.size):
@@ -163,7 +167,7 @@ def send_page_stream(
                     copy = memoryview(bytearray(view))
                     encoder.payload(copy)
                     transfer.write(fd, copy)
-                elif kind == "file":
+                elif kind == "file" or not memory.fd_is_ram:
                     encoder.payload(view)
                     transfer.write(fd, view)
                 else:
@@ -269,8 +273,11 @@ def write_raw_image(machine: Machine, fd: int, transfer: Transfer) -> Stats:
         if os.fstat(fd).st_size < base + memory.size:
             os.ftruncate(fd, base + memory.size)
         os.lseek(fd, base + memory.size, os.SEEK_SET)
-    else:
+    elif memory.fd_is_ram:
         transfer.sendfile(fd, memory.fd, 0, memory.size)
+        stats.data_pages = memory.size // PAGE_SIZE
+    else:
+        transfer.write(fd, memory.view)
         stats.data_pages = memory.size // PAGE_SIZE
     stats.bytes = memory.size
     return stats

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
-from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY
+from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, KvmClockData
 from vmipc.vmm.devices import Uart16550, UartState
 from vmipc.vmm.iobus import IoBus
 from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
@@ -197,7 +197,10 @@ class Machine:
         console: Callable[[bytes], None],
         *,
         kvm_path: str = "/dev/kvm",
+        memory: GuestMemory | None = None,
     ) -> None:
+        """``memory``: RAM built by the caller (e.g. mapped from a snapshot); the machine
+        owns it from now on."""
         if not 1 <= config.vcpus <= MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, not {config.vcpus}")
         install_kick_handler()
@@ -214,14 +217,17 @@ class Machine:
         self.power_off_code: int | None = None
         self._dirty_logging = False
         self._dirty_pending: list[int] = []
+        self._paused_clock: int | None = None
 
         self.kvm = Kvm(kvm_path)
         self.vm: Vm | None = None
-        self.memory: GuestMemory | None = None
+        self.memory: GuestMemory | None = memory
         try:
             self.kvm.require()
             self.vm = self.kvm.create_vm()
-            self.memory = GuestMemory(config.memory_size)
+            if memory is not None and memory.size != config.memory_size:
+                raise ValueError("the memory given does not have the configured size")
+            self.memory = memory if memory is not None else GuestMemory(config.memory_size)
             self._register_memory()
             self._create_platform()
             self.iobus = IoBus()
@@ -370,6 +376,7 @@ class Machine:
                 self._cond.wait(0.05)
             if self._state is not RunState.RUNNING:  # the guest stopped meanwhile
                 raise InvalidStateError("pause", self._state)
+            self._freeze_clock()
             change = self._set_state(RunState.PAUSED)
         self._notify(change)
 
@@ -378,6 +385,7 @@ class Machine:
         with self._cond:
             if self._state is not RunState.PAUSED:
                 raise InvalidStateError("resume", self._state)
+            self._thaw_clock()
             for vcpu in self.vcpus:
                 vcpu.kvm_run.immediate_exit = 0
             self._gate_closed = False
@@ -424,7 +432,7 @@ class Machine:
                     save_vcpu(vcpu, self._msr_indices, cpuid)
                     for vcpu, cpuid in zip(self.vcpus, self._cpuid, strict=True)
                 ),
-                vm=save_vm(self.vm),
+                vm=save_vm(self.vm, clock=self._paused_clock),
                 uart=self.uart.save(),
             )
 
@@ -445,6 +453,7 @@ class Machine:
                 restore_vcpu(vcpu, vcpu_state)
                 self._cpuid[vcpu.id] = cpuid_from_state(vcpu_state)
             restore_vm(self.vm, state.vm)
+            self._paused_clock = state.vm.clock
             self.uart = Uart16550.restore(state.uart, self._console, self._set_com1_irq)
             self.config = state.config
 
@@ -527,6 +536,18 @@ class Machine:
         return self.uart.feed_input(data)
 
     # --- internals ------------------------------------------------------------------
+
+    def _freeze_clock(self) -> None:
+        """Guest time stops while paused (as QEMU does): remember kvmclock now, put it back
+        on resume, and save this value with the state."""
+        assert self.vm is not None
+        self._paused_clock = int(self.vm.get_clock().clock)
+
+    def _thaw_clock(self) -> None:
+        assert self.vm is not None
+        if self._paused_clock is not None:
+            self.vm.set_clock(KvmClockData(clock=self._paused_clock))
+            self._paused_clock = None
 
     def _set_com1_irq(self, level: int) -> None:
         if self.vm is not None and self.vm.fd >= 0:

@@ -82,9 +82,17 @@ def parse_size(text: str) -> int:
 class GuestMemory:
     """Guest RAM in a memfd, mapped once into this process."""
 
-    def __init__(self, size: int, *, fd: int | None = None) -> None:
+    def __init__(
+        self, size: int, *, fd: int | None = None, private_file_offset: int | None = None
+    ) -> None:
+        """RAM in a new memfd, or (``private_file_offset``) a copy-on-write mapping of
+        ``size`` bytes of the file ``fd`` from that offset: a snapshot's memory section mapped
+        as guest RAM, read lazily as the guest touches it."""
         self.regions = layout_for(size)
         self.size = size
+        #: whether the fd holds the guest's RAM (a memfd); False for a private mapping of a
+        #: file, where the guest's writes live only in the mapping
+        self.fd_is_ram = private_file_offset is None
         if fd is None:
             fd = os.memfd_create("vmipc-guest-ram", os.MFD_CLOEXEC)
             try:
@@ -94,7 +102,11 @@ class GuestMemory:
                 raise MemoryConfigError(f"cannot allocate {size} bytes: {exc.strerror}") from None
         self.fd = fd
         try:
-            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if private_file_offset is None:
+                flags, offset = mmap.MAP_SHARED, 0
+            else:
+                flags, offset = mmap.MAP_PRIVATE, private_file_offset
+            self._map = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         except OSError as exc:
             os.close(fd)
             raise MemoryConfigError(f"cannot map {size} bytes: {exc.strerror}") from None

@@ -224,13 +224,14 @@ class VmState:
         return state
 
 
-def save_vm(vm: Vm) -> VmState:
+def save_vm(vm: Vm, *, clock: int | None = None) -> VmState:
+    """``clock``: kvmclock as it was when the guest stopped (default: now)."""
     return VmState(
         pic_master=_raw(vm.get_irqchip(structs.KVM_IRQCHIP_PIC_MASTER)),
         pic_slave=_raw(vm.get_irqchip(structs.KVM_IRQCHIP_PIC_SLAVE)),
         ioapic=_raw(vm.get_irqchip(structs.KVM_IRQCHIP_IOAPIC)),
         pit=_raw(vm.get_pit2()),
-        clock=int(vm.get_clock().clock),
+        clock=int(vm.get_clock().clock) if clock is None else clock,
     )
 
 
