@@ -19,7 +19,15 @@ EXIT_ENVIRONMENT = 3
 EXIT_INTERRUPTED = 130
 
 #: subcommand modules, each exporting add_parser(subparsers) and run(args) -> int
-_SUBCOMMANDS = ("vmipc.cli.vmm", "vmipc.cli.call", "vmipc.cli.snapshot")
+_SUBCOMMANDS = (
+    "vmipc.cli.vmm",
+    "vmipc.cli.call",
+    "vmipc.cli.snapshot",
+    "vmipc.cli.checkpoint",
+    "vmipc.cli.restore",
+    "vmipc.cli.migrate",
+    "vmipc.cli.receive",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

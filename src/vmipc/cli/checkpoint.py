@@ -1,0 +1,83 @@
+"""``vmipc checkpoint`` and ``vmipc suspend``: a VM's full snapshot in one file.
+
+    vmipc checkpoint [--socket PATH] FILE [--leave-paused] [--no-verify] [--json]
+    vmipc suspend    [--socket PATH] FILE [--no-verify] [--json]
+
+The file is written under a temporary name in FILE's directory and renamed into place
+once complete, checked and fsynced: FILE is either the previous file or the whole new
+snapshot, never a part of one. Exit codes: 0 done; 1 a step failed (one line says which
+and what became of the VM: a VM this command paused is resumed); 2 bad usage; 3 the VMM
+cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vmipc.cli import EXIT_USAGE
+from vmipc.cli._sequence import add_socket_argument, print_report, run_sequence, socket_path
+from vmipc.client import open_client
+from vmipc.sequences import SnapshotReport, checkpoint
+from vmipc.sequences._snapshot import Then
+
+
+def add_parser(subparsers: Any) -> None:
+    for name, doc in (
+        ("checkpoint", "write a snapshot of a VM to one file; the VM runs on"),
+        ("suspend", "write a snapshot of a VM to one file, then quit its VMM"),
+    ):
+        parser: argparse.ArgumentParser = subparsers.add_parser(
+            name,
+            help=doc,
+            description=(
+                f"{doc[0].upper()}{doc[1:]}. Pause, dump-state and dump-memory into a "
+                "temporary file beside FILE, seal it (section table), check it, then "
+                "rename it to FILE. See docs/sequences.md."
+            ),
+            epilog="exit codes: 0 done; 1 a step failed; 2 bad usage; 3 VMM unreachable",
+        )
+        add_socket_argument(parser)
+        parser.add_argument("file", metavar="FILE", help="the snapshot file to write")
+        if name == "checkpoint":
+            parser.add_argument(
+                "--leave-paused",
+                action="store_true",
+                help="leave the VM paused afterwards instead of resuming it",
+            )
+        parser.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="do not read the file back to check every checksum before publishing it",
+        )
+        parser.add_argument("--json", action="store_true", help="print the report as JSON")
+        parser.set_defaults(run=run, _sequence=name)
+
+
+def _lines(data: dict[str, Any]) -> list[str]:
+    return [
+        f"snapshot   {data['path']} ({data['size']} bytes)",
+        f"id         {data['snapshot_id']} (table checksum {data['table_checksum']:#018x})",
+        f"vm         {data['vm']}",
+        f"downtime   {data['downtime_s'] * 1000:.1f} ms",
+        f"total      {data['total_s'] * 1000:.1f} ms",
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    prog = f"vmipc {args._sequence}"
+    path = socket_path(args, prog)
+    if path is None:
+        return EXIT_USAGE
+    then: Then = "quit"
+    if args._sequence == "checkpoint":
+        then = "pause" if args.leave_paused else "resume"
+
+    async def main() -> SnapshotReport:
+        async with open_client(path, client_name=prog) as client:
+            return await checkpoint(client, args.file, then=then, verify=not args.no_verify)
+
+    code, report = run_sequence(prog, main)
+    if report is not None:
+        print_report(report, args.json, _lines)
+    return code

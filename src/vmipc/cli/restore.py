@@ -1,0 +1,68 @@
+"""``vmipc restore``: restore a snapshot file into an incoming VMM.
+
+    vmipc restore [--socket PATH] FILE [--paused] [--quit-on-failure] [--json]
+
+The VMM is one started with ``vmipc vmm --incoming --socket PATH`` (no --memory/--vcpus
+needed: the machine is built from the file). Sends load-memory and load-state (both with
+format snapshot; the file is verified first) and resume. Exit codes: 0 done; 1 a step
+failed (the incoming VM does not run); 2 bad usage; 3 the VMM cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vmipc.cli import EXIT_USAGE
+from vmipc.cli._sequence import add_socket_argument, print_report, run_sequence, socket_path
+from vmipc.client import open_client
+from vmipc.sequences import RestoreReport, restore_into
+
+PROG = "vmipc restore"
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "restore",
+        help="restore a snapshot file into an incoming VMM",
+        description=(
+            "Restore a snapshot file into a VMM started with `vmipc vmm --incoming`: "
+            "load-memory and load-state from the file, then resume. See docs/sequences.md."
+        ),
+        epilog="exit codes: 0 done; 1 a step failed; 2 bad usage; 3 VMM unreachable",
+    )
+    add_socket_argument(parser)
+    parser.add_argument("file", metavar="FILE", help="the snapshot file")
+    parser.add_argument("--paused", action="store_true", help="leave the restored VM paused")
+    parser.add_argument(
+        "--quit-on-failure",
+        action="store_true",
+        help="tell the incoming VMM to quit when the restore fails",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = socket_path(args, PROG)
+    if path is None:
+        return EXIT_USAGE
+
+    async def main() -> RestoreReport:
+        async with open_client(path, client_name=PROG) as client:
+            return await restore_into(
+                client, args.file, resume=not args.paused, discard_on_failure=args.quit_on_failure
+            )
+
+    code, report = run_sequence(PROG, main)
+    if report is not None:
+        print_report(
+            report,
+            args.json,
+            lambda d: [
+                f"restored   {d['path']}: {d['vcpus']} vCPUs, {d['memory_size']} bytes of RAM",
+                f"vm         {d['vm']}",
+                f"total      {d['total_s'] * 1000:.1f} ms",
+            ],
+        )
+    return code

@@ -1,0 +1,98 @@
+"""What every sequence shares: its error, best-effort clean-up calls, durable files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+
+from vmipc.client import Client, CommandError, ConnectionClosed
+
+T = TypeVar("T")
+
+#: seconds a clean-up call (resume the source, quit the destination) may take
+CLEANUP_TIMEOUT = 10.0
+
+
+class SequenceError(Exception):
+    """A sequence failed at ``step``; ``outcome`` says, in one line, what it left behind
+    (which VM runs, what happened to the file). ``cause`` is the underlying error."""
+
+    def __init__(self, step: str, cause: BaseException | str, outcome: str) -> None:
+        reason = cause if isinstance(cause, str) else describe(cause)
+        super().__init__(f"{step}: {reason}; {outcome}")
+        self.step = step
+        self.reason = reason
+        self.outcome = outcome
+        self.cause = cause if isinstance(cause, BaseException) else None
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error raised by a building block or the transport."""
+    if isinstance(exc, CommandError):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(exc, ConnectionClosed):
+        return f"connection lost ({exc})" if str(exc) else "connection lost"
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in exc.exceptions)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    return str(exc) or type(exc).__name__
+
+
+async def best_effort(
+    call: Callable[[], Awaitable[T]], timeout: float = CLEANUP_TIMEOUT
+) -> tuple[T | None, BaseException | None]:
+    """Run a clean-up call shielded from cancellation and bounded in time; never raise.
+    Returns (result, None) or (None, the error)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(timeout) as scope:
+        try:
+            return await call(), None
+        except Exception as exc:
+            return None, exc
+    assert scope.cancelled_caught
+    return None, trio.TooSlowError()
+
+
+async def state_of(client: Client) -> str | None:
+    """The VM's run state, or None when it cannot be asked (VMM gone)."""
+    status, _ = await best_effort(client.query_status, timeout=5)
+    return None if status is None else str(status["state"])
+
+
+async def resume_if_paused(client: Client) -> str:
+    """Resume a VM that a failed sequence paused; says in words what became of it."""
+    _, error = await best_effort(client.resume)
+    if error is None:
+        return "the source VM runs again"
+    state = await state_of(client)
+    if state == "running":
+        return "the source VM runs"
+    if state is None:
+        return f"the source VM could not be resumed ({describe(error)}): its VMM is gone"
+    return f"the source VM could not be resumed ({describe(error)}): it is {state}"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A report dataclass as JSON-friendly data."""
+    import dataclasses
+
+    return dataclasses.asdict(obj)
