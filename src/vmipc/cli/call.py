@@ -93,7 +93,14 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, metavar="SECONDS", help="give up after this long (default: wait)"
     )
     parser.add_argument(
-        "--fd", action="append", default=[], metavar="NAME=PATH|-", help="pass a file descriptor"
+        "--fd",
+        action="append",
+        default=[],
+        metavar="NAME=PATH|-",
+        help=(
+            "pass a file descriptor: a file (an out fd truncates it; NAME=+PATH adds to it), "
+            "or - for this process's stdout (out) / stdin (in)"
+        ),
     )
     parser.add_argument("command", nargs="?", metavar="CMD", help="the command to send")
     parser.add_argument("params", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -239,7 +246,11 @@ def open_fds(spec: CommandSpec, items: Sequence[str]) -> Iterator[dict[str, int]
                 fds[name] = 1 if fd_spec.direction == "out" else 0
                 continue
             flags = os.O_CLOEXEC
-            if fd_spec.direction == "out":
+            if fd_spec.direction == "out" and target.startswith("+"):
+                # "+PATH": add to the file as it is (sections of a snapshot being composed)
+                target = target[1:]
+                flags |= os.O_RDWR | os.O_CREAT
+            elif fd_spec.direction == "out":
                 flags |= os.O_WRONLY | os.O_CREAT | os.O_TRUNC
             else:
                 flags |= os.O_RDONLY

@@ -17,12 +17,13 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from vmipc.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from vmipc.formats import FormatError, MissingSection, SnapshotReader
+from vmipc.formats import FormatError, MissingSection, SectionEntry, SnapshotReader
 from vmipc.formats import snapshot as fmt
 
 PROG = "vmipc snapshot"
@@ -61,6 +62,25 @@ def add_parser(subparsers: Any) -> None:
     verify.add_argument("file", metavar="FILE")
     verify.add_argument("--section", metavar="NAME", help="check only this section")
     verify.set_defaults(run=run, _action=_verify)
+    seal = actions.add_parser(
+        "seal",
+        help="finish a snapshot composed with vmipc call",
+        description=(
+            "Finish a snapshot file whose sections were appended by building blocks "
+            "(`vmipc call dump-state format=snapshot --fd out=+FILE --json`, then dump-memory "
+            "likewise): write the header and, last, the section table built from the "
+            "commands' JSON results."
+        ),
+    )
+    seal.add_argument("file", metavar="FILE")
+    seal.add_argument(
+        "results",
+        metavar="RESULT.json",
+        nargs="+",
+        help="the --json output of each dump-state / dump-memory call, in order",
+    )
+    seal.add_argument("--producer", default="vmipc snapshot seal", help="the producer string")
+    seal.set_defaults(run=run_seal)
 
 
 class _Failure(Exception):
@@ -96,6 +116,41 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{PROG}: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def run_seal(args: argparse.Namespace) -> int:
+    entries: list[SectionEntry] = []
+    try:
+        for name in args.results:
+            with open(name, encoding="utf-8") as handle:
+                result = json.load(handle)
+            found = list(result.get("sections") or [])
+            if result.get("section"):
+                found.append(result["section"])
+            if not found:
+                raise _Failure(EXIT_USAGE, f"{name}: no snapshot sections in this result")
+            entries += [SectionEntry.from_dict(item) for item in found]
+        fd = os.open(args.file, os.O_RDWR | os.O_CLOEXEC)
+    except _Failure as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.code
+    except (OSError, ValueError, AttributeError) as exc:
+        print(f"{PROG}: seal: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        snapshot_id = fmt.new_snapshot_id()
+        table = fmt.encode_table(entries, snapshot_id, os.fstat(fd).st_size)
+        header = fmt.SnapshotHeader(snapshot_id, args.producer, created_ns=time.time_ns())
+        os.pwrite(fd, header.encode(), 0)
+        os.pwrite(fd, table.data, table.offset)
+        os.fsync(fd)
+    except ValueError as exc:
+        print(f"{PROG}: {args.file}: cannot seal: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        os.close(fd)
+    print(f"{args.file}: sealed ({len(entries)} sections, snapshot {snapshot_id.hex()})")
+    return EXIT_OK
 
 
 def _verify(args: argparse.Namespace, reader: SnapshotReader) -> int:

@@ -296,7 +296,8 @@ def _run_standalone(machine: Machine) -> int:
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        machine.start()
+        if machine.state is RunState.CREATED:  # a restored machine runs already
+            machine.start()
         while not stop.is_set():
             state = machine.wait_stopped(0.2)
             if state in (RunState.SHUTDOWN, RunState.CRASHED):
