@@ -196,7 +196,7 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
     """
     decoder = PageStreamDecoder(expect_layout=list(memory.ram_ranges()))
     stats = Stats()
-    rounds = 0
+    rounds = data_bytes = 0
     try:
         while True:
             event = decoder.next_event()
@@ -207,7 +207,7 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
             elif isinstance(event, DataRun):
                 offset = memory.offset_of(event.gpa, len(event.data))
                 memory.view[offset : offset + len(event.data)] = event.data
-                stats.data_pages += len(event.data) // PAGE_SIZE
+                data_bytes += len(event.data)  # a run may arrive in unaligned pieces
             elif isinstance(event, ZeroRun):
                 length = event.npages * PAGE_SIZE
                 _zero_range(memory, memory.offset_of(event.gpa, length), length)
@@ -220,6 +220,7 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
         raise BulkError("bad-stream", str(exc)) from None
     except PeerClosed as exc:
         raise BulkError("bad-stream", f"page stream truncated: {exc}") from None
+    stats.data_pages = data_bytes // PAGE_SIZE
     stats.extra["rounds"] = rounds
     return stats
 
