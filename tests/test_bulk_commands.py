@@ -543,3 +543,23 @@ def test_every_dump_and_load_through_every_fd_kind(kind: str, tmp_path: Path) ->
             dst.pause()
     combined = (source.console.text + target.console.text).split("\n")[:-1]
     check_against_model(combined, 2, WS)
+
+
+def test_long_commands_report_progress(tmp_path: Path) -> None:
+    with vmms() as make:
+        vmm = make(ws="16M")
+        vmm.console.wait_for_passes(2, 1)
+        seen: list[dict[str, Any]] = []
+        with SyncClient(vmm.path, timeout=30, events=["progress"]) as client:
+            client.pause()
+            with fd_pair("pipe", tmp_path) as (fd, received):
+                result = client.dump_memory(
+                    format="raw", out=fd, on_progress=lambda e: seen.append(e.data)
+                )
+                received()
+        assert seen, "no progress events"
+        assert all(event["command"] == "dump-memory" for event in seen)
+        done = [event["done"] for event in seen]
+        assert done == sorted(done)
+        assert all(event["total"] == MEMORY for event in seen)
+        assert result["bytes"] == MEMORY
