@@ -563,3 +563,29 @@ def test_long_commands_report_progress(tmp_path: Path) -> None:
         assert done == sorted(done)
         assert all(event["total"] == MEMORY for event in seen)
         assert result["bytes"] == MEMORY
+
+
+def test_bulk_commands_leak_no_fds(tmp_path: Path) -> None:
+    from tests.control_support import describe_fds, open_fds, wait_for_fds
+
+    with vmms() as make:
+        source = make()
+        source.console.wait_for_passes(2, 1)
+        target = make(incoming=True)
+        target.host.configure(MachineConfig(MEMORY, 2))
+        with source.client() as src, target.client() as dst:
+            src.pause()
+            baseline = open_fds()
+            for kind in ("file", "pipe", "socketpair", "tcp"):
+                vmm_to_vmm(
+                    kind,
+                    tmp_path,
+                    lambda fd: src.dump_memory(out=fd),
+                    lambda fd: dst.apply_pages(in_=fd),
+                )
+            read_end, write_end = os.pipe()
+            os.close(read_end)
+            expect_error(lambda: src.dump_memory(format="raw", out=write_end), "invalid-fds")
+            os.close(write_end)
+            leaked = wait_for_fds(baseline)
+            assert not leaked, describe_fds(leaked)
