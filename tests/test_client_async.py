@@ -17,7 +17,17 @@ from vmipc.client import (
     Event,
     open_client,
 )
-from vmipc.protocol import load_schema
+from vmipc.protocol import (
+    Error,
+    ErrorInfo,
+    FrameDecoder,
+    Request,
+    Result,
+    decode_message,
+    encode_frame,
+    encode_message,
+    load_schema,
+)
 from vmipc.server import Server, ServerConfig
 from vmipc.vmm.runstate import RunState
 
@@ -169,3 +179,59 @@ async def test_no_server_is_an_os_error() -> None:
     with short_tmpdir() as tmp, pytest.raises(FileNotFoundError):
         async with open_client(os.path.join(tmp, "nothing.sock")):
             pass
+
+
+async def test_an_answer_that_arrives_with_the_close_is_kept() -> None:
+    """A server that answers ``quit`` and closes at once: the reply, the connection-level
+    error and the EOF can arrive before the caller wakes up; the caller gets the reply."""
+    schema = load_schema()
+    rounds = 30
+    with short_tmpdir() as tmp:
+        path = os.path.join(tmp, "fake.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+
+        async def fake_server() -> None:
+            for _ in range(rounds):
+                await fake_connection()
+
+        async def fake_connection() -> None:
+            sock, _ = await listener.accept()
+            decoder = FrameDecoder()
+            answered = 0
+            with sock:
+                while answered < 2:
+                    decoder.feed(await sock.recv(65536))
+                    while (frame := decoder.next_frame()) is not None:
+                        request = decode_message(frame.payload, allowed=frozenset({"request"}))
+                        assert isinstance(request, Request)
+                        rid = request.id
+                        if answered == 0:  # hello
+                            result = {
+                                "protocol": schema.version,
+                                "server": {"name": "fake", "version": "0", "pid": 1},
+                                "commands": sorted(schema.commands),
+                                "events": [],
+                                "capabilities": [],
+                                "limits": {
+                                    "max_frame_size": 1 << 20,
+                                    "max_fds_per_request": 8,
+                                    "max_in_flight": 8,
+                                },
+                            }
+                            await sock.send(encode_frame(encode_message(Result(rid, result))))
+                        else:  # quit: reply, last words and close in one piece
+                            last_words = Error(None, ErrorInfo("shutting-down", "bye"))
+                            await sock.send(
+                                encode_frame(encode_message(Result(rid, {})))
+                                + encode_frame(encode_message(last_words))
+                            )
+                        answered += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fake_server)
+            for _ in range(rounds):  # trio's scheduler varies the order: try it often
+                async with open_client(path) as client:
+                    assert await client.quit() == {}
+        listener.close()

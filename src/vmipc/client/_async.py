@@ -259,6 +259,8 @@ class Client(AsyncCommands):
         if self._closed is None:
             self._closed = exc
         for pending in self._pending.values():
+            if pending.done.is_set():
+                continue  # answered before the connection closed (``quit``): keep the answer
             pending.closed = self._closed
             pending.done.set()
         self._event_arrived.set()
