@@ -8,6 +8,30 @@ whatever fails; the guarantee of every step is in docs/sequences.md.
 from __future__ import annotations
 
 from vmipc.sequences._common import SequenceError, as_dict
+from vmipc.sequences._migrate import (
+    DEFAULT_MAX_DOWNTIME,
+    DEFAULT_MAX_ROUNDS,
+    DEFAULT_TIMEOUT,
+    Destination,
+    LocalDestination,
+    MigrationNotConverged,
+    MigrationReport,
+    Round,
+    TransferError,
+    migrate,
+    migrate_blocking,
+    migrate_local,
+    run_transfer,
+)
+from vmipc.sequences._net import (
+    ControlError,
+    ReceiveReport,
+    TcpDestination,
+    listen,
+    migrate_tcp,
+    parse_address,
+    receive,
+)
 from vmipc.sequences._snapshot import (
     PRODUCER,
     RestoreReport,
@@ -24,15 +48,35 @@ from vmipc.sequences._snapshot import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_DOWNTIME",
+    "DEFAULT_MAX_ROUNDS",
+    "DEFAULT_TIMEOUT",
     "PRODUCER",
+    "ControlError",
+    "Destination",
+    "LocalDestination",
+    "MigrationNotConverged",
+    "MigrationReport",
+    "ReceiveReport",
     "RestoreReport",
+    "Round",
     "SequenceError",
     "SnapshotReport",
+    "TcpDestination",
+    "TransferError",
     "as_dict",
     "checkpoint",
     "checkpoint_blocking",
+    "listen",
+    "migrate",
+    "migrate_blocking",
+    "migrate_local",
+    "migrate_tcp",
+    "parse_address",
+    "receive",
     "restore_into",
     "restore_into_blocking",
+    "run_transfer",
     "seal",
     "suspend",
     "suspend_blocking",

@@ -1,0 +1,162 @@
+"""``vmipc migrate``: live-migrate a running VM (pre-copy) to another VMM.
+
+    vmipc migrate [--socket SRC] --to DST_SOCKET|tcp:HOST:PORT [--max-downtime MS]
+                  [--max-rounds N] [--timeout SECONDS] [--force] [--json]
+
+DST_SOCKET is the control socket of a local ``vmipc vmm --incoming --memory M --vcpus N``;
+``tcp:HOST:PORT`` is a ``vmipc receive --listen HOST:PORT`` on another host. Memory goes
+from VMM to VMM through a socket (pair), never through this process.
+
+Policy: dirty rounds go on while the predicted downtime (dirty bytes ÷ the rate measured
+in the previous round) is above --max-downtime and the rounds make progress, up to
+--max-rounds and --timeout. If it does not converge the migration gives up cleanly: the
+source runs on and the destination is discarded — unless --force, which stops the source
+anyway and accepts the longer downtime.
+
+Exit codes: 0 migrated (the destination runs, the source quit); 1 a step failed or it
+gave up (one line says which VM runs); 2 bad usage; 3 a VMM cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from vmipc.cli import EXIT_FAILED, EXIT_USAGE
+from vmipc.cli._sequence import add_socket_argument, print_report, run_sequence, socket_path
+from vmipc.sequences import (
+    DEFAULT_MAX_DOWNTIME,
+    DEFAULT_MAX_ROUNDS,
+    DEFAULT_TIMEOUT,
+    MigrationNotConverged,
+    MigrationReport,
+    as_dict,
+    migrate_local,
+)
+
+PROG = "vmipc migrate"
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "migrate",
+        help="live-migrate a running VM to another VMM (pre-copy)",
+        description=(
+            "Live-migrate the running VM behind --socket to an incoming VMM: full pass, "
+            "dirty rounds while the guest runs, then pause, last pages and state, resume "
+            "at the destination, quit the source. See docs/sequences.md."
+        ),
+        epilog="exit codes: 0 migrated; 1 failed or gave up; 2 bad usage; 3 VMM unreachable",
+    )
+    add_socket_argument(parser, "the source VMM's control socket (default $VMIPC_SOCKET)")
+    parser.add_argument(
+        "--to",
+        required=True,
+        metavar="DST",
+        help="the destination: an incoming VMM's control socket, or tcp:HOST:PORT",
+    )
+    parser.add_argument(
+        "--max-downtime",
+        type=float,
+        default=DEFAULT_MAX_DOWNTIME * 1000,
+        metavar="MS",
+        help="stop the source once the predicted downtime is at most this (default 50)",
+    )
+    parser.add_argument(
+        "--max-rounds",
+        type=int,
+        default=DEFAULT_MAX_ROUNDS,
+        metavar="N",
+        help=f"most dirty rounds before giving up (default {DEFAULT_MAX_ROUNDS})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up pre-copy after this long (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="when it does not converge, stop the source anyway instead of giving up",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=run)
+
+
+def _lines(data: dict[str, Any]) -> list[str]:
+    downtime = data["downtime_s"]
+    lines = [
+        f"outcome    {data['outcome']}"
+        + (" (forced: did not converge)" if data["forced"] else "")
+        + (f": {data['reason']}" if data["reason"] else ""),
+        f"source     {data['source']}",
+        f"dest       {data['destination']}",
+        f"total      {data['total_s'] * 1000:.1f} ms",
+        f"downtime   {'-' if downtime is None else f'{downtime * 1000:.1f} ms'}",
+        f"rounds     {data['rounds']} dirty rounds after the full pass",
+        f"bytes      {data['bytes']} of pages, {data['state_bytes']} of state",
+        f"  {'ROUND':>5} {'KIND':6} {'DIRTY':>8} {'DATA':>8} {'ZERO':>8} {'BYTES':>12} {'MS':>8}",
+    ]
+    for r in data["round_details"]:
+        dirty = "-" if r["dirty_pages"] is None else str(r["dirty_pages"])
+        lines.append(
+            f"  {r['number']:5} {r['kind']:6} {dirty:>8} {r['data_pages']:8} "
+            f"{r['zero_pages']:8} {r['bytes']:12} {r['seconds'] * 1000:8.1f}"
+        )
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    source = socket_path(args, PROG)
+    if source is None:
+        return EXIT_USAGE
+    if args.max_downtime < 0 or args.max_rounds < 0 or args.timeout <= 0:
+        print(
+            f"{PROG}: --max-downtime, --max-rounds and --timeout must be positive", file=sys.stderr
+        )
+        return EXIT_USAGE
+    options = {
+        "max_downtime": args.max_downtime / 1000,
+        "max_rounds": args.max_rounds,
+        "timeout": args.timeout,
+        "force": args.force,
+    }
+    if args.to.startswith("tcp:"):
+        from vmipc.sequences import migrate_tcp, parse_address
+
+        try:
+            address = parse_address(args.to.removeprefix("tcp:"))
+        except ValueError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+        async def main() -> MigrationReport:
+            return await migrate_tcp(source, address, **options)
+    else:
+
+        async def main() -> MigrationReport:
+            return await migrate_local(source, args.to, **options)
+
+    gave_up: list[MigrationReport] = []
+
+    async def guarded() -> MigrationReport:
+        try:
+            return await main()
+        except MigrationNotConverged as exc:
+            gave_up.append(exc.report)
+            raise
+
+    code, report = run_sequence(PROG, guarded)
+    if report is None and gave_up:
+        report = gave_up[0]
+        code = EXIT_FAILED
+    if report is not None:
+        if args.json:
+            print(json.dumps(as_dict(report), indent=2))
+        else:
+            print_report(report, False, _lines)
+    return code

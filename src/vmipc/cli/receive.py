@@ -1,0 +1,101 @@
+"""``vmipc receive``: the destination side of a migration across hosts.
+
+    vmipc receive --listen HOST:PORT [--socket PATH] [--console PATH] [--vmm-log PATH]
+                  [--accept-timeout SECONDS] [--json]
+
+Accepts one TCP connection from ``vmipc migrate --to tcp:HOST:PORT`` and feeds what
+arrives straight into an incoming VMM: the one at --socket, or one it starts (``vmipc vmm
+--incoming`` with the source's RAM and vCPU count, console to --console), which keeps
+running after this command exits when the migration succeeds. Prints ``listening on
+HOST:PORT`` first (PORT 0 picks a free port). If anything fails before the switch-over the
+destination VMM is told to quit. Exit codes: 0 the guest runs here; 1 the migration failed
+(the destination was discarded); 2 bad usage; 3 cannot listen or reach the VMM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_USAGE
+from vmipc.cli._sequence import print_report, run_sequence
+from vmipc.sequences import ReceiveReport, listen, parse_address, receive
+
+PROG = "vmipc receive"
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "receive",
+        help="receive one migration over TCP into an incoming VMM",
+        description=(
+            "Accept one `vmipc migrate --to tcp:HOST:PORT` and feed it into an incoming "
+            "VMM (the one at --socket, or one started here). See docs/sequences.md."
+        ),
+        epilog="exit codes: 0 the guest runs here; 1 failed; 2 bad usage; 3 environment",
+    )
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="where to listen")
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="an incoming VMM's control socket (default: start one)",
+    )
+    parser.add_argument(
+        "--console",
+        default="/dev/null",
+        metavar="PATH",
+        help="with no --socket: the started VMM's console file (default /dev/null)",
+    )
+    parser.add_argument(
+        "--vmm-log", metavar="PATH", help="with no --socket: the started VMM's stderr"
+    )
+    parser.add_argument(
+        "--accept-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up if nobody connects within this time",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        address = parse_address(args.listen)
+    except ValueError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        listener = listen(address)
+    except OSError as exc:
+        print(f"{PROG}: cannot listen on {args.listen}: {exc.strerror}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    host, port = listener.getsockname()[:2]
+    print(f"listening on {host}:{port}", flush=True)
+
+    async def main() -> ReceiveReport:
+        return await receive(
+            listener,
+            vmm_socket=args.socket,
+            console=args.console,
+            vmm_log=args.vmm_log,
+            accept_timeout=args.accept_timeout,
+        )
+
+    code, report = run_sequence(PROG, main)
+    listener.close()
+    if report is None:
+        return code
+    print_report(
+        report,
+        args.json,
+        lambda d: [
+            f"outcome    {d['outcome']}" + (f": {d['reason']}" if d["reason"] else ""),
+            f"from       {d['peer']}",
+            f"vmm        {d['socket']}" + (f" (pid {d['pid']})" if d["pid"] else ""),
+            f"transfers  {d['transfers']}",
+            f"total      {d['total_s'] * 1000:.1f} ms",
+        ],
+    )
+    return 0 if report.outcome == "running" else EXIT_FAILED
