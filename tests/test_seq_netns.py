@@ -1,0 +1,268 @@
+"""Migration over TCP between two network namespaces joined by a veth pair that this test
+creates (addresses 10.200.N.1/30 and 10.200.N.2/30 exist only inside those namespaces and
+are removed with them): the guest continues exactly; a client killed mid-way and a
+destination VMM killed mid-way each leave exactly one VM running."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.seq_support import (
+    VMIPC,
+    VmmProcess,
+    Vmms,
+    check_continuation,
+    vmm_processes,
+)
+from vmipc.client import SyncClient
+
+pytestmark = pytest.mark.kvm
+
+
+def _netns_unavailable() -> str | None:
+    if shutil.which("ip") is None:
+        return "`ip` (iproute2) is not installed"
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"`ip netns` is unavailable: {probe.stderr.strip()}"
+    return None
+
+
+UNAVAILABLE = _netns_unavailable()
+
+
+def ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=10)
+
+
+@contextmanager
+def veth_namespaces() -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
+    """Two namespaces joined by a veth pair; yields ((ns_a, ip_a), (ns_b, ip_b))."""
+    tag = f"{os.getpid() % 100000}"
+    ns_a, ns_b = f"vmipc-{tag}-a", f"vmipc-{tag}-b"
+    net = 200 + os.getpid() % 50  # 10.200.N.0/30, N in 200..249
+    addr_a, addr_b = f"10.200.{net}.1", f"10.200.{net}.2"
+    made: list[str] = []
+    try:
+        for ns in (ns_a, ns_b):
+            ip("netns", "add", ns)
+            made.append(ns)
+        ip(
+            "link",
+            "add",
+            f"vm{tag}a",
+            "netns",
+            ns_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"vm{tag}b",
+            "netns",
+            ns_b,
+        )
+        for ns, dev, addr in ((ns_a, f"vm{tag}a", addr_a), (ns_b, f"vm{tag}b", addr_b)):
+            ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        yield (ns_a, addr_a), (ns_b, addr_b)
+    finally:
+        for ns in made:  # deleting a namespace removes its veth end and addresses
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def in_ns(ns: str) -> tuple[str, ...]:
+    return ("ip", "netns", "exec", ns)
+
+
+class Receiver:
+    def __init__(self, ns: str, addr: str, tmp: str, socket: str | None = None) -> None:
+        self.console = Path(tmp) / "received.console"
+        argv = [*in_ns(ns), *VMIPC, "receive", "--listen", f"{addr}:0", "--json"]
+        argv += ["--console", str(self.console), "--accept-timeout", "30"]
+        if socket:
+            argv += ["--socket", socket]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def result(self) -> tuple[int, dict]:
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        code = self.proc.wait(timeout=30)
+        return code, json.loads(out)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def quit_vmm_at(socket: str, pid: int | None) -> None:
+    try:
+        with SyncClient(socket, timeout=5) as client:
+            client.quit()
+    except Exception:
+        if pid:
+            os.kill(pid, 9)
+
+
+def source(vmms: Vmms, ns: str) -> VmmProcess:
+    src = vmms.guest(prefix=in_ns(ns))
+    src.wait_for_passes(2)
+    return src
+
+
+needs_netns = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
+
+
+@needs_netns
+def test_migration_over_tcp_between_namespaces_continues_the_guest() -> None:
+    with veth_namespaces() as ((ns_a, _), (ns_b, addr_b)), vmm_processes() as vmms:
+        src = source(vmms, ns_a)
+        receiver = Receiver(ns_b, addr_b, vmms.tmp)
+        try:
+            done = subprocess.run(
+                [
+                    *in_ns(ns_a),
+                    *VMIPC,
+                    "migrate",
+                    "--socket",
+                    src.socket,
+                    "--to",
+                    f"tcp:{addr_b}:{receiver.port}",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            report = json.loads(done.stdout)
+            assert report["outcome"] == "migrated" and report["destination"] == "running"
+            code, received = receiver.result()
+            assert code == 0 and received["outcome"] == "running"
+            assert received["peer"].startswith("10.200.")
+            assert src.wait_exit() == 0
+            try:
+                with SyncClient(received["socket"], timeout=10) as client:
+                    assert client.query_status()["state"] == "running"
+                    reached = max(src.passes().values())
+
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline:
+                        text = receiver.console.read_text()
+                        if text.count("\n") > 6 and f"pass={reached + 2} " in text:
+                            break
+                        time.sleep(0.05)
+                    client.pause()
+                check_continuation(src.text(), receiver.console.read_text())
+            finally:
+                quit_vmm_at(received["socket"], received["pid"])
+        finally:
+            receiver.stop()
+
+
+KILL_CLIENT = """
+import os, signal, sys, trio
+from vmipc.sequences import migrate_tcp
+def hook(at):
+    if at == sys.argv[3]:
+        os.kill(os.getpid(), signal.SIGKILL)
+trio.run(lambda: migrate_tcp(sys.argv[1], (sys.argv[2], int(sys.argv[4])), on_step=hook,
+                             max_downtime=0.0, max_rounds=2, force=True))
+"""
+
+
+@needs_netns
+def test_a_client_killed_mid_migration_over_tcp_leaves_the_source_running() -> None:
+    with veth_namespaces() as ((ns_a, _), (ns_b, addr_b)), vmm_processes() as vmms:
+        src = source(vmms, ns_a)
+        receiver = Receiver(ns_b, addr_b, vmms.tmp)
+        try:
+            killed = subprocess.run(
+                [
+                    *in_ns(ns_a),
+                    sys.executable,
+                    "-c",
+                    KILL_CLIENT,
+                    src.socket,
+                    addr_b,
+                    "dirty round",
+                    str(receiver.port),
+                ],
+                timeout=60,
+            )
+            assert killed.returncode in (-9, 137)
+            code, received = receiver.result()
+            assert code == 1 and received["outcome"] == "discarded", received
+            assert received["transfers"] >= 1
+            assert not os.path.exists(received["socket"]), "the destination VMM is still there"
+            assert src.state() == "running"
+            src.wait_for_passes(max(src.passes().values()) + 2)
+            check_continuation(src.text(), "")
+        finally:
+            receiver.stop()
+
+
+KILL_DESTINATION = """
+import os, signal, sys, trio
+from vmipc.sequences import SequenceError, migrate_tcp
+def hook(at):
+    if at == "dirty round":
+        os.kill(int(sys.argv[4]), signal.SIGKILL)
+try:
+    trio.run(lambda: migrate_tcp(sys.argv[1], (sys.argv[2], int(sys.argv[3])), on_step=hook,
+                                 max_downtime=0.0, max_rounds=2, force=True, timeout=20))
+except SequenceError as exc:
+    print(exc.outcome)
+    sys.exit(1)
+"""
+
+
+@needs_netns
+def test_a_destination_vmm_killed_mid_migration_over_tcp_leaves_the_source_running() -> None:
+    with veth_namespaces() as ((ns_a, _), (ns_b, addr_b)), vmm_processes() as vmms:
+        src = source(vmms, ns_a)
+        dst = vmms.incoming(prefix=in_ns(ns_b))
+        receiver = Receiver(ns_b, addr_b, vmms.tmp, socket=dst.socket)
+        try:
+            failed = subprocess.run(
+                [
+                    *in_ns(ns_a),
+                    sys.executable,
+                    "-c",
+                    KILL_DESTINATION,
+                    src.socket,
+                    addr_b,
+                    str(receiver.port),
+                    str(dst.pid),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert failed.returncode == 1, failed.stderr
+            assert "the source VM runs" in failed.stdout, failed.stdout
+            code, received = receiver.result()
+            assert code == 1 and received["outcome"] == "discarded"
+            assert not dst.alive()
+            assert src.state() == "running"
+            src.wait_for_passes(max(src.passes().values()) + 2)
+            check_continuation(src.text(), "")
+        finally:
+            receiver.stop()
