@@ -42,6 +42,15 @@ class Kvm:
             os.close(self.fd)
             raise
 
+    def dup(self) -> Kvm:
+        """Another ``Kvm`` over the same open /dev/kvm (its own fd, closed separately).
+
+        A sandboxed VMM (see ``vmipc.vmm.sandbox``) cannot open /dev/kvm again, so it
+        keeps one ``Kvm`` from start-up and builds later machines from duplicates."""
+        other = Kvm.__new__(Kvm)
+        other.fd = os.dup(self.fd)
+        return other
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -197,10 +197,12 @@ class Machine:
         console: Callable[[bytes], None],
         *,
         kvm_path: str = "/dev/kvm",
+        kvm: Kvm | None = None,
         memory: GuestMemory | None = None,
     ) -> None:
-        """``memory``: RAM built by the caller (e.g. mapped from a snapshot); the machine
-        owns it from now on."""
+        """``memory``: RAM built by the caller (e.g. mapped from a snapshot); ``kvm``: an
+        open /dev/kvm to use instead of opening ``kvm_path`` (a sandboxed VMM can no longer
+        open paths). The machine owns both from now on."""
         if not 1 <= config.vcpus <= MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, not {config.vcpus}")
         install_kick_handler()
@@ -219,7 +221,7 @@ class Machine:
         self._dirty_pending: list[int] = []
         self._paused_clock: int | None = None
 
-        self.kvm = Kvm(kvm_path)
+        self.kvm = kvm if kvm is not None else Kvm(kvm_path)
         self.vm: Vm | None = None
         self.memory: GuestMemory | None = memory
         try:
