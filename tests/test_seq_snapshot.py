@@ -232,3 +232,19 @@ def test_restore_refuses_a_damaged_file_and_nothing_runs(tmp_path: Path) -> None
 
         trio.run(library)
         dst.wait_exit()
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["lazy", "eager"])
+def test_a_suspended_vm_restores_with_vmm_restore(tmp_path: Path, eager: bool) -> None:
+    snap = tmp_path / "vm.snap"
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        src.wait_for_passes(2)
+        assert vmipc("suspend", "--socket", src.socket, str(snap)).returncode == 0
+        assert src.wait_exit() == 0
+        reached = max(src.passes().values())
+        dst = vmms._start("restored", ["--restore", str(snap), *(["--eager"] if eager else [])], [])
+        dst.wait_for_passes(reached + 2)
+        with dst.client() as client:
+            client.pause()
+        check_continuation(src.text(), dst.text())
