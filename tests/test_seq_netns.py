@@ -23,6 +23,7 @@ from tests.seq_support import (
     Vmms,
     check_continuation,
     vmm_processes,
+    wait_for,
 )
 from vmipc.client import SyncClient
 
@@ -173,6 +174,8 @@ def test_migration_over_tcp_between_namespaces_continues_the_guest() -> None:
                 check_continuation(src.text(), receiver.console.read_text())
             finally:
                 quit_vmm_at(received["socket"], received["pid"])
+                wait_for(lambda: not os.path.exists(received["socket"]), what="the VMM to quit")
+                os.rmdir(os.path.dirname(received["socket"]))  # receive made it for its VMM
         finally:
             receiver.stop()
 

@@ -297,9 +297,13 @@ class _Vmm:
         self._cleanup_dir()
 
     def _cleanup_dir(self) -> None:
-        if self._tmp is not None and not os.path.exists(self.socket_path):
-            with contextlib.suppress(OSError):
-                os.rmdir(self._tmp)
+        """Remove the started VMM's socket directory once the VMM is gone."""
+        if self._tmp is None or self.proc is None or self.proc.poll() is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket_path)  # left behind only if the VMM was killed
+        with contextlib.suppress(OSError):
+            os.rmdir(self._tmp)
 
 
 async def receive(
