@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from vmipc.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
+from vmipc.kvm import Kvm, KvmError, KvmUnavailableError, MissingCapabilityError
 from vmipc.vmm.host import MachineHost
 from vmipc.vmm.loaders import GuestImageError
 from vmipc.vmm.machine import (
@@ -25,6 +26,13 @@ from vmipc.vmm.machine import (
 from vmipc.vmm.machine_api import StateChange
 from vmipc.vmm.memory import MemoryConfigError, layout_for, parse_size
 from vmipc.vmm.runstate import RunState
+from vmipc.vmm.sandbox import SandboxError, enter_capability_mode
+
+if TYPE_CHECKING:
+    from vmipc.server import Server
+    from vmipc.vmm.machine import MachineState
+
+log = logging.getLogger("vmipc.vmm")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -91,6 +99,22 @@ def add_parser(subparsers: Any) -> None:
         help="do not forward standard input to COM1 (with --console -)",
     )
     parser.add_argument("--socket", metavar="PATH", help="serve the control protocol here")
+    parser.add_argument(
+        "--readonly-socket",
+        metavar="PATH",
+        help=(
+            "with --socket: a second socket for monitoring that allows only queries and "
+            "events (hello, query-commands, subscribe, cancel, query-status, query-dirty)"
+        ),
+    )
+    parser.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help=(
+            "do not enter capability mode (by default, once started, the VMM cannot open, "
+            "create or remove paths: Landlock, no_new_privs and a seccomp filter)"
+        ),
+    )
     parser.add_argument(
         "--paused", action="store_true", help="with --socket: create (or restore) the VM paused"
     )
@@ -186,41 +210,133 @@ def run(args: argparse.Namespace) -> int:
     if args.paused and not args.socket:
         print("vmipc vmm: --paused needs --socket (something must resume it)", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        if args.restore:
-            host = MachineHost(sink, restore_machine(args.restore, sink, args))
-        elif args.incoming:
-            host = MachineHost(sink)
-            if args.memory is not None or args.vcpus is not None:
-                host.configure(config)
-        else:
-            host = MachineHost(sink, Machine(config, sink))
-    except GuestImageError as exc:
-        print(f"vmipc vmm: {exc}", file=sys.stderr)
+    if args.readonly_socket and not args.socket:
+        print("vmipc vmm: --readonly-socket goes with --socket", file=sys.stderr)
         return EXIT_USAGE
-    except RestoreError as exc:
-        print(f"vmipc vmm: cannot restore {args.restore}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except (KvmUnavailableError, MissingCapabilityError) as exc:
-        print(f"vmipc vmm: KVM is not usable: {exc}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
-    except MemoryConfigError as exc:
-        print(f"vmipc vmm: {exc}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
-    except KvmError as exc:
-        print(f"vmipc vmm: KVM refused to build the VM: {exc}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
-    try:
+    with contextlib.ExitStack() as cleanup:
+        if console_fd is not None:
+            cleanup.callback(os.close, console_fd)
+        try:
+            # 1. everything that needs a path: /dev/kvm, the guest image, the snapshot,
+            #    the sockets; 2. capability mode; 3. threads (vCPUs, stdin, trio workers)
+            host, begin = _build(args, config, sink, cleanup)
+            server = None
+            if args.socket:
+                try:
+                    server = _bind_server(host, args, cleanup)
+                except OSError as exc:  # a socket path that cannot be used
+                    print(f"vmipc vmm: cannot serve: {exc.strerror}", file=sys.stderr)
+                    return EXIT_USAGE
+            status = _enter_sandbox(args, server)
+            if status != EXIT_OK:
+                return status
+            begin()
+        except GuestImageError as exc:
+            print(f"vmipc vmm: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except RestoreError as exc:
+            print(f"vmipc vmm: cannot restore {args.restore}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except (KvmUnavailableError, MissingCapabilityError) as exc:
+            print(f"vmipc vmm: KVM is not usable: {exc}", file=sys.stderr)
+            return EXIT_ENVIRONMENT
+        except MemoryConfigError as exc:
+            print(f"vmipc vmm: {exc}", file=sys.stderr)
+            return EXIT_ENVIRONMENT
+        except KvmError as exc:
+            print(f"vmipc vmm: KVM refused to build the VM: {exc}", file=sys.stderr)
+            return EXIT_ENVIRONMENT
         if args.console == "-" and not args.no_console_input:
             threading.Thread(target=_forward_stdin, args=(host,), daemon=True).start()
-        if args.socket:
-            return _run_with_server(host, args)
+        if server is not None:
+            return _run_with_server(host, server, args)
         assert host.machine is not None
         return _run_standalone(host.machine)
-    finally:
-        host.close()
-        if console_fd is not None:
-            os.close(console_fd)
+
+
+def _build(
+    args: argparse.Namespace,
+    config: MachineConfig,
+    sink: Callable[[bytes], None],
+    cleanup: contextlib.ExitStack,
+) -> tuple[MachineHost, Callable[[], None]]:
+    """Build the machine host (opening every file it needs); return it and the step that
+    starts it, which runs once the VMM is in capability mode (it may start threads)."""
+    if args.restore:
+        machine, state = open_snapshot(args.restore, sink, args)
+        host = MachineHost(sink, machine)
+        cleanup.callback(host.close)
+        return host, lambda: start_restored(machine, state, paused=args.paused)
+    if args.incoming:
+        kvm = Kvm()  # kept open: in capability mode /dev/kvm cannot be opened again
+        cleanup.callback(kvm.close)
+
+        def factory(config: MachineConfig, console: Callable[[bytes], None]) -> Machine:
+            return Machine(config, console, kvm=kvm.dup())
+
+        host = MachineHost(sink, machine_factory=factory)
+        cleanup.callback(host.close)
+
+        def configure() -> None:
+            if args.memory is not None or args.vcpus is not None:
+                host.configure(config)  # starts the vCPU threads, paused
+
+        return host, configure
+    host = MachineHost(sink, Machine(config, sink))
+    cleanup.callback(host.close)
+    return host, lambda: None
+
+
+def _bind_server(
+    host: MachineHost, args: argparse.Namespace, cleanup: contextlib.ExitStack
+) -> Server:
+    """The control server with its sockets bound (before capability mode)."""
+    from vmipc.server import READ_ONLY_COMMANDS, Server, ServerConfig, SocketConfig
+
+    extra: tuple[SocketConfig, ...] = ()
+    if args.readonly_socket:
+        extra = (SocketConfig(args.readonly_socket, READ_ONLY_COMMANDS, "read-only"),)
+    server = Server(host, ServerConfig(extra_sockets=extra))
+    server.bind(args.socket)
+    cleanup.callback(server.close_sockets)
+    return server
+
+
+def _enter_sandbox(args: argparse.Namespace, server: Server | None) -> int:
+    """Capability mode, unless --no-sandbox; EXIT_OK or the exit code of a failure."""
+    if args.no_sandbox:
+        log.warning(
+            "warning: the sandbox is off (--no-sandbox): the VMM may open, create and "
+            "remove any path its user can"
+        )
+        return EXIT_OK
+    _preload_runtime_modules()
+    socket_dirs = sorted({os.path.dirname(path) for path in server.socket_paths}) if server else []
+    try:
+        report = enter_capability_mode(removable_dirs=socket_dirs)
+    except SandboxError as exc:
+        print(f"vmipc vmm: cannot enter capability mode: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    if not report.filesystem_locked:
+        log.warning(
+            "warning: %s: the VMM can still open paths (running with %s)",
+            report.landlock_missing,
+            report.describe(),
+        )
+    else:
+        log.info("capability mode: %s", report.describe())
+    return EXIT_OK
+
+
+def _preload_runtime_modules() -> None:
+    """Import what the running VMM may import lazily: in capability mode Python can no
+    longer read a module's file."""
+    import trio  # noqa: F401
+
+    import vmipc.commands._bulk
+    import vmipc.formats
+    import vmipc.server
+    import vmipc.vmm.transfer  # noqa: F401
 
 
 class RestoreError(Exception):
@@ -233,6 +349,16 @@ def restore_machine(
     """Build a machine from a snapshot file: small sections read and verified, RAM mapped
     from the memory section (lazy) or copied into a memfd (--eager), state restored.
     The machine is paused, or running unless ``args.paused``."""
+    machine, state = open_snapshot(path, console, args)
+    start_restored(machine, state, paused=args.paused)
+    return machine
+
+
+def open_snapshot(
+    path: str, console: Callable[[bytes], None], args: argparse.Namespace
+) -> tuple[Machine, MachineState]:
+    """The first half of :func:`restore_machine`, everything that reads the file: the
+    machine built with its RAM (not started), and the state to restore into it."""
     from vmipc.commands._bulk import BulkError, read_snapshot_memory, read_state_sections
     from vmipc.formats import FormatError, SnapshotReader
     from vmipc.vmm.memory import GuestMemory
@@ -277,15 +403,20 @@ def restore_machine(
             machine = Machine(empty, console, memory=memory)
     finally:
         os.close(fd)
+    return machine, state
+
+
+def start_restored(machine: Machine, state: MachineState, *, paused: bool) -> None:
+    """The second half of :func:`restore_machine`: start the vCPU threads (paused), restore
+    the state, and run unless ``paused``. Needs no file (it may run in capability mode)."""
     try:
         machine.start(paused=True)
         machine.restore_state(state)
-        if not args.paused:
+        if not paused:
             machine.resume()
     except BaseException:
         machine.close()
         raise
-    return machine
 
 
 def _run_standalone(machine: Machine) -> int:
@@ -322,10 +453,8 @@ def _exit_code_for(machine: Machine | None, state: RunState | None = None) -> in
     return EXIT_OK
 
 
-def _run_with_server(host: MachineHost, args: argparse.Namespace) -> int:
+def _run_with_server(host: MachineHost, server: Server, args: argparse.Namespace) -> int:
     import trio
-
-    from vmipc.server import serve
 
     async def main() -> None:
         if host.machine is not None and not host.incoming and not args.restore:
@@ -333,7 +462,7 @@ def _run_with_server(host: MachineHost, args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
 
             async def serve_then_stop() -> None:
-                await serve(host, args.socket)
+                await server.serve()
                 nursery.cancel_scope.cancel()
 
             async def stop_on_signal() -> None:

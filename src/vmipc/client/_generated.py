@@ -1,4 +1,4 @@
-"""Typed command methods and result types, generated from the schema (version 1.1).
+"""Typed command methods and result types, generated from the schema (version 1.2).
 
 Do not edit: run ``python -m vmipc.client.gencode``.
 """
@@ -10,7 +10,7 @@ from typing import Any, Literal, TypedDict, cast
 
 from vmipc.client._common import FdLike, ProgressCallback
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 
 class HelloResultServer(TypedDict):
@@ -43,7 +43,9 @@ class HelloResult(TypedDict):
     server: HelloResultServer
     """Who answered."""
     commands: list[str]
-    """The names of the commands available in the negotiated version."""
+    """The names of the commands available in the negotiated version on this connection (a socket
+    restricted to some commands lists only those; since 1.2).
+    """
     events: list[str]
     """The names of the events available in the negotiated version."""
     capabilities: list[str]
@@ -266,7 +268,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: unsupported-version, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         return cast(HelloResult, await self.call("hello", versions=versions, client=client))
 
@@ -277,7 +279,8 @@ class AsyncCommands:
 
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         return cast(dict[str, Any], await self.call("query-commands"))
 
@@ -288,7 +291,8 @@ class AsyncCommands:
 
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         return cast(SubscribeResult, await self.call("subscribe", events=events))
 
@@ -300,7 +304,8 @@ class AsyncCommands:
 
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         return cast(CancelResult, await self.call("cancel", request=request))
 
@@ -309,7 +314,8 @@ class AsyncCommands:
 
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         return cast(QueryStatusResult, await self.call("query-status"))
 
@@ -321,7 +327,7 @@ class AsyncCommands:
         Allowed in states: running. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         return cast(PauseResult, await self.call("pause"))
 
@@ -331,7 +337,7 @@ class AsyncCommands:
         Allowed in states: paused. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         return cast(ResumeResult, await self.call("resume"))
 
@@ -341,7 +347,8 @@ class AsyncCommands:
 
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         return cast(QuitResult, await self.call("quit"))
 
@@ -366,7 +373,7 @@ class AsyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error).
+        limit-exceeded, shutting-down, internal-error, not-permitted).
         """
         result = await self.call(
             "dump-memory",
@@ -393,7 +400,7 @@ class AsyncCommands:
         Allowed in states: paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error).
+        limit-exceeded, shutting-down, internal-error, not-permitted).
         """
         result = await self.call(
             "dump-state",
@@ -410,7 +417,7 @@ class AsyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         return cast(DirtyLogStartResult, await self.call("dirty-log-start"))
 
@@ -420,7 +427,7 @@ class AsyncCommands:
         Allowed in states: crashed, paused, running, shutdown. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         return cast(DirtyLogStopResult, await self.call("dirty-log-stop"))
 
@@ -431,7 +438,7 @@ class AsyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, dirty-log-off, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error).
+        shutting-down, internal-error, not-permitted).
         """
         return cast(QueryDirtyResult, await self.call("query-dirty"))
 
@@ -448,7 +455,7 @@ class AsyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, and the common
         errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
-        invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
         """
         result = await self.call("dump-dirty", fds={"out": out}, on_progress=on_progress)
         return cast(DumpDirtyResult, result)
@@ -471,7 +478,7 @@ class AsyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
         not-configured, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         result = await self.call(
             "load-memory",
@@ -496,7 +503,8 @@ class AsyncCommands:
         Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
         the common errors (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         result = await self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
         return cast(ApplyPagesResult, result)
@@ -516,7 +524,7 @@ class AsyncCommands:
         Allowed in states: incoming. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-state, bad-snapshot, and the
         common errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
-        invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
         """
         return cast(LoadStateResult, await self.call("load-state", format=format, fds={"in": in_}))
 
@@ -544,7 +552,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: unsupported-version, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         return cast(HelloResult, self.call("hello", versions=versions, client=client))
 
@@ -555,7 +563,8 @@ class SyncCommands:
 
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         return cast(dict[str, Any], self.call("query-commands"))
 
@@ -566,7 +575,8 @@ class SyncCommands:
 
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         return cast(SubscribeResult, self.call("subscribe", events=events))
 
@@ -578,7 +588,8 @@ class SyncCommands:
 
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         return cast(CancelResult, self.call("cancel", request=request))
 
@@ -587,7 +598,8 @@ class SyncCommands:
 
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         return cast(QueryStatusResult, self.call("query-status"))
 
@@ -599,7 +611,7 @@ class SyncCommands:
         Allowed in states: running. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         return cast(PauseResult, self.call("pause"))
 
@@ -609,7 +621,7 @@ class SyncCommands:
         Allowed in states: paused. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         return cast(ResumeResult, self.call("resume"))
 
@@ -619,7 +631,8 @@ class SyncCommands:
 
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         return cast(QuitResult, self.call("quit"))
 
@@ -644,7 +657,7 @@ class SyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error).
+        limit-exceeded, shutting-down, internal-error, not-permitted).
         """
         result = self.call("dump-memory", format=format, fds={"out": out}, on_progress=on_progress)
         return cast(DumpMemoryResult, result)
@@ -666,7 +679,7 @@ class SyncCommands:
         Allowed in states: paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error).
+        limit-exceeded, shutting-down, internal-error, not-permitted).
         """
         result = self.call("dump-state", format=format, fds={"out": out}, on_progress=on_progress)
         return cast(DumpStateResult, result)
@@ -678,7 +691,7 @@ class SyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         return cast(DirtyLogStartResult, self.call("dirty-log-start"))
 
@@ -688,7 +701,7 @@ class SyncCommands:
         Allowed in states: crashed, paused, running, shutdown. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         return cast(DirtyLogStopResult, self.call("dirty-log-stop"))
 
@@ -699,7 +712,7 @@ class SyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, dirty-log-off, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error).
+        shutting-down, internal-error, not-permitted).
         """
         return cast(QueryDirtyResult, self.call("query-dirty"))
 
@@ -716,7 +729,7 @@ class SyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, and the common
         errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
-        invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
         """
         result = self.call("dump-dirty", fds={"out": out}, on_progress=on_progress)
         return cast(DumpDirtyResult, result)
@@ -739,7 +752,7 @@ class SyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
         not-configured, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error).
+        internal-error, not-permitted).
         """
         result = self.call("load-memory", format=format, fds={"in": in_}, on_progress=on_progress)
         return cast(LoadMemoryResult, result)
@@ -759,7 +772,8 @@ class SyncCommands:
         Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
         the common errors (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
         result = self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
         return cast(ApplyPagesResult, result)
@@ -779,6 +793,6 @@ class SyncCommands:
         Allowed in states: incoming. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-state, bad-snapshot, and the
         common errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
-        invalid-fds, limit-exceeded, shutting-down, internal-error).
+        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
         """
         return cast(LoadStateResult, self.call("load-state", format=format, fds={"in": in_}))

@@ -109,6 +109,9 @@ class ServerInfo:
 class ConnectionControl(Protocol):
     """What handlers may do to the connection their request came on."""
 
+    #: the commands this connection may run (its socket's allow-list), None for all
+    allowed_commands: frozenset[str] | None
+
     def subscribe(self, events: frozenset[str]) -> None:
         """Replace the connection's event subscriptions."""
 

@@ -27,7 +27,11 @@ async def hello(ctx: CommandContext) -> dict[str, Any]:
     return {
         "protocol": version,
         "server": {"name": info.name, "version": info.version, "pid": info.pid},
-        "commands": sorted(ctx.schema.commands),
+        "commands": sorted(
+            name
+            for name in ctx.schema.commands
+            if ctx.connection.allowed_commands is None or name in ctx.connection.allowed_commands
+        ),
         "events": sorted(ctx.schema.events),
         "capabilities": list(info.capabilities),
         "limits": {

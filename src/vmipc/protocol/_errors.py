@@ -43,6 +43,8 @@ class ErrorCode(enum.StrEnum):
     BAD_STATE = "bad-state"
     NOT_CONFIGURED = "not-configured"
     DIRTY_LOG_OFF = "dirty-log-off"
+    # connection classes (1.2)
+    NOT_PERMITTED = "not-permitted"
     # connection scope: sent with a null id, then the server closes the connection
     FRAME_TOO_LARGE = "frame-too-large"
     HANDSHAKE_TIMEOUT = "handshake-timeout"

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from vmipc.server._config import ServerConfig
+from vmipc.server._config import READ_ONLY_COMMANDS, ServerConfig, SocketConfig
 from vmipc.server._os import MAX_SOCKET_PATH, PeerCredentials, SocketPathError
 from vmipc.server._server import CAPABILITIES, PROGRESS_INTERVAL, Server, serve
 
@@ -13,9 +13,11 @@ __all__ = [
     "CAPABILITIES",
     "MAX_SOCKET_PATH",
     "PROGRESS_INTERVAL",
+    "READ_ONLY_COMMANDS",
     "PeerCredentials",
     "Server",
     "ServerConfig",
+    "SocketConfig",
     "SocketPathError",
     "serve",
 ]

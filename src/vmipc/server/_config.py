@@ -6,6 +6,32 @@ from dataclasses import dataclass
 
 from vmipc.protocol import DEFAULT_MAX_FDS, DEFAULT_MAX_FRAME_SIZE
 
+#: What a read-only (monitoring) socket allows: the handshake, the catalogue, events and
+#: queries. Nothing that changes the machine, reads guest memory or state, or stops the VMM.
+READ_ONLY_COMMANDS = frozenset(
+    {"hello", "query-commands", "subscribe", "cancel", "query-status", "query-dirty"}
+)
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    """One more listening socket of the server, with its own connection class.
+
+    ``allowed_commands`` restricts what connections on this socket may run (``hello`` is
+    always allowed; None allows every command); another command is refused with
+    ``not-permitted``. The access settings default to the server's (see
+    :class:`ServerConfig`) when None.
+    """
+
+    path: str
+    allowed_commands: frozenset[str] | None = READ_ONLY_COMMANDS
+    #: a name for the log, e.g. ``"read-only"``
+    name: str = "extra"
+    allowed_uids: frozenset[int] | None = None
+    allowed_gids: frozenset[int] | None = None
+    socket_mode: int | None = None
+    socket_group: int | str | None = None
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -16,6 +42,10 @@ class ServerConfig:
     are checked: the peer's uid must be in ``allowed_uids`` (default: the VMM's own
     effective uid and root) or its gid in ``allowed_gids`` (default: ``socket_group``'s
     gid when one is set, else none).
+
+    Connection classes: ``allowed_commands`` restricts the commands of the main socket
+    (None: all); ``extra_sockets`` adds listening sockets, each with its own allow-list
+    and access settings (e.g. a read-only monitoring socket, see ``READ_ONLY_COMMANDS``).
     """
 
     max_connections: int = 64
@@ -37,3 +67,7 @@ class ServerConfig:
     #: the ``server.name`` that ``hello`` reports
     server_name: str = "vmipc"
     listen_backlog: int = 64
+    #: the commands the main socket allows (``hello`` always); None: every command
+    allowed_commands: frozenset[str] | None = None
+    #: more sockets, each with its own connection class
+    extra_sockets: tuple[SocketConfig, ...] = ()

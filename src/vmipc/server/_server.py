@@ -54,7 +54,7 @@ from vmipc.protocol import (
     load_schema,
 )
 from vmipc.protocol._schema import CommandSpec
-from vmipc.server._config import ServerConfig
+from vmipc.server._config import ServerConfig, SocketConfig
 from vmipc.server._os import (
     PeerCredentials,
     check_fd,
@@ -87,6 +87,20 @@ def _cancelled(request_id: int) -> ErrorInfo:
 _SHUTTING_DOWN = ErrorInfo(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
 
 
+@dataclass(eq=False)
+class _Listener:
+    """One bound listening socket and its connection class."""
+
+    name: str
+    path: str
+    sock: socket.socket
+    identity: tuple[int, int]
+    allowed_uids: frozenset[int]
+    allowed_gids: frozenset[int]
+    #: None: every command
+    allowed_commands: frozenset[str] | None
+
+
 async def serve(
     machine: MachineApi,
     socket_path: str,
@@ -98,7 +112,8 @@ async def serve(
 
     Returns after a client's ``quit`` has been answered, every connection closed and the
     machine closed. If cancelled instead, it closes every connection at once and leaves
-    the machine to the caller. Either way the socket file is removed.
+    the machine to the caller. Either way the socket files are removed (``config`` may
+    add sockets, see :class:`~vmipc.server.ServerConfig`).
 
     ``task_status.started()`` is called, with the socket's absolute path, once clients
     can connect. Raises :class:`~vmipc.server.SocketPathError` (an OSError) when the
@@ -111,6 +126,10 @@ class Server:
     """The control server for one machine. :func:`serve` is the usual way to run it.
 
     ``schema`` and ``handlers`` default to the package's; tests pass extended ones.
+
+    A caller that must create the sockets before something else happens (the VMM binds
+    them before it enters capability mode, see ``vmipc.vmm.sandbox``) calls :meth:`bind`
+    first, outside trio, and :meth:`serve` later.
     """
 
     def __init__(
@@ -139,14 +158,18 @@ class Server:
         )
         #: held by ``exclusive`` handlers (run-state changes), so they never interleave
         self.machine_lock = trio.Lock()
+        classes = (config.allowed_commands, *(x.allowed_commands for x in config.extra_sockets))
+        for allowed in classes:
+            unknown = sorted((allowed or frozenset()) - set(self.schema.commands))
+            if unknown:
+                raise ValueError(f"allowed commands: no command named {', '.join(unknown)}")
         self.closing = False
         self._quit = False
         self._connections: set[_Connection] = set()
         self._all_closed = trio.Event()
         self._shutdown = trio.Event()
         self._next_id = 1
-        self._allowed_uids: frozenset[int] = frozenset()
-        self._allowed_gids: frozenset[int] = frozenset()
+        self._listeners: list[_Listener] = []
         self._trio_thread = 0
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -160,37 +183,99 @@ class Server:
         self.closing = True
         self._shutdown.set()
 
-    async def serve(
-        self, socket_path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    @property
+    def socket_paths(self) -> tuple[str, ...]:
+        """The absolute paths of the bound sockets, the main one first."""
+        return tuple(listener.path for listener in self._listeners)
+
+    def bind(self, socket_path: str) -> tuple[str, ...]:
+        """Create the listening sockets: the main one at ``socket_path`` and the config's
+        ``extra_sockets``. Synchronous, callable outside trio. Returns their absolute paths.
+
+        Raises :class:`~vmipc.server.SocketPathError` (an OSError) as :func:`serve` does;
+        then no socket is left behind.
+        """
+        if self._listeners:
+            raise RuntimeError("the server's sockets are bound already")
         config = self.config
-        gid = resolve_group(config.socket_group) if config.socket_group is not None else None
-        mode = config.socket_mode
+        main = SocketConfig(
+            socket_path,
+            config.allowed_commands,
+            "control",
+            config.allowed_uids,
+            config.allowed_gids,
+            config.socket_mode,
+            config.socket_group,
+        )
+        try:
+            for spec in (main, *config.extra_sockets):
+                self._listeners.append(self._bind_one(spec))
+        except BaseException:
+            self.close_sockets()
+            raise
+        return self.socket_paths
+
+    def _bind_one(self, spec: SocketConfig) -> _Listener:
+        gid = resolve_group(spec.socket_group) if spec.socket_group is not None else None
+        mode = spec.socket_mode
         if mode is None:
             mode = 0o660 if gid is not None else 0o600
-        self._allowed_uids = (
-            config.allowed_uids if config.allowed_uids is not None else frozenset({os.geteuid(), 0})
+        uids = spec.allowed_uids
+        if uids is None:
+            uids = frozenset({os.geteuid(), 0})
+        gids = spec.allowed_gids
+        if gids is None:
+            gids = frozenset({gid}) if gid is not None else frozenset()
+        allowed = spec.allowed_commands
+        if allowed is not None:
+            allowed = allowed | {"hello"}
+        path = os.path.abspath(spec.path)
+        raw, identity = create_listener(
+            path, mode=mode, gid=gid, backlog=self.config.listen_backlog
         )
-        if config.allowed_gids is not None:
-            self._allowed_gids = config.allowed_gids
-        else:
-            self._allowed_gids = frozenset({gid}) if gid is not None else frozenset()
-        path = os.path.abspath(socket_path)
-        raw, identity = create_listener(path, mode=mode, gid=gid, backlog=config.listen_backlog)
-        listener = trio.socket.from_stdlib_socket(raw)
+        return _Listener(spec.name, path, raw, identity, uids, gids, allowed)
+
+    def close_sockets(self) -> None:
+        """Close the listening sockets and remove their files (after :meth:`bind`, for a
+        caller that will not :meth:`serve` after all; :meth:`serve` does it itself)."""
+        for listener in self._listeners:
+            listener.sock.close()
+            remove_socket_file(listener.path, listener.identity)
+        self._listeners.clear()
+
+    async def serve(
+        self,
+        socket_path: str | None = None,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until shut down (see :func:`serve`). ``socket_path``: where to bind, unless
+        :meth:`bind` was called already (then None)."""
+        config = self.config
+        if not self._listeners:
+            if socket_path is None:
+                raise ValueError("serve() needs a socket path when bind() was not called")
+            self.bind(socket_path)
+        elif socket_path is not None and os.path.abspath(socket_path) != self._listeners[0].path:
+            raise ValueError(f"the server is bound to {self._listeners[0].path}, not {socket_path}")
+        listeners = [(spec, trio.socket.from_stdlib_socket(spec.sock)) for spec in self._listeners]
         self._token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
         unsubscribe = self.machine.add_listener(self._state_changed_threadsafe)
-        log.info("serving %s on %s", self.info.name, path)
+        for spec, _ in listeners:
+            log.info("serving %s on %s (%s)", self.info.name, spec.path, spec.name)
         try:
             async with trio.open_nursery() as nursery:
-                accept_scope = trio.CancelScope()
-                nursery.start_soon(self._accept_loop, listener, nursery, accept_scope)
-                task_status.started(path)
+                accept_scopes = [trio.CancelScope() for _ in listeners]
+                for (spec, listener), scope in zip(listeners, accept_scopes, strict=True):
+                    nursery.start_soon(self._accept_loop, spec, listener, nursery, scope)
+                task_status.started(self._listeners[0].path)
                 await self._shutdown.wait()
                 log.info("shutting down")
-                accept_scope.cancel()
-                listener.close()
+                for scope in accept_scopes:
+                    scope.cancel()
+                for _, listener in listeners:
+                    listener.close()
                 for conn in list(self._connections):
                     conn.shutdown()
                 with trio.move_on_after(config.shutdown_grace):
@@ -199,8 +284,9 @@ class Server:
                 nursery.cancel_scope.cancel()
         finally:
             unsubscribe()
-            listener.close()
-            remove_socket_file(path, identity)
+            for _, listener in listeners:
+                listener.close()
+            self.close_sockets()
         if self._quit:
             await trio.to_thread.run_sync(self.machine.close)
             log.info("machine closed")
@@ -208,7 +294,11 @@ class Server:
     # --- connections ------------------------------------------------------------------
 
     async def _accept_loop(
-        self, listener: trio.socket.SocketType, nursery: trio.Nursery, scope: trio.CancelScope
+        self,
+        spec: _Listener,
+        listener: trio.socket.SocketType,
+        nursery: trio.Nursery,
+        scope: trio.CancelScope,
     ) -> None:
         with scope:
             while True:
@@ -220,21 +310,22 @@ class Server:
                         await trio.sleep(0.1)
                         continue
                     raise
-                nursery.start_soon(self._handle_new, sock)
+                nursery.start_soon(self._handle_new, sock, spec)
 
-    async def _handle_new(self, sock: trio.socket.SocketType) -> None:
+    async def _handle_new(self, sock: trio.socket.SocketType, listener: _Listener) -> None:
         try:
             peer = peer_credentials(sock)
         except OSError:
             sock.close()
             return
         refusal: ErrorInfo | None = None
-        if peer.uid not in self._allowed_uids and peer.gid not in self._allowed_gids:
+        if peer.uid not in listener.allowed_uids and peer.gid not in listener.allowed_gids:
             log.warning(
-                "refused connection from pid %d uid %d gid %d: not allowed",
+                "refused connection from pid %d uid %d gid %d on the %s socket: not allowed",
                 peer.pid,
                 peer.uid,
                 peer.gid,
+                listener.name,
             )
             refusal = ErrorInfo(
                 ErrorCode.ACCESS_DENIED,
@@ -261,7 +352,7 @@ class Server:
                     with contextlib.suppress(OSError):
                         await sock.send(data)
             return
-        conn = _Connection(self, sock, peer, self._next_id)
+        conn = _Connection(self, sock, peer, self._next_id, listener.allowed_commands)
         self._next_id += 1
         self._connections.add(conn)
         try:
@@ -315,12 +406,19 @@ class _RequestServerControl:
 
 class _Connection:
     def __init__(
-        self, server: Server, sock: trio.socket.SocketType, peer: PeerCredentials, conn_id: int
+        self,
+        server: Server,
+        sock: trio.socket.SocketType,
+        peer: PeerCredentials,
+        conn_id: int,
+        allowed_commands: frozenset[str] | None = None,
     ) -> None:
         self.server = server
         self.sock = sock
         self.peer = peer
         self.id = conn_id
+        #: the commands this connection may run (None: all), from its socket's class
+        self.allowed_commands = allowed_commands
         self.proto = ServerProtocol(server.schema, server.limits)
         self.subscriptions: frozenset[str] = frozenset()
         send, recv = trio.open_memory_channel[bytes](server.config.outbound_queue)
@@ -475,6 +573,17 @@ class _Connection:
             if self.server.closing or self._stopping:
                 close_fds(event.fds.values())
                 await self._reply(self.proto.send_error(rid, _SHUTTING_DOWN))
+                return True
+            allowed = self.allowed_commands
+            if allowed is not None and event.spec.name not in allowed:
+                close_fds(event.fds.values())
+                log.info("%r: %s is not permitted on this socket", self, event.spec.name)
+                refusal = ErrorInfo(
+                    ErrorCode.NOT_PERMITTED,
+                    f"{event.spec.name} is not permitted on this socket",
+                    {"command": event.spec.name, "allowed": sorted(allowed)},
+                )
+                await self._reply(self.proto.send_error(rid, refusal))
                 return True
             entry = _RequestEntry(event.spec)
             self._requests[rid] = entry
