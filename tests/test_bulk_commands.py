@@ -234,6 +234,7 @@ def compose_snapshot(client: SyncClient, path: Path) -> None:
     try:
         state = client.dump_state(format="snapshot", out=fd)
         memory = client.dump_memory(format="snapshot", out=fd)
+        assert memory["data_pages"] > 0 and memory["zero_pages"] > memory["data_pages"]
         entries = [SectionEntry.from_dict(e) for e in [*state["sections"], memory["section"]]]
         snapshot_id = new_snapshot_id()
         table = encode_table(entries, snapshot_id, os.fstat(fd).st_size)

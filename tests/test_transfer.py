@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -99,3 +100,38 @@ def test_fd_kinds(tmp_path: object) -> None:
         os.close(fd)
     left.close()
     right.close()
+
+
+def test_a_non_blocking_fd_is_waited_on_not_spun(
+    memory: GuestMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmipc.vmm import transfer as transfer_module
+
+    calls = 0
+    real_sendfile = transfer_module._sendfile
+
+    def counting_sendfile(*args: object) -> int:
+        nonlocal calls
+        calls += 1
+        return int(real_sendfile(*args))
+
+    monkeypatch.setattr(transfer_module, "_sendfile", counting_sendfile)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    received = bytearray()
+
+    def slow_reader() -> None:
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+            time.sleep(0.002)
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    Transfer().sendfile(write_end, memory.fd, 0, 4 * MIB)
+    os.close(write_end)
+    reader.join()
+    os.close(read_end)
+    assert received == memory.view[: 4 * MIB]
+    # each call waits for room in the pipe: about one per 64 KiB the reader takes, not
+    # thousands of EAGAIN retries
+    assert calls < 4 * MIB // 65536 * 4

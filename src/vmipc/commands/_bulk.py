@@ -230,7 +230,7 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
 
 def write_memory_section(
     machine: Machine, fd: int, transfer: Transfer, *, consistent: bool
-) -> SectionEntry:
+) -> tuple[SectionEntry, Stats]:
     """Append the snapshot memory section (descriptor + sparse RAM image) to file ``fd``."""
     memory = machine.memory
     assert memory is not None
@@ -238,10 +238,13 @@ def write_memory_section(
     regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
     writer = MemorySectionWriter(offset, regions)
     transfer.write_at(fd, writer.descriptor, writer.offset)
+    stats = Stats()
     for region in memory.regions:
         for first, npages, zero in _region_pieces(memory, region, None):
             if zero:
+                stats.zero_pages += npages
                 continue
+            stats.data_pages += npages
             for start in range(first, first + npages, RUN_PAGES):
                 count = min(RUN_PAGES, first + npages - start)
                 image_offset = region.offset + start * PAGE_SIZE
@@ -251,7 +254,9 @@ def write_memory_section(
                 view.release()
     if os.fstat(fd).st_size < writer.end:
         os.ftruncate(fd, writer.end)
-    return writer.finish()
+    entry = writer.finish()
+    stats.bytes = transfer.done
+    return entry, stats
 
 
 def write_raw_image(machine: Machine, fd: int, transfer: Transfer) -> Stats:

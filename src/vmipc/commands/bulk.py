@@ -105,19 +105,13 @@ async def dump_memory(ctx: CommandContext) -> dict[str, Any]:
     consistent = machine.state is not RunState.RUNNING
     if fmt == "snapshot":
         fd = _require_file(ctx, "out", "snapshot")
-        entry = await _run_bulk(
+        entry, stats = await _run_bulk(
             ctx,
             "memory",
             machine.memory_size,
             lambda t: write_memory_section(machine, fd, t, consistent=consistent),
         )
-        return {
-            "data_pages": 0,
-            "zero_pages": 0,
-            "bytes": entry.length,
-            "consistent": consistent,
-            "section": entry.to_dict(),
-        }
+        return _with_stats(stats, consistent=consistent, section=entry.to_dict())
     if fmt == "raw":
         stats = await _run_bulk(
             ctx,

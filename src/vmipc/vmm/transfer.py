@@ -9,10 +9,12 @@ the worker with the same no-op signal that stops vCPUs; the raw libc calls here 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
+import select
 import signal
 import stat
 import threading
@@ -111,11 +113,23 @@ class Transfer:
 
     # --- the system calls -----------------------------------------------------------
 
-    def _result(self, result: int, what: str) -> int:
+    def _result(self, result: int, what: str, fd: int = -1, events: int = 0) -> int:
         if result >= 0:
             return result
         err = ctypes.get_errno()
-        if err in (errno.EINTR, errno.EAGAIN):
+        if err == errno.EINTR:
+            self.check()
+            return 0
+        if err == errno.EAGAIN:
+            # A client passed a non-blocking fd: wait until it is ready instead of spinning
+            # (a kick still interrupts the poll, and the timeout re-checks for a cancel).
+            self.check()
+            if fd < 0:
+                return 0
+            poller = select.poll()
+            poller.register(fd, events)
+            with contextlib.suppress(InterruptedError):
+                poller.poll(100)
             self.check()
             return 0
         if err in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
@@ -132,6 +146,8 @@ class Transfer:
             moved = self._result(
                 _sendfile(out_fd, in_fd, ctypes.byref(position), min(remaining, CHUNK)),
                 "sendfile",
+                out_fd,
+                select.POLLOUT,
             )
             remaining -= moved
             self.advance(moved)
@@ -143,7 +159,12 @@ class Transfer:
         sent = 0
         while sent < len(view):
             self.check()
-            moved = self._result(_write(out_fd, base + sent, min(len(view) - sent, CHUNK)), "write")
+            moved = self._result(
+                _write(out_fd, base + sent, min(len(view) - sent, CHUNK)),
+                "write",
+                out_fd,
+                select.POLLOUT,
+            )
             sent += moved
             self.advance(moved)
 
@@ -186,7 +207,7 @@ class Transfer:
             result = _read(in_fd, base + got, min(len(view) - got, CHUNK))
             if result == 0:
                 raise PeerClosed(f"the input ended {len(view) - got} bytes early")
-            moved = self._result(result, "read")
+            moved = self._result(result, "read", in_fd, select.POLLIN)
             got += moved
             self.advance(moved)
 
@@ -198,7 +219,7 @@ class Transfer:
             result = _read(in_fd, buffer, size)
             if result == 0:
                 return b""
-            moved = self._result(result, "read")
+            moved = self._result(result, "read", in_fd, select.POLLIN)
             if moved:
                 self.advance(moved)
                 return buffer.raw[:moved]
