@@ -9,19 +9,24 @@ outside that every building block and sequence still works.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.control_support import short_tmpdir
+from tests.seq_support import VCPUS, WS, check_continuation, vmipc, vmm_processes
 from vmipc.vmm import sandbox
 from vmipc.vmm.sandbox import SandboxError, enter_capability_mode
 
@@ -97,6 +102,8 @@ def _bind_unix(path: str) -> None:
 
 
 DENIED = {"EACCES", "EPERM"}
+VMIPC = [sys.executable, "-m", "vmipc"]
+GUEST = ["--guest", "builtin", "--vcpus", str(VCPUS), "--memory", "64M", "--guest-opt", f"ws={WS}"]
 
 
 @needs_landlock
@@ -244,6 +251,220 @@ def test_seccomp_program_shape() -> None:
     assert sandbox.handled_fs_rights(7) == (1 << 16) - 1
 
 
+# --- a command handler in capability mode -------------------------------------------------
+
+OPEN_SCHEMA = {
+    "commands": [
+        {
+            "name": "test-open",
+            "since": "1.0",
+            "doc": "Try to open a path (what a handler in capability mode cannot do).",
+            "args": [
+                {"name": "path", "type": "string", "doc": "The path."},
+                {"name": "in_thread", "type": "bool", "doc": "From a worker thread."},
+            ],
+            "fds": [],
+            "result": {"type": "map", "fields": []},
+            "states": "any",
+            "errors": ["io-error"],
+            "cancellable": False,
+            "progress": False,
+        }
+    ]
+}
+
+
+async def _test_open(ctx: Any) -> dict[str, Any]:
+    import trio
+
+    from vmipc.protocol import CommandError, ErrorCode
+
+    path = ctx.args["path"]
+    try:
+        if ctx.args["in_thread"]:
+            fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
+        else:
+            fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise CommandError(
+            ErrorCode.IO_ERROR,
+            f"cannot open {path}: {exc.strerror}",
+            {"errno": errno.errorcode.get(exc.errno or 0, "?")},
+        ) from None
+    os.close(fd)
+    return {}
+
+
+def test_a_handler_that_opens_a_path_fails_cleanly_and_the_server_carries_on() -> None:
+    """A server (over a stand-in machine) in capability mode, in a forked child: a handler
+    that tries to open a path gets EACCES, from the trio thread and from a worker thread,
+    and answers with a clean error; the server goes on answering, and removes its socket
+    file when it quits."""
+    import trio
+
+    from tests.control_support import RecordingMachine
+    from vmipc.client import CommandError, SyncClient
+    from vmipc.commands import HandlerEntry, load_handlers
+    from vmipc.protocol import load_schema
+    from vmipc.server import Server
+
+    with short_tmpdir() as tmp:
+        path = os.path.join(tmp, "vm.sock")
+        handlers = {**load_handlers(), "test-open": HandlerEntry("test-open", _test_open, False)}
+        server = Server(
+            RecordingMachine(), schema=load_schema().extended(OPEN_SCHEMA), handlers=handlers
+        )
+        pid = os.fork()
+        if pid == 0:  # the child: bind, enter capability mode, serve until quit
+            code = 1
+            try:
+                server.bind(path)
+                enter_capability_mode(removable_dirs=[tmp])
+                trio.run(server.serve)
+                code = 0
+            finally:
+                os._exit(code)
+        try:
+            deadline = time.monotonic() + 10
+            while not os.path.exists(path):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            secret = os.path.join(tmp, "secret")
+            with open(secret, "w") as f:
+                f.write("not for the VMM")
+            with SyncClient(path) as client:
+                for in_thread in (False, True):
+                    for target in (secret, "/etc/passwd", "/dev/kvm"):
+                        with pytest.raises(CommandError) as refused:
+                            client.call("test-open", path=target, in_thread=in_thread)
+                        assert refused.value.code == "io-error"
+                        assert refused.value.details["errno"] in DENIED, refused.value
+                        assert "Permission denied" in str(refused.value)
+                assert client.query_status()["state"] == "running"
+                client.quit()
+            _, status = os.waitpid(pid, 0)
+            pid = 0
+            assert status == 0
+            assert os.listdir(tmp) == ["secret"], "the socket file was left behind"
+        finally:
+            if pid:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+
+
 # --- real VMMs ----------------------------------------------------------------------------
 
-VMIPC = [sys.executable, "-m", "vmipc"]
+
+def confinement(pid: int) -> set[tuple[str, str]]:
+    """(NoNewPrivs, Seccomp) of every thread of ``pid``."""
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            fields = dict(
+                line.split(":\t", 1)
+                for line in Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines()
+                if ":\t" in line
+            )
+            found.add((fields["NoNewPrivs"].strip(), fields["Seccomp"].strip()))
+    return found
+
+
+CONFINED = {("1", "2")}  # no_new_privs set, seccomp in filter mode
+
+
+def test_a_vmm_is_sandboxed_by_default_and_not_with_no_sandbox(guests: Path) -> None:
+    hello = str(guests / "hello-bootsector.bin")
+    quiet = subprocess.run(
+        [*VMIPC, "vmm", "--bootsector", hello], capture_output=True, text=True, timeout=30
+    )
+    assert quiet.returncode == 0
+    assert quiet.stdout == "hello from the boot sector\n"  # the console is a pre-opened fd
+    assert quiet.stderr == ""  # capability mode is the quiet default
+    loose = subprocess.run(
+        [*VMIPC, "vmm", "--no-sandbox", "--bootsector", hello],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert loose.returncode == 0 and loose.stdout == quiet.stdout
+    assert "warning: the sandbox is off (--no-sandbox)" in loose.stderr
+    with vmm_processes() as vmms:
+        confined = vmms.guest("confined")
+        free = vmms._start("free", [*GUEST, "--no-sandbox"], [])
+        confined.wait_for_passes(1)
+        free.wait_for_passes(1)
+        assert confinement(confined.pid) == CONFINED  # every thread, vCPUs included
+        assert confinement(free.pid) == {("0", "0")}
+
+
+def test_building_blocks_through_passed_fds_into_a_sandboxed_incoming_vmm(
+    tmp_path: Path,
+) -> None:
+    """dump-state and dump-memory to fds the client passes (a file and a pipe), load-state
+    and load-memory from them into an ``--incoming`` VMM that built its machine after it
+    entered capability mode: the guest continues exactly."""
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        dst = vmms.incoming(memory=None)  # the machine is built by load-state, sandboxed
+        src.wait_for_passes(2)
+        with src.client() as source, dst.client() as target:
+            source.pause()
+            with open(tmp_path / "state", "w+b") as state:
+                source.dump_state(out=state.fileno())
+                state.seek(0)
+                assert target.load_state(in_=state.fileno())["vcpus"] == VCPUS
+            reader, writer = os.pipe()
+            received: list[dict[str, Any]] = []
+            loader = threading.Thread(
+                target=lambda: received.append(_load_memory(dst.socket, reader))
+            )
+            loader.start()
+            source.dump_memory(out=writer)
+            os.close(writer)
+            loader.join(30)
+            os.close(reader)
+            assert received and received[0]["data_pages"] > 0, received
+            source.quit()
+            target.resume()
+        assert src.wait_exit() == 0
+        dst.wait_for_passes(max(src.passes().values()) + 2)
+        with dst.client() as target:
+            target.pause()
+        check_continuation(src.text(), dst.text())
+        assert confinement(dst.pid) == CONFINED
+
+
+def _load_memory(socket_path: str, fd: int) -> dict[str, Any]:
+    from vmipc.client import SyncClient
+
+    with SyncClient(socket_path, timeout=30) as client:
+        return dict(client.load_memory(in_=fd))
+
+
+def test_suspend_restore_and_migrate_with_the_sandbox_on(tmp_path: Path) -> None:
+    """suspend to a file; ``vmipc vmm --restore FILE`` (opened before capability mode,
+    mapped lazily); migrate to an ``--incoming`` VMM: the guest goes on exactly through
+    three sandboxed VMMs."""
+    snap = tmp_path / "vm.snap"
+    with vmm_processes() as vmms:
+        first = vmms.guest("first")
+        first.wait_for_passes(2)
+        suspended = vmipc("suspend", "--socket", first.socket, str(snap))
+        assert suspended.returncode == 0, suspended.stderr
+        assert first.wait_exit() == 0
+        second = vmms._start("second", ["--restore", str(snap)], [])
+        second.wait_for_passes(max(first.passes().values()) + 1)
+        third = vmms.incoming("third")
+        assert confinement(second.pid) == confinement(third.pid) == CONFINED
+        moved = vmipc("migrate", "--socket", second.socket, "--to", third.socket)
+        assert moved.returncode == 0, moved.stderr
+        assert second.wait_exit() == 0
+        third.wait_for_passes(max(second.passes().values()) + 2)
+        with third.client() as client:
+            client.pause()
+        check_continuation(first.text() + second.text(), third.text())
+        for vmm in (first, second, third):
+            assert "warning" not in vmm.stderr.read_text()
+        third.stop()
+        left = [name for name in os.listdir(os.path.dirname(third.socket)) if ".sock" in name]
+        assert left == [], "socket files were left behind"
