@@ -15,9 +15,9 @@ $(BIN)/.installed: pyproject.toml
 system-deps:
 	./tools/install-system-deps
 
-## The main job: boot the built-in guest on 2 vCPUs and show its console.
+## The main job: boot the built-in guest, checkpoint it, restore it, live-migrate it, report.
 demo: $(BIN)/.installed
-	$(BIN)/vmipc vmm --guest builtin --vcpus 2 --memory 64M --guest-opt passes=5
+	$(BIN)/vmipc demo
 
 ## The whole test suite (lint and type checks first).
 test: $(BIN)/.installed system-deps

@@ -27,6 +27,7 @@ _SUBCOMMANDS = (
     "vmipc.cli.restore",
     "vmipc.cli.migrate",
     "vmipc.cli.receive",
+    "vmipc.cli.demo",
 )
 
 
