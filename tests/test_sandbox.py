@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.control_support import short_tmpdir
-from tests.seq_support import VCPUS, WS, check_continuation, vmipc, vmm_processes
+from tests.seq_support import VCPUS, WS, VmmProcess, check_continuation, vmipc, vmm_processes
 from vmipc.vmm import sandbox
 from vmipc.vmm.sandbox import SandboxError, enter_capability_mode
 
@@ -355,14 +355,16 @@ def test_a_handler_that_opens_a_path_fails_cleanly_and_the_server_carries_on() -
 # --- real VMMs ----------------------------------------------------------------------------
 
 
-def confinement(pid: int) -> set[tuple[str, str]]:
-    """(NoNewPrivs, Seccomp) of every thread of ``pid``."""
+def confinement(vmm: VmmProcess) -> set[tuple[str, str]]:
+    """(NoNewPrivs, Seccomp) of every thread of a VMM. Asked once it answers: the socket
+    appears just before the VMM enters capability mode (it answers only after)."""
+    assert vmm.state() is not None
     found = set()
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError):
+    for task in os.listdir(f"/proc/{vmm.pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
             fields = dict(
                 line.split(":\t", 1)
-                for line in Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines()
+                for line in Path(f"/proc/{vmm.pid}/task/{task}/status").read_text().splitlines()
                 if ":\t" in line
             )
             found.add((fields["NoNewPrivs"].strip(), fields["Seccomp"].strip()))
@@ -393,8 +395,8 @@ def test_a_vmm_is_sandboxed_by_default_and_not_with_no_sandbox(guests: Path) -> 
         free = vmms._start("free", [*GUEST, "--no-sandbox"], [])
         confined.wait_for_passes(1)
         free.wait_for_passes(1)
-        assert confinement(confined.pid) == CONFINED  # every thread, vCPUs included
-        assert confinement(free.pid) == {("0", "0")}
+        assert confinement(confined) == CONFINED  # every thread, vCPUs included
+        assert confinement(free) == {("0", "0")}
 
 
 def test_building_blocks_through_passed_fds_into_a_sandboxed_incoming_vmm(
@@ -431,7 +433,7 @@ def test_building_blocks_through_passed_fds_into_a_sandboxed_incoming_vmm(
         with dst.client() as target:
             target.pause()
         check_continuation(src.text(), dst.text())
-        assert confinement(dst.pid) == CONFINED
+        assert confinement(dst) == CONFINED
 
 
 def _load_memory(socket_path: str, fd: int) -> dict[str, Any]:
@@ -455,7 +457,7 @@ def test_suspend_restore_and_migrate_with_the_sandbox_on(tmp_path: Path) -> None
         second = vmms._start("second", ["--restore", str(snap)], [])
         second.wait_for_passes(max(first.passes().values()) + 1)
         third = vmms.incoming("third")
-        assert confinement(second.pid) == confinement(third.pid) == CONFINED
+        assert confinement(second) == confinement(third) == CONFINED
         moved = vmipc("migrate", "--socket", second.socket, "--to", third.socket)
         assert moved.returncode == 0, moved.stderr
         assert second.wait_exit() == 0
