@@ -1,18 +1,22 @@
 """``vmipc checkpoint`` and ``vmipc suspend``: a VM's full snapshot in one file.
 
-    vmipc checkpoint [--socket PATH] FILE [--leave-paused] [--no-verify] [--json]
-    vmipc suspend    [--socket PATH] FILE [--no-verify] [--json]
+    vmipc checkpoint [--socket PATH] FILE [--track | --incremental --parent PARENT]
+                     [--leave-paused] [--no-verify] [--json]
+    vmipc suspend    [--socket PATH] FILE [--incremental --parent PARENT] [--no-verify] [--json]
 
 The file is written under a temporary name in FILE's directory and renamed into place
 once complete, checked and fsynced: FILE is either the previous file or the whole new
-snapshot, never a part of one. Exit codes: 0 done; 1 a step failed (one line says which
-and what became of the VM: a VM this command paused is resumed); 2 bad usage; 3 the VMM
-cannot be reached.
+snapshot, never a part of one. ``--track`` starts dirty logging with a full checkpoint;
+``--incremental --parent PARENT`` then writes only the pages written since PARENT (the
+newest snapshot of the chain, taken from this VMM). Exit codes: 0 done; 1 a step failed
+(one line says which and what became of the VM: a VM this command paused is resumed);
+2 bad usage; 3 the VMM cannot be reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from vmipc.cli import EXIT_USAGE
@@ -45,6 +49,23 @@ def add_parser(subparsers: Any) -> None:
                 action="store_true",
                 help="leave the VM paused afterwards instead of resuming it",
             )
+            parser.add_argument(
+                "--track",
+                action="store_true",
+                help="(full checkpoint) start dirty logging before resuming, so that "
+                "incremental checkpoints can follow this one",
+            )
+        parser.add_argument(
+            "--incremental",
+            action="store_true",
+            help="write only the pages written since --parent was taken (needs dirty "
+            "logging running since then: a full checkpoint with --track, then increments)",
+        )
+        parser.add_argument(
+            "--parent",
+            metavar="PARENT",
+            help="the previous snapshot of the chain (with --incremental)",
+        )
         parser.add_argument(
             "--no-verify",
             action="store_true",
@@ -55,13 +76,20 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _lines(data: dict[str, Any]) -> list[str]:
-    return [
+    lines = [
         f"snapshot   {data['path']} ({data['size']} bytes)",
         f"id         {data['snapshot_id']} (table checksum {data['table_checksum']:#018x})",
-        f"vm         {data['vm']}",
+    ]
+    if data["parent_id"]:
+        lines.append(
+            f"parent     {data['parent_id']} (incremental: {data['incremental_pages']} pages)"
+        )
+    lines += [
+        f"vm         {data['vm']}" + (", dirty logging on" if data["tracking"] else ""),
         f"downtime   {data['downtime_s'] * 1000:.1f} ms",
         f"total      {data['total_s'] * 1000:.1f} ms",
     ]
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,12 +98,27 @@ def run(args: argparse.Namespace) -> int:
     if path is None:
         return EXIT_USAGE
     then: Then = "quit"
+    track = False
     if args._sequence == "checkpoint":
         then = "pause" if args.leave_paused else "resume"
+        track = args.track
+    if args.incremental != (args.parent is not None):
+        print(f"{prog}: --incremental and --parent PARENT go together", file=sys.stderr)
+        return EXIT_USAGE
+    if args.incremental and track:
+        print(f"{prog}: --track is for full checkpoints (increments keep it on)", file=sys.stderr)
+        return EXIT_USAGE
 
     async def main() -> SnapshotReport:
         async with open_client(path, client_name=prog) as client:
-            return await checkpoint(client, args.file, then=then, verify=not args.no_verify)
+            return await checkpoint(
+                client,
+                args.file,
+                then=then,
+                verify=not args.no_verify,
+                parent=args.parent,
+                track_dirty=track,
+            )
 
     code, report = run_sequence(prog, main)
     if report is not None:

@@ -1,11 +1,15 @@
 """``vmipc restore``: restore a snapshot file into an incoming VMM.
 
-    vmipc restore [--socket PATH] FILE [--paused] [--quit-on-failure] [--json]
+    vmipc restore [--socket PATH] FILE [--parent FILE]... [--chain-dir DIR] [--paused]
+                  [--quit-on-failure] [--json]
 
 The VMM is one started with ``vmipc vmm --incoming --socket PATH`` (no --memory/--vcpus
 needed: the machine is built from the file). Sends load-memory and load-state (both with
-format snapshot; the file is verified first) and resume. Exit codes: 0 done; 1 a step
-failed (the incoming VM does not run); 2 bad usage; 3 the VMM cannot be reached.
+format snapshot; the file is verified first) and resume. An incremental FILE is restored
+with its chain: its parents are found among the ``--parent`` files and the snapshots in
+``--chain-dir``, every link checked (parent id and table checksum), then the base is
+loaded and each increment's pages applied in order. Exit codes: 0 done; 1 a step failed
+(the incoming VM does not run); 2 bad usage; 3 the VMM cannot be reached.
 """
 
 from __future__ import annotations
@@ -33,6 +37,18 @@ def add_parser(subparsers: Any) -> None:
     )
     add_socket_argument(parser)
     parser.add_argument("file", metavar="FILE", help="the snapshot file")
+    parser.add_argument(
+        "--parent",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a parent snapshot of an incremental FILE (repeat for the whole chain)",
+    )
+    parser.add_argument(
+        "--chain-dir",
+        metavar="DIR",
+        help="look for the parents of an incremental FILE among the snapshots in DIR",
+    )
     parser.add_argument("--paused", action="store_true", help="leave the restored VM paused")
     parser.add_argument(
         "--quit-on-failure",
@@ -51,7 +67,12 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> RestoreReport:
         async with open_client(path, client_name=PROG) as client:
             return await restore_into(
-                client, args.file, resume=not args.paused, discard_on_failure=args.quit_on_failure
+                client,
+                args.file,
+                resume=not args.paused,
+                discard_on_failure=args.quit_on_failure,
+                parents=args.parent,
+                chain_dir=args.chain_dir,
             )
 
     code, report = run_sequence(PROG, main)
@@ -61,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             args.json,
             lambda d: [
                 f"restored   {d['path']}: {d['vcpus']} vCPUs, {d['memory_size']} bytes of RAM",
+                f"chain      {len(d['chain'])} file(s): {' <- '.join(d['chain'])}",
                 f"vm         {d['vm']}",
                 f"total      {d['total_s'] * 1000:.1f} ms",
             ],

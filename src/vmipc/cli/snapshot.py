@@ -3,6 +3,10 @@
     vmipc snapshot inspect FILE [--json]     the header, the section table, the memory layout
     vmipc snapshot verify FILE [--section NAME]
                                              check every checksum (or one section's)
+    vmipc snapshot seal FILE RESULT.json...  finish a snapshot composed with vmipc call
+    vmipc snapshot merge NEWEST -o OUT [--parent FILE]... [--chain-dir DIR]
+                                             flatten an incremental chain into one full
+                                             snapshot
 
 Exit codes: 0 fine; 1 the file is corrupt, truncated, incomplete or of an unsupported
 version (one line on standard error naming the part of the file and the problem); 2 bad
@@ -12,6 +16,7 @@ usage or a file that cannot be opened or read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -81,6 +86,30 @@ def add_parser(subparsers: Any) -> None:
     )
     seal.add_argument("--producer", default="vmipc snapshot seal", help="the producer string")
     seal.set_defaults(run=run_seal)
+    merge = actions.add_parser(
+        "merge",
+        help="flatten an incremental chain into one full snapshot",
+        description=(
+            "Write one full snapshot holding what the chain ending in NEWEST holds: the "
+            "base's memory with every increment's pages applied in order, and NEWEST's "
+            "state. The parents are found among the --parent files and the snapshots in "
+            "--chain-dir, each link checked (parent id and table checksum). OUT is written "
+            "beside itself under a temporary name and renamed once complete. No VMM is "
+            "involved; `vmipc vmm --restore OUT` then restores it."
+        ),
+    )
+    merge.add_argument("newest", metavar="NEWEST", help="the newest snapshot of the chain")
+    merge.add_argument("-o", "--output", metavar="OUT", required=True, help="the file to write")
+    merge.add_argument(
+        "--parent",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a snapshot of the chain (repeat for every one)",
+    )
+    merge.add_argument("--chain-dir", metavar="DIR", help="look for the parents in DIR")
+    merge.add_argument("--json", action="store_true", help="print the report as JSON")
+    merge.set_defaults(run=run_merge)
 
 
 class _Failure(Exception):
@@ -150,6 +179,28 @@ def run_seal(args: argparse.Namespace) -> int:
     finally:
         os.close(fd)
     print(f"{args.file}: sealed ({len(entries)} sections, snapshot {snapshot_id.hex()})")
+    return EXIT_OK
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from vmipc.sequences import ChainError, merge
+
+    try:
+        report = merge(args.newest, args.output, parents=args.parent, chain_dir=args.chain_dir)
+    except ChainError as exc:
+        print(f"{PROG}: merge: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{PROG}: merge: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        print(
+            f"{report.path}: merged {len(report.chain)} snapshots "
+            f"({report.data_pages} pages from increments), snapshot {report.snapshot_id}"
+        )
     return EXIT_OK
 
 

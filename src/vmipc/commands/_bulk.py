@@ -36,7 +36,12 @@ from vmipc.formats import (
     section_offset,
     split_zero_runs,
 )
-from vmipc.formats.snapshot import SECTION_CONFIG, SECTION_DEVICES, SECTION_VCPUS
+from vmipc.formats.snapshot import (
+    MEMORY_ENCODING_IMAGE,
+    SECTION_CONFIG,
+    SECTION_DEVICES,
+    SECTION_VCPUS,
+)
 from vmipc.vmm.machine import Machine, MachineConfig, MachineState
 from vmipc.vmm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
 from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
@@ -303,6 +308,12 @@ def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> St
         reader.verify(section.entry.name)
     except FormatError as exc:
         raise BulkError("bad-snapshot", str(exc)) from None
+    if section.descriptor.encoding != MEMORY_ENCODING_IMAGE:
+        raise BulkError(
+            "bad-snapshot",
+            "an incremental snapshot (its memory is a page stream): load the base of its "
+            "chain, then apply-pages each increment's stream",
+        )
     stored = [(r.gpa, r.size) for r in section.descriptor.regions]
     if stored != list(memory.ram_ranges()) or section.descriptor.page_size != PAGE_SIZE:
         raise BulkError("bad-snapshot", f"the snapshot's RAM layout {stored} is not this machine's")

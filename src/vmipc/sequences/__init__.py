@@ -7,6 +7,7 @@ whatever fails; the guarantee of every step is in docs/sequences.md.
 
 from __future__ import annotations
 
+from vmipc.sequences._chain import ChainError, ChainLink, MergeReport, resolve_chain
 from vmipc.sequences._common import SequenceError, as_dict
 from vmipc.sequences._migrate import (
     DEFAULT_MAX_DOWNTIME,
@@ -38,6 +39,7 @@ from vmipc.sequences._snapshot import (
     SnapshotReport,
     checkpoint,
     checkpoint_blocking,
+    merge,
     restore_into,
     restore_into_blocking,
     seal,
@@ -52,9 +54,12 @@ __all__ = [
     "DEFAULT_MAX_ROUNDS",
     "DEFAULT_TIMEOUT",
     "PRODUCER",
+    "ChainError",
+    "ChainLink",
     "ControlError",
     "Destination",
     "LocalDestination",
+    "MergeReport",
     "MigrationNotConverged",
     "MigrationReport",
     "ReceiveReport",
@@ -68,12 +73,14 @@ __all__ = [
     "checkpoint",
     "checkpoint_blocking",
     "listen",
+    "merge",
     "migrate",
     "migrate_blocking",
     "migrate_local",
     "migrate_tcp",
     "parse_address",
     "receive",
+    "resolve_chain",
     "restore_into",
     "restore_into_blocking",
     "run_transfer",

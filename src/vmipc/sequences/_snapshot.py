@@ -13,28 +13,52 @@ write)::
     <client> verify TEMP, rename TEMP -> FILE, fsync the directory
     quit                              (suspend only, after the rename is durable)
 
+An incremental checkpoint (``parent=``) differs in three lines: ``query-dirty`` first
+(dirty logging must be running since the parent was taken, else it is refused before
+anything happens), the header carries ``FLAG_INCREMENTAL`` and the parent's id and table
+checksum, and instead of ``dump-memory`` the client writes a memory descriptor (encoding
+page stream) and ``dump-dirty`` writes the pages written since the parent right after it,
+at the fd's position; the client reads the section back for its checksum. A full
+checkpoint with ``track_dirty`` sends ``dirty-log-start`` before resuming, so that the next
+incremental one covers exactly the pages written since.
+
 The exact guarantee of every step is in docs/sequences.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import trio
 
 from vmipc import __version__
-from vmipc.client import Client, open_client
+from vmipc.client import Client, CommandError, open_client
 from vmipc.formats import (
     SectionEntry,
     SnapshotHeader,
     SnapshotReader,
     encode_table,
     new_snapshot_id,
+    section_offset,
+)
+from vmipc.formats.snapshot import FLAG_INCREMENTAL, MEMORY_DESCRIPTOR_SIZE
+from vmipc.sequences._chain import (
+    ChainError,
+    ChainLink,
+    MergeReport,
+    increment_descriptor,
+    increment_entry,
+    merge_chain,
+    read_link,
+    resolve_chain,
+    verify_links,
 )
 from vmipc.sequences._common import (
     SequenceError,
@@ -63,6 +87,12 @@ class SnapshotReport:
     downtime_s: float
     total_s: float
     sections: list[dict[str, Any]]
+    #: the parent's snapshot id (an incremental snapshot), else None
+    parent_id: str | None = None
+    #: dirty logging runs on the VMM, so an incremental checkpoint may follow this one
+    tracking: bool = False
+    #: pages stored as data in the memory section of an incremental snapshot
+    incremental_pages: int | None = None
 
 
 def temp_path_for(path: str) -> str:
@@ -89,6 +119,50 @@ def verify_file(fd: int, *, full: bool = True) -> None:
         reader.verify()
 
 
+DIRTY_LOG_OFF_HINT = (
+    "take a full checkpoint with --track (track_dirty=True) first; a restarted or restored "
+    "VMM, a failed incremental checkpoint or a migration that gave up needs a new full one"
+)
+
+
+async def _check_tracking(client: Client, parent: ChainLink, memory_size: int) -> None:
+    """An incremental checkpoint needs dirty logging running (since ``parent``) on a VM
+    with the parent's RAM; raise SequenceError (nothing done) otherwise."""
+    if parent.memory_size != memory_size:
+        raise SequenceError(
+            "parent",
+            f"{parent.path} is a snapshot of a VM with {parent.memory_size} bytes of RAM, "
+            f"this one has {memory_size}",
+            "nothing was done",
+        )
+    try:
+        await client.query_dirty()
+    except CommandError as exc:
+        if exc.code != "dirty-log-off":
+            raise SequenceError("query-dirty", exc, "nothing was done") from exc
+        raise SequenceError(
+            "query-dirty",
+            "dirty logging is off on this VMM, so the pages written since the parent are unknown",
+            f"nothing was done; {DIRTY_LOG_OFF_HINT}",
+        ) from exc
+
+
+async def _dump_increment(client: Client, fd: int, parent: ChainLink) -> tuple[SectionEntry, int]:
+    """The memory section of an increment: the client writes the descriptor, dump-dirty
+    writes its page stream at the fd's position right after it, the client reads it back
+    for the checksum. Returns the entry and the number of data pages."""
+    offset = section_offset(os.fstat(fd).st_size)
+    os.pwrite(fd, increment_descriptor(parent.memory.descriptor), offset)
+    os.lseek(fd, offset + MEMORY_DESCRIPTOR_SIZE, os.SEEK_SET)
+    result = await client.dump_dirty(out=fd)
+    written = os.fstat(fd).st_size - offset - MEMORY_DESCRIPTOR_SIZE
+    if written != result["bytes"]:
+        raise RuntimeError(
+            f"dump-dirty reported {result['bytes']} bytes but the file grew by {written}"
+        )
+    return await trio.to_thread.run_sync(increment_entry, fd, offset, parent.memory.descriptor)
+
+
 async def checkpoint(
     client: Client,
     path: str,
@@ -96,21 +170,41 @@ async def checkpoint(
     then: Then = "resume",
     verify: bool = True,
     producer: str = PRODUCER,
+    parent: str | None = None,
+    track_dirty: bool = False,
 ) -> SnapshotReport:
-    """Write a full snapshot of the VM behind ``client`` to ``path``, atomically.
+    """Write a snapshot of the VM behind ``client`` to ``path``, atomically.
 
     ``then``: ``resume`` (a checkpoint: the VM runs again, or stays paused if it was
     paused before), ``pause`` (leave it paused), ``quit`` (suspend: the VMM quits once the
     file is durable under its final name). ``verify`` reads the finished file back and
     checks every checksum before publishing it.
 
+    ``parent``: write an *incremental* snapshot holding only the pages written since the
+    snapshot at ``parent`` was taken. Dirty logging must be running on the VMM since then:
+    the parent was a full checkpoint with ``track_dirty=True`` or an incremental one, the
+    newest of its chain, taken from this VMM. Refused (nothing done) when logging is off.
+    ``track_dirty`` (full checkpoints): start dirty logging before resuming, afresh, so
+    that an incremental checkpoint can follow. Incremental checkpoints keep it running.
+
     On failure raises :class:`SequenceError`; the final name is never touched, the
-    temporary file is removed, and a VM this call paused is resumed.
+    temporary file is removed, and a VM this call paused is resumed. A failure after dirty
+    logging was touched (dump-dirty consumed the dirty pages, or tracking was restarted)
+    stops dirty logging, so that no later incremental snapshot can miss pages: the next
+    checkpoint must be a full one.
     """
     started = time.monotonic()
     status = await client.query_status()
     if status["state"] not in ("running", "paused"):
         raise SequenceError("query-status", f"the VM is {status['state']}", "nothing was done")
+    base: ChainLink | None = None
+    if parent is not None:
+        try:
+            base = await trio.to_thread.run_sync(read_link, parent)
+        except ChainError as exc:
+            raise SequenceError("parent", exc, "nothing was done") from exc
+        await _check_tracking(client, base, int(status["memory_size"]))
+    track = then != "quit" and (track_dirty or base is not None)
     we_paused = status["state"] == "running"
     paused_at = time.monotonic()
     if we_paused:
@@ -120,17 +214,41 @@ async def checkpoint(
     step = "create the file"
     fd = -1
     resumed = False
+    tracking_touched = False
+    pages: int | None = None
     try:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        header = SnapshotHeader(new_snapshot_id(), producer, created_ns=time.time_ns())
+        if base is None:
+            header = SnapshotHeader(new_snapshot_id(), producer, created_ns=time.time_ns())
+        else:
+            header = SnapshotHeader(
+                new_snapshot_id(),
+                producer,
+                flags=FLAG_INCREMENTAL,
+                parent_id=base.header.snapshot_id,
+                parent_checksum=base.table_checksum,
+                created_ns=time.time_ns(),
+            )
         os.pwrite(fd, header.encode(), 0)
         step = "dump-state"
         state = await client.dump_state(format="snapshot", out=fd)
-        step = "dump-memory"
-        memory = await client.dump_memory(format="snapshot", out=fd)
-        assert memory["section"] is not None
+        if base is None:
+            step = "dump-memory"
+            memory = await client.dump_memory(format="snapshot", out=fd)
+            assert memory["section"] is not None
+            memory_entry = SectionEntry.from_dict(memory["section"])
+            if track:
+                # afresh: pages dirty from an earlier chain must not count
+                step = "dirty-log-start"
+                tracking_touched = True
+                await client.dirty_log_stop()
+                await client.dirty_log_start()
+        else:
+            step = "dump-dirty"
+            tracking_touched = True
+            memory_entry, pages = await _dump_increment(client, fd, base)
         step = "seal"
-        entries = [SectionEntry.from_dict(e) for e in [*state["sections"], memory["section"]]]
+        entries = [SectionEntry.from_dict(e) for e in state["sections"]] + [memory_entry]
         table_checksum = seal(fd, entries, header)
         downtime = 0.0
         if then == "resume" and we_paused:
@@ -154,6 +272,13 @@ async def checkpoint(
         outcome = "no snapshot was written"
         if we_paused and not resumed:
             outcome += "; " + await resume_if_paused(client)
+        if tracking_touched:
+            _, error = await best_effort(client.dirty_log_stop)
+            outcome += (
+                "; dirty logging was stopped (the next checkpoint must be a full one)"
+                if error is None
+                else f"; stopping dirty logging failed ({describe(error)})"
+            )
         if isinstance(exc, Exception):
             raise SequenceError(step, exc, outcome) from exc
         raise
@@ -175,6 +300,9 @@ async def checkpoint(
         downtime_s=downtime,
         total_s=time.monotonic() - started,
         sections=[dict(e.to_dict()) for e in entries],
+        parent_id=None if base is None else base.snapshot_id,
+        tracking=track,
+        incremental_pages=pages,
     )
 
 
@@ -190,10 +318,18 @@ class RestoreReport:
     vcpus: int
     memory_size: int
     total_s: float
+    #: the files loaded, base first (one for a full snapshot)
+    chain: list[str] = field(default_factory=list)
 
 
 async def restore_into(
-    client: Client, path: str, *, resume: bool = True, discard_on_failure: bool = False
+    client: Client,
+    path: str,
+    *,
+    resume: bool = True,
+    discard_on_failure: bool = False,
+    parents: Sequence[str] = (),
+    chain_dir: str | None = None,
 ) -> RestoreReport:
     """Restore the snapshot at ``path`` into an incoming VMM (``vmipc vmm --incoming``)::
 
@@ -202,22 +338,48 @@ async def restore_into(
         load-state  format=snapshot
         resume                            (unless resume=False: it stays paused)
 
+    An incremental snapshot is restored with its chain: its parents are looked for among
+    ``parents`` (files) and the snapshots in ``chain_dir``, and each link's parent id and
+    table checksum are checked, and every increment verified, before anything is sent.
+    Then ``load-memory`` of the base, ``apply-pages`` of each increment's page stream in
+    order (the fd positioned at its memory data), ``load-state`` of ``path``, ``resume``.
+
     On failure nothing runs (a failed load makes the VMM refuse resume); with
     ``discard_on_failure`` the incoming VMM is also told to quit.
     """
     started = time.monotonic()
     step = "query-status"
+    chain: list[ChainLink] = []
     try:
         status = await client.query_status()
         if status["state"] != "incoming":
             raise SequenceError(
                 step, f"the VMM is {status['state']}, not incoming", "nothing was done"
             )
-        with open(path, "rb") as snapshot:
+        step = "chain"
+
+        def find_chain() -> list[ChainLink]:
+            links = resolve_chain(path, parents=parents, chain_dir=chain_dir)
+            verify_links(links)
+            return links
+
+        chain = await trio.to_thread.run_sync(find_chain)
+        with contextlib.ExitStack() as files:
+            opened = [files.enter_context(open(link.path, "rb")) for link in chain]
             step = "load-memory"
-            await client.load_memory(format="snapshot", in_=snapshot.fileno())
+            await client.load_memory(format="snapshot", in_=opened[0].fileno())
+            for link, snapshot in zip(chain[1:], opened[1:], strict=True):
+                step = f"apply-pages {link.path}"
+                fd = snapshot.fileno()
+                os.lseek(fd, link.memory.data_offset, os.SEEK_SET)
+                applied = await client.apply_pages(in_=fd)
+                if applied["bytes"] != link.memory.data_size:
+                    raise ChainError(
+                        f"{link.path}: the page stream is {applied['bytes']} bytes, "
+                        f"its memory section {link.memory.data_size}"
+                    )
             step = "load-state"
-            loaded = await client.load_state(format="snapshot", in_=snapshot.fileno())
+            loaded = await client.load_state(format="snapshot", in_=opened[-1].fileno())
         if resume:
             step = "resume"
             await client.resume()
@@ -239,7 +401,24 @@ async def restore_into(
         vcpus=loaded["vcpus"],
         memory_size=loaded["memory_size"],
         total_s=time.monotonic() - started,
+        chain=[link.path for link in chain],
     )
+
+
+def merge(
+    newest: str,
+    out: str,
+    *,
+    parents: Sequence[str] = (),
+    chain_dir: str | None = None,
+    producer: str = PRODUCER,
+) -> MergeReport:
+    """Flatten the chain ending in ``newest`` into one full snapshot at ``out`` (blocking
+    file work, no VMM): the base's memory with every increment's pages applied in order,
+    and the newest's state. Parents are found as for :func:`restore_into`. ``out`` appears
+    only complete (written beside it, fsynced, renamed). Raises ChainError or OSError."""
+    chain = resolve_chain(newest, parents=parents, chain_dir=chain_dir)
+    return merge_chain(chain, out, producer=producer, temp=temp_path_for(out))
 
 
 # --- blocking wrappers ---------------------------------------------------------------------
@@ -266,10 +445,12 @@ def restore_into_blocking(socket_path: str, path: str, **options: object) -> Res
 
 
 __all__ = [
+    "DIRTY_LOG_OFF_HINT",
     "RestoreReport",
     "SnapshotReport",
     "checkpoint",
     "checkpoint_blocking",
+    "merge",
     "restore_into",
     "restore_into_blocking",
     "seal",
