@@ -86,6 +86,8 @@ class BootSource:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BootSource:
+        if not isinstance(data, dict):
+            raise ValueError(f"boot source record is a {type(data).__name__}, not a map")
         return cls(
             kind=str(data["kind"]),
             path=data.get("path"),
@@ -122,6 +124,8 @@ class MachineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MachineConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"machine config is a {type(data).__name__}, not a map")
         if data.get("version") != cls.VERSION:
             raise ValueError(f"machine config version {data.get('version')} is not supported")
         return cls(
@@ -153,6 +157,8 @@ class MachineState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MachineState:
+        if not isinstance(data, dict):
+            raise StateRecordError(f"machine state is a {type(data).__name__}, not a map")
         if data.get("version") != cls.VERSION:
             raise StateRecordError(f"machine state version {data.get('version')!r} unsupported")
         try:

@@ -36,7 +36,17 @@ def _from_raw(kind: type[_S], data: bytes, what: str) -> _S:
     return kind.from_buffer_copy(data)
 
 
+def _bytes(value: Any, what: str) -> bytes:
+    """A bytes field as it was saved. ``bytes(value)`` would also take an int and allocate
+    that many zero bytes: a hostile record could ask for gigabytes."""
+    if not isinstance(value, bytes | bytearray):
+        raise StateRecordError(f"{what}: bytes expected, not {type(value).__name__}")
+    return bytes(value)
+
+
 def _check_version(data: dict[str, Any], expected: int, what: str) -> None:
+    if not isinstance(data, dict):
+        raise StateRecordError(f"{what} record is a {type(data).__name__}, not a map")
     version = data.get("version")
     if version != expected:
         raise StateRecordError(
@@ -85,14 +95,14 @@ class VcpuState:
             state = cls(
                 vcpu_id=int(data["vcpu_id"]),
                 mp_state=int(data["mp_state"]),
-                regs=bytes(data["regs"]),
-                sregs=bytes(data["sregs"]),
-                xsave=bytes(data["xsave"]),
-                xcrs=bytes(data["xcrs"]),
-                debugregs=bytes(data["debugregs"]),
-                lapic=bytes(data["lapic"]),
+                regs=_bytes(data["regs"], "regs"),
+                sregs=_bytes(data["sregs"], "sregs"),
+                xsave=_bytes(data["xsave"], "xsave"),
+                xcrs=_bytes(data["xcrs"], "xcrs"),
+                debugregs=_bytes(data["debugregs"], "debugregs"),
+                lapic=_bytes(data["lapic"], "lapic"),
                 msrs=tuple((int(i), int(v)) for i, v in data["msrs"]),
-                vcpu_events=bytes(data["vcpu_events"]),
+                vcpu_events=_bytes(data["vcpu_events"], "vcpu_events"),
                 cpuid=tuple(tuple(int(x) for x in entry) for entry in data["cpuid"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -210,10 +220,10 @@ class VmState:
         _check_version(data, cls.VERSION, "vm")
         try:
             state = cls(
-                pic_master=bytes(data["pic_master"]),
-                pic_slave=bytes(data["pic_slave"]),
-                ioapic=bytes(data["ioapic"]),
-                pit=bytes(data["pit"]),
+                pic_master=_bytes(data["pic_master"], "pic_master"),
+                pic_slave=_bytes(data["pic_slave"], "pic_slave"),
+                ioapic=_bytes(data["ioapic"], "ioapic"),
+                pit=_bytes(data["pit"], "pit"),
                 clock=int(data["clock"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
