@@ -849,10 +849,25 @@ def split_zero_runs(
                 kind = True
                 page += block
                 continue
-            for _ in range(block):
-                offset = page * page_size
-                page_view = view[offset : offset + page_size]
-                is_zero = ZEROS.startswith(page_view) if small else _all_zero(page_view)
+            # A page whose first word is not zero holds data: one C-level strided read of
+            # those words settles most pages of real memory without a per-page compare.
+            first_words = (
+                view[offset : offset + block * page_size].cast("Q")[:: page_size // 8].tolist()
+            )
+            if all(first_words):
+                if kind is True:
+                    out.append(PageRun(kind_start, page - kind_start, True))
+                    kind_start = page
+                kind = False
+                page += block
+                continue
+            for first_word in first_words:
+                if first_word:
+                    is_zero = False
+                else:
+                    offset = page * page_size
+                    page_view = view[offset : offset + page_size]
+                    is_zero = ZEROS.startswith(page_view) if small else _all_zero(page_view)
                 if is_zero is not kind:
                     if kind is not None:
                         out.append(PageRun(kind_start, page - kind_start, kind))
