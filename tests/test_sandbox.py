@@ -223,6 +223,46 @@ def test_kvm_keeps_working() -> None:
     assert "vcpu=0 done" in got["console"] and "vcpu=1 done" in got["console"]
 
 
+def test_a_kernel_without_landlock_still_gets_no_new_privs_and_seccomp(tmp_path: Path) -> None:
+    (tmp_path / "existing").write_text("")
+
+    def pretend() -> None:
+        sandbox.landlock_abi = lambda: (0, "the kernel was built without Landlock")
+
+    def body() -> dict[str, Any]:
+        return {
+            "read": attempt(lambda: os.close(os.open(tmp_path / "existing", os.O_RDONLY))),
+            "socket": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)),
+            "no_new_privs": sandbox.no_new_privs(),
+        }
+
+    got = in_sandboxed_child(body, before=pretend)
+    assert got == {"read": "ok", "socket": "EPERM", "no_new_privs": True}
+
+
+def test_without_landlock_the_vmm_warns_and_runs(guests: Path) -> None:
+    code = (
+        "import sys, vmipc.vmm.sandbox as s\n"
+        "s.landlock_abi = lambda: (0, 'the kernel was built without Landlock')\n"
+        "from vmipc.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    hello = str(guests / "hello-bootsector.bin")
+    done = subprocess.run(
+        [sys.executable, "-c", code, "vmm", "--bootsector", hello],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hello from the boot sector\n"
+    assert done.stderr.splitlines() == [
+        "vmipc: warning: the kernel was built without Landlock: the VMM can still open paths "
+        "(running with no_new_privs, no Landlock (the kernel was built without Landlock), "
+        "seccomp)"
+    ]
+
+
 def test_entering_with_another_thread_running_is_refused() -> None:
     stop = threading.Event()
     r, w = os.pipe()
