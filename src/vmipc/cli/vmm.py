@@ -328,15 +328,30 @@ def _enter_sandbox(args: argparse.Namespace, server: Server | None) -> int:
     return EXIT_OK
 
 
+#: the packages whose code a running VMM executes (not the client, CLI or sequences)
+_RUNTIME_PACKAGES = (
+    "vmipc.kvm",
+    "vmipc.vmm",
+    "vmipc.formats",
+    "vmipc.protocol",
+    "vmipc.commands",
+    "vmipc.server",
+)
+
+
 def _preload_runtime_modules() -> None:
-    """Import what the running VMM may import lazily: in capability mode Python can no
-    longer read a module's file."""
+    """Import every module the running VMM may import lazily: in capability mode Python
+    can no longer read a module's file (an import there fails with PermissionError)."""
+    import importlib
+    import pkgutil
+
     import trio  # noqa: F401
 
-    import vmipc.commands._bulk
-    import vmipc.formats
-    import vmipc.server
-    import vmipc.vmm.transfer  # noqa: F401
+    for name in _RUNTIME_PACKAGES:
+        package = importlib.import_module(name)
+        for info in pkgutil.walk_packages(package.__path__, f"{name}."):
+            if not info.name.rpartition(".")[2].startswith("gen"):  # code generators
+                importlib.import_module(info.name)
 
 
 class RestoreError(Exception):
