@@ -323,6 +323,8 @@ def _enter_sandbox(args: argparse.Namespace, server: Server | None) -> int:
             report.landlock_missing,
             report.describe(),
         )
+    elif not report.seccomp:
+        log.warning("warning: no seccomp filter (%s)", report.seccomp_missing)
     else:
         log.info("capability mode: %s", report.describe())
     return EXIT_OK
