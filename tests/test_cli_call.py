@@ -169,7 +169,7 @@ def test_help_and_list_without_a_server_use_the_local_schema(
     monkeypatch.delenv("VMIPC_SOCKET", raising=False)
     code, out, err = call(capsys, "pause", "--help")
     assert code == 0
-    assert out.startswith("usage: vmipc call pause\n")
+    assert out.startswith("usage: vmipc call pause [lease=VALUE]\n")
     assert "showing this client's own schema" in err
     code, out, _ = call(capsys, "--help")
     assert code == 0 and "exit codes:" in out

@@ -15,6 +15,7 @@ import trio
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vmipc.client import ClosedByPeer, CommandError, ProtocolError
 from vmipc.sequences import SequenceError, as_dict
+from vmipc.sequences._common import DEFAULT_LEASE
 
 SOCKET_ENV = "VMIPC_SOCKET"
 T = TypeVar("T")
@@ -26,6 +27,22 @@ def add_socket_argument(parser: argparse.ArgumentParser, help: str = "") -> None
         metavar="PATH",
         help=help or f"the VMM's control socket (default ${SOCKET_ENV})",
     )
+
+
+def add_lease_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        metavar="SECONDS",
+        help=f"{what} is a pause lease of this length, renewed while it lasts: if this "
+        f"command dies or hangs, the VMM resumes the guest by itself (default "
+        f"{DEFAULT_LEASE:g}; 0 for a plain pause)",
+    )
+
+
+def lease_of(args: argparse.Namespace) -> float | None:
+    return float(args.lease) if args.lease > 0 else None
 
 
 def socket_path(args: argparse.Namespace, prog: str) -> str | None:

@@ -1,14 +1,17 @@
 """``vmipc checkpoint`` and ``vmipc suspend``: a VM's full snapshot in one file.
 
     vmipc checkpoint [--socket PATH] FILE [--track | --incremental --parent PARENT]
-                     [--leave-paused] [--no-verify] [--json]
-    vmipc suspend    [--socket PATH] FILE [--incremental --parent PARENT] [--no-verify] [--json]
+                     [--leave-paused] [--no-verify] [--lease SECONDS] [--json]
+    vmipc suspend    [--socket PATH] FILE [--incremental --parent PARENT] [--no-verify]
+                     [--lease SECONDS] [--json]
 
 The file is written under a temporary name in FILE's directory and renamed into place
 once complete, checked and fsynced: FILE is either the previous file or the whole new
 snapshot, never a part of one. ``--track`` starts dirty logging with a full checkpoint;
 ``--incremental --parent PARENT`` then writes only the pages written since PARENT (the
-newest snapshot of the chain, taken from this VMM). Exit codes: 0 done; 1 a step failed
+newest snapshot of the chain, taken from this VMM). The VM is paused with a pause lease
+(``--lease``): if this command dies before it resumes the VM (or publishes the file),
+the VMM resumes the guest by itself. Exit codes: 0 done; 1 a step failed
 (one line says which and what became of the VM: a VM this command paused is resumed);
 2 bad usage; 3 the VMM cannot be reached.
 """
@@ -20,7 +23,14 @@ import sys
 from typing import Any
 
 from vmipc.cli import EXIT_USAGE
-from vmipc.cli._sequence import add_socket_argument, print_report, run_sequence, socket_path
+from vmipc.cli._sequence import (
+    add_lease_argument,
+    add_socket_argument,
+    lease_of,
+    print_report,
+    run_sequence,
+    socket_path,
+)
 from vmipc.client import open_client
 from vmipc.sequences import SnapshotReport, checkpoint
 from vmipc.sequences._snapshot import Then
@@ -71,6 +81,7 @@ def add_parser(subparsers: Any) -> None:
             action="store_true",
             help="do not read the file back to check every checksum before publishing it",
         )
+        add_lease_argument(parser, "the VM's pause")
         parser.add_argument("--json", action="store_true", help="print the report as JSON")
         parser.set_defaults(run=run, _sequence=name)
 
@@ -105,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if args.incremental != (args.parent is not None):
         print(f"{prog}: --incremental and --parent PARENT go together", file=sys.stderr)
         return EXIT_USAGE
+    if args.lease < 0:
+        print(f"{prog}: --lease must be positive (0 for a plain pause)", file=sys.stderr)
+        return EXIT_USAGE
     if args.incremental and track:
         print(f"{prog}: --track is for full checkpoints (increments keep it on)", file=sys.stderr)
         return EXIT_USAGE
@@ -118,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 verify=not args.no_verify,
                 parent=args.parent,
                 track_dirty=track,
+                lease=lease_of(args),
             )
 
     code, report = run_sequence(prog, main)

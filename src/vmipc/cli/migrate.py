@@ -1,7 +1,7 @@
 """``vmipc migrate``: live-migrate a running VM (pre-copy) to another VMM.
 
     vmipc migrate [--socket SRC] --to DST_SOCKET|tcp:HOST:PORT [--max-downtime MS]
-                  [--max-rounds N] [--timeout SECONDS] [--force] [--json]
+                  [--max-rounds N] [--timeout SECONDS] [--force] [--lease SECONDS] [--json]
 
 DST_SOCKET is the control socket of a local ``vmipc vmm --incoming --memory M --vcpus N``;
 ``tcp:HOST:PORT`` is a ``vmipc receive --listen HOST:PORT`` on another host. Memory goes
@@ -11,7 +11,8 @@ Policy: dirty rounds go on while the predicted downtime (dirty bytes ÷ the rate
 in the previous round) is above --max-downtime and the rounds make progress, up to
 --max-rounds and --timeout. If it does not converge the migration gives up cleanly: the
 source runs on and the destination is discarded — unless --force, which stops the source
-anyway and accepts the longer downtime.
+anyway and accepts the longer downtime. The source is paused with a pause lease
+(--lease): if this command dies before the switch-over, the source VMM resumes the guest.
 
 Exit codes: 0 migrated (the destination runs, the source quit); 1 a step failed or it
 gave up (one line says which VM runs); 2 bad usage; 3 a VMM cannot be reached.
@@ -25,7 +26,14 @@ import sys
 from typing import Any
 
 from vmipc.cli import EXIT_FAILED, EXIT_USAGE
-from vmipc.cli._sequence import add_socket_argument, print_report, run_sequence, socket_path
+from vmipc.cli._sequence import (
+    add_lease_argument,
+    add_socket_argument,
+    lease_of,
+    print_report,
+    run_sequence,
+    socket_path,
+)
 from vmipc.sequences import (
     DEFAULT_MAX_DOWNTIME,
     DEFAULT_MAX_ROUNDS,
@@ -83,6 +91,7 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="when it does not converge, stop the source anyway instead of giving up",
     )
+    add_lease_argument(parser, "the source's pause")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=run)
 
@@ -114,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
     source = socket_path(args, PROG)
     if source is None:
         return EXIT_USAGE
-    if args.max_downtime < 0 or args.max_rounds < 0 or args.timeout <= 0:
+    if args.max_downtime < 0 or args.max_rounds < 0 or args.timeout <= 0 or args.lease < 0:
         print(
-            f"{PROG}: --max-downtime, --max-rounds and --timeout must be positive", file=sys.stderr
+            f"{PROG}: --max-downtime, --max-rounds, --timeout and --lease must be positive",
+            file=sys.stderr,
         )
         return EXIT_USAGE
     options = {
@@ -124,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         "max_rounds": args.max_rounds,
         "timeout": args.timeout,
         "force": args.force,
+        "lease": lease_of(args),
     }
     if args.to.startswith("tcp:"):
         from vmipc.sequences import migrate_tcp, parse_address

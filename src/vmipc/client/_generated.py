@@ -1,4 +1,4 @@
-"""Typed command methods and result types, generated from the schema (version 1.2).
+"""Typed command methods and result types, generated from the schema (version 1.3).
 
 Do not edit: run ``python -m vmipc.client.gencode``.
 """
@@ -10,7 +10,7 @@ from typing import Any, Literal, TypedDict, cast
 
 from vmipc.client._common import FdLike, ProgressCallback
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 
 
 class HelloResultServer(TypedDict):
@@ -90,6 +90,17 @@ class PauseResult(TypedDict):
 
 class ResumeResult(TypedDict):
     """The result of ``resume``."""
+
+
+class RenewLeaseResult(TypedDict):
+    """The result of ``renew-lease``."""
+
+    expires_in: float
+    """Seconds until the lease expires unless renewed again."""
+
+
+class ReleaseLeaseResult(TypedDict):
+    """The result of ``release-lease``."""
 
 
 class QuitResult(TypedDict):
@@ -319,20 +330,26 @@ class AsyncCommands:
         """
         return cast(QueryStatusResult, await self.call("query-status"))
 
-    async def pause(self) -> PauseResult:
+    async def pause(self, *, lease: float | None = None) -> PauseResult:
         """Stop the vCPUs: returns once every vCPU is parked outside KVM_RUN with its pending exit
-        completed, so the machine's state is complete and consistent. The pause belongs to the
-        machine, not to the connection: another connection (or process) may ``resume``.
+        completed, so the machine's state is complete and consistent. A plain pause belongs to
+        the machine, not to the connection: another connection (or process) may ``resume``, and
+        it outlives the connection. With ``lease`` (since 1.3) the pause is tied to this
+        connection: if the connection closes, or ``lease`` seconds pass without a ``renew-lease``
+        from it, the VMM resumes the guest by itself (it logs a warning and sends
+        ``state-change``); ``release-lease`` gives the lease up and leaves the machine paused,
+        and any ``resume`` ends it. At most one lease exists (the machine is paused while it
+        does).
 
         Allowed in states: running. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted).
         """
-        return cast(PauseResult, await self.call("pause"))
+        return cast(PauseResult, await self.call("pause", lease=lease))
 
     async def resume(self) -> ResumeResult:
-        """Let the vCPUs of a paused machine run again.
+        """Let the vCPUs of a paused machine run again. Ends a pause lease, whoever holds it.
 
         Allowed in states: paused. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
@@ -340,6 +357,32 @@ class AsyncCommands:
         internal-error, not-permitted).
         """
         return cast(ResumeResult, await self.call("resume"))
+
+    async def renew_lease(self, *, lease: float | None = None) -> RenewLeaseResult:
+        """Extend the pause lease this connection holds: it now expires ``lease`` seconds from now
+        (by default after the lease's duration). Succeeds only while the lease still holds, so a
+        success also proves that the machine has stayed paused since the ``pause`` that took it.
+
+        Allowed in states: any. Since protocol 1.3.
+        Errors: no-lease, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error, not-permitted).
+        """
+        return cast(RenewLeaseResult, await self.call("renew-lease", lease=lease))
+
+    async def release_lease(self) -> ReleaseLeaseResult:
+        """Give up the pause lease this connection holds without resuming: the machine stays paused,
+        now as after a plain ``pause`` (nothing resumes it when this connection closes). Succeeds
+        only while the lease still holds, so a success also proves that the machine has stayed
+        paused since the ``pause``. Live migration sends it just before resuming the destination,
+        so that a client that dies after the switch-over never resumes the source.
+
+        Allowed in states: any. Since protocol 1.3.
+        Errors: no-lease, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error, not-permitted).
+        """
+        return cast(ReleaseLeaseResult, await self.call("release-lease"))
 
     async def quit(self) -> QuitResult:
         """Shut the VMM down: the server answers, stops accepting connections, tells every other
@@ -603,20 +646,26 @@ class SyncCommands:
         """
         return cast(QueryStatusResult, self.call("query-status"))
 
-    def pause(self) -> PauseResult:
+    def pause(self, *, lease: float | None = None) -> PauseResult:
         """Stop the vCPUs: returns once every vCPU is parked outside KVM_RUN with its pending exit
-        completed, so the machine's state is complete and consistent. The pause belongs to the
-        machine, not to the connection: another connection (or process) may ``resume``.
+        completed, so the machine's state is complete and consistent. A plain pause belongs to
+        the machine, not to the connection: another connection (or process) may ``resume``, and
+        it outlives the connection. With ``lease`` (since 1.3) the pause is tied to this
+        connection: if the connection closes, or ``lease`` seconds pass without a ``renew-lease``
+        from it, the VMM resumes the guest by itself (it logs a warning and sends
+        ``state-change``); ``release-lease`` gives the lease up and leaves the machine paused,
+        and any ``resume`` ends it. At most one lease exists (the machine is paused while it
+        does).
 
         Allowed in states: running. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted).
         """
-        return cast(PauseResult, self.call("pause"))
+        return cast(PauseResult, self.call("pause", lease=lease))
 
     def resume(self) -> ResumeResult:
-        """Let the vCPUs of a paused machine run again.
+        """Let the vCPUs of a paused machine run again. Ends a pause lease, whoever holds it.
 
         Allowed in states: paused. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
@@ -624,6 +673,32 @@ class SyncCommands:
         internal-error, not-permitted).
         """
         return cast(ResumeResult, self.call("resume"))
+
+    def renew_lease(self, *, lease: float | None = None) -> RenewLeaseResult:
+        """Extend the pause lease this connection holds: it now expires ``lease`` seconds from now
+        (by default after the lease's duration). Succeeds only while the lease still holds, so a
+        success also proves that the machine has stayed paused since the ``pause`` that took it.
+
+        Allowed in states: any. Since protocol 1.3.
+        Errors: no-lease, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error, not-permitted).
+        """
+        return cast(RenewLeaseResult, self.call("renew-lease", lease=lease))
+
+    def release_lease(self) -> ReleaseLeaseResult:
+        """Give up the pause lease this connection holds without resuming: the machine stays paused,
+        now as after a plain ``pause`` (nothing resumes it when this connection closes). Succeeds
+        only while the lease still holds, so a success also proves that the machine has stayed
+        paused since the ``pause``. Live migration sends it just before resuming the destination,
+        so that a client that dies after the switch-over never resumes the source.
+
+        Allowed in states: any. Since protocol 1.3.
+        Errors: no-lease, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error, not-permitted).
+        """
+        return cast(ReleaseLeaseResult, self.call("release-lease"))
 
     def quit(self) -> QuitResult:
         """Shut the VMM down: the server answers, stops accepting connections, tells every other

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from vmipc.commands._lease import PauseLease
 from vmipc.protocol import Schema
 from vmipc.vmm.machine_api import MachineApi
 
@@ -109,8 +110,15 @@ class ServerInfo:
 class ConnectionControl(Protocol):
     """What handlers may do to the connection their request came on."""
 
+    #: the server's number for the connection (as in its log)
+    id: int
     #: the commands this connection may run (its socket's allow-list), None for all
     allowed_commands: frozenset[str] | None
+
+    def add_close_hook(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Call ``hook`` (on the trio thread) once the connection has closed; returns a
+        function that removes it again."""
+        ...
 
     def subscribe(self, events: frozenset[str]) -> None:
         """Replace the connection's event subscriptions."""
@@ -121,6 +129,9 @@ class ConnectionControl(Protocol):
 
 
 class ServerControl(Protocol):
+    #: the machine's pause lease (one per server)
+    pause_lease: PauseLease
+
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown once the current request has been answered."""
 

@@ -1,4 +1,5 @@
-"""Run-state commands: query-status, pause, resume, quit."""
+"""Run-state commands: query-status, pause (with an optional lease), resume, quit, and the
+lease's renew-lease and release-lease (see ``_lease``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 import trio
 
+from vmipc.commands._lease import check_duration
 from vmipc.commands._registry import CommandContext, handler
 
 
@@ -22,14 +24,32 @@ async def query_status(ctx: CommandContext) -> dict[str, Any]:
 
 @handler("pause", exclusive=True)
 async def pause(ctx: CommandContext) -> dict[str, Any]:
+    lease = ctx.args["lease"]
+    duration = None if lease is None else check_duration(lease)
     # blocks until every vCPU is parked: a worker thread keeps the server responsive
     await trio.to_thread.run_sync(ctx.machine.pause)
+    if duration is not None:
+        ctx.server.pause_lease.take(ctx.connection, duration)
     return {}
 
 
 @handler("resume", exclusive=True)
 async def resume(ctx: CommandContext) -> dict[str, Any]:
     ctx.machine.resume()  # only flips the gate and wakes the vCPU threads
+    ctx.server.pause_lease.end()
+    return {}
+
+
+@handler("renew-lease")
+async def renew_lease(ctx: CommandContext) -> dict[str, Any]:
+    lease = ctx.args["lease"]
+    duration = None if lease is None else check_duration(lease)
+    return {"expires_in": ctx.server.pause_lease.renew(ctx.connection, duration)}
+
+
+@handler("release-lease")
+async def release_lease(ctx: CommandContext) -> dict[str, Any]:
+    ctx.server.pause_lease.release(ctx.connection)
     return {}
 
 

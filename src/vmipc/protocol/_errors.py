@@ -45,6 +45,8 @@ class ErrorCode(enum.StrEnum):
     DIRTY_LOG_OFF = "dirty-log-off"
     # connection classes (1.2)
     NOT_PERMITTED = "not-permitted"
+    # pause leases (1.3)
+    NO_LEASE = "no-lease"
     # connection scope: sent with a null id, then the server closes the connection
     FRAME_TOO_LARGE = "frame-too-large"
     HANDSHAKE_TIMEOUT = "handshake-timeout"

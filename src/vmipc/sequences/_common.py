@@ -15,6 +15,10 @@ T = TypeVar("T")
 
 #: seconds a clean-up call (resume the source, quit the destination) may take
 CLEANUP_TIMEOUT = 10.0
+#: seconds a sequence's pause lease lasts; it is renewed every third of that while the
+#: sequence works, so only a client that hangs (not one that dies: its connection closes)
+#: keeps a VM paused that long
+DEFAULT_LEASE = 10.0
 
 
 class SequenceError(Exception):
@@ -76,6 +80,58 @@ async def resume_if_paused(client: Client) -> str:
     if state is None:
         return f"the source VM could not be resumed ({describe(error)}): its VMM is gone"
     return f"the source VM could not be resumed ({describe(error)}): it is {state}"
+
+
+def supports_lease(client: Client) -> bool:
+    """Whether the VMM knows pause leases (protocol 1.3)."""
+    return "renew-lease" in client.server_info.get("commands", ())
+
+
+async def pause_leased(client: Client, lease: float | None) -> bool:
+    """Pause with a lease of ``lease`` seconds when the VMM supports it (a plain pause when
+    ``lease`` is None or it does not); returns whether a lease was taken."""
+    if lease is not None and supports_lease(client):
+        await client.pause(lease=lease)
+        return True
+    await client.pause()
+    return False
+
+
+async def while_renewing(
+    client: Client, lease: float | None, body: Callable[[], Awaitable[T]]
+) -> T:
+    """Run ``body`` while renewing this connection's pause lease every ``lease / 3``
+    seconds (``lease`` None: just run it). A renewal that fails is not an error here: the
+    sequence's next lease call (renew or release, its proof that the VM stayed paused)
+    fails too and says so."""
+    if lease is None:
+        return await body()
+    box: dict[str, Any] = {}
+
+    async def renew() -> None:
+        while True:
+            await trio.sleep(lease / 3)
+            try:
+                # shielded, so that ending the block never cuts a request half-sent
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                    await client.renew_lease()
+            except Exception:
+                return
+
+    async def run(done: trio.CancelScope) -> None:
+        try:
+            box["value"] = await body()
+        except Exception as exc:
+            box["error"] = exc
+        finally:
+            done.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(renew)
+        nursery.start_soon(run, nursery.cancel_scope)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
 
 
 def fsync_dir(path: str) -> None:

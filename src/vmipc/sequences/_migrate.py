@@ -14,9 +14,11 @@ destination's load reads, concurrently, VMM to VMM, never through this client)::
       stop if predicted ≤ max-downtime (converged), or rounds/timeout/no progress (not)
       src dump-dirty               →  dst apply-pages          a dirty round, guest running
     not converged and not force:      give up: src dirty-log-stop, dst quit; src never paused
-    src pause                                                  downtime starts
+    src pause lease=L                                          downtime starts
     src dump-dirty                 →  dst apply-pages          the last pages
     src dump-state                 →  dst load-state           vCPUs and devices
+                                      (src renew-lease every L/3 meanwhile)
+    src release-lease                 the source stayed paused; it stays so from here
     dst resume                                                 the switch-over point
     dst query-status                  running                  downtime ends
     src quit
@@ -24,7 +26,9 @@ destination's load reads, concurrently, VMM to VMM, never through this client)::
 The guarantee of every step is in docs/sequences.md. In one line: before ``dst resume``
 succeeds, any failure resumes the source (if this sequence paused it) and discards the
 destination; after it, the destination runs and the source stays paused until it is told
-to quit.
+to quit. The pause lease covers this client dying or hanging while the source is paused:
+until ``release-lease`` the source VMM resumes the guest by itself; after it, nothing
+does, so a client that dies at the switch-over never leaves two VMs running.
 """
 
 from __future__ import annotations
@@ -41,11 +45,14 @@ import trio
 
 from vmipc.client import Client, CommandError, ConnectionClosed, open_client
 from vmipc.sequences._common import (
+    DEFAULT_LEASE,
     SequenceError,
     best_effort,
     describe,
+    pause_leased,
     resume_if_paused,
     state_of,
+    while_renewing,
 )
 
 #: a building-block call that writes into the fd it is given and returns its result
@@ -311,13 +318,16 @@ async def migrate(
     switch_timeout: float = DEFAULT_SWITCH_TIMEOUT,
     force: bool = False,
     on_step: StepHook | None = None,
+    lease: float | None = DEFAULT_LEASE,
 ) -> MigrationReport:
     """Move the running VM behind ``source`` to ``dest`` (pre-copy; see the module doc).
 
     Returns the report when the guest runs at the destination and the source was told to
     quit. Raises :class:`MigrationNotConverged` when the policy gave up (the source runs
     on, the destination was discarded) and :class:`SequenceError` when a step failed (its
-    ``outcome`` says which VM runs).
+    ``outcome`` says which VM runs). ``lease``: the source is paused with a pause lease of
+    that many seconds (renewed during the stop-and-copy, released just before the
+    destination resumes); None for a plain pause.
     """
     started = time.monotonic()
     rounds: list[Round] = []
@@ -443,27 +453,47 @@ async def migrate(
         with trio.fail_after(switch_timeout):
             step = "pause"
             await _hook(on_step, step)
-            await source.pause()
+            leased = await pause_leased(source, lease)
             paused_at = time.monotonic()
-            step = "last dirty round"
-            await _hook(on_step, step)
-            dirty = await source.query_dirty()
-            began = time.monotonic()
-            result = await dest.transfer("pages", lambda fd: source.dump_dirty(out=fd))
-            rounds.append(
-                _round(len(rounds), "final", result, time.monotonic() - began, dirty["dirty_pages"])
-            )
-            step = "state"
-            await _hook(on_step, step)
             sent: dict[str, int] = {}
 
-            async def dump_state(fd: int) -> Mapping[str, Any]:
-                reply = await source.dump_state(out=fd)
-                sent["bytes"] = reply["bytes"]
-                return reply
+            async def stop_and_copy() -> None:
+                nonlocal step
+                step = "last dirty round"
+                await _hook(on_step, step)
+                dirty = await source.query_dirty()
+                began = time.monotonic()
+                result = await dest.transfer("pages", lambda fd: source.dump_dirty(out=fd))
+                rounds.append(
+                    _round(
+                        len(rounds), "final", result, time.monotonic() - began, dirty["dirty_pages"]
+                    )
+                )
+                step = "state"
+                await _hook(on_step, step)
 
-            await dest.transfer("state", dump_state)
+                async def dump_state(fd: int) -> Mapping[str, Any]:
+                    reply = await source.dump_state(out=fd)
+                    sent["bytes"] = reply["bytes"]
+                    return reply
+
+                await dest.transfer("state", dump_state)
+
+            await while_renewing(source, lease if leased else None, stop_and_copy)
             state_bytes = sent.get("bytes", 0)
+            if leased:
+                # from here on nothing resumes the source by itself: the destination may
+                step = "release-lease"
+                await _hook(on_step, step)
+                try:
+                    await source.release_lease()
+                except CommandError as exc:
+                    if exc.code != "no-lease":
+                        raise
+                    raise RuntimeError(
+                        "the source's pause lease ended during the stop-and-copy (its VMM "
+                        "resumed the guest)"
+                    ) from exc
         # the switch-over: no time limit of ours may interrupt it half-way
         step = "resume the destination"
         await _hook(on_step, step)

@@ -61,12 +61,15 @@ from vmipc.sequences._chain import (
     verify_links,
 )
 from vmipc.sequences._common import (
+    DEFAULT_LEASE,
     SequenceError,
     best_effort,
     describe,
     fsync_dir,
+    pause_leased,
     resume_if_paused,
     unlink_quietly,
+    while_renewing,
 )
 
 PRODUCER = f"vmipc {__version__}"
@@ -163,6 +166,23 @@ async def _dump_increment(client: Client, fd: int, parent: ChainLink) -> tuple[S
     return await trio.to_thread.run_sync(increment_entry, fd, offset, parent.memory.descriptor)
 
 
+async def _prove_lease(client: Client, *, release: bool) -> None:
+    """Renew (or release) the pause lease: it succeeds only if the VM stayed paused since
+    this connection's pause."""
+    try:
+        if release:
+            await client.release_lease()
+        else:
+            await client.renew_lease()
+    except CommandError as exc:
+        if exc.code != "no-lease":
+            raise
+        raise RuntimeError(
+            "the pause lease ended before the snapshot was complete (the VMM resumed the "
+            "guest), so the snapshot would not be one consistent moment"
+        ) from exc
+
+
 async def checkpoint(
     client: Client,
     path: str,
@@ -172,6 +192,7 @@ async def checkpoint(
     producer: str = PRODUCER,
     parent: str | None = None,
     track_dirty: bool = False,
+    lease: float | None = DEFAULT_LEASE,
 ) -> SnapshotReport:
     """Write a snapshot of the VM behind ``client`` to ``path``, atomically.
 
@@ -186,6 +207,11 @@ async def checkpoint(
     newest of its chain, taken from this VMM. Refused (nothing done) when logging is off.
     ``track_dirty`` (full checkpoints): start dirty logging before resuming, afresh, so
     that an incremental checkpoint can follow. Incremental checkpoints keep it running.
+
+    ``lease``: pause with a pause lease of that many seconds (renewed while the dumps
+    run), so that the VMM resumes the guest by itself if this client dies or hangs before
+    it resumes the VM or publishes the file; None for a plain pause. Before sealing, a
+    renewal (or, for ``pause``, the release) proves the VM stayed paused throughout.
 
     On failure raises :class:`SequenceError`; the final name is never touched, the
     temporary file is removed, and a VM this call paused is resumed. A failure after dirty
@@ -207,15 +233,51 @@ async def checkpoint(
     track = then != "quit" and (track_dirty or base is not None)
     we_paused = status["state"] == "running"
     paused_at = time.monotonic()
+    leased = False
     if we_paused:
-        await client.pause()
+        leased = await pause_leased(client, lease)
         paused_at = time.monotonic()
+    renewing = lease if leased else None
     temp = temp_path_for(path)
     step = "create the file"
     fd = -1
     resumed = False
     tracking_touched = False
     pages: int | None = None
+
+    async def dumps(fd: int) -> tuple[list[SectionEntry], int | None]:
+        nonlocal step, tracking_touched
+        step = "dump-state"
+        state = await client.dump_state(format="snapshot", out=fd)
+        entries = [SectionEntry.from_dict(e) for e in state["sections"]]
+        if base is None:
+            step = "dump-memory"
+            memory = await client.dump_memory(format="snapshot", out=fd)
+            assert memory["section"] is not None
+            entries.append(SectionEntry.from_dict(memory["section"]))
+            if track:
+                # afresh: pages dirty from an earlier chain must not count
+                step = "dirty-log-start"
+                tracking_touched = True
+                await client.dirty_log_stop()
+                await client.dirty_log_start()
+            return entries, None
+        step = "dump-dirty"
+        tracking_touched = True
+        entry, pages = await _dump_increment(client, fd, base)
+        return [*entries, entry], pages
+
+    async def publish(fd: int) -> int:
+        nonlocal step
+        if verify:
+            step = "verify"
+            await trio.to_thread.run_sync(verify_file, fd)
+        step = "publish"
+        size = os.fstat(fd).st_size
+        os.rename(temp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        return size
+
     try:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         if base is None:
@@ -230,41 +292,27 @@ async def checkpoint(
                 created_ns=time.time_ns(),
             )
         os.pwrite(fd, header.encode(), 0)
-        step = "dump-state"
-        state = await client.dump_state(format="snapshot", out=fd)
-        if base is None:
-            step = "dump-memory"
-            memory = await client.dump_memory(format="snapshot", out=fd)
-            assert memory["section"] is not None
-            memory_entry = SectionEntry.from_dict(memory["section"])
-            if track:
-                # afresh: pages dirty from an earlier chain must not count
-                step = "dirty-log-start"
-                tracking_touched = True
-                await client.dirty_log_stop()
-                await client.dirty_log_start()
-        else:
-            step = "dump-dirty"
-            tracking_touched = True
-            memory_entry, pages = await _dump_increment(client, fd, base)
+        entries, pages = await while_renewing(client, renewing, functools.partial(dumps, fd))
         step = "seal"
-        entries = [SectionEntry.from_dict(e) for e in state["sections"]] + [memory_entry]
         table_checksum = seal(fd, entries, header)
+        if leased:
+            # the proof that the VM stayed paused through the dumps; for "pause" the VM
+            # stays paused as asked, for "quit" the lease is kept until the file is durable
+            step = "release-lease" if then == "pause" else "renew-lease"
+            await _prove_lease(client, release=then == "pause")
+            leased = then != "pause"
         downtime = 0.0
         if then == "resume" and we_paused:
             step = "resume"
             await client.resume()
             resumed = True
+            leased = False
             downtime = time.monotonic() - paused_at
-        if verify:
-            step = "verify"
-            await trio.to_thread.run_sync(verify_file, fd)
-        step = "publish"
-        size = os.fstat(fd).st_size
+        size = await while_renewing(
+            client, lease if leased else None, functools.partial(publish, fd)
+        )
         os.close(fd)
         fd = -1
-        os.rename(temp, path)
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
     except BaseException as exc:
         if fd >= 0:
             os.close(fd)
@@ -284,6 +332,16 @@ async def checkpoint(
         raise
     vm = "running" if resumed else "paused"
     if then == "quit":
+        if leased:
+            try:
+                await _prove_lease(client, release=True)
+            except Exception as exc:
+                raise SequenceError(
+                    "release-lease",
+                    exc,
+                    f"the snapshot is complete at {path}; the VM runs on (its pause lease "
+                    "ended), so its VMM was not told to quit",
+                ) from exc
         _, error = await best_effort(client.quit)
         downtime = time.monotonic() - paused_at
         if error is not None:

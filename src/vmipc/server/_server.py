@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from vmipc.commands import (
     CommandContext,
     FdSet,
     HandlerEntry,
+    PauseLease,
     ServerInfo,
     load_handlers,
 )
@@ -158,6 +160,8 @@ class Server:
         )
         #: held by ``exclusive`` handlers (run-state changes), so they never interleave
         self.machine_lock = trio.Lock()
+        #: the machine's pause lease (``pause`` with ``lease``), tied to one connection
+        self.pause_lease = PauseLease(machine, self.machine_lock, lambda: self.closing)
         classes = (config.allowed_commands, *(x.allowed_commands for x in config.extra_sockets))
         for allowed in classes:
             unknown = sorted((allowed or frozenset()) - set(self.schema.commands))
@@ -397,8 +401,9 @@ class _RequestEntry:
 
 
 class _RequestServerControl:
-    def __init__(self, entry: _RequestEntry) -> None:
+    def __init__(self, entry: _RequestEntry, pause_lease: PauseLease) -> None:
         self._entry = entry
+        self.pause_lease = pause_lease
 
     def request_shutdown(self) -> None:
         self._entry.shutdown_requested = True
@@ -432,6 +437,7 @@ class _Connection:
         self._stopping = False
         self._ancsize = socket.CMSG_SPACE(server.limits.max_fds_per_request * 4)
         self._work: trio.Nursery | None = None
+        self._close_hooks: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"<connection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
@@ -456,8 +462,22 @@ class _Connection:
             close_fds(self.proto.release_fds())
             self.sock.close()
             log.info("%r closed", self)
+            for hook in list(self._close_hooks):
+                try:
+                    hook()
+                except Exception:
+                    log.exception("%r: a close hook failed", self)
 
     # ConnectionControl, for handlers
+
+    def add_close_hook(self, hook: Callable[[], None]) -> Callable[[], None]:
+        self._close_hooks.append(hook)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._close_hooks.remove(hook)
+
+        return remove
 
     def subscribe(self, events: frozenset[str]) -> None:
         self.subscriptions = events
@@ -630,7 +650,7 @@ class _Connection:
                         schema=self.server.schema,
                         server_info=self.server.info,
                         connection=self,
-                        server=_RequestServerControl(entry),
+                        server=_RequestServerControl(entry, self.server.pause_lease),
                         _progress=self._progress_sink(rid, spec.name, entry),
                     )
                     if handler.exclusive:

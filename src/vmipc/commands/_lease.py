@@ -1,0 +1,161 @@
+"""The pause lease: a pause tied to the connection that asked for it.
+
+``pause`` with ``lease`` seconds takes the machine's one lease for its connection. The VMM
+resumes the guest by itself when that connection closes, or when the lease passes without
+a ``renew-lease`` from it; ``release-lease`` gives it up (the machine stays paused) and any
+``resume`` ends it. So a client that dies while it holds a VM paused (in the middle of a
+checkpoint, say) does not leave the VM paused forever.
+
+One :class:`PauseLease` per server. Everything runs on the trio thread: the expiry is a
+trio system task sleeping until the lease's deadline, which a renewal moves and a closed
+connection brings forward to now; it resumes the machine under the server's machine lock,
+so it never interleaves with another run-state change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from vmipc.protocol import CommandError, ErrorCode
+from vmipc.vmm.machine_api import MachineApi
+from vmipc.vmm.runstate import RunState
+
+log = logging.getLogger("vmipc.server")
+
+#: the longest lease (seconds) a client may ask for
+MAX_LEASE = 3600.0
+
+
+class LeaseHolder(Protocol):
+    """The connection side of a lease (the server's connection object)."""
+
+    id: int
+
+    def add_close_hook(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Call ``hook`` (on the trio thread) when the connection closes; returns a remover."""
+        ...
+
+
+@dataclass(eq=False)
+class _Lease:
+    holder: LeaseHolder
+    duration: float
+    scope: trio.CancelScope
+    taken_at: float
+    why: str = "expired"
+    unhook: Callable[[], None] = field(default=lambda: None)
+
+
+def check_duration(value: Any) -> float:
+    """A lease length from a request, or invalid-arguments."""
+    seconds = float(value)
+    if not (0 < seconds <= MAX_LEASE) or math.isnan(seconds):
+        raise CommandError(
+            ErrorCode.INVALID_ARGUMENTS,
+            f"lease must be more than 0 and at most {MAX_LEASE:g} seconds, not {value}",
+            {"argument": "lease", "problem": f"out of range (0, {MAX_LEASE:g}]"},
+        )
+    return seconds
+
+
+class PauseLease:
+    """The machine's pause lease (at most one). ``closing`` says whether the server is
+    shutting down: then an ending lease never resumes the machine."""
+
+    def __init__(
+        self, machine: MachineApi, machine_lock: trio.Lock, closing: Callable[[], bool]
+    ) -> None:
+        self._machine = machine
+        self._lock = machine_lock
+        self._closing = closing
+        self._lease: _Lease | None = None
+
+    def status(self) -> dict[str, Any] | None:
+        """For query-status: who holds the lease and when it expires, or None."""
+        lease = self._lease
+        if lease is None:
+            return None
+        return {
+            "connection": lease.holder.id,
+            "expires_in": max(0.0, lease.scope.deadline - trio.current_time()),
+            "duration": lease.duration,
+        }
+
+    def take(self, holder: LeaseHolder, duration: float) -> None:
+        """After a successful pause: tie it to ``holder`` for ``duration`` seconds."""
+        self.end()
+        now = trio.current_time()
+        lease = _Lease(holder, duration, trio.CancelScope(deadline=now + duration), now)
+        lease.unhook = holder.add_close_hook(lambda: self._holder_closed(lease))
+        self._lease = lease
+        trio.lowlevel.spawn_system_task(self._watch, lease, name="pause lease")
+
+    def _held_by(self, holder: LeaseHolder, command: str) -> _Lease:
+        lease = self._lease
+        if lease is None or lease.holder is not holder:
+            raise CommandError(
+                ErrorCode.NO_LEASE,
+                f"{command}: this connection holds no pause lease (never taken, released, "
+                "ended by a resume, or expired)",
+            )
+        return lease
+
+    def renew(self, holder: LeaseHolder, duration: float | None) -> float:
+        """Move the expiry of ``holder``'s lease to now + duration; seconds left."""
+        lease = self._held_by(holder, "renew-lease")
+        if duration is not None:
+            lease.duration = duration
+        lease.scope.deadline = trio.current_time() + lease.duration
+        return lease.duration
+
+    def release(self, holder: LeaseHolder) -> None:
+        """``holder`` gives its lease up; the machine stays paused."""
+        self._held_by(holder, "release-lease")
+        log.info("pause lease of connection %d released; the machine stays paused", holder.id)
+        self.end()
+
+    def end(self) -> None:
+        """The lease ends without resuming anything (a resume, a release, a new pause)."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.unhook()
+            lease.scope.cancel()
+
+    def _holder_closed(self, lease: _Lease) -> None:
+        if self._lease is lease:
+            lease.why = "its connection closed"
+            lease.scope.deadline = -math.inf
+
+    async def _watch(self, lease: _Lease) -> None:
+        """Sleep until the lease's deadline; if it is still the lease then, resume."""
+        try:
+            with lease.scope:
+                await trio.sleep_forever()
+            if self._lease is not lease:
+                return  # ended (released, resumed, replaced) before its time
+            async with self._lock:
+                if self._lease is not lease:
+                    return
+                self._lease = None
+                lease.unhook()
+                if self._closing():
+                    return
+                held = trio.current_time() - lease.taken_at
+                state = self._machine.state
+                if state is not RunState.PAUSED:
+                    return
+                log.warning(
+                    "pause lease of connection %d %s after %.1fs: resuming the guest",
+                    lease.holder.id,
+                    lease.why,
+                    held,
+                )
+                self._machine.resume()
+        except Exception:  # a system task must never raise
+            log.exception("pause lease: resuming the guest failed")
