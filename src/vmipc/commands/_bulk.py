@@ -399,7 +399,7 @@ def write_state_sections(state: MachineState, fd: int, transfer: Transfer) -> li
 
 def read_state_sections(fd: int) -> MachineState:
     try:
-        reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size)
+        reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size, max_read=MAX_STATE_SIZE)
         config = msgpack.unpackb(reader.read_section(SECTION_CONFIG))
         vcpus = msgpack.unpackb(reader.read_section(SECTION_VCPUS))
         devices = msgpack.unpackb(reader.read_section(SECTION_DEVICES))
