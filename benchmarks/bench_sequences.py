@@ -1,0 +1,1617 @@
+#!/usr/bin/env python3
+"""Sequences: live migration against dirty rate, checkpoint and restore, beside QEMU.
+
+Prints Markdown tables of medians with ratios against QEMU + KVM doing the same with the
+same built-in guest image (``src/vmipc/guest/builtin.elf``) in the same run, so a noisy
+shared machine affects both sides alike:
+
+1. live migration of a 1 GiB guest with 2 vCPUs on one host, for several dirty rates (an
+   idle guest and working sets of 8, 64 and 256 MiB per vCPU rewritten at a paced rate):
+   total time, downtime, rounds, bytes and the measured dirty rate. vmipc: two ``vmipc vmm``
+   processes and ``vmipc.sequences.migrate`` (``migrate_blocking``) between their sockets;
+   QEMU: two local QEMUs, ``migrate-incoming`` / ``migrate`` over a UNIX socket,
+   ``query-migrate`` for total time and downtime;
+2. checkpoint of 256 MiB, 1 GiB and 4 GiB guests whose RAM is mostly touched:
+   ``vmipc.sequences.checkpoint`` to a file, beside QEMU's ``stop`` + ``migrate`` into the
+   file + ``cont``;
+3. restore of those snapshots until the guest runs (and prints its next line):
+   ``vmipc vmm --restore FILE`` lazy and ``--eager``, beside QEMU ``-incoming defer`` +
+   ``migrate-incoming`` from the file + ``cont``.
+
+It also draws downtime and total time against dirty rate for both (a PNG: matplotlib when
+it is installed, else a small built-in PNG writer).
+
+Run: ``.venv/bin/python benchmarks/bench_sequences.py [--quick] [--json FILE] [--plot PATH]
+[--no-qemu]``. The default run takes about 5 minutes, ``--quick`` (no 8 MiB working set and
+no 4 GiB guest; one migration and one checkpoint each, two restores) about 2. It needs a usable
+/dev/kvm (as root). QEMU is installed with ``tools/install-system-deps`` when missing; its
+columns are skipped, with a note, when it still cannot boot the guest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmipc.client import SyncClient
+from vmipc.guest import BUILTIN_GUEST_PATH
+from vmipc.sequences import SequenceError, checkpoint_blocking, migrate_blocking
+
+REPO = Path(__file__).resolve().parent.parent
+QEMU = "qemu-system-x86_64"
+MIB = 1 << 20
+GIB = 1 << 30
+PAGE = 4096
+BANNER = b"vmipc-guest "
+VCPUS = 2
+MIGRATION_MEMORY = "1G"
+#: the downtime both sides aim at (vmipc's default --max-downtime, QEMU's downtime-limit)
+MAX_DOWNTIME_MS = 50
+#: QEMU's migration speed limit, set before every migration (its default is 128 MiB/s)
+QEMU_MAX_BANDWIDTH = 1 << 40
+#: QEMU never gives up on a migration that does not converge; vmipc (force=True) stops and
+#: copies what is left once its policy gives up. QEMU is made to do the same after this
+#: long, by raising its downtime limit to the maximum.
+QEMU_FORCE_AFTER_S = 20.0
+QEMU_FORCED_DOWNTIME_MS = 2_000_000
+QEMU_ATTEMPTS = 3
+QEMU_FAILURE_MARKERS = ("KVM internal error", "emulation failure")
+PASS_LINE = re.compile(rb"vcpu=(\d+) pass=(\d+) ")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One dirty rate for the migration benchmark: guest options of the built-in guest."""
+
+    name: str
+    ws: str
+    rate: int
+    #: wait until every vCPU finished a pass (its working set is written) before migrating
+    touch: bool
+
+    @property
+    def options(self) -> str:
+        return f"ws={self.ws} rate={self.rate}"
+
+
+LEVELS = (
+    Level("idle", "1M", 1, False),
+    Level("ws 8 MiB", "8M", 2048, True),
+    Level("ws 64 MiB", "64M", 8192, True),
+    Level("ws 256 MiB", "256M", 32768, True),
+)
+
+
+@dataclass(frozen=True)
+class SnapSize:
+    """A guest for the checkpoint/restore benchmark, its RAM mostly touched."""
+
+    label: str
+    memory: str
+    bytes: int
+    ws: str
+
+    @property
+    def touched(self) -> float:
+        return VCPUS * int(self.ws[:-1]) * MIB / self.bytes
+
+    @property
+    def options(self) -> str:
+        return f"ws={self.ws} rate=0"
+
+
+SNAP_SIZES = (
+    SnapSize("256 MiB", "256M", 256 * MIB, "102M"),
+    SnapSize("1 GiB", "1G", GIB, "409M"),
+    # each working set is contiguous in one RAM region: both fit below 3 GiB, not 80 %
+    SnapSize("4 GiB", "4G", 4 * GIB, "1460M"),
+)
+
+
+# --- statistics and output ----------------------------------------------------------------
+
+
+def median(samples: Sequence[float]) -> float:
+    return statistics.median(samples)
+
+
+def med(samples: Sequence[float]) -> float | None:
+    return statistics.median(samples) if samples else None
+
+
+def ratio(value: float | None, baseline: float | None) -> str:
+    if value is None or baseline is None or baseline <= 0:
+        return "—"
+    return f"{value / baseline:.2f}x"
+
+
+def fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 1:
+        return f"{seconds * 1e3:.0f} ms" if seconds >= 0.01 else f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_rate(pages_per_s: float | None) -> str:
+    return "—" if pages_per_s is None else f"{pages_per_s:,.0f}"
+
+
+def fmt_mib(count: float | None) -> str:
+    return "—" if count is None else f"{count / MIB:,.0f} MiB"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+BEGAN = time.monotonic()
+
+
+def progress(text: str) -> None:
+    print(f"... [{time.monotonic() - BEGAN:4.0f} s] {text}", file=sys.stderr, flush=True)
+
+
+# --- child processes ----------------------------------------------------------------------
+
+
+class Children:
+    """Every process this script starts, so that each is killed (by pid) whatever happens."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: Sequence[str], stderr: Path) -> subprocess.Popen[bytes]:
+        with stderr.open("wb") as err:
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+            )
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            self.kill(proc)
+        self.procs.clear()
+
+    def reap(self) -> None:
+        self.procs = [proc for proc in self.procs if proc.poll() is None]
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float, poll: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def last_words(path: Path) -> str:
+    text = read(path).decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if "host doesn't support requested feature" not in line]
+    return " / ".join(lines[-2:]) or "no message"
+
+
+def passes_done(output: bytes) -> int:
+    """The number of vCPUs that have printed at least one pass line."""
+    return len({m.group(1) for m in PASS_LINE.finditer(output)})
+
+
+# --- vmipc: a VMM process driven through its socket ---------------------------------------
+
+
+class VmipcVmm:
+    """``python -m vmipc vmm ... --socket S --console FILE`` in a process of its own."""
+
+    def __init__(self, kids: Children, tmp: Path, name: str, args: Sequence[str]) -> None:
+        self.kids = kids
+        self.socket = str(tmp / f"{name}.sock")
+        self.console = tmp / f"{name}.console"
+        self.stderr = tmp / f"{name}.stderr"
+        argv = [sys.executable, "-m", "vmipc", "vmm", *args, "--socket", self.socket]
+        argv += ["--console", str(self.console), "--no-console-input"]
+        self.started = time.perf_counter()
+        self.proc = kids.spawn(argv, self.stderr)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"vmipc vmm exited {self.proc.returncode}: {last_words(self.stderr)}"
+            )
+
+    def client(self, timeout: float = 120.0) -> SyncClient:
+        """A connected client, as soon as the VMM answers (retrying until it listens)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return SyncClient(self.socket, timeout=timeout, client_name="bench_sequences")
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
+
+    def wait_output(self, check: Callable[[bytes], bool], what: str, timeout: float) -> None:
+        def ready() -> bool:
+            self.check_alive()
+            return check(read(self.console))
+
+        wait_for(ready, f"vmipc: {what}", timeout)
+
+    def quit(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                with SyncClient(self.socket, timeout=10) as client:
+                    client.quit()
+                self.proc.wait(10)
+            except Exception:
+                pass
+        self.kids.kill(self.proc)
+
+
+# --- QEMU: QMP and a QEMU process ---------------------------------------------------------
+
+
+class QemuFailed(Exception):
+    pass
+
+
+class Qmp:
+    """A QMP connection: commands (an fd passed by SCM_RIGHTS where asked); events dropped."""
+
+    def __init__(self, path: str, proc: subprocess.Popen[bytes], stderr: Path) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if proc.poll() is not None:
+                    raise QemuFailed(
+                        f"QEMU exited {proc.returncode}: {last_words(stderr)}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise QemuFailed("QEMU's QMP socket did not answer within 30 s") from None
+                time.sleep(0.002)
+        sock.settimeout(300)
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+        self._message()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def _message(self) -> dict[str, Any]:
+        line = self.reader.readline()
+        if not line:
+            raise QemuFailed("QEMU closed its QMP socket")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, fd: int = -1) -> Any:
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        data = json.dumps(request).encode() + b"\n"
+        if fd >= 0:
+            rights = array.array("i", [fd]).tobytes()
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        else:
+            self.sock.sendall(data)
+        while True:
+            message = self._message()
+            if "event" in message:
+                continue
+            if "error" in message:
+                raise QemuFailed(f"QMP {command}: {message['error'].get('desc', message)}")
+            return message.get("return")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.reader.close()
+            self.sock.close()
+
+
+class QemuVm:
+    """QEMU + KVM with the built-in guest (``-kernel``), or waiting for ``-incoming defer``."""
+
+    def __init__(
+        self,
+        kids: Children,
+        qemu: str,
+        tmp: Path,
+        name: str,
+        memory_mib: int,
+        options: str,
+        *,
+        incoming: bool,
+    ) -> None:
+        self.kids = kids
+        self.serial = tmp / f"{name}.serial"
+        self.stderr = tmp / f"{name}.stderr"
+        qmp_path = str(tmp / f"{name}.qmp")
+        argv = [qemu, "-accel", "kvm", "-m", str(memory_mib), "-smp", str(VCPUS)]
+        argv += ["-kernel", str(BUILTIN_GUEST_PATH), "-append", f"vcpus={VCPUS} {options}"]
+        argv += ["-display", "none", "-serial", f"file:{self.serial}", "-monitor", "none"]
+        argv += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        if incoming:
+            argv += ["-incoming", "defer"]
+        self.started = time.perf_counter()
+        self.proc = kids.spawn(argv, self.stderr)
+        try:
+            self.qmp = Qmp(qmp_path, self.proc, self.stderr)
+        except BaseException:
+            kids.kill(self.proc)
+            raise
+
+    def check(self) -> None:
+        errors = read(self.stderr).decode(errors="replace")
+        failed = [marker for marker in QEMU_FAILURE_MARKERS if marker in errors]
+        if failed:
+            rip = re.search(r"[ER]IP=[0-9a-f]+", errors)
+            raise QemuFailed(f"{failed[0]}{f' at {rip.group(0)}' if rip else ''}")
+        if self.proc.poll() is not None:
+            raise QemuFailed(f"QEMU exited {self.proc.returncode}: {last_words(self.stderr)}")
+
+    def wait_output(self, check: Callable[[bytes], bool], what: str, timeout: float) -> None:
+        def ready() -> bool:
+            self.check()
+            return check(read(self.serial))
+
+        try:
+            wait_for(ready, f"QEMU: {what}", timeout)
+        except TimeoutError as exc:
+            raise QemuFailed(str(exc)) from None
+
+    def migrate_params(self, downtime_ms: int) -> None:
+        self.qmp.execute(
+            "migrate-set-parameters",
+            {"downtime-limit": downtime_ms, "max-bandwidth": QEMU_MAX_BANDWIDTH},
+        )
+
+    def wait_migration(self, timeout: float, force_after: float | None = None) -> tuple[Any, bool]:
+        """Poll query-migrate until it ends; returns (its last answer, whether forced)."""
+        began = time.monotonic()
+        forced = False
+        while True:
+            info = self.qmp.execute("query-migrate")
+            status = info.get("status")
+            if status in ("completed", "failed", "cancelled"):
+                break
+            elapsed = time.monotonic() - began
+            if force_after is not None and not forced and elapsed > force_after:
+                self.qmp.execute(
+                    "migrate-set-parameters", {"downtime-limit": QEMU_FORCED_DOWNTIME_MS}
+                )
+                forced = True
+            if elapsed > timeout:
+                with contextlib.suppress(QemuFailed):
+                    self.qmp.execute("migrate_cancel")
+                raise QemuFailed(f"QEMU migration not finished within {timeout:.0f} s")
+            time.sleep(0.005)
+        if status != "completed":
+            raise QemuFailed(f"QEMU migration {status}: {info.get('error-desc', info)}")
+        # QEMU 7.2 says "completed" a moment before it fills in the times
+        for _ in range(200):
+            if info.get("total-time"):
+                break
+            time.sleep(0.005)
+            info = self.qmp.execute("query-migrate")
+        return info, forced
+
+    def close(self) -> None:
+        self.qmp.close()
+        self.kids.kill(self.proc)
+
+
+def boot_qemu(
+    kids: Children,
+    qemu: str,
+    tmp: Path,
+    name: str,
+    memory_mib: int,
+    options: str,
+    ready: Callable[[bytes], bool],
+    ready_within: float,
+    failures: list[str],
+) -> QemuVm:
+    """QEMU booting the guest until ``ready(serial output)``; started again (up to
+    QEMU_ATTEMPTS times) when KVM's emulator fails under SeaBIOS or it hangs silently,
+    both of which happen now and then on this machine's paravirtual KVM."""
+    for attempt in range(1, QEMU_ATTEMPTS + 1):
+        vm = QemuVm(kids, qemu, tmp, f"{name}-{attempt}", memory_mib, options, incoming=False)
+        try:
+            # SeaBIOS runs in KVM's instruction emulator here: several seconds to the banner
+            vm.wait_output(lambda out: BANNER in out, "the guest's banner", 40)
+            vm.wait_output(ready, "the guest ready", ready_within)
+            return vm
+        except QemuFailed as exc:
+            failures.append(str(exc))
+            progress(f"QEMU attempt {attempt} ({name}): {exc}")
+            vm.close()
+    raise QemuFailed(f"{QEMU_ATTEMPTS} attempts failed in a row, the last: {failures[-1]}")
+
+
+def find_qemu() -> tuple[str | None, str]:
+    """The QEMU binary, installed with the project's installer if missing, or why not."""
+    path = shutil.which(QEMU)
+    if path is not None:
+        return path, ""
+    progress(f"{QEMU} is missing: running tools/install-system-deps")
+    try:
+        subprocess.run([str(REPO / "tools" / "install-system-deps")], check=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"{QEMU} is not installed and tools/install-system-deps failed ({exc})"
+    path = shutil.which(QEMU)
+    return (path, "") if path else (None, f"{QEMU} is still missing after the installer")
+
+
+# --- 1. live migration against dirty rate -------------------------------------------------
+
+
+@dataclass
+class MigrationRun:
+    total_s: float
+    downtime_s: float | None
+    rounds: int
+    bytes: int
+    converged: bool
+    #: pages/s: vmipc, dirty pages of every round after the full pass over the seconds of
+    #: the rounds during which they were dirtied; QEMU, calc-dirty-rate before the runs
+    dirty_rate: float | None
+    #: pages/s dirtied in a 1 s window before the runs, measured by the VMM itself (vmipc
+    #: dirty-log-start + query-dirty; QEMU calc-dirty-rate in dirty-bitmap mode)
+    window_rate: float | None = None
+    #: seconds from "completed" on the source to the destination saying running (QEMU)
+    dest_running_s: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def vmipc_dirty_rate(rounds: Sequence[Any]) -> float | None:
+    """Pages dirtied per second while the guest ran, from a migration report's rounds:
+    the dirty pages reported before each round after the full pass, over the seconds of
+    the round before it (when they were dirtied)."""
+    if len(rounds) < 2:
+        return None
+    seconds = sum(r.seconds for r in rounds[:-1])
+    pages = sum(r.dirty_pages or 0 for r in rounds[1:])
+    return pages / seconds if seconds > 0 else None
+
+
+def vmipc_window_rate(vm: VmipcVmm) -> float | None:
+    """Pages the guest dirties in 1 s, by the VMM's own dirty log (then switched off)."""
+    with vm.client(30) as client:
+        client.dirty_log_start()
+        began = time.perf_counter()
+        time.sleep(1.0)
+        dirty = client.query_dirty()["dirty_pages"]
+        elapsed = time.perf_counter() - began
+        client.dirty_log_stop()
+    return dirty / elapsed
+
+
+def migrate_vmipc(
+    kids: Children, tmp: Path, level: Level, count: int, warmup: int, notes: list[str]
+) -> list[MigrationRun]:
+    """Boot a source VMM, then migrate it ``warmup + count`` times, each time into a new
+    incoming VMM, which is the source of the next migration."""
+    tag = f"mig-{level.ws}"
+    src = VmipcVmm(
+        kids,
+        tmp,
+        f"{tag}-src",
+        [
+            *("--guest", "builtin", "--vcpus", str(VCPUS), "--memory", MIGRATION_MEMORY),
+            *("--guest-opt", f"ws={level.ws}", "--guest-opt", f"rate={level.rate}"),
+        ],
+    )
+    runs: list[MigrationRun] = []
+    consoles = [src.console]
+    try:
+        src.wait_output(lambda out: BANNER in out, "the guest's banner", 30)
+        if level.touch:
+            src.wait_output(lambda out: passes_done(out) == VCPUS, "every vCPU's first pass", 120)
+        time.sleep(0.5)
+        window = vmipc_window_rate(src)
+        time.sleep(0.5)
+        for index in range(warmup + count):
+            dst = VmipcVmm(
+                kids,
+                tmp,
+                f"{tag}-dst{index}",
+                ["--incoming", "--memory", MIGRATION_MEMORY, "--vcpus", str(VCPUS)],
+            )
+            consoles.append(dst.console)
+            with dst.client(30) as client:
+                if client.query_status()["state"] != "incoming":
+                    raise RuntimeError("the destination VMM is not incoming")
+            try:
+                report = migrate_blocking(src.socket, dst.socket, force=True)
+            except SequenceError as exc:
+                notes.append(f"vmipc migration ({level.name}) failed: {exc}")
+                dst.quit()
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                src.proc.wait(10)  # the migration told it to quit
+            kids.kill(src.proc)
+            kids.reap()
+            src = dst
+            rounds = report.round_details
+            if index >= warmup:
+                runs.append(
+                    MigrationRun(
+                        total_s=report.total_s,
+                        downtime_s=report.downtime_s,
+                        rounds=report.rounds,
+                        bytes=report.bytes + report.state_bytes,
+                        converged=report.converged,
+                        dirty_rate=vmipc_dirty_rate(rounds),
+                        window_rate=window,
+                        detail={
+                            "rounds": [asdict(r) for r in rounds],
+                            "predicted_downtime_s": report.predicted_downtime_s,
+                        },
+                    )
+                )
+            time.sleep(0.5)  # the guest runs on at the destination (dirty logging is off)
+    finally:
+        src.quit()
+    for console in consoles:
+        if b"ERROR" in read(console):
+            notes.append(f"vmipc migration ({level.name}): the guest printed an error line")
+            break
+    return runs
+
+
+def qemu_dirty_rate(vm: QemuVm) -> float | None:
+    """QEMU's own measure of the guest's dirty rate over 1 s (dirty-bitmap mode), pages/s."""
+    try:
+        vm.qmp.execute("calc-dirty-rate", {"calc-time": 1, "mode": "dirty-bitmap"})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            info = vm.qmp.execute("query-dirty-rate")
+            if info.get("status") == "measured":
+                return float(info["dirty-rate"]) * MIB / PAGE  # it says MiB/s
+    except QemuFailed:
+        return None
+    return None
+
+
+def migrate_qemu(
+    kids: Children,
+    qemu: str,
+    tmp: Path,
+    level: Level,
+    count: int,
+    warmup: int,
+    notes: list[str],
+    failures: list[str],
+) -> list[MigrationRun]:
+    tag = f"qmig-{level.ws}"
+    memory_mib = parse_mib(MIGRATION_MEMORY)
+    ready = (lambda out: passes_done(out) == VCPUS) if level.touch else (lambda out: True)
+    src = boot_qemu(kids, qemu, tmp, f"{tag}-src", memory_mib, level.options, ready, 120, failures)
+    runs: list[MigrationRun] = []
+    consoles = [src.serial]
+    try:
+        time.sleep(0.5)
+        rate = qemu_dirty_rate(src)
+        for index in range(warmup + count):
+            dst = QemuVm(
+                kids, qemu, tmp, f"{tag}-dst{index}", memory_mib, level.options, incoming=True
+            )
+            consoles.append(dst.serial)
+            uri = f"unix:{tmp / f'{tag}-{index}.mig'}"
+            dst.qmp.execute("migrate-incoming", {"uri": uri})
+            src.migrate_params(MAX_DOWNTIME_MS)
+            src.qmp.execute("migrate", {"uri": uri})
+            try:
+                info, forced = src.wait_migration(120, QEMU_FORCE_AFTER_S)
+            except QemuFailed as exc:
+                notes.append(f"QEMU migration ({level.name}) failed: {exc}")
+                dst.close()
+                break
+            completed = time.perf_counter()
+            wait_for(
+                lambda d=dst: d.qmp.execute("query-status")["status"] == "running",
+                "the QEMU destination running",
+                30,
+                0.002,
+            )
+            dest_running = time.perf_counter() - completed
+            src.close()
+            kids.reap()
+            src = dst
+            ram = info.get("ram", {})
+            if index >= warmup:
+                runs.append(
+                    MigrationRun(
+                        total_s=info["total-time"] / 1e3,
+                        downtime_s=info["downtime"] / 1e3 if "downtime" in info else None,
+                        rounds=int(ram.get("dirty-sync-count", 0)),
+                        bytes=int(ram.get("transferred", 0)),
+                        converged=not forced,
+                        dirty_rate=rate,
+                        window_rate=rate,
+                        dest_running_s=dest_running,
+                        detail={"query-migrate": info},
+                    )
+                )
+            time.sleep(0.5)
+    finally:
+        src.close()
+    for console in consoles:
+        if b"ERROR" in read(console):
+            notes.append(f"QEMU migration ({level.name}): the guest printed an error line")
+            break
+    return runs
+
+
+def parse_mib(size: str) -> int:
+    return int(size[:-1]) * (1024 if size.endswith("G") else 1)
+
+
+def bench_migration(
+    kids: Children,
+    qemu: str | None,
+    tmp: Path,
+    levels: Sequence[Level],
+    count: int,
+    notes: list[str],
+    failures: list[str],
+) -> dict[str, dict[str, list[MigrationRun]]]:
+    results: dict[str, dict[str, list[MigrationRun]]] = {}
+    for number, level in enumerate(levels):
+        warmup = 1 if number == 0 else 0  # the first migrations of the run warm caches
+        progress(f"migration, {level.name} ({level.options}): vmipc x{count}")
+        entry: dict[str, list[MigrationRun]] = {
+            "vmipc": migrate_vmipc(kids, tmp, level, count, warmup, notes)
+        }
+        if qemu is not None:
+            progress(f"migration, {level.name}: QEMU x{count}")
+            try:
+                entry["qemu"] = migrate_qemu(kids, qemu, tmp, level, count, warmup, notes, failures)
+            except QemuFailed as exc:
+                notes.append(f"QEMU migration ({level.name}) skipped: {exc}")
+                entry["qemu"] = []
+        results[level.name] = entry
+    return results
+
+
+def summarize_runs(runs: Sequence[MigrationRun]) -> dict[str, Any]:
+    rates = [r.dirty_rate for r in runs if r.dirty_rate is not None]
+    windows = [r.window_rate for r in runs if r.window_rate is not None]
+    downs = [r.downtime_s for r in runs if r.downtime_s is not None]
+    return {
+        "n": len(runs),
+        "total_s": med([r.total_s for r in runs]),
+        "downtime_s": med(downs),
+        "rounds": med([float(r.rounds) for r in runs]),
+        "bytes": med([float(r.bytes) for r in runs]),
+        "dirty_rate": med(rates),
+        "window_rate": med(windows),
+        "converged": sum(r.converged for r in runs),
+    }
+
+
+def report_migration(
+    levels: Sequence[Level], results: dict[str, dict[str, list[MigrationRun]]], count: int
+) -> None:
+    say(
+        f"## 1. Live migration of a {MIGRATION_MEMORY[:-1]} GiB guest ({VCPUS} vCPUs) against "
+        f"dirty rate (median of {count})"
+    )
+    say()
+    rows = []
+    for level in levels:
+        ours = summarize_runs(results[level.name]["vmipc"])
+        theirs = summarize_runs(results[level.name].get("qemu", []))
+        rows.append(
+            [
+                f"{level.name} (`{level.options}`)",
+                fmt_rate(ours["window_rate"]),
+                fmt_rate(theirs["window_rate"]),
+                fmt_rate(ours["dirty_rate"]),
+                fmt_s(ours["total_s"]),
+                fmt_s(theirs["total_s"]),
+                ratio(ours["total_s"], theirs["total_s"]),
+                fmt_s(ours["downtime_s"]),
+                fmt_s(theirs["downtime_s"]),
+                ratio(ours["downtime_s"], theirs["downtime_s"]),
+            ]
+        )
+    say(
+        table(
+            [
+                "guest (per vCPU)",
+                "dirty pages/s in 1 s, vmipc",
+                "in 1 s, QEMU",
+                "during the rounds, vmipc",
+                "total, vmipc",
+                "total, QEMU",
+                "vmipc/QEMU",
+                "downtime, vmipc",
+                "downtime, QEMU",
+                "vmipc/QEMU",
+            ],
+            rows,
+        )
+    )
+    say()
+    rows = []
+    for level in levels:
+        vm_runs = results[level.name]["vmipc"]
+        q_runs = results[level.name].get("qemu", [])
+        ours, theirs = summarize_runs(vm_runs), summarize_runs(q_runs)
+        moved = [run.bytes / run.total_s for run in vm_runs if run.total_s > 0]
+        q_moved = [run.bytes / run.total_s for run in q_runs if run.total_s > 0]
+        rows.append(
+            [
+                level.name,
+                "—" if ours["rounds"] is None else f"{ours['rounds']:.0f}",
+                "—" if theirs["rounds"] is None else f"{theirs['rounds']:.0f}",
+                fmt_mib(ours["bytes"]),
+                fmt_mib(theirs["bytes"]),
+                "—" if not moved else f"{median(moved) / 1e6:,.0f} MB/s",
+                "—" if not q_moved else f"{median(q_moved) / 1e6:,.0f} MB/s",
+                f"{ours['converged']}/{ours['n']}",
+                f"{theirs['converged']}/{theirs['n']}" if q_runs else "—",
+            ]
+        )
+    say(
+        table(
+            [
+                "guest",
+                "rounds after the full pass, vmipc",
+                "dirty syncs, QEMU",
+                "sent, vmipc",
+                "sent, QEMU",
+                "sent ÷ total, vmipc",
+                "sent ÷ total, QEMU",
+                "converged, vmipc",
+                "converged, QEMU",
+            ],
+            rows,
+        )
+    )
+    say()
+    say(
+        f"Both aim at {MAX_DOWNTIME_MS} ms of downtime (vmipc `max_downtime`, QEMU "
+        f"`downtime-limit`; QEMU's bandwidth limit lifted). vmipc runs `migrate(force=True)`: "
+        "when its policy gives up (no new low of dirty pages for 3 rounds, 30 rounds, or the "
+        "timeout) it stops and copies what is left; QEMU, which never gives up, is made to do "
+        f"the same after {QEMU_FORCE_AFTER_S:.0f} s (downtime limit raised to the maximum). "
+        "Those runs count as not converged. Downtime: vmipc, source paused → destination "
+        "running (`query-status`); QEMU, its `downtime` (source stopped → migration completed "
+        "on the source; the destination then said running within a few ms). Total: from the "
+        "start of the migration call / `migrate` to the end (QEMU `total-time`). Dirty rate "
+        "in 1 s: before the runs, each VMM's own dirty log over 1 s (vmipc `dirty-log-start` + "
+        "`query-dirty`, QEMU `calc-dirty-rate` in dirty-bitmap mode); during the rounds: the "
+        "dirty pages of every round after vmipc's full pass over the time of the round before "
+        "it (the plot's x for vmipc; QEMU's is its 1 s figure). Sent: page streams and state "
+        "(QEMU `ram.transferred`)."
+    )
+    say()
+
+
+# --- 2. checkpoint ------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointRun:
+    downtime_s: float
+    total_s: float
+    file_bytes: int
+    allocated_bytes: int
+    #: QEMU: fsync of the file after cont (vmipc fsyncs before it resumes)
+    fsync_s: float | None = None
+
+
+def checkpoint_vmipc(
+    kids: Children, tmp: Path, size: SnapSize, count: int, notes: list[str]
+) -> tuple[list[CheckpointRun], Path | None]:
+    vm = VmipcVmm(
+        kids,
+        tmp,
+        f"ckpt-{size.memory}",
+        [
+            *("--guest", "builtin", "--vcpus", str(VCPUS), "--memory", size.memory),
+            *("--guest-opt", f"ws={size.ws}", "--guest-opt", "rate=0"),
+        ],
+    )
+    runs: list[CheckpointRun] = []
+    path: Path | None = None
+    try:
+        vm.wait_output(lambda out: passes_done(out) == VCPUS, "every vCPU's first pass", 180)
+        for index in range(count):
+            if path is not None:
+                path.unlink()
+            path = tmp / f"vmipc-{size.memory}-{index}.snap"
+            report = checkpoint_blocking(vm.socket, str(path))
+            stat = path.stat()
+            runs.append(
+                CheckpointRun(report.downtime_s, report.total_s, stat.st_size, stat.st_blocks * 512)
+            )
+            time.sleep(0.3)
+    except SequenceError as exc:
+        notes.append(f"vmipc checkpoint ({size.label}) failed: {exc}")
+    finally:
+        vm.quit()
+    if b"ERROR" in read(vm.console):
+        notes.append(f"vmipc checkpoint ({size.label}): the guest printed an error line")
+    return runs, path
+
+
+def checkpoint_qemu(
+    kids: Children,
+    qemu: str,
+    tmp: Path,
+    size: SnapSize,
+    count: int,
+    failures: list[str],
+) -> tuple[list[CheckpointRun], Path | None]:
+    """``stop``, ``getfd`` + ``migrate fd:`` into a new file, ``cont``; then fsync."""
+    vm = boot_qemu(
+        kids,
+        qemu,
+        tmp,
+        f"qckpt-{size.memory}",
+        size.bytes // MIB,
+        size.options,
+        lambda out: passes_done(out) == VCPUS,
+        240,
+        failures,
+    )
+    runs: list[CheckpointRun] = []
+    path: Path | None = None
+    try:
+        # a stopped guest: one pass over RAM, nothing throttled
+        vm.migrate_params(QEMU_FORCED_DOWNTIME_MS)
+        for index in range(count):
+            if path is not None:
+                path.unlink()
+            path = tmp / f"qemu-{size.memory}-{index}.mig"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                began = time.perf_counter()
+                vm.qmp.execute("stop")
+                vm.qmp.execute("getfd", {"fdname": "snapshot"}, fd=fd)
+                vm.qmp.execute("migrate", {"uri": "fd:snapshot"})
+                vm.wait_migration(600)
+                vm.qmp.execute("cont")
+                resumed = time.perf_counter()
+                os.fsync(fd)
+                synced = time.perf_counter()
+            finally:
+                os.close(fd)
+            stat = path.stat()
+            runs.append(
+                CheckpointRun(
+                    resumed - began,
+                    resumed - began,
+                    stat.st_size,
+                    stat.st_blocks * 512,
+                    fsync_s=synced - resumed,
+                )
+            )
+            time.sleep(0.3)
+    finally:
+        vm.close()
+    return runs, path
+
+
+def report_checkpoint(
+    sizes: Sequence[SnapSize], results: dict[str, dict[str, list[CheckpointRun]]], count: int
+) -> None:
+    say(f"## 2. Checkpoint to a file (guest running, RAM mostly touched; median of {count})")
+    say()
+    rows = []
+    for size in sizes:
+        ours = results[size.label]["vmipc"]
+        theirs = results[size.label].get("qemu", [])
+        down = med([r.downtime_s for r in ours])
+        total = med([r.total_s for r in ours])
+        q_down = med([r.downtime_s for r in theirs])
+        q_sync = med([r.downtime_s + (r.fsync_s or 0) for r in theirs])
+        rows.append(
+            [
+                f"{size.label} (`{size.options}`, {size.touched:.0%} touched)",
+                fmt_s(down),
+                fmt_s(total),
+                fmt_s(q_down),
+                fmt_s(q_sync),
+                ratio(down, q_down),
+                ratio(down, q_sync),
+                fmt_mib(med([float(r.allocated_bytes) for r in ours])),
+                fmt_mib(med([float(r.file_bytes) for r in theirs])),
+            ]
+        )
+    say(
+        table(
+            [
+                "guest",
+                "vmipc downtime",
+                "vmipc total",
+                "QEMU stop → cont",
+                "QEMU + fsync",
+                "vmipc/QEMU",
+                "vmipc/(QEMU + fsync)",
+                "vmipc file (allocated)",
+                "QEMU file",
+            ],
+            rows,
+        )
+    )
+    say()
+    say(
+        "vmipc: `vmipc.sequences.checkpoint` (pause, dump-state and dump-memory into the file, "
+        "seal and fsync, resume — the downtime — then verify every checksum, rename; the "
+        "total). QEMU 7.2 has no `file:` migration URI: the file is passed as an fd "
+        "(`getfd` + `migrate fd:`), as vmipc's are; QEMU does not fsync it, so the "
+        "`+ fsync` column adds an fsync after `cont`."
+    )
+    say()
+
+
+# --- 3. restore ---------------------------------------------------------------------------
+
+
+@dataclass
+class RestoreRun:
+    running_s: float
+    first_line_s: float | None
+
+
+def first_line_after(path: Path, started: float, timeout: float) -> float | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if b"\n" in read(path):
+            return time.perf_counter() - started
+        time.sleep(0.002)
+    return None
+
+
+def restore_vmipc(kids: Children, tmp: Path, snapshot: Path, eager: bool, index: int) -> RestoreRun:
+    name = f"restore-{snapshot.stem}-{'eager' if eager else 'lazy'}-{index}"
+    vm = VmipcVmm(kids, tmp, name, ["--restore", str(snapshot), *(["--eager"] if eager else [])])
+    try:
+        with vm.client() as client:
+            while client.query_status()["state"] != "running":
+                time.sleep(0.002)
+            running = time.perf_counter() - vm.started
+            first_line = first_line_after(vm.console, vm.started, 60)
+            if b"ERROR" in read(vm.console):
+                raise RuntimeError(f"the guest restored by vmipc printed: {read(vm.console)!r}")
+            client.quit()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            vm.proc.wait(10)
+    finally:
+        vm.quit()
+        with contextlib.suppress(FileNotFoundError):
+            vm.console.unlink()
+    return RestoreRun(running, first_line)
+
+
+def restore_qemu(
+    kids: Children, qemu: str, tmp: Path, snapshot: Path, size: SnapSize, index: int
+) -> RestoreRun:
+    name = f"qrestore-{size.memory}-{index}"
+    vm = QemuVm(kids, qemu, tmp, name, size.bytes // MIB, size.options, incoming=True)
+    try:
+        fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            vm.qmp.execute("getfd", {"fdname": "snapshot"}, fd=fd)
+        finally:
+            os.close(fd)
+        vm.qmp.execute("migrate-incoming", {"uri": "fd:snapshot"})
+        vm.wait_migration(600)
+        vm.qmp.execute("cont")  # the snapshot was taken stopped: it arrives paused
+        running = time.perf_counter() - vm.started
+        first_line = first_line_after(vm.serial, vm.started, 60)
+        if b"ERROR" in read(vm.serial):
+            raise QemuFailed(f"the guest restored by QEMU printed: {read(vm.serial)!r}")
+    finally:
+        vm.close()
+        with contextlib.suppress(FileNotFoundError):
+            vm.serial.unlink()
+    return RestoreRun(running, first_line)
+
+
+def bench_snapshots(
+    kids: Children,
+    qemu: str | None,
+    tmp: Path,
+    sizes: Sequence[SnapSize],
+    count: int,
+    restore_count: int,
+    notes: list[str],
+    failures: list[str],
+) -> tuple[dict[str, dict[str, list[CheckpointRun]]], dict[str, dict[str, list[RestoreRun]]]]:
+    """Per size: checkpoints by vmipc, then by QEMU (each keeps its last file), then the
+    restores of those two files, interleaved; the files are removed after."""
+    checkpoints: dict[str, dict[str, list[CheckpointRun]]] = {}
+    restores: dict[str, dict[str, list[RestoreRun]]] = {}
+    for size in sizes:
+        progress(f"checkpoint, {size.label} guest ({size.options}): vmipc x{count}")
+        ours, our_file = checkpoint_vmipc(kids, tmp, size, count, notes)
+        checkpoints[size.label] = {"vmipc": ours}
+        their_file: Path | None = None
+        if qemu is not None:
+            progress(f"checkpoint, {size.label} guest: QEMU x{count}")
+            try:
+                theirs, their_file = checkpoint_qemu(kids, qemu, tmp, size, count, failures)
+                checkpoints[size.label]["qemu"] = theirs
+            except QemuFailed as exc:
+                notes.append(f"QEMU checkpoint ({size.label}) skipped: {exc}")
+        progress(f"restore, {size.label}: vmipc lazy, vmipc eager, QEMU, x{restore_count} each")
+        runs: dict[str, list[RestoreRun]] = {"lazy": [], "eager": [], "qemu": []}
+        for index in range(restore_count):  # interleaved, so noise hits every kind alike
+            if our_file is not None:
+                for kind in ("lazy", "eager"):
+                    try:
+                        runs[kind].append(
+                            restore_vmipc(kids, tmp, our_file, kind == "eager", index)
+                        )
+                    except (RuntimeError, OSError, TimeoutError) as exc:
+                        notes.append(f"vmipc {kind} restore ({size.label}) failed: {exc}")
+            if qemu is not None and their_file is not None:
+                try:
+                    runs["qemu"].append(restore_qemu(kids, qemu, tmp, their_file, size, index))
+                except (QemuFailed, OSError, TimeoutError) as exc:
+                    notes.append(f"QEMU restore ({size.label}) failed: {exc}")
+        restores[size.label] = runs
+        for path in (our_file, their_file):
+            if path is not None:
+                path.unlink()
+    return checkpoints, restores
+
+
+def report_restore(
+    sizes: Sequence[SnapSize], results: dict[str, dict[str, list[RestoreRun]]], count: int
+) -> None:
+    say(f"## 3. Restore from the snapshot file to a running guest (median of {count})")
+    say()
+    rows = []
+    for size in sizes:
+        runs = results[size.label]
+        q_running = med([r.running_s for r in runs["qemu"]])
+        q_line = med([r.first_line_s for r in runs["qemu"] if r.first_line_s is not None])
+        for kind, label in (
+            ("lazy", "vmipc `vmm --restore` (lazy)"),
+            ("eager", "vmipc `vmm --restore --eager`"),
+            ("qemu", "QEMU `-incoming defer` + `migrate-incoming fd:` + `cont`"),
+        ):
+            if not runs[kind]:
+                continue
+            running = med([r.running_s for r in runs[kind]])
+            line = med([r.first_line_s for r in runs[kind] if r.first_line_s is not None])
+            rows.append(
+                [
+                    size.label,
+                    label,
+                    fmt_s(running),
+                    ratio(running, q_running),
+                    fmt_s(line),
+                    ratio(line, q_line),
+                ]
+            )
+    say(
+        table(
+            [
+                "snapshot",
+                "how",
+                "start → running",
+                "ratio to QEMU",
+                "start → first console line",
+                "ratio to QEMU",
+            ],
+            rows,
+        )
+    )
+    say()
+    say(
+        "Both from spawning the process. Running: vmipc, the first `query-status` on its "
+        "socket that says running; QEMU, `cont` answered after `migrate-incoming` completed. "
+        "First console line: the first newline the guest writes after the restore — it "
+        "comes at the end of the pass that was under way at the checkpoint, so it includes "
+        "the guest re-reading and rewriting the rest of its working set (where a lazy "
+        "restore pays for the pages it did not load). The files were just written: they "
+        "are read from the page cache."
+    )
+    say()
+
+
+# --- the plot -----------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    name: str
+    color: tuple[int, int, int]
+    #: per level: (dirty rate pages/s, downtime ms, total s, converged in every run)
+    points: list[tuple[float, float, float, bool]]
+    #: every run: (dirty rate, downtime ms, total s)
+    runs: list[tuple[float, float, float]]
+
+
+def plot_series(
+    levels: Sequence[Level], results: dict[str, dict[str, list[MigrationRun]]]
+) -> list[Series]:
+    out = []
+    for key, name, color in (
+        ("vmipc", "vmipc", (31, 119, 180)),
+        ("qemu", "QEMU", (230, 110, 0)),
+    ):
+        points: list[tuple[float, float, float, bool]] = []
+        runs: list[tuple[float, float, float]] = []
+        for level in levels:
+            level_runs = results[level.name].get(key, [])
+            summary = summarize_runs(level_runs)
+            if summary["dirty_rate"] is None or summary["downtime_s"] is None:
+                continue
+            points.append(
+                (
+                    summary["dirty_rate"],
+                    summary["downtime_s"] * 1e3,
+                    summary["total_s"],
+                    summary["converged"] == summary["n"],
+                )
+            )
+            runs += [
+                (r.dirty_rate, r.downtime_s * 1e3, r.total_s)
+                for r in level_runs
+                if r.dirty_rate is not None and r.downtime_s is not None
+            ]
+        if points:
+            out.append(Series(name, color, points, runs))
+    return out
+
+
+PLOT_TITLE = "live migration of a 1 GiB guest, 2 vCPUs: medians (dots: every run)"
+PLOT_NOTE = "hollow marker: did not converge, forced stop-and-copy"
+
+
+def plot_matplotlib(series: Sequence[Series], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, column, ylabel in (
+        (axes[0], 1, "downtime (ms)"),
+        (axes[1], 2, "total time (s)"),
+    ):
+        for item in series:
+            color = tuple(c / 255 for c in item.color)
+            ax.plot(
+                [p[0] for p in item.points],
+                [p[column] for p in item.points],
+                color=color,
+                label=item.name,
+            )
+            for point in item.points:
+                ax.plot(
+                    point[0],
+                    point[column],
+                    marker="o",
+                    markersize=7,
+                    color=color,
+                    markerfacecolor=color if point[3] else "white",
+                )
+            ax.scatter([r[0] for r in item.runs], [r[column] for r in item.runs], s=6, color=color)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(
+            matplotlib.ticker.FuncFormatter(
+                lambda v, _: (
+                    f"{v:g}" if round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""
+                )
+            )
+        )
+        ax.set_xlabel("dirty rate (pages/s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(title=PLOT_NOTE, title_fontsize="small", loc="upper left")
+    fig.suptitle(PLOT_TITLE)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+#: A 5x8 bitmap font for the built-in PNG writer: 8 rows of 5 pixels per character.
+FONT = {
+    " ": ".....|.....|.....|.....|.....|.....|.....|.....",
+    "0": ".###.|#...#|#..##|#.#.#|##..#|#...#|.###.|.....",
+    "1": "..#..|.##..|..#..|..#..|..#..|..#..|.###.|.....",
+    "2": ".###.|#...#|....#|...#.|..#..|.#...|#####|.....",
+    "3": "#####|...#.|..#..|...#.|....#|#...#|.###.|.....",
+    "4": "...#.|..##.|.#.#.|#..#.|#####|...#.|...#.|.....",
+    "5": "#####|#....|####.|....#|....#|#...#|.###.|.....",
+    "6": "..##.|.#...|#....|####.|#...#|#...#|.###.|.....",
+    "7": "#####|....#|...#.|..#..|.#...|.#...|.#...|.....",
+    "8": ".###.|#...#|#...#|.###.|#...#|#...#|.###.|.....",
+    "9": ".###.|#...#|#...#|.####|....#|...#.|.##..|.....",
+    "a": ".....|.....|.###.|....#|.####|#...#|.####|.....",
+    "b": "#....|#....|#.##.|##..#|#...#|#...#|####.|.....",
+    "c": ".....|.....|.###.|#....|#....|#...#|.###.|.....",
+    "d": "....#|....#|.##.#|#..##|#...#|#...#|.####|.....",
+    "e": ".....|.....|.###.|#...#|#####|#....|.###.|.....",
+    "f": "..##.|.#..#|.#...|###..|.#...|.#...|.#...|.....",
+    "g": ".....|.....|.####|#...#|#...#|.####|....#|.###.",
+    "h": "#....|#....|#.##.|##..#|#...#|#...#|#...#|.....",
+    "i": "..#..|.....|.##..|..#..|..#..|..#..|.###.|.....",
+    "j": "...#.|.....|..##.|...#.|...#.|...#.|#..#.|.##..",
+    "k": "#....|#....|#..#.|#.#..|##...|#.#..|#..#.|.....",
+    "l": ".##..|..#..|..#..|..#..|..#..|..#..|.###.|.....",
+    "m": ".....|.....|##.#.|#.#.#|#.#.#|#...#|#...#|.....",
+    "n": ".....|.....|#.##.|##..#|#...#|#...#|#...#|.....",
+    "o": ".....|.....|.###.|#...#|#...#|#...#|.###.|.....",
+    "p": ".....|.....|####.|#...#|#...#|####.|#....|#....",
+    "q": ".....|.....|.####|#...#|#...#|.####|....#|....#",
+    "r": ".....|.....|#.##.|##..#|#....|#....|#....|.....",
+    "s": ".....|.....|.####|#....|.###.|....#|####.|.....",
+    "t": ".#...|.#...|###..|.#...|.#...|.#..#|..##.|.....",
+    "u": ".....|.....|#...#|#...#|#...#|#..##|.##.#|.....",
+    "v": ".....|.....|#...#|#...#|#...#|.#.#.|..#..|.....",
+    "w": ".....|.....|#...#|#...#|#.#.#|#.#.#|.#.#.|.....",
+    "x": ".....|.....|#...#|.#.#.|..#..|.#.#.|#...#|.....",
+    "y": ".....|.....|#...#|#...#|#...#|.####|....#|.###.",
+    "z": ".....|.....|#####|...#.|..#..|.#...|#####|.....",
+    "B": "####.|#...#|#...#|####.|#...#|#...#|####.|.....",
+    "C": ".###.|#...#|#....|#....|#....|#...#|.###.|.....",
+    "E": "#####|#....|#....|####.|#....|#....|#####|.....",
+    "G": ".###.|#...#|#....|#.###|#...#|#...#|.####|.....",
+    "M": "#...#|##.##|#.#.#|#.#.#|#...#|#...#|#...#|.....",
+    "P": "####.|#...#|#...#|####.|#....|#....|#....|.....",
+    "Q": ".###.|#...#|#...#|#...#|#.#.#|#..#.|.##.#|.....",
+    "U": "#...#|#...#|#...#|#...#|#...#|#...#|.###.|.....",
+    ".": ".....|.....|.....|.....|.....|.##..|.##..|.....",
+    ",": ".....|.....|.....|.....|.....|.##..|..#..|.#...",
+    ":": ".....|.##..|.##..|.....|.##..|.##..|.....|.....",
+    "-": ".....|.....|.....|#####|.....|.....|.....|.....",
+    "(": "...#.|..#..|.#...|.#...|.#...|..#..|...#.|.....",
+    ")": ".#...|..#..|...#.|...#.|...#.|..#..|.#...|.....",
+    "/": ".....|....#|...#.|..#..|.#...|#....|.....|.....",
+}
+Color = tuple[int, int, int]
+
+
+class Canvas:
+    """An RGB picture with the few drawing operations a line chart needs, saved as PNG."""
+
+    def __init__(self, width: int, height: int) -> None:
+        self.width, self.height = width, height
+        self.pixels = bytearray(b"\xff" * (width * height * 3))
+
+    def dot(self, x: int, y: int, color: Color) -> None:
+        if 0 <= x < self.width and 0 <= y < self.height:
+            offset = (y * self.width + x) * 3
+            self.pixels[offset : offset + 3] = bytes(color)
+
+    def rect(self, x0: int, y0: int, x1: int, y1: int, color: Color) -> None:
+        for y in range(max(y0, 0), min(y1, self.height - 1) + 1):
+            for x in range(max(x0, 0), min(x1, self.width - 1) + 1):
+                self.dot(x, y, color)
+
+    def line(self, x0: int, y0: int, x1: int, y1: int, color: Color, width: int = 1) -> None:
+        steps = max(abs(x1 - x0), abs(y1 - y0), 1)
+        for step in range(steps + 1):
+            x = x0 + (x1 - x0) * step // steps
+            y = y0 + (y1 - y0) * step // steps
+            self.rect(x, y, x + width - 1, y + width - 1, color)
+
+    def circle(self, cx: int, cy: int, radius: int, color: Color, filled: bool) -> None:
+        for y in range(-radius, radius + 1):
+            for x in range(-radius, radius + 1):
+                distance = math.hypot(x, y)
+                if distance <= radius + 0.3 and (filled or distance >= radius - 1.3):
+                    self.dot(cx + x, cy + y, color)
+        if not filled:
+            for y in range(-radius + 2, radius - 1):
+                for x in range(-radius + 2, radius - 1):
+                    if math.hypot(x, y) < radius - 1.3:
+                        self.dot(cx + x, cy + y, (255, 255, 255))
+
+    def text(
+        self,
+        x: int,
+        y: int,
+        text: str,
+        color: Color = (0, 0, 0),
+        scale: int = 2,
+        anchor: str = "left",
+    ) -> None:
+        advance = 6 * scale
+        width = len(text) * advance - scale
+        if anchor == "center":
+            x -= width // 2
+        elif anchor == "right":
+            x -= width
+        for char in text:
+            glyph = FONT.get(char) or FONT.get(char.lower()) or "#####|" * 7 + "....."
+            for row, bits in enumerate(glyph.split("|")):
+                for col, bit in enumerate(bits):
+                    if bit == "#":
+                        self.rect(
+                            x + col * scale,
+                            y + row * scale,
+                            x + col * scale + scale - 1,
+                            y + row * scale + scale - 1,
+                            color,
+                        )
+            x += advance
+
+    def png(self) -> bytes:
+        stride = self.width * 3
+        raw = b"".join(
+            b"\x00" + bytes(self.pixels[y * stride : (y + 1) * stride]) for y in range(self.height)
+        )
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            body = kind + data
+            return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(raw, 9))
+            + chunk(b"IEND", b"")
+        )
+
+
+def nice_step(span: float) -> float:
+    raw = span / 5
+    power = 10 ** math.floor(math.log10(raw))
+    for factor in (1, 2, 5, 10):
+        if factor * power >= raw:
+            return factor * power
+    return 10 * power
+
+
+def tick_label(value: float) -> str:
+    if value >= 1000 and value % 1000 == 0:
+        return f"{value / 1000:g}k"
+    return f"{value:g}"
+
+
+def plot_builtin(series: Sequence[Series], path: Path) -> None:
+    canvas = Canvas(1100, 500)
+    grey, light, black = (200, 200, 200), (235, 235, 235), (0, 0, 0)
+    canvas.text(550, 10, PLOT_TITLE, anchor="center")
+    xs = [p[0] for s in series for p in s.points] + [r[0] for s in series for r in s.runs]
+    x_step = nice_step(max([*xs, 1.0]))
+    x_max = x_step * math.ceil(max([*xs, 1.0]) / x_step)
+    for number, (column, label) in enumerate(((1, "downtime (ms)"), (2, "total time (s)"))):
+        left, right, top, bottom = 90 + number * 540, 500 + number * 540, 60, 410
+        values = [p[column] for s in series for p in s.points]
+        values += [r[column] for s in series for r in s.runs]
+        values = [v for v in values if v > 0] or [1.0]
+        low = 10 ** math.floor(math.log10(min(values)))
+        high = 10 ** math.ceil(math.log10(max(values)))
+        if high <= low:
+            high = low * 10
+        decades = round(math.log10(high / low))
+
+        def px(x: float, left: int = left, right: int = right) -> int:
+            return left + round((right - left) * x / x_max)
+
+        def py(
+            y: float, low: float = low, decades: int = decades, top: int = top, bottom: int = bottom
+        ) -> int:
+            fraction = math.log10(max(y, low) / low) / decades
+            return bottom - round((bottom - top) * fraction)
+
+        for decade in range(decades + 1):
+            base = low * 10**decade
+            for factor in range(2, 10) if decade < decades else ():
+                canvas.line(left, py(base * factor), right, py(base * factor), light)
+            canvas.line(left, py(base), right, py(base), grey)
+            canvas.text(left - 8, py(base) - 7, tick_label(round(base, 6)), anchor="right")
+        tick = 0.0
+        while tick <= x_max + 1e-9:
+            canvas.line(px(tick), top, px(tick), bottom, grey)
+            canvas.text(px(tick), bottom + 8, tick_label(tick), anchor="center")
+            tick += x_step
+        canvas.line(left, top, left, bottom, black)
+        canvas.line(left, bottom, right, bottom, black)
+        canvas.text((left + right) // 2, top - 22, label, anchor="center")
+        canvas.text((left + right) // 2, bottom + 30, "dirty rate (pages/s)", anchor="center")
+        for item in series:
+            for run in item.runs:
+                canvas.rect(
+                    px(run[0]) - 1,
+                    py(run[column]) - 1,
+                    px(run[0]) + 1,
+                    py(run[column]) + 1,
+                    item.color,
+                )
+            ordered = sorted(item.points)
+            for a, b in itertools.pairwise(ordered):
+                canvas.line(px(a[0]), py(a[column]), px(b[0]), py(b[column]), item.color, 2)
+            for point in ordered:
+                canvas.circle(px(point[0]), py(point[column]), 6, item.color, point[3])
+    x = 90
+    for item in series:
+        canvas.line(x, 475, x + 30, 475, item.color, 2)
+        canvas.circle(x + 15, 475, 6, item.color, True)
+        canvas.text(x + 40, 468, item.name)
+        x += 40 + 12 * len(item.name) + 40
+    canvas.circle(x + 15, 475, 6, (90, 90, 90), False)
+    canvas.text(x + 30, 468, PLOT_NOTE)
+    path.write_bytes(canvas.png())
+
+
+def draw_plot(series: Sequence[Series], path: Path) -> str:
+    """Draw the PNG; returns how."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plot_builtin(series, path)
+        return "the built-in PNG writer (matplotlib is not installed)"
+    plot_matplotlib(series, path)
+    return "matplotlib"
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def describe_tree() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown commit"
+    return f"commit {head}"
+
+
+def qemu_version(qemu: str | None) -> str:
+    if qemu is None:
+        return "no QEMU"
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "QEMU version unknown"
+    return out.stdout.splitlines()[0] if out.stdout else "QEMU version unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run")
+    parser.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
+    parser.add_argument("--plot", metavar="PATH", help="the PNG (default: in a new temp dir)")
+    parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU baselines")
+    args = parser.parse_args(argv)
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("bench_sequences: /dev/kvm is not usable here; nothing to measure", file=sys.stderr)
+        return 1
+    # a SIGTERM ends the run through the finally clauses, which kill every child
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    if args.quick:  # no 8 MiB working set, no 4 GiB guest, fewer repetitions
+        levels, sizes = (LEVELS[0], *LEVELS[2:]), SNAP_SIZES[:2]
+        migrations, checkpoints, restores = 1, 1, 2
+    else:
+        levels, sizes = LEVELS, SNAP_SIZES
+        migrations, checkpoints, restores = 3, 3, 3
+    notes: list[str] = []
+    failures: list[str] = []
+    qemu: str | None = None
+    if args.no_qemu:
+        notes.append("QEMU columns skipped: --no-qemu")
+    else:
+        qemu, why = find_qemu()
+        if qemu is None:
+            notes.append(f"QEMU columns skipped: {why}")
+
+    say(f"# vmipc sequences benchmark ({'quick' if args.quick else 'full'} run)")
+    say()
+    say(
+        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {os.uname().release}, "
+        f"vmipc at {describe_tree()}; {qemu_version(qemu)}"
+    )
+    say()
+    kids = Children()
+    tmp = Path(tempfile.mkdtemp(prefix="vmipc-bench-seq-"))
+    results: dict[str, Any] = {"quick": args.quick}
+    try:
+        migration = bench_migration(kids, qemu, tmp, levels, migrations, notes, failures)
+        report_migration(levels, migration, migrations)
+        results["migration"] = {
+            level: {side: [asdict(run) for run in runs] for side, runs in entry.items()}
+            for level, entry in migration.items()
+        }
+        saved, restored = bench_snapshots(
+            kids, qemu, tmp, sizes, checkpoints, restores, notes, failures
+        )
+        report_checkpoint(sizes, saved, checkpoints)
+        report_restore(sizes, restored, restores)
+        results["checkpoint"] = {
+            size: {side: [asdict(run) for run in runs] for side, runs in entry.items()}
+            for size, entry in saved.items()
+        }
+        results["restore"] = {
+            size: {side: [asdict(run) for run in runs] for side, runs in entry.items()}
+            for size, entry in restored.items()
+        }
+        if args.plot:
+            plot_path = Path(args.plot)
+        else:
+            plot_path = Path(tempfile.mkdtemp(prefix="vmipc-bench-seq-plot-")) / "sequences.png"
+        how = draw_plot(plot_series(levels, migration), plot_path)
+        results["plot"] = str(plot_path)
+    finally:
+        kids.kill_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failures:
+        notes.append(
+            f"{len(failures)} QEMU boot(s) failed and were repeated: "
+            f"{'; '.join(sorted(set(failures)))}"
+        )
+    results["notes"] = notes
+    results["elapsed_s"] = time.monotonic() - BEGAN
+    if notes:
+        say("Notes:")
+        say()
+        for note in dict.fromkeys(notes):
+            say(f"- {note}")
+        say()
+    say(f"Plot (downtime and total time against dirty rate, by {how}): {plot_path}")
+    say()
+    say(f"Total benchmark time: {results['elapsed_s']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
