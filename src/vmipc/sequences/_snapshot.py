@@ -8,9 +8,9 @@ write)::
     <client> create TEMP (same directory, O_EXCL), write the header at 0
     dump-state  format=snapshot       the VMM appends config, vcpus, devices
     dump-memory format=snapshot       the VMM appends the memory section
-    <client> write the section table + trailer (encode_table), fsync TEMP
+    <client> write the section table + trailer (encode_table)
     resume                            (checkpoint, only if it paused the VM)
-    <client> verify TEMP, rename TEMP -> FILE, fsync the directory
+    <client> verify TEMP, fsync TEMP, rename TEMP -> FILE, fsync the directory
     quit                              (suspend only, after the rename is durable)
 
 An incremental checkpoint (``parent=``) differs in three lines: ``query-dirty`` first
@@ -104,13 +104,16 @@ def temp_path_for(path: str) -> str:
     return os.path.join(directory, f".{name}.{secrets.token_hex(4)}.partial")
 
 
-def seal(fd: int, entries: list[SectionEntry], header: SnapshotHeader) -> int:
+def seal(
+    fd: int, entries: list[SectionEntry], header: SnapshotHeader, *, sync: bool = True
+) -> int:
     """Finish a snapshot written by building blocks: the header at 0 and, last, the section
     table and trailer after the sections; then fsync. Returns the table checksum."""
     table = encode_table(entries, header.snapshot_id, os.fstat(fd).st_size)
     os.pwrite(fd, header.encode(), 0)
     os.pwrite(fd, table.data, table.offset)
-    os.fsync(fd)
+    if sync:
+        os.fsync(fd)
     return table.table_checksum
 
 
@@ -220,7 +223,10 @@ async def checkpoint(
     checkpoint must be a full one.
     """
     started = time.monotonic()
-    status = await client.query_status()
+    try:
+        status = await client.query_status()
+    except Exception as exc:
+        raise SequenceError("query-status", exc, "nothing was done") from exc
     if status["state"] not in ("running", "paused"):
         raise SequenceError("query-status", f"the VM is {status['state']}", "nothing was done")
     base: ChainLink | None = None
@@ -235,7 +241,15 @@ async def checkpoint(
     paused_at = time.monotonic()
     leased = False
     if we_paused:
-        leased = await pause_leased(client, lease)
+        try:
+            leased = await pause_leased(client, lease)
+        except CommandError as exc:
+            outcome = "no snapshot was written; the VM is as it was"
+            raise SequenceError("pause", exc, outcome) from exc
+        except Exception as exc:
+            # the reply was lost (the VMM died, the connection broke): it may have paused
+            outcome = "no snapshot was written; " + await resume_if_paused(client)
+            raise SequenceError("pause", exc, outcome) from exc
         paused_at = time.monotonic()
     renewing = lease if leased else None
     temp = temp_path_for(path)
@@ -273,6 +287,7 @@ async def checkpoint(
             step = "verify"
             await trio.to_thread.run_sync(verify_file, fd)
         step = "publish"
+        await trio.to_thread.run_sync(os.fsync, fd)
         size = os.fstat(fd).st_size
         os.rename(temp, path)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
@@ -294,7 +309,11 @@ async def checkpoint(
         os.pwrite(fd, header.encode(), 0)
         entries, pages = await while_renewing(client, renewing, functools.partial(dumps, fd))
         step = "seal"
-        table_checksum = seal(fd, entries, header)
+        # no fsync here: the file's contents are fixed once the dumps return, so the
+        # flush to disk happens after the guest runs again, before the rename
+        table_checksum = await trio.to_thread.run_sync(
+            functools.partial(seal, fd, entries, header, sync=False)
+        )
         if leased:
             # the proof that the VM stayed paused through the dumps; for "pause" the VM
             # stays paused as asked, for "quit" the lease is kept until the file is durable
