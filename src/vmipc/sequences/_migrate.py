@@ -11,6 +11,7 @@ destination's load reads, concurrently, VMM to VMM, never through this client)::
     src dump-memory format=stream  →  dst apply-pages          full pass, guest running
     repeat:
       src query-dirty                 predicted downtime = dirty bytes / measured rate
+                                      + 4 control round trips (as long as query-dirty's)
       stop if predicted ≤ max-downtime (converged), or rounds/timeout/no progress (not)
       src dump-dirty               →  dst apply-pages          a dirty round, guest running
     not converged and not force:      give up: src dirty-log-stop, dst quit; src never paused
@@ -70,6 +71,11 @@ DEFAULT_SWITCH_TIMEOUT = 15.0
 RESUME_TIMEOUT = 10.0
 #: rounds in a row without a new low of dirty bytes that count as "no progress"
 STALL_ROUNDS = 3
+
+
+#: control round trips between pausing the source and the destination running, counted
+#: into the predicted downtime (pause, last dirty pages, state, resume)
+STOP_AND_COPY_ROUND_TRIPS = 4
 
 
 class TransferError(Exception):
@@ -387,8 +393,14 @@ async def migrate(
                 last = rounds[-1]
                 bandwidth = last.bytes / max(last.seconds, 1e-6)
                 step = "query-dirty"
+                asked = time.monotonic()
                 dirty = await source.query_dirty()
-                predicted = dirty["dirty_bytes"] / bandwidth
+                round_trip = time.monotonic() - asked
+                # the stop-and-copy also costs control round trips (pause, dump, load,
+                # resume): even with no page dirty, downtime is not zero
+                predicted = (
+                    dirty["dirty_bytes"] / bandwidth + STOP_AND_COPY_ROUND_TRIPS * round_trip
+                )
                 if predicted <= max_downtime:
                     converged = True
                     break

@@ -65,6 +65,7 @@ class Transfer:
         self._cancelled = threading.Event()
         self._finished = threading.Event()
         self._progress = progress
+        self._read_buffer: ctypes.Array[ctypes.c_char] | None = None
         self.done = 0
 
     @classmethod
@@ -213,7 +214,9 @@ class Transfer:
 
     def read_some(self, in_fd: int, size: int) -> bytes:
         """Up to ``size`` bytes; b'' at end of input."""
-        buffer = ctypes.create_string_buffer(size)
+        if self._read_buffer is None or len(self._read_buffer) < size:
+            self._read_buffer = ctypes.create_string_buffer(size)
+        buffer = self._read_buffer
         while True:
             self.check()
             result = _read(in_fd, buffer, size)
@@ -222,7 +225,8 @@ class Transfer:
             moved = self._result(result, "read", in_fd, select.POLLIN)
             if moved:
                 self.advance(moved)
-                return buffer.raw[:moved]
+                # copies just what arrived (``buffer.raw[:n]`` would copy all of it first)
+                return ctypes.string_at(buffer, moved)
 
 
 def _address_of(view: memoryview) -> int:
