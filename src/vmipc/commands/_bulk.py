@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from vmipc._extents import data_extents
 from vmipc.formats import (
     NEED_DATA,
     DataRun,
@@ -81,24 +81,6 @@ class Stats:
 
 
 # --- which pages to send ---------------------------------------------------------------
-
-
-def data_extents(fd: int, start: int, length: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the parts of ``fd[start:start+length]`` that hold data: the
-    memfd reports never-touched (and punched) ranges as holes."""
-    position, end = start, start + length
-    while position < end:
-        try:
-            data = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            raise
-        if data >= end:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, hole - data
-        position = hole
 
 
 def _region_pieces(

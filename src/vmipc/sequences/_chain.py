@@ -20,6 +20,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from vmipc._extents import data_extents
 from vmipc.formats import (
     NEED_DATA,
     Checksum,
@@ -232,24 +233,6 @@ def verify_links(chain: Sequence[ChainLink], *, base: bool = False) -> None:
 
 
 # --- file ranges ----------------------------------------------------------------------------
-
-
-def data_extents(fd: int, start: int, length: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the parts of ``fd[start:start+length]`` that hold data; the rest
-    are holes (zeros). Moves the fd's file position."""
-    position, end = start, start + length
-    while position < end:
-        try:
-            data = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            raise
-        if data >= end:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, hole - data
-        position = hole
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
