@@ -28,7 +28,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -41,41 +40,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-REPO = Path(__file__).resolve().parent.parent
-QEMU = "qemu-system-x86_64"
+from _common import find_qemu, percentile, progress, ratio, table, us
+
 CLIENTS = 16
 BANNER = b"vmipc-guest "
-
-
-# --- output -------------------------------------------------------------------------------
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    ordered = sorted(samples)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def us(seconds: float | None) -> str:
-    return "—" if seconds is None else f"{seconds * 1e6:.0f} µs"
-
-
-def ratio(value: float | None, baseline: float | None) -> str:
-    if value is None or baseline is None or baseline <= 0:
-        return "—"
-    return f"{value / baseline:.2f}x"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def progress(text: str) -> None:
-    print(f"... {text}", file=sys.stderr, flush=True)
 
 
 # --- the three kinds of client: one operation = one timed round trip ------------------------
@@ -321,19 +289,6 @@ def echo_server(tmp: str) -> Iterator[str]:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-
-
-def find_qemu() -> tuple[str | None, str]:
-    path = shutil.which(QEMU)
-    if path:
-        return path, ""
-    progress(f"{QEMU} is missing: running tools/install-system-deps")
-    try:
-        subprocess.run([str(REPO / "tools" / "install-system-deps")], check=True, timeout=900)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"{QEMU} is not installed and tools/install-system-deps failed ({exc})"
-    path = shutil.which(QEMU)
-    return (path, "") if path else (None, f"{QEMU} is still missing after the installer")
 
 
 @contextmanager

@@ -29,7 +29,6 @@ with a note, when it still cannot boot the guest.
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import ctypes
 import json
@@ -37,7 +36,6 @@ import mmap
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,14 +46,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import (
+    QemuFailed,
+    QmpConnection,
+    find_qemu,
+    median,
+    progress,
+    ratio,
+    say,
+    say_notes,
+    table,
+)
+
 from vmipc.client import SyncClient
 from vmipc.formats import bitmap_to_runs
 from vmipc.guest import BUILTIN_GUEST_PATH
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig
 from vmipc.vmm.memory import PAGE_SIZE
 
-REPO = Path(__file__).resolve().parent.parent
-QEMU = "qemu-system-x86_64"
 MIB = 1 << 20
 GIB = 1 << 30
 BANNER = b"vmipc-guest "
@@ -77,16 +85,6 @@ DESTINATIONS = ("file", "pipe", "socket")
 # --- statistics and output ----------------------------------------------------------------
 
 
-def median(samples: Sequence[float]) -> float:
-    return statistics.median(samples)
-
-
-def ratio(value: float | None, baseline: float | None) -> str:
-    if value is None or baseline is None or baseline <= 0:
-        return "—"
-    return f"{value / baseline:.2f}x"
-
-
 def gbps(size: int, seconds: float) -> float:
     return size / seconds / 1e9
 
@@ -97,20 +95,6 @@ def fmt_us(seconds: float) -> str:
 
 def fmt_mib(count: float) -> str:
     return f"{count / MIB:,.0f} MiB" if count >= 10 * MIB else f"{count / MIB:,.2f} MiB"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def progress(text: str) -> None:
-    print(f"... {text}", file=sys.stderr, flush=True)
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float, poll: float = 0.05) -> None:
@@ -491,47 +475,18 @@ class Ceiling:
 # --- QEMU: the same guest, saved with getfd + migrate fd: -----------------------------------
 
 
-class QemuFailed(Exception):
-    pass
-
-
-class Qmp:
+class Qmp(QmpConnection):
     """A QMP connection: commands (with an fd passed by SCM_RIGHTS), events kept aside."""
 
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(600)
-        self.sock.connect(path)
-        self.reader = self.sock.makefile("rb")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(600)
+        sock.connect(path)
         self.events: list[dict[str, Any]] = []
-        self._message()  # the greeting
-        self.execute("qmp_capabilities")
+        super().__init__(sock)
 
-    def _message(self) -> dict[str, Any]:
-        line = self.reader.readline()
-        if not line:
-            raise QemuFailed("QEMU closed its QMP socket")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None, fd: int = -1) -> Any:
-        request: dict[str, Any] = {"execute": command}
-        if arguments:
-            request["arguments"] = arguments
-        data = json.dumps(request).encode() + b"\n"
-        if fd >= 0:
-            rights = array.array("i", [fd]).tobytes()
-            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-        else:
-            self.sock.sendall(data)
-        while True:
-            message = self._message()
-            if "event" in message:
-                self.events.append(message)
-                continue
-            if "error" in message:
-                raise QemuFailed(f"QMP {command}: {message['error'].get('desc', message)}")
-            return message.get("return")
+    def _event(self, message: dict[str, Any]) -> None:
+        self.events.append(message)
 
     def wait_event(self, name: str, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         while True:
@@ -543,10 +498,6 @@ class Qmp:
             message = self._message()
             if "event" in message:
                 self.events.append(message)
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
 
 
 class QemuGuest:
@@ -662,20 +613,6 @@ class QemuGuest:
                 os.kill(self.proc.pid, 9)
             self.proc.wait()
             self.proc = None
-
-
-def find_qemu() -> tuple[str | None, str]:
-    """The QEMU binary, installed with the project's installer if missing, or why not."""
-    path = shutil.which(QEMU)
-    if path is not None:
-        return path, ""
-    progress(f"{QEMU} is missing: running tools/install-system-deps")
-    try:
-        subprocess.run([str(REPO / "tools" / "install-system-deps")], check=True, timeout=900)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"{QEMU} is not installed and tools/install-system-deps failed ({exc})"
-    path = shutil.which(QEMU)
-    return (path, "") if path else (None, f"{QEMU} is still missing after the installer")
 
 
 # --- 1. dump-memory throughput -----------------------------------------------------------------
@@ -1152,12 +1089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["qemu_failures"] = failures
     results["notes"] = notes
     results["elapsed_s"] = time.perf_counter() - began
-    if notes:
-        say("Notes:")
-        say()
-        for note in dict.fromkeys(notes):
-            say(f"- {note}")
-        say()
+    say_notes(notes)
     say(f"Total benchmark time: {results['elapsed_s']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")

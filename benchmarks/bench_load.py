@@ -28,17 +28,16 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
+from _common import median, ms, progress, ratio, say, table
 
 from vmipc.client import ClosedByPeer, CommandError, open_client
 from vmipc.sequences import LocalDestination, checkpoint, migrate
@@ -51,37 +50,6 @@ MEMORY = "64M"
 VCPUS = 2
 #: a load client stops by itself after this long (the source quitting normally ends it)
 LOAD_SECONDS = 60.0
-
-
-# --- statistics and output ----------------------------------------------------------------
-
-
-def median(samples: Sequence[float]) -> float:
-    return statistics.median(samples)
-
-
-def ms(seconds: float | None) -> str:
-    return "—" if seconds is None else f"{seconds * 1e3:.1f} ms"
-
-
-def ratio(value: float | None, baseline: float | None) -> str:
-    if value is None or baseline is None or baseline <= 0:
-        return "—"
-    return f"{value / baseline:.2f}x"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def progress(text: str) -> None:
-    print(f"... {text}", file=sys.stderr, flush=True)
 
 
 # --- the load: a child process of CLIENTS connections ---------------------------------------

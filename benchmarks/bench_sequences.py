@@ -31,7 +31,6 @@ columns are skipped, with a note, when it still cannot boot the guest.
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import itertools
 import json
@@ -53,12 +52,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import REPO, QemuFailed, QmpConnection, find_qemu, median, ratio, say, say_notes, table
+
 from vmipc.client import SyncClient
 from vmipc.guest import BUILTIN_GUEST_PATH
 from vmipc.sequences import SequenceError, checkpoint_blocking, migrate_blocking
 
-REPO = Path(__file__).resolve().parent.parent
-QEMU = "qemu-system-x86_64"
 MIB = 1 << 20
 GIB = 1 << 30
 PAGE = 4096
@@ -131,18 +130,8 @@ SNAP_SIZES = (
 # --- statistics and output ----------------------------------------------------------------
 
 
-def median(samples: Sequence[float]) -> float:
-    return statistics.median(samples)
-
-
 def med(samples: Sequence[float]) -> float | None:
     return statistics.median(samples) if samples else None
-
-
-def ratio(value: float | None, baseline: float | None) -> str:
-    if value is None or baseline is None or baseline <= 0:
-        return "—"
-    return f"{value / baseline:.2f}x"
 
 
 def fmt_s(seconds: float | None) -> str:
@@ -159,16 +148,6 @@ def fmt_rate(pages_per_s: float | None) -> str:
 
 def fmt_mib(count: float | None) -> str:
     return "—" if count is None else f"{count / MIB:,.0f} MiB"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
 
 
 BEGAN = time.monotonic()
@@ -293,11 +272,7 @@ class VmipcVmm:
 # --- QEMU: QMP and a QEMU process ---------------------------------------------------------
 
 
-class QemuFailed(Exception):
-    pass
-
-
-class Qmp:
+class Qmp(QmpConnection):
     """A QMP connection: commands (an fd passed by SCM_RIGHTS where asked); events dropped."""
 
     def __init__(self, path: str, proc: subprocess.Popen[bytes], stderr: Path) -> None:
@@ -317,40 +292,7 @@ class Qmp:
                     raise QemuFailed("QEMU's QMP socket did not answer within 30 s") from None
                 time.sleep(0.002)
         sock.settimeout(300)
-        self.sock = sock
-        self.reader = sock.makefile("rb")
-        self._message()  # the greeting
-        self.execute("qmp_capabilities")
-
-    def _message(self) -> dict[str, Any]:
-        line = self.reader.readline()
-        if not line:
-            raise QemuFailed("QEMU closed its QMP socket")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None, fd: int = -1) -> Any:
-        request: dict[str, Any] = {"execute": command}
-        if arguments:
-            request["arguments"] = arguments
-        data = json.dumps(request).encode() + b"\n"
-        if fd >= 0:
-            rights = array.array("i", [fd]).tobytes()
-            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-        else:
-            self.sock.sendall(data)
-        while True:
-            message = self._message()
-            if "event" in message:
-                continue
-            if "error" in message:
-                raise QemuFailed(f"QMP {command}: {message['error'].get('desc', message)}")
-            return message.get("return")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.reader.close()
-            self.sock.close()
+        super().__init__(sock)
 
 
 class QemuVm:
@@ -471,20 +413,6 @@ def boot_qemu(
             progress(f"QEMU attempt {attempt} ({name}): {exc}")
             vm.close()
     raise QemuFailed(f"{QEMU_ATTEMPTS} attempts failed in a row, the last: {failures[-1]}")
-
-
-def find_qemu() -> tuple[str | None, str]:
-    """The QEMU binary, installed with the project's installer if missing, or why not."""
-    path = shutil.which(QEMU)
-    if path is not None:
-        return path, ""
-    progress(f"{QEMU} is missing: running tools/install-system-deps")
-    try:
-        subprocess.run([str(REPO / "tools" / "install-system-deps")], check=True, timeout=900)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"{QEMU} is not installed and tools/install-system-deps failed ({exc})"
-    path = shutil.which(QEMU)
-    return (path, "") if path else (None, f"{QEMU} is still missing after the installer")
 
 
 # --- 1. live migration against dirty rate -------------------------------------------------
@@ -1549,7 +1477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_qemu:
         notes.append("QEMU columns skipped: --no-qemu")
     else:
-        qemu, why = find_qemu()
+        qemu, why = find_qemu(progress)
         if qemu is None:
             notes.append(f"QEMU columns skipped: {why}")
 
@@ -1599,12 +1527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     results["notes"] = notes
     results["elapsed_s"] = time.monotonic() - BEGAN
-    if notes:
-        say("Notes:")
-        say()
-        for note in dict.fromkeys(notes):
-            say(f"- {note}")
-        say()
+    say_notes(notes)
     say(f"Plot (downtime and total time against dirty rate, by {how}): {plot_path}")
     say()
     say(f"Total benchmark time: {results['elapsed_s']:.0f} s")

@@ -29,9 +29,7 @@ import os
 import random
 import re
 import select
-import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -41,64 +39,32 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import (
+    REPO,
+    find_qemu,
+    median,
+    ms,
+    percentile,
+    progress,
+    ratio,
+    say,
+    say_notes,
+    table,
+    us,
+)
+
 from vmipc.guest import BUILTIN_GUEST_PATH
 from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig
 from vmipc.vmm.runstate import RunState
 from vmipc.vmm.vcpu import VcpuThread
 
-REPO = Path(__file__).resolve().parent.parent
 COUNTER_BOOTSECTOR = REPO / "tests" / "guests" / "counter-bootsector.bin"
 MEMORY = 64 << 20
-QEMU = "qemu-system-x86_64"
 BANNER_PREFIX = b"vmipc-guest "
 #: vCPU counts for the pause/resume benchmark (this machine has 2 cores)
 VCPU_COUNTS = (1, 2, 4)
 COUNT_LINE = re.compile(rb"count=([0-9a-f]{8})")
-
-
-# --- statistics and output ----------------------------------------------------------------
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Linearly interpolated percentile (q in 0..100) of a non-empty sample."""
-    ordered = sorted(samples)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def median(samples: Sequence[float]) -> float:
-    return statistics.median(samples)
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f} ms"
-
-
-def us(seconds: float) -> str:
-    return f"{seconds * 1e6:.0f} µs"
-
-
-def ratio(value: float, baseline: float | None) -> str:
-    if baseline is None or baseline <= 0:
-        return "—"
-    return f"{value / baseline:.2f}x"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def progress(text: str) -> None:
-    print(f"... {text}", file=sys.stderr, flush=True)
 
 
 # --- child processes ----------------------------------------------------------------------
@@ -231,23 +197,6 @@ def last_words(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     lines = [line for line in lines if "host doesn't support requested feature" not in line]
     return " / ".join(lines[-2:]) or "no message"
-
-
-def find_qemu() -> tuple[str | None, str]:
-    """The QEMU binary, installed with the project's installer if missing, or why not."""
-    path = shutil.which(QEMU)
-    if path is not None:
-        return path, ""
-    installer = REPO / "tools" / "install-system-deps"
-    progress(f"{QEMU} is missing: running tools/install-system-deps")
-    try:
-        subprocess.run([str(installer)], check=True, timeout=900)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"{QEMU} is not installed and tools/install-system-deps failed ({exc})"
-    path = shutil.which(QEMU)
-    if path is None:
-        return None, f"{QEMU} is still missing after tools/install-system-deps"
-    return path, ""
 
 
 def vmipc_command() -> tuple[list[str], dict[str, str] | None]:
@@ -925,7 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_qemu:
         notes.append("QEMU columns skipped: --no-qemu")
     else:
-        qemu, why = find_qemu()
+        qemu, why = find_qemu(still_missing="tools/install-system-deps")
         if qemu is None:
             notes.append(f"QEMU columns skipped: {why}")
 
@@ -952,12 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["qemu_failures"] = qemu_failures
     results["notes"] = notes
     results["elapsed_s"] = time.perf_counter() - began
-    if notes:
-        say("Notes:")
-        say()
-        for note in dict.fromkeys(notes):
-            say(f"- {note}")
-        say()
+    say_notes(notes)
     say(f"Total benchmark time: {results['elapsed_s']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
