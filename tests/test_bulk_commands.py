@@ -130,33 +130,21 @@ def fd_pair(kind: str, tmp: Path) -> Iterator[tuple[int, Callable[[], bytes]]]:
         finally:
             os.close(fd)
         return
-    received = bytearray()
-    if kind == "pipe":
-        read_end, write_end = os.pipe()
-    elif kind == "socketpair":
-        left, right = socket.socketpair()
-        read_end, write_end = right.detach(), left.detach()
-    else:  # tcp on loopback
-        listener = socket.create_server(("127.0.0.1", 0))
-        sender = socket.create_connection(listener.getsockname())
-        receiver, _ = listener.accept()
-        listener.close()
-        read_end, write_end = receiver.detach(), sender.detach()
-    reader = threading.Thread(target=read_all, args=(read_end, received))
-    reader.start()
+    with channel(kind, tmp) as pair:
+        received = bytearray()
+        reader = threading.Thread(target=read_all, args=(pair.read_end, received))
+        reader.start()
 
-    def result() -> bytes:
-        os.close(write_end)
-        reader.join(30)
-        return bytes(received)
+        def result() -> bytes:
+            pair.close_writer()
+            reader.join(30)
+            return bytes(received)
 
-    try:
-        yield write_end, result
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(write_end)
-        reader.join(30)
-        os.close(read_end)
+        try:
+            yield pair.write_end, result
+        finally:
+            pair.close_writer()
+            reader.join(30)
 
 
 # --- memory ------------------------------------------------------------------------------
@@ -431,30 +419,51 @@ def test_a_corrupt_page_stream_is_refused_and_the_guest_cannot_resume(tmp_path: 
             assert dst.query_status()["state"] == "running"
 
 
+class Channel:
+    """A connected (write end, read end) pair of fds; for "file" a file opened twice.
+
+    Each end is closed exactly once: closing an fd twice could close a number that the
+    in-process server has reused for an fd a client passed it meanwhile."""
+
+    def __init__(self, kind: str, tmp: Path) -> None:
+        if kind == "file":
+            path = tmp / f"channel-{time.monotonic_ns()}"
+            self.write_end = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self.read_end = os.open(path, os.O_RDONLY)
+        elif kind == "pipe":
+            self.read_end, self.write_end = os.pipe()
+        elif kind == "socketpair":
+            left, right = socket.socketpair()
+            self.write_end, self.read_end = left.detach(), right.detach()
+        else:  # tcp on loopback
+            listener = socket.create_server(("127.0.0.1", 0))
+            sender = socket.create_connection(listener.getsockname())
+            receiver, _ = listener.accept()
+            listener.close()
+            self.write_end, self.read_end = sender.detach(), receiver.detach()
+        self._open = {self.write_end, self.read_end}
+
+    def close(self, fd: int) -> None:
+        if fd in self._open:
+            self._open.remove(fd)
+            os.close(fd)
+
+    def close_writer(self) -> None:
+        """The writing side is done: the reader sees the end of the data."""
+        self.close(self.write_end)
+
+    def close_all(self) -> None:
+        for fd in list(self._open):
+            self.close(fd)
+
+
 @contextlib.contextmanager
-def channel(kind: str, tmp: Path) -> Iterator[tuple[int, int]]:
-    """A connected (write end, read end) pair of ``kind``; for "file" a file opened twice."""
-    if kind == "file":
-        path = tmp / f"channel-{time.monotonic_ns()}"
-        write_end = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        read_end = os.open(path, os.O_RDONLY)
-    elif kind == "pipe":
-        read_end, write_end = os.pipe()
-    elif kind == "socketpair":
-        left, right = socket.socketpair()
-        write_end, read_end = left.detach(), right.detach()
-    else:
-        listener = socket.create_server(("127.0.0.1", 0))
-        sender = socket.create_connection(listener.getsockname())
-        receiver, _ = listener.accept()
-        listener.close()
-        write_end, read_end = sender.detach(), receiver.detach()
+def channel(kind: str, tmp: Path) -> Iterator[Channel]:
+    pair = Channel(kind, tmp)
     try:
-        yield write_end, read_end
+        yield pair
     finally:
-        for fd in (write_end, read_end):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        pair.close_all()
 
 
 def vmm_to_vmm(
@@ -466,24 +475,24 @@ def vmm_to_vmm(
     """Run ``dump(write_fd)`` on one VMM and ``load(read_fd)`` on the other through a
     channel of ``kind``: at the same time (pipes and sockets), or one after the other
     (files). The data goes from VMM to VMM; the test only passes fds."""
-    with channel(kind, tmp) as (write_end, read_end):
+    with channel(kind, tmp) as pair:
         if kind == "file":
-            dumped = dump(write_end)
-            return dumped, load(read_end)
+            dumped = dump(pair.write_end)
+            return dumped, load(pair.read_end)
         box: dict[str, Any] = {}
 
         def run_dump() -> None:
             try:
-                box["dump"] = dump(write_end)
+                box["dump"] = dump(pair.write_end)
             except BaseException as exc:
                 box["dump"] = exc
             finally:
                 # the VMM closed its copy; ours goes too, so the reader sees the end
-                os.close(write_end)
+                pair.close_writer()
 
         thread = threading.Thread(target=run_dump)
         thread.start()
-        loaded = load(read_end)
+        loaded = load(pair.read_end)
         thread.join(30)
         if isinstance(box.get("dump"), BaseException):
             raise box["dump"]
