@@ -32,13 +32,18 @@ def call(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 def test_human_and_json_output(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = call(capsys, "--socket", served.path, "query-status")
     assert (code, err) == (0, "")
-    assert out == "state: running\nvcpu_count: 2\nmemory_size: 67108864\nstop_reason: null\n"
+    assert out == (
+        "state: running\nvcpu_count: 2\nmemory_size: 67108864\nstop_reason: null\n"
+        "lease: null\nfirst: (none)\n"
+    )
     code, out, _ = call(capsys, "--socket", served.path, "query-status", "--json")
     assert json.loads(out) == {
         "state": "running",
         "vcpu_count": 2,
         "memory_size": 64 << 20,
         "stop_reason": None,
+        "lease": None,
+        "first": [],
     }
 
 

@@ -58,6 +58,8 @@ async def test_typed_methods(running: Running) -> None:
             "vcpu_count": 2,
             "memory_size": 64 << 20,
             "stop_reason": None,
+            "lease": None,
+            "first": [],
         }
         assert await client.pause() == {}
         assert (await client.query_status())["state"] == "paused"

@@ -126,6 +126,8 @@ def test_the_spec_examples_are_the_bytes_the_code_sends() -> None:
             "vcpu_count": 2,
             "memory_size": 64 << 20,
             "stop_reason": None,
+            "lease": None,
+            "first": [],
         },
     }
     assert blocks[0] == encode_frame(pack(hello))

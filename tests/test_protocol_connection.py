@@ -69,6 +69,7 @@ def hello_result() -> dict[str, Any]:
         "events": [],
         "capabilities": [],
         "limits": {"max_frame_size": 1, "max_fds_per_request": 1, "max_in_flight": 1},
+        "connection": 1,
     }
 
 
@@ -172,9 +173,8 @@ def test_duplicate_in_flight_id_and_in_flight_limit() -> None:
     server.receive_data(request(2, "query-status"))
     ev = rejected(server.receive_data(request(3, "query-status")))
     assert (ev.request_id, ev.error.code) == (3, "limit-exceeded")
-    server.send_result(
-        1, {"state": "running", "vcpu_count": 1, "memory_size": 1, "stop_reason": None}
-    )
+    status = {"state": "running", "vcpu_count": 1, "memory_size": 1, "stop_reason": None}
+    server.send_result(1, {**status, "lease": None, "first": []})
     [ok] = server.receive_data(request(3, "query-status"))
     assert isinstance(ok, RequestReceived)
 

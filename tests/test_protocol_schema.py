@@ -129,7 +129,14 @@ def test_check_value(spec: TypeSpec, good: list[Any], bad: list[Any]) -> None:
 
 def test_check_value_closed_map_names_the_path() -> None:
     spec = load_schema().commands["query-status"].result
-    good = {"state": "running", "vcpu_count": 1, "memory_size": 1, "stop_reason": None}
+    good = {
+        "state": "running",
+        "vcpu_count": 1,
+        "memory_size": 1,
+        "stop_reason": None,
+        "lease": None,
+        "first": [],
+    }
     check_value(spec, good, "result")
     with pytest.raises(ValidationError) as info:
         check_value(spec, {**good, "extra": 1}, "result")

@@ -39,6 +39,7 @@ def test_hello_negotiates_and_describes_the_server() -> None:
             "max_fds_per_request": 8,
             "max_in_flight": 32,
         }
+        assert isinstance(result["connection"], int) and result["connection"] > 0
 
 
 def test_hello_with_no_common_version_is_unsupported_version_and_may_retry() -> None:
@@ -65,6 +66,8 @@ def test_query_status() -> None:
             "vcpu_count": 2,
             "memory_size": 64 << 20,
             "stop_reason": None,
+            "lease": None,
+            "first": [],
         }
 
 

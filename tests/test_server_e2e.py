@@ -130,6 +130,8 @@ def test_clients_against_the_real_vmm() -> None:
                 "vcpu_count": VCPUS,
                 "memory_size": 64 << 20,
                 "stop_reason": None,
+                "lease": None,
+                "first": [],
             }
             with pytest.raises(CommandError) as info:
                 client.resume()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -108,6 +109,16 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     parser.add_argument(
+        "--held-request-rate",
+        type=_rate,
+        metavar="N",
+        help=(
+            "with --socket: while a client goes first (it holds a pause lease or claimed "
+            "priority), let the other clients' requests through at most N a second "
+            "(default 200; 0: hold them until nobody goes first; inf: never hold them)"
+        ),
+    )
+    parser.add_argument(
         "--no-sandbox",
         action="store_true",
         help=(
@@ -120,6 +131,16 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.set_defaults(run=run)
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not rate >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (or inf), not {text}")
+    return rate
 
 
 def _console_sink(target: str) -> tuple[Callable[[bytes], None], int | None]:
@@ -296,7 +317,10 @@ def _bind_server(
     extra: tuple[SocketConfig, ...] = ()
     if args.readonly_socket:
         extra = (SocketConfig(args.readonly_socket, READ_ONLY_COMMANDS, "read-only"),)
-    server = Server(host, ServerConfig(extra_sockets=extra))
+    config = ServerConfig(extra_sockets=extra)
+    if args.held_request_rate is not None:
+        config = dataclasses.replace(config, held_request_rate=args.held_request_rate)
+    server = Server(host, config)
     server.bind(args.socket)
     cleanup.callback(server.close_sockets)
     return server

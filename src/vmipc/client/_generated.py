@@ -1,4 +1,4 @@
-"""Typed command methods and result types, generated from the schema (version 1.3).
+"""Typed command methods and result types, generated from the schema (version 1.4).
 
 Do not edit: run ``python -m vmipc.client.gencode``.
 """
@@ -10,7 +10,7 @@ from typing import Any, Literal, TypedDict, cast
 
 from vmipc.client._common import FdLike, ProgressCallback
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 
 
 class HelloResultServer(TypedDict):
@@ -53,6 +53,9 @@ class HelloResult(TypedDict):
     """
     limits: HelloResultLimits
     """The server's limits for this connection."""
+    connection: int
+    """This connection's number: the one the server's log, `query-status`'s `lease` and `first` use.
+    """
 
 
 class SubscribeResult(TypedDict):
@@ -71,6 +74,17 @@ class CancelResult(TypedDict):
     """
 
 
+class QueryStatusResultLease(TypedDict):
+    """The pause lease, or null when nobody holds one."""
+
+    connection: int
+    """The number of the connection holding it (see `hello`'s `connection`)."""
+    expires_in: float
+    """Seconds until it expires unless renewed."""
+    duration: float
+    """Its length in seconds: what a `renew-lease` without `lease` extends it by."""
+
+
 class QueryStatusResult(TypedDict):
     """The result of ``query-status``."""
 
@@ -82,6 +96,12 @@ class QueryStatusResult(TypedDict):
     """Guest memory size in bytes."""
     stop_reason: str | None
     """Why the machine stopped (states `shutdown` and `crashed`), else null."""
+    lease: QueryStatusResultLease | None
+    """The pause lease, or null when nobody holds one."""
+    first: list[int]
+    """The numbers of the connections whose requests go first now (see `claim-priority`): the pause
+    lease's holder and the priority claimants. Empty when nobody does.
+    """
 
 
 class PauseResult(TypedDict):
@@ -101,6 +121,17 @@ class RenewLeaseResult(TypedDict):
 
 class ReleaseLeaseResult(TypedDict):
     """The result of ``release-lease``."""
+
+
+class ClaimPriorityResult(TypedDict):
+    """The result of ``claim-priority``."""
+
+
+class ReleasePriorityResult(TypedDict):
+    """The result of ``release-priority``."""
+
+    released: bool
+    """False when this connection held no claim."""
 
 
 class QuitResult(TypedDict):
@@ -383,6 +414,34 @@ class AsyncCommands:
         internal-error, not-permitted).
         """
         return cast(ReleaseLeaseResult, await self.call("release-lease"))
+
+    async def claim_priority(self) -> ClaimPriorityResult:
+        """This connection's requests go first until ``release-priority`` or until the connection
+        closes: while any connection goes first, other connections' requests are held and let
+        through one at a time, at most the server's ``held_request_rate`` per second (200 by
+        default), in the order they came; they are never refused. For a sequence whose steps must
+        not wait behind other clients' queries: live migration claims it for its whole run. The
+        holder of the pause lease goes first as well, without a claim, from the moment its
+        ``pause`` begins until the lease ends. ``hello`` and ``cancel`` are never held. Several
+        connections may hold claims at once; claiming again changes nothing.
+
+        Allowed in states: any. Since protocol 1.4.
+        Errors: the common errors only (handshake-required, invalid-message, unknown-command,
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
+        """
+        return cast(ClaimPriorityResult, await self.call("claim-priority"))
+
+    async def release_priority(self) -> ReleasePriorityResult:
+        """End this connection's priority claim (see ``claim-priority``). Its requests go first
+        still while it holds the pause lease.
+
+        Allowed in states: any. Since protocol 1.4.
+        Errors: the common errors only (handshake-required, invalid-message, unknown-command,
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
+        """
+        return cast(ReleasePriorityResult, await self.call("release-priority"))
 
     async def quit(self) -> QuitResult:
         """Shut the VMM down: the server answers, stops accepting connections, tells every other
@@ -699,6 +758,34 @@ class SyncCommands:
         internal-error, not-permitted).
         """
         return cast(ReleaseLeaseResult, self.call("release-lease"))
+
+    def claim_priority(self) -> ClaimPriorityResult:
+        """This connection's requests go first until ``release-priority`` or until the connection
+        closes: while any connection goes first, other connections' requests are held and let
+        through one at a time, at most the server's ``held_request_rate`` per second (200 by
+        default), in the order they came; they are never refused. For a sequence whose steps must
+        not wait behind other clients' queries: live migration claims it for its whole run. The
+        holder of the pause lease goes first as well, without a claim, from the moment its
+        ``pause`` begins until the lease ends. ``hello`` and ``cancel`` are never held. Several
+        connections may hold claims at once; claiming again changes nothing.
+
+        Allowed in states: any. Since protocol 1.4.
+        Errors: the common errors only (handshake-required, invalid-message, unknown-command,
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
+        """
+        return cast(ClaimPriorityResult, self.call("claim-priority"))
+
+    def release_priority(self) -> ReleasePriorityResult:
+        """End this connection's priority claim (see ``claim-priority``). Its requests go first
+        still while it holds the pause lease.
+
+        Allowed in states: any. Since protocol 1.4.
+        Errors: the common errors only (handshake-required, invalid-message, unknown-command,
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
+        """
+        return cast(ReleasePriorityResult, self.call("release-priority"))
 
     def quit(self) -> QuitResult:
         """Shut the VMM down: the server answers, stops accepting connections, tells every other

@@ -7,6 +7,7 @@ and a module here with its handler; the server, client, CLI and docs pick it up.
 from __future__ import annotations
 
 from vmipc.commands._lease import MAX_LEASE, PauseLease
+from vmipc.commands._priority import Priority
 from vmipc.commands._registry import (
     CommandContext,
     ConnectionControl,
@@ -27,6 +28,7 @@ __all__ = [
     "Handler",
     "HandlerEntry",
     "PauseLease",
+    "Priority",
     "ServerControl",
     "ServerInfo",
     "handler",

@@ -14,9 +14,10 @@ so it never interleaves with another run-state change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,6 +76,31 @@ class PauseLease:
         self._lock = machine_lock
         self._closing = closing
         self._lease: _Lease | None = None
+        #: the connection whose ``pause`` with a lease is under way
+        self._taking: LeaseHolder | None = None
+        #: called (on the trio thread) whenever :attr:`first` may have changed
+        self.on_change: Callable[[], None] = lambda: None
+
+    @property
+    def first(self) -> LeaseHolder | None:
+        """The connection whose requests go before the others' while the guest is down
+        (see ``vmipc.commands._priority``): the lease's holder, or the connection whose
+        ``pause`` with a lease is under way, or None."""
+        return self._taking if self._lease is None else self._lease.holder
+
+    @contextlib.contextmanager
+    def taking(self, holder: LeaseHolder) -> Iterator[None]:
+        """Around a ``pause`` with a lease: ``holder`` goes first from now on, so that
+        neither the pause nor its answer waits behind other connections' requests (the
+        guest may be down before the answer is sent)."""
+        self._taking = holder
+        self.on_change()
+        try:
+            yield
+        finally:
+            if self._taking is holder:
+                self._taking = None
+                self.on_change()
 
     def status(self) -> dict[str, Any] | None:
         """For query-status: who holds the lease and when it expires, or None."""
@@ -94,6 +120,7 @@ class PauseLease:
         lease = _Lease(holder, duration, trio.CancelScope(deadline=now + duration), now)
         lease.unhook = holder.add_close_hook(lambda: self._holder_closed(lease))
         self._lease = lease
+        self.on_change()
         trio.lowlevel.spawn_system_task(self._watch, lease, name="pause lease")
 
     def _held_by(self, holder: LeaseHolder, command: str) -> _Lease:
@@ -126,6 +153,7 @@ class PauseLease:
         if lease is not None:
             lease.unhook()
             lease.scope.cancel()
+            self.on_change()
 
     def _holder_closed(self, lease: _Lease) -> None:
         if self._lease is lease:
@@ -144,6 +172,7 @@ class PauseLease:
                     return
                 self._lease = None
                 lease.unhook()
+                self.on_change()
                 if self._closing():
                     return
                 held = trio.current_time() - lease.taken_at

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from vmipc.commands._lease import PauseLease
+from vmipc.commands._priority import Priority
 from vmipc.protocol import Schema
 from vmipc.vmm.machine_api import MachineApi
 
@@ -131,6 +132,8 @@ class ConnectionControl(Protocol):
 class ServerControl(Protocol):
     #: the machine's pause lease (one per server)
     pause_lease: PauseLease
+    #: who goes first (one per server)
+    priority: Priority
 
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown once the current request has been answered."""

@@ -1,5 +1,6 @@
-"""Run-state commands: query-status, pause (with an optional lease), resume, quit, and the
-lease's renew-lease and release-lease (see ``_lease``)."""
+"""Run-state commands: query-status, pause (with an optional lease), resume, quit, the
+lease's renew-lease and release-lease (see ``_lease``), and claim-priority and
+release-priority (see ``_priority``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ async def query_status(ctx: CommandContext) -> dict[str, Any]:
         "vcpu_count": machine.vcpu_count,
         "memory_size": machine.memory_size,
         "stop_reason": machine.stop_reason,
+        "lease": ctx.server.pause_lease.status(),
+        "first": ctx.server.priority.status(),
     }
 
 
@@ -26,9 +29,12 @@ async def query_status(ctx: CommandContext) -> dict[str, Any]:
 async def pause(ctx: CommandContext) -> dict[str, Any]:
     lease = ctx.args["lease"]
     duration = None if lease is None else check_duration(lease)
-    # blocks until every vCPU is parked: a worker thread keeps the server responsive
-    await trio.to_thread.run_sync(ctx.machine.pause)
-    if duration is not None:
+    if duration is None:
+        # blocks until every vCPU is parked: a worker thread keeps the server responsive
+        await trio.to_thread.run_sync(ctx.machine.pause)
+        return {}
+    with ctx.server.pause_lease.taking(ctx.connection):
+        await trio.to_thread.run_sync(ctx.machine.pause)
         ctx.server.pause_lease.take(ctx.connection, duration)
     return {}
 
@@ -51,6 +57,17 @@ async def renew_lease(ctx: CommandContext) -> dict[str, Any]:
 async def release_lease(ctx: CommandContext) -> dict[str, Any]:
     ctx.server.pause_lease.release(ctx.connection)
     return {}
+
+
+@handler("claim-priority")
+async def claim_priority(ctx: CommandContext) -> dict[str, Any]:
+    ctx.server.priority.claim(ctx.connection)
+    return {}
+
+
+@handler("release-priority")
+async def release_priority(ctx: CommandContext) -> dict[str, Any]:
+    return {"released": ctx.server.priority.release(ctx.connection)}
 
 
 @handler("quit", exclusive=True)

@@ -39,6 +39,7 @@ async def hello(ctx: CommandContext) -> dict[str, Any]:
             "max_fds_per_request": info.max_fds_per_request,
             "max_in_flight": info.max_in_flight,
         },
+        "connection": ctx.connection.id,
     }
 
 

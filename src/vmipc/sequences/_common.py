@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
@@ -85,6 +85,22 @@ async def resume_if_paused(client: Client) -> str:
 def supports_lease(client: Client) -> bool:
     """Whether the VMM knows pause leases (protocol 1.3)."""
     return "renew-lease" in client.server_info.get("commands", ())
+
+
+@contextlib.asynccontextmanager
+async def going_first(client: Client) -> AsyncIterator[bool]:
+    """Around a sequence: its requests go before other clients' (``claim-priority``, protocol
+    1.4; yields False, and nothing changes, when the VMM does not know it). The claim is
+    released afterwards, best effort (a VMM told to quit, or gone, has no claim to end)."""
+    if "claim-priority" not in client.server_info.get("commands", ()):
+        yield False
+        return
+    await client.claim_priority()
+    try:
+        yield True
+    finally:
+        if not client.is_closed:
+            await best_effort(client.release_priority)
 
 
 async def pause_leased(client: Client, lease: float | None) -> bool:

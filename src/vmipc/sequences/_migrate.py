@@ -50,6 +50,7 @@ from vmipc.sequences._common import (
     SequenceError,
     best_effort,
     describe,
+    going_first,
     pause_leased,
     resume_if_paused,
     state_of,
@@ -334,7 +335,37 @@ async def migrate(
     ``outcome`` says which VM runs). ``lease``: the source is paused with a pause lease of
     that many seconds (renewed during the stop-and-copy, released just before the
     destination resumes); None for a plain pause.
+
+    Throughout, the source's requests go before other clients' (``claim-priority``), so
+    that a VMM busy answering monitors neither slows the pre-copy nor lengthens the
+    downtime.
     """
+    async with going_first(source):
+        return await _migrate(
+            source,
+            dest,
+            max_downtime=max_downtime,
+            max_rounds=max_rounds,
+            timeout=timeout,
+            switch_timeout=switch_timeout,
+            force=force,
+            on_step=on_step,
+            lease=lease,
+        )
+
+
+async def _migrate(
+    source: Client,
+    dest: Destination,
+    *,
+    max_downtime: float,
+    max_rounds: int,
+    timeout: float,
+    switch_timeout: float,
+    force: bool,
+    on_step: StepHook | None,
+    lease: float | None,
+) -> MigrationReport:
     started = time.monotonic()
     rounds: list[Round] = []
     step = "query-status"

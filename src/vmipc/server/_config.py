@@ -48,7 +48,7 @@ class ServerConfig:
     and access settings (e.g. a read-only monitoring socket, see ``READ_ONLY_COMMANDS``).
     """
 
-    max_connections: int = 64
+    max_connections: int = 128
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_fds_per_request: int = DEFAULT_MAX_FDS
     max_in_flight: int = 32
@@ -71,3 +71,7 @@ class ServerConfig:
     allowed_commands: frozenset[str] | None = None
     #: more sockets, each with its own connection class
     extra_sockets: tuple[SocketConfig, ...] = ()
+    #: while a connection goes first (it holds the pause lease, or claim-priority), the
+    #: other connections' requests go one at a time at most this many per second (0: they
+    #: wait until nobody goes first); see ``vmipc.commands._priority``
+    held_request_rate: float = 200.0

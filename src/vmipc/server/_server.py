@@ -33,6 +33,7 @@ from vmipc.commands import (
     FdSet,
     HandlerEntry,
     PauseLease,
+    Priority,
     ServerInfo,
     load_handlers,
 )
@@ -162,6 +163,8 @@ class Server:
         self.machine_lock = trio.Lock()
         #: the machine's pause lease (``pause`` with ``lease``), tied to one connection
         self.pause_lease = PauseLease(machine, self.machine_lock, lambda: self.closing)
+        #: who goes first: the lease's holder and the priority claimants
+        self.priority = Priority(self.pause_lease, config.held_request_rate)
         classes = (config.allowed_commands, *(x.allowed_commands for x in config.extra_sockets))
         for allowed in classes:
             unknown = sorted((allowed or frozenset()) - set(self.schema.commands))
@@ -401,9 +404,10 @@ class _RequestEntry:
 
 
 class _RequestServerControl:
-    def __init__(self, entry: _RequestEntry, pause_lease: PauseLease) -> None:
+    def __init__(self, entry: _RequestEntry, pause_lease: PauseLease, priority: Priority) -> None:
         self._entry = entry
         self.pause_lease = pause_lease
+        self.priority = priority
 
     def request_shutdown(self) -> None:
         self._entry.shutdown_requested = True
@@ -634,6 +638,7 @@ class _Connection:
         error: ErrorInfo | None = None
         try:
             with entry.scope:
+                await self.server.priority.admit(self, spec.name)
                 error = self._check_fds(spec, fds)
                 handler = self.server.handlers.get(spec.name)
                 if error is None and handler is None:
@@ -650,7 +655,9 @@ class _Connection:
                         schema=self.server.schema,
                         server_info=self.server.info,
                         connection=self,
-                        server=_RequestServerControl(entry, self.server.pause_lease),
+                        server=_RequestServerControl(
+                            entry, self.server.pause_lease, self.server.priority
+                        ),
                         _progress=self._progress_sink(rid, spec.name, entry),
                     )
                     if handler.exclusive:
