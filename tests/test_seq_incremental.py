@@ -5,6 +5,8 @@ an uninterrupted run; broken chains and untracked VMMs are refused with one line
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import json
 import os
@@ -20,11 +22,23 @@ import trio
 from tests.seq_support import VmmProcess, check_continuation, vmm_processes
 from tests.seq_support import vmipc as vmipc_process
 from tests.test_seq_snapshot import FailingClient, call_then_fail
+from vmipc import _extents
 from vmipc.cli import main
 from vmipc.client import CommandError, open_client
-from vmipc.formats import Checksum, SectionEntry, SnapshotHeader, SnapshotReader, encode_table
-from vmipc.sequences import SequenceError, checkpoint
-from vmipc.sequences._chain import hash_range
+from vmipc.formats import (
+    Checksum,
+    PageStreamEncoder,
+    SectionEntry,
+    SnapshotHeader,
+    SnapshotReader,
+    encode_table,
+    new_snapshot_id,
+    section_entry,
+    section_offset,
+)
+from vmipc.formats.snapshot import FLAG_INCREMENTAL, SECTION_MEMORY
+from vmipc.sequences import SequenceError, _chain, checkpoint
+from vmipc.sequences._chain import hash_range, increment_descriptor
 
 pytestmark = pytest.mark.kvm
 
@@ -166,6 +180,141 @@ def test_a_chain_restores_and_merges_and_the_guest_continues_exactly(
         assert refused.returncode != 0 and "merge its chain first" in refused.stderr
         again = vmms._start("merged", ["--restore", str(merged)], [])
         again.wait_for_passes(reached + 3)
+        check_continuation(before, pause_and_text(again))
+
+
+def compose_increment(parent: Path, out: Path, runs: list[tuple[int, bytes | int]]) -> None:
+    """An increment of ``parent`` written by hand with the formats codecs: ``parent``'s
+    other sections, and as memory a page stream of ``runs`` -- (gpa, pages) for data,
+    (gpa, npages) for a zero run."""
+    with open(parent, "rb") as f:
+        reader = SnapshotReader.from_file(f)
+        desc = reader.memory().descriptor
+        others = [
+            (e.name, e.version, reader.read_section(e.name))
+            for e in reader.entries
+            if e.name != SECTION_MEMORY
+        ]
+        header = SnapshotHeader(
+            new_snapshot_id(),
+            "tests",
+            flags=FLAG_INCREMENTAL,
+            parent_id=reader.header.snapshot_id,
+            parent_checksum=reader.table_checksum,
+        )
+    encoder = PageStreamEncoder([(r.gpa, r.size) for r in desc.regions], page_size=desc.page_size)
+    stream = [encoder.header()]
+    for gpa, run in runs:
+        if isinstance(run, int):
+            stream.append(encoder.zero(gpa, run))
+        else:
+            stream.append(encoder.data(gpa, len(run) // desc.page_size))
+            encoder.payload(run)
+            stream.append(run)
+    stream += [encoder.end_round(), encoder.end_stream()]
+    memory = increment_descriptor(desc) + b"".join(stream)
+    with open(out, "wb") as f:
+        entries, end = [], 0
+        for name, version, data in [*others, (SECTION_MEMORY, 1, memory)]:
+            offset = section_offset(end)
+            f.seek(offset)
+            f.write(data)
+            entries.append(section_entry(name, version, offset, data))
+            end = offset + len(data)
+        table = encode_table(entries, header.snapshot_id, end)
+        f.seek(0)
+        f.write(header.encode())
+        f.seek(table.offset)
+        f.write(table.data)
+
+
+def image_of(path: Path) -> tuple[int, bytes]:
+    """A full snapshot's memory: its checksum and its bytes (descriptor and image)."""
+    with open(path, "rb") as f:
+        entry = SnapshotReader.from_file(f).memory().entry
+        f.seek(entry.offset)
+        return entry.checksum, f.read(entry.length)
+
+
+MIB = 1 << 20
+
+
+def test_merging_turns_zeroed_pages_into_holes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages an increment zeroes (ZERO records) are punched holes in the merged file, not
+    written zeros: the same bytes and checksums, less disk. A chain of a real suspended
+    guest whose base holds 16 MiB of data it never uses, then two increments composed by
+    hand: the first zeroes 12 MiB of it and writes 1 MiB of new data, the second writes
+    1 MiB of data inside the zeroed range."""
+    vmipc = Cli(capsys)
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    base, inc1, inc2 = (chain / n for n in ("base.snap", "1.snap", "2.snap"))
+    with vmm_processes() as vmms:
+        first = vmms.guest("first")
+        first.wait_for_passes(1)
+        assert vmipc("suspend", "--socket", first.socket, str(base)).returncode == 0
+        before = first.text()
+        reached = max(first.passes().values())
+        filler = add_filler(base)
+        fresh = random.Random(8).randbytes(2 * MIB)
+        compose_increment(
+            base,
+            inc1,
+            [(FILLER_AT + MIB, 12 * MIB // 4096), (FILLER_AT + 14 * MIB, fresh[:MIB])],
+        )
+        compose_increment(inc1, inc2, [(FILLER_AT + 5 * MIB, fresh[MIB:])])
+        expected = (
+            filler[:MIB] + bytes(4 * MIB) + fresh[MIB:] + bytes(7 * MIB)
+            + filler[13 * MIB : 14 * MIB] + fresh[:MIB] + filler[15 * MIB :]
+        )  # fmt: skip
+        holes = [(1 * MIB, 5 * MIB), (6 * MIB, 13 * MIB)]
+        hole_size = sum(end - start for start, end in holes)
+
+        merged = tmp_path / "merged.snap"
+        done = vmipc.json(
+            "snapshot", "merge", str(inc2), "--chain-dir", str(chain), "-o", str(merged)
+        )
+        assert done["zero_pages"] == 12 * MIB // 4096 and done["data_pages"] == 2 * MIB // 4096
+        assert vmipc("snapshot", "verify", str(merged)).returncode == 0
+        fd = os.open(merged, os.O_RDONLY)
+        try:
+            memory = reader_of(fd).memory()
+            at = memory.file_offset(FILLER_AT, FILLER_SIZE)
+            assert os.pread(fd, FILLER_SIZE, at) == expected
+            # SEEK_DATA/SEEK_HOLE: the zeroed pages are holes, the data around them is not
+            assert list(_extents.data_extents(fd, at, FILLER_SIZE)) == [
+                (at, 1 * MIB),
+                (at + 5 * MIB, 1 * MIB),
+                (at + 13 * MIB, 3 * MIB),
+            ]
+        finally:
+            os.close(fd)
+        # on disk, the merged file is the base less the holes (give or take a few blocks)
+        saved = allocated(base) - allocated(merged)
+        assert hole_size - 256 * 1024 <= saved <= hole_size + 256 * 1024, (saved, hole_size)
+        assert allocated(merged) < merged.stat().st_size - hole_size
+
+        # where the filesystem cannot punch holes, zeros are written: the same contents
+        def cannot_punch(fd: int, mode: int, offset: int, length: int) -> int:
+            ctypes.set_errno(errno.EOPNOTSUPP)
+            return -1
+
+        monkeypatch.setattr(_chain, "_fallocate", cannot_punch)
+        written = tmp_path / "written.snap"
+        done = vmipc.json(
+            "snapshot", "merge", str(inc2), "--chain-dir", str(chain), "-o", str(written)
+        )
+        monkeypatch.undo()
+        assert vmipc("snapshot", "verify", str(written)).returncode == 0
+        assert image_of(written) == image_of(merged)
+        more = allocated(written) - allocated(merged)
+        assert hole_size - 256 * 1024 <= more <= hole_size + 256 * 1024, (more, hole_size)
+
+        # the merged snapshot restores the guest exactly where it was suspended
+        again = vmms._start("merged", ["--restore", str(merged)], [])
+        again.wait_for_passes(reached + 2)
         check_continuation(before, pause_and_text(again))
 
 

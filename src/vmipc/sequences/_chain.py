@@ -12,12 +12,14 @@ VMM.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import functools
 import itertools
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from vmipc._extents import data_extents
@@ -54,6 +56,22 @@ CHUNK = 4 << 20
 #: longest chain followed (a guard against a loop of files naming each other)
 MAX_CHAIN = 10_000
 _ZEROS = bytes(1 << 20)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+#: errors of fallocate(PUNCH_HOLE) that mean "this filesystem (or kernel) cannot": the
+#: caller writes zeros instead
+_CANNOT_PUNCH = frozenset({errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    function = libc.fallocate
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _libc_fallocate()
 
 
 class ChainError(Exception):
@@ -250,6 +268,23 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Make ``fd[offset:offset+length]`` a hole (it reads as zeros and holds no blocks),
+    keeping the file's size. False when the filesystem cannot punch holes (EOPNOTSUPP);
+    other failures raise OSError."""
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _CANNOT_PUNCH:
+        return False
+    raise OSError(code, f"fallocate(PUNCH_HOLE) at {offset:#x}+{length:#x}: {os.strerror(code)}")
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
+    for piece in range(offset, offset + length, len(_ZEROS)):
+        _pwrite_all(fd, _ZEROS[: min(len(_ZEROS), offset + length - piece)], piece)
+
+
 def hash_range(fd: int, start: int, length: int, digest: Checksum) -> None:
     """Feed ``fd[start:start+length]`` to ``digest``, holes as zeros, without reading them."""
     position = start
@@ -344,8 +379,10 @@ def _image_offset(regions: Sequence[MemoryRegion], gpa: int, length: int) -> int
 def merge_chain(chain: Sequence[ChainLink], out: str, *, producer: str, temp: str) -> MergeReport:
     """Write one full snapshot at ``out`` holding the memory of the whole ``chain`` (the base
     image with every increment's pages applied in order) and the newest link's other
-    sections. Written at ``temp`` (same directory), fsynced, verified, then renamed: ``out``
-    is never a part of a file. Raises ChainError (bad links) or OSError."""
+    sections. The image keeps the base's holes, and pages an increment zeroes become holes
+    too (punched; written as zeros where the filesystem cannot punch). Written at ``temp``
+    (same directory), fsynced, verified, then renamed: ``out`` is never a part of a file.
+    Raises ChainError (bad links) or OSError."""
     base, newest = chain[0], chain[-1]
     if base.incremental:
         raise ChainError(f"{base.path}: the chain does not start with a full snapshot")
@@ -398,8 +435,9 @@ def merge_chain(chain: Sequence[ChainLink], out: str, *, producer: str, temp: st
         if os.fstat(out_fd).st_size < data_offset + image_size:
             os.ftruncate(out_fd, data_offset + image_size)
 
-        # every increment's pages, in order (a later page wins)
+        # every increment's pages, in order (a later page wins); zero runs become holes
         data_pages = zero_pages = 0
+        can_punch = True
         for link in chain[1:]:
             runs = _decode_stream(
                 fds[link.path], link.memory.data_offset, link.memory.data_size, desc, link.path
@@ -412,8 +450,9 @@ def merge_chain(chain: Sequence[ChainLink], out: str, *, producer: str, temp: st
                 else:
                     length = run.npages * desc.page_size
                     at = data_offset + _image_offset(desc.regions, run.gpa, length)
-                    for piece in range(at, at + length, len(_ZEROS)):
-                        _pwrite_all(out_fd, _ZEROS[: min(len(_ZEROS), at + length - piece)], piece)
+                    can_punch = can_punch and punch_hole(out_fd, at, length)
+                    if not can_punch:
+                        _write_zeros(out_fd, at, length)
                     zero_pages += run.npages
 
         digest = Checksum()
@@ -466,6 +505,7 @@ __all__ = [
     "increment_descriptor",
     "increment_entry",
     "merge_chain",
+    "punch_hole",
     "read_link",
     "resolve_chain",
     "verify_links",
