@@ -315,6 +315,43 @@ def test_dirty_tracking_reports_every_page_the_guest_wrote(tmp_path: Path) -> No
             client.dirty_log_stop()
 
 
+def test_the_dirty_log_epoch_changes_with_every_take_and_guards_dump_dirty(
+    tmp_path: Path,
+) -> None:
+    """dump-dirty with ``epoch`` takes the pages only in that epoch: another epoch means
+    somebody took them (or logging restarted) since, and then nothing is taken."""
+    with vmms() as make:
+        vmm = make(rate="16384")
+        vmm.console.wait_for_passes(2, 1)
+        with vmm.client() as client:
+            first = client.dirty_log_start()["epoch"]
+            assert client.dirty_log_start()["epoch"] == first  # idempotent: same epoch
+            vmm.console.wait_for_passes(2, max(vmm.console.passes().values()) + 1)
+            client.pause()
+            pending = client.query_dirty()
+            assert pending["epoch"] == first and pending["dirty_pages"] > 0
+            with fd_pair("file", tmp_path) as (fd, received):
+                with pytest.raises(CommandError) as moved:
+                    client.dump_dirty(out=fd, epoch="0123456789abcdef")
+                assert moved.value.code == "dirty-log-moved"
+                assert moved.value.details == {"expected": "0123456789abcdef", "epoch": first}
+                assert received() == b""  # nothing written...
+            assert client.query_dirty() == pending  # ...and nothing taken
+            with fd_pair("pipe", tmp_path) as (fd, received):
+                result = client.dump_dirty(out=fd, epoch=first)
+                assert len(decode_stream(received())) == pending["dirty_pages"]
+            second = result["epoch"]
+            assert second != first
+            assert client.query_dirty() == {"dirty_pages": 0, "dirty_bytes": 0, "epoch": second}
+            with fd_pair("pipe", tmp_path) as (fd, _), pytest.raises(CommandError) as moved:
+                client.dump_dirty(out=fd, epoch=first)  # the old epoch is gone
+            assert moved.value.code == "dirty-log-moved"
+            client.dirty_log_stop()
+            third = client.dirty_log_start()["epoch"]
+            assert third not in (first, second)
+            client.dirty_log_stop()
+
+
 # --- a stuck reader, errors ------------------------------------------------------------
 
 

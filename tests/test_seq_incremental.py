@@ -425,3 +425,68 @@ def test_untracked_vmms_and_broken_chains_are_refused(
         restored = vmipc("restore", "--socket", dst.socket, str(inc), "--parent", str(full))
         assert restored.returncode == 0, restored.stderr
         assert dst.state() == "running"
+
+
+def test_stale_parents_and_pages_taken_elsewhere_are_refused_and_the_chain_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dirty log's epoch (protocol 1.5) makes what a chain relies on checked: an
+    increment whose parent is not the newest snapshot of the VMM's dirty log would miss
+    pages, so it is refused before anything happens, and the chain goes on from its real
+    newest snapshot."""
+    vmipc = Cli(capsys)
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    plain, full, inc1, inc2, inc3, full2, inc4, bad = (
+        chain / f"{n}.snap" for n in ("plain", "full", "1", "2", "3", "full2", "4", "bad")
+    )
+
+    def increment(parent: Path, child: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return vmipc(
+            "checkpoint", "--socket", src.socket, "--incremental", "--parent", str(parent),
+            str(child), *extra,
+        )  # fmt: skip
+
+    def refused(parent: Path, expected: str) -> None:
+        assert expected in one_line_error(increment(parent, bad))
+        assert not bad.exists() and src.state() == "running"
+
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        src.wait_for_passes(1)
+        # taken while dirty logging was off: it records no epoch, so once logging runs an
+        # increment from it is refused (the pages written in between are unknown)
+        assert vmipc("checkpoint", "--socket", src.socket, str(plain)).returncode == 0
+        with src.client() as client:
+            started = client.dirty_log_start()["epoch"]
+            assert client.query_dirty()["epoch"] == started
+        refused(plain, "records no dirty-log epoch")
+
+        assert vmipc("checkpoint", "--socket", src.socket, "--track", str(full)).returncode == 0
+        assert increment(full, inc1).returncode == 0
+        assert increment(inc1, inc2).returncode == 0
+        # an older snapshot of the chain: refused, dirty logging untouched
+        refused(full, "not the newest snapshot")
+        refused(inc1, "not the newest snapshot")
+        assert increment(inc2, inc3).returncode == 0
+
+        # another client takes the dirty pages: the chain's next increment would miss them
+        with src.client() as client, open(tmp_path / "elsewhere.stream", "wb") as sink:
+            client.dump_dirty(out=sink.fileno())
+        refused(inc3, "not the newest snapshot")
+
+        # a full checkpoint without --track while logging runs records the epoch it was
+        # taken in, so an increment may follow it; it restores exactly
+        assert vmipc("checkpoint", "--socket", src.socket, str(full2)).returncode == 0
+        src.wait_for_passes(max(src.passes().values()) + 2)
+        done = increment(full2, inc4, "--leave-paused")
+        assert done.returncode == 0, done.stderr
+        before = src.text()
+        reached = max(src.passes().values())
+        src.stop()
+        dst = vmms.incoming(memory=None)
+        restored = vmipc("restore", "--socket", dst.socket, str(inc4), "--parent", str(full2))
+        assert restored.returncode == 0, restored.stderr
+        assert "2 file(s)" in restored.stdout
+        dst.wait_for_passes(reached + 2)
+        check_continuation(before, pause_and_text(dst))

@@ -1,4 +1,4 @@
-"""Typed command methods and result types, generated from the schema (version 1.4).
+"""Typed command methods and result types, generated from the schema (version 1.5).
 
 Do not edit: run ``python -m vmipc.client.gencode``.
 """
@@ -10,7 +10,7 @@ from typing import Any, Literal, TypedDict, cast
 
 from vmipc.client._common import FdLike, ProgressCallback
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 
 
 class HelloResultServer(TypedDict):
@@ -197,6 +197,12 @@ class DumpStateResult(TypedDict):
 class DirtyLogStartResult(TypedDict):
     """The result of ``dirty-log-start``."""
 
+    epoch: str
+    """The dirty log's epoch: it names the moment the dirty pages count from, and changes whenever
+    they start counting afresh (`dirty-log-start` after logging was off, every `dump-dirty`). The
+    next `dump-dirty` sends the pages written since this epoch began.
+    """
+
 
 class DirtyLogStopResult(TypedDict):
     """The result of ``dirty-log-stop``."""
@@ -209,6 +215,8 @@ class QueryDirtyResult(TypedDict):
     """Pages dirty now."""
     dirty_bytes: int
     """The same in bytes."""
+    epoch: str
+    """The epoch these pages were counted in (see `dirty-log-start`)."""
 
 
 class DumpDirtyResult(TypedDict):
@@ -224,6 +232,8 @@ class DumpDirtyResult(TypedDict):
     """Whether the guest was paused, so the image is one consistent moment (a running guest's dump
     is the first pass of a pre-copy migration).
     """
+    epoch: str
+    """The new epoch, which the next `dump-dirty` counts from."""
 
 
 class LoadMemoryResult(TypedDict):
@@ -547,19 +557,29 @@ class AsyncCommands:
     async def dump_dirty(
         self,
         *,
+        epoch: str | None = None,
         out: FdLike,
         on_progress: ProgressCallback | None = None,
     ) -> DumpDirtyResult:
         """Write the pages written since the previous ``dump-dirty`` (or since ``dirty-log-start``)
         to the ``out`` fd as one page stream, and start a new round of tracking. While running,
-        pages written during the dump are reported by the next call.
+        pages written during the dump are reported by the next call. With ``epoch`` (since 1.5)
+        it takes the pages only if the dirty log is still in that epoch, so a client chaining
+        dumps (incremental checkpoints) knows that nobody else took dirty pages since its last
+        one.
 
         Allowed in states: paused, running. Since protocol 1.1.
-        Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, and the common
-        errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
-        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
+        Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, dirty-log-moved,
+        and the common errors (handshake-required, invalid-message, unknown-command,
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
-        result = await self.call("dump-dirty", fds={"out": out}, on_progress=on_progress)
+        result = await self.call(
+            "dump-dirty",
+            epoch=epoch,
+            fds={"out": out},
+            on_progress=on_progress,
+        )
         return cast(DumpDirtyResult, result)
 
     async def load_memory(
@@ -881,19 +901,24 @@ class SyncCommands:
     def dump_dirty(
         self,
         *,
+        epoch: str | None = None,
         out: FdLike,
         on_progress: ProgressCallback | None = None,
     ) -> DumpDirtyResult:
         """Write the pages written since the previous ``dump-dirty`` (or since ``dirty-log-start``)
         to the ``out`` fd as one page stream, and start a new round of tracking. While running,
-        pages written during the dump are reported by the next call.
+        pages written during the dump are reported by the next call. With ``epoch`` (since 1.5)
+        it takes the pages only if the dirty log is still in that epoch, so a client chaining
+        dumps (incremental checkpoints) knows that nobody else took dirty pages since its last
+        one.
 
         Allowed in states: paused, running. Since protocol 1.1.
-        Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, and the common
-        errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
-        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
+        Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, dirty-log-moved,
+        and the common errors (handshake-required, invalid-message, unknown-command,
+        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
+        not-permitted).
         """
-        result = self.call("dump-dirty", fds={"out": out}, on_progress=on_progress)
+        result = self.call("dump-dirty", epoch=epoch, fds={"out": out}, on_progress=on_progress)
         return cast(DumpDirtyResult, result)
 
     def load_memory(

@@ -24,9 +24,9 @@ from vmipc.commands._bulk import (
 )
 from vmipc.commands._registry import CommandContext, handler
 from vmipc.formats import bitmap_to_runs
-from vmipc.protocol import CommandError
+from vmipc.protocol import CommandError, ErrorCode
 from vmipc.vmm.host import MachineHost
-from vmipc.vmm.machine import Machine, MachineState
+from vmipc.vmm.machine import DirtyLogMoved, DirtyLogOff, Machine, MachineState
 from vmipc.vmm.machine_api import InvalidStateError
 from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
 from vmipc.vmm.runstate import RunState
@@ -232,8 +232,7 @@ async def load_state(ctx: CommandContext) -> dict[str, Any]:
 @handler("dirty-log-start", exclusive=True)
 async def dirty_log_start(ctx: CommandContext) -> dict[str, Any]:
     machine = _machine(ctx)
-    await trio.to_thread.run_sync(machine.dirty_log_start)
-    return {}
+    return {"epoch": await trio.to_thread.run_sync(machine.dirty_log_start)}
 
 
 @handler("dirty-log-stop", exclusive=True)
@@ -243,27 +242,41 @@ async def dirty_log_stop(ctx: CommandContext) -> dict[str, Any]:
     return {}
 
 
-def _require_logging(ctx: CommandContext, machine: Machine) -> None:
-    if not machine.dirty_logging:
-        raise CommandError(
-            "dirty-log-off", f"{ctx.command}: dirty logging is off (send dirty-log-start)"
-        )
+def _dirty_log_off(ctx: CommandContext) -> CommandError:
+    return CommandError(
+        ErrorCode.DIRTY_LOG_OFF, f"{ctx.command}: dirty logging is off (send dirty-log-start)"
+    )
 
 
 @handler("query-dirty")
 async def query_dirty(ctx: CommandContext) -> dict[str, Any]:
     machine = _machine(ctx)
-    _require_logging(ctx, machine)
-    pages = await trio.to_thread.run_sync(machine.query_dirty)
-    return {"dirty_pages": pages, "dirty_bytes": pages * PAGE_SIZE}
+    try:
+        count = await trio.to_thread.run_sync(machine.query_dirty)
+    except DirtyLogOff:
+        raise _dirty_log_off(ctx) from None
+    return {
+        "dirty_pages": count.pages,
+        "dirty_bytes": count.pages * PAGE_SIZE,
+        "epoch": count.epoch,
+    }
 
 
 @handler("dump-dirty")
 async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
     machine = _machine(ctx)
-    _require_logging(ctx, machine)
     consistent = machine.state is not RunState.RUNNING
-    bitmaps = await trio.to_thread.run_sync(machine.take_dirty)
+    expected = ctx.args["epoch"]
+    try:
+        bitmaps, epoch = await trio.to_thread.run_sync(machine.take_dirty, expected)
+    except DirtyLogOff:
+        raise _dirty_log_off(ctx) from None
+    except DirtyLogMoved as exc:
+        raise CommandError(
+            ErrorCode.DIRTY_LOG_MOVED,
+            f"dump-dirty: {exc}; nothing was taken",
+            {"expected": exc.expected, "epoch": exc.current},
+        ) from None
     assert machine.memory is not None
     runs = [
         bitmap_to_runs(bitmap, region.size // PAGE_SIZE)
@@ -275,4 +288,4 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
         None,
         lambda t: send_page_stream(machine, ctx.fds["out"], t, consistent=consistent, runs=runs),
     )
-    return _with_stats(stats, consistent=consistent)
+    return {**_with_stats(stats, consistent=consistent), "epoch": epoch}

@@ -49,6 +49,7 @@ from vmipc.formats.errors import (
 )
 
 __all__ = [
+    "DIRTY_LOG_SECTION_VERSION",
     "ENTRY_SIZE",
     "FLAG_INCREMENTAL",
     "HEADER_SIZE",
@@ -64,6 +65,7 @@ __all__ = [
     "SECTION_ALIGN",
     "SECTION_CONFIG",
     "SECTION_DEVICES",
+    "SECTION_DIRTY_LOG",
     "SECTION_MEMORY",
     "SECTION_VCPUS",
     "TABLE_ALIGN",
@@ -112,6 +114,10 @@ SECTION_DEVICES: Final = "devices"
 SECTION_MEMORY: Final = "memory"
 #: the sections a restore needs
 REQUIRED_SECTIONS: Final = (SECTION_CONFIG, SECTION_VCPUS, SECTION_DEVICES, SECTION_MEMORY)
+#: optional: the VMM's dirty-log epoch at the snapshot's moment (ASCII), which an
+#: incremental child checks so that it cannot miss pages (see protocol/snapshot-file.md)
+SECTION_DIRTY_LOG: Final = "dirty-log"
+DIRTY_LOG_SECTION_VERSION: Final = 1
 
 MEMORY_SECTION_VERSION: Final = 1
 MEMORY_DESCRIPTOR_SIZE: Final = 4096

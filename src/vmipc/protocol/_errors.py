@@ -47,6 +47,8 @@ class ErrorCode(enum.StrEnum):
     NOT_PERMITTED = "not-permitted"
     # pause leases (1.3)
     NO_LEASE = "no-lease"
+    # dirty-log epochs (1.5)
+    DIRTY_LOG_MOVED = "dirty-log-moved"
     # connection scope: sent with a null id, then the server closes the connection
     FRAME_TOO_LARGE = "frame-too-large"
     HANDSHAKE_TIMEOUT = "handshake-timeout"

@@ -14,13 +14,14 @@ write)::
     quit                              (suspend only, after the rename is durable)
 
 An incremental checkpoint (``parent=``) differs in three lines: ``query-dirty`` first
-(dirty logging must be running since the parent was taken, else it is refused before
+(dirty logging must be running, in the epoch the parent records, else it is refused before
 anything happens), the header carries ``FLAG_INCREMENTAL`` and the parent's id and table
 checksum, and instead of ``dump-memory`` the client writes a memory descriptor (encoding
-page stream) and ``dump-dirty`` writes the pages written since the parent right after it,
-at the fd's position; the client reads the section back for its checksum. A full
+page stream) and ``dump-dirty epoch=...`` writes the pages written since the parent right
+after it, at the fd's position; the client reads the section back for its checksum. A full
 checkpoint with ``track_dirty`` sends ``dirty-log-start`` before resuming, so that the next
-incremental one covers exactly the pages written since.
+incremental one covers exactly the pages written since. Every snapshot taken while dirty
+logging runs records the dirty log's epoch in a ``dirty-log`` section.
 
 The exact guarantee of every step is in docs/sequences.md.
 """
@@ -48,7 +49,14 @@ from vmipc.formats import (
     new_snapshot_id,
     section_offset,
 )
-from vmipc.formats.snapshot import FLAG_INCREMENTAL, MEMORY_DESCRIPTOR_SIZE
+from vmipc.formats.errors import FormatError
+from vmipc.formats.snapshot import (
+    DIRTY_LOG_SECTION_VERSION,
+    FLAG_INCREMENTAL,
+    MEMORY_DESCRIPTOR_SIZE,
+    SECTION_DIRTY_LOG,
+    section_entry,
+)
 from vmipc.sequences._chain import (
     ChainError,
     ChainLink,
@@ -96,6 +104,9 @@ class SnapshotReport:
     tracking: bool = False
     #: pages stored as data in the memory section of an incremental snapshot
     incremental_pages: int | None = None
+    #: the dirty-log epoch the snapshot records (its ``dirty-log`` section): an
+    #: incremental checkpoint may follow it while the VMM is still in this epoch
+    dirty_epoch: str | None = None
 
 
 def temp_path_for(path: str) -> str:
@@ -131,9 +142,48 @@ DIRTY_LOG_OFF_HINT = (
 )
 
 
-async def _check_tracking(client: Client, parent: ChainLink, memory_size: int) -> None:
-    """An incremental checkpoint needs dirty logging running (since ``parent``) on a VM
-    with the parent's RAM; raise SequenceError (nothing done) otherwise."""
+STALE_PARENT_HINT = (
+    "take the increment from the newest snapshot of the chain, or a full checkpoint with "
+    "--track (track_dirty=True) to start a new chain"
+)
+
+
+def read_dirty_epoch(path: str) -> str | None:
+    """The dirty-log epoch a snapshot file records (its ``dirty-log`` section, checksum
+    checked), or None when it has none (taken while dirty logging was off, or by a vmipc
+    older than protocol 1.5). Raises ChainError when the section is damaged or unknown."""
+    try:
+        with open(path, "rb") as file:
+            reader = SnapshotReader.from_file(file)
+            if SECTION_DIRTY_LOG not in reader.names:
+                return None
+            version = reader.entry(SECTION_DIRTY_LOG).version
+            if version != DIRTY_LOG_SECTION_VERSION:
+                raise ChainError(
+                    f"{path}: section '{SECTION_DIRTY_LOG}': version {version} is not supported"
+                )
+            return reader.read_section(SECTION_DIRTY_LOG).decode("ascii")
+    except (OSError, FormatError, UnicodeDecodeError) as exc:
+        raise ChainError(f"{path}: {exc}") from None
+
+
+async def dirty_epoch(client: Client) -> str | None:
+    """The VMM's dirty-log epoch now, or None when dirty logging is off (or the VMM is
+    older than protocol 1.5 and has no epochs)."""
+    try:
+        return (await client.query_dirty()).get("epoch")
+    except CommandError as exc:
+        if exc.code != "dirty-log-off":
+            raise
+        return None
+
+
+async def _check_tracking(client: Client, parent: ChainLink, memory_size: int) -> str | None:
+    """An incremental checkpoint needs dirty logging running on a VM with the parent's
+    RAM, in the epoch the parent recorded (nobody took dirty pages since the parent was
+    taken); raise SequenceError (nothing done) otherwise. Returns the epoch the increment's
+    ``dump-dirty`` must find, None for a VMM without epochs (before protocol 1.5: then
+    what the chain relies on cannot be checked)."""
     if parent.memory_size != memory_size:
         raise SequenceError(
             "parent",
@@ -142,7 +192,11 @@ async def _check_tracking(client: Client, parent: ChainLink, memory_size: int) -
             "nothing was done",
         )
     try:
-        await client.query_dirty()
+        recorded = await trio.to_thread.run_sync(read_dirty_epoch, parent.path)
+    except ChainError as exc:
+        raise SequenceError("parent", exc, "nothing was done") from exc
+    try:
+        query = await client.query_dirty()
     except CommandError as exc:
         if exc.code != "dirty-log-off":
             raise SequenceError("query-dirty", exc, "nothing was done") from exc
@@ -151,22 +205,58 @@ async def _check_tracking(client: Client, parent: ChainLink, memory_size: int) -
             "dirty logging is off on this VMM, so the pages written since the parent are unknown",
             f"nothing was done; {DIRTY_LOG_OFF_HINT}",
         ) from exc
+    current = query.get("epoch")
+    if current is None:
+        return None
+    if recorded is None:
+        raise SequenceError(
+            "parent",
+            f"{parent.path} records no dirty-log epoch (it was taken while dirty logging "
+            "was off, or by an older vmipc), so the pages written since it cannot be told",
+            f"nothing was done; {STALE_PARENT_HINT}",
+        )
+    if recorded != current:
+        raise SequenceError(
+            "parent",
+            f"{parent.path} is not the newest snapshot of this VMM's dirty log: dirty pages "
+            "were taken since it (a later increment, a migration's rounds, another client's "
+            "dump-dirty) or dirty logging restarted, so an increment from it would miss pages",
+            f"nothing was done; dirty logging runs on; {STALE_PARENT_HINT}",
+        )
+    return recorded
 
 
-async def _dump_increment(client: Client, fd: int, parent: ChainLink) -> tuple[SectionEntry, int]:
+async def _dump_increment(
+    client: Client, fd: int, parent: ChainLink, epoch: str | None
+) -> tuple[SectionEntry, int, str | None]:
     """The memory section of an increment: the client writes the descriptor, dump-dirty
-    writes its page stream at the fd's position right after it, the client reads it back
-    for the checksum. Returns the entry and the number of data pages."""
+    (only in the dirty-log ``epoch``, when known) writes its page stream at the fd's
+    position right after it, the client reads it back for the checksum. Returns the
+    entry, the number of data pages and the new epoch."""
     offset = section_offset(os.fstat(fd).st_size)
     os.pwrite(fd, increment_descriptor(parent.memory.descriptor), offset)
     os.lseek(fd, offset + MEMORY_DESCRIPTOR_SIZE, os.SEEK_SET)
-    result = await client.dump_dirty(out=fd)
+    if epoch is None:
+        result = await client.dump_dirty(out=fd)
+    else:
+        result = await client.dump_dirty(out=fd, epoch=epoch)
     written = os.fstat(fd).st_size - offset - MEMORY_DESCRIPTOR_SIZE
     if written != result["bytes"]:
         raise RuntimeError(
             f"dump-dirty reported {result['bytes']} bytes but the file grew by {written}"
         )
-    return await trio.to_thread.run_sync(increment_entry, fd, offset, parent.memory.descriptor)
+    entry, pages = await trio.to_thread.run_sync(
+        increment_entry, fd, offset, parent.memory.descriptor
+    )
+    return entry, pages, result.get("epoch")
+
+
+def _append_dirty_epoch(fd: int, epoch: str) -> SectionEntry:
+    """The ``dirty-log`` section, after the others."""
+    data = epoch.encode("ascii")
+    offset = section_offset(os.fstat(fd).st_size)
+    os.pwrite(fd, data, offset)
+    return section_entry(SECTION_DIRTY_LOG, DIRTY_LOG_SECTION_VERSION, offset, data)
 
 
 async def _prove_lease(client: Client, *, release: bool) -> None:
@@ -230,12 +320,22 @@ async def checkpoint(
     if status["state"] not in ("running", "paused"):
         raise SequenceError("query-status", f"the VM is {status['state']}", "nothing was done")
     base: ChainLink | None = None
+    #: the dirty-log epoch: the one the increment's dump-dirty must find; for a full
+    #: checkpoint, the one it records when dirty logging runs (asked before the pause:
+    #: should it change before the snapshot's moment, an increment from this one is
+    #: refused, never wrong)
+    epoch: str | None = None
     if parent is not None:
         try:
             base = await trio.to_thread.run_sync(read_link, parent)
         except ChainError as exc:
             raise SequenceError("parent", exc, "nothing was done") from exc
-        await _check_tracking(client, base, int(status["memory_size"]))
+        epoch = await _check_tracking(client, base, int(status["memory_size"]))
+    elif not track_dirty:
+        try:
+            epoch = await dirty_epoch(client)
+        except Exception as exc:
+            raise SequenceError("query-dirty", exc, "nothing was done") from exc
     track = then != "quit" and (track_dirty or base is not None)
     we_paused = status["state"] == "running"
     paused_at = time.monotonic()
@@ -260,10 +360,11 @@ async def checkpoint(
     pages: int | None = None
 
     async def dumps(fd: int) -> tuple[list[SectionEntry], int | None]:
-        nonlocal step, tracking_touched
+        nonlocal step, tracking_touched, epoch
         step = "dump-state"
         state = await client.dump_state(format="snapshot", out=fd)
         entries = [SectionEntry.from_dict(e) for e in state["sections"]]
+        pages = None
         if base is None:
             step = "dump-memory"
             memory = await client.dump_memory(format="snapshot", out=fd)
@@ -274,12 +375,21 @@ async def checkpoint(
                 step = "dirty-log-start"
                 tracking_touched = True
                 await client.dirty_log_stop()
-                await client.dirty_log_start()
-            return entries, None
-        step = "dump-dirty"
-        tracking_touched = True
-        entry, pages = await _dump_increment(client, fd, base)
-        return [*entries, entry], pages
+                epoch = (await client.dirty_log_start()).get("epoch")
+        else:
+            step = "dump-dirty"
+            tracking_touched = True
+            try:
+                entry, pages, epoch = await _dump_increment(client, fd, base, epoch)
+            except CommandError as exc:
+                if exc.code == "dirty-log-moved":
+                    # nothing was taken: the dirty log is as it was, for the real newest
+                    tracking_touched = False
+                raise
+            entries.append(entry)
+        if epoch is not None:
+            entries.append(_append_dirty_epoch(fd, epoch))
+        return entries, pages
 
     async def publish(fd: int) -> int:
         nonlocal step
@@ -380,6 +490,7 @@ async def checkpoint(
         parent_id=None if base is None else base.snapshot_id,
         tracking=track,
         incremental_pages=pages,
+        dirty_epoch=epoch,
     )
 
 

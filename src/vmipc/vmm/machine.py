@@ -13,12 +13,13 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
 from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, KvmClockData
@@ -65,6 +66,33 @@ POST_CODE_PORT = 0x80
 _TSS_ADDR = 0xFFFBD000
 _IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_VCPUS = 64
+
+
+class DirtyLogOff(Exception):
+    """A dirty-page query or take while dirty logging is off."""
+
+
+class DirtyLogMoved(Exception):
+    """A take that expected one dirty-log epoch found another: somebody took the dirty
+    pages (or restarted the log) since the caller's last take."""
+
+    def __init__(self, expected: str, current: str) -> None:
+        super().__init__(
+            f"the dirty log's epoch is {current}, not {expected}: dirty pages were taken, "
+            "or dirty logging restarted, since"
+        )
+        self.expected = expected
+        self.current = current
+
+
+class DirtyCount(NamedTuple):
+    pages: int
+    #: the epoch the count belongs to (see Machine.take_dirty)
+    epoch: str
+
+
+def _new_epoch() -> str:
+    return secrets.token_hex(8)
 
 
 @dataclass(frozen=True)
@@ -225,6 +253,8 @@ class Machine:
         self.power_off_code: int | None = None
         self._dirty_logging = False
         self._dirty_pending: list[int] = []
+        #: names the moment the dirty pages count from (None while logging is off)
+        self._dirty_epoch: str | None = None
         self._paused_clock: int | None = None
 
         self.kvm = kvm if kvm is not None else Kvm(kvm_path)
@@ -471,16 +501,21 @@ class Machine:
     def dirty_logging(self) -> bool:
         return self._dirty_logging
 
-    def dirty_log_start(self) -> None:
-        """Start counting written pages; the first fetch reports pages written since now."""
+    def dirty_log_start(self) -> str:
+        """Start counting written pages; the first fetch reports pages written since now.
+        Returns the dirty log's epoch (see :meth:`take_dirty`); when logging runs already,
+        nothing changes and the current epoch is returned."""
         with self._cond:
             if self._dirty_logging:
-                return
+                assert self._dirty_epoch is not None
+                return self._dirty_epoch
             self._register_memory(KVM_MEM_LOG_DIRTY_PAGES)
             self._dirty_logging = True
             self._dirty_pending = []
+            self._dirty_epoch = _new_epoch()
             assert self.memory is not None
             self.memory.track_writes(True)
+            return self._dirty_epoch
 
     def dirty_log_stop(self) -> None:
         with self._cond:
@@ -488,27 +523,45 @@ class Machine:
                 return
             self._register_memory(0)
             self._dirty_logging = False
+            self._dirty_epoch = None
             assert self.memory is not None
             self.memory.track_writes(False)
 
-    def query_dirty(self) -> int:
+    def query_dirty(self) -> DirtyCount:
         """How many pages are dirty now (since the last :meth:`take_dirty`), without
-        resetting: what KVM reports is kept for the next take."""
+        resetting: what KVM reports is kept for the next take. Dirty logging must run."""
         with self._cond:
+            epoch = self._require_dirty_epoch()
             self._accumulate_dirty()
-            return sum(bits.bit_count() for bits in self._dirty_pending)
+            return DirtyCount(sum(bits.bit_count() for bits in self._dirty_pending), epoch)
 
-    def take_dirty(self) -> list[bytes]:
+    def take_dirty(self, expect_epoch: str | None = None) -> tuple[list[bytes], str]:
         """Per memory region, the bitmap (bit n = page n, little-endian) of pages written
-        since the previous take (or since dirty logging started), and reset."""
+        since the previous take (or since dirty logging started), and reset; with the new
+        epoch, which names the moment the next take counts from.
+
+        The dirty log's **epoch** changes whenever the pages start counting afresh (a
+        start, a take), so a client that remembers the epoch of its last take can tell
+        whether somebody else took dirty pages since. ``expect_epoch``: take only if the
+        epoch is still this one, else raise :class:`DirtyLogMoved` and take nothing."""
         assert self.memory is not None
         with self._cond:
+            epoch = self._require_dirty_epoch()
+            if expect_epoch is not None and expect_epoch != epoch:
+                raise DirtyLogMoved(expect_epoch, epoch)
             self._accumulate_dirty()
             pending, self._dirty_pending = self._dirty_pending, []
-        return [
+            self._dirty_epoch = new = _new_epoch()
+        bitmaps = [
             bits.to_bytes(-(-region.size // PAGE_SIZE // 8), "little")
             for bits, region in zip(pending, self.memory.regions, strict=True)
         ]
+        return bitmaps, new
+
+    def _require_dirty_epoch(self) -> str:
+        if self._dirty_epoch is None:
+            raise DirtyLogOff("dirty logging is off")
+        return self._dirty_epoch
 
     def _accumulate_dirty(self) -> None:
         fetched = self.fetch_dirty_bitmaps()
