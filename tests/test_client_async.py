@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 import trio
+import trio.testing
 
 from tests.control_support import RecordingMachine, make_server, short_tmpdir
 from vmipc.client import (
@@ -237,3 +240,95 @@ async def test_an_answer_that_arrives_with_the_close_is_kept() -> None:
                 async with open_client(path) as client:
                     assert await client.quit() == {}
         listener.close()
+
+
+def refusal_frame(code: str) -> bytes:
+    return encode_frame(encode_message(Error(None, ErrorInfo(code, f"{code} (fake server)"))))
+
+
+async def test_a_refusal_that_makes_the_hello_fail_still_says_why() -> None:
+    """The server writes its connection-level error and closes before the client has sent
+    ``hello``: that send fails (EPIPE) while the reason is already in the client's receive
+    buffer, or already taken by its reader task and not yet looked at. Either way the
+    ClosedByPeer carries the server's reason. Round after round, because which task gets
+    to the bytes first is up to trio's scheduler."""
+    rounds = 50
+    hello_arrived = 0
+    with short_tmpdir() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        path = os.path.join(tmp, "fake.sock")
+        listener.bind(path)
+        listener.listen(rounds)
+        listener.setblocking(False)
+
+        async def fake_server() -> None:
+            nonlocal hello_arrived
+            for _ in range(rounds):
+                await trio.lowlevel.wait_readable(listener)
+                # no checkpoint from here on: accept, refuse, note whether hello came, close
+                sock, _ = listener.accept()
+                with sock:
+                    sock.send(refusal_frame("too-many-connections"))
+                    with contextlib.suppress(BlockingIOError):
+                        hello_arrived += bool(sock.recv(1, socket.MSG_DONTWAIT))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fake_server)
+            await trio.testing.wait_all_tasks_blocked()  # the server waits before we connect
+            for _ in range(rounds):
+                with trio.fail_after(2), pytest.raises(ClosedByPeer) as info:
+                    async with open_client(path):
+                        pass
+                assert info.value.error is not None, info.value
+                assert info.value.error.code == "too-many-connections"
+    # the case under test: the server was gone before the client's hello went out
+    assert hello_arrived == 0
+
+
+async def test_last_words_that_come_after_the_failed_send_are_waited_for() -> None:
+    """The server stops reading (shutdown SHUT_RD) before the client's hello, so that send
+    fails at once (EPIPE), and says why a moment later, then closes: the client waits a
+    little for them instead of reporting a connection closed without a reason."""
+    with short_tmpdir() as tmp:
+        path = os.path.join(tmp, "fake.sock")
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(1)
+        hello: list[bytes] = []
+
+        async def fake_server() -> None:
+            sock, _ = await listener.accept()
+            with sock:
+                sock.shutdown(trio.socket.SHUT_RD)
+                await trio.sleep(0.05)
+                await sock.send(refusal_frame("access-denied"))
+                with contextlib.suppress(BlockingIOError):
+                    hello.append(os.read(sock.fileno(), 1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fake_server)
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            with trio.fail_after(2), pytest.raises(ClosedByPeer) as info:
+                async with open_client(path):
+                    pass
+            assert info.value.error is not None, info.value
+            assert info.value.error.code == "access-denied"
+            assert trio.current_time() - start < 1
+        listener.close()
+    assert hello in ([], [b""])  # the hello never reached the server: its send failed
+
+
+async def test_refused_by_the_real_server_says_why_every_time() -> None:
+    with short_tmpdir() as tmp:
+        server = make_server(RecordingMachine(), ServerConfig(max_connections=1))
+        async with trio.open_nursery() as nursery:
+            path = await nursery.start(server.serve, os.path.join(tmp, "vm.sock"))
+            async with open_client(path) as first:
+                for _ in range(50):
+                    with trio.fail_after(2), pytest.raises(ClosedByPeer) as info:
+                        async with open_client(path, client_name="one too many"):
+                            pass
+                    assert info.value.error is not None, info.value
+                    assert info.value.error.code == "too-many-connections"
+                assert (await first.query_status())["state"] == "running"
+            nursery.cancel_scope.cancel()

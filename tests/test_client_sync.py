@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
+from typing import Any
 
 import pytest
 
 from tests.control_support import RecordingMachine, serving, short_tmpdir
-from vmipc.client import ClosedByPeer, ClosedByUs, CommandError, SyncClient
-from vmipc.protocol import load_schema
+from vmipc.client import ClosedByPeer, ClosedByUs, CommandError, HelloResult, SyncClient
+from vmipc.protocol import Error, ErrorInfo, encode_frame, encode_message, load_schema
 from vmipc.server import ServerConfig
 
 
@@ -81,3 +84,74 @@ def test_quit_then_closed_by_peer() -> None:
 def test_no_server() -> None:
     with short_tmpdir() as tmp, pytest.raises(FileNotFoundError):
         SyncClient(os.path.join(tmp, "none.sock"))
+
+
+def test_refused_by_the_real_server_says_why_every_time() -> None:
+    with serving(ServerConfig(max_connections=1)) as s, SyncClient(s.path) as first:
+        for _ in range(50):
+            with pytest.raises(ClosedByPeer) as info:
+                SyncClient(s.path, timeout=2, client_name="one too many")
+            assert info.value.error is not None, info.value
+            assert info.value.error.code == "too-many-connections"
+        assert first.query_status()["state"] == "running"
+
+
+@pytest.mark.parametrize("timeout", [None, 2.0])
+@pytest.mark.parametrize("speaks", ["then-closes", "after-it-stops-reading"])
+def test_a_refusal_that_makes_the_hello_fail_still_says_why(
+    speaks: str, timeout: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server refuses before the client's ``hello`` goes out (the hello is held back
+    until then), so that send fails with EPIPE: the client reads what the server said,
+    in its receive buffer already (then-closes) or coming a moment after the failed send
+    (after-it-stops-reading: shutdown SHUT_RD, then the error, then close), whether the
+    client has a timeout or blocks for ever."""
+    refused = threading.Event()
+    hello_arrived: list[bytes] = []
+    original_hello = SyncClient.hello
+
+    def held_hello(self: SyncClient, **args: Any) -> HelloResult:
+        assert refused.wait(2)
+        return original_hello(self, **args)
+
+    monkeypatch.setattr(SyncClient, "hello", held_hello)
+    frame = encode_frame(encode_message(Error(None, ErrorInfo("access-denied", "go away"))))
+
+    def unread(sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return b""
+
+    def fake_server(listener: socket.socket) -> None:
+        sock, _ = listener.accept()
+        if speaks == "then-closes":
+            with sock:
+                sock.sendall(frame)
+                hello_arrived.append(unread(sock))
+            refused.set()
+        else:
+            with sock:
+                sock.shutdown(socket.SHUT_RD)
+                refused.set()
+                time.sleep(0.05)
+                sock.sendall(frame)
+                hello_arrived.append(unread(sock))
+
+    with short_tmpdir() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        path = os.path.join(tmp, "fake.sock")
+        listener.bind(path)
+        listener.listen(1)
+        server = threading.Thread(target=fake_server, args=(listener,))
+        server.start()
+        try:
+            start = time.monotonic()
+            with pytest.raises(ClosedByPeer) as info:
+                SyncClient(path, timeout=timeout)
+            assert time.monotonic() - start < 1
+        finally:
+            server.join(5)
+    assert info.value.error is not None, info.value
+    assert info.value.error.code == "access-denied"
+    assert "sending failed" in str(info.value)
+    assert hello_arrived == [b""]

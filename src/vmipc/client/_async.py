@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import os
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -14,6 +13,8 @@ import trio
 
 from vmipc.client._common import (
     DEFAULT_CLIENT_NAME,
+    LAST_WORDS_LIMIT,
+    LAST_WORDS_TIMEOUT,
     FdLike,
     ProgressCallback,
     progress_request,
@@ -111,6 +112,11 @@ class Client(AsyncCommands):
         self._pending: dict[int, _Pending] = {}
         self._send_lock = trio.Lock()
         self._closed: ConnectionClosed | None = None
+        self._closed_event = trio.Event()
+        #: why a send failed because the server closed; the reader is then hearing its
+        #: last words, up to ``_last_words_budget`` more bytes
+        self._send_failed: str | None = None
+        self._last_words_budget = LAST_WORDS_LIMIT
         self._broken: BaseException | None = None
         self._events: collections.deque[Event] = collections.deque(maxlen=EVENT_BUFFER)
         self._event_arrived = trio.Event()
@@ -182,18 +188,28 @@ class Client(AsyncCommands):
             except trio.ClosedResourceError:
                 raise self._closed or ClosedByUs("the connection is closed") from None
             except OSError as exc:
-                self._read_last_words()
-                self._fail(ClosedByPeer(f"sending failed: {exc.strerror}", self._connection_error))
-                raise self._closed or ClosedByPeer("sending failed") from None
+                reason = f"sending failed: {exc.strerror}"
+                if isinstance(exc, ConnectionError):  # EPIPE, ECONNRESET: the server closed
+                    await self._hear_last_words(reason)
+                self._fail(ClosedByPeer(reason, self._connection_error))
+                raise self._closed or ClosedByPeer(reason) from None
 
-    def _read_last_words(self) -> None:
-        """After a failed send: find the connection-level error the server sent, if any."""
-        with suppress(OSError, ProtocolError):
-            fd = self._sock.fileno()
-            while data := os.read(fd, _RECV_SIZE):  # the socket is non-blocking
-                for message in self._proto.receive_data(data):
-                    if isinstance(message, Error) and message.id is None:
-                        self._connection_error = message.error
+    async def _hear_last_words(self, reason: str) -> None:
+        """After a send failed because the server closed: let the reader take in what it
+        sent before closing (a connection-level error says why) up to the end of the
+        stream, for at most LAST_WORDS_TIMEOUT seconds and about LAST_WORDS_LIMIT bytes;
+        then the connection is closed.
+
+        The reader, not this task, must do the reading: it may already hold those bytes,
+        received but not yet looked at (trio checkpoints between its ``recv`` and the
+        dispatch), and a refusal sent before our ``hello`` would be lost.
+        """
+        self._send_failed = reason
+        try:
+            with trio.move_on_after(LAST_WORDS_TIMEOUT):
+                await self._closed_event.wait()
+        finally:
+            self._fail(ClosedByPeer(reason, self._connection_error))
 
     async def _send_cancel(self, rid: int) -> None:
         """Ask the server to cancel ``rid``; its answer (and rid's) will be dropped."""
@@ -224,6 +240,10 @@ class Client(AsyncCommands):
                     raise ClosedByPeer("the server closed the connection", self._connection_error)
                 for message in self._proto.receive_data(data):
                     self._dispatch(message)
+                if self._send_failed is not None:
+                    self._last_words_budget -= len(data)
+                    if self._last_words_budget <= 0:
+                        raise ClosedByPeer(self._send_failed, self._connection_error)
         except trio.Cancelled:
             raise
         except ConnectionClosed as exc:
@@ -264,6 +284,7 @@ class Client(AsyncCommands):
             pending.closed = self._closed
             pending.done.set()
         self._event_arrived.set()
+        self._closed_event.set()
         self._sock.close()
 
     def close(self) -> None:

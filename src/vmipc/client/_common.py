@@ -12,6 +12,12 @@ from vmipc.protocol import Event
 
 #: what ``hello`` says the client is, unless told otherwise
 DEFAULT_CLIENT_NAME = f"vmipc-python/{__version__}"
+#: after a send fails because the server closed (EPIPE, ECONNRESET): read what it sent
+#: before closing, for its connection-level error, until the end of the stream but for
+#: at most this many seconds...
+LAST_WORDS_TIMEOUT = 1.0
+#: ...and about this many bytes
+LAST_WORDS_LIMIT = 1 << 20
 
 
 class HasFileno(Protocol):

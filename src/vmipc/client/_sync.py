@@ -5,11 +5,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import socket
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from vmipc.client._common import (
     DEFAULT_CLIENT_NAME,
+    LAST_WORDS_LIMIT,
+    LAST_WORDS_TIMEOUT,
     FdLike,
     ProgressCallback,
     progress_request,
@@ -148,15 +151,27 @@ class SyncClient(SyncCommands):
             self._fail(ClosedByUs("timed out while sending"))
             raise
         except OSError as exc:
-            self._read_last_words()
+            if isinstance(exc, ConnectionError):  # EPIPE, ECONNRESET: the server closed
+                self._read_last_words()
             raise self._fail(
                 ClosedByPeer(f"sending failed: {exc.strerror}", self._connection_error)
             ) from None
 
     def _read_last_words(self) -> None:
-        """After a failed send: find the connection-level error the server sent, if any."""
-        with contextlib.suppress(OSError, ProtocolError):
-            while data := self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT):
+        """After a send failed because the server closed: read what it sent before closing
+        (a connection-level error says why) up to the end of the stream, for at most
+        LAST_WORDS_TIMEOUT seconds and LAST_WORDS_LIMIT bytes. The words may be in the
+        receive buffer already or, if the server stopped reading before it spoke, come
+        a moment later."""
+        deadline = time.monotonic() + LAST_WORDS_TIMEOUT
+        budget = LAST_WORDS_LIMIT
+        with contextlib.suppress(OSError, ProtocolError):  # TimeoutError is an OSError
+            while budget > 0:
+                self._sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                data = self._sock.recv(min(_RECV_SIZE, budget))
+                if not data:
+                    return
+                budget -= len(data)
                 for message in self._proto.receive_data(data):
                     if isinstance(message, Error) and message.id is None:
                         self._connection_error = message.error
