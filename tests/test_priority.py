@@ -222,18 +222,22 @@ def test_a_migration_goes_first_while_it_runs_and_gives_the_claim_up_when_it_giv
         dst = vmms.incoming()
         src.wait_for_passes(1)
         seen: list[list[int]] = []
+        seen_at_destination: list[list[int]] = []
 
         async def main() -> None:
             async with (
                 open_client(src.socket, client_name="migration") as seq,
                 open_client(src.socket, client_name="watcher") as watcher,
                 open_client(dst.socket) as dest,
+                open_client(dst.socket, client_name="watcher") as dest_watcher,
             ):
                 me = seq.server_info["connection"]
+                dest_me = dest.server_info["connection"]
 
                 async def on_step(step: str) -> None:
                     if step in ("full pass", "dirty round"):
                         seen.append((await watcher.query_status())["first"])
+                        seen_at_destination.append((await dest_watcher.query_status())["first"])
 
                 with pytest.raises(MigrationNotConverged):
                     await migrate(
@@ -244,6 +248,8 @@ def test_a_migration_goes_first_while_it_runs_and_gives_the_claim_up_when_it_giv
                         on_step=on_step,
                     )
                 assert seen and all(first == [me] for first in seen), seen
+                # the destination's loads go first as well
+                assert all(first == [dest_me] for first in seen_at_destination)
                 # it gave up: the source runs on and nobody goes first any more
                 status = await seq.query_status()
                 assert status["state"] == "running" and status["first"] == []

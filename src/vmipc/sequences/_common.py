@@ -87,12 +87,17 @@ def supports_lease(client: Client) -> bool:
     return "renew-lease" in client.server_info.get("commands", ())
 
 
+def supports_priority(client: Client) -> bool:
+    """Whether the VMM knows ``claim-priority`` (protocol 1.4)."""
+    return "claim-priority" in client.server_info.get("commands", ())
+
+
 @contextlib.asynccontextmanager
 async def going_first(client: Client) -> AsyncIterator[bool]:
     """Around a sequence: its requests go before other clients' (``claim-priority``, protocol
     1.4; yields False, and nothing changes, when the VMM does not know it). The claim is
     released afterwards, best effort (a VMM told to quit, or gone, has no claim to end)."""
-    if "claim-priority" not in client.server_info.get("commands", ()):
+    if not supports_priority(client):
         yield False
         return
     await client.claim_priority()

@@ -54,6 +54,7 @@ from vmipc.sequences._common import (
     pause_leased,
     resume_if_paused,
     state_of,
+    supports_priority,
     while_renewing,
 )
 
@@ -237,6 +238,9 @@ class LocalDestination:
                 f"the destination has {status['memory_size']} bytes and "
                 f"{status['vcpu_count']} vCPUs, the source {memory_size} and {vcpus}"
             )
+        # its loads and its resume are part of the migration too: they go first
+        if supports_priority(self.client):
+            await self.client.claim_priority()
 
     async def transfer(self, kind: Kind, send: Send) -> Mapping[str, Any]:
         async def receive(fd: int) -> Mapping[str, Any]:
@@ -277,7 +281,8 @@ class LocalDestination:
         return f"the destination could not be told to quit ({describe(error)})"
 
     async def finish(self) -> None:
-        return None
+        if supports_priority(self.client):
+            await best_effort(self.client.release_priority)
 
 
 async def _reachable(socket_path: str) -> bool:

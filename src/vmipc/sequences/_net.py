@@ -45,7 +45,7 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 
 from vmipc.client import Client, open_client
-from vmipc.sequences._common import best_effort, describe
+from vmipc.sequences._common import best_effort, describe, supports_priority
 from vmipc.sequences._migrate import (
     RESUME_TIMEOUT,
     DestinationUnknown,
@@ -356,6 +356,8 @@ async def receive(
             client = await stack.enter_async_context(
                 open_client(vmm.socket_path, client_name="vmipc receive")
             )
+            if supports_priority(client):
+                await client.claim_priority()  # the loads and the resume go first
             status = await client.query_status()
             if status["state"] != "incoming":
                 raise ControlError(f"the destination VMM is {status['state']}, not incoming")
