@@ -109,6 +109,20 @@ def pause_and_text(vmm: VmmProcess) -> str:
     return vmm.text()
 
 
+def restore_and_check(
+    vmipc: Cli, vmms: Any, before: str, reached: int, files: int, *restore_args: str
+) -> VmmProcess:
+    """``vmipc restore`` a chain into a fresh incoming VMM (``files`` files loaded); its
+    guest continues exactly from ``before`` (the source's console at the snapshot)."""
+    dst = vmms.incoming(memory=None)
+    restored = vmipc("restore", "--socket", dst.socket, *restore_args)
+    assert restored.returncode == 0, restored.stderr
+    assert f"{files} file(s)" in restored.stdout
+    dst.wait_for_passes(reached + 3)
+    check_continuation(before, pause_and_text(dst))
+    return dst
+
+
 def test_a_chain_restores_and_merges_and_the_guest_continues_exactly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -157,12 +171,8 @@ def test_a_chain_restores_and_merges_and_the_guest_continues_exactly(
             assert vmipc("snapshot", "verify", str(increment)).returncode == 0
 
         # restore the chain into an incoming VMM
-        dst = vmms.incoming(memory=None)
-        restored = vmipc("restore", "--socket", dst.socket, str(inc2), "--chain-dir", str(chain))
-        assert restored.returncode == 0, restored.stderr
-        assert "3 file(s)" in restored.stdout
-        dst.wait_for_passes(reached + 3)
-        check_continuation(before, pause_and_text(dst))
+        args = (str(inc2), "--chain-dir", str(chain))
+        dst = restore_and_check(vmipc, vmms, before, reached, 3, *args)
         dst.stop()
 
         # merge the chain into one full snapshot; vmm --restore runs it
@@ -484,9 +494,4 @@ def test_stale_parents_and_pages_taken_elsewhere_are_refused_and_the_chain_goes_
         before = src.text()
         reached = max(src.passes().values())
         src.stop()
-        dst = vmms.incoming(memory=None)
-        restored = vmipc("restore", "--socket", dst.socket, str(inc4), "--parent", str(full2))
-        assert restored.returncode == 0, restored.stderr
-        assert "2 file(s)" in restored.stdout
-        dst.wait_for_passes(reached + 2)
-        check_continuation(before, pause_and_text(dst))
+        restore_and_check(vmipc, vmms, before, reached, 2, str(inc4), "--parent", str(full2))
