@@ -37,7 +37,7 @@ from vmipc.formats import (
     section_offset,
 )
 from vmipc.formats.snapshot import FLAG_INCREMENTAL, SECTION_MEMORY
-from vmipc.sequences import SequenceError, _chain, checkpoint
+from vmipc.sequences import SequenceError, checkpoint
 from vmipc.sequences._chain import hash_range, increment_descriptor
 
 pytestmark = pytest.mark.kvm
@@ -311,7 +311,7 @@ def test_merging_turns_zeroed_pages_into_holes(
             ctypes.set_errno(errno.EOPNOTSUPP)
             return -1
 
-        monkeypatch.setattr(_chain, "_fallocate", cannot_punch)
+        monkeypatch.setattr(_extents, "_fallocate", cannot_punch)
         written = tmp_path / "written.snap"
         done = vmipc.json(
             "snapshot", "merge", str(inc2), "--chain-dir", str(chain), "-o", str(written)

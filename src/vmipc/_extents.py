@@ -1,14 +1,46 @@
-"""Where a file holds data: its extents, from lseek(SEEK_DATA/SEEK_HOLE).
+"""Holes in files: where a file holds data (its extents, from lseek(SEEK_DATA/SEEK_HOLE)),
+and punching a hole where it should hold none.
 
-Used by the VMM (never-touched guest RAM in the memfd is a hole) and by client-side file
-tools (a snapshot's memory image keeps holes for zero pages).
+Used by the VMM (never-touched or zeroed guest RAM in the memfd is a hole) and by
+client-side file tools (a snapshot's memory image keeps holes for zero pages).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+#: errors of fallocate(PUNCH_HOLE) that mean "this filesystem (or kernel) cannot": the
+#: caller writes zeros instead
+_CANNOT_PUNCH = frozenset({errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    function = libc.fallocate
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _libc_fallocate()
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Make ``fd[offset:offset+length]`` a hole (it reads as zeros and holds no blocks),
+    keeping the file's size. False when the filesystem cannot punch holes (EOPNOTSUPP);
+    other failures raise OSError."""
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _CANNOT_PUNCH:
+        return False
+    raise OSError(code, f"fallocate(PUNCH_HOLE) at {offset:#x}+{length:#x}: {os.strerror(code)}")
 
 
 def data_extents(fd: int, start: int, length: int) -> Iterator[tuple[int, int]]:

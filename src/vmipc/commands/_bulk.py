@@ -8,8 +8,6 @@ there) and never through the client.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -18,7 +16,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
-from vmipc._extents import data_extents
+from vmipc._extents import data_extents, punch_hole
 from vmipc.formats import (
     NEED_DATA,
     DataRun,
@@ -48,12 +46,6 @@ from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
 RUN_PAGES = 1024
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
 
 
 class BulkError(Exception):
@@ -170,7 +162,11 @@ def send_page_stream(
 
 def _zero_range(memory: GuestMemory, offset: int, length: int) -> None:
     """Make RAM zero by punching a hole (no memory is touched or allocated)."""
-    if _fallocate(memory.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+    try:
+        punched = punch_hole(memory.fd, offset, length)
+    except OSError:
+        punched = False
+    if not punched:
         memory.view[offset : offset + length] = bytes(length)
 
 

@@ -12,17 +12,15 @@ VMM.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import functools
 import itertools
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from vmipc._extents import data_extents
+from vmipc._extents import data_extents, punch_hole
 from vmipc.formats import (
     NEED_DATA,
     Checksum,
@@ -56,22 +54,6 @@ CHUNK = 4 << 20
 #: longest chain followed (a guard against a loop of files naming each other)
 MAX_CHAIN = 10_000
 _ZEROS = bytes(1 << 20)
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-#: errors of fallocate(PUNCH_HOLE) that mean "this filesystem (or kernel) cannot": the
-#: caller writes zeros instead
-_CANNOT_PUNCH = frozenset({errno.EOPNOTSUPP, errno.ENOSYS})
-
-
-def _libc_fallocate() -> Callable[[int, int, int, int], int]:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    function = libc.fallocate
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    function.restype = ctypes.c_int
-    return function
-
-
-_fallocate = _libc_fallocate()
 
 
 class ChainError(Exception):
@@ -266,18 +248,6 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
-
-
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Make ``fd[offset:offset+length]`` a hole (it reads as zeros and holds no blocks),
-    keeping the file's size. False when the filesystem cannot punch holes (EOPNOTSUPP);
-    other failures raise OSError."""
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in _CANNOT_PUNCH:
-        return False
-    raise OSError(code, f"fallocate(PUNCH_HOLE) at {offset:#x}+{length:#x}: {os.strerror(code)}")
 
 
 def _write_zeros(fd: int, offset: int, length: int) -> None:
