@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from tests.control_support import RecordingMachine, Served, serving
-from tests.seq_support import vmm_processes
+from tests.seq_support import vmipc, vmm_processes
 from vmipc.client import open_client
 from vmipc.commands import PauseLease, Priority
 from vmipc.protocol import Error
@@ -253,5 +253,42 @@ def test_a_migration_goes_first_while_it_runs_and_gives_the_claim_up_when_it_giv
                 # it gave up: the source runs on and nobody goes first any more
                 status = await seq.query_status()
                 assert status["state"] == "running" and status["first"] == []
+
+        trio.run(main)
+
+
+@pytest.mark.kvm
+def test_the_vmm_takes_its_held_request_rate_from_the_command_line() -> None:
+    bad = vmipc("vmm", "--held-request-rate", "-1", "--guest", "builtin")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "vmipc vmm: error: argument --held-request-rate: must be 0 or more (or inf), not -1"
+    )
+    with vmm_processes() as vmms:
+        vmm = vmms._start("held", ["--guest", "builtin", "--held-request-rate", "0"], [])
+
+        async def main() -> None:
+            async with (
+                open_client(vmm.socket) as first,
+                open_client(vmm.socket) as other,
+                trio.open_nursery() as nursery,
+            ):
+                await first.claim_priority()
+                answers: list[dict[str, Any]] = []
+
+                async def ask() -> None:
+                    answers.append(dict(await other.query_status()))
+
+                nursery.start_soon(ask)
+                # rate 0: whatever the claimant does meanwhile, the other one waits
+                for _ in range(20):
+                    await first.query_status()
+                    await trio.sleep(0.01)
+                assert answers == []
+                assert await first.release_priority() == {"released": True}
+                with trio.fail_after(10):
+                    while not answers:
+                        await trio.sleep(0.01)
+                assert answers[0]["first"] == []
 
         trio.run(main)
