@@ -29,6 +29,7 @@ from vmipc.formats import (
     encode_table,
     new_snapshot_id,
 )
+from vmipc.formats.snapshot import HEADER_SIZE, MEMORY_DESCRIPTOR_SIZE
 from vmipc.protocol import CommandError
 from vmipc.vmm.host import MachineHost
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig
@@ -350,6 +351,54 @@ def test_the_dirty_log_epoch_changes_with_every_take_and_guards_dump_dirty(
             third = client.dirty_log_start()["epoch"]
             assert third not in (first, second)
             client.dirty_log_stop()
+
+
+def test_dump_dirty_brings_a_memory_section_taken_while_running_up_to_date(
+    tmp_path: Path,
+) -> None:
+    """dump-dirty format=snapshot (1.6) writes the dirty pages into a snapshot memory
+    section in place: a first pass taken while the guest ran, brought up to date round
+    after round and last while paused, equals RAM at that moment byte for byte. A wrong
+    offset or fd takes nothing."""
+    with vmms() as make:
+        vmm = make(rate="16384")
+        vmm.console.wait_for_passes(2, 1)
+        fd = os.open(tmp_path / "live.snap", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, HEADER_SIZE)  # sections come after the header
+            with vmm.client() as client:
+                client.dirty_log_start()
+                first = client.dump_memory(format="snapshot", out=fd)
+                assert first["consistent"] is False
+                section = first["section"]["offset"]
+                for _ in range(2):
+                    vmm.console.wait_for_passes(2, max(vmm.console.passes().values()) + 1)
+                    done = client.dump_dirty(format="snapshot", section=section, out=fd)
+                    assert done["data_pages"] > 0 and done["consistent"] is False
+                client.pause()
+                pending = client.query_dirty()
+                assert pending["dirty_pages"] > 0
+                for args, code in [
+                    ({"section": section + 4096}, "bad-snapshot"),
+                    ({"section": 0}, "bad-snapshot"),
+                    ({}, "invalid-arguments"),
+                ]:
+                    with pytest.raises(CommandError) as refused:
+                        client.dump_dirty(format="snapshot", out=fd, **args)
+                    assert refused.value.code == code
+                with fd_pair("pipe", tmp_path) as (pipe, _), pytest.raises(CommandError) as info:
+                    client.dump_dirty(format="snapshot", section=section, out=pipe)
+                assert info.value.code == "invalid-fds"
+                assert client.query_dirty() == pending  # nothing was taken
+                last = client.dump_dirty(format="snapshot", section=section, out=fd)
+                assert last["consistent"] is True
+                assert last["data_pages"] + last["zero_pages"] == pending["dirty_pages"]
+                ram = ram_of(vmm.machine)
+                image = os.pread(fd, len(ram), section + MEMORY_DESCRIPTOR_SIZE)
+                assert image == ram
+                client.dirty_log_stop()
+        finally:
+            os.close(fd)
 
 
 # --- a stuck reader, errors ------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import trio
@@ -14,6 +15,7 @@ import trio.testing
 
 from tests.control_support import RecordingMachine, make_server, short_tmpdir
 from vmipc.client import (
+    Client,
     ClosedByPeer,
     ClosedByUs,
     CommandError,
@@ -332,3 +334,33 @@ async def test_refused_by_the_real_server_says_why_every_time() -> None:
                     assert info.value.error.code == "too-many-connections"
                 assert (await first.query_status())["state"] == "running"
             nursery.cancel_scope.cancel()
+
+
+async def test_arguments_left_at_their_defaults_are_not_sent() -> None:
+    """So that a newer client can speak to an older server of the same major version,
+    which refuses arguments it does not know (the server fills defaults in)."""
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    class Recording(Client):
+        def __init__(self) -> None:  # no connection: only what the methods send
+            pass
+
+        async def call(
+            self, command: str, /, *, fds: Any = None, on_progress: Any = None, **args: Any
+        ) -> Any:
+            sent.append((command, args))
+            return {}
+
+    client = Recording()
+    await client.pause()
+    await client.pause(lease=5.0)
+    await client.dump_dirty(out=3)
+    await client.dump_dirty(out=3, format="snapshot", section=8192, epoch="e")
+    await client.hello(versions=[1])
+    assert sent == [
+        ("pause", {}),
+        ("pause", {"lease": 5.0}),
+        ("dump-dirty", {}),
+        ("dump-dirty", {"format": "snapshot", "section": 8192, "epoch": "e"}),
+        ("hello", {"versions": [1]}),
+    ]

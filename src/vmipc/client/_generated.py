@@ -1,4 +1,4 @@
-"""Typed command methods and result types, generated from the schema (version 1.5).
+"""Typed command methods and result types, generated from the schema (version 1.6).
 
 Do not edit: run ``python -m vmipc.client.gencode``.
 """
@@ -10,7 +10,7 @@ from typing import Any, Literal, TypedDict, cast
 
 from vmipc.client._common import FdLike, ProgressCallback
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 
 
 class HelloResultServer(TypedDict):
@@ -322,7 +322,10 @@ class AsyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted).
         """
-        return cast(HelloResult, await self.call("hello", versions=versions, client=client))
+        args: dict[str, Any] = {"versions": versions}
+        if client != "":
+            args["client"] = client
+        return cast(HelloResult, await self.call("hello", **args))
 
     async def query_commands(self) -> dict[str, Any]:
         """The server's machine-readable catalogue: this very schema document (commands with their
@@ -387,7 +390,10 @@ class AsyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted).
         """
-        return cast(PauseResult, await self.call("pause", lease=lease))
+        args: dict[str, Any] = {}
+        if lease is not None:
+            args["lease"] = lease
+        return cast(PauseResult, await self.call("pause", **args))
 
     async def resume(self) -> ResumeResult:
         """Let the vCPUs of a paused machine run again. Ends a pause lease, whoever holds it.
@@ -409,7 +415,10 @@ class AsyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted).
         """
-        return cast(RenewLeaseResult, await self.call("renew-lease", lease=lease))
+        args: dict[str, Any] = {}
+        if lease is not None:
+            args["lease"] = lease
+        return cast(RenewLeaseResult, await self.call("renew-lease", **args))
 
     async def release_lease(self) -> ReleaseLeaseResult:
         """Give up the pause lease this connection holds without resuming: the machine stays paused,
@@ -487,12 +496,10 @@ class AsyncCommands:
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
         limit-exceeded, shutting-down, internal-error, not-permitted).
         """
-        result = await self.call(
-            "dump-memory",
-            format=format,
-            fds={"out": out},
-            on_progress=on_progress,
-        )
+        args: dict[str, Any] = {}
+        if format != "stream":
+            args["format"] = format
+        result = await self.call("dump-memory", **args, fds={"out": out}, on_progress=on_progress)
         return cast(DumpMemoryResult, result)
 
     async def dump_state(
@@ -514,12 +521,10 @@ class AsyncCommands:
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
         limit-exceeded, shutting-down, internal-error, not-permitted).
         """
-        result = await self.call(
-            "dump-state",
-            format=format,
-            fds={"out": out},
-            on_progress=on_progress,
-        )
+        args: dict[str, Any] = {}
+        if format != "blob":
+            args["format"] = format
+        result = await self.call("dump-state", **args, fds={"out": out}, on_progress=on_progress)
         return cast(DumpStateResult, result)
 
     async def dirty_log_start(self) -> DirtyLogStartResult:
@@ -557,6 +562,8 @@ class AsyncCommands:
     async def dump_dirty(
         self,
         *,
+        format: Literal["stream", "snapshot"] = "stream",
+        section: int | None = None,
         epoch: str | None = None,
         out: FdLike,
         on_progress: ProgressCallback | None = None,
@@ -566,20 +573,27 @@ class AsyncCommands:
         pages written during the dump are reported by the next call. With ``epoch`` (since 1.5)
         it takes the pages only if the dirty log is still in that epoch, so a client chaining
         dumps (incremental checkpoints) knows that nobody else took dirty pages since its last
-        one.
+        one. With ``format: snapshot`` (since 1.6) the pages are not sent as a stream but written
+        in place into the memory image of a snapshot file's memory section (``section``: its file
+        offset, as ``dump-memory format=snapshot`` returned it): each data page at its image
+        offset, all-zero pages as holes. A live checkpoint brings a first pass taken while the
+        guest ran up to date this way, round after round, the last one while paused; the
+        section's checksum is then the client's to recompute.
 
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, dirty-log-moved,
-        and the common errors (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        bad-snapshot, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error, not-permitted).
         """
-        result = await self.call(
-            "dump-dirty",
-            epoch=epoch,
-            fds={"out": out},
-            on_progress=on_progress,
-        )
+        args: dict[str, Any] = {}
+        if format != "stream":
+            args["format"] = format
+        if section is not None:
+            args["section"] = section
+        if epoch is not None:
+            args["epoch"] = epoch
+        result = await self.call("dump-dirty", **args, fds={"out": out}, on_progress=on_progress)
         return cast(DumpDirtyResult, result)
 
     async def load_memory(
@@ -602,12 +616,10 @@ class AsyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted).
         """
-        result = await self.call(
-            "load-memory",
-            format=format,
-            fds={"in": in_},
-            on_progress=on_progress,
-        )
+        args: dict[str, Any] = {}
+        if format != "stream":
+            args["format"] = format
+        result = await self.call("load-memory", **args, fds={"in": in_}, on_progress=on_progress)
         return cast(LoadMemoryResult, result)
 
     async def apply_pages(
@@ -648,7 +660,10 @@ class AsyncCommands:
         common errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
         invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
         """
-        return cast(LoadStateResult, await self.call("load-state", format=format, fds={"in": in_}))
+        args: dict[str, Any] = {}
+        if format != "blob":
+            args["format"] = format
+        return cast(LoadStateResult, await self.call("load-state", **args, fds={"in": in_}))
 
 
 class SyncCommands:
@@ -676,7 +691,10 @@ class SyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted).
         """
-        return cast(HelloResult, self.call("hello", versions=versions, client=client))
+        args: dict[str, Any] = {"versions": versions}
+        if client != "":
+            args["client"] = client
+        return cast(HelloResult, self.call("hello", **args))
 
     def query_commands(self) -> dict[str, Any]:
         """The server's machine-readable catalogue: this very schema document (commands with their
@@ -741,7 +759,10 @@ class SyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted).
         """
-        return cast(PauseResult, self.call("pause", lease=lease))
+        args: dict[str, Any] = {}
+        if lease is not None:
+            args["lease"] = lease
+        return cast(PauseResult, self.call("pause", **args))
 
     def resume(self) -> ResumeResult:
         """Let the vCPUs of a paused machine run again. Ends a pause lease, whoever holds it.
@@ -763,7 +784,10 @@ class SyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted).
         """
-        return cast(RenewLeaseResult, self.call("renew-lease", lease=lease))
+        args: dict[str, Any] = {}
+        if lease is not None:
+            args["lease"] = lease
+        return cast(RenewLeaseResult, self.call("renew-lease", **args))
 
     def release_lease(self) -> ReleaseLeaseResult:
         """Give up the pause lease this connection holds without resuming: the machine stays paused,
@@ -841,7 +865,10 @@ class SyncCommands:
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
         limit-exceeded, shutting-down, internal-error, not-permitted).
         """
-        result = self.call("dump-memory", format=format, fds={"out": out}, on_progress=on_progress)
+        args: dict[str, Any] = {}
+        if format != "stream":
+            args["format"] = format
+        result = self.call("dump-memory", **args, fds={"out": out}, on_progress=on_progress)
         return cast(DumpMemoryResult, result)
 
     def dump_state(
@@ -863,7 +890,10 @@ class SyncCommands:
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
         limit-exceeded, shutting-down, internal-error, not-permitted).
         """
-        result = self.call("dump-state", format=format, fds={"out": out}, on_progress=on_progress)
+        args: dict[str, Any] = {}
+        if format != "blob":
+            args["format"] = format
+        result = self.call("dump-state", **args, fds={"out": out}, on_progress=on_progress)
         return cast(DumpStateResult, result)
 
     def dirty_log_start(self) -> DirtyLogStartResult:
@@ -901,6 +931,8 @@ class SyncCommands:
     def dump_dirty(
         self,
         *,
+        format: Literal["stream", "snapshot"] = "stream",
+        section: int | None = None,
         epoch: str | None = None,
         out: FdLike,
         on_progress: ProgressCallback | None = None,
@@ -910,15 +942,27 @@ class SyncCommands:
         pages written during the dump are reported by the next call. With ``epoch`` (since 1.5)
         it takes the pages only if the dirty log is still in that epoch, so a client chaining
         dumps (incremental checkpoints) knows that nobody else took dirty pages since its last
-        one.
+        one. With ``format: snapshot`` (since 1.6) the pages are not sent as a stream but written
+        in place into the memory image of a snapshot file's memory section (``section``: its file
+        offset, as ``dump-memory format=snapshot`` returned it): each data page at its image
+        offset, all-zero pages as holes. A live checkpoint brings a first pass taken while the
+        guest ran up to date this way, round after round, the last one while paused; the
+        section's checksum is then the client's to recompute.
 
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, dirty-log-moved,
-        and the common errors (handshake-required, invalid-message, unknown-command,
-        invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        bad-snapshot, and the common errors (handshake-required, invalid-message,
+        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
+        internal-error, not-permitted).
         """
-        result = self.call("dump-dirty", epoch=epoch, fds={"out": out}, on_progress=on_progress)
+        args: dict[str, Any] = {}
+        if format != "stream":
+            args["format"] = format
+        if section is not None:
+            args["section"] = section
+        if epoch is not None:
+            args["epoch"] = epoch
+        result = self.call("dump-dirty", **args, fds={"out": out}, on_progress=on_progress)
         return cast(DumpDirtyResult, result)
 
     def load_memory(
@@ -941,7 +985,10 @@ class SyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted).
         """
-        result = self.call("load-memory", format=format, fds={"in": in_}, on_progress=on_progress)
+        args: dict[str, Any] = {}
+        if format != "stream":
+            args["format"] = format
+        result = self.call("load-memory", **args, fds={"in": in_}, on_progress=on_progress)
         return cast(LoadMemoryResult, result)
 
     def apply_pages(
@@ -982,4 +1029,7 @@ class SyncCommands:
         common errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
         invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
         """
-        return cast(LoadStateResult, self.call("load-state", format=format, fds={"in": in_}))
+        args: dict[str, Any] = {}
+        if format != "blob":
+            args["format"] = format
+        return cast(LoadStateResult, self.call("load-state", **args, fds={"in": in_}))

@@ -92,11 +92,26 @@ class _Generator:
         result_type = self.py_type(spec.result, _camel(spec.name) + "Result")
         params: list[str] = []
         passed: list[str] = []
+        # an argument left at its default is not sent (the server fills defaults in), so
+        # that a newer client speaks to an older server of the same major version, which
+        # would refuse an argument it does not know
+        optional: list[str] = []
         for a in spec.args:
             annotation = self.py_type(a.type, _camel(spec.name) + _camel(a.name))
             default = "" if a.required else f" = {_literal(a.default)}"
             params.append(f"{a.name}: {annotation}{default}")
-            passed.append(f"{a.name}={a.name}")
+            if not a.required:
+                differs = (
+                    f"{a.name} is not None"
+                    if a.default is None
+                    else f"{a.name} != {_literal(a.default)}"
+                )
+                optional.append(f'        if {differs}:\n            args["{a.name}"] = {a.name}')
+        required = [a.name for a in spec.args if a.required]
+        if optional:
+            passed.append("**args")
+        else:
+            passed += [f"{name}={name}" for name in required]
         for f in spec.fds:
             param = _param_name(f.name)
             params.append(f"{param}: FdLike" if f.required else f"{param}: FdLike | None = None")
@@ -122,6 +137,10 @@ class _Generator:
         else:
             lines = [head]
         lines += _docstring(_method_doc(self.schema, spec), 8)
+        if optional:
+            initial = ", ".join(f'"{name}": {name}' for name in required)
+            lines.append(f"        args: dict[str, Any] = {{{initial}}}")
+            lines += optional
         call = "self.call(" + ", ".join([f'"{spec.name}"', *passed]) + ")"
         if not sync:
             call = "await " + call

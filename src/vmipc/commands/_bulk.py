@@ -46,6 +46,8 @@ from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
 RUN_PAGES = 1024
+#: written where a hole cannot be punched (writable: the transfer takes its address)
+_ZEROS = bytearray(1 << 20)
 
 
 class BulkError(Exception):
@@ -240,6 +242,75 @@ def write_memory_section(
     entry = writer.finish()
     stats.bytes = transfer.done
     return entry, stats
+
+
+def memory_section_at(machine: Machine, fd: int, section: int) -> MemorySectionWriter:
+    """The memory section at file offset ``section`` of file ``fd``, which must be the one
+    :func:`write_memory_section` writes for this machine (its descriptor, its whole image
+    within the file); else BulkError("bad-snapshot")."""
+    memory = machine.memory
+    assert memory is not None
+    regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
+    try:
+        writer = MemorySectionWriter(section, regions)
+    except ValueError as exc:
+        raise BulkError("bad-snapshot", f"section {section:#x}: {exc}") from None
+    found = os.pread(fd, len(writer.descriptor), section)
+    if found != writer.descriptor or os.fstat(fd).st_size < writer.end:
+        raise BulkError(
+            "bad-snapshot",
+            f"no memory section of this VMM's layout ({_format_layout(memory)}) at offset "
+            f"{section:#x} of the file",
+        )
+    return writer
+
+
+def update_memory_section(
+    machine: Machine,
+    fd: int,
+    transfer: Transfer,
+    writer: MemorySectionWriter,
+    runs: Sequence[Sequence[tuple[int, int]]],
+    *,
+    consistent: bool,
+) -> Stats:
+    """Write the pages of ``runs`` (per memory region: the dirty pages) into the image of
+    the snapshot memory section ``writer`` (see :func:`memory_section_at`) of file ``fd``,
+    in place: data at its image offset, all-zero pages punched as holes (zeros where the
+    filesystem cannot). The section's checksum is left to the caller (it covers the
+    whole section)."""
+    memory = machine.memory
+    assert memory is not None
+    stats = Stats()
+    can_punch = True
+    for region, region_runs in zip(memory.regions, runs, strict=True):
+        for first, npages, zero in _region_pieces(memory, region, region_runs):
+            image_offset = region.offset + first * PAGE_SIZE
+            length = npages * PAGE_SIZE
+            file_offset = writer.data_offset + image_offset
+            if zero:
+                stats.zero_pages += npages
+                if can_punch:
+                    can_punch = punch_hole(fd, file_offset, length)
+                if not can_punch:
+                    for piece in range(file_offset, file_offset + length, len(_ZEROS)):
+                        size = min(len(_ZEROS), file_offset + length - piece)
+                        transfer.pwrite(fd, memoryview(_ZEROS)[:size], piece)
+                continue
+            stats.data_pages += npages
+            for start in range(first, first + npages, RUN_PAGES):
+                count = min(RUN_PAGES, first + npages - start)
+                offset = region.offset + start * PAGE_SIZE
+                view = memory.view[offset : offset + count * PAGE_SIZE]
+                data = view if consistent else memoryview(bytearray(view))
+                transfer.pwrite(fd, data, writer.data_offset + offset)
+                view.release()
+    stats.bytes = transfer.done
+    return stats
+
+
+def _format_layout(memory: GuestMemory) -> str:
+    return ", ".join(f"{r.size >> 20} MiB at {r.guest_phys_addr:#x}" for r in memory.regions)
 
 
 def write_raw_image(machine: Machine, fd: int, transfer: Transfer) -> Stats:

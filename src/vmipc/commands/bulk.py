@@ -12,12 +12,14 @@ from vmipc.commands._bulk import (
     BulkError,
     Stats,
     encode_state_blob,
+    memory_section_at,
     read_raw_image,
     read_snapshot_memory,
     read_state_blob,
     read_state_sections,
     receive_page_stream,
     send_page_stream,
+    update_memory_section,
     write_memory_section,
     write_raw_image,
     write_state_sections,
@@ -267,6 +269,23 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
     machine = _machine(ctx)
     consistent = machine.state is not RunState.RUNNING
     expected = ctx.args["epoch"]
+    section = ctx.args["section"]
+    snapshot = ctx.args["format"] == "snapshot"
+    if snapshot:
+        fd = _require_file(ctx, "out", "snapshot")
+        if section is None:
+            raise CommandError(
+                ErrorCode.INVALID_ARGUMENTS,
+                "dump-dirty: format snapshot needs section (the memory section's offset)",
+                {"argument": "section", "problem": "required with format snapshot"},
+            )
+        # before any page is taken: a wrong file or offset must not lose the dirty pages
+        try:
+            writer = memory_section_at(machine, fd, section)
+        except BulkError as exc:
+            raise CommandError(exc.code, f"dump-dirty: {exc}") from None
+        except OSError as exc:
+            raise CommandError("io-error", f"dump-dirty: {exc.strerror or exc}") from None
     try:
         bitmaps, epoch = await trio.to_thread.run_sync(machine.take_dirty, expected)
     except DirtyLogOff:
@@ -282,10 +301,20 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
         bitmap_to_runs(bitmap, region.size // PAGE_SIZE)
         for bitmap, region in zip(bitmaps, machine.memory.regions, strict=True)
     ]
-    stats = await _run_bulk(
-        ctx,
-        "pages",
-        None,
-        lambda t: send_page_stream(machine, ctx.fds["out"], t, consistent=consistent, runs=runs),
-    )
+    if snapshot:
+        stats = await _run_bulk(
+            ctx,
+            "pages",
+            None,
+            lambda t: update_memory_section(machine, fd, t, writer, runs, consistent=consistent),
+        )
+    else:
+        stats = await _run_bulk(
+            ctx,
+            "pages",
+            None,
+            lambda t: send_page_stream(
+                machine, ctx.fds["out"], t, consistent=consistent, runs=runs
+            ),
+        )
     return {**_with_stats(stats, consistent=consistent), "epoch": epoch}

@@ -236,10 +236,7 @@ async def _dump_increment(
     offset = section_offset(os.fstat(fd).st_size)
     os.pwrite(fd, increment_descriptor(parent.memory.descriptor), offset)
     os.lseek(fd, offset + MEMORY_DESCRIPTOR_SIZE, os.SEEK_SET)
-    if epoch is None:
-        result = await client.dump_dirty(out=fd)
-    else:
-        result = await client.dump_dirty(out=fd, epoch=epoch)
+    result = await client.dump_dirty(out=fd, epoch=epoch)  # None: not sent
     written = os.fstat(fd).st_size - offset - MEMORY_DESCRIPTOR_SIZE
     if written != result["bytes"]:
         raise RuntimeError(
