@@ -23,7 +23,7 @@ from tests.seq_support import (
     vmm_processes,
     wait_for,
 )
-from vmipc.client import Client, open_client
+from vmipc.client import Client, CommandError, open_client
 from vmipc.formats import SnapshotReader
 from vmipc.sequences import SequenceError, checkpoint, restore_into
 
@@ -246,3 +246,54 @@ def test_a_suspended_vm_restores_with_vmm_restore(tmp_path: Path, eager: bool) -
         with dst.client() as client:
             client.pause()
         check_continuation(src.text(), dst.text())
+
+
+#: a guest that rewrites 8 MiB as fast as dirty tracking lets it (see test_seq_migrate)
+LIVE_WS = 8 << 20
+LIVE_RATE = 20000
+
+
+def test_a_live_checkpoint_of_a_busy_guest_restores_its_moment_exactly(tmp_path: Path) -> None:
+    """--live: RAM is copied while the guest runs and rewrites it, then brought up to date
+    (rounds of dump-dirty format=snapshot, the last one paused): the file still holds one
+    consistent moment, and dirty logging is as it was (off) afterwards — or left on, with
+    --track, for an increment to follow."""
+    snap, tracked, inc = (tmp_path / n for n in ("live.snap", "tracked.snap", "inc.snap"))
+    with vmm_processes() as vmms:
+        src = vmms.guest(ws=LIVE_WS, rate=LIVE_RATE)
+        src.wait_for_passes(2)
+        done = vmipc(
+            "checkpoint", "--socket", src.socket, "--live", "--leave-paused", str(snap), "--json"
+        )
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["vm"] == "paused" and not report["tracking"]
+        assert report["dirty_epoch"] is None
+        before = src.text()
+        with src.client() as client, pytest.raises(CommandError) as off:
+            client.query_dirty()
+        assert off.value.code == "dirty-log-off"
+        assert verifies(snap)
+        with src.client() as client:
+            client.resume()
+
+        # --live --track: dirty logging stays on, and an increment may follow
+        done = vmipc("checkpoint", "--socket", src.socket, "--live", "--track", str(tracked))
+        assert done.returncode == 0, done.stderr
+        src.wait_for_passes(max(src.passes().values()) + 1)
+        done = vmipc(
+            "checkpoint", "--socket", src.socket, "--incremental", "--parent", str(tracked),
+            str(inc),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        usage = vmipc("checkpoint", "--socket", src.socket, "--live", "--incremental",
+                      "--parent", str(tracked), str(tmp_path / "no.snap"))  # fmt: skip
+        assert usage.returncode == 2
+        reached = max(check_continuation(before, "", LIVE_WS).values())
+        src.stop()
+
+        restored = vmms._start("restored", ["--restore", str(snap)], [])
+        restored.wait_for_passes(reached + 2)
+        with restored.client() as client:
+            client.pause()
+        check_continuation(before, restored.text(), LIVE_WS)

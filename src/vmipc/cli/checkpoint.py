@@ -65,6 +65,12 @@ def add_parser(subparsers: Any) -> None:
                 help="(full checkpoint) start dirty logging before resuming, so that "
                 "incremental checkpoints can follow this one",
             )
+            parser.add_argument(
+                "--live",
+                action="store_true",
+                help="(full checkpoint of a running VM) copy RAM while the guest runs, then "
+                "only what it wrote meanwhile while it is paused: a short pause for a big VM",
+            )
         parser.add_argument(
             "--incremental",
             action="store_true",
@@ -109,10 +115,11 @@ def run(args: argparse.Namespace) -> int:
     if path is None:
         return EXIT_USAGE
     then: Then = "quit"
-    track = False
+    track = live = False
     if args._sequence == "checkpoint":
         then = "pause" if args.leave_paused else "resume"
         track = args.track
+        live = args.live
     if args.incremental != (args.parent is not None):
         print(f"{prog}: --incremental and --parent PARENT go together", file=sys.stderr)
         return EXIT_USAGE
@@ -121,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.incremental and track:
         print(f"{prog}: --track is for full checkpoints (increments keep it on)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.incremental and live:
+        print(f"{prog}: --live is for full checkpoints", file=sys.stderr)
         return EXIT_USAGE
 
     async def main() -> SnapshotReport:
@@ -133,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
                 parent=args.parent,
                 track_dirty=track,
                 lease=lease_of(args),
+                live=live,
             )
 
     code, report = run_sequence(prog, main)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import secrets
 import time
@@ -42,6 +43,7 @@ import trio
 from vmipc import __version__
 from vmipc.client import Client, CommandError, open_client
 from vmipc.formats import (
+    Checksum,
     SectionEntry,
     SnapshotHeader,
     SnapshotReader,
@@ -61,6 +63,7 @@ from vmipc.sequences._chain import (
     ChainError,
     ChainLink,
     MergeReport,
+    hash_range,
     increment_descriptor,
     increment_entry,
     merge_chain,
@@ -248,6 +251,46 @@ async def _dump_increment(
     return entry, pages, result.get("epoch")
 
 
+#: a live checkpoint's rounds while the guest runs, at most
+LIVE_ROUNDS = 5
+#: it stops them once the last round, paused, is predicted to take no longer than this
+LIVE_TARGET_S = 0.02
+_PAGE = 4096
+
+
+async def _live_precopy(client: Client, fd: int, epoch: str) -> tuple[SectionEntry, str]:
+    """A live checkpoint's first part, while the guest runs: its memory section (a copy of
+    RAM taken while it changed), then rounds writing the pages dirtied meanwhile into it,
+    until the rest is small or stops shrinking. Every round expects the dirty log's
+    ``epoch`` (nobody else may take pages: they would be missing from the copy). Returns
+    the section's entry (its checksum is stale from the first round on) and the epoch."""
+    began = time.monotonic()
+    first = await client.dump_memory(format="snapshot", out=fd)
+    assert first["section"] is not None
+    entry = SectionEntry.from_dict(first["section"])
+    rate = max(first["bytes"], _PAGE) / max(time.monotonic() - began, 1e-6)
+    smallest = math.inf
+    for _ in range(LIVE_ROUNDS):
+        dirty = (await client.query_dirty())["dirty_bytes"]
+        if dirty / rate <= LIVE_TARGET_S or dirty >= smallest:
+            break
+        smallest = dirty
+        began = time.monotonic()
+        done = await client.dump_dirty(
+            format="snapshot", section=entry.offset, out=fd, epoch=epoch
+        )
+        epoch = done["epoch"]
+        rate = max(done["bytes"], _PAGE) / max(time.monotonic() - began, 1e-6)
+    return entry, epoch
+
+
+def rehashed(fd: int, entry: SectionEntry) -> SectionEntry:
+    """``entry`` with the checksum of what its section holds now."""
+    digest = Checksum()
+    hash_range(fd, entry.offset, entry.length, digest)
+    return SectionEntry(entry.name, entry.version, entry.offset, entry.length, digest.digest())
+
+
 def _append_dirty_epoch(fd: int, epoch: str) -> SectionEntry:
     """The ``dirty-log`` section, after the others."""
     data = epoch.encode("ascii")
@@ -283,6 +326,7 @@ async def checkpoint(
     parent: str | None = None,
     track_dirty: bool = False,
     lease: float | None = DEFAULT_LEASE,
+    live: bool = False,
 ) -> SnapshotReport:
     """Write a snapshot of the VM behind ``client`` to ``path``, atomically.
 
@@ -302,6 +346,14 @@ async def checkpoint(
     run), so that the VMM resumes the guest by itself if this client dies or hangs before
     it resumes the VM or publishes the file; None for a plain pause. Before sealing, a
     renewal (or, for ``pause``, the release) proves the VM stayed paused throughout.
+
+    ``live`` (full checkpoints of a running VM): copy RAM while the guest runs, then bring
+    the copy up to date with the pages it wrote meanwhile (``dump-dirty format=snapshot``,
+    a few rounds while it runs, the last while paused): the pause lasts about as long as
+    the last round and the state, not the whole RAM. It uses dirty logging (started if
+    off, stopped again afterwards unless ``track_dirty`` or it was on before) and takes
+    its dirty pages: the snapshot records the dirty log's epoch, so an incremental chain
+    may continue from it.
 
     On failure raises :class:`SequenceError`; the final name is never touched, the
     temporary file is removed, and a VM this call paused is resumed. A failure after dirty
@@ -334,26 +386,62 @@ async def checkpoint(
         except Exception as exc:
             raise SequenceError("query-dirty", exc, "nothing was done") from exc
     track = then != "quit" and (track_dirty or base is not None)
+    if live and base is not None:
+        raise ValueError("a live checkpoint is a full one: it takes no parent")
+    live_run = live and status["state"] == "running"
+    temp = temp_path_for(path)
+    fd = -1
+    tracking_touched = False
+    #: dirty logging ran before this checkpoint (someone's chain): leave it on
+    logging_before = epoch is not None
+    memory_entry: SectionEntry | None = None
+    #: a live checkpoint that started dirty logging for itself stops it afterwards: its
+    #: epoch then names nothing
+    records_epoch = track or logging_before or not live_run
+    header = SnapshotHeader(new_snapshot_id(), producer, created_ns=time.time_ns())
+    if live_run:
+        step = "dirty-log-start"
+        try:
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.pwrite(fd, header.encode(), 0)
+            tracking_touched = True
+            epoch = (await client.dirty_log_start())["epoch"]
+            step = "live pre-copy"
+            memory_entry, epoch = await _live_precopy(client, fd, epoch)
+        except BaseException as exc:
+            if fd >= 0:
+                os.close(fd)
+            unlink_quietly(temp)
+            outcome = "no snapshot was written; the VM runs on"
+            if not logging_before:
+                await best_effort(client.dirty_log_stop)
+            if isinstance(exc, Exception):
+                raise SequenceError(step, exc, outcome) from exc
+            raise
     we_paused = status["state"] == "running"
     paused_at = time.monotonic()
     leased = False
     if we_paused:
         try:
             leased = await pause_leased(client, lease)
-        except CommandError as exc:
-            outcome = "no snapshot was written; the VM is as it was"
-            raise SequenceError("pause", exc, outcome) from exc
-        except Exception as exc:
-            # the reply was lost (the VMM died, the connection broke): it may have paused
-            outcome = "no snapshot was written; " + await resume_if_paused(client)
-            raise SequenceError("pause", exc, outcome) from exc
+        except BaseException as exc:
+            if fd >= 0:  # a live checkpoint's file
+                os.close(fd)
+                unlink_quietly(temp)
+                if not logging_before:
+                    await best_effort(client.dirty_log_stop)
+            if isinstance(exc, CommandError):
+                outcome = "no snapshot was written; the VM is as it was"
+                raise SequenceError("pause", exc, outcome) from exc
+            if isinstance(exc, Exception):
+                # the reply was lost (the VMM died, the connection broke): it may have paused
+                outcome = "no snapshot was written; " + await resume_if_paused(client)
+                raise SequenceError("pause", exc, outcome) from exc
+            raise
         paused_at = time.monotonic()
     renewing = lease if leased else None
-    temp = temp_path_for(path)
     step = "create the file"
-    fd = -1
     resumed = False
-    tracking_touched = False
     pages: int | None = None
 
     async def dumps(fd: int) -> tuple[list[SectionEntry], int | None]:
@@ -362,7 +450,16 @@ async def checkpoint(
         state = await client.dump_state(format="snapshot", out=fd)
         entries = [SectionEntry.from_dict(e) for e in state["sections"]]
         pages = None
-        if base is None:
+        if memory_entry is not None:
+            # live: bring the copy taken while the guest ran up to this paused moment
+            step = "last dirty round"
+            last = await client.dump_dirty(
+                format="snapshot", section=memory_entry.offset, out=fd, epoch=epoch
+            )
+            epoch = last["epoch"]
+            # first in the file; its checksum is recomputed after the resume
+            entries.insert(0, memory_entry)
+        elif base is None:
             step = "dump-memory"
             memory = await client.dump_memory(format="snapshot", out=fd)
             assert memory["section"] is not None
@@ -384,7 +481,7 @@ async def checkpoint(
                     tracking_touched = False
                 raise
             entries.append(entry)
-        if epoch is not None:
+        if epoch is not None and records_epoch:
             entries.append(_append_dirty_epoch(fd, epoch))
         return entries, pages
 
@@ -401,10 +498,9 @@ async def checkpoint(
         return size
 
     try:
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        if base is None:
-            header = SnapshotHeader(new_snapshot_id(), producer, created_ns=time.time_ns())
-        else:
+        if fd < 0:
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        if base is not None:
             header = SnapshotHeader(
                 new_snapshot_id(),
                 producer,
@@ -417,10 +513,13 @@ async def checkpoint(
         entries, pages = await while_renewing(client, renewing, functools.partial(dumps, fd))
         step = "seal"
         # no fsync here: the file's contents are fixed once the dumps return, so the
-        # flush to disk happens after the guest runs again, before the rename
-        table_checksum = await trio.to_thread.run_sync(
-            functools.partial(seal, fd, entries, header, sync=False)
-        )
+        # flush to disk happens after the guest runs again, before the rename (a live
+        # checkpoint seals after the resume: its memory section is hashed anew first)
+        table_checksum = 0
+        if memory_entry is None:
+            table_checksum = await trio.to_thread.run_sync(
+                functools.partial(seal, fd, entries, header, sync=False)
+            )
         if leased:
             # the proof that the VM stayed paused through the dumps; for "pause" the VM
             # stays paused as asked, for "quit" the lease is kept until the file is durable
@@ -434,6 +533,17 @@ async def checkpoint(
             resumed = True
             leased = False
             downtime = time.monotonic() - paused_at
+        if memory_entry is not None:
+            step = "seal"
+            fresh = await trio.to_thread.run_sync(rehashed, fd, memory_entry)
+            entries = [fresh if e is memory_entry else e for e in entries]
+            table_checksum = await trio.to_thread.run_sync(
+                functools.partial(seal, fd, entries, header, sync=False)
+            )
+            if not records_epoch:
+                step = "dirty-log-stop"
+                await client.dirty_log_stop()
+                tracking_touched = False
         size = await while_renewing(
             client, lease if leased else None, functools.partial(publish, fd)
         )
@@ -487,7 +597,7 @@ async def checkpoint(
         parent_id=None if base is None else base.snapshot_id,
         tracking=track,
         incremental_pages=pages,
-        dirty_epoch=epoch,
+        dirty_epoch=epoch if records_epoch else None,
     )
 
 
