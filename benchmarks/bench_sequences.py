@@ -11,9 +11,11 @@ shared machine affects both sides alike:
    processes and ``vmipc.sequences.migrate`` (``migrate_blocking``) between their sockets;
    QEMU: two local QEMUs, ``migrate-incoming`` / ``migrate`` over a UNIX socket,
    ``query-migrate`` for total time and downtime;
-2. checkpoint of 256 MiB, 1 GiB and 4 GiB guests whose RAM is mostly touched:
-   ``vmipc.sequences.checkpoint`` to a file, beside QEMU's ``stop`` + ``migrate`` into the
-   file + ``cont``;
+2. checkpoint of 256 MiB, 1 GiB and 4 GiB guests whose RAM is mostly touched and which
+   rewrite it flat out (``rate=0``): ``vmipc.sequences.checkpoint`` to a file, plain (pause,
+   dump, resume) and live (``live=True``: RAM copied while the guest runs, paused for the
+   last round of dirty pages and the state), alternately on the same VM, beside QEMU's
+   ``stop`` + ``migrate`` into the file + ``cont``;
 3. restore of those snapshots until the guest runs (and prints its next line):
    ``vmipc vmm --restore FILE`` lazy and ``--eager``, beside QEMU ``-incoming defer`` +
    ``migrate-incoming`` from the file + ``cont``.
@@ -23,9 +25,9 @@ it is installed, else a small built-in PNG writer).
 
 Run: ``.venv/bin/python benchmarks/bench_sequences.py [--quick] [--json FILE] [--plot PATH]
 [--no-qemu]``. The default run takes about 5 minutes, ``--quick`` (no 8 MiB working set and
-no 4 GiB guest; one migration and one checkpoint each, two restores) about 2. It needs a usable
-/dev/kvm (as root). QEMU is installed with ``tools/install-system-deps`` when missing; its
-columns are skipped, with a note, when it still cannot boot the guest.
+no 4 GiB guest; one migration and one checkpoint of each kind, two restores) about 2. It
+needs a usable /dev/kvm (as root). QEMU is installed with ``tools/install-system-deps``
+when missing; its columns are skipped, with a note, when it still cannot boot the guest.
 """
 
 from __future__ import annotations
@@ -50,13 +52,20 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import trio
 from _common import REPO, QemuFailed, QmpConnection, find_qemu, median, ratio, say, say_notes, table
 
-from vmipc.client import SyncClient
+from vmipc.client import Client, SyncClient, open_client
 from vmipc.guest import BUILTIN_GUEST_PATH
-from vmipc.sequences import SequenceError, checkpoint_blocking, migrate_blocking
+from vmipc.sequences import (
+    SequenceError,
+    SnapshotReport,
+    checkpoint,
+    checkpoint_blocking,
+    migrate_blocking,
+)
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -773,13 +782,74 @@ class CheckpointRun:
     total_s: float
     file_bytes: int
     allocated_bytes: int
-    #: QEMU: fsync of the file after cont (vmipc fsyncs before it resumes)
+    #: QEMU: fsync of the file after cont (vmipc fsyncs after the resume, in its total)
     fsync_s: float | None = None
+    #: live: the dump-dirty rounds while the guest ran (after the first copy of RAM)
+    rounds: int | None = None
+    #: live: the bytes of the last dump-dirty round, written while the guest was paused
+    paused_bytes: int | None = None
+
+
+class LiveRounds:
+    """A live checkpoint's client, seen from the side: every call goes to ``client``; its
+    dump-dirty rounds are counted, and the bytes of those taken after the pause added up."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.paused = False
+        self.rounds = 0
+        self.paused_bytes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def pause(self, **options: Any) -> Any:
+        reply = await self._client.pause(**options)
+        self.paused = True
+        return reply
+
+    async def dump_dirty(self, **options: Any) -> Any:
+        reply = await self._client.dump_dirty(**options)
+        if self.paused:
+            self.paused_bytes += reply["bytes"]
+        else:
+            self.rounds += 1
+        return reply
+
+
+def live_checkpoint(socket_path: str, path: str) -> tuple[SnapshotReport, LiveRounds]:
+    """``checkpoint(client, path, live=True)`` (verified, as the plain one), with its rounds."""
+
+    async def run() -> tuple[SnapshotReport, LiveRounds]:
+        async with open_client(socket_path, client_name="bench_sequences") as client:
+            seen = LiveRounds(client)
+            return await checkpoint(cast(Client, seen), path, live=True), seen
+
+    return trio.run(run)
+
+
+def window_dirty(vm: VmipcVmm, seconds: float) -> int:
+    """The bytes the guest dirties in ``seconds``, by the VMM's own dirty log (then off)."""
+    with vm.client(30) as client:
+        client.dirty_log_start()
+        time.sleep(seconds)
+        dirty = int(client.query_dirty()["dirty_bytes"])
+        client.dirty_log_stop()
+    return dirty
+
+
+#: the window of the dirty-rate figure of table 2: 1 s would see each working set whole
+SNAP_WINDOW_S = 0.1
 
 
 def checkpoint_vmipc(
     kids: Children, tmp: Path, size: SnapSize, count: int, notes: list[str]
-) -> tuple[list[CheckpointRun], Path | None]:
+) -> tuple[list[CheckpointRun], list[CheckpointRun], list[int], Path | None]:
+    """``count`` plain and ``count`` live checkpoints of one VM, in pairs whose order
+    alternates, the last one plain; returns both, the bytes dirtied in ``SNAP_WINDOW_S``
+    (three looks before the checkpoints) and the last plain file. Every file but that one
+    is removed before the next checkpoint, so that each is written with no other snapshot
+    of this VM in the page cache (new page-cache memory is slow to come by here)."""
     vm = VmipcVmm(
         kids,
         tmp,
@@ -789,27 +859,56 @@ def checkpoint_vmipc(
             *("--guest-opt", f"ws={size.ws}", "--guest-opt", "rate=0"),
         ],
     )
-    runs: list[CheckpointRun] = []
+    plain: list[CheckpointRun] = []
+    live: list[CheckpointRun] = []
+    dirtied: list[int] = []
     path: Path | None = None
     try:
         vm.wait_output(lambda out: passes_done(out) == VCPUS, "every vCPU's first pass", 180)
+        for _ in range(3):
+            dirtied.append(window_dirty(vm, SNAP_WINDOW_S))
         for index in range(count):
-            if path is not None:
-                path.unlink()
-            path = tmp / f"vmipc-{size.memory}-{index}.snap"
-            report = checkpoint_blocking(vm.socket, str(path))
-            stat = path.stat()
-            runs.append(
-                CheckpointRun(report.downtime_s, report.total_s, stat.st_size, stat.st_blocks * 512)
-            )
-            time.sleep(0.3)
+            kinds = ("live", "plain") if (count - 1 - index) % 2 == 0 else ("plain", "live")
+            for kind in kinds:
+                if path is not None:  # not the last file: the last checkpoint is a plain one
+                    path.unlink()
+                    path = None
+                if kind == "plain":
+                    target = tmp / f"vmipc-{size.memory}-{index}.snap"
+                    report = checkpoint_blocking(vm.socket, str(target))
+                    path = target
+                    stat = path.stat()
+                    plain.append(
+                        CheckpointRun(
+                            report.downtime_s,
+                            report.total_s,
+                            stat.st_size,
+                            stat.st_blocks * 512,
+                        )
+                    )
+                else:
+                    live_path = tmp / f"vmipc-live-{size.memory}-{index}.snap"
+                    report, seen = live_checkpoint(vm.socket, str(live_path))
+                    stat = live_path.stat()
+                    live_path.unlink()
+                    live.append(
+                        CheckpointRun(
+                            report.downtime_s,
+                            report.total_s,
+                            stat.st_size,
+                            stat.st_blocks * 512,
+                            rounds=seen.rounds,
+                            paused_bytes=seen.paused_bytes,
+                        )
+                    )
+                time.sleep(0.3)
     except SequenceError as exc:
         notes.append(f"vmipc checkpoint ({size.label}) failed: {exc}")
     finally:
         vm.quit()
     if b"ERROR" in read(vm.console):
         notes.append(f"vmipc checkpoint ({size.label}): the guest printed an error line")
-    return runs, path
+    return plain, live, dirtied, path
 
 
 def checkpoint_qemu(
@@ -871,16 +970,21 @@ def checkpoint_qemu(
 
 
 def report_checkpoint(
-    sizes: Sequence[SnapSize], results: dict[str, dict[str, list[CheckpointRun]]], count: int
+    sizes: Sequence[SnapSize],
+    results: dict[str, dict[str, list[CheckpointRun]]],
+    dirtied: dict[str, list[int]],
+    count: int,
 ) -> None:
     say(f"## 2. Checkpoint to a file (guest running, RAM mostly touched; median of {count})")
     say()
     rows = []
     for size in sizes:
         ours = results[size.label]["vmipc"]
+        live = results[size.label].get("live", [])
         theirs = results[size.label].get("qemu", [])
         down = med([r.downtime_s for r in ours])
         total = med([r.total_s for r in ours])
+        l_down = med([r.downtime_s for r in live])
         q_down = med([r.downtime_s for r in theirs])
         q_sync = med([r.downtime_s + (r.fsync_s or 0) for r in theirs])
         rows.append(
@@ -888,10 +992,13 @@ def report_checkpoint(
                 f"{size.label} (`{size.options}`, {size.touched:.0%} touched)",
                 fmt_s(down),
                 fmt_s(total),
+                fmt_s(l_down),
+                fmt_s(med([r.total_s for r in live])),
                 fmt_s(q_down),
                 fmt_s(q_sync),
                 ratio(down, q_down),
                 ratio(down, q_sync),
+                ratio(l_down, q_down),
                 fmt_mib(med([float(r.allocated_bytes) for r in ours])),
                 fmt_mib(med([float(r.file_bytes) for r in theirs])),
             ]
@@ -902,10 +1009,13 @@ def report_checkpoint(
                 "guest",
                 "vmipc downtime",
                 "vmipc total",
+                "vmipc live downtime",
+                "vmipc live total",
                 "QEMU stop → cont",
                 "QEMU + fsync",
                 "vmipc/QEMU",
                 "vmipc/(QEMU + fsync)",
+                "live/QEMU",
                 "vmipc file (allocated)",
                 "QEMU file",
             ],
@@ -913,12 +1023,55 @@ def report_checkpoint(
         )
     )
     say()
+    rows = []
+    for size in sizes:
+        live = results[size.label].get("live", [])
+        window = dirtied.get(size.label, [])
+        rows.append(
+            [
+                size.label,
+                "—"
+                if not window
+                else f"{fmt_mib(med([float(b) for b in window]))} · {fmt_mib(float(max(window)))}",
+                "—" if not live else f"{med([float(r.rounds or 0) for r in live]):.0f}",
+                fmt_mib(med([float(r.paused_bytes or 0) for r in live])),
+                fmt_mib(med([float(r.allocated_bytes) for r in live])),
+            ]
+        )
     say(
-        "vmipc: `vmipc.sequences.checkpoint` (pause, dump-state and dump-memory into the file, "
-        "seal and fsync, resume — the downtime — then verify every checksum, rename; the "
-        "total). QEMU 7.2 has no `file:` migration URI: the file is passed as an fd "
-        "(`getfd` + `migrate fd:`), as vmipc's are; QEMU does not fsync it, so the "
-        "`+ fsync` column adds an fsync after `cont`."
+        table(
+            [
+                "guest",
+                f"dirtied in {SNAP_WINDOW_S * 1e3:.0f} ms (median · most of 3 looks)",
+                "live: dump-dirty rounds while running",
+                "live: last round, paused",
+                "live file (allocated)",
+            ],
+            rows,
+        )
+    )
+    say()
+    say(
+        "vmipc plain: `vmipc.sequences.checkpoint` (pause, dump-state and dump-memory into "
+        "the file, seal, resume — the downtime — then verify every checksum, fsync, rename; "
+        "the total). vmipc live: the same with `live=True`: `dirty-log-start`, a first copy "
+        "of RAM (`dump-memory`) while the guest runs, up to 5 `dump-dirty` rounds writing the "
+        "pages dirtied meanwhile in place into it, until the rest would take ≤ 20 ms or "
+        "stops shrinking; then pause, dump-state and the last `dump-dirty` round, resume — "
+        "the downtime — then hash the memory section anew, seal, `dirty-log-stop`, verify, "
+        "fsync, rename; the total. Both kinds run on the same VM, in pairs whose order "
+        "alternates (the last checkpoint is a plain one, restored in table 3), and both "
+        "files are verified. The guests run `rate=0`: each vCPU rewrites its working set "
+        "as fast as it can (a write pass, then a read-back pass), so they dirty memory "
+        "flat out — not a best case for the live checkpoint. Dirtied in "
+        f"{SNAP_WINDOW_S * 1e3:.0f} ms: vmipc's dirty log, before the checkpoints, while "
+        "the guest has the machine to itself (during a checkpoint it shares the CPUs with the "
+        "VMM's copy and the client). Last round, paused: what the live checkpoint "
+        "copied while the guest was paused. QEMU 7.2 has no `file:` migration URI: the "
+        "file is passed as an fd (`getfd` + `migrate fd:`), as vmipc's are. Neither "
+        "downtime includes an fsync (QEMU does none; vmipc's comes after the resume, in "
+        "its total), so vmipc/QEMU and live/QEMU compare like with like; the `+ fsync` "
+        "column adds an fsync after `cont`, for a QEMU file as durable as vmipc's."
     )
     say()
 
@@ -996,15 +1149,21 @@ def bench_snapshots(
     restore_count: int,
     notes: list[str],
     failures: list[str],
-) -> tuple[dict[str, dict[str, list[CheckpointRun]]], dict[str, dict[str, list[RestoreRun]]]]:
-    """Per size: checkpoints by vmipc, then by QEMU (each keeps its last file), then the
-    restores of those two files, interleaved; the files are removed after."""
+) -> tuple[
+    dict[str, dict[str, list[CheckpointRun]]],
+    dict[str, list[int]],
+    dict[str, dict[str, list[RestoreRun]]],
+]:
+    """Per size: checkpoints by vmipc (plain and live), then by QEMU (each keeps its last
+    file; vmipc its last plain one), then the restores of those two files, interleaved;
+    the files are removed after."""
     checkpoints: dict[str, dict[str, list[CheckpointRun]]] = {}
+    dirtied: dict[str, list[int]] = {}
     restores: dict[str, dict[str, list[RestoreRun]]] = {}
     for size in sizes:
-        progress(f"checkpoint, {size.label} guest ({size.options}): vmipc x{count}")
-        ours, our_file = checkpoint_vmipc(kids, tmp, size, count, notes)
-        checkpoints[size.label] = {"vmipc": ours}
+        progress(f"checkpoint, {size.label} guest ({size.options}): vmipc plain + live x{count}")
+        ours, live, dirtied[size.label], our_file = checkpoint_vmipc(kids, tmp, size, count, notes)
+        checkpoints[size.label] = {"vmipc": ours, "live": live}
         their_file: Path | None = None
         if qemu is not None:
             progress(f"checkpoint, {size.label} guest: QEMU x{count}")
@@ -1033,7 +1192,7 @@ def bench_snapshots(
         for path in (our_file, their_file):
             if path is not None:
                 path.unlink()
-    return checkpoints, restores
+    return checkpoints, dirtied, restores
 
 
 def report_restore(
@@ -1498,15 +1657,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             level: {side: [asdict(run) for run in runs] for side, runs in entry.items()}
             for level, entry in migration.items()
         }
-        saved, restored = bench_snapshots(
+        saved, dirtied, restored = bench_snapshots(
             kids, qemu, tmp, sizes, checkpoints, restores, notes, failures
         )
-        report_checkpoint(sizes, saved, checkpoints)
+        report_checkpoint(sizes, saved, dirtied, checkpoints)
         report_restore(sizes, restored, restores)
         results["checkpoint"] = {
             size: {side: [asdict(run) for run in runs] for side, runs in entry.items()}
             for size, entry in saved.items()
         }
+        results["checkpoint_dirtied_bytes"] = dirtied
         results["restore"] = {
             size: {side: [asdict(run) for run in runs] for side, runs in entry.items()}
             for size, entry in restored.items()
