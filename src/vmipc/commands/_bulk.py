@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,18 +230,34 @@ def write_memory_section(
                 stats.zero_pages += npages
                 continue
             stats.data_pages += npages
-            for start in range(first, first + npages, RUN_PAGES):
-                count = min(RUN_PAGES, first + npages - start)
-                image_offset = region.offset + start * PAGE_SIZE
-                view = memory.view[image_offset : image_offset + count * PAGE_SIZE]
-                data = view if consistent else memoryview(bytearray(view))
-                transfer.pwrite(fd, data, writer.data(image_offset, data))
-                view.release()
+            _write_pages(memory, region, first, npages, fd, transfer, consistent, writer.data)
     if os.fstat(fd).st_size < writer.end:
         os.ftruncate(fd, writer.end)
     entry = writer.finish()
     stats.bytes = transfer.done
     return entry, stats
+
+
+def _write_pages(
+    memory: GuestMemory,
+    region: MemoryRegion,
+    first: int,
+    npages: int,
+    fd: int,
+    transfer: Transfer,
+    consistent: bool,
+    place: Callable[[int, memoryview], int],
+) -> None:
+    """Write pages ``[first, first + npages)`` of ``region`` into file ``fd``, RUN_PAGES at
+    a time, each piece at ``place(image_offset, data)``; from a running guest (not
+    ``consistent``) each piece is copied first, so that what is hashed is what is written."""
+    for start in range(first, first + npages, RUN_PAGES):
+        count = min(RUN_PAGES, first + npages - start)
+        image_offset = region.offset + start * PAGE_SIZE
+        view = memory.view[image_offset : image_offset + count * PAGE_SIZE]
+        data = view if consistent else memoryview(bytearray(view))
+        transfer.pwrite(fd, data, place(image_offset, data))
+        view.release()
 
 
 def memory_section_at(machine: Machine, fd: int, section: int) -> MemorySectionWriter:
@@ -298,13 +314,16 @@ def update_memory_section(
                         transfer.pwrite(fd, memoryview(_ZEROS)[:size], piece)
                 continue
             stats.data_pages += npages
-            for start in range(first, first + npages, RUN_PAGES):
-                count = min(RUN_PAGES, first + npages - start)
-                offset = region.offset + start * PAGE_SIZE
-                view = memory.view[offset : offset + count * PAGE_SIZE]
-                data = view if consistent else memoryview(bytearray(view))
-                transfer.pwrite(fd, data, writer.data_offset + offset)
-                view.release()
+            _write_pages(
+                memory,
+                region,
+                first,
+                npages,
+                fd,
+                transfer,
+                consistent,
+                lambda image_offset, _: writer.data_offset + image_offset,
+            )
     stats.bytes = transfer.done
     return stats
 
