@@ -327,7 +327,8 @@ def test_the_dirty_log_epoch_changes_with_every_take_and_guards_dump_dirty(
         with vmm.client() as client:
             first = client.dirty_log_start()["epoch"]
             assert client.dirty_log_start()["epoch"] == first  # idempotent: same epoch
-            vmm.console.wait_for_passes(2, max(vmm.console.passes().values()) + 1)
+            # two more passes: the second one wrote its pages after logging started
+            vmm.console.wait_for_passes(2, max(vmm.console.passes().values()) + 2)
             client.pause()
             pending = client.query_dirty()
             assert pending["epoch"] == first and pending["dirty_pages"] > 0
@@ -372,9 +373,11 @@ def test_dump_dirty_brings_a_memory_section_taken_while_running_up_to_date(
                 assert first["consistent"] is False
                 section = first["section"]["offset"]
                 for _ in range(2):
-                    vmm.console.wait_for_passes(2, max(vmm.console.passes().values()) + 1)
+                    # two more passes: the second one wrote its pages after the last take
+                    vmm.console.wait_for_passes(2, max(vmm.console.passes().values()) + 2)
                     done = client.dump_dirty(format="snapshot", section=section, out=fd)
                     assert done["data_pages"] > 0 and done["consistent"] is False
+                vmm.console.wait_for_passes(2, max(vmm.console.passes().values()) + 2)
                 client.pause()
                 pending = client.query_dirty()
                 assert pending["dirty_pages"] > 0
