@@ -62,17 +62,18 @@ def test_held_requests_go_at_the_rate_in_the_order_they_came_and_all_go_when_the
             admitted.append((conn.id, trio.current_time()))
 
         start = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            priority.claim(first)
-            assert priority.status() == [1]
-            for conn in others:
-                nursery.start_soon(ask, conn)
-                await trio.sleep(0.001)  # arrive in this order
-            await ask(first)  # the claimant never waits
-            await trio.sleep(0.35 - (trio.current_time() - start))
-            assert priority.waiting == len(others) - 4
-            assert priority.release(first)
-            assert not priority.release(first)
+        with trio.fail_after(60):  # virtual time: a request held for good fails at once
+            async with trio.open_nursery() as nursery:
+                priority.claim(first)
+                assert priority.status() == [1]
+                for conn in others:
+                    nursery.start_soon(ask, conn)
+                    await trio.sleep(0.001)  # arrive in this order
+                await ask(first)  # the claimant never waits
+                await trio.sleep(0.35 - (trio.current_time() - start))
+                assert priority.waiting == len(others) - 4
+                assert priority.release(first)
+                assert not priority.release(first)
         times = [round(at - start, 3) for _, at in admitted]
         assert [n for n, _ in admitted] == [2, 1, 3, 4, 5, 6, 7, 8]
         # one every 0.1 s from the first held one; at 0.35 the claim ended: the rest at once
@@ -108,7 +109,8 @@ def test_the_lease_holder_goes_first_from_its_pause_until_the_lease_ends() -> No
             await trio.sleep(20)  # rate 0: held however long the lease lasts
             assert not done.is_set() and priority.waiting == 1
             lease.release(holder)  # the machine stays paused, nobody goes first
-            await done.wait()
+            with trio.fail_after(60):
+                await done.wait()
         assert priority.status() == []
 
     virtual(main)
@@ -121,11 +123,13 @@ def test_a_closing_claimant_stops_going_first() -> None:
         claimant, other = FakeConnection(1), FakeConnection(2)
         priority.claim(claimant)
         priority.claim(claimant)  # again: nothing changes
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(priority.admit, other, "query-status")
-            await trio.sleep(1)
-            assert priority.waiting == 1
-            claimant.close()
+        # virtual time: a request held for good fails the test at once instead of hanging
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(priority.admit, other, "query-status")
+                await trio.sleep(1)
+                assert priority.waiting == 1
+                claimant.close()
         assert priority.status() == []
 
     virtual(main)

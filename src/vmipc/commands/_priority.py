@@ -83,9 +83,6 @@ class Priority:
             log.info("connection %d no longer goes first", connection.id)
             self._changed()
 
-    def claimed_by(self, connection: LeaseHolder) -> bool:
-        return connection in self._claims
-
     def status(self) -> list[int]:
         """For query-status: the connections that go first now."""
         first = self._lease.first

@@ -76,10 +76,15 @@ async def _run_bulk(
         raise CommandError("cancelled", f"{ctx.command} was cancelled") from None
     except PeerClosed as exc:
         raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
-    except BulkError as exc:
-        raise CommandError(exc.code, f"{ctx.command}: {exc}") from None
-    except OSError as exc:
-        raise CommandError("io-error", f"{ctx.command}: {exc.strerror or exc}") from None
+    except (BulkError, OSError) as exc:
+        raise _command_error(ctx, exc) from None
+
+
+def _command_error(ctx: CommandContext, exc: BulkError | OSError) -> CommandError:
+    """What the client hears of a bulk failure: its own code, or io-error."""
+    if isinstance(exc, BulkError):
+        return CommandError(exc.code, f"{ctx.command}: {exc}")
+    return CommandError("io-error", f"{ctx.command}: {exc.strerror or exc}")
 
 
 def _require_file(ctx: CommandContext, name: str, what: str) -> int:
@@ -282,10 +287,8 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
         # before any page is taken: a wrong file or offset must not lose the dirty pages
         try:
             writer = memory_section_at(machine, fd, section)
-        except BulkError as exc:
-            raise CommandError(exc.code, f"dump-dirty: {exc}") from None
-        except OSError as exc:
-            raise CommandError("io-error", f"dump-dirty: {exc.strerror or exc}") from None
+        except (BulkError, OSError) as exc:
+            raise _command_error(ctx, exc) from None
     try:
         bitmaps, epoch = await trio.to_thread.run_sync(machine.take_dirty, expected)
     except DirtyLogOff:

@@ -82,14 +82,10 @@ async def resume_if_paused(client: Client) -> str:
     return f"the source VM could not be resumed ({describe(error)}): it is {state}"
 
 
-def supports_lease(client: Client) -> bool:
-    """Whether the VMM knows pause leases (protocol 1.3)."""
-    return "renew-lease" in client.server_info.get("commands", ())
-
-
-def supports_priority(client: Client) -> bool:
-    """Whether the VMM knows ``claim-priority`` (protocol 1.4)."""
-    return "claim-priority" in client.server_info.get("commands", ())
+def supports(client: Client, command: str) -> bool:
+    """Whether the VMM offers ``command`` on this connection (``renew-lease``: pause
+    leases, protocol 1.3; ``claim-priority``: protocol 1.4)."""
+    return command in client.server_info.get("commands", ())
 
 
 @contextlib.asynccontextmanager
@@ -97,7 +93,7 @@ async def going_first(client: Client) -> AsyncIterator[bool]:
     """Around a sequence: its requests go before other clients' (``claim-priority``, protocol
     1.4; yields False, and nothing changes, when the VMM does not know it). The claim is
     released afterwards, best effort (a VMM told to quit, or gone, has no claim to end)."""
-    if not supports_priority(client):
+    if not supports(client, "claim-priority"):
         yield False
         return
     await client.claim_priority()
@@ -111,7 +107,7 @@ async def going_first(client: Client) -> AsyncIterator[bool]:
 async def pause_leased(client: Client, lease: float | None) -> bool:
     """Pause with a lease of ``lease`` seconds when the VMM supports it (a plain pause when
     ``lease`` is None or it does not); returns whether a lease was taken."""
-    if lease is not None and supports_lease(client):
+    if lease is not None and supports(client, "renew-lease"):
         await client.pause(lease=lease)
         return True
     await client.pause()

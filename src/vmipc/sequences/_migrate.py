@@ -54,7 +54,7 @@ from vmipc.sequences._common import (
     pause_leased,
     resume_if_paused,
     state_of,
-    supports_priority,
+    supports,
     while_renewing,
 )
 
@@ -239,7 +239,7 @@ class LocalDestination:
                 f"{status['vcpu_count']} vCPUs, the source {memory_size} and {vcpus}"
             )
         # its loads and its resume are part of the migration too: they go first
-        if supports_priority(self.client):
+        if supports(self.client, "claim-priority"):
             await self.client.claim_priority()
 
     async def transfer(self, kind: Kind, send: Send) -> Mapping[str, Any]:
@@ -281,7 +281,7 @@ class LocalDestination:
         return f"the destination could not be told to quit ({describe(error)})"
 
     async def finish(self) -> None:
-        if supports_priority(self.client):
+        if supports(self.client, "claim-priority"):
             await best_effort(self.client.release_priority)
 
 

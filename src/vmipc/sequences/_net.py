@@ -45,7 +45,7 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 
 from vmipc.client import Client, open_client
-from vmipc.sequences._common import best_effort, describe, supports_priority
+from vmipc.sequences._common import best_effort, describe, supports
 from vmipc.sequences._migrate import (
     RESUME_TIMEOUT,
     DestinationUnknown,
@@ -356,7 +356,7 @@ async def receive(
             client = await stack.enter_async_context(
                 open_client(vmm.socket_path, client_name="vmipc receive")
             )
-            if supports_priority(client):
+            if supports(client, "claim-priority"):
                 await client.claim_priority()  # the loads and the resume go first
             status = await client.query_status()
             if status["state"] != "incoming":

@@ -399,6 +399,16 @@ async def checkpoint(
     #: epoch then names nothing
     records_epoch = track or logging_before or not live_run
     header = SnapshotHeader(new_snapshot_id(), producer, created_ns=time.time_ns())
+
+    async def abandon_live_file() -> None:
+        """Before the pause, a live checkpoint gives up: its file goes, and the dirty
+        logging it started for itself."""
+        if fd >= 0:
+            os.close(fd)
+        unlink_quietly(temp)
+        if not logging_before:
+            await best_effort(client.dirty_log_stop)
+
     if live_run:
         step = "dirty-log-start"
         try:
@@ -409,14 +419,9 @@ async def checkpoint(
             step = "live pre-copy"
             memory_entry, epoch = await _live_precopy(client, fd, epoch)
         except BaseException as exc:
-            if fd >= 0:
-                os.close(fd)
-            unlink_quietly(temp)
-            outcome = "no snapshot was written; the VM runs on"
-            if not logging_before:
-                await best_effort(client.dirty_log_stop)
+            await abandon_live_file()
             if isinstance(exc, Exception):
-                raise SequenceError(step, exc, outcome) from exc
+                raise SequenceError(step, exc, "no snapshot was written; the VM runs on") from exc
             raise
     we_paused = status["state"] == "running"
     paused_at = time.monotonic()
@@ -425,11 +430,8 @@ async def checkpoint(
         try:
             leased = await pause_leased(client, lease)
         except BaseException as exc:
-            if fd >= 0:  # a live checkpoint's file
-                os.close(fd)
-                unlink_quietly(temp)
-                if not logging_before:
-                    await best_effort(client.dirty_log_stop)
+            if live_run:
+                await abandon_live_file()
             if isinstance(exc, CommandError):
                 outcome = "no snapshot was written; the VM is as it was"
                 raise SequenceError("pause", exc, outcome) from exc
