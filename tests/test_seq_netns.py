@@ -89,9 +89,9 @@ def in_ns(ns: str) -> tuple[str, ...]:
 
 
 class Receiver:
-    def __init__(self, ns: str, addr: str, tmp: str, socket: str | None = None) -> None:
+    def __init__(self, ns: str | None, addr: str, tmp: str, socket: str | None = None) -> None:
         self.console = Path(tmp) / "received.console"
-        argv = [*in_ns(ns), *VMIPC, "receive", "--listen", f"{addr}:0", "--json"]
+        argv = [*(in_ns(ns) if ns else ()), *VMIPC, "receive", "--listen", f"{addr}:0", "--json"]
         argv += ["--console", str(self.console), "--accept-timeout", "30"]
         if socket:
             argv += ["--socket", socket]
@@ -269,3 +269,33 @@ def test_a_destination_vmm_killed_mid_migration_over_tcp_leaves_the_source_runni
             check_continuation(src.text(), "")
         finally:
             receiver.stop()
+
+
+def test_receive_into_a_running_vmm_refuses_and_leaves_it_running() -> None:
+    """``vmipc receive --socket S`` given a VMM that is not incoming (here a running guest)
+    refuses the migration and never quits that VMM: only a destination it verified as a
+    fitting incoming VMM is its to discard."""
+    import socket as socketlib
+    import struct
+
+    import msgpack  # type: ignore[import-untyped, unused-ignore]
+
+    with vmm_processes() as vmms:
+        running = vmms.guest("running")
+        running.wait_for_passes(1)
+        receiver = Receiver(None, "127.0.0.1", vmms.tmp, running.socket)
+        try:
+            with socketlib.create_connection(("127.0.0.1", receiver.port), timeout=20) as peer:
+                hello = msgpack.packb(
+                    {"op": "hello", "version": 1, "memory_size": 64 << 20, "vcpus": 2}
+                )
+                peer.sendall(struct.pack("<I", len(hello)) + hello)
+                code, report = receiver.result()
+        finally:
+            receiver.stop()
+        assert code != 0
+        assert report["outcome"] == "discarded"
+        assert "not incoming" in report["reason"]
+        assert running.state() == "running"
+        before = max(running.passes().values())
+        running.wait_for_passes(before + 1)

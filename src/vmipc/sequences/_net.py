@@ -330,6 +330,9 @@ async def receive(
     transfers = 0
     resumed = False
     client: Client | None = None
+    #: the destination is ours to discard: we started it, or it proved a fitting incoming
+    #: VMM; a VMM we were given that is anything else (running a guest!) is left alone
+    ours = vmm_socket is None
 
     def report(outcome: str, reason: str | None = None) -> ReceiveReport:
         return ReceiveReport(
@@ -366,6 +369,7 @@ async def receive(
                     f"the destination VMM has {status['memory_size']} bytes and "
                     f"{status['vcpu_count']} vCPUs, the source {memory_size} and {vcpus}"
                 )
+            ours = True
             await reply({"ok": True})
             while True:
                 message = await _in_thread(conn, lambda: recv_frame(conn))
@@ -406,7 +410,7 @@ async def receive(
                         await reply({"ok": False, "error": describe(exc)})
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-                await vmm.discard(client)
+                await vmm.discard(client if ours else None)
             if isinstance(exc, Exception):
                 return report("discarded", describe(exc))
             raise
