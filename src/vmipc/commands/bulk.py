@@ -27,6 +27,7 @@ from vmipc.commands._bulk import (
     write_state_sections,
 )
 from vmipc.commands._registry import CommandContext, handler
+from vmipc.commands._restorable import check_config
 from vmipc.formats import bitmap_to_runs
 from vmipc.protocol import CommandError, ErrorCode
 from vmipc.vmm.host import MachineHost
@@ -175,6 +176,10 @@ async def load_memory(ctx: CommandContext) -> dict[str, Any]:
         _require_file(ctx, "in", "snapshot")
         if host.machine is None:
             state = await _run_bulk(ctx, "config", None, lambda t: read_state_sections(fd))
+            try:
+                check_config(state.config)  # a file's config that builds no machine
+            except BulkError as exc:
+                raise _command_error(ctx, exc) from None
             await trio.to_thread.run_sync(host.configure, state.config)
     machine = _incoming_machine(ctx, host)
     memory = machine.memory
