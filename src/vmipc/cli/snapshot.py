@@ -2,7 +2,8 @@
 
     vmipc snapshot inspect FILE [--json]     the header, the section table, the memory layout
     vmipc snapshot verify FILE [--section NAME]
-                                             check every checksum (or one section's)
+                                             check every checksum (or one section's) and
+                                             what a restore checks without KVM
     vmipc snapshot seal FILE RESULT.json...  finish a snapshot composed with vmipc call
     vmipc snapshot merge NEWEST -o OUT [--parent FILE]... [--chain-dir DIR]
                                              flatten an incremental chain into one full
@@ -61,7 +62,9 @@ def add_parser(subparsers: Any) -> None:
         help="check every checksum",
         description=(
             "Check every checksum of a snapshot (every byte of the file is covered) and "
-            "that the sections a restore needs are present."
+            "everything a restore checks before it needs KVM: the sections it needs, "
+            "state records that decode and match the configuration, and a memory "
+            "section in the configuration's RAM layout."
         ),
     )
     verify.add_argument("file", metavar="FILE")
