@@ -4,6 +4,7 @@ memory and state through every kind of fd, dirty tracking, cancellation, errors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
@@ -402,6 +403,148 @@ def test_dump_dirty_brings_a_memory_section_taken_while_running_up_to_date(
                 client.dirty_log_stop()
         finally:
             os.close(fd)
+
+
+# --- positional writers: what the file held, O_APPEND, write-only fds --------------------
+
+
+def test_a_raw_dump_into_an_existing_file_reads_back_as_ram_byte_for_byte(
+    tmp_path: Path,
+) -> None:
+    """Zero pages are not written but must not keep the file's old bytes, and the file
+    ends where the image ends; from the fd's position on (before it stays)."""
+    with vmms() as make:
+        vmm = make()
+        vmm.console.wait_for_passes(2, 1)
+        path = tmp_path / "ram.img"
+        prefix = b"kept" * 1024
+        with vmm.client() as client:
+            client.pause()
+            for old_size in (MEMORY + 3 * MIB, MEMORY // 2):
+                path.write_bytes(prefix + b"\xa5" * old_size)
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    os.lseek(fd, len(prefix), os.SEEK_SET)
+                    client.dump_memory(format="raw", out=fd)
+                    assert os.lseek(fd, 0, os.SEEK_CUR) == len(prefix) + MEMORY
+                finally:
+                    os.close(fd)
+                dumped = path.read_bytes()
+                assert dumped[: len(prefix)] == prefix
+                assert len(dumped) == len(prefix) + MEMORY, old_size
+                assert dumped[len(prefix) :] == ram_of(vmm.machine), old_size
+
+
+def test_positional_dumps_refuse_an_append_mode_fd_before_writing_anything(
+    tmp_path: Path,
+) -> None:
+    """With O_APPEND, Linux's pwrite appends wherever it was asked to write: raw images and
+    snapshot sections would land at the wrong offsets. Refused (invalid-fds) up front;
+    stream dumps, which only append, still take such an fd."""
+    with vmms() as make:
+        vmm = make()
+        vmm.console.wait_for_passes(2, 1)
+        path = tmp_path / "appended"
+        with vmm.client() as client:
+            client.pause()
+            client.dirty_log_start()
+            calls: list[tuple[str, Callable[[int], Any]]] = [
+                ("raw", lambda fd: client.dump_memory(format="raw", out=fd)),
+                ("memory", lambda fd: client.dump_memory(format="snapshot", out=fd)),
+                ("state", lambda fd: client.dump_state(format="snapshot", out=fd)),
+                (
+                    "dirty",
+                    lambda fd: client.dump_dirty(format="snapshot", section=HEADER_SIZE, out=fd),
+                ),
+            ]
+            pending = client.query_dirty()
+            for what, call in calls:
+                path.write_bytes(b"old bytes")
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+                try:
+                    error = expect_error(lambda: call(fd), "invalid-fds")  # noqa: B023
+                finally:
+                    os.close(fd)
+                assert "O_APPEND" in str(error), what
+                assert error.details == {"fd": "out", "problem": "opened with O_APPEND"}, what
+                assert path.read_bytes() == b"old bytes", what
+            assert client.query_dirty() == pending  # dump-dirty took nothing
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                client.dump_memory(out=fd)  # a stream only appends: fine
+            finally:
+                os.close(fd)
+            assert path.read_bytes().startswith(b"old bytes")
+            assert len(path.read_bytes()) > 4096
+            client.dirty_log_stop()
+
+
+def test_dump_dirty_into_a_snapshot_refuses_a_write_only_fd_before_taking_pages(
+    tmp_path: Path,
+) -> None:
+    """format=snapshot reads the section's descriptor first: a write-only fd is an
+    invalid-fds that says so, not an io-error "Bad file descriptor" after the take."""
+    with vmms() as make:
+        vmm = make()
+        vmm.console.wait_for_passes(2, 1)
+        path = tmp_path / "live.snap"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, HEADER_SIZE)
+            with vmm.client() as client:
+                client.pause()
+                client.dirty_log_start()
+                section = client.dump_memory(format="snapshot", out=fd)["section"]["offset"]
+                client.resume()
+                vmm.console.wait_for_passes(2, max(vmm.console.passes().values()) + 1)
+                client.pause()
+                pending = client.query_dirty()
+                assert pending["dirty_pages"] > 0
+                write_only = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    error = expect_error(
+                        lambda: client.dump_dirty(
+                            format="snapshot", section=section, out=write_only
+                        ),
+                        "invalid-fds",
+                    )
+                finally:
+                    os.close(write_only)
+                assert "reading" in str(error)
+                assert error.details == {"fd": "out", "problem": "not open for reading"}
+                assert client.query_dirty() == pending  # nothing was taken
+                client.dirty_log_stop()
+        finally:
+            os.close(fd)
+
+
+def test_load_state_that_kvm_refuses_is_bad_state(tmp_path: Path) -> None:
+    """Registers KVM refuses (EFER with reserved bits) are bad input, not an internal
+    error; the VMM stays incoming."""
+    from vmipc.commands._bulk import encode_state_blob
+    from vmipc.kvm import structs
+
+    with vmms() as make:
+        source = make()
+        source.console.wait_for_passes(2, 1)
+        target = make(incoming=True)
+        with source.client() as src, target.client() as dst:
+            src.pause()
+            state = source.machine.save_state()
+            vcpu = state.vcpus[0]
+            sregs = structs.KvmSregs.from_buffer_copy(vcpu.sregs)
+            sregs.efer = 0xFFFF_0000_0000
+            bad = dataclasses.replace(
+                state,
+                vcpus=(dataclasses.replace(vcpu, sregs=bytes(sregs)), *state.vcpus[1:]),
+            )
+            blob = tmp_path / "state"
+            blob.write_bytes(encode_state_blob(bad))
+            with open(blob, "rb") as handle:
+                error = expect_error(lambda: dst.load_state(in_=handle.fileno()), "bad-state")
+            assert "KVM_SET_SREGS" in str(error)
+            assert dst.query_status()["state"] == "incoming"
+            expect_error(dst.resume, "invalid-state")
 
 
 # --- a stuck reader, errors ------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,8 +12,14 @@ from pathlib import Path
 import pytest
 
 from vmipc.cli import main
+from vmipc.commands._bulk import state_sections
 from vmipc.formats import SnapshotHeader
 from vmipc.formats import snapshot as sn
+from vmipc.kvm import structs
+from vmipc.vmm.devices import Uart16550
+from vmipc.vmm.machine import BootSource, MachineConfig, MachineState
+from vmipc.vmm.memory import MIN_MEMORY, layout_for
+from vmipc.vmm.state import VcpuState, VmState
 
 PAGE = 4096
 SNAPSHOT_ID = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -25,6 +33,57 @@ def make_snapshot(path: Path, header: SnapshotHeader | None = None, *, memory: b
     sections = [("config", 1, b"cfg"), ("vcpus", 1, b"vcpu" * 10), ("devices", 1, b"dev")]
     if memory:
         sections.append(("memory", 1, sn.encode_memory_section(REGIONS, image)))
+    path.write_bytes(sn.build_snapshot(header, sections))
+    return path
+
+
+def restorable_state(memory_size: int = MIN_MEMORY, vcpus: int = 1) -> MachineState:
+    """A machine state a restore takes as far as can be told without KVM (registers and
+    devices all zero: only KVM would refuse some of them)."""
+
+    def zeros(kind: type[ctypes.Structure]) -> bytes:
+        return bytes(ctypes.sizeof(kind))
+
+    return MachineState(
+        config=MachineConfig(memory_size, vcpus, BootSource("builtin")),
+        vcpus=tuple(
+            VcpuState(
+                vcpu_id=index,
+                mp_state=0,
+                regs=zeros(structs.KvmRegs),
+                sregs=zeros(structs.KvmSregs),
+                xsave=zeros(structs.KvmXsave),
+                xcrs=zeros(structs.KvmXcrs),
+                debugregs=zeros(structs.KvmDebugregs),
+                lapic=zeros(structs.KvmLapicState),
+                msrs=((0x10, 0),),
+                vcpu_events=zeros(structs.KvmVcpuEvents),
+                cpuid=(),
+            )
+            for index in range(vcpus)
+        ),
+        vm=VmState(
+            pic_master=zeros(structs.KvmIrqchip),
+            pic_slave=zeros(structs.KvmIrqchip),
+            ioapic=zeros(structs.KvmIrqchip),
+            pit=zeros(structs.KvmPitState2),
+            clock=0,
+        ),
+        uart=Uart16550(lambda data: None).save(),
+    )
+
+
+def make_restorable(
+    path: Path, state: MachineState | None = None, *, memory_size: int = MIN_MEMORY
+) -> Path:
+    """A snapshot `vmm --restore` takes (short of KVM's word on the registers): real
+    state sections and a memory image of ``memory_size`` bytes in the layout of its RAM."""
+    state = state or restorable_state()
+    regions = [(r.guest_phys_addr, r.size, r.offset) for r in layout_for(memory_size)]
+    image = bytearray(memory_size)
+    image[5 * PAGE] = 1
+    sections = [*state_sections(state), ("memory", 1, sn.encode_memory_section(regions, image))]
+    header = SnapshotHeader(SNAPSHOT_ID, "vmipc test")
     path.write_bytes(sn.build_snapshot(header, sections))
     return path
 
@@ -79,7 +138,7 @@ def test_inspect_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_verify_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = make_snapshot(tmp_path / "vm.snap")
+    path = make_restorable(tmp_path / "vm.snap")
     code, out, err = run_cli("verify", str(path), capsys=capsys)
     assert (code, err) == (0, "")
     assert out.startswith(f"{path}: ok (4 sections, ")
@@ -166,8 +225,49 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert info.value.code == 2
 
 
+def test_verify_refuses_what_a_restore_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every checksum right, but no restore would take it: verify says why, in one line
+    (the same check `vmm --restore` makes; tests/test_restore.py runs both on real files)."""
+    good = restorable_state()
+    cases: list[tuple[str, Path, str]] = [
+        ("fake records", make_snapshot(tmp_path / "1.snap"), "state sections are not msgpack"),
+        (
+            "no vcpus",
+            make_restorable(
+                tmp_path / "2.snap",
+                dataclasses.replace(
+                    good, config=dataclasses.replace(good.config, vcpus=0), vcpus=()
+                ),
+            ),
+            "section 'config': 0 vcpus (1 .. 64 allowed)",
+        ),
+        (
+            "RAM larger than the memory section",
+            make_restorable(tmp_path / "3.snap", restorable_state(memory_size=2 * MIN_MEMORY)),
+            "section 'memory': its layout 16 MiB at 0x0 is not the layout of the "
+            "configuration's 32 MiB of RAM (32 MiB at 0x0)",
+        ),
+        (
+            "unusable RAM size",
+            make_restorable(
+                tmp_path / "4.snap",
+                restorable_state(memory_size=8 << 20),
+                memory_size=MIN_MEMORY,
+            ),
+            "section 'config': memory size 8 MiB is outside 16 MiB .. 64 GiB",
+        ),
+    ]
+    for case, bad, message in cases:
+        code, out, err = run_cli("verify", str(bad), capsys=capsys)
+        assert (code, out) == (1, ""), case
+        assert err.startswith(f"vmipc snapshot: {bad}: {message}"), (case, err)
+        assert err.count("\n") == 1, (case, err)
+
+
 def test_the_vmipc_command(tmp_path: Path) -> None:
-    path = make_snapshot(tmp_path / "vm.snap")
+    path = make_restorable(tmp_path / "vm.snap")
     result = subprocess.run(
         [sys.executable, "-m", "vmipc", "snapshot", "verify", str(path)],
         capture_output=True,

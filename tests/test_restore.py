@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import argparse
 import os
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tests.builtin_guest import Console, check_against_model
 from tests.test_bulk_commands import WS, compose_snapshot, vmms
 from vmipc.cli.vmm import RestoreError, restore_machine
+from vmipc.formats import SnapshotHeader, SnapshotReader, new_snapshot_id
+from vmipc.formats.snapshot import MEMORY_ENCODING_PAGE_STREAM, build_snapshot
+from vmipc.kvm import structs
+from vmipc.protocol import CommandError
+from vmipc.vmm.memory import MIB
 from vmipc.vmm.runstate import RunState
 
 pytestmark = pytest.mark.kvm
+
+IGNORE_MSRS = "/sys/module/kvm/parameters/ignore_msrs"
 
 
 def snapshot_of_a_running_guest(path: Path) -> tuple[str, int]:
@@ -151,3 +161,161 @@ def test_cli_restore_with_a_control_socket(tmp_path: Path) -> None:
             process.wait()
     check_against_model((before + console.read_text()).split("\n")[:-1], 2, WS)
     assert reached >= 2
+
+
+# --- files restore refuses: one line, exit 1, and `snapshot verify` agrees ---------------
+
+
+@pytest.fixture(scope="module")
+def real_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("real") / "snap.vmipc"
+    snapshot_of_a_running_guest(path)
+    return path
+
+
+def rewritten(source: Path, target: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """A sealed copy of snapshot ``source`` whose records ``change`` edited: it gets
+    ``{"config": map, "vcpus": map, "devices": map, "memory": bytearray}`` (the memory
+    section whole: descriptor page, then the image)."""
+    reader = SnapshotReader.from_file(open(source, "rb"), max_read=1 << 30)  # noqa: SIM115
+    records: dict[str, Any] = {
+        name: msgpack.unpackb(reader.read_section(name)) for name in ("config", "vcpus", "devices")
+    }
+    records["memory"] = bytearray(reader.read_section("memory"))
+    change(records)
+    sections = [(name, 1, msgpack.packb(records[name])) for name in ("config", "vcpus", "devices")]
+    sections.append(("memory", 1, bytes(records["memory"])))
+    header = SnapshotHeader(new_snapshot_id(), "vmipc-test")
+    target.write_bytes(build_snapshot(header, sections))
+    return target
+
+
+def set_config(**values: Any) -> Callable[[dict[str, Any]], None]:
+    def change(records: dict[str, Any]) -> None:
+        records["config"].update(values)
+
+    return change
+
+
+def no_vcpus(records: dict[str, Any]) -> None:
+    records["config"]["vcpus"] = 0
+    records["vcpus"]["vcpus"] = []
+
+
+def page_stream_encoding(records: dict[str, Any]) -> None:
+    # a full snapshot's memory claims to be a page stream: mapped as RAM as it is, the
+    # guest would run on the stream's bytes
+    struct.pack_into("<I", records["memory"], 4, MEMORY_ENCODING_PAGE_STREAM)
+
+
+def refused_msr(records: dict[str, Any]) -> None:
+    records["vcpus"]["vcpus"][0]["msrs"].insert(1, [0xDEADBEEF, 1])
+
+
+def refused_sregs(records: dict[str, Any]) -> None:
+    vcpu = records["vcpus"]["vcpus"][0]
+    sregs = structs.KvmSregs.from_buffer_copy(vcpu["sregs"])
+    sregs.efer = 0xFFFF_0000_0000  # reserved bits: KVM_SET_SREGS says EINVAL
+    vcpu["sregs"] = bytes(sregs)
+
+
+#: (change, what the one line says, whether `snapshot verify` can tell without KVM)
+BAD_FILES: dict[str, tuple[Callable[[dict[str, Any]], None], str, bool]] = {
+    "memory-section-smaller-than-ram": (set_config(memory_size=128 * MIB), "layout", True),
+    "no-vcpus": (no_vcpus, "vcpus", True),
+    "unusable-memory-size": (set_config(memory_size=8 * MIB), "memory size", True),
+    "too-many-vcpus": (set_config(vcpus=10_000), "vcpu", True),
+    "full-snapshot-with-a-page-stream": (page_stream_encoding, "page stream", True),
+    "msr-kvm-refuses": (refused_msr, "MSR 0xdeadbeef", False),
+    "sregs-kvm-refuses": (refused_sregs, "KVM_SET_SREGS", False),
+}
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_files_restore_refuses_exit_1_in_one_line_and_verify_agrees(
+    real_snapshot: Path, tmp_path: Path, case: str
+) -> None:
+    change, says, verify_sees_it = BAD_FILES[case]
+    ignore_msrs = Path(IGNORE_MSRS)
+    if case == "msr-kvm-refuses" and ignore_msrs.exists() and ignore_msrs.read_text()[:1] == "Y":
+        pytest.skip("kvm.ignore_msrs=Y: KVM accepts any MSR")
+    bad = rewritten(real_snapshot, tmp_path / "bad.vmipc", change)
+    for extra in ([], ["--eager"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "vmipc", "vmm", "--restore", str(bad), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        line = one_line(result.stderr)
+        assert result.returncode == 1, (extra, line)
+        assert line.startswith(f"vmipc vmm: cannot restore {bad}: "), (extra, line)
+        assert says in line, (extra, line)
+    verify = subprocess.run(
+        [sys.executable, "-m", "vmipc", "snapshot", "verify", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if verify_sees_it:
+        line = one_line(verify.stderr)
+        assert verify.returncode == 1, line
+        assert line.startswith(f"vmipc snapshot: {bad}: "), line
+        assert says in line, line
+    else:  # only KVM can tell
+        assert verify.returncode == 0, verify.stderr
+
+
+def test_verify_accepts_what_restore_accepts(real_snapshot: Path, tmp_path: Path) -> None:
+    copy = rewritten(real_snapshot, tmp_path / "copy.vmipc", lambda records: None)
+    for path in (real_snapshot, copy):
+        verify = subprocess.run(
+            [sys.executable, "-m", "vmipc", "snapshot", "verify", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verify.returncode == 0, verify.stderr
+    console = Console()
+    machine = restore_machine(str(copy), console, restore_options(verify=True))
+    try:
+        console.wait_for_passes(2, 1)
+    finally:
+        machine.close()
+
+
+def test_restore_of_a_directory_is_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vmipc", "vmm", "--restore", "/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert one_line(result.stderr) == "vmipc vmm: cannot restore /: Is a directory"
+    assert result.returncode == 1
+
+
+def test_load_memory_of_a_snapshot_whose_config_builds_no_machine_is_bad_snapshot(
+    real_snapshot: Path, tmp_path: Path
+) -> None:
+    """On a VMM without a machine yet, load-memory builds it from the file's config: a
+    config no machine can have is the file's fault (bad-snapshot), not an internal error."""
+    with vmms() as make:
+        target = make(incoming=True)
+        with target.client() as client:
+            for name in ("no-vcpus", "unusable-memory-size"):
+                bad = rewritten(real_snapshot, tmp_path / f"{name}.vmipc", BAD_FILES[name][0])
+                with open(bad, "rb") as handle, pytest.raises(CommandError) as info:
+                    client.load_memory(format="snapshot", in_=handle.fileno())
+                assert info.value.code == "bad-snapshot", info.value
+                assert "section 'config'" in str(info.value)
+                assert client.query_status()["state"] == "incoming"

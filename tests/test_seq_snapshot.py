@@ -26,6 +26,7 @@ from tests.seq_support import (
 from vmipc.client import Client, CommandError, open_client
 from vmipc.formats import SnapshotReader
 from vmipc.sequences import SequenceError, checkpoint, restore_into
+from vmipc.sequences import _snapshot as snapshot_sequence
 
 pytestmark = pytest.mark.kvm
 
@@ -160,6 +161,33 @@ def test_a_failed_checkpoint_resumes_the_vm_and_keeps_the_old_file(
         passes = max(src.passes().values())
         src.wait_for_passes(passes + 2)
         check_continuation(src.text(), "")
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["plain", "live"])
+def test_a_failed_checkpoint_removes_only_the_file_it_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live: bool
+) -> None:
+    """The temporary name is taken (O_EXCL fails): the checkpoint fails and the file that
+    was there, which it did not create, survives."""
+    snap = tmp_path / "vm.snap"
+    taken = tmp_path / ".vm.snap.taken.partial"
+    taken.write_bytes(b"somebody else's")
+    monkeypatch.setattr(snapshot_sequence, "temp_path_for", lambda path: str(taken))
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        src.wait_for_passes(1)
+
+        async def attempt() -> SequenceError:
+            async with open_client(src.socket) as client:
+                with pytest.raises(SequenceError) as info:
+                    await checkpoint(client, str(snap), live=live)
+                return info.value
+
+        error = trio.run(attempt)
+        assert isinstance(error.__cause__, FileExistsError), error
+        assert taken.read_bytes() == b"somebody else's"
+        assert not snap.exists()
+        assert src.state() == "running"
 
 
 def test_a_source_vmm_that_dies_mid_checkpoint_leaves_no_file(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from vmipc.vmm.machine_api import StateChange
 from vmipc.vmm.memory import MemoryConfigError, layout_for, parse_size
 from vmipc.vmm.runstate import RunState
 from vmipc.vmm.sandbox import SandboxError, enter_capability_mode
+from vmipc.vmm.state import StateRecordError
 
 if TYPE_CHECKING:
     from vmipc.server import Server
@@ -400,7 +401,8 @@ def open_snapshot(
 ) -> tuple[Machine, MachineState]:
     """The first half of :func:`restore_machine`, everything that reads the file: the
     machine built with its RAM (not started), and the state to restore into it."""
-    from vmipc.commands._bulk import BulkError, read_snapshot_memory, read_state_sections
+    from vmipc.commands._bulk import BulkError, read_snapshot_memory
+    from vmipc.commands._restorable import check_restorable
     from vmipc.formats import FormatError, SnapshotReader
     from vmipc.vmm.memory import GuestMemory
     from vmipc.vmm.transfer import Transfer
@@ -417,13 +419,15 @@ def open_snapshot(
             reader.check_complete()
             if reader.header.incremental:
                 raise RestoreError("an incremental snapshot: merge its chain first")
-            state = read_state_sections(fd)
-            section = reader.memory()
+            # everything `vmipc snapshot verify` checks too, before any RAM is mapped
+            restorable = check_restorable(reader, fd)
             if args.verify:
                 reader.verify("memory")
         except (FormatError, BulkError) as exc:
             raise RestoreError(str(exc)) from None
-        stored = [(r.gpa, r.size, r.offset) for r in section.descriptor.regions]
+        except OSError as exc:  # not a file that can be read (a directory, an I/O error)
+            raise RestoreError(exc.strerror or str(exc)) from None
+        state, section = restorable.state, restorable.memory
         empty = MachineConfig(state.config.memory_size, state.config.vcpus, BootSource("none"))
         if args.eager:
             machine = Machine(empty, console)
@@ -434,13 +438,10 @@ def open_snapshot(
                 machine.close()
                 raise RestoreError(str(exc)) from None
         else:
+            # the layout was checked: the section's image holds all of this RAM
             memory = GuestMemory(
                 state.config.memory_size, fd=os.dup(fd), private_file_offset=section.data_offset
             )
-            ours = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
-            if stored != ours or section.data_size < memory.size:
-                memory.close()
-                raise RestoreError(f"the memory section's layout {stored} does not fit")
             machine = Machine(empty, console, memory=memory)
     finally:
         os.close(fd)
@@ -452,7 +453,10 @@ def start_restored(machine: Machine, state: MachineState, *, paused: bool) -> No
     the state, and run unless ``paused``. Needs no file (it may run in capability mode)."""
     try:
         machine.start(paused=True)
-        machine.restore_state(state)
+        try:
+            machine.restore_state(state)
+        except StateRecordError as exc:  # KVM refused a value of the file's records
+            raise RestoreError(str(exc)) from None
         if not paused:
             machine.resume()
     except BaseException:

@@ -485,11 +485,14 @@ class AsyncCommands:
         (default) writes one page stream (protocol/page-stream.md): never-touched and all-zero
         pages become zero records, so the stream is about as large as the RAM in use. ``raw``
         writes the flat RAM image (regions in memory-file order; a regular file keeps holes for
-        zero pages). ``snapshot`` appends the memory section of a snapshot file at the file's end
-        and returns its table entry (the fd must be a regular file). Allowed while paused (a
-        consistent image) and while running (the first pass of a pre-copy migration: each run is
-        copied before it is sent so its checksum is right). Cancellable; reports progress in
-        bytes.
+        zero pages, and the image replaces what the file held from the fd's position on, so that
+        the file ends with it). ``snapshot`` appends the memory section of a snapshot file at the
+        file's end and returns its table entry (the fd must be a regular file). ``raw`` into a
+        regular file and ``snapshot`` write at file offsets: an fd opened with O_APPEND, which
+        would turn them into appends, is refused (``invalid-fds``) before anything is written.
+        Allowed while paused (a consistent image) and while running (the first pass of a pre-copy
+        migration: each run is copied before it is sent so its checksum is right). Cancellable;
+        reports progress in bytes.
 
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
@@ -514,7 +517,7 @@ class AsyncCommands:
         PICs, IOAPIC, PIT and clock, and the UART — to the ``out`` fd. ``format: blob`` (default)
         writes one self-delimiting, checksummed state blob (protocol/state-blob.md); ``snapshot``
         appends the config, vcpus and devices sections of a snapshot file and returns their table
-        entries. Only while paused.
+        entries (a regular file, not opened with O_APPEND: ``invalid-fds``). Only while paused.
 
         Allowed in states: paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
@@ -854,11 +857,14 @@ class SyncCommands:
         (default) writes one page stream (protocol/page-stream.md): never-touched and all-zero
         pages become zero records, so the stream is about as large as the RAM in use. ``raw``
         writes the flat RAM image (regions in memory-file order; a regular file keeps holes for
-        zero pages). ``snapshot`` appends the memory section of a snapshot file at the file's end
-        and returns its table entry (the fd must be a regular file). Allowed while paused (a
-        consistent image) and while running (the first pass of a pre-copy migration: each run is
-        copied before it is sent so its checksum is right). Cancellable; reports progress in
-        bytes.
+        zero pages, and the image replaces what the file held from the fd's position on, so that
+        the file ends with it). ``snapshot`` appends the memory section of a snapshot file at the
+        file's end and returns its table entry (the fd must be a regular file). ``raw`` into a
+        regular file and ``snapshot`` write at file offsets: an fd opened with O_APPEND, which
+        would turn them into appends, is refused (``invalid-fds``) before anything is written.
+        Allowed while paused (a consistent image) and while running (the first pass of a pre-copy
+        migration: each run is copied before it is sent so its checksum is right). Cancellable;
+        reports progress in bytes.
 
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
@@ -883,7 +889,7 @@ class SyncCommands:
         PICs, IOAPIC, PIT and clock, and the UART — to the ``out`` fd. ``format: blob`` (default)
         writes one self-delimiting, checksummed state blob (protocol/state-blob.md); ``snapshot``
         appends the config, vcpus and devices sections of a snapshot file and returns their table
-        entries. Only while paused.
+        entries (a regular file, not opened with O_APPEND: ``invalid-fds``). Only while paused.
 
         Allowed in states: paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors

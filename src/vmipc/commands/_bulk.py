@@ -333,12 +333,18 @@ def _format_layout(memory: GuestMemory) -> str:
 
 
 def write_raw_image(machine: Machine, fd: int, transfer: Transfer) -> Stats:
-    """RAM as one flat image in memfd order; a regular file keeps holes for zero pages."""
+    """RAM as one flat image in memfd order; a regular file keeps holes for zero pages.
+
+    Into a regular file the image goes from the fd's position to the end of the file: it
+    must read back as RAM byte for byte, so what the file held there goes first (zero
+    pages are not written, and old bytes would stand in for them or trail the image)."""
     memory = machine.memory
     assert memory is not None
     stats = Stats()
     if fd_kind(fd) == "file":
         base = os.lseek(fd, 0, os.SEEK_CUR)
+        if os.fstat(fd).st_size > base:
+            os.ftruncate(fd, base)
         for region in memory.regions:
             for first, npages, zero in _region_pieces(memory, region, None):
                 if zero:

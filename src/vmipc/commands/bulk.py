@@ -3,6 +3,8 @@ and dirty-page tracking. The VMM never opens a path: it reads and writes the fds
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ from vmipc.commands._bulk import (
     write_state_sections,
 )
 from vmipc.commands._registry import CommandContext, handler
+from vmipc.commands._restorable import check_config
 from vmipc.formats import bitmap_to_runs
 from vmipc.protocol import CommandError, ErrorCode
 from vmipc.vmm.host import MachineHost
@@ -98,6 +101,31 @@ def _require_file(ctx: CommandContext, name: str, what: str) -> int:
     return fd
 
 
+def _require_positional(ctx: CommandContext, name: str, what: str, *, read: bool = False) -> int:
+    """The fd of a format written at file offsets (raw into a file, snapshot sections):
+    refused before anything is written when it cannot be written that way."""
+    fd = ctx.fds[name]
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_APPEND:
+        # Linux's pwrite ignores the offset on an O_APPEND file and appends: pages and
+        # sections would land at the wrong offsets, and the reply would say it went well
+        raise CommandError(
+            "invalid-fds",
+            f"{ctx.command}: format {what} writes at file offsets, which fd {name!r} opened "
+            "with O_APPEND turns into appends (open the file without O_APPEND, e.g. "
+            "--fd out=+FILE rather than >> FILE)",
+            {"fd": name, "problem": "opened with O_APPEND"},
+        )
+    if read and flags & os.O_ACCMODE != os.O_RDWR:
+        raise CommandError(
+            "invalid-fds",
+            f"{ctx.command}: format {what} reads the file as well as writing it: fd {name!r} "
+            "must be open for reading and writing (e.g. --fd out=+FILE)",
+            {"fd": name, "problem": "not open for reading"},
+        )
+    return fd
+
+
 def _with_stats(stats: Stats, **extra: Any) -> dict[str, Any]:
     return {**stats.result(), **extra}
 
@@ -112,6 +140,7 @@ async def dump_memory(ctx: CommandContext) -> dict[str, Any]:
     consistent = machine.state is not RunState.RUNNING
     if fmt == "snapshot":
         fd = _require_file(ctx, "out", "snapshot")
+        _require_positional(ctx, "out", "snapshot")
         entry, stats = await _run_bulk(
             ctx,
             "memory",
@@ -120,6 +149,8 @@ async def dump_memory(ctx: CommandContext) -> dict[str, Any]:
         )
         return _with_stats(stats, consistent=consistent, section=entry.to_dict())
     if fmt == "raw":
+        if fd_kind(ctx.fds["out"]) == "file":
+            _require_positional(ctx, "out", "raw")
         stats = await _run_bulk(
             ctx,
             "memory",
@@ -145,6 +176,10 @@ async def load_memory(ctx: CommandContext) -> dict[str, Any]:
         _require_file(ctx, "in", "snapshot")
         if host.machine is None:
             state = await _run_bulk(ctx, "config", None, lambda t: read_state_sections(fd))
+            try:
+                check_config(state.config)  # a file's config that builds no machine
+            except BulkError as exc:
+                raise _command_error(ctx, exc) from None
             await trio.to_thread.run_sync(host.configure, state.config)
     machine = _incoming_machine(ctx, host)
     memory = machine.memory
@@ -205,6 +240,7 @@ async def dump_state(ctx: CommandContext) -> dict[str, Any]:
     state = await trio.to_thread.run_sync(machine.save_state)
     if ctx.args["format"] == "snapshot":
         fd = _require_file(ctx, "out", "snapshot")
+        _require_positional(ctx, "out", "snapshot")
         entries = await _run_bulk(ctx, "state", None, lambda t: write_state_sections(state, fd, t))
         return {
             "bytes": sum(entry.length for entry in entries),
@@ -278,6 +314,7 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
     snapshot = ctx.args["format"] == "snapshot"
     if snapshot:
         fd = _require_file(ctx, "out", "snapshot")
+        _require_positional(ctx, "out", "snapshot", read=True)
         if section is None:
             raise CommandError(
                 ErrorCode.INVALID_ARGUMENTS,

@@ -391,6 +391,9 @@ async def checkpoint(
     live_run = live and status["state"] == "running"
     temp = temp_path_for(path)
     fd = -1
+    #: this call created ``temp`` (O_EXCL) and has not renamed it: only then is it ours to
+    #: remove on failure (whatever else is at that name belongs to someone else)
+    created = False
     tracking_touched = False
     #: dirty logging ran before this checkpoint (someone's chain): leave it on
     logging_before = epoch is not None
@@ -405,7 +408,8 @@ async def checkpoint(
         logging it started for itself."""
         if fd >= 0:
             os.close(fd)
-        unlink_quietly(temp)
+        if created:
+            unlink_quietly(temp)
         if not logging_before:
             await best_effort(client.dirty_log_stop)
 
@@ -413,6 +417,7 @@ async def checkpoint(
         step = "dirty-log-start"
         try:
             fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            created = True
             os.pwrite(fd, header.encode(), 0)
             tracking_touched = True
             epoch = (await client.dirty_log_start())["epoch"]
@@ -488,7 +493,7 @@ async def checkpoint(
         return entries, pages
 
     async def publish(fd: int) -> int:
-        nonlocal step
+        nonlocal step, created
         if verify:
             step = "verify"
             await trio.to_thread.run_sync(verify_file, fd)
@@ -496,12 +501,14 @@ async def checkpoint(
         await trio.to_thread.run_sync(os.fsync, fd)
         size = os.fstat(fd).st_size
         os.rename(temp, path)
+        created = False  # the file is the final name's now
         fsync_dir(os.path.dirname(os.path.abspath(path)))
         return size
 
     try:
         if fd < 0:
             fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            created = True
         if base is not None:
             header = SnapshotHeader(
                 new_snapshot_id(),
@@ -555,7 +562,8 @@ async def checkpoint(
     except BaseException as exc:
         if fd >= 0:
             os.close(fd)
-        unlink_quietly(temp)
+        if created:
+            unlink_quietly(temp)
         outcome = "no snapshot was written"
         if we_paused and not resumed:
             outcome += "; " + await resume_if_paused(client)

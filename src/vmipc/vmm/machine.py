@@ -487,10 +487,18 @@ class Machine:
             if mismatch:
                 raise StateRecordError(f"state does not fit this machine: {mismatch}")
             assert self.vm is not None
-            for vcpu, vcpu_state in zip(self.vcpus, state.vcpus, strict=True):
-                restore_vcpu(vcpu, vcpu_state)
-                self._cpuid[vcpu.id] = cpuid_from_state(vcpu_state)
-            restore_vm(self.vm, state.vm)
+            where = "vm"
+            try:
+                for vcpu, vcpu_state in zip(self.vcpus, state.vcpus, strict=True):
+                    where = f"vcpu {vcpu.id}"
+                    restore_vcpu(vcpu, vcpu_state)
+                    self._cpuid[vcpu.id] = cpuid_from_state(vcpu_state)
+                where = "vm"
+                restore_vm(self.vm, state.vm)
+            except KvmError as exc:
+                # KVM refused a register or device value of the record (EINVAL): the
+                # record is bad, like one that fails to decode, not the host
+                raise StateRecordError(f"{where}: KVM refused {exc.strerror or exc}") from None
             self._paused_clock = state.vm.clock
             self.uart = Uart16550.restore(state.uart, self._console, self._set_com1_irq)
             self.config = state.config

@@ -1,0 +1,89 @@
+"""What a snapshot file must hold for a restore, checked without KVM.
+
+One function, shared by the restores (``vmipc vmm --restore``, ``load-memory
+format=snapshot`` on a VMM without a machine) and by ``vmipc snapshot verify``, so that
+verify cannot say ok to a file a restore refuses (except for what only KVM can judge: a
+register or MSR value it does not take).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmipc.commands._bulk import BulkError, read_state_sections
+from vmipc.formats import SnapshotReader
+from vmipc.formats.snapshot import (
+    MEMORY_ENCODING_IMAGE,
+    MEMORY_ENCODING_PAGE_STREAM,
+    MemorySection,
+)
+from vmipc.vmm.machine import MAX_VCPUS, MachineConfig, MachineState
+from vmipc.vmm.memory import PAGE_SIZE, MemoryConfigError, layout_for
+
+
+@dataclass(frozen=True)
+class Restorable:
+    """A snapshot that passed :func:`check_restorable`: its state and memory section."""
+
+    state: MachineState
+    memory: MemorySection
+
+
+def check_config(config: MachineConfig) -> None:
+    """BulkError("bad-snapshot") unless a machine can be built from ``config``."""
+    if not 1 <= config.vcpus <= MAX_VCPUS:
+        raise BulkError(
+            "bad-snapshot", f"section 'config': {config.vcpus} vcpus (1 .. {MAX_VCPUS} allowed)"
+        )
+    try:
+        layout_for(config.memory_size)
+    except MemoryConfigError as exc:
+        raise BulkError("bad-snapshot", f"section 'config': {exc}") from None
+
+
+def check_restorable(reader: SnapshotReader, fd: int) -> Restorable:
+    """Check that the snapshot file ``fd`` (read by ``reader``) can be restored, as far as
+    that can be known without KVM: the sections a restore needs are there, the state
+    sections decode into a machine state whose vCPU records match its configuration, the
+    configuration builds a machine, and the memory section's descriptor describes exactly
+    that machine's RAM layout, with the encoding of its kind of snapshot (an image for a
+    full one, a page stream for an increment). Section checksums are not read here
+    (``reader.verify``); the state sections' are.
+
+    Raises FormatError or BulkError("bad-snapshot" / "bad-state"), each with one line.
+    """
+    reader.check_complete()
+    state = read_state_sections(fd)
+    config = state.config
+    check_config(config)
+    memory = reader.memory()
+    descriptor = memory.descriptor
+    # a full snapshot's image is mapped as RAM as it is: any other bytes would be run
+    if reader.header.incremental and descriptor.encoding != MEMORY_ENCODING_PAGE_STREAM:
+        raise BulkError(
+            "bad-snapshot",
+            "section 'memory': holds an image, but an incremental snapshot's memory is a "
+            "page stream",
+        )
+    if not reader.header.incremental and descriptor.encoding != MEMORY_ENCODING_IMAGE:
+        raise BulkError(
+            "bad-snapshot",
+            "section 'memory': holds a page stream, but a full snapshot's memory is an image",
+        )
+    if descriptor.page_size != PAGE_SIZE:
+        raise BulkError(
+            "bad-snapshot", f"section 'memory': page size {descriptor.page_size}, not {PAGE_SIZE}"
+        )
+    stored = [(r.gpa, r.size, r.offset) for r in descriptor.regions]
+    expected = [(r.guest_phys_addr, r.size, r.offset) for r in layout_for(config.memory_size)]
+    if stored != expected:
+        raise BulkError(
+            "bad-snapshot",
+            f"section 'memory': its layout {_layout(stored)} is not the layout of the "
+            f"configuration's {config.memory_size >> 20} MiB of RAM ({_layout(expected)})",
+        )
+    return Restorable(state, memory)
+
+
+def _layout(regions: list[tuple[int, int, int]]) -> str:
+    return ", ".join(f"{size >> 20} MiB at {gpa:#x}" for gpa, size, _ in regions) or "empty"
