@@ -228,3 +228,74 @@ def test_vmm_with_a_read_only_socket() -> None:
             proc.wait()
             if proc.stderr:
                 proc.stderr.close()
+
+
+@needs_root
+@pytest.mark.kvm
+def test_vmm_opens_the_read_only_socket_to_other_uids_and_groups() -> None:
+    with short_tmpdir() as tmp:
+        os.chmod(tmp, 0o755)  # let other users reach the socket files
+        main, ro = os.path.join(tmp, "vm.sock"), os.path.join(tmp, "ro.sock")
+        argv = [*VMIPC, "vmm", "--guest", "builtin", "--memory", "64M"]
+        argv += ["--console", os.path.join(tmp, "console.txt"), "--no-console-input"]
+        argv += ["--socket", main, "--readonly-socket", ro, "--readonly-socket-group", "nogroup"]
+        argv += ["--readonly-socket-mode", "0666", "--readonly-allow-uid", "nobody"]
+        argv += ["--readonly-allow-gid", "4242"]
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 15
+            while not (os.path.exists(main) and os.path.exists(ro)):
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "the VMM did not create its sockets"
+                time.sleep(0.01)
+            st = os.stat(ro)
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o666, NOBODY)  # nogroup
+            hello = {"hello": load_schema().version}
+            assert in_child_as(NOBODY, NOBODY, talk(ro)) == hello  # --readonly-allow-uid
+            assert in_child_as(4000, 4242, talk(ro)) == hello  # --readonly-allow-gid
+            assert in_child_as(4001, NOBODY, talk(ro)) == hello  # the socket's group
+            # the file is open to all (0666), the peer check is not
+            assert in_child_as(4002, 4002, talk(ro)) == {"errors": ["access-denied"]}
+            # the control socket is still the VMM's own (0600)
+            refused = in_child_as(NOBODY, NOBODY, talk(main))
+            assert isinstance(refused, dict) and "PermissionError" in refused["exception"]
+            with SyncClient(main) as control:
+                control.quit()
+            assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--readonly-allow-uid", "no-such-user-here"], "no such user: no-such-user-here"),
+        (["--readonly-socket-group", "no-such-group-here"], "no such group: no-such-group-here"),
+        (["--readonly-socket-mode", "0999"], "not an octal mode"),
+        (["--readonly-max-connections", "0"], "must be 1 or more"),
+        (["--readonly-idle-timeout", "-1"], "must be 0 or more"),
+    ],
+)
+def test_bad_read_only_socket_options_are_one_line_and_exit_2(
+    options: list[str], message: str
+) -> None:
+    with short_tmpdir() as tmp:
+        argv = [*VMIPC, "vmm", "--socket", os.path.join(tmp, "vm.sock")]
+        argv += ["--readonly-socket", os.path.join(tmp, "ro.sock"), *options]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2
+        assert message in done.stderr
+        assert os.listdir(tmp) == []
+
+
+def test_read_only_socket_options_need_the_read_only_socket() -> None:
+    with short_tmpdir() as tmp:
+        argv = [*VMIPC, "vmm", "--socket", os.path.join(tmp, "vm.sock")]
+        argv += ["--readonly-allow-uid", "0"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2
+        assert done.stderr.strip() == "vmipc vmm: --readonly-allow-uid goes with --readonly-socket"

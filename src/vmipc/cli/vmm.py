@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import grp
 import logging
 import os
+import pwd
 import signal
 import sys
 import threading
@@ -31,7 +33,7 @@ from vmipc.vmm.sandbox import SandboxError, enter_capability_mode
 from vmipc.vmm.state import StateRecordError
 
 if TYPE_CHECKING:
-    from vmipc.server import Server
+    from vmipc.server import Server, SocketConfig
     from vmipc.vmm.machine import MachineState
 
 log = logging.getLogger("vmipc.vmm")
@@ -109,6 +111,52 @@ def add_parser(subparsers: Any) -> None:
             "events (hello, query-commands, subscribe, cancel, query-status, query-dirty)"
         ),
     )
+    readonly = parser.add_argument_group(
+        "the read-only socket",
+        "Who may connect: the socket file's mode and group open it on the file system, and "
+        "every peer's uid or gid (SO_PEERCRED) must then be allowed: the VMM's own uid and "
+        "root always are, the socket's group is by default.",
+    )
+    readonly.add_argument(
+        "--readonly-socket-group",
+        metavar="GROUP",
+        help="give the socket file this group (a name or a gid) and allow its members",
+    )
+    readonly.add_argument(
+        "--readonly-socket-mode",
+        type=_mode,
+        metavar="MODE",
+        help="the socket file's mode, in octal (default 0600, or 0660 with a group)",
+    )
+    readonly.add_argument(
+        "--readonly-allow-uid",
+        action="append",
+        default=[],
+        metavar="UID",
+        help="also allow peers with this uid (a user name or a number; repeatable)",
+    )
+    readonly.add_argument(
+        "--readonly-allow-gid",
+        action="append",
+        default=[],
+        metavar="GID",
+        help="also allow peers with this gid (a group name or a number; repeatable)",
+    )
+    readonly.add_argument(
+        "--readonly-max-connections",
+        type=_count,
+        metavar="N",
+        help="at most N connections at once (default 32; the control socket has its own 128)",
+    )
+    readonly.add_argument(
+        "--readonly-idle-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help=(
+            "close a connection that has no request in flight and no event subscribed for "
+            "this long (default 60; 0: never)"
+        ),
+    )
     parser.add_argument(
         "--held-request-rate",
         type=_rate,
@@ -142,6 +190,85 @@ def _rate(text: str) -> float:
     if not rate >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more (or inf), not {text}")
     return rate
+
+
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a permission mode: {text}")
+    return mode
+
+
+def _count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
+    return count
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return seconds
+
+
+def _uid(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise ValueError(f"no such user: {text}") from None
+
+
+def _gid(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError(f"no such group: {text}") from None
+
+
+def _read_only_socket(args: argparse.Namespace) -> SocketConfig:
+    """The read-only socket's settings. ValueError (one line) for a user or group that
+    does not exist."""
+    from vmipc.server import READ_ONLY_COMMANDS, SocketConfig
+
+    group = _gid(args.readonly_socket_group) if args.readonly_socket_group else None
+    # the uids and gids named are *more* peers: the VMM's uid and root, and the socket's
+    # group, stay allowed
+    uids = gids = None
+    if args.readonly_allow_uid:
+        uids = frozenset({os.geteuid(), 0, *map(_uid, args.readonly_allow_uid)})
+    if args.readonly_allow_gid:
+        gids = frozenset(map(_gid, args.readonly_allow_gid))
+        if group is not None:
+            gids |= {group}
+    spec = SocketConfig(
+        args.readonly_socket,
+        READ_ONLY_COMMANDS,
+        "read-only",
+        allowed_uids=uids,
+        allowed_gids=gids,
+        socket_mode=args.readonly_socket_mode,
+        socket_group=group,
+    )
+    if args.readonly_max_connections is not None:
+        spec = dataclasses.replace(spec, max_connections=args.readonly_max_connections)
+    if args.readonly_idle_timeout is not None:
+        spec = dataclasses.replace(spec, idle_timeout=args.readonly_idle_timeout or None)
+    return spec
 
 
 def _console_sink(target: str) -> tuple[Callable[[bytes], None], int | None]:
@@ -235,6 +362,22 @@ def run(args: argparse.Namespace) -> int:
     if args.readonly_socket and not args.socket:
         print("vmipc vmm: --readonly-socket goes with --socket", file=sys.stderr)
         return EXIT_USAGE
+    readonly_options = [
+        name
+        for name, value in vars(args).items()
+        if name.startswith("readonly_") and name != "readonly_socket" and value not in (None, [])
+    ]
+    if readonly_options and not args.readonly_socket:
+        option = "--" + readonly_options[0].replace("_", "-")
+        print(f"vmipc vmm: {option} goes with --readonly-socket", file=sys.stderr)
+        return EXIT_USAGE
+    read_only = None
+    if args.readonly_socket:
+        try:
+            read_only = _read_only_socket(args)
+        except ValueError as exc:
+            print(f"vmipc vmm: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     with contextlib.ExitStack() as cleanup:
         if console_fd is not None:
             cleanup.callback(os.close, console_fd)
@@ -245,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
             server = None
             if args.socket:
                 try:
-                    server = _bind_server(host, args, cleanup)
+                    server = _bind_server(host, args, read_only, cleanup)
                 except OSError as exc:  # a socket path that cannot be used
                     print(f"vmipc vmm: cannot serve: {exc.strerror}", file=sys.stderr)
                     return EXIT_USAGE
@@ -310,15 +453,15 @@ def _build(
 
 
 def _bind_server(
-    host: MachineHost, args: argparse.Namespace, cleanup: contextlib.ExitStack
+    host: MachineHost,
+    args: argparse.Namespace,
+    read_only: SocketConfig | None,
+    cleanup: contextlib.ExitStack,
 ) -> Server:
     """The control server with its sockets bound (before capability mode)."""
-    from vmipc.server import READ_ONLY_COMMANDS, Server, ServerConfig, SocketConfig
+    from vmipc.server import Server, ServerConfig
 
-    extra: tuple[SocketConfig, ...] = ()
-    if args.readonly_socket:
-        extra = (SocketConfig(args.readonly_socket, READ_ONLY_COMMANDS, "read-only"),)
-    config = ServerConfig(extra_sockets=extra)
+    config = ServerConfig(extra_sockets=(read_only,) if read_only is not None else ())
     if args.held_request_rate is not None:
         config = dataclasses.replace(config, held_request_rate=args.held_request_rate)
     server = Server(host, config)

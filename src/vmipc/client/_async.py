@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -12,12 +11,17 @@ from typing import Any, cast
 import trio
 
 from vmipc.client._common import (
+    CLIENT_MAX_FRAME_SIZE,
     DEFAULT_CLIENT_NAME,
     LAST_WORDS_LIMIT,
     LAST_WORDS_TIMEOUT,
+    EventBuffer,
     FdLike,
     ProgressCallback,
+    adopted_frame_size,
+    check_frame_size,
     progress_request,
+    requested_events,
     scm_rights,
     split_fds,
 )
@@ -39,8 +43,6 @@ from vmipc.protocol import (
 _RECV_SIZE = 64 * 1024
 #: seconds a cancelled call may spend telling the server to cancel its request
 CANCEL_SEND_TIMEOUT = 1.0
-#: events kept for :meth:`Client.next_event` before the oldest are dropped
-EVENT_BUFFER = 4096
 
 
 @asynccontextmanager
@@ -49,21 +51,26 @@ async def open_client(
     *,
     events: Iterable[str] = (),
     client_name: str = DEFAULT_CLIENT_NAME,
+    max_frame_size: int = CLIENT_MAX_FRAME_SIZE,
 ) -> AsyncIterator[Client]:
     """Connect to the server at ``socket_path``, do the handshake, and yield a Client.
 
-    ``events`` subscribes to those events right away. Raises OSError when the socket
+    ``events`` subscribes to those events right away. ``max_frame_size``: the largest
+    frame the client accepts, whatever the server announces (it adopts the server's limit
+    only when that is smaller); a larger frame closes the connection (calls raise
+    ClosedByUs). Raises OSError when the socket
     cannot be reached, :class:`ClosedByPeer` when the server refuses the connection
     (its ``error`` says why, e.g. ``access-denied``), :class:`CommandError` when the
     handshake fails (``unsupported-version``).
     """
+    check_frame_size(max_frame_size)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.connect(socket_path)
     except BaseException:
         sock.close()
         raise
-    client = Client(sock)
+    client = Client(sock, max_frame_size=max_frame_size)
     try:
         # the reader never raises, so whatever comes out of the nursery is the body's
         # exception (or the handshake's): hand it on as itself, not in a group
@@ -106,9 +113,13 @@ class Client(AsyncCommands):
     (the server broke the protocol; the connection is then closed).
     """
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(
+        self, sock: trio.socket.SocketType, *, max_frame_size: int = CLIENT_MAX_FRAME_SIZE
+    ) -> None:
         self._sock = sock
-        self._proto = ClientProtocol()
+        #: the largest frame this client accepts, whatever the server announces
+        self._own_frame_limit = check_frame_size(max_frame_size)
+        self._proto = ClientProtocol(max_frame_size)
         self._pending: dict[int, _Pending] = {}
         self._send_lock = trio.Lock()
         self._closed: ConnectionClosed | None = None
@@ -118,7 +129,7 @@ class Client(AsyncCommands):
         self._send_failed: str | None = None
         self._last_words_budget = LAST_WORDS_LIMIT
         self._broken: BaseException | None = None
-        self._events: collections.deque[Event] = collections.deque(maxlen=EVENT_BUFFER)
+        self._events = EventBuffer()
         self._event_arrived = trio.Event()
         self._connection_error: ErrorInfo | None = None
         #: the ``hello`` result: protocol version, server identity, catalogue, limits
@@ -134,7 +145,12 @@ class Client(AsyncCommands):
 
     async def _handshake(self, client_name: str) -> None:
         self.server_info = await self.hello(versions=list(SUPPORTED_MAJORS), client=client_name)
-        self._proto.set_max_frame_size(self.server_info["limits"]["max_frame_size"])
+        try:
+            limit = adopted_frame_size(self.server_info, self._own_frame_limit)
+        except ProtocolError:
+            self.close()
+            raise
+        self._proto.set_max_frame_size(limit)
 
     async def call(
         self,
@@ -155,6 +171,10 @@ class Client(AsyncCommands):
         rid, frame = self._proto.send_request(command, args, names)
         pending = _Pending(command, trio.Event(), on_progress)
         self._pending[rid] = pending
+        subscribed = self._events.subscribed
+        if command == "subscribe":
+            # the server may send the new events before its answer
+            self._events.subscribed = subscribed | requested_events(args)
         try:
             await self._send_frame(frame, numbers)
             await pending.done.wait()
@@ -167,7 +187,11 @@ class Client(AsyncCommands):
         if pending.closed is not None:
             raise pending.closed
         if pending.error is not None:
+            if command == "subscribe":
+                self._events.subscribed = subscribed
             raise CommandError.from_info(pending.error, command=command)
+        if command == "subscribe":
+            self._events.subscribed = requested_events(args)
         return pending.result
 
     async def _send_frame(self, frame: bytes, fds: list[int]) -> None:
@@ -259,8 +283,8 @@ class Client(AsyncCommands):
             if pending is not None and pending.on_progress is not None:
                 pending.on_progress(message)
                 return
-            self._events.append(message)
-            self._event_arrived.set()
+            if self._events.add(message):
+                self._event_arrived.set()
             return
         if message.id is None:
             assert isinstance(message, Error)

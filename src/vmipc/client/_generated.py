@@ -1,4 +1,4 @@
-"""Typed command methods and result types, generated from the schema (version 1.6).
+"""Typed command methods and result types, generated from the schema (version 1.7).
 
 Do not edit: run ``python -m vmipc.client.gencode``.
 """
@@ -10,7 +10,7 @@ from typing import Any, Literal, TypedDict, cast
 
 from vmipc.client._common import FdLike, ProgressCallback
 
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 
 
 class HelloResultServer(TypedDict):

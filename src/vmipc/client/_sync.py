@@ -10,12 +10,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from vmipc.client._common import (
+    CLIENT_MAX_FRAME_SIZE,
     DEFAULT_CLIENT_NAME,
     LAST_WORDS_LIMIT,
     LAST_WORDS_TIMEOUT,
+    EventBuffer,
     FdLike,
     ProgressCallback,
+    adopted_frame_size,
+    check_frame_size,
     progress_request,
+    requested_events,
     scm_rights,
     split_fds,
 )
@@ -35,7 +40,6 @@ from vmipc.protocol import (
 )
 
 _RECV_SIZE = 64 * 1024
-EVENT_BUFFER = 4096
 
 
 class SyncClient(SyncCommands):
@@ -44,6 +48,10 @@ class SyncClient(SyncCommands):
     ``with SyncClient(path) as client: client.pause()``. One call at a time. ``timeout``
     (seconds, or None to wait forever) bounds every socket operation; when it expires
     the call raises TimeoutError and the connection is closed (a reply may be pending).
+
+    ``max_frame_size``: the largest frame this client accepts, whatever the server
+    announces (it adopts the server's limit only when that is smaller); a larger frame
+    raises RemoteProtocolError (``frame-too-large``) and closes the connection.
 
     Errors are those of the async :class:`~vmipc.client.Client`.
     """
@@ -55,10 +63,12 @@ class SyncClient(SyncCommands):
         timeout: float | None = None,
         events: Iterable[str] = (),
         client_name: str = DEFAULT_CLIENT_NAME,
+        max_frame_size: int = CLIENT_MAX_FRAME_SIZE,
     ) -> None:
+        own_limit = check_frame_size(max_frame_size)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._proto = ClientProtocol()
-        self._events: collections.deque[Event] = collections.deque(maxlen=EVENT_BUFFER)
+        self._proto = ClientProtocol(own_limit)
+        self._events = EventBuffer()
         self._inbox: collections.deque[Result | Error | Event] = collections.deque()
         self._closed: ConnectionClosed | None = None
         self._connection_error: ErrorInfo | None = None
@@ -67,7 +77,7 @@ class SyncClient(SyncCommands):
             self._sock.settimeout(timeout)
             self._sock.connect(socket_path)
             self.server_info = self.hello(versions=list(SUPPORTED_MAJORS), client=client_name)
-            self._proto.set_max_frame_size(self.server_info["limits"]["max_frame_size"])
+            self._proto.set_max_frame_size(adopted_frame_size(self.server_info, own_limit))
             if events:
                 self.subscribe(events=list(events))
         except BaseException:
@@ -109,6 +119,10 @@ class SyncClient(SyncCommands):
             raise self._closed
         names, numbers = split_fds(fds)
         rid, frame = self._proto.send_request(command, args, names)
+        subscribed = self._events.subscribed
+        if command == "subscribe":
+            # the server may send the new events before its answer
+            self._events.subscribed = subscribed | requested_events(args)
         self._send(frame, numbers)
         while True:
             message = self._next_message()
@@ -116,10 +130,14 @@ class SyncClient(SyncCommands):
                 if on_progress is not None and progress_request(message) == rid:
                     on_progress(message)
                 else:
-                    self._events.append(message)
+                    self._events.add(message)
             elif message.id == rid:
                 if isinstance(message, Result):
+                    if command == "subscribe":
+                        self._events.subscribed = requested_events(args)
                     return message.result
+                if command == "subscribe":
+                    self._events.subscribed = subscribed
                 raise CommandError.from_info(message.error, command=command)
 
     def next_event(self) -> Event:
@@ -127,7 +145,7 @@ class SyncClient(SyncCommands):
         while not self._events:
             message = self._next_message()
             if isinstance(message, Event):
-                self._events.append(message)
+                self._events.add(message)
         return self._events.popleft()
 
     def _next_message(self) -> Result | Error | Event:

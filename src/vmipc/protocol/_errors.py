@@ -54,6 +54,8 @@ class ErrorCode(enum.StrEnum):
     HANDSHAKE_TIMEOUT = "handshake-timeout"
     TOO_MANY_CONNECTIONS = "too-many-connections"
     ACCESS_DENIED = "access-denied"
+    # idle monitors (1.7)
+    IDLE_TIMEOUT = "idle-timeout"
 
 
 @dataclass(frozen=True)

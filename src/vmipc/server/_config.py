@@ -21,6 +21,13 @@ class SocketConfig:
     always allowed; None allows every command); another command is refused with
     ``not-permitted``. The access settings default to the server's (see
     :class:`ServerConfig`) when None.
+
+    Each socket has its own connection limit, so that clients of one socket (monitors)
+    can never take the room of another's (the control clients). ``idle_timeout``: a
+    connection on this socket that has completed ``hello``, has no request in flight and
+    is subscribed to no event for this many seconds (None: never) is sent the
+    connection-level error ``idle-timeout`` and closed. A monitor subscribed to events is
+    not idle: waiting for them is its job.
     """
 
     path: str
@@ -31,6 +38,10 @@ class SocketConfig:
     allowed_gids: frozenset[int] | None = None
     socket_mode: int | None = None
     socket_group: int | str | None = None
+    #: connections at once on this socket; one more gets ``too-many-connections``
+    max_connections: int = 32
+    #: seconds; None: an idle connection stays open
+    idle_timeout: float | None = 60.0
 
 
 @dataclass(frozen=True)
@@ -44,11 +55,18 @@ class ServerConfig:
     gid when one is set, else none).
 
     Connection classes: ``allowed_commands`` restricts the commands of the main socket
-    (None: all); ``extra_sockets`` adds listening sockets, each with its own allow-list
-    and access settings (e.g. a read-only monitoring socket, see ``READ_ONLY_COMMANDS``).
+    (None: all); ``extra_sockets`` adds listening sockets, each with its own allow-list,
+    access settings, connection limit and idle timeout (e.g. a read-only monitoring
+    socket, see ``READ_ONLY_COMMANDS``).
     """
 
+    #: connections at once on the main socket (each extra socket has its own limit, so
+    #: the server's total is the sum); one more gets ``too-many-connections``
     max_connections: int = 128
+    #: seconds an idle connection on the main socket stays open (see
+    #: :class:`SocketConfig`); None, the default: for ever (a control client may hold a
+    #: pause lease while it works elsewhere)
+    idle_timeout: float | None = None
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_fds_per_request: int = DEFAULT_MAX_FDS
     max_in_flight: int = 32

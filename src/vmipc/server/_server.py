@@ -13,6 +13,7 @@ request in flight. Nothing a client does can block another client or the vCPUs:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -81,6 +82,8 @@ PROGRESS_INTERVAL = 0.2
 _MISSING: Any = object()
 #: what sending on a connection's queue raises once the connection is going away
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+#: seconds between summaries of refused connections (the first refusal is logged at once)
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 def _cancelled(request_id: int) -> ErrorInfo:
@@ -102,6 +105,70 @@ class _Listener:
     allowed_gids: frozenset[int]
     #: None: every command
     allowed_commands: frozenset[str] | None
+    max_connections: int
+    idle_timeout: float | None
+    #: connections open on this socket now
+    connections: int = 0
+
+
+class _RefusalLog:
+    """The log of refused connections: the first refusal in full, then one summary per
+    interval counting the others, so that a flood of refusals cannot flood the log."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        #: (why, socket) -> refusals not yet logged
+        self._unlogged: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: while True, refusals are counted, not logged
+        self._quiet = False
+        self._since = 0.0
+        self._wakeup = trio.Event()
+
+    def refused(self, peer: PeerCredentials, why: str, socket_name: str) -> None:
+        if self._quiet:
+            self._unlogged[why, socket_name] += 1
+            return
+        log.warning(
+            "refused connection from pid %d uid %d gid %d on the %s socket: %s",
+            peer.pid,
+            peer.uid,
+            peer.gid,
+            socket_name,
+            why,
+        )
+        self._quiet = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Write the summaries (a task of the server's; at its end, the last one)."""
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                self._since = trio.current_time()
+                while self._quiet:
+                    await trio.sleep(self.interval)
+                    # refusals during the interval keep the log quiet for another one
+                    self._quiet = self._summarise()
+        finally:
+            self._summarise()
+
+    def _summarise(self) -> bool:
+        if not self._unlogged:
+            return False
+        now = trio.current_time()
+        what = ", ".join(
+            f"{count} {why} on the {name} socket" for (why, name), count in self._unlogged.items()
+        )
+        log.warning(
+            "%d more connections refused in the last %.0fs (%s)",
+            sum(self._unlogged.values()),
+            now - self._since,
+            what,
+        )
+        self._unlogged.clear()
+        self._since = now
+        return True
 
 
 async def serve(
@@ -165,6 +232,12 @@ class Server:
         self.pause_lease = PauseLease(machine, self.machine_lock, lambda: self.closing)
         #: who goes first: the lease's holder and the priority claimants
         self.priority = Priority(self.pause_lease, config.held_request_rate)
+        for extra in config.extra_sockets:
+            if extra.max_connections < 0:
+                raise ValueError(f"{extra.name} socket: max_connections must be 0 or more")
+        for timeout in (config.idle_timeout, *(x.idle_timeout for x in config.extra_sockets)):
+            if timeout is not None and not timeout > 0:
+                raise ValueError(f"idle_timeout must be positive (or None), not {timeout}")
         classes = (config.allowed_commands, *(x.allowed_commands for x in config.extra_sockets))
         for allowed in classes:
             unknown = sorted((allowed or frozenset()) - set(self.schema.commands))
@@ -177,6 +250,7 @@ class Server:
         self._shutdown = trio.Event()
         self._next_id = 1
         self._listeners: list[_Listener] = []
+        self._refusals = _RefusalLog(REFUSAL_LOG_INTERVAL)
         self._trio_thread = 0
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -213,6 +287,8 @@ class Server:
             config.allowed_gids,
             config.socket_mode,
             config.socket_group,
+            config.max_connections,
+            config.idle_timeout,
         )
         try:
             for spec in (main, *config.extra_sockets):
@@ -240,7 +316,17 @@ class Server:
         raw, identity = create_listener(
             path, mode=mode, gid=gid, backlog=self.config.listen_backlog
         )
-        return _Listener(spec.name, path, raw, identity, uids, gids, allowed)
+        return _Listener(
+            spec.name,
+            path,
+            raw,
+            identity,
+            uids,
+            gids,
+            allowed,
+            spec.max_connections,
+            spec.idle_timeout,
+        )
 
     def close_sockets(self) -> None:
         """Close the listening sockets and remove their files (after :meth:`bind`, for a
@@ -276,6 +362,7 @@ class Server:
                 accept_scopes = [trio.CancelScope() for _ in listeners]
                 for (spec, listener), scope in zip(listeners, accept_scopes, strict=True):
                     nursery.start_soon(self._accept_loop, spec, listener, nursery, scope)
+                nursery.start_soon(self._refusals.run)
                 task_status.started(self._listeners[0].path)
                 await self._shutdown.wait()
                 log.info("shutting down")
@@ -327,13 +414,7 @@ class Server:
             return
         refusal: ErrorInfo | None = None
         if peer.uid not in listener.allowed_uids and peer.gid not in listener.allowed_gids:
-            log.warning(
-                "refused connection from pid %d uid %d gid %d on the %s socket: not allowed",
-                peer.pid,
-                peer.uid,
-                peer.gid,
-                listener.name,
-            )
+            self._refusals.refused(peer, "not allowed", listener.name)
             refusal = ErrorInfo(
                 ErrorCode.ACCESS_DENIED,
                 f"uid {peer.uid} / gid {peer.gid} may not use this server",
@@ -341,16 +422,15 @@ class Server:
             )
         elif self.closing:
             refusal = _SHUTTING_DOWN
-        elif len(self._connections) >= self.config.max_connections:
-            log.warning(
-                "refused connection from pid %d: %d connections already",
-                peer.pid,
-                len(self._connections),
-            )
+        elif listener.connections >= listener.max_connections:
+            # per socket: monitors on the read-only socket never take the control
+            # clients' room
+            limit = listener.max_connections
+            self._refusals.refused(peer, f"too many connections ({limit})", listener.name)
             refusal = ErrorInfo(
                 ErrorCode.TOO_MANY_CONNECTIONS,
-                f"the server already has {self.config.max_connections} connections",
-                {"limit": self.config.max_connections},
+                f"the {listener.name} socket already has {limit} connections",
+                {"limit": limit},
             )
         if refusal is not None:
             with sock:
@@ -362,12 +442,54 @@ class Server:
         conn = _Connection(self, sock, peer, self._next_id, listener.allowed_commands)
         self._next_id += 1
         self._connections.add(conn)
+        listener.connections += 1
         try:
-            await conn.run()
+            if listener.idle_timeout is None:
+                await conn.run()
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._close_when_idle, conn, listener.idle_timeout)
+                    await conn.run()
+                    nursery.cancel_scope.cancel()
         finally:
+            listener.connections -= 1
             self._connections.discard(conn)
             if not self._connections:
                 self._all_closed.set()
+
+    async def _close_when_idle(self, conn: _Connection, timeout: float) -> None:
+        """Close ``conn`` once it has been idle for ``timeout`` seconds: past ``hello``, no
+        request in flight, no event subscribed. A busy connection is looked at again every
+        quarter of the timeout (and counted busy until then), so an idle one is closed
+        between 1 and 1.25 times the timeout after it was last busy."""
+        last_active = trio.current_time()
+        deadline = last_active + timeout
+        while True:
+            await trio.sleep_until(deadline)
+            now = trio.current_time()
+            busy = (
+                conn.proto.state is not ServerState.READY
+                or conn.proto.in_flight
+                or conn.subscriptions
+            )
+            if busy:
+                last_active = deadline = now + timeout / 4
+                continue
+            last_active = max(last_active, conn.last_request)
+            if last_active + timeout <= now:
+                break
+            deadline = last_active + timeout
+        log.info("%r: idle for %gs; closing", conn, timeout)
+        conn._send_nowait(
+            conn.proto.send_connection_error(
+                ErrorInfo(
+                    ErrorCode.IDLE_TIMEOUT,
+                    f"no request and no subscription for {timeout:g} seconds",
+                    {"timeout": timeout},
+                )
+            )
+        )
+        conn._stop(None)
 
     # --- events -----------------------------------------------------------------------
 
@@ -442,6 +564,8 @@ class _Connection:
         self._ancsize = socket.CMSG_SPACE(server.limits.max_fds_per_request * 4)
         self._work: trio.Nursery | None = None
         self._close_hooks: list[Callable[[], None]] = []
+        #: when the last request arrived (trio time), for the idle timeout
+        self.last_request = trio.current_time()
 
     def __repr__(self) -> str:
         return f"<connection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
@@ -594,6 +718,7 @@ class _Connection:
         """Act on one protocol event; False when reading must stop."""
         if isinstance(event, RequestReceived):
             rid = event.request.id
+            self.last_request = trio.current_time()
             if self.server.closing or self._stopping:
                 close_fds(event.fds.values())
                 await self._reply(self.proto.send_error(rid, _SHUTTING_DOWN))
