@@ -189,7 +189,12 @@ class ServerProtocol:
             self._discarded.extend(self._decoder.take_discarded_fds())
         if frame is None:
             return None
-        return self._handle_frame(frame.payload, frame.fds, frame.fds_truncated)
+        try:
+            return self._handle_frame(frame.payload, frame.fds, frame.fds_truncated)
+        except BaseException:
+            # a bug in the checks: the frame's fds still come back to be closed
+            self._discarded.extend(fd for fd in frame.fds if fd not in self._discarded)
+            raise
 
     def receive_eof(self) -> list[ServerEvent]:
         """The peer shut its side. Returns PeerClosed, or ConnectionBroken mid-frame."""

@@ -847,14 +847,13 @@ class _Connection:
                 frame = encode_event(
                     server.schema, "progress", data, time.time(), server.limits.max_frame_size
                 )
+                self.send_event(frame, droppable=True)
             except Exception as exc:
-                # a handler's bad report (a bug); raised from a run_sync_soon callback it
-                # would end trio.run, so it is logged and the report dropped
+                # a handler's bad report (a bug): raised from a run_sync_soon callback it
+                # would end trio.run, so it is logged (once) and the report dropped
                 if not entry.progress_failed:
                     log.error("%s: progress not sent: %s", command, exc)
                 entry.progress_failed = True
-                return
-            self.send_event(frame, droppable=True)
 
         def report(phase: str, done: int, total: int | None) -> None:  # on any thread
             # throttle first, so that a worker thread calling this for every page costs
