@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from vmipc.protocol import (
+    DEFAULT_MAX_REQUEST_SIZE,
+    MAX_ERROR_SIZE,
     ClientProtocol,
     ConnectionBroken,
+    DecodeLimits,
     Error,
     ErrorInfo,
     LocalProtocolError,
@@ -68,7 +72,12 @@ def hello_result() -> dict[str, Any]:
         "commands": [],
         "events": [],
         "capabilities": [],
-        "limits": {"max_frame_size": 1, "max_fds_per_request": 1, "max_in_flight": 1},
+        "limits": {
+            "max_frame_size": 1,
+            "max_fds_per_request": 1,
+            "max_in_flight": 1,
+            "max_request_size": 1,
+        },
         "connection": 1,
     }
 
@@ -235,3 +244,120 @@ def test_client_accepts_connection_errors_with_null_id() -> None:
     server = ServerProtocol(schema())
     [ev] = client.receive_data(server.send_connection_error(ErrorInfo("access-denied", "no")))
     assert ev == Error(None, ErrorInfo("access-denied", "no", {}))
+
+
+# --- hostile input: bounded replies, bounded fds, bounded decoding --------------------
+
+#: limits that let a huge request through to the checks that used to echo it
+WIDE_OPEN = Limits(max_request_size=1 << 20, request_decode=DecodeLimits())
+BIG = 600_000
+
+
+@pytest.mark.parametrize(
+    ("message", "fds", "code"),
+    [
+        ({"type": "t" * BIG, "id": 1}, 0, "invalid-message"),
+        ({"type": "request", "id": 1, "command": "x", "k" * BIG: 1}, 0, "invalid-message"),
+        ({"type": "request", "id": "i" * BIG, "command": "x"}, 0, "invalid-message"),
+        ({"type": "request", "id": [[1] * 9] * (BIG // 10), "command": "x"}, 0, "invalid-message"),
+        ({"type": "request", "id": 1, "command": "c" * BIG}, 0, "unknown-command"),
+        ({"type": "request", "id": 1, "command": "write-to", "args": {"a" * BIG: 1}}, 1,
+         "invalid-fds"),
+        ({"type": "request", "id": 1, "command": "write-to", "fds": ["out"],
+          "args": {"a" * BIG: 1}}, 1, "invalid-arguments"),
+        ({"type": "request", "id": 1, "command": "dump-memory", "fds": ["out"],
+          "args": {"format": "f" * BIG}}, 1, "invalid-arguments"),
+        ({"type": "request", "id": 1, "command": "write-to", "fds": ["o" * BIG]}, 1,
+         "invalid-fds"),
+        ({"type": "request", "id": 1, "command": "write-to", "fds": ["out", "out"]}, 2,
+         "invalid-fds"),
+    ],
+)  # fmt: skip
+def test_an_error_reply_never_echoes_much_of_the_request(
+    message: dict[str, Any], fds: int, code: str
+) -> None:
+    server = handshaken(WIDE_OPEN)
+    frame = encode_frame(pack(message), 1 << 21)
+    [ev] = server.receive_data(frame, list(range(100, 100 + fds)))
+    assert isinstance(ev, RequestRejected)
+    assert ev.error.code == code, ev.error
+    reply = server.send_error(ev.request_id, ev.error)
+    assert len(reply) < 1024, f"a {len(reply)}-byte reply to a {len(frame)}-byte request"
+
+
+def test_sending_an_error_cannot_fail() -> None:
+    server = handshaken()
+    [ev] = server.receive_data(request(3, "query-status"))
+    assert isinstance(ev, RequestReceived)
+    huge = ErrorInfo(
+        "io-error", "m" * (2 << 20), {"limit": 4, "note": "n" * 5000, "list": list(range(10**5))}
+    )
+    unencodable = ErrorInfo("io-error", "fine", {"what": {1, 2}, "limit": 4})
+    for error, rid in [(huge, 3), (unencodable, None), (huge, None)]:
+        reply = server.send_error(rid, error)
+        assert len(reply) <= 4 + MAX_ERROR_SIZE
+        client = ClientProtocol()
+        client._in_flight[3] = "query-status"
+        [msg] = client.receive_data(reply)
+        assert isinstance(msg, Error) and msg.id == rid
+        # cut down: the code, the start of the message, the short plain details
+        assert msg.error.code == "io-error"
+        assert msg.error.details == {"limit": 4}
+        assert msg.error.message.startswith(error.message[:50])
+    assert server.in_flight == frozenset()
+    # even a frame limit too small for any error gets one (the peer may refuse it)
+    tiny = ServerProtocol(schema(), Limits(max_frame_size=10))
+    last = ClientProtocol().receive_data(tiny.send_error(None, huge))
+    assert last == [
+        Error(None, ErrorInfo("io-error", "the server could not send this error in full"))
+    ]
+
+
+def test_a_request_is_decoded_within_structural_bounds() -> None:
+    server = handshaken()
+    # larger than any request can be: refused from the header, nothing buffered
+    [ev] = server.receive_data((DEFAULT_MAX_REQUEST_SIZE + 1).to_bytes(4, "big") + b"\x90")
+    assert isinstance(ev, ConnectionBroken) and ev.error is not None
+    assert ev.error.code == "frame-too-large"
+    assert ev.error.details == {"size": DEFAULT_MAX_REQUEST_SIZE + 1, "limit": 4096}
+    # a request-sized frame that is one huge array: refused from the array's header
+    server = handshaken()
+    n = DEFAULT_MAX_REQUEST_SIZE - 5
+    flat = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+    ev2 = rejected(server.receive_data(encode_frame(flat)))
+    assert ev2.error.code == "invalid-message"
+    assert "exceeds max_array_len(64)" in ev2.error.message
+    # so are too many arguments, too long a string, an extension type
+    for bad in (
+        {"type": "request", "id": 1, "command": "hello", "args": {"versions": [1] * 65}},
+        {"type": "request", "id": 1, "command": "h" * 1025},
+        {"type": "request", "id": 1, "command": "hello", "args": {"x": msgpack.ExtType(1, b"x")}},
+    ):
+        assert rejected(server.receive_data(encode_frame(pack(bad)))).error.code == (
+            "invalid-message"
+        )
+    # the replies (and the client's decoder) keep the full frame size
+    assert server.limits.max_frame_size == 1 << 20
+
+
+def test_next_event_decodes_one_frame_at_a_time() -> None:
+    server = handshaken()
+    server.feed(request(1, "query-status") + request(2, "query-status") + request(3, "q")[:5])
+    first, second = server.next_event(), server.next_event()
+    assert isinstance(first, RequestReceived) and first.request.id == 1
+    assert isinstance(second, RequestReceived) and second.request.id == 2
+    assert server.next_event() is None
+
+
+def test_fds_trickling_in_with_an_unfinished_frame_break_the_connection() -> None:
+    server = handshaken(Limits(max_fds_per_request=2))
+    frame = request(5, "write-to", fds=["out"])
+    assert server.receive_data(frame[:3], [10]) == []  # its own fd, with its first byte
+    assert server.receive_data(frame[3:4], [11]) == []  # a stray one: still within the limit
+    [ev] = server.receive_data(frame[4:5], [12, 13])
+    assert isinstance(ev, ConnectionBroken) and ev.error is not None
+    assert ev.error.code == "too-many-fds"
+    assert ev.error.details == {"fds": 4, "limit": 2}
+    assert sorted(server.take_discarded_fds()) == [10, 11, 12, 13]
+    assert server.receive_data(frame[5:], [15]) == []
+    assert server.release_fds() == [15]

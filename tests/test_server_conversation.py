@@ -38,6 +38,7 @@ def test_hello_negotiates_and_describes_the_server() -> None:
             "max_frame_size": 1 << 20,
             "max_fds_per_request": 8,
             "max_in_flight": 32,
+            "max_request_size": 4 << 10,
         }
         assert isinstance(result["connection"], int) and result["connection"] > 0
 

@@ -6,8 +6,11 @@ import socket
 import threading
 import time
 
+import pytest
+import trio
+
 from tests.control_support import RecordingMachine, serving
-from vmipc.protocol import Error, Event, Result, encode_frame, pack
+from vmipc.protocol import Error, Event, Result, encode_frame, load_schema, pack
 from vmipc.server import PROGRESS_INTERVAL, ServerConfig
 from vmipc.vmm.runstate import RunState
 
@@ -192,3 +195,79 @@ def test_progress_from_a_worker_thread_is_throttled_there() -> None:
         assert calls == 200_000
         assert 1 <= len(events) <= 20
         assert events[-1].data["done"] == events[-1].data["total"] == 200_000
+
+
+# --- nothing a connection does, or a bug in its handling, ends the server --------------
+
+
+def request(rid: int, command: str) -> bytes:
+    return encode_frame(pack({"type": "request", "id": rid, "command": command}))
+
+
+def test_a_pipelining_client_that_reads_late_is_held_back_not_refused() -> None:
+    """The outgoing queue is bounded in bytes: a client that sends many requests with
+    large answers and does not read is no longer read from while its replies wait (the
+    server's memory stays bounded); when it reads, every reply is there, in order."""
+    config = ServerConfig(max_queued_bytes=100_000)
+    with serving(config) as s, s.connect(timeout=20) as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        size = len(encode_frame(pack(load_schema().document)))
+        rids = list(range(1, 101))  # ~2.5 MB of answers
+        c.send_raw(b"".join(request(rid, "query-commands") for rid in rids))
+        peak = 0
+        for _ in range(50):
+            queued = s.thread.run_sync(
+                lambda: max(conn._queued_bytes for conn in s.thread.server._connections)
+            )
+            peak = max(peak, queued)
+            time.sleep(0.01)
+        assert 0 < peak <= config.max_queued_bytes + size
+        for rid in rids:  # all answered, none refused (limit-exceeded) or dropped
+            assert c.result(rid)["version"] == load_schema().version
+
+
+def test_a_bad_progress_report_from_a_worker_thread_is_dropped() -> None:
+    from vmipc.commands import CommandContext, HandlerEntry
+
+    async def bad_reporter(ctx: CommandContext) -> dict[str, object]:
+        # a bug in a handler: a float where the event wants an int, reported from a worker
+        # thread (through run_sync_soon, where an exception would end trio.run)
+        await trio.to_thread.run_sync(ctx.progress, "copying", 0.5, None)
+        await trio.sleep(0.05)
+        return {"slept": 0.0}
+
+    with serving() as s, s.connect() as c:
+        s.thread.server.handlers["test-sleep"] = HandlerEntry("test-sleep", bad_reporter, False)
+        c.result(c.request("subscribe", args={"events": ["progress"]}))
+        assert c.result(c.request("test-sleep", args={"seconds": 0.0})) == {"slept": 0.0}
+        assert s.thread.alive
+        assert c.result(c.request("query-status"))["state"] == "running"
+
+
+def test_a_state_change_that_cannot_be_sent_does_not_end_the_server() -> None:
+    machine = RecordingMachine()
+    with serving(machine=machine) as s, s.connect() as c:
+        c.result(c.request("subscribe", args={"events": ["state-change"]}))
+        machine.stop_reason = 42  # type: ignore[assignment]  # not a string: off-schema
+        threading.Thread(target=machine._set, args=(RunState.PAUSED,)).start()
+        time.sleep(0.2)
+        assert s.thread.alive
+        machine.stop_reason = None
+        assert c.result(c.request("resume")) is not None
+        assert c.event().data == {"old": "paused", "new": "running", "reason": None}
+
+
+def test_a_failing_connection_closes_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vmipc.server._server as server_module
+
+    def broken(fd: int) -> bool:
+        raise RuntimeError("a bug in the connection's handling")
+
+    with serving() as s, s.connect() as other:
+        monkeypatch.setattr(server_module, "peer_hung_up", broken)
+        with s.connect() as c:
+            c.sock.shutdown(socket.SHUT_WR)  # the reader's end of input meets the bug
+            assert c.wait_closed() == []
+        s.wait_connections(1)
+        assert s.thread.alive
+        assert other.result(other.request("query-status"))["state"] == "running"

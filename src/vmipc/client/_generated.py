@@ -28,11 +28,17 @@ class HelloResultLimits(TypedDict):
     """The server's limits for this connection."""
 
     max_frame_size: int
-    """Largest frame payload, in bytes, the server accepts (and sends)."""
+    """Largest frame payload, in bytes, the server sends (and, before 1.7, accepts; see
+    `max_request_size`).
+    """
     max_fds_per_request: int
     """Most fds one request may carry."""
     max_in_flight: int
     """Most requests one connection may have in flight."""
+    max_request_size: int
+    """Largest request frame payload, in bytes, the server accepts (requests are small; replies and
+    events may be up to `max_frame_size`).
+    """
 
 
 class HelloResult(TypedDict):

@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 from vmipc.commands._lease import PauseLease
 from vmipc.commands._priority import Priority
-from vmipc.protocol import Schema
+from vmipc.protocol import DEFAULT_MAX_REQUEST_SIZE, Schema
 from vmipc.vmm.machine_api import MachineApi
 
 #: a handler: takes the context, returns the command's result
@@ -106,6 +106,8 @@ class ServerInfo:
     max_frame_size: int
     max_fds_per_request: int
     max_in_flight: int
+    #: the largest request frame the server accepts (1.7)
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
 
 
 class ConnectionControl(Protocol):

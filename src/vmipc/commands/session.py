@@ -7,6 +7,7 @@ from typing import Any
 
 from vmipc.commands._registry import CommandContext, handler
 from vmipc.protocol import CommandError, ErrorCode, negotiate_version
+from vmipc.protocol._errors import ECHO_ITEMS, echo
 
 log = logging.getLogger("vmipc.server")
 
@@ -15,13 +16,23 @@ log = logging.getLogger("vmipc.server")
 async def hello(ctx: CommandContext) -> dict[str, Any]:
     offered = ctx.args["versions"]
     version = negotiate_version(offered, ctx.schema)
-    log.info("hello from %r offering %s: %s", ctx.args["client"], offered, version or "refused")
+    # the client's name and versions are the peer's: the log and the error repeat only a
+    # bounded part of them
+    log.info(
+        "hello from %s offering %s: %s",
+        echo(ctx.args["client"]),
+        echo(offered),
+        version or "refused",
+    )
     if version is None:
+        shown = ", ".join(map(str, offered[:ECHO_ITEMS])) or "nothing"
+        if len(offered) > ECHO_ITEMS:
+            shown += f", ... ({len(offered)} versions)"
         raise CommandError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"no common protocol version: the server speaks major {ctx.schema.major}, "
-            f"the client offered {', '.join(map(str, offered)) or 'nothing'}",
-            {"supported": [ctx.schema.major], "offered": list(offered)},
+            f"the client offered {shown}",
+            {"supported": [ctx.schema.major], "offered": list(offered[:ECHO_ITEMS])},
         )
     info = ctx.server_info
     return {
@@ -38,6 +49,7 @@ async def hello(ctx: CommandContext) -> dict[str, Any]:
             "max_frame_size": info.max_frame_size,
             "max_fds_per_request": info.max_fds_per_request,
             "max_in_flight": info.max_in_flight,
+            "max_request_size": info.max_request_size,
         },
         "connection": ctx.connection.id,
     }
@@ -55,7 +67,7 @@ async def subscribe(ctx: CommandContext) -> dict[str, Any]:
         if name not in ctx.schema.events:
             raise CommandError(
                 ErrorCode.INVALID_ARGUMENTS,
-                f"no event named {name!r}",
+                f"no event named {echo(name)}",
                 {"argument": f"events[{i}]", "problem": "unknown event"},
             )
     chosen = frozenset(events)

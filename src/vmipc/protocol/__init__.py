@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from vmipc.protocol._connection import (
     HELLO,
+    MAX_ERROR_SIZE,
     ClientEvent,
     ClientProtocol,
     ConnectionBroken,
@@ -38,6 +39,7 @@ from vmipc.protocol._errors import (
 from vmipc.protocol._framing import (
     DEFAULT_MAX_FDS,
     DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_REQUEST_SIZE,
     HEADER_SIZE,
     Frame,
     FrameDecoder,
@@ -45,6 +47,8 @@ from vmipc.protocol._framing import (
 )
 from vmipc.protocol._messages import (
     MAX_ID,
+    REQUEST_DECODE_LIMITS,
+    DecodeLimits,
     Error,
     Event,
     Message,
@@ -86,9 +90,12 @@ def negotiate_version(offered: Iterable[int], schema: Schema) -> str | None:
 __all__ = [
     "DEFAULT_MAX_FDS",
     "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_REQUEST_SIZE",
     "HEADER_SIZE",
     "HELLO",
+    "MAX_ERROR_SIZE",
     "MAX_ID",
+    "REQUEST_DECODE_LIMITS",
     "SUPPORTED_MAJORS",
     "ClientEvent",
     "ClientProtocol",
@@ -98,6 +105,7 @@ __all__ = [
     "CommandSpec",
     "ConnectionBroken",
     "ConnectionClosed",
+    "DecodeLimits",
     "Error",
     "ErrorCode",
     "ErrorInfo",

@@ -14,19 +14,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmipc.protocol._errors import (
+    ECHO_CHARS,
     ErrorCode,
     ErrorInfo,
     LocalProtocolError,
     RemoteProtocolError,
+    echo,
+    shorten,
 )
 from vmipc.protocol._framing import (
     DEFAULT_MAX_FDS,
     DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_REQUEST_SIZE,
+    HEADER,
     FrameDecoder,
     encode_frame,
 )
 from vmipc.protocol._messages import (
     MAX_ID,
+    REQUEST_DECODE_LIMITS,
+    DecodeLimits,
     Error,
     Event,
     Request,
@@ -45,15 +52,24 @@ from vmipc.protocol._schema import (
 )
 
 HELLO = "hello"
+#: an error reply's payload is at most this big. A safety net: the messages and details
+#: the server builds repeat at most a bounded part of any input (``_errors.echo``), so
+#: only a bug reaches it; then the error is cut down rather than not sent
+MAX_ERROR_SIZE = 8192
 
 
 @dataclass(frozen=True)
 class Limits:
     """Per-connection limits the server enforces (and announces in ``hello``)."""
 
+    #: the largest frame payload the server sends (and accepts, up to max_request_size)
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     max_fds_per_request: int = DEFAULT_MAX_FDS
     max_in_flight: int = 32
+    #: the largest request frame payload the server accepts
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
+    #: bounds on each object of a request's payload
+    request_decode: DecodeLimits = REQUEST_DECODE_LIMITS
 
 
 # --- server side ---------------------------------------------------------------------
@@ -124,7 +140,10 @@ class ServerProtocol:
         self.schema = schema
         self.limits = limits or Limits()
         self.state = ServerState.HANDSHAKE
-        self._decoder = FrameDecoder(self.limits.max_frame_size, self.limits.max_fds_per_request)
+        self._decoder = FrameDecoder(
+            min(self.limits.max_frame_size, self.limits.max_request_size),
+            self.limits.max_fds_per_request,
+        )
         self._in_flight: dict[int, _InFlight] = {}
         self._hello_id: int | None = None
         self._discarded: list[int] = []
@@ -138,24 +157,44 @@ class ServerProtocol:
     def receive_data(
         self, data: bytes, fds: Sequence[int] = (), *, fds_truncated: bool = False
     ) -> list[ServerEvent]:
+        """:meth:`feed`, then the events of every whole frame (:meth:`next_event`)."""
+        self.feed(data, fds, fds_truncated=fds_truncated)
+        events: list[ServerEvent] = []
+        while (event := self.next_event()) is not None:
+            events.append(event)
+        return events
+
+    def feed(self, data: bytes, fds: Sequence[int] = (), *, fds_truncated: bool = False) -> None:
+        """Add the bytes (and fds) of one ``recvmsg()``; decode nothing yet."""
         if self.state is ServerState.BROKEN:
             self._discarded.extend(fds)
-            return []
+            return
         self._decoder.feed(data, fds, fds_truncated=fds_truncated)
-        events: list[ServerEvent] = []
-        while True:
-            try:
-                frame = self._decoder.next_frame()
-            except RemoteProtocolError as exc:
-                self.state = ServerState.BROKEN
-                self._discarded.extend(self._decoder.release_fds())
-                events.append(ConnectionBroken(exc.info))
-                break
-            if frame is None:
-                break
-            events.append(self._handle_frame(frame.payload, frame.fds, frame.fds_truncated))
-        self._discarded.extend(self._decoder.take_discarded_fds())
-        return events
+
+    def next_event(self) -> ServerEvent | None:
+        """The event of the next whole frame fed, or None until more bytes arrive.
+
+        Decodes at most one frame, so that a caller serving many connections can let the
+        others run between frames (and stop taking requests while its replies pile up).
+        """
+        if self.state is ServerState.BROKEN:
+            return None
+        try:
+            frame = self._decoder.next_frame()
+        except RemoteProtocolError as exc:
+            self.state = ServerState.BROKEN
+            self._discarded.extend(self._decoder.release_fds())
+            return ConnectionBroken(exc.info)
+        finally:
+            self._discarded.extend(self._decoder.take_discarded_fds())
+        if frame is None:
+            return None
+        try:
+            return self._handle_frame(frame.payload, frame.fds, frame.fds_truncated)
+        except BaseException:
+            # a bug in the checks: the frame's fds still come back to be closed
+            self._discarded.extend(fd for fd in frame.fds if fd not in self._discarded)
+            raise
 
     def receive_eof(self) -> list[ServerEvent]:
         """The peer shut its side. Returns PeerClosed, or ConnectionBroken mid-frame."""
@@ -187,7 +226,9 @@ class ServerProtocol:
 
     def _handle_frame(self, payload: bytes, fds: list[int], truncated: bool) -> ServerEvent:
         try:
-            msg = decode_message(payload, allowed=frozenset({"request"}))
+            msg = decode_message(
+                payload, allowed=frozenset({"request"}), limits=self.limits.request_decode
+            )
         except RemoteProtocolError as exc:
             rid = exc.details.get("id")
             return self._reject(
@@ -238,9 +279,9 @@ class ServerProtocol:
             return self._reject(
                 rid,
                 ErrorCode.UNKNOWN_COMMAND,
-                f"unknown command {msg.command!r}",
+                f"unknown command {echo(msg.command)}",
                 fds,
-                command=msg.command,
+                command=shorten(msg.command),
             )
         if truncated:
             return self._reject(
@@ -303,8 +344,13 @@ class ServerProtocol:
         return data
 
     def send_error(self, request_id: int | None, error: ErrorInfo) -> bytes:
-        """Bytes answering ``request_id`` (or nobody, if None) with ``error``."""
-        data = encode_frame(encode_message(Error(request_id, error)), self.limits.max_frame_size)
+        """Bytes answering ``request_id`` (or nobody, if None) with ``error``.
+
+        Never raises: an error that does not encode, or not within
+        :data:`MAX_ERROR_SIZE`, is sent cut down (its message shortened, only its short
+        plain details kept), and if even that fails as a fixed frame that always fits.
+        """
+        data = _error_frame(request_id, error, min(MAX_ERROR_SIZE, self.limits.max_frame_size))
         if request_id is not None:
             self._in_flight.pop(request_id, None)
             if request_id == self._hello_id:
@@ -318,6 +364,42 @@ class ServerProtocol:
     def send_event(self, name: str, data: Mapping[str, Any], time: float) -> bytes:
         """Bytes of event ``name``. LocalProtocolError if ``data`` does not match."""
         return encode_event(self.schema, name, data, time, self.limits.max_frame_size)
+
+
+def _error_frame(request_id: int | None, error: ErrorInfo, limit: int) -> bytes:
+    for info in (error, _cut_down(error)):
+        try:
+            payload = encode_message(Error(request_id, info))
+        except Exception:  # anything in details that msgpack cannot take
+            continue
+        if len(payload) <= limit:
+            return HEADER.pack(len(payload)) + payload
+    # the last resort: a code, an id and a fixed line always encode, in a few dozen bytes
+    code = error.code if isinstance(error.code, str) and len(error.code) <= 64 else "internal-error"
+    last = ErrorInfo(code, "the server could not send this error in full")
+    try:
+        payload = encode_message(Error(request_id, last))
+    except LocalProtocolError:  # an id msgpack cannot take (a bug): say it to nobody
+        payload = encode_message(Error(None, last))
+    return HEADER.pack(len(payload)) + payload
+
+
+def _cut_down(error: ErrorInfo) -> ErrorInfo:
+    """``error`` with a short message and only the details that are short and plain."""
+
+    def plain(value: Any) -> bool:
+        if value is None or isinstance(value, bool | int | float):
+            return True
+        return isinstance(value, str) and len(value) <= 2 * ECHO_CHARS
+
+    details = {
+        k: v
+        for k, v in list(error.details.items())[:16]
+        if isinstance(k, str) and len(k) <= ECHO_CHARS and plain(v)
+    }
+    return ErrorInfo(
+        shorten(str(error.code), 64), shorten(str(error.message), 4 * ECHO_CHARS), details
+    )
 
 
 def encode_event(

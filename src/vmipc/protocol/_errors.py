@@ -19,6 +19,52 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+#: how many characters of a peer's input an error message or detail may repeat; the rest
+#: is cut (and the cut says how long the input was), so that an error never grows with
+#: what provoked it
+ECHO_CHARS = 100
+#: how many items of a peer's list (or map) an error repeats
+ECHO_ITEMS = 4
+
+
+def shorten(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text``, or its first ``limit`` characters and how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def echo(value: Any, limit: int = ECHO_CHARS) -> str:
+    """A repr of a value from the peer that stays short however large the value is.
+
+    Never builds the repr of the whole value: a list of a million items costs as much as
+    one of :data:`ECHO_ITEMS`.
+    """
+    return _echo(value, limit, 3)
+
+
+def _echo(value: Any, limit: int, depth: int) -> str:
+    if isinstance(value, str | bytes | bytearray):
+        cut = value[:limit]
+        text = repr(bytes(cut) if isinstance(cut, bytearray) else cut)
+        return text if len(cut) == len(value) else f"{text}... ({len(value)} long)"
+    if isinstance(value, dict):
+        opening, closing = "{", "}"
+        parts = [
+            f"{_echo(k, limit, depth - 1)}: {_echo(v, limit, depth - 1)}"
+            for k, v in list(value.items())[:ECHO_ITEMS]
+        ]
+    elif isinstance(value, list | tuple):
+        opening, closing = "[", "]"
+        parts = [_echo(v, limit, depth - 1) for v in value[:ECHO_ITEMS]]
+    else:
+        return shorten(repr(value), limit)
+    if depth == 0 and value:
+        parts = ["..."]
+    elif len(value) > ECHO_ITEMS:
+        parts.append(f"... ({len(value)} items)")
+    return shorten(opening + ", ".join(parts) + closing, 2 * limit)
+
 
 class ErrorCode(enum.StrEnum):
     """The stable error codes. Their meaning is in the schema's ``errors`` catalogue."""
@@ -52,6 +98,8 @@ class ErrorCode(enum.StrEnum):
     # connection scope: sent with a null id, then the server closes the connection
     FRAME_TOO_LARGE = "frame-too-large"
     HANDSHAKE_TIMEOUT = "handshake-timeout"
+    #: fds beyond the per-request limit arrived for a frame not yet complete (1.7)
+    TOO_MANY_FDS = "too-many-fds"
     TOO_MANY_CONNECTIONS = "too-many-connections"
     ACCESS_DENIED = "access-denied"
     # idle monitors (1.7)

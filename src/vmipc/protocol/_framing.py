@@ -29,6 +29,12 @@ HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 #: the default bound on a frame's payload, in bytes
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
+#: the default bound on a request frame's payload, in bytes. Requests are small: the
+#: largest a client sends (a ``hello`` with its name) is about a hundred bytes. A
+#: payload's size bounds what decoding it costs (every msgpack object takes a byte at
+#: least; see ``_messages.REQUEST_DECODE_LIMITS``), so requests get a much smaller bound
+#: than replies: a hostile one costs a fraction of a millisecond, not a third of a second
+DEFAULT_MAX_REQUEST_SIZE = 4 << 10
 #: the default bound on the fds attached to one request
 DEFAULT_MAX_FDS = 8
 
@@ -67,7 +73,9 @@ class FrameDecoder:
     """Feed bytes (and fds) in with :meth:`feed`; take whole frames out with :meth:`next_frame`.
 
     Errors: :meth:`next_frame` raises :class:`RemoteProtocolError` with code
-    ``frame-too-large`` when a header announces more than ``max_frame_size`` bytes;
+    ``frame-too-large`` when a header announces more than ``max_frame_size`` bytes, and
+    with code ``too-many-fds`` when more than ``max_fds`` fds arrived for a frame that is
+    not complete yet (see :meth:`_check_unfinished`);
     :meth:`feed_eof` raises it with code ``invalid-message`` when the stream ends inside
     a frame. After an error the decoder is unusable; close its fds with
     :meth:`release_fds`.
@@ -111,6 +119,7 @@ class FrameDecoder:
         if self._broken:
             return None
         if len(self._buf) < HEADER_SIZE:
+            self._check_unfinished()
             return None
         (length,) = HEADER.unpack_from(self._buf)
         frame_start = self._buf_offset
@@ -123,6 +132,7 @@ class FrameDecoder:
             )
         total = HEADER_SIZE + length
         if len(self._buf) < total:
+            self._check_unfinished()
             return None
         payload = bytes(self._buf[HEADER_SIZE:total])
         del self._buf[:total]
@@ -143,6 +153,34 @@ class FrameDecoder:
         if len(frame.fds) > self.max_fds:
             frame.fds_truncated = True
         return frame
+
+    def _check_unfinished(self) -> None:
+        """Bound the fds held for the frame that is still arriving.
+
+        Every whole frame has been taken, so each group of fds still held came with bytes
+        of that frame: the group whose chunk holds its first byte is its own, the others
+        can belong to no frame (a sender attaches a request's fds to its first byte) and
+        are only discarded when the frame completes. A peer trickling a frame in, fds on
+        every chunk, would make us hold fds without bound until then: past the per-request
+        limit, the stream is broken instead.
+        """
+        start = self._buf_offset
+        own = stray = 0
+        for group in self._groups:
+            if group.start <= start < group.end:
+                own += len(group.fds)
+            else:
+                stray += len(group.fds)
+        # more than the limit in the frame's own group is the request's to refuse
+        # (limit-exceeded); the kernel already bounds it (the receive's ancillary space)
+        if min(own, self.max_fds) + stray > self.max_fds:
+            self._broken = True
+            raise RemoteProtocolError(
+                ErrorCode.TOO_MANY_FDS,
+                f"{own + stray} fds arrived with a frame still incomplete; the limit is "
+                f"{self.max_fds}, sent with the first byte of a request's frame",
+                {"fds": own + stray, "limit": self.max_fds},
+            )
 
     def feed_eof(self) -> None:
         """The stream ended. Raises RemoteProtocolError if it ended inside a frame."""

@@ -14,6 +14,13 @@ Every frame's payload is one msgpack map with a ``type`` key:
 Decoding checks the shape strictly (no unknown keys, right types) and raises
 :class:`RemoteProtocolError` with code ``invalid-message``; the error carries the
 request id in ``details["id"]`` when one could be read, so the server can answer it.
+Its message repeats at most a bounded part of the payload (see ``_errors.echo``).
+
+Decoding takes :class:`DecodeLimits`: msgpack's per-object bounds, checked from each
+object's header before the object is built. What a payload can cost to decode is bounded
+by its size (every object takes at least a byte) together with these bounds (no single
+array or map takes the whole payload). The server decodes requests with
+:data:`REQUEST_DECODE_LIMITS`.
 """
 
 from __future__ import annotations
@@ -24,10 +31,47 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
-from vmipc.protocol._errors import ErrorCode, ErrorInfo, LocalProtocolError, RemoteProtocolError
+from vmipc.protocol._errors import (
+    ECHO_ITEMS,
+    ErrorCode,
+    ErrorInfo,
+    LocalProtocolError,
+    RemoteProtocolError,
+    echo,
+    shorten,
+)
 
 #: request ids are integers in [0, MAX_ID]; the bound keeps them exact in JSON and doubles
 MAX_ID = 2**53 - 1
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on each msgpack object of a payload, checked before the object is built:
+    characters of a string, bytes of a bin, items of an array, entries of a map, bytes of
+    an extension type. None leaves the bound to msgpack (the payload's size)."""
+
+    max_str_len: int | None = None
+    max_bin_len: int | None = None
+    max_array_len: int | None = None
+    max_map_len: int | None = None
+    max_ext_len: int | None = None
+
+    def kwargs(self) -> dict[str, int]:
+        """The bounds as ``msgpack.unpackb`` keyword arguments."""
+        names = ("max_str_len", "max_bin_len", "max_array_len", "max_map_len", "max_ext_len")
+        return {n: v for n in names if (v := getattr(self, n)) is not None}
+
+
+#: What a request can legitimately hold, from the schema: a map of at most five keys, an
+#: ``args`` map of a command's few arguments, lists of protocol versions, event names or
+#: fd names, and short strings (names, and ``hello``'s free-form client name). The bounds
+#: are generous for that and refuse, from its header, an array or map that is not a
+#: request's. Bytes are left to the frame's size (no command takes large ones; the test
+#: commands take some); extension types are never part of a request.
+REQUEST_DECODE_LIMITS = DecodeLimits(
+    max_str_len=1024, max_array_len=64, max_map_len=64, max_ext_len=0
+)
 
 
 @dataclass(frozen=True)
@@ -71,11 +115,24 @@ def pack(obj: Any) -> bytes:
     return data
 
 
-def unpack(payload: bytes) -> Any:
-    """msgpack-decode one whole object. RemoteProtocolError (invalid-message) if it can't."""
+def unpack(payload: bytes, limits: DecodeLimits | None = None) -> Any:
+    """msgpack-decode one whole object. RemoteProtocolError (invalid-message) if it can't,
+    or if an object in it is over one of ``limits``."""
     try:
-        return msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+        return msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            **(limits.kwargs() if limits is not None else {}),
+        )
     except Exception as exc:  # msgpack raises a zoo: ExtraData, FormatError, ValueError...
+        text = str(exc)
+        if isinstance(exc, ValueError) and " exceeds max_" in text:
+            # msgpack's own words, e.g. "1000 exceeds max_array_len(64)": short and exact
+            raise RemoteProtocolError(
+                ErrorCode.INVALID_MESSAGE, f"payload is over a decoding limit: {shorten(text)}"
+            ) from None
         raise RemoteProtocolError(
             ErrorCode.INVALID_MESSAGE,
             f"payload is not one valid msgpack object ({type(exc).__name__})",
@@ -131,16 +188,22 @@ def _is_id(value: Any) -> bool:
     return type(value) is int and 0 <= value <= MAX_ID
 
 
-def decode_message(payload: bytes, *, allowed: frozenset[str] | None = None) -> Message:
-    """Decode and shape-check one payload. ``allowed`` limits the acceptable types."""
-    obj = unpack(payload)
+def decode_message(
+    payload: bytes,
+    *,
+    allowed: frozenset[str] | None = None,
+    limits: DecodeLimits | None = None,
+) -> Message:
+    """Decode and shape-check one payload. ``allowed`` limits the acceptable types;
+    ``limits`` bounds each object of the payload (see :class:`DecodeLimits`)."""
+    obj = unpack(payload, limits)
     if not isinstance(obj, dict):
         raise _bad(f"a message must be a map, not {type(obj).__name__}")
     rid = obj.get("id")
     request_id = rid if _is_id(rid) else None
     mtype = obj.get("type")
     if not isinstance(mtype, str) or mtype not in _KEYS:
-        raise _bad(f"unknown message type {mtype!r}", request_id)
+        raise _bad(f"unknown message type {echo(mtype)}", request_id)
     if allowed is not None and mtype not in allowed:
         raise _bad(f"a {mtype!r} message is not expected here", request_id)
     required, optional = _KEYS[mtype]
@@ -149,11 +212,13 @@ def decode_message(payload: bytes, *, allowed: frozenset[str] | None = None) -> 
         raise _bad(f"{mtype} is missing {', '.join(sorted(missing))}", request_id)
     extra = obj.keys() - required - optional
     if extra:
-        raise _bad(f"{mtype} has unknown keys {', '.join(sorted(map(str, extra)))}", request_id)
+        names = [shorten(str(k)) for k in sorted(extra, key=str)[:ECHO_ITEMS]]
+        more = f" and {len(extra) - len(names)} more" if len(extra) > len(names) else ""
+        raise _bad(f"{mtype} has unknown keys {', '.join(names)}{more}", request_id)
 
     if mtype == "request":
         if request_id is None:
-            raise _bad(f"request id must be an integer in [0, 2**53), not {rid!r}")
+            raise _bad(f"request id must be an integer in [0, 2**53), not {echo(rid)}")
         command = obj["command"]
         if not isinstance(command, str) or not command:
             raise _bad("request command must be a non-empty string", request_id)
@@ -166,11 +231,11 @@ def decode_message(payload: bytes, *, allowed: frozenset[str] | None = None) -> 
         return Request(request_id, command, args, tuple(fds))
     if mtype == "result":
         if request_id is None:
-            raise _bad(f"result id must be an integer in [0, 2**53), not {rid!r}")
+            raise _bad(f"result id must be an integer in [0, 2**53), not {echo(rid)}")
         return Result(request_id, obj["result"])
     if mtype == "error":
         if rid is not None and request_id is None:
-            raise _bad(f"error id must be null or a request id, not {rid!r}")
+            raise _bad(f"error id must be null or a request id, not {echo(rid)}")
         code, message = obj["code"], obj["message"]
         details = obj.get("details", {})
         if not isinstance(code, str) or not isinstance(message, str):

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
+from vmipc.protocol._errors import echo, shorten
+
 TYPES = frozenset({"bool", "int", "float", "string", "bytes", "list", "map", "any"})
 #: argument names that would clash with the client's ``call(name, *, fds=..., **args)``
 RESERVED_ARG_NAMES = frozenset({"fds", "command", "self"})
@@ -492,7 +494,7 @@ def check_value(spec: TypeSpec, value: Any, where: str = "") -> None:
         raise ValidationError(where, f"expected {spec.describe()}, got {_kind(value)}")
     if spec.enum is not None and value not in spec.enum:
         raise ValidationError(
-            where, f"expected one of {', '.join(map(repr, spec.enum))}, got {value!r}"
+            where, f"expected one of {', '.join(map(repr, spec.enum))}, got {echo(value)}"
         )
     if t == "int":
         if spec.minimum is not None and value < spec.minimum:
@@ -506,7 +508,7 @@ def check_value(spec: TypeSpec, value: Any, where: str = "") -> None:
         names = {f.name for f in spec.fields}
         for key in value:
             if key not in names:
-                raise ValidationError(_join(where, key), "unknown field")
+                raise ValidationError(_join(where, shorten(key)), "unknown field")
         for f in spec.fields:
             if f.name not in value:
                 raise ValidationError(_join(where, f.name), "missing field")
@@ -543,7 +545,8 @@ def validate_args(spec: CommandSpec, args: Mapping[str, Any]) -> dict[str, Any]:
     known = {a.name for a in spec.args}
     for name in args:
         if name not in known:
-            raise ValidationError(str(name), "unknown argument")
+            # the name is the peer's: repeat a bounded part of it
+            raise ValidationError(shorten(str(name)), "unknown argument")
     out: dict[str, Any] = {}
     for a in spec.args:
         if a.name in args:
@@ -566,9 +569,9 @@ def match_fds(spec: CommandSpec, names: Sequence[str], count: int) -> dict[str, 
     out: dict[str, int] = {}
     for i, name in enumerate(names):
         if spec.fd(name) is None:
-            raise FdMismatch(name, f"{spec.name} takes no fd named {name!r}")
+            raise FdMismatch(shorten(name), f"{spec.name} takes no fd named {echo(name)}")
         if name in out:
-            raise FdMismatch(name, "named twice")
+            raise FdMismatch(shorten(name), "named twice")
         out[name] = i
     for f in spec.fds:
         if f.required and f.name not in out:

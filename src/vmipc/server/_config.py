@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmipc.protocol import DEFAULT_MAX_FDS, DEFAULT_MAX_FRAME_SIZE
+from vmipc.protocol import DEFAULT_MAX_FDS, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_REQUEST_SIZE
 
 #: What a read-only (monitoring) socket allows: the handshake, the catalogue, events and
 #: queries. Nothing that changes the machine, reads guest memory or state, or stops the VMM.
@@ -80,6 +80,12 @@ class ServerConfig:
     socket_group: int | str | None = None
     #: frames queued for one connection before events overflow (the client is too slow)
     outbound_queue: int = 256
+    #: bytes queued for one connection (replies and events it has not read yet): while
+    #: this many wait, the server reads none of its requests and holds its replies back,
+    #: and events that do not fit overflow as above
+    max_queued_bytes: int = 2 << 20
+    #: the largest request frame accepted (replies may be up to ``max_frame_size``)
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
     #: seconds a shutdown (or a closing connection) waits for replies to drain
     shutdown_grace: float = 2.0
     #: the ``server.name`` that ``hello`` reports

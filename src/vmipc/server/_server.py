@@ -4,9 +4,13 @@ Tasks: one accept loop; per connection a reader (``recvmsg`` -> :class:`ServerPr
 a writer (draining a bounded queue of frames), a handshake timer, and one task per
 request in flight. Nothing a client does can block another client or the vCPUs:
 
-* replies wait for room in *their own* connection's queue;
+* a connection's outgoing queue is bounded in frames and bytes: while it is full, that
+  connection's requests are not read and its replies wait (backpressure), never growing;
 * events are queued without waiting; a connection whose queue overflows with state
   changes is closed (progress events are dropped instead);
+* a connection decodes one request frame at a time and lets the others run in between;
+* whatever goes wrong in a connection's tasks closes that connection, with a log line,
+  never the server;
 * machine state changes arrive from vCPU threads through ``run_sync_soon`` only;
 * blocking machine calls run in worker threads (see the handlers in ``commands/``).
 """
@@ -215,7 +219,10 @@ class Server:
         self.schema = schema or load_schema()
         self.handlers = dict(handlers) if handlers is not None else dict(load_handlers())
         self.limits = Limits(
-            config.max_frame_size, config.max_fds_per_request, config.max_in_flight
+            config.max_frame_size,
+            config.max_fds_per_request,
+            config.max_in_flight,
+            config.max_request_size,
         )
         self.info = ServerInfo(
             name=config.server_name,
@@ -225,6 +232,7 @@ class Server:
             max_frame_size=config.max_frame_size,
             max_fds_per_request=config.max_fds_per_request,
             max_in_flight=config.max_in_flight,
+            max_request_size=min(config.max_request_size, config.max_frame_size),
         )
         #: held by ``exclusive`` handlers (run-state changes), so they never interleave
         self.machine_lock = trio.Lock()
@@ -502,15 +510,23 @@ class Server:
             token.run_sync_soon(self._broadcast_state_change, change)
 
     def _broadcast_state_change(self, change: StateChange) -> None:
-        data = {"old": change.old.value, "new": change.new.value, "reason": change.reason}
-        frame: bytes | None = None
-        for conn in list(self._connections):
-            if "state-change" in conn.subscriptions:
-                if frame is None:
-                    frame = encode_event(
-                        self.schema, "state-change", data, time.time(), self.limits.max_frame_size
-                    )
-                conn.send_event(frame, droppable=False)
+        # runs from run_sync_soon: an exception here would end trio.run, and the VMM
+        try:
+            data = {"old": change.old.value, "new": change.new.value, "reason": change.reason}
+            frame: bytes | None = None
+            for conn in list(self._connections):
+                if "state-change" in conn.subscriptions:
+                    if frame is None:
+                        frame = encode_event(
+                            self.schema,
+                            "state-change",
+                            data,
+                            time.time(),
+                            self.limits.max_frame_size,
+                        )
+                    conn.send_event(frame, droppable=False)
+        except Exception:
+            log.exception("could not send the state change %s -> %s", change.old, change.new)
 
 
 @dataclass(eq=False)
@@ -523,6 +539,8 @@ class _RequestEntry:
     cancel_error: ErrorInfo | None = None
     shutdown_requested: bool = False
     last_progress: float = -math.inf
+    #: a progress report failed to encode (logged once)
+    progress_failed: bool = False
 
 
 class _RequestServerControl:
@@ -552,9 +570,16 @@ class _Connection:
         self.allowed_commands = allowed_commands
         self.proto = ServerProtocol(server.schema, server.limits)
         self.subscriptions: frozenset[str] = frozenset()
-        send, recv = trio.open_memory_channel[bytes](server.config.outbound_queue)
+        # unbounded as a channel: what bounds the queue is the accounting below, in frames
+        # and bytes, which makes the reader and the replies wait (and events overflow)
+        send, recv = trio.open_memory_channel[bytes](math.inf)
         self._send = send
         self._recv = recv
+        self._queued_frames = 0
+        self._queued_bytes = 0
+        #: woken whenever the writer took a frame off the queue, or went away
+        self._drained = trio.lowlevel.ParkingLot()
+        self._writer_gone = False
         self._requests: dict[int, _RequestEntry] = {}
         self._outer = trio.CancelScope()
         self._reader_scope = trio.CancelScope()
@@ -571,6 +596,8 @@ class _Connection:
         return f"<connection {self.id} pid={self.peer.pid} uid={self.peer.uid}>"
 
     async def run(self) -> None:
+        """Serve the connection until it closes. Never raises (but Cancelled): whatever
+        goes wrong in one of its tasks closes this connection, not the server."""
         log.info("%r opened", self)
         try:
             with self._outer:
@@ -586,6 +613,15 @@ class _Connection:
                     self._writer_scope.deadline = (
                         trio.current_time() + self.server.config.shutdown_grace
                     )
+        except* Exception as failure:
+            # a bug, not the peer's doing (hostile input is answered, not raised): the
+            # traceback goes to the log, the connection closes, the others carry on
+            log.error(
+                "%r failed and is closed: %s",
+                self,
+                "; ".join(f"{type(e).__name__}: {e}" for e in failure.exceptions),
+                exc_info=failure,
+            )
         finally:
             close_fds(self.proto.release_fds())
             self.sock.close()
@@ -634,45 +670,76 @@ class _Connection:
     def shutdown(self) -> None:
         """The server is shutting down: say so, stop, let replies drain."""
         self._stop(_SHUTTING_DOWN)
-        self._send_nowait(self.proto.send_connection_error(_SHUTTING_DOWN))
+        self._enqueue(self.proto.send_connection_error(_SHUTTING_DOWN))
 
     def send_event(self, frame: bytes, *, droppable: bool) -> None:
+        config = self.server.config
+        fits = (
+            self._queued_frames < config.outbound_queue
+            and self._queued_bytes + len(frame) <= config.max_queued_bytes
+        )
+        if fits:
+            self._enqueue(frame)
+        elif not droppable and not self._writer_gone:
+            log.warning(
+                "%r reads too slowly: %d frames (%d bytes) queued; closing it",
+                self,
+                self._queued_frames,
+                self._queued_bytes,
+            )
+            self._outer.cancel()
+
+    # the outgoing queue
+
+    def _has_room(self) -> bool:
+        config = self.server.config
+        return (
+            self._queued_frames < config.outbound_queue
+            and self._queued_bytes < config.max_queued_bytes
+        )
+
+    async def _wait_for_room(self) -> None:
+        """Wait while this connection's queue is full (its peer reads too slowly).
+
+        A caller that enqueues right after, with no checkpoint in between, keeps the queue
+        under ``max_queued_bytes`` plus one frame.
+        """
+        while not self._has_room() and not self._writer_gone:
+            await self._drained.park()
+
+    def _enqueue(self, frame: bytes) -> None:
+        """Queue ``frame`` for the writer (dropped if the peer is gone)."""
         try:
             self._send.send_nowait(frame)
-        except trio.WouldBlock:
-            if not droppable:
-                log.warning(
-                    "%r reads too slowly: %d frames queued; closing it",
-                    self,
-                    self.server.config.outbound_queue,
-                )
-                self._outer.cancel()
         except _GONE:
-            pass
-
-    def _send_nowait(self, frame: bytes) -> None:
-        with contextlib.suppress(trio.WouldBlock, *_GONE):
-            self._send.send_nowait(frame)
-
-    async def _reply(self, frame: bytes) -> None:
-        with contextlib.suppress(*_GONE):  # if the peer is gone, the reply has nowhere to go
-            await self._send.send(frame)
+            return
+        self._queued_frames += 1
+        self._queued_bytes += len(frame)
 
     # tasks
 
     async def _writer(self) -> None:
-        with self._writer_scope:
-            async with self._recv:
-                async for frame in self._recv:
-                    view = memoryview(frame)
-                    try:
-                        while view:
-                            sent = await self.sock.send(view)
-                            view = view[sent:]
-                    except OSError as exc:
-                        log.info("%r: peer gone while sending (%s)", self, exc.strerror)
-                        self._stop(None)
-                        return
+        try:
+            with self._writer_scope:
+                async with self._recv:
+                    async for frame in self._recv:
+                        view = memoryview(frame)
+                        try:
+                            while view:
+                                sent = await self.sock.send(view)
+                                view = view[sent:]
+                        except OSError as exc:
+                            log.info("%r: peer gone while sending (%s)", self, exc.strerror)
+                            self._stop(None)
+                            return
+                        finally:
+                            self._queued_frames -= 1
+                            self._queued_bytes -= len(frame)
+                            self._drained.unpark_all()
+        finally:
+            # nothing will be sent any more: nobody may wait for room
+            self._writer_gone = True
+            self._drained.unpark_all()
 
     async def _handshake_timer(self) -> None:
         with self._timer_scope:
@@ -681,7 +748,7 @@ class _Connection:
                 log.info(
                     "%r: no hello within %gs; closing", self, self.server.config.handshake_timeout
                 )
-                self._send_nowait(
+                self._enqueue(
                     self.proto.send_connection_error(
                         ErrorInfo(
                             ErrorCode.HANDSHAKE_TIMEOUT,
@@ -694,6 +761,19 @@ class _Connection:
     async def _read_loop(self) -> None:
         with self._reader_scope:
             while True:
+                # every whole frame received, one at a time: wait while the replies of
+                # the earlier ones pile up unread (backpressure), and let the other
+                # connections run between two frames (decoding one costs up to a
+                # millisecond or so: requests are small, see Limits.max_request_size)
+                while True:
+                    await self._wait_for_room()
+                    event = self.proto.next_event()
+                    close_fds(self.proto.take_discarded_fds())
+                    if event is None:
+                        break
+                    if not self._handle(event):
+                        return
+                    await trio.lowlevel.checkpoint()
                 try:
                     data, ancdata, flags, _ = await self.sock.recvmsg(
                         _RECV_SIZE, self._ancsize, socket.MSG_CMSG_CLOEXEC
@@ -703,25 +783,26 @@ class _Connection:
                     self._stop(None)
                     return
                 fds = fds_from_ancdata(ancdata)
-                events: list[ServerEvent]
                 if not data and not fds:
-                    events = self.proto.receive_eof()
-                else:
-                    truncated = bool(flags & socket.MSG_CTRUNC)
-                    events = self.proto.receive_data(data, fds, fds_truncated=truncated)
+                    for event in self.proto.receive_eof():
+                        close_fds(self.proto.take_discarded_fds())
+                        self._handle(event)
+                    return
+                truncated = bool(flags & socket.MSG_CTRUNC)
+                self.proto.feed(data, fds, fds_truncated=truncated)
                 close_fds(self.proto.take_discarded_fds())
-                for event in events:
-                    if not await self._handle(event):
-                        return
 
-    async def _handle(self, event: ServerEvent) -> bool:
-        """Act on one protocol event; False when reading must stop."""
+    def _handle(self, event: ServerEvent) -> bool:
+        """Act on one protocol event; False when reading must stop.
+
+        The caller made room in the queue for the one reply this may send (no
+        checkpoint in between)."""
         if isinstance(event, RequestReceived):
             rid = event.request.id
             self.last_request = trio.current_time()
             if self.server.closing or self._stopping:
                 close_fds(event.fds.values())
-                await self._reply(self.proto.send_error(rid, _SHUTTING_DOWN))
+                self._enqueue(self.proto.send_error(rid, _SHUTTING_DOWN))
                 return True
             allowed = self.allowed_commands
             if allowed is not None and event.spec.name not in allowed:
@@ -732,7 +813,7 @@ class _Connection:
                     f"{event.spec.name} is not permitted on this socket",
                     {"command": event.spec.name, "allowed": sorted(allowed)},
                 )
-                await self._reply(self.proto.send_error(rid, refusal))
+                self._enqueue(self.proto.send_error(rid, refusal))
                 return True
             entry = _RequestEntry(event.spec)
             self._requests[rid] = entry
@@ -740,12 +821,12 @@ class _Connection:
             self._work.start_soon(self._run_request, event, entry)
             return True
         if isinstance(event, RequestRejected):
-            await self._reply(self.proto.send_error(event.request_id, event.error))
+            self._enqueue(self.proto.send_error(event.request_id, event.error))
             return True
         if isinstance(event, ConnectionBroken):
             if event.error is not None:
                 log.info("%r: %s; closing", self, event.error)
-                self._send_nowait(self.proto.send_connection_error(event.error))
+                self._enqueue(self.proto.send_connection_error(event.error))
             self._stop(None)
             return False
         # PeerClosed: a peer that only shut its writing side still gets its replies
@@ -762,40 +843,51 @@ class _Connection:
         result: Any = _MISSING
         error: ErrorInfo | None = None
         try:
-            with entry.scope:
-                await self.server.priority.admit(self, spec.name)
-                error = self._check_fds(spec, fds)
-                handler = self.server.handlers.get(spec.name)
-                if error is None and handler is None:
-                    error = ErrorInfo(
-                        ErrorCode.INTERNAL_ERROR, f"{spec.name} has no handler in this server"
-                    )
-                if error is None and handler is not None:
-                    ctx = CommandContext(
-                        machine=self.server.machine,
-                        request_id=rid,
-                        command=spec.name,
-                        args=event.args,
-                        fds=fds,
-                        schema=self.server.schema,
-                        server_info=self.server.info,
-                        connection=self,
-                        server=_RequestServerControl(
-                            entry, self.server.pause_lease, self.server.priority
-                        ),
-                        _progress=self._progress_sink(rid, spec.name, entry),
-                    )
-                    if handler.exclusive:
-                        async with self.server.machine_lock:
+            try:
+                with entry.scope:
+                    await self.server.priority.admit(self, spec.name)
+                    error = self._check_fds(spec, fds)
+                    handler = self.server.handlers.get(spec.name)
+                    if error is None and handler is None:
+                        error = ErrorInfo(
+                            ErrorCode.INTERNAL_ERROR, f"{spec.name} has no handler in this server"
+                        )
+                    if error is None and handler is not None:
+                        ctx = CommandContext(
+                            machine=self.server.machine,
+                            request_id=rid,
+                            command=spec.name,
+                            args=event.args,
+                            fds=fds,
+                            schema=self.server.schema,
+                            server_info=self.server.info,
+                            connection=self,
+                            server=_RequestServerControl(
+                                entry, self.server.pause_lease, self.server.priority
+                            ),
+                            _progress=self._progress_sink(rid, spec.name, entry),
+                        )
+                        if handler.exclusive:
+                            async with self.server.machine_lock:
+                                result, error = await self._start(handler, ctx, entry)
+                        else:
                             result, error = await self._start(handler, ctx, entry)
-                    else:
-                        result, error = await self._start(handler, ctx, entry)
-        finally:
-            close_fds(fds.release())
-            self._requests.pop(rid, None)
-        if result is _MISSING and error is None:
-            error = entry.cancel_error or _cancelled(rid)
-        try:
+            except Exception as exc:
+                # not the handler (``_start`` answers its failures) but the plumbing
+                # around it: a bug; answer it, and the connection carries on
+                log.exception("%r: request %d (%s) failed", self, rid, spec.name)
+                result = _MISSING
+                error = ErrorInfo(
+                    ErrorCode.INTERNAL_ERROR, f"{spec.name} failed: {type(exc).__name__}"
+                )
+            finally:
+                close_fds(fds.release())
+                self._requests.pop(rid, None)
+            if result is _MISSING and error is None:
+                error = entry.cancel_error or _cancelled(rid)
+            # room first, then the reply's bytes: replies a peer does not read wait here
+            # as results, and the queue stays bounded in bytes
+            await self._wait_for_room()
             frame: bytes | None = None
             if error is None:
                 try:
@@ -803,9 +895,15 @@ class _Connection:
                 except LocalProtocolError as exc:
                     log.error("%s: %s", spec.name, exc.message)
                     error = ErrorInfo(ErrorCode.INTERNAL_ERROR, exc.message)
+                except Exception as exc:
+                    log.exception("%s: its result could not be sent", spec.name)
+                    error = ErrorInfo(
+                        ErrorCode.INTERNAL_ERROR,
+                        f"{spec.name}: its result could not be sent ({type(exc).__name__})",
+                    )
             if frame is None:
                 frame = self.proto.send_error(rid, error or _cancelled(rid))
-            await self._reply(frame)
+            self._enqueue(frame)
         finally:
             if entry.shutdown_requested:
                 self.server.begin_shutdown()
@@ -870,10 +968,17 @@ class _Connection:
                 "done": done,
                 "total": total,
             }
-            frame = encode_event(
-                server.schema, "progress", data, time.time(), server.limits.max_frame_size
-            )
-            self.send_event(frame, droppable=True)
+            try:
+                frame = encode_event(
+                    server.schema, "progress", data, time.time(), server.limits.max_frame_size
+                )
+                self.send_event(frame, droppable=True)
+            except Exception as exc:
+                # a handler's bad report (a bug): raised from a run_sync_soon callback it
+                # would end trio.run, so it is logged (once) and the report dropped
+                if not entry.progress_failed:
+                    log.error("%s: progress not sent: %s", command, exc)
+                entry.progress_failed = True
 
         def report(phase: str, done: int, total: int | None) -> None:  # on any thread
             # throttle first, so that a worker thread calling this for every page costs
