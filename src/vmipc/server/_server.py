@@ -488,7 +488,7 @@ class Server:
                 break
             deadline = last_active + timeout
         log.info("%r: idle for %gs; closing", conn, timeout)
-        conn._send_nowait(
+        conn._enqueue(
             conn.proto.send_connection_error(
                 ErrorInfo(
                     ErrorCode.IDLE_TIMEOUT,
