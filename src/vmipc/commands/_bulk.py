@@ -8,6 +8,7 @@ there) and never through the client.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -20,8 +21,11 @@ from vmipc._extents import data_extents, punch_hole
 from vmipc.formats import (
     NEED_DATA,
     DataRun,
+    DecodeBudget,
     FormatError,
     MemorySectionWriter,
+    MsgpackLimits,
+    MsgpackRefused,
     PageStreamDecoder,
     PageStreamEncoder,
     RoundEnd,
@@ -33,6 +37,7 @@ from vmipc.formats import (
     section_entry,
     section_offset,
     split_zero_runs,
+    unpack_bounded,
 )
 from vmipc.formats.snapshot import (
     MEMORY_ENCODING_IMAGE,
@@ -40,8 +45,11 @@ from vmipc.formats.snapshot import (
     SECTION_DEVICES,
     SECTION_VCPUS,
 )
-from vmipc.vmm.machine import Machine, MachineConfig, MachineState
+from vmipc.kvm.structs import KvmXsave
+from vmipc.vmm.devices import DEFAULT_RX_BACKLOG
+from vmipc.vmm.machine import MAX_VCPUS, Machine, MachineConfig, MachineState
 from vmipc.vmm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS
 from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
@@ -409,7 +417,28 @@ def _pread(fd: int) -> Any:
 
 STATE_MAGIC = b"VMIPCST1"
 _STATE_HEADER = struct.Struct("<8sIQ")  # magic, payload length, xxh3_64 of the payload
-MAX_STATE_SIZE = 64 << 20
+#: A maximal state is about 1.3 MiB: 64 vCPUs with 256 CPUID entries, 255 MSRs and 6 KiB of
+#: kernel structs each, and a 60 KiB command line (tests/test_state_limits.py builds it).
+MAX_STATE_SIZE = 2 << 20
+#: What a state record can hold (vmm/state.py, vmm/machine.py, vmm/devices/uart.py), so
+#: that no blob decodes into more than a small multiple of its size.
+STATE_LIMITS = MsgpackLimits(
+    # CPUID entries, MSRs (fewer than 256), vCPUs (64), guest options
+    max_array_len=max(MAX_CPUID_ENTRIES, MAX_MSRS + 1, MAX_VCPUS),
+    # the largest record, the UART's, has 14 fields
+    max_map_len=32,
+    # the multiboot command line (under 60 KiB), a path (PATH_MAX)
+    max_str_len=64 << 10,
+    # the largest kernel struct (XSAVE) and the UART's input backlog
+    max_bin_len=max(ctypes.sizeof(KvmXsave), DEFAULT_RX_BACKLOG),
+    # state > vcpus > vcpu > cpuid > entry
+    max_depth=6,
+    # a maximal state decodes into about 11 MiB (estimated)
+    max_decoded=16 << 20,
+)
+#: the payload is read in pieces of this size: memory follows the bytes that arrived, not
+#: the length the header announces
+_STATE_READ = 64 << 10
 
 
 def encode_state_blob(state: MachineState) -> bytes:
@@ -429,20 +458,33 @@ def read_state_blob(fd: int, transfer: Transfer) -> MachineState:
         raise BulkError("bad-state", f"not a vmipc state blob (magic {bytes(magic)!r})")
     if length > MAX_STATE_SIZE:
         raise BulkError("bad-state", f"state blob claims {length} bytes (limit {MAX_STATE_SIZE})")
-    payload = bytearray(length)
-    try:
-        transfer.readinto(fd, memoryview(payload))
-    except PeerClosed as exc:
-        raise BulkError("bad-state", f"state blob truncated: {exc}") from None
+    payload = bytearray()
+    while len(payload) < length:
+        # never more than one read past what arrived, never past the blob's end (the fd
+        # may carry more after it)
+        data = transfer.read_some(fd, min(length - len(payload), _STATE_READ))
+        if not data:
+            raise BulkError(
+                "bad-state",
+                f"state blob truncated: the input ended {length - len(payload)} bytes early",
+            )
+        payload += data
     if checksum(payload) != stored:
         raise BulkError("bad-state", "state blob checksum mismatch (corrupt)")
-    return decode_state(bytes(payload))
+    return decode_state(payload)
 
 
-def decode_state(payload: bytes) -> MachineState:
+def decode_state(payload: bytes | bytearray) -> MachineState:
     try:
-        return MachineState.from_dict(msgpack.unpackb(payload, raw=False))
-    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+        return _state_from_record(unpack_bounded(payload, STATE_LIMITS))
+    except MsgpackRefused as exc:
+        raise BulkError("bad-state", f"state record refused: {exc}") from None
+
+
+def _state_from_record(record: Any) -> MachineState:
+    try:
+        return MachineState.from_dict(record)
+    except (ValueError, TypeError, KeyError) as exc:
         raise BulkError("bad-state", f"state record refused: {exc}") from None
 
 
@@ -466,15 +508,29 @@ def write_state_sections(state: MachineState, fd: int, transfer: Transfer) -> li
 
 
 def read_state_sections(fd: int) -> MachineState:
+    """The state in the config, vcpus and devices sections of snapshot file ``fd``: together
+    no bigger than a state blob may be, and decoded within one budget."""
+    names = (SECTION_CONFIG, SECTION_VCPUS, SECTION_DEVICES)
     try:
         reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size, max_read=MAX_STATE_SIZE)
-        config = msgpack.unpackb(reader.read_section(SECTION_CONFIG))
-        vcpus = msgpack.unpackb(reader.read_section(SECTION_VCPUS))
-        devices = msgpack.unpackb(reader.read_section(SECTION_DEVICES))
+        size = sum(reader.entry(name).length for name in names)
+        if size > MAX_STATE_SIZE:
+            raise BulkError(
+                "bad-snapshot",
+                f"the state sections hold {size} bytes (a machine's state is at most "
+                f"{MAX_STATE_SIZE})",
+            )
+        budget = DecodeBudget(STATE_LIMITS.budget(size))
+        parts = []
+        for name in names:
+            data = reader.read_section(name)
+            try:
+                parts.append(unpack_bounded(data, STATE_LIMITS, budget))
+            except MsgpackRefused as exc:
+                raise BulkError("bad-snapshot", f"section '{name}': {exc}") from None
     except FormatError as exc:
         raise BulkError("bad-snapshot", str(exc)) from None
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise BulkError("bad-snapshot", f"state sections are not msgpack: {exc}") from None
+    config, vcpus, devices = parts
     try:
         record = {
             "version": vcpus["version"],
@@ -485,4 +541,4 @@ def read_state_sections(fd: int) -> MachineState:
         }
     except (KeyError, TypeError) as exc:
         raise BulkError("bad-snapshot", f"state sections lack {exc}") from None
-    return decode_state(msgpack.packb(record))
+    return _state_from_record(record)
