@@ -72,6 +72,8 @@ class Stats:
     zero_pages: int = 0
     bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: a load replaced every page of RAM (not in the result: the machine host's business)
+    complete: bool = False
 
     def result(self) -> dict[str, Any]:
         return {
@@ -172,12 +174,45 @@ def send_page_stream(
 
 def _zero_range(memory: GuestMemory, offset: int, length: int) -> None:
     """Make RAM zero by punching a hole (no memory is touched or allocated)."""
-    try:
-        punched = punch_hole(memory.fd, offset, length)
-    except OSError:
-        punched = False
+    punched = False
+    if memory.fd_is_ram:  # else the fd is a snapshot file mapped privately: never punch it
+        try:
+            punched = punch_hole(memory.fd, offset, length)
+        except OSError:
+            punched = False
     if not punched:
         memory.view[offset : offset + length] = bytes(length)
+
+
+class PageCoverage:
+    """Which pages of RAM a load wrote: a bit per page (2 MiB for 64 GiB of RAM)."""
+
+    def __init__(self, size: int) -> None:
+        self.pages = size // PAGE_SIZE
+        self._bits = bytearray(-(-self.pages // 8))
+
+    def add(self, offset: int, length: int) -> None:
+        """Bytes ``[offset, offset + length)`` of RAM (memfd offsets) were written: every
+        page they touch counts (a data run arrives in pieces; the stream's success says
+        that all of it did)."""
+        first, end = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
+        bits = self._bits
+        while first < end and first % 8:
+            bits[first >> 3] |= 1 << (first & 7)
+            first += 1
+        whole = (end - first) >> 3
+        if whole > 0:
+            bits[first >> 3 : (first >> 3) + whole] = b"\xff" * whole
+            first += whole << 3
+        while first < end:
+            bits[first >> 3] |= 1 << (first & 7)
+            first += 1
+
+    def complete(self) -> bool:
+        full, rest = divmod(self.pages, 8)
+        if self._bits.count(0xFF, 0, full) != full:
+            return False
+        return not rest or self._bits[full] == (1 << rest) - 1
 
 
 def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
@@ -185,10 +220,12 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
 
     Reads exactly the stream's bytes, never past its end (the fd may carry more after it).
     Raises :class:`BulkError` ("bad-stream") when the stream is corrupt, truncated or for
-    other RAM: the memory then holds a partial update and must not be run.
+    other RAM: the memory then holds a partial update and must not be run. The stats say
+    ``complete`` when the stream wrote every page of RAM (as a full dump does).
     """
     decoder = PageStreamDecoder(expect_layout=list(memory.ram_ranges()))
     stats = Stats()
+    coverage = PageCoverage(memory.size)
     rounds = data_bytes = 0
     try:
         while True:
@@ -200,10 +237,13 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
             elif isinstance(event, DataRun):
                 offset = memory.offset_of(event.gpa, len(event.data))
                 memory.view[offset : offset + len(event.data)] = event.data
+                coverage.add(offset, len(event.data))
                 data_bytes += len(event.data)  # a run may arrive in unaligned pieces
             elif isinstance(event, ZeroRun):
                 length = event.npages * PAGE_SIZE
-                _zero_range(memory, memory.offset_of(event.gpa, length), length)
+                offset = memory.offset_of(event.gpa, length)
+                _zero_range(memory, offset, length)
+                coverage.add(offset, length)
                 stats.zero_pages += event.npages
             elif isinstance(event, RoundEnd):
                 rounds += 1
@@ -215,6 +255,7 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
         raise BulkError("bad-stream", f"page stream truncated: {exc}") from None
     stats.data_pages = data_bytes // PAGE_SIZE
     stats.extra["rounds"] = rounds
+    stats.complete = coverage.complete()
     return stats
 
 
@@ -373,11 +414,12 @@ def write_raw_image(machine: Machine, fd: int, transfer: Transfer) -> Stats:
 def read_raw_image(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
     """Fill RAM from a flat image (as written by :func:`write_raw_image`)."""
     transfer.readinto(fd, memory.view)
-    return Stats(data_pages=memory.size // PAGE_SIZE, bytes=memory.size)
+    return Stats(data_pages=memory.size // PAGE_SIZE, bytes=memory.size, complete=True)
 
 
 def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
-    """Fill RAM from the memory section of the snapshot file ``fd`` (eagerly, verified)."""
+    """Fill RAM from the memory section of the snapshot file ``fd`` (eagerly, verified):
+    all of it, the image's holes as zeros (RAM may hold what a failed load left)."""
     try:
         reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size)
         section = reader.memory()
@@ -396,13 +438,20 @@ def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> St
     stats = Stats()
     for region in memory.regions:
         start = section.file_offset(region.guest_phys_addr, region.size)
+        cursor = region.offset
         for offset, length in data_extents(fd, start, region.size):
             target = region.offset + (offset - start)
+            if target > cursor:
+                _zero_range(memory, cursor, target - cursor)
             view = memory.view[target : target + length]
             transfer.preadinto(fd, view, offset)
             view.release()
             stats.data_pages += length // PAGE_SIZE
+            cursor = target + length
+        if cursor < region.offset + region.size:
+            _zero_range(memory, cursor, region.offset + region.size - cursor)
     stats.bytes = memory.size
+    stats.complete = True
     return stats
 
 
