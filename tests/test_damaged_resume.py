@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.seq_support import VCPUS, check_continuation, vmm_processes
+from tests.test_bulk_commands import compose_snapshot, ram_of, vmms
 from vmipc.client import SyncClient
+from vmipc.commands._bulk import PageCoverage
 from vmipc.formats import (
     NEED_DATA,
     DataRun,
@@ -143,3 +145,68 @@ def test_a_guest_never_runs_on_memory_that_failed_its_checksum(tmp_path: Path) -
         with target.client() as dst:
             dst.pause()
         check_continuation(source.text(), target.text())
+
+
+def poison_everywhere(layout: tuple[tuple[int, int], ...]) -> bytes:
+    """0xcc in every page of RAM, and a round checksum that does not match."""
+    encoder = PageStreamEncoder(layout)
+    out = bytearray(encoder.header())
+    chunk = b"\xcc" * (1024 * PAGE)
+    for gpa, size in layout:
+        for start in range(gpa, gpa + size, len(chunk)):
+            count = min(len(chunk), gpa + size - start)
+            out += encoder.data(start, count // PAGE)
+            encoder.payload(chunk[:count])
+            out += chunk[:count]
+    right = struct.unpack_from("<Q", encoder.end_round(), 16)[0]
+    return bytes(out + end_of_round(0, right ^ 1) + encoder.end_stream())
+
+
+def test_a_snapshot_load_after_a_failed_one_replaces_every_page(tmp_path: Path) -> None:
+    """The snapshot's holes are zeroed, not left as the failed load's 0xcc: then the load is
+    complete and the guest may run. (Before, holes kept whatever was in RAM.)"""
+    with vmms() as make:
+        source = make()
+        source.console.wait_for_passes(2, 1)
+        target = make(incoming=True)
+        with source.client() as src, target.client() as dst:
+            src.pause()
+            compose_snapshot(src, tmp_path / "snap.vmipc")
+            with open(tmp_path / "snap.vmipc", "rb") as snapshot:
+                dst.load_state(format="snapshot", in_=snapshot.fileno())
+            assert target.host.machine is not None and target.host.machine.memory is not None
+            layout = tuple(target.host.machine.memory.ram_ranges())
+            (tmp_path / "bad").write_bytes(poison_everywhere(layout))
+            with pytest.raises(CommandError) as info, open(tmp_path / "bad", "rb") as handle:
+                dst.load_memory(in_=handle.fileno())
+            assert info.value.code == "bad-stream"
+            refused_resume(dst)
+            with open(tmp_path / "snap.vmipc", "rb") as snapshot:
+                dst.load_memory(format="snapshot", in_=snapshot.fileno())
+            assert ram_of(target.machine) == ram_of(source.machine)
+            dst.resume()
+            assert dst.query_status()["state"] == "running"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "complete"),
+    [
+        ([(0, 16 * PAGE)], True),
+        ([(0, 8 * PAGE), (8 * PAGE, 8 * PAGE)], True),
+        ([(8 * PAGE, 8 * PAGE), (0, 8 * PAGE)], True),  # any order
+        ([(0, 5000), (5000, 16 * PAGE - 5000)], True),  # a data run in unaligned pieces
+        ([(0, 15 * PAGE)], False),
+        ([(PAGE, 15 * PAGE)], False),
+        ([(0, 3 * PAGE), (4 * PAGE, 12 * PAGE)], False),
+        ([(0, 8 * PAGE), (0, 8 * PAGE)], False),  # the same pages twice
+        ([], False),
+    ],
+)
+def test_page_coverage(pieces: list[tuple[int, int]], complete: bool) -> None:
+    for pages in (16, 19):  # whole bytes of the bitmap, and a partial last byte
+        coverage = PageCoverage(pages * PAGE)
+        for offset, length in pieces:
+            coverage.add(offset, length)
+        if pages == 19:
+            coverage.add(16 * PAGE, 3 * PAGE)
+        assert coverage.complete() is complete, (pages, pieces)
