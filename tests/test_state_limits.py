@@ -191,21 +191,11 @@ def _array(items: list[bytes]) -> bytes:
 
 
 def _maps(keys: int) -> bytes:
-    names = iter(range(1 << 30))
-    return _array(
-        [
-            _array(
-                [
-                    b"".join(
-                        [bytes([0x80 | keys])]
-                        + [msgpack.packb(f"{next(names):x}") + b"\xe0" for _ in range(keys)]
-                    )
-                    for _ in range(100)
-                ]
-            )
-            for _ in range(20)
-        ]
-    )
+    """Maps of ``keys`` of the records' keys (others are refused: see the next test)."""
+    assert STATE_LIMITS.keys is not None
+    names = sorted(STATE_LIMITS.keys)[:keys]
+    one = bytes([0x80 | keys]) + b"".join(msgpack.packb(name) + b"\xe0" for name in names)
+    return _array([_array([one] * 100)] * 20)
 
 
 ALLOCATING: dict[str, Callable[[], bytes]] = {
@@ -223,7 +213,9 @@ ALLOCATING: dict[str, Callable[[], bytes]] = {
 @pytest.mark.parametrize("shape", ALLOCATING)
 def test_the_cost_estimate_bounds_what_decoding_allocates(shape: str) -> None:
     data = ALLOCATING[shape]()
-    generous = MsgpackLimits(256, 32, 1 << 16, 1 << 16, 8, max_decoded=1 << 40, slack=1 << 40)
+    generous = MsgpackLimits(
+        256, 32, 1 << 16, 1 << 16, 8, STATE_LIMITS.keys, max_decoded=1 << 40, slack=1 << 40
+    )
     estimate = measure(data, generous, 1 << 62)
     tracemalloc.start()
     try:
@@ -248,7 +240,8 @@ def test_the_cost_estimate_bounds_what_decoding_allocates(shape: str) -> None:
         (b"\x92\xc0", "truncated"),
         (b"\xc0\xc0", "1 bytes after"),
         (b"\xc6\xff\xff\xff\xff", "a bin of 4294967295"),
-        (b"\x81\x90\xc0", "not a msgpack record"),  # a key that is not a string
+        (b"\x81\x90\xc0", "a map key that is not a string"),
+        (b"\x81\xa3abc\xc0", "a map key that no record has"),  # would be interned
     ],
 )
 def test_malformed_records_are_refused_in_one_short_line(data: bytes, problem: str) -> None:

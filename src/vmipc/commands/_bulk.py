@@ -12,7 +12,7 @@ import ctypes
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -46,10 +46,10 @@ from vmipc.formats.snapshot import (
     SECTION_VCPUS,
 )
 from vmipc.kvm.structs import KvmXsave
-from vmipc.vmm.devices import DEFAULT_RX_BACKLOG
-from vmipc.vmm.machine import MAX_VCPUS, Machine, MachineConfig, MachineState
+from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, UartState
+from vmipc.vmm.machine import MAX_VCPUS, BootSource, Machine, MachineConfig, MachineState
 from vmipc.vmm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
-from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS
+from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
 from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
@@ -482,6 +482,16 @@ STATE_LIMITS = MsgpackLimits(
     max_bin_len=max(ctypes.sizeof(KvmXsave), DEFAULT_RX_BACKLOG),
     # state > vcpus > vcpu > cpuid > entry
     max_depth=6,
+    # the records' fields (each record's to_dict uses its field names), their versions,
+    # and the map of user devices
+    keys=frozenset(
+        {"version", "devices"}
+        | {
+            item.name
+            for record in (MachineState, MachineConfig, BootSource, VcpuState, VmState, UartState)
+            for item in fields(record)
+        }
+    ),
     # a maximal state decodes into about 11 MiB (estimated)
     max_decoded=16 << 20,
 )

@@ -35,6 +35,9 @@ class MsgpackLimits:
     max_bin_len: int
     #: containers nested at most this deep
     max_depth: int
+    #: map keys must be strings, and one of these if given: msgpack interns every map key,
+    #: so keys never seen before would grow the interpreter's table of interned strings
+    keys: frozenset[str] | None = None
     #: the objects may take at most ``amplification`` times the encoded bytes, plus
     #: ``slack`` (small records: a map costs more than its few bytes) ...
     amplification: int = 16
@@ -108,8 +111,11 @@ def measure(data: BytesLike, limits: MsgpackLimits, budget: int) -> int:
     end = len(view)
     pos = 0
     cost = 0
-    #: items still to read in each open container (the first entry: the one root object)
+    keys = None if limits.keys is None else {key.encode() for key in limits.keys}
+    #: items still to read in each open container (the first entry: the one root object),
+    #: and whether it is a map (whose items alternate key, value)
     left = [1]
+    maps = [False]
 
     def length(size: int) -> int:
         nonlocal pos
@@ -127,12 +133,16 @@ def measure(data: BytesLike, limits: MsgpackLimits, budget: int) -> int:
     while left:
         if not left[-1]:
             left.pop()
+            maps.pop()
             continue
+        is_key = maps[-1] and left[-1] % 2 == 0
         left[-1] -= 1
         if pos >= end:
             raise MsgpackRefused(f"truncated at byte {end}")
         kind = view[pos]
         pos += 1
+        if is_key and not (0xA0 <= kind <= 0xBF or kind in _STR_LEN):
+            raise MsgpackRefused(f"a map key that is not a string at byte {pos - 1}")
         items = -1  # a container's items, -1 for a scalar
         if kind <= 0x7F or kind in (0xC0, 0xC2, 0xC3):  # fixint (cached), nil, bools
             cost += _SLOT
@@ -147,7 +157,10 @@ def measure(data: BytesLike, limits: MsgpackLimits, budget: int) -> int:
             bounded(size, limits.max_str_len, "a string")
             if pos + size > end:
                 raise MsgpackRefused(f"truncated at byte {end}")
-            wide = not view[pos : pos + size].tobytes().isascii()
+            text = view[pos : pos + size].tobytes()
+            if is_key and keys is not None and text not in keys:
+                raise MsgpackRefused(f"a map key that no record has at byte {pos}")
+            wide = not text.isascii()
             cost += _SLOT + _STR + size * (4 if wide else 1)
             pos += size
         elif kind in _BIN_LEN:
@@ -171,6 +184,7 @@ def measure(data: BytesLike, limits: MsgpackLimits, budget: int) -> int:
             is_map = kind <= 0x8F or kind in _MAP_LEN
             cost += _SLOT + (_DICT + _DICT_ENTRY * items // 2 if is_map else _LIST)
             left.append(items)
+            maps.append(is_map)
         if cost > budget:
             raise MsgpackRefused(
                 f"{len(view)} bytes that would decode into more than {budget} bytes "
