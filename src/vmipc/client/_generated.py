@@ -405,9 +405,9 @@ class AsyncCommands:
         """Let the vCPUs of a paused machine run again. Ends a pause lease, whoever holds it.
 
         Allowed in states: paused. Since protocol 1.0.
-        Errors: invalid-state, and the common errors (handshake-required, invalid-message,
-        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        Errors: invalid-state, damaged, and the common errors (handshake-required,
+        invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
+        shutting-down, internal-error, not-permitted).
         """
         return cast(ResumeResult, await self.call("resume"))
 
@@ -617,7 +617,11 @@ class AsyncCommands:
         it, ``snapshot`` the memory section of a complete snapshot file (verified first; on a VMM
         without a machine yet, the machine is built from the file's config section). Allowed
         until the received guest first runs (also after ``load-state``, which may come first); a
-        load that fails half-way makes ``resume`` refuse until a later load succeeds.
+        load that fails half-way makes ``resume`` refuse (``damaged``) until a complete load
+        succeeds: a ``raw`` image or a ``snapshot`` (whose holes are zeroed), or a page stream
+        that covers every page of RAM (as ``dump-memory`` writes one); a stream of some pages
+        only (a dirty round, an empty stream) keeps the refusal, but is fine after a complete
+        load.
 
         Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
@@ -641,7 +645,11 @@ class AsyncCommands:
         reading exactly the stream (never past its end, so one socket can carry several streams
         in turn). Every round's checksum is verified; a bad stream answers ``bad-stream``.
         Allowed until the received guest first runs (also after ``load-state``, which may come
-        first); a load that fails half-way makes ``resume`` refuse until a later load succeeds.
+        first); a load that fails half-way makes ``resume`` refuse (``damaged``) until a complete
+        load succeeds: a ``raw`` image or a ``snapshot`` (whose holes are zeroed), or a page
+        stream that covers every page of RAM (as ``dump-memory`` writes one); a stream of some
+        pages only (a dirty round, an empty stream) keeps the refusal, but is fine after a
+        complete load.
 
         Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
@@ -777,9 +785,9 @@ class SyncCommands:
         """Let the vCPUs of a paused machine run again. Ends a pause lease, whoever holds it.
 
         Allowed in states: paused. Since protocol 1.0.
-        Errors: invalid-state, and the common errors (handshake-required, invalid-message,
-        unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        Errors: invalid-state, damaged, and the common errors (handshake-required,
+        invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
+        shutting-down, internal-error, not-permitted).
         """
         return cast(ResumeResult, self.call("resume"))
 
@@ -989,7 +997,11 @@ class SyncCommands:
         it, ``snapshot`` the memory section of a complete snapshot file (verified first; on a VMM
         without a machine yet, the machine is built from the file's config section). Allowed
         until the received guest first runs (also after ``load-state``, which may come first); a
-        load that fails half-way makes ``resume`` refuse until a later load succeeds.
+        load that fails half-way makes ``resume`` refuse (``damaged``) until a complete load
+        succeeds: a ``raw`` image or a ``snapshot`` (whose holes are zeroed), or a page stream
+        that covers every page of RAM (as ``dump-memory`` writes one); a stream of some pages
+        only (a dirty round, an empty stream) keeps the refusal, but is fine after a complete
+        load.
 
         Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
@@ -1013,7 +1025,11 @@ class SyncCommands:
         reading exactly the stream (never past its end, so one socket can carry several streams
         in turn). Every round's checksum is verified; a bad stream answers ``bad-stream``.
         Allowed until the received guest first runs (also after ``load-state``, which may come
-        first); a load that fails half-way makes ``resume`` refuse until a later load succeeds.
+        first); a load that fails half-way makes ``resume`` refuse (``damaged``) until a complete
+        load succeeds: a ``raw`` image or a ``snapshot`` (whose holes are zeroed), or a page
+        stream that covers every page of RAM (as ``dump-memory`` writes one); a stream of some
+        pages only (a dirty round, an empty stream) keeps the refusal, but is fine after a
+        complete load.
 
         Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and

@@ -8,10 +8,11 @@ there) and never through the client.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -20,8 +21,11 @@ from vmipc._extents import data_extents, punch_hole
 from vmipc.formats import (
     NEED_DATA,
     DataRun,
+    DecodeBudget,
     FormatError,
     MemorySectionWriter,
+    MsgpackLimits,
+    MsgpackRefused,
     PageStreamDecoder,
     PageStreamEncoder,
     RoundEnd,
@@ -33,6 +37,7 @@ from vmipc.formats import (
     section_entry,
     section_offset,
     split_zero_runs,
+    unpack_bounded,
 )
 from vmipc.formats.snapshot import (
     MEMORY_ENCODING_IMAGE,
@@ -40,8 +45,11 @@ from vmipc.formats.snapshot import (
     SECTION_DEVICES,
     SECTION_VCPUS,
 )
-from vmipc.vmm.machine import Machine, MachineConfig, MachineState
+from vmipc.kvm.structs import KvmXsave
+from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, UartState
+from vmipc.vmm.machine import MAX_VCPUS, BootSource, Machine, MachineConfig, MachineState
 from vmipc.vmm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
 from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
@@ -64,6 +72,8 @@ class Stats:
     zero_pages: int = 0
     bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: a load replaced every page of RAM (not in the result: the machine host's business)
+    complete: bool = False
 
     def result(self) -> dict[str, Any]:
         return {
@@ -164,12 +174,45 @@ def send_page_stream(
 
 def _zero_range(memory: GuestMemory, offset: int, length: int) -> None:
     """Make RAM zero by punching a hole (no memory is touched or allocated)."""
-    try:
-        punched = punch_hole(memory.fd, offset, length)
-    except OSError:
-        punched = False
+    punched = False
+    if memory.fd_is_ram:  # else the fd is a snapshot file mapped privately: never punch it
+        try:
+            punched = punch_hole(memory.fd, offset, length)
+        except OSError:
+            punched = False
     if not punched:
         memory.view[offset : offset + length] = bytes(length)
+
+
+class PageCoverage:
+    """Which pages of RAM a load wrote: a bit per page (2 MiB for 64 GiB of RAM)."""
+
+    def __init__(self, size: int) -> None:
+        self.pages = size // PAGE_SIZE
+        self._bits = bytearray(-(-self.pages // 8))
+
+    def add(self, offset: int, length: int) -> None:
+        """Bytes ``[offset, offset + length)`` of RAM (memfd offsets) were written: every
+        page they touch counts (a data run arrives in pieces; the stream's success says
+        that all of it did)."""
+        first, end = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
+        bits = self._bits
+        while first < end and first % 8:
+            bits[first >> 3] |= 1 << (first & 7)
+            first += 1
+        whole = (end - first) >> 3
+        if whole > 0:
+            bits[first >> 3 : (first >> 3) + whole] = b"\xff" * whole
+            first += whole << 3
+        while first < end:
+            bits[first >> 3] |= 1 << (first & 7)
+            first += 1
+
+    def complete(self) -> bool:
+        full, rest = divmod(self.pages, 8)
+        if self._bits.count(0xFF, 0, full) != full:
+            return False
+        return not rest or self._bits[full] == (1 << rest) - 1
 
 
 def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
@@ -177,10 +220,12 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
 
     Reads exactly the stream's bytes, never past its end (the fd may carry more after it).
     Raises :class:`BulkError` ("bad-stream") when the stream is corrupt, truncated or for
-    other RAM: the memory then holds a partial update and must not be run.
+    other RAM: the memory then holds a partial update and must not be run. The stats say
+    ``complete`` when the stream wrote every page of RAM (as a full dump does).
     """
     decoder = PageStreamDecoder(expect_layout=list(memory.ram_ranges()))
     stats = Stats()
+    coverage = PageCoverage(memory.size)
     rounds = data_bytes = 0
     try:
         while True:
@@ -192,10 +237,13 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
             elif isinstance(event, DataRun):
                 offset = memory.offset_of(event.gpa, len(event.data))
                 memory.view[offset : offset + len(event.data)] = event.data
+                coverage.add(offset, len(event.data))
                 data_bytes += len(event.data)  # a run may arrive in unaligned pieces
             elif isinstance(event, ZeroRun):
                 length = event.npages * PAGE_SIZE
-                _zero_range(memory, memory.offset_of(event.gpa, length), length)
+                offset = memory.offset_of(event.gpa, length)
+                _zero_range(memory, offset, length)
+                coverage.add(offset, length)
                 stats.zero_pages += event.npages
             elif isinstance(event, RoundEnd):
                 rounds += 1
@@ -207,6 +255,7 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
         raise BulkError("bad-stream", f"page stream truncated: {exc}") from None
     stats.data_pages = data_bytes // PAGE_SIZE
     stats.extra["rounds"] = rounds
+    stats.complete = coverage.complete()
     return stats
 
 
@@ -371,11 +420,12 @@ def write_raw_image(machine: Machine, fd: int, transfer: Transfer) -> Stats:
 def read_raw_image(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
     """Fill RAM from a flat image (as written by :func:`write_raw_image`)."""
     transfer.readinto(fd, memory.view)
-    return Stats(data_pages=memory.size // PAGE_SIZE, bytes=memory.size)
+    return Stats(data_pages=memory.size // PAGE_SIZE, bytes=memory.size, complete=True)
 
 
 def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
-    """Fill RAM from the memory section of the snapshot file ``fd`` (eagerly, verified)."""
+    """Fill RAM from the memory section of the snapshot file ``fd`` (eagerly, verified):
+    all of it, the image's holes as zeros (RAM may hold what a failed load left)."""
     try:
         reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size)
         section = reader.memory()
@@ -394,13 +444,20 @@ def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> St
     stats = Stats()
     for region in memory.regions:
         start = section.file_offset(region.guest_phys_addr, region.size)
+        cursor = region.offset
         for offset, length in data_extents(fd, start, region.size):
             target = region.offset + (offset - start)
+            if target > cursor:
+                _zero_range(memory, cursor, target - cursor)
             view = memory.view[target : target + length]
             transfer.preadinto(fd, view, offset)
             view.release()
             stats.data_pages += length // PAGE_SIZE
+            cursor = target + length
+        if cursor < region.offset + region.size:
+            _zero_range(memory, cursor, region.offset + region.size - cursor)
     stats.bytes = memory.size
+    stats.complete = True
     return stats
 
 
@@ -415,7 +472,38 @@ def _pread(fd: int) -> Any:
 
 STATE_MAGIC = b"VMIPCST1"
 _STATE_HEADER = struct.Struct("<8sIQ")  # magic, payload length, xxh3_64 of the payload
-MAX_STATE_SIZE = 64 << 20
+#: A maximal state is about 1.3 MiB: 64 vCPUs with 256 CPUID entries, 255 MSRs and 6 KiB of
+#: kernel structs each, and a 60 KiB command line (tests/test_state_limits.py builds it).
+MAX_STATE_SIZE = 2 << 20
+#: What a state record can hold (vmm/state.py, vmm/machine.py, vmm/devices/uart.py), so
+#: that no blob decodes into more than a small multiple of its size.
+STATE_LIMITS = MsgpackLimits(
+    # CPUID entries, MSRs (fewer than 256), vCPUs (64), guest options
+    max_array_len=max(MAX_CPUID_ENTRIES, MAX_MSRS + 1, MAX_VCPUS),
+    # the largest record, the UART's, has 14 fields
+    max_map_len=32,
+    # the multiboot command line (under 60 KiB), a path (PATH_MAX)
+    max_str_len=64 << 10,
+    # the largest kernel struct (XSAVE) and the UART's input backlog
+    max_bin_len=max(ctypes.sizeof(KvmXsave), DEFAULT_RX_BACKLOG),
+    # state > vcpus > vcpu > cpuid > entry
+    max_depth=6,
+    # the records' fields (each record's to_dict uses its field names), their versions,
+    # and the map of user devices
+    keys=frozenset(
+        {"version", "devices"}
+        | {
+            item.name
+            for record in (MachineState, MachineConfig, BootSource, VcpuState, VmState, UartState)
+            for item in fields(record)
+        }
+    ),
+    # a maximal state decodes into about 11 MiB (estimated)
+    max_decoded=16 << 20,
+)
+#: the payload is read in pieces of this size: memory follows the bytes that arrived, not
+#: the length the header announces
+_STATE_READ = 64 << 10
 
 
 def encode_state_blob(state: MachineState) -> bytes:
@@ -435,20 +523,33 @@ def read_state_blob(fd: int, transfer: Transfer) -> MachineState:
         raise BulkError("bad-state", f"not a vmipc state blob (magic {bytes(magic)!r})")
     if length > MAX_STATE_SIZE:
         raise BulkError("bad-state", f"state blob claims {length} bytes (limit {MAX_STATE_SIZE})")
-    payload = bytearray(length)
-    try:
-        transfer.readinto(fd, memoryview(payload))
-    except PeerClosed as exc:
-        raise BulkError("bad-state", f"state blob truncated: {exc}") from None
+    payload = bytearray()
+    while len(payload) < length:
+        # never more than one read past what arrived, never past the blob's end (the fd
+        # may carry more after it)
+        data = transfer.read_some(fd, min(length - len(payload), _STATE_READ))
+        if not data:
+            raise BulkError(
+                "bad-state",
+                f"state blob truncated: the input ended {length - len(payload)} bytes early",
+            )
+        payload += data
     if checksum(payload) != stored:
         raise BulkError("bad-state", "state blob checksum mismatch (corrupt)")
-    return decode_state(bytes(payload))
+    return decode_state(payload)
 
 
-def decode_state(payload: bytes) -> MachineState:
+def decode_state(payload: bytes | bytearray) -> MachineState:
     try:
-        return MachineState.from_dict(msgpack.unpackb(payload, raw=False))
-    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+        return _state_from_record(unpack_bounded(payload, STATE_LIMITS))
+    except MsgpackRefused as exc:
+        raise BulkError("bad-state", f"state record refused: {exc}") from None
+
+
+def _state_from_record(record: Any) -> MachineState:
+    try:
+        return MachineState.from_dict(record)
+    except (ValueError, TypeError, KeyError) as exc:
         raise BulkError("bad-state", f"state record refused: {exc}") from None
 
 
@@ -472,15 +573,29 @@ def write_state_sections(state: MachineState, fd: int, transfer: Transfer) -> li
 
 
 def read_state_sections(fd: int) -> MachineState:
+    """The state in the config, vcpus and devices sections of snapshot file ``fd``: together
+    no bigger than a state blob may be, and decoded within one budget."""
+    names = (SECTION_CONFIG, SECTION_VCPUS, SECTION_DEVICES)
     try:
         reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size, max_read=MAX_STATE_SIZE)
-        config = msgpack.unpackb(reader.read_section(SECTION_CONFIG))
-        vcpus = msgpack.unpackb(reader.read_section(SECTION_VCPUS))
-        devices = msgpack.unpackb(reader.read_section(SECTION_DEVICES))
+        size = sum(reader.entry(name).length for name in names)
+        if size > MAX_STATE_SIZE:
+            raise BulkError(
+                "bad-snapshot",
+                f"the state sections hold {size} bytes (a machine's state is at most "
+                f"{MAX_STATE_SIZE})",
+            )
+        budget = DecodeBudget(STATE_LIMITS.budget(size))
+        parts = []
+        for name in names:
+            data = reader.read_section(name)
+            try:
+                parts.append(unpack_bounded(data, STATE_LIMITS, budget))
+            except MsgpackRefused as exc:
+                raise BulkError("bad-snapshot", f"section '{name}': {exc}") from None
     except FormatError as exc:
         raise BulkError("bad-snapshot", str(exc)) from None
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise BulkError("bad-snapshot", f"state sections are not msgpack: {exc}") from None
+    config, vcpus, devices = parts
     try:
         record = {
             "version": vcpus["version"],
@@ -491,4 +606,4 @@ def read_state_sections(fd: int) -> MachineState:
         }
     except (KeyError, TypeError) as exc:
         raise BulkError("bad-snapshot", f"state sections lack {exc}") from None
-    return decode_state(msgpack.packb(record))
+    return _state_from_record(record)

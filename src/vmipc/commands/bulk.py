@@ -197,13 +197,19 @@ async def load_memory(ctx: CommandContext) -> dict[str, Any]:
 async def _load(
     ctx: CommandContext, host: MachineHost, total: int | None, work: Callable[[Transfer], Stats]
 ) -> Stats:
-    """Run a memory load; if it fails half-way the guest must not run from that memory."""
+    """Run a memory load; if it fails half-way the guest must not run from that memory
+    until a load replaces all of it (one of some pages only, such as an empty stream, would
+    leave the pages that failed their checks)."""
     try:
         stats = await _run_bulk(ctx, "memory", total, work)
-    except BaseException as exc:
-        host.mark_damaged(f"{ctx.command} failed: {exc}")
+    except CommandError as exc:
+        host.mark_damaged(exc.message)  # "<command>: <what went wrong>"
         raise
-    host.mark_loaded()
+    except BaseException as exc:
+        host.mark_damaged(f"{ctx.command} did not finish ({type(exc).__name__})")
+        raise
+    if stats.complete:
+        host.mark_complete()
     return stats
 
 

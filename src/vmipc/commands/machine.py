@@ -10,6 +10,8 @@ import trio
 
 from vmipc.commands._lease import check_duration
 from vmipc.commands._registry import CommandContext, handler
+from vmipc.protocol import CommandError, ErrorCode
+from vmipc.vmm.host import MachineDamaged
 
 
 @handler("query-status")
@@ -41,7 +43,15 @@ async def pause(ctx: CommandContext) -> dict[str, Any]:
 
 @handler("resume", exclusive=True)
 async def resume(ctx: CommandContext) -> dict[str, Any]:
-    ctx.machine.resume()  # only flips the gate and wakes the vCPU threads
+    try:
+        ctx.machine.resume()  # only flips the gate and wakes the vCPU threads
+    except MachineDamaged as exc:
+        raise CommandError(
+            ErrorCode.DAMAGED,
+            f"resume: the incoming memory failed a load, and no load has replaced all of it "
+            f"since: {exc.reason}",
+            {"reason": exc.reason},
+        ) from None
     ctx.server.pause_lease.end()
     return {}
 

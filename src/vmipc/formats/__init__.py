@@ -5,11 +5,14 @@ testable with plain byte strings. The specs are ``protocol/page-stream.md`` and
 ``protocol/snapshot-file.md``; the modules :mod:`vmipc.formats.pagestream` and
 :mod:`vmipc.formats.snapshot` hold the details, and the names most callers need are
 re-exported here, with :func:`checksum` / :class:`Checksum` (xxh3_64, one-shot and
-streaming), the checksum both formats use.
+streaming), the checksum both formats use, and :func:`unpack_bounded`, the msgpack decoding
+of the state records (a state blob, a snapshot's state sections) with a bound on what the
+decoded objects cost.
 """
 
 from __future__ import annotations
 
+from vmipc.formats._bounded import DecodeBudget, MsgpackLimits, MsgpackRefused, unpack_bounded
 from vmipc.formats._common import Checksum, checksum
 from vmipc.formats.errors import (
     BadRecord,
@@ -68,6 +71,7 @@ __all__ = [
     "ChecksumMismatchError",
     "CorruptError",
     "DataRun",
+    "DecodeBudget",
     "FormatError",
     "LayoutMismatch",
     "MemoryDescriptor",
@@ -75,6 +79,8 @@ __all__ = [
     "MemorySection",
     "MemorySectionWriter",
     "MissingSection",
+    "MsgpackLimits",
+    "MsgpackRefused",
     "NeedData",
     "PageRun",
     "PageStreamChecksumMismatch",
@@ -107,4 +113,5 @@ __all__ = [
     "section_entry",
     "section_offset",
     "split_zero_runs",
+    "unpack_bounded",
 ]

@@ -95,6 +95,8 @@ class ErrorCode(enum.StrEnum):
     NO_LEASE = "no-lease"
     # dirty-log epochs (1.5)
     DIRTY_LOG_MOVED = "dirty-log-moved"
+    # hostile data (1.7)
+    DAMAGED = "damaged"
     # connection scope: sent with a null id, then the server closes the connection
     FRAME_TOO_LARGE = "frame-too-large"
     HANDSHAKE_TIMEOUT = "handshake-timeout"

@@ -16,6 +16,20 @@ from vmipc.vmm.machine import BootSource, Machine, MachineConfig, MachineState
 from vmipc.vmm.machine_api import InvalidStateError, StateChange
 from vmipc.vmm.runstate import RunState
 
+#: a damage reason is cut to this many characters: it quotes an error about hostile data
+MAX_DAMAGE_REASON = 240
+
+
+class MachineDamaged(InvalidStateError):
+    """``resume`` of a received machine whose memory failed a load and has not been loaded
+    completely since; ``reason`` says which load failed and why."""
+
+    def __init__(self, reason: str, state: RunState) -> None:
+        super().__init__(
+            f"resume a guest whose incoming memory failed its checks ({reason})", state
+        )
+        self.reason = reason
+
 
 class MachineHost:
     """Holds the VMM's machine (or its absence) and forwards the machine API to it."""
@@ -36,7 +50,8 @@ class MachineHost:
         self._awaiting_state = machine is None
         #: True for a received machine until it first runs: memory may still be loaded
         self._receiving = machine is None
-        #: why the received memory or state cannot be trusted (a load failed half-way)
+        #: why the received memory cannot be trusted (a load failed half-way), until a
+        #: load replaces all of it
         self._damaged: str | None = None
         self._closed = False
         if machine is not None:
@@ -58,11 +73,21 @@ class MachineHost:
         """A received machine that has not run yet: loads are allowed."""
         return self._receiving and not self._closed
 
+    @property
+    def damaged(self) -> str | None:
+        """Why the received memory cannot be run (a load failed), or None."""
+        return self._damaged
+
     def mark_damaged(self, reason: str) -> None:
-        """A load failed half-way: refuse to resume until a later load succeeds."""
+        """A load failed half-way: refuse to resume until a complete load succeeds."""
+        if len(reason) > MAX_DAMAGE_REASON:
+            reason = reason[: MAX_DAMAGE_REASON - 1] + "\u2026"
         self._damaged = reason
 
-    def mark_loaded(self) -> None:
+    def mark_complete(self) -> None:
+        """A load that replaced every page of RAM succeeded: whatever a failed load left
+        is gone. (A load of some pages only, after a failure, leaves the mark: the other
+        pages may still hold what failed its checks.)"""
         self._damaged = None
 
     def require_machine(self, operation: str) -> Machine:
@@ -154,10 +179,7 @@ class MachineHost:
         if self._awaiting_state:
             raise InvalidStateError("resume", RunState.INCOMING)
         if self._damaged is not None:
-            raise InvalidStateError(
-                f"resume a guest whose incoming data failed its checks ({self._damaged})",
-                self.state,
-            )
+            raise MachineDamaged(self._damaged, self.state)
         self.require_machine("resume").resume()
         self._receiving = False
 

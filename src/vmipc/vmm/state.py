@@ -16,6 +16,13 @@ from vmipc.kvm import Vcpu, Vm, structs
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
+#: KVM_SET_CPUID2 takes at most this many entries (the kernel's KVM_MAX_CPUID_ENTRIES)
+MAX_CPUID_ENTRIES = 256
+#: KVM_GET_MSRS / KVM_SET_MSRS take fewer than 256 MSRs at once (the kernel's MAX_IO_MSRS)
+MAX_MSRS = 255
+_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+_U32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
 
 _S = TypeVar("_S", bound=ctypes.Structure)
 
@@ -42,6 +49,42 @@ def _bytes(value: Any, what: str) -> bytes:
     if not isinstance(value, bytes | bytearray):
         raise StateRecordError(f"{what}: bytes expected, not {type(value).__name__}")
     return bytes(value)
+
+
+def _items(value: Any, limit: int, what: str) -> list[Any] | tuple[Any, ...]:
+    """A list field of at most ``limit`` items (what KVM itself would take)."""
+    if not isinstance(value, list | tuple):
+        raise StateRecordError(f"{what}: a list expected, not {type(value).__name__}")
+    if len(value) > limit:
+        raise StateRecordError(f"{what}: {len(value)} entries, at most {limit}")
+    return value
+
+
+def _uint(value: Any, top: int, what: str) -> int:
+    """An unsigned field of a kernel struct: ctypes would silently truncate a bigger one."""
+    if type(value) is not int or not 0 <= value <= top:
+        raise StateRecordError(f"{what}: an integer in 0..{top:#x} expected")
+    return value
+
+
+def _msrs(value: Any) -> tuple[tuple[int, int], ...]:
+    pairs = []
+    for pair in _items(value, MAX_MSRS, "msrs"):
+        index, data = _items(pair, 2, "msr entry")
+        pairs.append((_uint(index, _U32, "msr index"), _uint(data, _U64, "msr value")))
+    return tuple(pairs)
+
+
+def _cpuid(value: Any) -> tuple[tuple[int, ...], ...]:
+    entries = []
+    for entry in _items(value, MAX_CPUID_ENTRIES, "cpuid"):
+        fields = _items(entry, len(_CPUID_FIELDS), "cpuid entry")
+        if len(fields) != len(_CPUID_FIELDS):
+            raise StateRecordError(
+                f"cpuid entry: {len(fields)} fields, {len(_CPUID_FIELDS)} expected"
+            )
+        entries.append(tuple(_uint(x, _U32, "cpuid field") for x in fields))
+    return tuple(entries)
 
 
 def _check_version(data: dict[str, Any], expected: int, what: str) -> None:
@@ -101,9 +144,9 @@ class VcpuState:
                 xcrs=_bytes(data["xcrs"], "xcrs"),
                 debugregs=_bytes(data["debugregs"], "debugregs"),
                 lapic=_bytes(data["lapic"], "lapic"),
-                msrs=tuple((int(i), int(v)) for i, v in data["msrs"]),
+                msrs=_msrs(data["msrs"]),
                 vcpu_events=_bytes(data["vcpu_events"], "vcpu_events"),
-                cpuid=tuple(tuple(int(x) for x in entry) for entry in data["cpuid"]),
+                cpuid=_cpuid(data["cpuid"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateRecordError(f"vcpu record is malformed: {exc}") from None
@@ -118,9 +161,6 @@ class VcpuState:
         ):
             _from_raw(kind, getattr(state, name), f"vcpu {state.vcpu_id} {name}")
         return state
-
-
-_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 
 
 def readable_msrs(vcpu: Vcpu, candidates: list[int]) -> list[int]:

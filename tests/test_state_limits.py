@@ -1,0 +1,373 @@
+"""Hostile state blobs and snapshot state sections against real VMM processes: what they
+cost the VMM in memory is bounded (VmHWM/VmRSS from /proc, ru_maxrss of a child)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgpack  # type: ignore[import-untyped]
+import pytest
+
+from tests.seq_support import VmmProcess, vmm_processes
+from vmipc.commands._bulk import (
+    MAX_STATE_SIZE,
+    STATE_LIMITS,
+    STATE_MAGIC,
+    BulkError,
+    decode_state,
+    encode_state_blob,
+    read_state_sections,
+    state_sections,
+)
+from vmipc.formats import (
+    MsgpackLimits,
+    MsgpackRefused,
+    SnapshotHeader,
+    checksum,
+    new_snapshot_id,
+    unpack_bounded,
+)
+from vmipc.formats._bounded import measure
+from vmipc.formats.snapshot import build_snapshot
+from vmipc.kvm import structs
+from vmipc.protocol import CommandError
+from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, Uart16550
+from vmipc.vmm.machine import MAX_VCPUS, BootSource, MachineConfig, MachineState
+from vmipc.vmm.memory import MAX_MEMORY
+from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
+
+kvm = pytest.mark.kvm
+
+MIB = 1 << 20
+#: the reviewer's blob: 4 MiB (or the whole limit, if that is smaller)
+HOSTILE_SIZE = min(4 * MIB, MAX_STATE_SIZE)
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A ``VmRSS``/``VmHWM`` line of /proc/<pid>/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def blob(payload: bytes) -> bytes:
+    """A state blob with a correct header and checksum around ``payload``."""
+    return struct.pack("<8sIQ", STATE_MAGIC, len(payload), checksum(payload)) + payload
+
+
+def wide(size: int) -> bytes:
+    """One array of ``size - 5`` empty arrays: a byte each on the wire, ~64 in Python."""
+    return b"\xdd" + struct.pack(">I", size - 5) + b"\x90" * (size - 5)
+
+
+def deep(size: int) -> bytes:
+    """Arrays nested ``size - 1`` deep."""
+    return b"\x91" * (size - 1) + b"\xc0"
+
+
+def _tree(leaf: bytes, size: int) -> bytes:
+    """``leaf`` repeated in arrays of 256 in arrays of 256 in one array: ``size`` bytes at
+    most, no array longer than 256, nested 3 deep (plus the leaf's own)."""
+    block = b"\xdc\x01\x00" + (b"\xdc\x01\x00" + leaf * 256) * 256
+    count = min(256, max(1, (size - 3) // len(block)))
+    return b"\xdc" + struct.pack(">H", count) + block * count
+
+
+def within_container_limits(size: int) -> bytes:
+    """Within every per-container limit, yet a 28-byte int object for nearly every byte
+    (-32 is no cached small int): msgpack's own limits alone do not bound it."""
+    per_leaf = max(1, (size - 774) // (256 * 256) - 3)
+    return _tree(b"\xdc" + struct.pack(">H", per_leaf) + b"\xe0" * per_leaf, size)
+
+
+def empty_maps(size: int) -> bytes:
+    """Empty maps: about 70 bytes decoded for each byte."""
+    return _tree(b"\x80", size)
+
+
+def wide_ints(size: int) -> bytes:
+    """uint64s: about 5 times their size decoded, within the budget, so msgpack decodes
+    them; the record's shape check refuses them after."""
+    return _tree(b"\xcf" + b"\xff" * 8, size)
+
+
+SHAPES = {
+    "wide": wide,
+    "deep": deep,
+    "within-container-limits": within_container_limits,
+    "empty-maps": empty_maps,
+    "wide-ints": wide_ints,
+}
+
+
+# --- the limits hold every legitimate state, and the cost estimate holds ----------------
+
+
+def maximal_state() -> MachineState:
+    """The biggest state a machine can have: every list as long as KVM takes, every int as
+    wide as its field, the longest command line and path, a full UART backlog."""
+
+    def raw(kind: type[ctypes.Structure]) -> bytes:
+        return b"\xff" * ctypes.sizeof(kind)
+
+    vcpus = tuple(
+        VcpuState(
+            vcpu_id=index,
+            mp_state=0xFFFFFFFF,
+            regs=raw(structs.KvmRegs),
+            sregs=raw(structs.KvmSregs),
+            xsave=raw(structs.KvmXsave),
+            xcrs=raw(structs.KvmXcrs),
+            debugregs=raw(structs.KvmDebugregs),
+            lapic=raw(structs.KvmLapicState),
+            msrs=tuple((0xFFFFFFFF - i, (1 << 64) - 1 - i) for i in range(MAX_MSRS)),
+            vcpu_events=raw(structs.KvmVcpuEvents),
+            cpuid=tuple((0xFFFFFFFF - i,) * 7 for i in range(MAX_CPUID_ENTRIES)),
+        )
+        for index in range(MAX_VCPUS)
+    )
+    vm = VmState(
+        pic_master=raw(structs.KvmIrqchip),
+        pic_slave=raw(structs.KvmIrqchip),
+        ioapic=raw(structs.KvmIrqchip),
+        pit=raw(structs.KvmPitState2),
+        clock=(1 << 64) - 1,
+    )
+    uart = Uart16550(lambda data: None)
+    uart.feed_input(b"\xe9" * (DEFAULT_RX_BACKLOG + 64))
+    options = tuple(("working-set", "\u20ac" * 70) for _ in range(255))
+    boot = BootSource("multiboot", "/" * 4095, "\u20ac" * 20479, options)
+    config = MachineConfig(MAX_MEMORY, MAX_VCPUS, boot)
+    return MachineState(config, vcpus, vm, uart.save())
+
+
+def test_the_largest_legitimate_state_is_within_every_limit(tmp_path: Path) -> None:
+    state = maximal_state()
+    payload = encode_state_blob(state)[20:]
+    assert len(payload) <= MAX_STATE_SIZE * 3 // 4  # a margin for fields to come
+    assert measure(payload, STATE_LIMITS, 1 << 62) <= STATE_LIMITS.budget(len(payload)) * 3 // 4
+    assert decode_state(payload) == state
+    sections = state_sections(state)
+    path = tmp_path / "snap.vmipc"
+    header = SnapshotHeader(new_snapshot_id(), "vmipc-test")
+    path.write_bytes(build_snapshot(header, [*sections, ("memory", 1, bytes(64))]))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert read_state_sections(fd) == state
+    finally:
+        os.close(fd)
+
+
+def test_records_longer_than_kvm_takes_are_refused() -> None:
+    record = maximal_state().to_dict()
+    record["vcpus"][0]["msrs"].append([0, 0])
+    with pytest.raises(BulkError, match="msrs: 256 entries"):
+        decode_state(msgpack.packb(record))
+    record["vcpus"][0]["msrs"].pop()
+    record["vcpus"][0]["cpuid"][0] = [0] * 6
+    with pytest.raises(BulkError, match="cpuid entry: 6 fields"):
+        decode_state(msgpack.packb(record))
+    record["vcpus"][0]["cpuid"][0] = [0] * 7
+    record["vcpus"][0]["msrs"][0][1] = -1
+    with pytest.raises(BulkError, match="msr value"):
+        decode_state(msgpack.packb(record))
+
+
+def _array(items: list[bytes]) -> bytes:
+    return b"\xdc" + struct.pack(">H", len(items)) + b"".join(items)
+
+
+def _maps(keys: int) -> bytes:
+    """Maps of ``keys`` of the records' keys (others are refused: see the next test)."""
+    assert STATE_LIMITS.keys is not None
+    names = sorted(STATE_LIMITS.keys)[:keys]
+    one = bytes([0x80 | keys]) + b"".join(msgpack.packb(name) + b"\xe0" for name in names)
+    return _array([_array([one] * 100)] * 20)
+
+
+ALLOCATING: dict[str, Callable[[], bytes]] = {
+    "empty-arrays": lambda: _array([_array([b"\x90"] * 256)] * 100),
+    "empty-maps": lambda: _array([_array([b"\x80"] * 256)] * 100),
+    "negative-fixints": lambda: _array([_array([b"\xe0"] * 256)] * 100),
+    "uint64": lambda: _array([_array([msgpack.packb((1 << 64) - 1)] * 256)] * 100),
+    "short-strings": lambda: _array([_array([msgpack.packb("ab")] * 256)] * 100),
+    "wide-strings": lambda: _array([_array([msgpack.packb("a\u20ac")] * 256)] * 100),
+    "short-bins": lambda: _array([_array([msgpack.packb(b"ab")] * 256)] * 100),
+    **{f"maps-of-{n}": (lambda n=n: _maps(n)) for n in (1, 2, 3, 5, 6, 8, 11, 12, 15)},
+}
+
+
+@pytest.mark.parametrize("shape", ALLOCATING)
+def test_the_cost_estimate_bounds_what_decoding_allocates(shape: str) -> None:
+    data = ALLOCATING[shape]()
+    generous = MsgpackLimits(
+        256, 32, 1 << 16, 1 << 16, 8, STATE_LIMITS.keys, max_decoded=1 << 40, slack=1 << 40
+    )
+    estimate = measure(data, generous, 1 << 62)
+    tracemalloc.start()
+    try:
+        value = unpack_bounded(data, generous)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del value
+    assert peak <= estimate
+    if estimate > STATE_LIMITS.budget(len(data)):
+        with pytest.raises(MsgpackRefused, match="would decode into more than"):
+            unpack_bounded(data, STATE_LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\xdd\x00\x01\x00\x00", "an array of 65536"),
+        (b"\x91" * 7 + b"\xc0", "nested deeper than 6"),
+        (b"\xcb" + bytes(8), "float"),
+        (b"\xd4\x01\x00", "ext"),
+        (b"\x92\xc0", "truncated"),
+        (b"\xc0\xc0", "1 bytes after"),
+        (b"\xc6\xff\xff\xff\xff", "a bin of 4294967295"),
+        (b"\x81\x90\xc0", "a map key that is not a string"),
+        (b"\x81\xa3abc\xc0", "a map key that no record has"),  # would be interned
+    ],
+)
+def test_malformed_records_are_refused_in_one_short_line(data: bytes, problem: str) -> None:
+    with pytest.raises(MsgpackRefused, match=problem) as info:
+        unpack_bounded(data, STATE_LIMITS)
+    assert len(str(info.value)) < 200
+
+
+# --- on real VMM processes -----------------------------------------------------------------
+
+
+def refused(vmm: VmmProcess, data: bytes, tmp: Path) -> CommandError:
+    path = tmp / "blob"
+    path.write_bytes(data)
+    with vmm.client(60) as client, open(path, "rb") as handle:
+        with pytest.raises(CommandError) as info:
+            client.load_state(in_=handle.fileno())
+        assert client.query_status()["state"] == "incoming"
+    return info.value
+
+
+def reset_peak(pid: int) -> int:
+    """Reset the process's VmHWM to its VmRSS (Linux 4.0+); return that RSS in KiB."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return status_kib(pid, "VmRSS")
+
+
+@kvm
+def test_hostile_state_blobs_cost_the_vmm_a_small_multiple_of_their_size(tmp_path: Path) -> None:
+    """Before: the 4 MiB ``wide`` blob took the VMM's peak from ~31 to ~330 MiB."""
+    # the blob read (a few copies at most), plus what the decoder may spend on objects
+    bound = 4 * HOSTILE_SIZE + STATE_LIMITS.budget(HOSTILE_SIZE)
+    with vmm_processes() as vmms:
+        vmm = vmms.incoming(memory=None)
+        # warm up: the worker thread and the code paths of a refused load-state
+        refused(vmm, blob(b"\x80"), tmp_path)
+        for name, shape in SHAPES.items():
+            payload = shape(HOSTILE_SIZE)
+            assert len(payload) <= MAX_STATE_SIZE
+            before = reset_peak(vmm.pid)
+            error = refused(vmm, blob(payload), tmp_path)
+            grown = (status_kib(vmm.pid, "VmHWM") - before) * 1024
+            assert error.code == "bad-state", error
+            assert len(error.message) < 500
+            assert grown <= bound, f"{name}: the VMM's peak grew by {grown >> 20} MiB"
+            assert vmm.alive()
+
+
+@contextlib.contextmanager
+def stalled_sender(vmm: VmmProcess, announced: int) -> Iterator[None]:
+    """A load-state whose 20-byte header announces ``announced`` bytes that never come."""
+    read_end, write_end = os.pipe()
+    result: dict[str, BaseException | None] = {}
+
+    def load() -> None:
+        try:
+            with vmm.client(60) as client:
+                client.load_state(in_=read_end)
+            result["error"] = None
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=load)
+    try:
+        os.write(write_end, struct.pack("<8sIQ", STATE_MAGIC, announced, 0))
+        thread.start()
+        deadline = time.monotonic() + 30
+        # the VMM has read the header once the pipe is empty
+        while struct.unpack("i", fcntl.ioctl(write_end, termios.FIONREAD, b"\0" * 4))[0]:
+            assert time.monotonic() < deadline, "the VMM never read the header"
+            time.sleep(0.01)
+        time.sleep(0.3)  # and has done whatever it does with it
+        yield
+    finally:
+        os.close(write_end)  # the load ends (truncated)
+        thread.join(60)
+        os.close(read_end)
+    assert isinstance(result.get("error"), CommandError), result
+
+
+@kvm
+def test_a_stalled_state_header_allocates_nothing_ahead_of_its_bytes() -> None:
+    """Before: RSS grew by the 64 MiB the header announced while the sender stalled."""
+    with vmm_processes() as vmms:
+        vmm = vmms.incoming(memory=None)
+        with stalled_sender(vmm, 16):  # warm up the worker thread and the read path
+            pass
+        before = status_kib(vmm.pid, "VmRSS")
+        with stalled_sender(vmm, MAX_STATE_SIZE):
+            grown = (status_kib(vmm.pid, "VmRSS") - before) * 1024
+        assert grown < 1 * MIB, f"RSS grew by {grown} bytes with no payload sent"
+        assert vmm.state() == "incoming"
+
+
+def restore_peak(path: Path) -> tuple[int, subprocess.CompletedProcess[str]]:
+    """``vmipc vmm --restore path`` in a child of a child; its peak RSS in bytes."""
+    measure = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], stdin=subprocess.DEVNULL)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.exit(done.returncode)\n"
+    )
+    argv = [sys.executable, "-c", measure, sys.executable, "-m", "vmipc", "vmm"]
+    argv += ["--restore", str(path), "--no-console-input"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    return int(done.stdout.split()[-1]) * 1024, done
+
+
+def snapshot_with_config(path: Path, config: bytes) -> None:
+    """A complete snapshot file whose config section is ``config`` (the rest is filler)."""
+    header = SnapshotHeader(new_snapshot_id(), "vmipc-test")
+    sections = [("config", 1, config), ("vcpus", 1, b"\x80"), ("devices", 1, b"\x80")]
+    path.write_bytes(build_snapshot(header, [*sections, ("memory", 1, bytes(64))]))
+
+
+@kvm
+def test_a_hostile_config_section_costs_vmm_restore_little(tmp_path: Path) -> None:
+    """Before: a 4 MiB config section of empty arrays made ``vmm --restore`` peak at 331 MB."""
+    small = tmp_path / "small.vmipc"
+    snapshot_with_config(small, b"\x80")
+    baseline, done = restore_peak(small)
+    assert done.returncode == 1, done.stderr
+    hostile = tmp_path / "hostile.vmipc"
+    snapshot_with_config(hostile, wide(HOSTILE_SIZE))
+    peak, done = restore_peak(hostile)
+    assert done.returncode == 1, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    grown = peak - baseline
+    assert grown <= 4 * HOSTILE_SIZE, f"vmm --restore peaked {grown >> 20} MiB above baseline"
