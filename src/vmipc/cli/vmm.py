@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vmipc.kvm import Kvm, KvmError, KvmUnavailableError, MissingCapabilityError
+from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
 from vmipc.vmm.host import MachineHost
 from vmipc.vmm.loaders import GuestImageError
 from vmipc.vmm.machine import (
@@ -554,6 +555,8 @@ def open_snapshot(
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise RestoreError(exc.strerror) from None
+    # the lease first: what is checked below is then what the guest runs on
+    lease, no_lease = (None, None) if args.eager else _take_lease(path, fd)
     try:
         try:
             reader = SnapshotReader(
@@ -572,7 +575,13 @@ def open_snapshot(
             raise RestoreError(exc.strerror or str(exc)) from None
         state, section = restorable.state, restorable.memory
         empty = MachineConfig(state.config.memory_size, state.config.vcpus, BootSource("none"))
-        if args.eager:
+        if lease is None:
+            if no_lease:
+                log.warning(
+                    "warning: no read lease on %s (%s): guest RAM loaded at once, as with --eager",
+                    path,
+                    no_lease,
+                )
             machine = Machine(empty, console)
             assert machine.memory is not None
             try:
@@ -583,12 +592,30 @@ def open_snapshot(
         else:
             # the layout was checked: the section's image holds all of this RAM
             memory = GuestMemory(
-                state.config.memory_size, fd=os.dup(fd), private_file_offset=section.data_offset
+                state.config.memory_size,
+                fd=os.dup(fd),
+                private_file_offset=section.data_offset,
+                lease=lease,
             )
             machine = Machine(empty, console, memory=memory)
+    except BaseException:
+        if lease is not None:
+            lease.close()
+        raise
     finally:
         os.close(fd)
     return machine, state
+
+
+def _take_lease(path: str, fd: int) -> tuple[ReadLease | None, str | None]:
+    """A read lease on the snapshot file, so that a lazy restore can map it: a writer then
+    waits until guest RAM is copied off the file. Else (None, why): guest RAM is then
+    loaded at once, as with --eager, so that no writer can change it or cut it off under
+    the guest (docs/vmm.md, "Lazy restore")."""
+    try:
+        return ReadLease.take(path, fd), None
+    except LeaseUnavailable as exc:
+        return None, str(exc)
 
 
 def start_restored(machine: Machine, state: MachineState, *, paused: bool) -> None:

@@ -17,7 +17,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -245,6 +245,8 @@ class Machine:
         self._state = RunState.CREATED
         self._stop_reason: str | None = None
         self._gate_closed = True
+        #: holds on the vCPUs that leave the run state alone (see _vcpus_held)
+        self._holds = 0
         self._stopping = False
         self._parked: set[int] = set()
         self._listeners: list[Callable[[StateChange], None]] = []
@@ -301,7 +303,7 @@ class Machine:
                     vcpu,
                     self.iobus,
                     self._cond,
-                    lambda: self._gate_closed,
+                    lambda: self._gate_closed or self._holds > 0,
                     lambda: self._stopping,
                     self._note_parked,
                     self._guest_stopped,
@@ -397,6 +399,9 @@ class Machine:
             while paused and len(self._parked) < len(self._threads):
                 self._cond.wait()
             change = self._set_state(RunState.PAUSED if paused else RunState.RUNNING)
+        assert self.memory is not None
+        if self.memory.file_lease is not None:  # threads start here, in capability mode
+            self.memory.file_lease.watch(self._copy_ram_off_file)
         self._notify(change)
 
     def pause(self) -> None:
@@ -664,6 +669,81 @@ class Machine:
         self._kick_all()
         self._cond.notify_all()
 
+    @contextlib.contextmanager
+    def _vcpus_held(self) -> Iterator[None]:
+        """Every vCPU parked outside KVM_RUN meanwhile, like a pause, but the run state (and
+        guest time) go on: nobody sees a pause. A pause or resume meanwhile takes effect
+        as usual; a resume only lets the vCPUs run once the hold ends."""
+        with self._cond:
+            self._holds += 1
+            if not self._stopping:
+                for vcpu in self.vcpus:
+                    vcpu.kvm_run.immediate_exit = 1
+                self._kick_all()
+            while not self._stopping and any(
+                thread.thread.is_alive() and thread.vcpu.id not in self._parked
+                for thread in self._threads
+            ):
+                self._cond.wait(0.05)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holds -= 1
+                if not self._holds and not self._gate_closed and not self._stopping:
+                    for vcpu in self.vcpus:
+                        vcpu.kvm_run.immediate_exit = 0
+                    self._cond.notify_all()
+
+    def _copy_ram_off_file(self, deadline: float) -> None:
+        """A writer is about to change the snapshot file guest RAM is mapped from (its read
+        lease broke): copy RAM off it, while the guest runs, then with the vCPUs held for
+        what changed meanwhile (docs/vmm.md, "Lazy restore"), before ``deadline``. If that
+        fails, the guest is stopped for good: it must not run on pages the writer may
+        change or cut off, and its RAM reads as zeros from then on (never SIGBUS)."""
+        memory = self.memory
+        if memory is None:
+            return
+        held = 0.0
+
+        @contextlib.contextmanager
+        def hold() -> Iterator[None]:
+            nonlocal held
+            started = time.monotonic()
+            try:
+                with self._vcpus_held():
+                    yield
+            finally:
+                held = time.monotonic() - started
+
+        started = time.monotonic()
+        try:
+            memory.detach_from_file(hold, deadline)
+        except Exception as exc:  # whatever it was, the guest must not run on the file
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+            try:
+                memory.abandon_file()
+            except OSError as error:
+                log.error("cannot map zeros over guest RAM: %s", error.strerror)
+            self._crash(f"guest RAM could not be copied off the snapshot file: {why}")
+            return
+        log.warning(
+            "warning: the snapshot file is being written: guest RAM copied off it in %.3f s "
+            "(vCPUs held for the last %.3f s)",
+            time.monotonic() - started,
+            held,
+        )
+
+    def _crash(self, reason: str) -> None:
+        log.error("%s", reason)
+        with self._cond:
+            if self._state in (RunState.SHUTDOWN, RunState.CRASHED, RunState.DESTROYED):
+                return
+            self._stop_reason = reason
+            self._stop_all_locked()
+            change = self._set_state(RunState.CRASHED)
+        self._notify(change)
+
     def _set_state(self, new: RunState) -> StateChange:
         change = StateChange(self._state, new, self._stop_reason)
         self._state = new
@@ -680,6 +760,8 @@ class Machine:
                 log.exception("state listener failed")
 
     def _release(self) -> None:
+        if self.memory is not None and self.memory.file_lease is not None:
+            self.memory.file_lease.close()  # before the vCPUs: its copy may hold them
         for vcpu in self.vcpus:
             vcpu.close()
         if self.memory is not None:

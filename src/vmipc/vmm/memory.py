@@ -8,15 +8,29 @@ Guest-physical layout (see docs/vmm.md)::
 
 The memfd is the single copy of guest RAM: loaders write into it in place, dumps read
 from it with sendfile/splice, and nothing copies RAM to build or to run a guest.
+
+A lazy restore maps a snapshot file's memory section instead (``MAP_PRIVATE``), under a
+read lease (vmm/filelease.py); when somebody is about to write the file,
+:meth:`GuestMemory.detach_from_file` copies RAM into a memfd mapped at the same address.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
+import math
 import mmap
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vmipc.vmm.filelease import ReadLease
 
 PAGE_SIZE = 4096
 MIB = 1 << 20
@@ -26,6 +40,31 @@ LOW_RAM_END = 3 * GIB
 HIGH_RAM_START = 4 * GIB
 MIN_MEMORY = 16 * MIB
 MAX_MEMORY = 64 * GIB
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_memcmp = _libc.memcmp
+_memcmp.restype = ctypes.c_int
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_MAP_FAILED = ctypes.c_void_p(-1).value
+#: a copy made while the guest ran is compared with RAM in pieces this large
+_COMPARE = 64 << 10
+
+#: RAM is looked at in blocks this large for all-zero pages (they stay holes in a copy)
+_ZERO_BLOCK = 256 << 10
+_ZEROS = bytes(_ZERO_BLOCK)
 
 
 class MemoryConfigError(ValueError):
@@ -83,16 +122,28 @@ class GuestMemory:
     """Guest RAM in a memfd, mapped once into this process."""
 
     def __init__(
-        self, size: int, *, fd: int | None = None, private_file_offset: int | None = None
+        self,
+        size: int,
+        *,
+        fd: int | None = None,
+        private_file_offset: int | None = None,
+        lease: ReadLease | None = None,
     ) -> None:
         """RAM in a new memfd, or (``private_file_offset``) a copy-on-write mapping of
         ``size`` bytes of the file ``fd`` from that offset: a snapshot's memory section mapped
-        as guest RAM, read lazily as the guest touches it."""
+        as guest RAM, read lazily as the guest touches it. ``lease``: a read lease on that
+        file, owned from now on; whoever watches it calls :meth:`detach_from_file` when it
+        breaks."""
         self.regions = layout_for(size)
         self.size = size
         #: whether the fd holds the guest's RAM (a memfd); False for a private mapping of a
         #: file, where the guest's writes live only in the mapping
         self.fd_is_ram = private_file_offset is None
+        self.file_lease = lease
+        #: held while RAM is copied off its file, so that close() cannot unmap it meanwhile
+        self._lock = threading.Lock()
+        #: RAM mapped from a file was replaced by zeros (abandon_file)
+        self._abandoned = False
         if fd is None:
             fd = os.memfd_create("vmipc-guest-ram", os.MFD_CLOEXEC)
             try:
@@ -101,30 +152,108 @@ class GuestMemory:
                 os.close(fd)
                 raise MemoryConfigError(f"cannot allocate {size} bytes: {exc.strerror}") from None
         self.fd = fd
+        read_write = mmap.PROT_READ | mmap.PROT_WRITE
         try:
             if private_file_offset is None:
-                flags, offset = mmap.MAP_SHARED, 0
+                self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, read_write)
             else:
-                flags, offset = mmap.MAP_PRIVATE, private_file_offset
-            self._map = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                # the file goes over an anonymous placeholder, so that Python's mmap keeps
+                # no fd of it: once RAM is copied off the file, nothing holds it open
+                anonymous = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+                self._map = mmap.mmap(-1, size, anonymous, read_write)
         except OSError as exc:
             os.close(fd)
+            if lease is not None:
+                lease.close()
             raise MemoryConfigError(f"cannot map {size} bytes: {exc.strerror}") from None
         self._anchor = ctypes.c_char.from_buffer(self._map)
         #: host virtual address of memfd offset 0
         self.host_address = ctypes.addressof(self._anchor)
         self.view = memoryview(self._map)
+        if private_file_offset is not None:
+            try:
+                self._map_over(fd, mmap.MAP_PRIVATE, private_file_offset)
+            except OSError as exc:
+                self.close()
+                raise MemoryConfigError(f"cannot map {size} bytes: {exc.strerror}") from None
         self._tracking = False
         self._written: dict[int, set[int]] = {}
 
     def close(self) -> None:
-        if self.fd < 0:
-            return
-        self.view.release()
-        del self._anchor
-        self._map.close()
-        os.close(self.fd)
-        self.fd = -1
+        if self.file_lease is not None:
+            self.file_lease.close()  # waits for a copy off the file that is under way
+        with self._lock:
+            if self.fd < 0:
+                return
+            self.view.release()
+            del self._anchor
+            self._map.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    # --- RAM mapped from a file ---------------------------------------------------------
+
+    def detach_from_file(
+        self,
+        hold: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+        deadline: float = math.inf,
+    ) -> None:
+        """Make RAM mapped privately from a file independent of that file, in place: copy
+        it into a new memfd (all-zero pages stay holes) and map the memfd over the same
+        addresses, so KVM's memory slots and every view of RAM stay valid. After this a
+        writer may change or truncate the file.
+
+        Most of the copy is made while the guest runs; ``hold`` is entered for the end,
+        and must stop every writer of RAM (the vCPUs): under it what changed meanwhile is
+        copied again and the memfd replaces the mapping. The guest is held from half-way
+        to ``deadline`` (``time.monotonic()``) at the latest; past it, the copy gives up.
+        Raises OSError (ETIMEDOUT past the deadline); RAM is then unchanged."""
+        with self._lock:
+            if self.fd < 0 or self.fd_is_ram or self._abandoned:
+                return
+            memfd = os.memfd_create("vmipc-guest-ram", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(memfd, self.size)
+                with _mapped(memfd, self.size) as address:
+                    copy = _Copy(self.view, self.host_address, address)
+                    now = time.monotonic()
+                    copied = copy.new_data(0, self.size, now + (deadline - now) / 2)
+                    with hold():
+                        copy.make_equal(copied, deadline)
+                        if copy.new_data(copied, self.size, deadline) < self.size:
+                            raise OSError(errno.ETIMEDOUT, "the copy took too long")
+                        self._map_over(memfd, mmap.MAP_SHARED)
+            except BaseException:
+                os.close(memfd)
+                raise
+            # fd before fd_is_ram: a dump that sees fd_is_ram also sees the memfd
+            file_fd, self.fd = self.fd, memfd
+            self.fd_is_ram = True
+            os.close(file_fd)
+
+    def abandon_file(self) -> None:
+        """The last resort when :meth:`detach_from_file` failed: map zero pages over RAM,
+        so that reading it after the file is truncated gives zeros instead of SIGBUS. The
+        guest must not run again."""
+        with self._lock:
+            if self.fd >= 0 and not self.fd_is_ram:
+                self._map_over(-1, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+                self._abandoned = True
+
+    def _map_over(self, fd: int, flags: int, offset: int = 0) -> None:
+        """Replace the mapping of RAM, at the same address and size, atomically."""
+        address = _mmap(
+            self.host_address,
+            self.size,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            flags | _MAP_FIXED,
+            fd,
+            offset,
+        )
+        if address == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        assert address == self.host_address
 
     def offset_of(self, gpa: int, length: int = 1) -> int:
         """memfd offset of guest-physical ``gpa``; the range must lie inside one region."""
@@ -169,3 +298,93 @@ class GuestMemory:
         """(guest_phys_addr, size) of each RAM region."""
         for region in self.regions:
             yield region.guest_phys_addr, region.size
+
+
+def _data_runs(ram: memoryview) -> list[tuple[int, int]]:
+    """(offset, length) of the page runs of ``ram`` that hold a non-zero byte, in order."""
+    runs: list[list[int]] = []
+
+    def add(offset: int, length: int) -> None:
+        if runs and runs[-1][0] + runs[-1][1] == offset:
+            runs[-1][1] += length
+        else:
+            runs.append([offset, length])
+
+    for block in range(0, len(ram), _ZERO_BLOCK):
+        chunk = ram[block : block + _ZERO_BLOCK]
+        if _ZEROS.startswith(chunk):
+            continue
+        # a page whose first word is not zero holds data: one strided read settles most
+        firsts = chunk.cast("Q")[:: PAGE_SIZE // 8].tolist()
+        if all(firsts):
+            add(block, len(chunk))
+            continue
+        for index, word in enumerate(firsts):
+            page = chunk[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+            if word or not _ZEROS.startswith(page):
+                add(block + index * PAGE_SIZE, PAGE_SIZE)
+    return [(offset, length) for offset, length in runs]
+
+
+class _Copy:
+    """A copy of RAM (``ram``, at ``ram_address``) at address ``copy`` that is made while
+    RAM may change, then made equal to it once nothing writes RAM any more."""
+
+    def __init__(self, ram: memoryview, ram_address: int, copy: int) -> None:
+        self.ram = ram
+        self.ram_address = ram_address
+        self.copy = copy
+        #: (offset, length) of the page runs copied so far; every other page of the copy
+        #: is a hole, which is never read (reading would allocate it)
+        self.runs: list[tuple[int, int]] = []
+
+    def new_data(self, start: int, end: int, deadline: float) -> int:
+        """Copy the pages of ``ram[start:end]`` that hold data, block by block, until
+        ``deadline``; returns the offset reached (``end`` when done)."""
+        for block in range(start, end, _ZERO_BLOCK):
+            if time.monotonic() > deadline:
+                return block
+            piece = self.ram[block : min(block + _ZERO_BLOCK, end)]
+            for offset, length in _data_runs(piece):
+                self._copy(block + offset, length)
+                if self.runs and sum(self.runs[-1]) == block + offset:
+                    self.runs[-1] = (self.runs[-1][0], self.runs[-1][1] + length)
+                else:
+                    self.runs.append((block + offset, length))
+        return end
+
+    def make_equal(self, end: int, deadline: float) -> None:
+        """Make ``copy[:end]`` equal to ``ram[:end]``: compare the runs copied, copy again
+        those that differ, and copy the data that appeared where there was none. Raises
+        OSError (ETIMEDOUT) past ``deadline``."""
+        runs, self.runs = self.runs, []
+        position = 0
+        for offset, length in [*runs, (end, 0)]:
+            if self.new_data(position, offset, deadline) < offset:
+                raise OSError(errno.ETIMEDOUT, "the copy took too long")
+            for start in range(offset, offset + length, _COMPARE):
+                if time.monotonic() > deadline:
+                    raise OSError(errno.ETIMEDOUT, "the copy took too long")
+                size = min(_COMPARE, offset + length - start)
+                if _memcmp(self.ram_address + start, self.copy + start, size):
+                    self._copy(start, size)
+            if length:
+                self.runs.append((offset, length))
+            position = offset + length
+
+    def _copy(self, offset: int, length: int) -> None:
+        ctypes.memmove(self.copy + offset, self.ram_address + offset, length)
+
+
+@contextlib.contextmanager
+def _mapped(fd: int, size: int) -> Iterator[int]:
+    """The address of ``fd`` mapped shared, for the time of the block."""
+    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        anchor = ctypes.c_char.from_buffer(mapping)
+        try:
+            yield ctypes.addressof(anchor)
+        finally:
+            del anchor
+    finally:
+        mapping.close()

@@ -1,0 +1,202 @@
+"""A read lease on the snapshot file that a lazy restore maps as guest RAM.
+
+Guest RAM mapped ``MAP_PRIVATE`` from a file reads through to the file wherever the guest
+has not written yet. So a writer would change guest RAM under the guest, and a truncation
+(``> FILE``, ``cp small FILE``, any open with ``O_TRUNC``) would make those pages raise
+SIGBUS — and discards even the pages the guest already wrote (the kernel unmaps private
+copies beyond the new end of file too). Nothing in the mapping protects against that.
+
+A read lease does: with ``fcntl(F_SETLEASE, F_RDLCK)`` held on the file, the kernel makes
+anyone who opens it for writing or truncates it wait (up to ``fs.lease-break-time``
+seconds, 45 by default) and signals the lease holder first. The VMM then copies guest RAM
+off the file and closes the lease's fd, which lets the writer go on.
+
+The kernel grants a read lease only on a file opened read-only that nobody has open for
+writing, to its owner or to a process with ``CAP_LEASE``, on a filesystem that supports
+leases; :meth:`ReadLease.take` says which of these failed. Everything that needs a
+privilege happens in :meth:`ReadLease.take`, before capability mode: afterwards the
+lease needs only ``fcntl`` (``F_SETOWN_EX``, ``F_GETLEASE``), ``rt_sigtimedwait``,
+``rt_sigprocmask``, ``tgkill`` and ``close`` — releasing by closing the fd needs neither
+ownership nor ``CAP_LEASE``, unlike ``F_UNLCK``.
+
+The break is announced with :data:`LEASE_SIGNAL` (set with ``F_SETSIG``), sent to the
+watcher thread alone (``F_SETOWN_EX``, ``F_OWNER_TID``), which blocks it and waits for it
+with ``sigtimedwait``; the process ignores it everywhere else, so a break announced before
+the watcher runs cannot kill anything. The watcher also looks at the lease every
+:data:`POLL_SECONDS`, so a lost signal only delays the copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+__all__ = ["LEASE_SIGNAL", "MIN_BREAK_SECONDS", "POLL_SECONDS", "LeaseUnavailable", "ReadLease"]
+
+log = logging.getLogger("vmipc.vmm")
+
+#: the signal the kernel sends when a writer breaks the lease (not the vCPU kick, SIGUSR1)
+LEASE_SIGNAL = signal.SIGRTMIN + 2
+#: how often the watcher looks at the lease even without a signal
+POLL_SECONDS = 1.0
+#: a shorter fs.lease-break-time leaves no time to copy guest RAM off the file: no lease
+MIN_BREAK_SECONDS = 5
+
+# <fcntl.h>: not all of these are in Python's fcntl module
+_F_SETSIG = 10
+_F_SETOWN_EX = 15
+_F_OWNER_TID = 0
+
+
+class LeaseUnavailable(Exception):
+    """The kernel refused a read lease (one line: why)."""
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.EAGAIN:
+        return "it is open for writing (or leased) elsewhere"
+    if exc.errno == errno.EACCES:
+        return "this user does not own it and has no CAP_LEASE"
+    if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return "its filesystem (or fs.leases-enable) allows no leases"
+    return f"no read lease: {exc.strerror}"
+
+
+def lease_break_time() -> int:
+    """How long the kernel holds a writer back for a lease holder (fs.lease-break-time)."""
+    try:
+        with open("/proc/sys/fs/lease-break-time", "rb") as file:
+            return int(file.read())
+    except (OSError, ValueError):
+        return 45  # the kernel's default
+
+
+def _ignore_lease_signal() -> None:
+    """Ignore the lease signal process-wide: a break announced to the whole process (before
+    the watcher directs it to itself) must not kill it (a real-time signal's default)."""
+    if signal.getsignal(LEASE_SIGNAL) is signal.SIG_IGN:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise LeaseUnavailable("a lease can only be taken on the main thread")
+    signal.signal(LEASE_SIGNAL, signal.SIG_IGN)
+
+
+class ReadLease:
+    """A read lease on a file, held on an fd of its own; see the module docstring."""
+
+    def __init__(self, fd: int, break_time: int) -> None:
+        self._fd = fd
+        #: fs.lease-break-time when the lease was taken (capability mode cannot read it)
+        self.break_time = break_time
+        self._lock = threading.Lock()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._watching = False
+
+    @classmethod
+    def take(cls, path: str, opened: int) -> ReadLease:
+        """A read lease on the file ``opened`` (an fd open on ``path``). Raises
+        :class:`LeaseUnavailable`. Call it on the main thread, before capability mode."""
+        break_time = lease_break_time()
+        if break_time < MIN_BREAK_SECONDS:
+            raise LeaseUnavailable(
+                f"fs.lease-break-time is {break_time} s: too short to copy guest RAM off it"
+            )
+        _ignore_lease_signal()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LeaseUnavailable(f"cannot open it again for a lease: {exc.strerror}") from None
+        try:
+            ours, theirs = os.fstat(opened), os.fstat(fd)
+            if (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino):
+                raise LeaseUnavailable("the file was replaced while it was being opened")
+            fcntl.fcntl(fd, _F_SETSIG, LEASE_SIGNAL)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            os.close(fd)
+            raise LeaseUnavailable(_why(exc)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, break_time)
+
+    @property
+    def held(self) -> bool:
+        """True until the lease is released (after a break, or by :meth:`close`)."""
+        return self._fd >= 0
+
+    def watch(self, on_break: Callable[[float], None]) -> None:
+        """Start the watcher thread: when a writer breaks the lease, it calls ``on_break``
+        with a deadline (``time.monotonic()``) before which it must have made guest RAM
+        independent of the file — the kernel lets the writer go at ``fs.lease-break-time``
+        whatever we do — then releases the lease so the writer goes on. Once only."""
+        with self._lock:
+            if self._thread is not None or self._fd < 0:
+                return
+            self._thread = threading.Thread(
+                target=self._watch, args=(on_break,), name="snapshot-lease", daemon=True
+            )
+            self._watching = True
+        self._thread.start()
+
+    def _watch(self, on_break: Callable[[float], None]) -> None:
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {LEASE_SIGNAL})
+            owner = struct.pack("ii", _F_OWNER_TID, threading.get_native_id())
+            with self._lock:
+                if self._fd >= 0:
+                    try:
+                        fcntl.fcntl(self._fd, _F_SETOWN_EX, owner)
+                    except OSError as exc:  # the poll below still notices a break
+                        log.warning("snapshot lease: no break signal (%s)", exc.strerror)
+            while not self._closing and not self._broken():
+                signal.sigtimedwait({LEASE_SIGNAL}, POLL_SECONDS)
+            if not self._closing:
+                # the writer may have waited since the last poll when no signal came
+                deadline = time.monotonic() + 0.75 * self.break_time - POLL_SECONDS
+                try:
+                    on_break(deadline)
+                except Exception:  # the callback reports its own failures; never hang
+                    log.exception("copying guest RAM off the snapshot file failed")
+        finally:
+            with self._lock:
+                self._watching = False
+            self.release()
+
+    def _broken(self) -> bool:
+        with self._lock:
+            if self._fd < 0:
+                return True
+            try:
+                return fcntl.fcntl(self._fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK
+            except OSError:
+                return True
+
+    def release(self) -> None:
+        """Let go of the lease (a held writer goes on). Idempotent."""
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Stop the watcher (it calls nothing more) and release the lease. Idempotent."""
+        self._closing = True
+        with self._lock:
+            thread = self._thread
+            if thread is not None and self._watching and thread.ident is not None:
+                # it cannot exit while we hold the lock, so the id is still its own
+                signal.pthread_kill(thread.ident, LEASE_SIGNAL)
+        started = thread is not None and thread.ident is not None
+        if started and thread is not threading.current_thread():
+            assert thread is not None
+            thread.join()
+        self.release()
