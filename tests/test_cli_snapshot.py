@@ -232,7 +232,11 @@ def test_verify_refuses_what_a_restore_refuses(
     (the same check `vmm --restore` makes; tests/test_restore.py runs both on real files)."""
     good = restorable_state()
     cases: list[tuple[str, Path, str]] = [
-        ("fake records", make_snapshot(tmp_path / "1.snap"), "state sections are not msgpack"),
+        (
+            "fake records",
+            make_snapshot(tmp_path / "1.snap"),
+            "section 'config': 2 bytes after the record",
+        ),
         (
             "no vcpus",
             make_restorable(
