@@ -42,6 +42,9 @@ class SocketConfig:
     max_connections: int = 32
     #: seconds; None: an idle connection stays open
     idle_timeout: float | None = 60.0
+    #: bytes queued for one connection on this socket (see ``ServerConfig``); None: the
+    #: server's. Monitors' answers are small, and there may be many monitors.
+    max_queued_bytes: int | None = 256 << 10
 
 
 @dataclass(frozen=True)

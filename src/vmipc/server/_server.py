@@ -111,6 +111,7 @@ class _Listener:
     allowed_commands: frozenset[str] | None
     max_connections: int
     idle_timeout: float | None
+    max_queued_bytes: int
     #: connections open on this socket now
     connections: int = 0
 
@@ -297,6 +298,7 @@ class Server:
             config.socket_group,
             config.max_connections,
             config.idle_timeout,
+            config.max_queued_bytes,
         )
         try:
             for spec in (main, *config.extra_sockets):
@@ -334,6 +336,9 @@ class Server:
             allowed,
             spec.max_connections,
             spec.idle_timeout,
+            self.config.max_queued_bytes
+            if spec.max_queued_bytes is None
+            else spec.max_queued_bytes,
         )
 
     def close_sockets(self) -> None:
@@ -447,7 +452,14 @@ class Server:
                     with contextlib.suppress(OSError):
                         await sock.send(data)
             return
-        conn = _Connection(self, sock, peer, self._next_id, listener.allowed_commands)
+        conn = _Connection(
+            self,
+            sock,
+            peer,
+            self._next_id,
+            listener.allowed_commands,
+            max_queued_bytes=listener.max_queued_bytes,
+        )
         self._next_id += 1
         self._connections.add(conn)
         listener.connections += 1
@@ -561,9 +573,15 @@ class _Connection:
         peer: PeerCredentials,
         conn_id: int,
         allowed_commands: frozenset[str] | None = None,
+        *,
+        max_queued_bytes: int | None = None,
     ) -> None:
         self.server = server
         self.sock = sock
+        #: the bound on bytes queued for this connection, from its socket's class
+        self.max_queued_bytes = (
+            server.config.max_queued_bytes if max_queued_bytes is None else max_queued_bytes
+        )
         self.peer = peer
         self.id = conn_id
         #: the commands this connection may run (None: all), from its socket's class
@@ -676,7 +694,7 @@ class _Connection:
         config = self.server.config
         fits = (
             self._queued_frames < config.outbound_queue
-            and self._queued_bytes + len(frame) <= config.max_queued_bytes
+            and self._queued_bytes + len(frame) <= self.max_queued_bytes
         )
         if fits:
             self._enqueue(frame)
@@ -695,7 +713,7 @@ class _Connection:
         config = self.server.config
         return (
             self._queued_frames < config.outbound_queue
-            and self._queued_bytes < config.max_queued_bytes
+            and self._queued_bytes < self.max_queued_bytes
         )
 
     async def _wait_for_room(self) -> None:
