@@ -752,3 +752,109 @@ def test_suspend_restore_and_migrate_with_the_sandbox_on(tmp_path: Path) -> None
         third.stop()
         left = [name for name in os.listdir(os.path.dirname(third.socket)) if ".sock" in name]
         assert left == [], "socket files were left behind"
+
+
+#: a shell's part: take the pty on fd 0 as the controlling terminal of a new session, start
+#: the VMM in it (not the session leader), tell its pid on the fd argv[1], wait for it
+_SESSION = (
+    "import fcntl, os, subprocess, sys\n"
+    "fcntl.ioctl(0, 0x540E, 0)\n"  # TIOCSCTTY
+    "vmm = subprocess.Popen(sys.argv[2:])\n"
+    "os.write(int(sys.argv[1]), str(vmm.pid).encode())\n"
+    "os.close(int(sys.argv[1]))\n"
+    "sys.exit(vmm.wait())\n"
+)
+
+
+@pytest.mark.parametrize("console_input", [False, True])
+def test_a_vmm_keeps_its_controlling_terminal_only_to_read_console_input(
+    guests: Path, console_input: bool
+) -> None:
+    """Started from a shell on a terminal, the VMM gives the terminal up once in capability
+    mode, unless it forwards console input from it (then the seccomp filter is what keeps
+    it from pushing keystrokes into the shell: see the in-process tests above)."""
+    from vmipc.client import SyncClient
+
+    master, slave = os.openpty()
+    r, w = os.pipe()
+    with short_tmpdir() as tmp:
+        path = os.path.join(tmp, "vm.sock")
+        argv = [*VMIPC, "vmm", "--bootsector", str(guests / "hello-bootsector.bin")]
+        argv += ["--socket", path, "--paused"]  # paused: nothing on the console
+        if not console_input:
+            argv.append("--no-console-input")
+        session = subprocess.Popen(
+            [sys.executable, "-c", _SESSION, str(w), *argv],
+            stdin=slave,
+            stdout=slave,
+            stderr=subprocess.PIPE,
+            pass_fds=(w,),
+            start_new_session=True,
+        )
+        os.close(w)
+        os.close(slave)
+        vmm_pid = 0
+        try:
+            vmm_pid = int(os.read(r, 100) or b"0")
+            deadline = time.monotonic() + 20
+            while not os.path.exists(path):
+                assert session.poll() is None and time.monotonic() < deadline, "no VMM"
+                time.sleep(0.01)
+            with SyncClient(path, timeout=20) as client:  # it answers: it is sandboxed
+                assert client.query_status()["state"] == "paused"
+                stat = Path(f"/proc/{vmm_pid}/stat").read_text().rpartition(")")[2].split()
+                client.quit()
+            assert session.wait(timeout=20) == 0
+        finally:
+            if session.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(vmm_pid, 9)
+                session.kill()
+                session.wait()
+            os.close(r)
+            os.close(master)
+    assert session.stderr is not None
+    assert session.stderr.read() == b""
+    assert (int(stat[4]) != 0) == console_input  # tty_nr: the controlling terminal
+
+
+def test_a_socket_directory_root_may_not_write_without_capabilities_is_warned_about(
+    guests: Path,
+) -> None:
+    """The VMM (root) binds its socket in a directory of another user, which it may not
+    write once its capabilities are gone: it says so at start, in one line, and runs; at
+    quit the socket file stays behind, as the warning said."""
+    from vmipc.client import SyncClient
+
+    with short_tmpdir() as tmp:
+        theirs = os.path.join(tmp, "theirs")
+        os.mkdir(theirs, 0o755)
+        os.chown(theirs, 65534, 65534)
+        os.chmod(tmp, 0o755)
+        path = os.path.join(theirs, "vm.sock")
+        argv = [*VMIPC, "vmm", "--bootsector", str(guests / "hello-bootsector.bin")]
+        proc = subprocess.Popen(
+            [*argv, "--socket", path, "--paused", "--no-console-input"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not os.path.exists(path):
+                assert proc.poll() is None and time.monotonic() < deadline, "no VMM"
+                time.sleep(0.01)
+            with SyncClient(path, timeout=20) as client:
+                client.quit()
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0
+        assert err.decode().splitlines() == [
+            f"vmipc: warning: uid 0 without capabilities may not remove files in {theirs}: "
+            "its socket file will be left behind when the VMM quits (give the directory to "
+            "uid 0)"
+        ]
+        assert os.listdir(theirs) == ["vm.sock"]
