@@ -5,8 +5,8 @@ report back through a pipe: paths cannot be opened, created or removed any more,
 main thread or from a thread started afterwards, while fds opened before keep working,
 KVM included; root's powers that are not about paths (capabilities, pushing keystrokes
 into the terminal, reaching other processes of its uid, the host's clock and names, a
-file's attributes) are gone. The VMM tests run ``vmipc vmm`` (sandboxed by default) and check from
-outside that every building block and sequence still works.
+file's attributes) are gone. The VMM tests run ``vmipc vmm`` (sandboxed by default) and
+check from outside that every building block and sequence still works.
 """
 
 from __future__ import annotations
