@@ -3,8 +3,10 @@
 The in-process tests enter the sandbox in a forked child (it cannot be left again) and
 report back through a pipe: paths cannot be opened, created or removed any more, from the
 main thread or from a thread started afterwards, while fds opened before keep working,
-KVM included. The VMM tests run ``vmipc vmm`` (sandboxed by default) and check from
-outside that every building block and sequence still works.
+KVM included; root's powers that are not about paths (capabilities, pushing keystrokes
+into the terminal, reaching other processes of its uid, the host's clock and names, a
+file's attributes) are gone. The VMM tests run ``vmipc vmm`` (sandboxed by default) and
+check from outside that every building block and sequence still works.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import errno
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -180,11 +183,13 @@ def test_the_seccomp_filter_refuses_what_a_running_vmm_never_does() -> None:
             "exec": attempt(lambda: os.execv("/bin/true", ["true"])),
             "unshare": attempt(_unshare_user_namespace),
             "no_new_privs": sandbox.no_new_privs(),
+            # a harmless call the allow-list leaves out: refused, and the process goes on
+            "getppid": raw(110),
         }
 
     got = in_sandboxed_child(body)
     assert got["thread"] and got["no_new_privs"]
-    assert got["socket"] == got["exec"] == got["unshare"] == "EPERM"
+    assert got["socket"] == got["exec"] == got["unshare"] == got["getppid"] == "EPERM"
 
 
 def test_kvm_keeps_working() -> None:
@@ -258,8 +263,8 @@ def test_without_landlock_the_vmm_warns_and_runs(guests: Path) -> None:
     assert done.stdout == "hello from the boot sector\n"
     assert done.stderr.splitlines() == [
         "vmipc: warning: the kernel was built without Landlock: the VMM can still open paths "
-        "(running with no_new_privs, no Landlock (the kernel was built without Landlock), "
-        "seccomp)"
+        "(running with no_new_privs, no capabilities, no Landlock (the kernel was built "
+        "without Landlock), seccomp allow-list)"
     ]
 
 
@@ -285,10 +290,248 @@ def test_entering_with_another_thread_running_is_refused() -> None:
 
 
 def test_seccomp_program_shape() -> None:
-    program = sandbox.seccomp_program()
-    assert len(program) % 8 == 0 and len(program) // 8 < 256
+    program = sandbox.seccomp_program(os.getpid())  # assembling checks every jump's reach
+    assert len(program) % 8 == 0 and len(program) // 8 < 4096  # BPF_MAXINSNS
+    header = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+    if header.exists():  # the numbers are the kernel's
+        numbers = {
+            name: int(number)
+            for _, name, number in (
+                line.split() for line in header.read_text().splitlines() if "__NR_" in line
+            )
+        }
+        for name, number in sandbox.ALLOWED_SYSCALLS_X86_64.items():
+            assert numbers[f"__NR_{name}"] == number, name
     assert sandbox.handled_fs_rights(1) == (1 << 13) - 1
     assert sandbox.handled_fs_rights(7) == (1 << 16) - 1
+
+
+# --- root's powers that are not about paths ----------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+TIOCSTI = 0x5412
+TIOCLINUX = 0x541C
+
+
+def raw(number: int, *args: int | bytes | None) -> str:
+    """Issue system call ``number``: 'ok', or the errno name it failed with."""
+    converted = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    if _libc.syscall(ctypes.c_long(number), *converted) >= 0:
+        return "ok"
+    return errno.errorcode.get(ctypes.get_errno(), "?")
+
+
+def status_fields(text: str) -> dict[str, str]:
+    return {
+        key: value.strip()
+        for key, _, value in (line.partition(":") for line in text.splitlines())
+        if value
+    }
+
+
+def test_capabilities_are_all_dropped() -> None:
+    """The VMM runs as root: in capability mode it keeps none of root's capabilities (a
+    status fd opened before reads them, since /proc cannot be opened any more)."""
+    fds: dict[str, int] = {}
+
+    def before() -> None:
+        fds["status"] = os.open("/proc/self/status", os.O_RDONLY)
+
+    def body() -> dict[str, str]:
+        fields = status_fields(os.pread(fds["status"], 65536, 0).decode())
+        return {key: fields[key] for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+
+    got = in_sandboxed_child(body, before=before)
+    assert got == dict.fromkeys(got, "0000000000000000"), got
+
+
+@pytest.fixture
+def stranger() -> Any:
+    """A process of the same user (root) outside the sandbox."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_no_power_over_other_processes_or_the_host(tmp_path: Path, stranger: Any) -> None:
+    """What root may do without a path, to processes of its own uid and to the host: all
+    refused. Harmless when it does work: the calls set what is set already (the host name,
+    the time of day to now) or touch a throwaway process and file."""
+    import resource
+    import stat as stat_module
+
+    target = stranger.pid
+    owned = tmp_path / "root-owned"
+    owned.write_text("")
+    owned.chmod(0o600)
+    names: dict[str, bytes] = {}
+
+    def before() -> None:
+        names["host"] = os.uname().nodename.encode()
+        names["domain"] = Path("/proc/sys/kernel/domainname").read_bytes().strip()
+
+    def now() -> bytes:
+        return struct.pack("=qq", *divmod(time.time_ns(), 1_000_000_000))
+
+    def fork() -> None:
+        if os.fork() == 0:
+            os._exit(0)
+        os.wait()
+
+    def body() -> dict[str, str]:
+        own_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return {
+            "prlimit64-get": attempt(lambda: resource.prlimit(target, resource.RLIMIT_NOFILE)),
+            "prlimit64-set": attempt(
+                lambda: resource.prlimit(target, resource.RLIMIT_CORE, (0, 0))
+            ),
+            "setpriority": attempt(lambda: os.setpriority(os.PRIO_PROCESS, target, 5)),
+            "kill": attempt(lambda: os.kill(target, 0)),
+            "syslog": raw(103, 10, None, 0),  # SYSLOG_ACTION_SIZE_BUFFER
+            "iopl": raw(172, 3),
+            "ioperm": raw(173, 0x80, 1, 1),
+            "settimeofday": raw(164, None, None),
+            "clock_settime": raw(227, 0, now()),  # CLOCK_REALTIME
+            "adjtimex": raw(159, ctypes.create_string_buffer(256)),  # modes 0: a query
+            "sethostname": raw(170, names["host"], len(names["host"])),
+            "setdomainname": raw(171, names["domain"], len(names["domain"])),
+            # Landlock has no right for a file's attributes: the owner (root) may change them
+            "chmod": attempt(lambda: os.chmod(owned, 0o4777)),
+            "chown": attempt(lambda: os.chown(owned, -1, 1)),
+            "utime": attempt(lambda: os.utime(owned, (0, 0))),
+            "setxattr": attempt(lambda: os.setxattr(owned, "user.vmipc", b"x")),
+            "fork": attempt(fork),
+            "own-limits": "ok" if resource.getrlimit(resource.RLIMIT_NOFILE) == own_limit else "?",
+        }
+
+    got = in_sandboxed_child(body, before=before)
+    assert got.pop("own-limits") == "ok"
+    assert got == dict.fromkeys(got, "EPERM"), got
+    after = owned.stat()
+    assert stat_module.S_IMODE(after.st_mode) == 0o600 and after.st_gid == 0
+    assert after.st_mtime > 0
+
+
+def _in_a_terminal_session(body: Callable[[int, int], Any], **options: Any) -> tuple[Any, bytes]:
+    """A shell's situation: a session whose controlling terminal is a new pty (raw mode,
+    no echo), and in it a child (not the session leader, like a VMM started from the shell)
+    that enters capability mode and runs ``body(tty_fd, stat_fd)`` (its /proc/self/stat,
+    opened before). The child first pushes b"b" into the terminal's input with TIOCSTI, as
+    root may before capability mode. Returns
+    what ``body`` returned and the bytes the terminal's reader (the shell) would read."""
+    import fcntl
+    import tty
+
+    master, slave = os.openpty()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the session leader: takes the pty as its controlling terminal
+        code = 1
+        try:
+            os.close(r)
+            os.close(master)
+            os.setsid()
+            fcntl.ioctl(slave, 0x540E, 0)  # TIOCSCTTY
+            tty.setraw(slave)
+
+            fds: list[int] = []
+
+            def inject_before() -> None:
+                fcntl.ioctl(slave, TIOCSTI, b"b")
+                fds.append(os.open("/proc/self/stat", os.O_RDONLY))
+
+            try:
+                value: Any = in_sandboxed_child(
+                    lambda: body(slave, fds[0]), before=inject_before, **options
+                )
+            except AssertionError as exc:
+                value = {"failed": str(exc)}
+            os.set_blocking(slave, False)
+            typed = b""
+            with contextlib.suppress(BlockingIOError):
+                typed = os.read(slave, 100)
+            os.write(w, json.dumps({"value": value, "typed": typed.decode()}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.close(slave)
+    try:
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+        os.close(master)
+    outcome = json.loads(data)
+    return outcome["value"], outcome["typed"].encode()
+
+
+def _tty_attacks(tty_fd: int, stat_fd: int) -> dict[str, Any]:
+    import fcntl
+
+    fields = os.pread(stat_fd, 4096, 0).decode().rpartition(")")[2].split()
+    return {
+        "TIOCSTI": attempt(lambda: fcntl.ioctl(tty_fd, TIOCSTI, b"x")),
+        "TIOCSTI-stdin": attempt(lambda: fcntl.ioctl(0, TIOCSTI, b"x")) if os.isatty(0) else "-",
+        "TIOCLINUX": attempt(lambda: fcntl.ioctl(tty_fd, TIOCLINUX, b"\x06\x00")),
+        "tty_nr": int(fields[4]),  # the controlling terminal (0: none)
+    }
+
+
+@pytest.mark.parametrize("keep_terminal", [False, True])
+def test_keystrokes_cannot_be_pushed_into_the_terminal(keep_terminal: bool) -> None:
+    """TIOCSTI on the controlling terminal would type commands into the shell that started
+    the VMM, run outside the sandbox as root. Capability mode gives the terminal up (unless
+    console input is forwarded from it: ``keep_terminal``), drops CAP_SYS_ADMIN (needed for
+    TIOCSTI on another terminal) and the seccomp filter refuses TIOCSTI and TIOCLINUX."""
+    got, typed = _in_a_terminal_session(_tty_attacks, keep_terminal=keep_terminal)
+    assert typed == b"b", "the test's setup: root could push keystrokes before"
+    assert got["TIOCSTI"] == got["TIOCLINUX"] == "EPERM", got
+    assert got["TIOCSTI-stdin"] in ("EPERM", "-"), got
+    assert (got["tty_nr"] != 0) == keep_terminal, got
+
+
+def test_a_socket_directory_the_vmm_could_not_write_without_capabilities(
+    tmp_path: Path,
+) -> None:
+    """Root without CAP_DAC_OVERRIDE cannot remove a file from a directory that is not
+    writable for it by its mode: the report names such a socket directory (the VMM warns:
+    its socket file will be left behind), one root owns is fine."""
+    others, ours = tmp_path / "others", tmp_path / "ours"
+    for directory in (others, ours):
+        directory.mkdir(mode=0o755)
+        (directory / "vm.sock").write_text("")
+    os.chown(others, 65534, 65534)
+    tmp_path.chmod(0o755)
+
+    def body() -> dict[str, Any]:
+        return {
+            "others": attempt(lambda: os.unlink(others / "vm.sock")),
+            "ours": attempt(lambda: os.unlink(ours / "vm.sock")),
+        }
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            report = enter_capability_mode(removable_dirs=[str(others), str(ours)])
+            result = {"unremovable": list(report.unremovable_dirs), **body()}
+            os.write(w, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 65536)
+    os.close(r)
+    os.waitpid(pid, 0)
+    got = json.loads(data or b"{}")
+    assert got == {"unremovable": [str(others)], "others": "EACCES", "ours": "ok"}
 
 
 # --- a command handler in capability mode -------------------------------------------------
@@ -395,23 +638,26 @@ def test_a_handler_that_opens_a_path_fails_cleanly_and_the_server_carries_on() -
 # --- real VMMs ----------------------------------------------------------------------------
 
 
-def confinement(vmm: VmmProcess) -> set[tuple[str, str]]:
-    """(NoNewPrivs, Seccomp) of every thread of a VMM. Asked once it answers: the socket
+CONFINEMENT = ("NoNewPrivs", "Seccomp", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+def confinement(vmm: VmmProcess) -> set[tuple[str, ...]]:
+    """The CONFINEMENT fields of every thread of a VMM. Asked once it answers: the socket
     appears just before the VMM enters capability mode (it answers only after)."""
     assert vmm.state() is not None
     found = set()
-    for task in os.listdir(f"/proc/{vmm.pid}/task"):
+    tasks = os.listdir(f"/proc/{vmm.pid}/task")
+    assert len(tasks) > 1  # the vCPU threads at least
+    for task in tasks:
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            fields = dict(
-                line.split(":\t", 1)
-                for line in Path(f"/proc/{vmm.pid}/task/{task}/status").read_text().splitlines()
-                if ":\t" in line
-            )
-            found.add((fields["NoNewPrivs"].strip(), fields["Seccomp"].strip()))
+            text = Path(f"/proc/{vmm.pid}/task/{task}/status").read_text()
+            fields = status_fields(text)
+            found.add(tuple(fields[name] for name in CONFINEMENT))
     return found
 
 
-CONFINED = {("1", "2")}  # no_new_privs set, seccomp in filter mode
+#: no_new_privs set, seccomp in filter mode, no capability left (not even to bound an exec)
+CONFINED = {("1", "2", *["0" * 16] * 5)}
 
 
 def test_a_vmm_is_sandboxed_by_default_and_not_with_no_sandbox(guests: Path) -> None:
@@ -436,7 +682,7 @@ def test_a_vmm_is_sandboxed_by_default_and_not_with_no_sandbox(guests: Path) -> 
         confined.wait_for_passes(1)
         free.wait_for_passes(1)
         assert confinement(confined) == CONFINED  # every thread, vCPUs included
-        assert confinement(free) == {("0", "0")}
+        assert {fields[:2] for fields in confinement(free)} == {("0", "0")}
 
 
 def test_building_blocks_through_passed_fds_into_a_sandboxed_incoming_vmm(
@@ -510,3 +756,109 @@ def test_suspend_restore_and_migrate_with_the_sandbox_on(tmp_path: Path) -> None
         third.stop()
         left = [name for name in os.listdir(os.path.dirname(third.socket)) if ".sock" in name]
         assert left == [], "socket files were left behind"
+
+
+#: a shell's part: take the pty on fd 0 as the controlling terminal of a new session, start
+#: the VMM in it (not the session leader), tell its pid on the fd argv[1], wait for it
+_SESSION = (
+    "import fcntl, os, subprocess, sys\n"
+    "fcntl.ioctl(0, 0x540E, 0)\n"  # TIOCSCTTY
+    "vmm = subprocess.Popen(sys.argv[2:])\n"
+    "os.write(int(sys.argv[1]), str(vmm.pid).encode())\n"
+    "os.close(int(sys.argv[1]))\n"
+    "sys.exit(vmm.wait())\n"
+)
+
+
+@pytest.mark.parametrize("console_input", [False, True])
+def test_a_vmm_keeps_its_controlling_terminal_only_to_read_console_input(
+    guests: Path, console_input: bool
+) -> None:
+    """Started from a shell on a terminal, the VMM gives the terminal up once in capability
+    mode, unless it forwards console input from it (then the seccomp filter is what keeps
+    it from pushing keystrokes into the shell: see the in-process tests above)."""
+    from vmipc.client import SyncClient
+
+    master, slave = os.openpty()
+    r, w = os.pipe()
+    with short_tmpdir() as tmp:
+        path = os.path.join(tmp, "vm.sock")
+        argv = [*VMIPC, "vmm", "--bootsector", str(guests / "hello-bootsector.bin")]
+        argv += ["--socket", path, "--paused"]  # paused: nothing on the console
+        if not console_input:
+            argv.append("--no-console-input")
+        session = subprocess.Popen(
+            [sys.executable, "-c", _SESSION, str(w), *argv],
+            stdin=slave,
+            stdout=slave,
+            stderr=subprocess.PIPE,
+            pass_fds=(w,),
+            start_new_session=True,
+        )
+        os.close(w)
+        os.close(slave)
+        vmm_pid = 0
+        try:
+            vmm_pid = int(os.read(r, 100) or b"0")
+            deadline = time.monotonic() + 20
+            while not os.path.exists(path):
+                assert session.poll() is None and time.monotonic() < deadline, "no VMM"
+                time.sleep(0.01)
+            with SyncClient(path, timeout=20) as client:  # it answers: it is sandboxed
+                assert client.query_status()["state"] == "paused"
+                stat = Path(f"/proc/{vmm_pid}/stat").read_text().rpartition(")")[2].split()
+                client.quit()
+            assert session.wait(timeout=20) == 0
+        finally:
+            if session.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(vmm_pid, 9)
+                session.kill()
+                session.wait()
+            os.close(r)
+            os.close(master)
+    assert session.stderr is not None
+    assert session.stderr.read() == b""
+    assert (int(stat[4]) != 0) == console_input  # tty_nr: the controlling terminal
+
+
+def test_a_socket_directory_root_may_not_write_without_capabilities_is_warned_about(
+    guests: Path,
+) -> None:
+    """The VMM (root) binds its socket in a directory of another user, which it may not
+    write once its capabilities are gone: it says so at start, in one line, and runs; at
+    quit the socket file stays behind, as the warning said."""
+    from vmipc.client import SyncClient
+
+    with short_tmpdir() as tmp:
+        theirs = os.path.join(tmp, "theirs")
+        os.mkdir(theirs, 0o755)
+        os.chown(theirs, 65534, 65534)
+        os.chmod(tmp, 0o755)
+        path = os.path.join(theirs, "vm.sock")
+        argv = [*VMIPC, "vmm", "--bootsector", str(guests / "hello-bootsector.bin")]
+        proc = subprocess.Popen(
+            [*argv, "--socket", path, "--paused", "--no-console-input"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not os.path.exists(path):
+                assert proc.poll() is None and time.monotonic() < deadline, "no VMM"
+                time.sleep(0.01)
+            with SyncClient(path, timeout=20) as client:
+                client.quit()
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0
+        assert err.decode().splitlines() == [
+            f"vmipc: warning: uid 0 without capabilities may not remove files in {theirs}: "
+            "its socket file will be left behind when the VMM quits (give the directory to "
+            "uid 0)"
+        ]
+        assert os.listdir(theirs) == ["vm.sock"]

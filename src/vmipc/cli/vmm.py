@@ -173,7 +173,8 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help=(
             "do not enter capability mode (by default, once started, the VMM cannot open, "
-            "create or remove paths: Landlock, no_new_privs and a seccomp filter)"
+            "create or remove paths and keeps no capability: Landlock, no_new_privs, "
+            "capabilities dropped and a seccomp allow-list)"
         ),
     )
     parser.add_argument(
@@ -481,11 +482,21 @@ def _enter_sandbox(args: argparse.Namespace, server: Server | None) -> int:
         return EXIT_OK
     _preload_runtime_modules()
     socket_dirs = sorted({os.path.dirname(path) for path in server.socket_paths}) if server else []
+    # the terminal stays the controlling one only while console input is read from it
+    reads_terminal = args.console == "-" and not args.no_console_input and os.isatty(0)
     try:
-        report = enter_capability_mode(removable_dirs=socket_dirs)
+        report = enter_capability_mode(removable_dirs=socket_dirs, keep_terminal=reads_terminal)
     except SandboxError as exc:
         print(f"vmipc vmm: cannot enter capability mode: {exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT
+    for directory in report.unremovable_dirs:
+        log.warning(
+            "warning: uid %d without capabilities may not remove files in %s: its socket "
+            "file will be left behind when the VMM quits (give the directory to uid %d)",
+            os.geteuid(),
+            directory,
+            os.geteuid(),
+        )
     if not report.filesystem_locked:
         log.warning(
             "warning: %s: the VMM can still open paths (running with %s)",
