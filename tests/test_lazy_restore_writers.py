@@ -234,3 +234,26 @@ def test_a_copy_that_cannot_end_in_time_stops_the_guest_rather_than_the_vmm(
         assert bytes(machine.memory.view[: 1 << 20]) == bytes(1 << 20)
     finally:
         machine.close()
+
+
+def test_a_sandboxed_lazy_restore_stays_lazy_until_a_writer_comes(
+    tmp_path: Path, snapshot: Snapshot
+) -> None:
+    """In capability mode (the default) the lease's watcher can still wait for the break
+    and look at the lease: guest RAM stays mapped from the file, with nothing copied and
+    nothing logged, until somebody writes the file."""
+    path = tmp_path / "snap.vmipc"
+    path.write_bytes(snapshot.data)
+    with vmm_processes() as vmms:
+        vmm = restore(vmms, path)
+        vmm.wait_for_passes(snapshot.reached + 2)
+        time.sleep(2 * 1.0)  # two of the watcher's polls of the lease
+        held = [os.readlink(f"/proc/{vmm.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{vmm.pid}/fd")]
+        assert str(path) in held, "the VMM no longer holds its snapshot file"
+        assert vmm.stderr.read_text() == ""
+        truncate(path)
+        wait_for_text = time.monotonic() + 30
+        while "guest RAM copied off it" not in vmm.stderr.read_text():
+            assert time.monotonic() < wait_for_text, vmm.stderr.read_text()
+            time.sleep(0.05)
+        assert vmm.state() == "running"

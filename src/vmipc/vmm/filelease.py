@@ -14,16 +14,20 @@ off the file and closes the lease's fd, which lets the writer go on.
 The kernel grants a read lease only on a file opened read-only that nobody has open for
 writing, to its owner or to a process with ``CAP_LEASE``, on a filesystem that supports
 leases; :meth:`ReadLease.take` says which of these failed. Everything that needs a
-privilege happens in :meth:`ReadLease.take`, before capability mode: afterwards the
-lease needs only ``fcntl`` (``F_SETOWN_EX``, ``F_GETLEASE``), ``rt_sigtimedwait``,
-``rt_sigprocmask``, ``tgkill`` and ``close`` — releasing by closing the fd needs neither
-ownership nor ``CAP_LEASE``, unlike ``F_UNLCK``.
+privilege or a say over signals happens in :meth:`ReadLease.take`, on the main thread
+before capability mode: afterwards the lease needs only ``fcntl(F_GETLEASE)``,
+``rt_sigtimedwait``, ``rt_sigprocmask``, ``tgkill`` (this process) and ``close`` —
+releasing by closing the fd needs neither ownership nor ``CAP_LEASE``, unlike ``F_UNLCK``.
+The capability-mode filter allows just these (``vmm/sandbox.py``); it refuses
+``F_SETOWN``/``F_SETOWN_EX``, with which a compromised VMM could have the kernel signal
+other processes.
 
-The break is announced with :data:`LEASE_SIGNAL` (set with ``F_SETSIG``), sent to the
-watcher thread alone (``F_SETOWN_EX``, ``F_OWNER_TID``), which blocks it and waits for it
-with ``sigtimedwait``; the process ignores it everywhere else, so a break announced before
-the watcher runs cannot kill anything. The watcher also looks at the lease every
-:data:`POLL_SECONDS`, so a lost signal only delays the copy.
+The break is announced with :data:`LEASE_SIGNAL` (``F_SETSIG``) to this process
+(``F_SETOWN``, both set in :meth:`ReadLease.take`). The main thread blocks the signal
+before any other thread exists, so every thread inherits it blocked: it stays pending
+until the watcher thread takes it with ``sigtimedwait``, and it can kill nothing whenever
+it comes (it is also ignored, should a thread unblock it). The watcher also looks at the
+lease every :data:`POLL_SECONDS`, so a lost signal only delays the copy.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import fcntl
 import logging
 import os
 import signal
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -51,8 +54,6 @@ MIN_BREAK_SECONDS = 5
 
 # <fcntl.h>: not all of these are in Python's fcntl module
 _F_SETSIG = 10
-_F_SETOWN_EX = 15
-_F_OWNER_TID = 0
 
 
 class LeaseUnavailable(Exception):
@@ -78,14 +79,15 @@ def lease_break_time() -> int:
         return 45  # the kernel's default
 
 
-def _ignore_lease_signal() -> None:
-    """Ignore the lease signal process-wide: a break announced to the whole process (before
-    the watcher directs it to itself) must not kill it (a real-time signal's default)."""
-    if signal.getsignal(LEASE_SIGNAL) is signal.SIG_IGN:
-        return
+def _hold_lease_signal() -> None:
+    """Block the lease signal on the main thread, which every thread started later
+    inherits, so that it waits, pending, for the watcher's ``sigtimedwait``; and ignore it,
+    so that it can never kill the process (a real-time signal's default)."""
     if threading.current_thread() is not threading.main_thread():
         raise LeaseUnavailable("a lease can only be taken on the main thread")
-    signal.signal(LEASE_SIGNAL, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {LEASE_SIGNAL})
+    if signal.getsignal(LEASE_SIGNAL) is not signal.SIG_IGN:
+        signal.signal(LEASE_SIGNAL, signal.SIG_IGN)
 
 
 class ReadLease:
@@ -109,7 +111,7 @@ class ReadLease:
             raise LeaseUnavailable(
                 f"fs.lease-break-time is {break_time} s: too short to copy guest RAM off it"
             )
-        _ignore_lease_signal()
+        _hold_lease_signal()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -119,6 +121,7 @@ class ReadLease:
             if (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino):
                 raise LeaseUnavailable("the file was replaced while it was being opened")
             fcntl.fcntl(fd, _F_SETSIG, LEASE_SIGNAL)
+            fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
         except OSError as exc:
             os.close(fd)
@@ -149,14 +152,7 @@ class ReadLease:
 
     def _watch(self, on_break: Callable[[float], None]) -> None:
         try:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {LEASE_SIGNAL})
-            owner = struct.pack("ii", _F_OWNER_TID, threading.get_native_id())
-            with self._lock:
-                if self._fd >= 0:
-                    try:
-                        fcntl.fcntl(self._fd, _F_SETOWN_EX, owner)
-                    except OSError as exc:  # the poll below still notices a break
-                        log.warning("snapshot lease: no break signal (%s)", exc.strerror)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {LEASE_SIGNAL})  # inherited already
             while not self._closing and not self._broken():
                 signal.sigtimedwait({LEASE_SIGNAL}, POLL_SECONDS)
             if not self._closing:

@@ -421,6 +421,7 @@ ALLOWED_SYSCALLS_X86_64 = {
     "rt_sigaction": 13,
     "rt_sigprocmask": 14,
     "rt_sigreturn": 15,
+    "rt_sigtimedwait": 128,  # the snapshot lease's watcher (vmm/filelease.py)
     "restart_syscall": 219,  # an interrupted sleep resumed (vCPU threads are kicked)
     # threads (clone is checked below)
     "set_robust_list": 273,
@@ -466,14 +467,16 @@ ALLOWED_IOCTLS = {
     "FIOCLEX": 0x5451,
 }
 #: fcntl commands: dup (os.dup), fd and status flags (os.set_blocking, the passed fds'
-#: checks); not F_SETOWN/F_SETSIG (they would have the kernel signal another process for
-#: us), leases, notifications or locks
+#: checks), and whether the snapshot's lease is being broken; not F_SETOWN/F_SETOWN_EX/
+#: F_SETSIG (they would have the kernel signal another process for us), taking leases,
+#: notifications or locks
 ALLOWED_FCNTLS = {
     "F_GETFD": 1,
     "F_SETFD": 2,
     "F_GETFL": 3,
     "F_SETFL": 4,
     "F_DUPFD_CLOEXEC": 1030,
+    "F_GETLEASE": 1025,  # a question: the snapshot lease's watcher (vmm/filelease.py)
 }
 #: prctl options: a thread's name (trio names its worker threads), and a question
 ALLOWED_PRCTLS = {
