@@ -84,6 +84,21 @@ def test_a_short_coverage_guided_campaign_finds_nothing() -> None:
     assert set(os.listdir("/proc/self/fd")) <= before
 
 
+@pytest.mark.parametrize("index", range(len(fuzz.hostile_inputs())))
+def test_hostile_inputs_at_real_sizes_stay_within_the_memory_bound(index: int) -> None:
+    """A 600 KB echo, 400k versions, a megabyte of empty arrays in a request, a state blob
+    or a snapshot config section of two million objects: each only raises a documented
+    one-line error and allocates at most 16 MiB + 8x its size (before the limits, the
+    state payload alone allocated ~150 MiB and the request frame killed the server)."""
+    target, data = fuzz.hostile_inputs()[index]
+    tracemalloc.start()
+    try:
+        problem = fuzz.execute(target, data, MAX_PEAK)
+    finally:
+        tracemalloc.stop()
+    assert problem is None, problem
+
+
 def test_the_harness_notices_what_it_must_notice() -> None:
     """A target that raises something undocumented, breaks an invariant, or allocates far
     more than its input is reported."""

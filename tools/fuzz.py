@@ -125,9 +125,9 @@ def _chunks(rng: random.Random, data: bytes) -> Iterator[bytes]:
 # --- targets ---------------------------------------------------------------------------------
 
 
-def run_server(data: bytes) -> None:
+def run_server(data: bytes, limits: Limits | None = None) -> None:
     rng, data = _plan(data)
-    limits = Limits(max_frame_size=1 << 16, max_fds_per_request=4, max_in_flight=4)
+    limits = limits or Limits(max_frame_size=1 << 16, max_fds_per_request=4, max_in_flight=4)
     proto = ServerProtocol(_SCHEMA, limits)
     next_fd = 1000
     given: list[int] = []
@@ -406,6 +406,56 @@ TARGETS = {
 }
 
 
+# --- real sizes -----------------------------------------------------------------------------
+#
+# Mutating small seeds never reaches the sizes that hurt a whole process: one byte of msgpack
+# (an empty array) decodes into a ~70-byte object, so a parser's allocation can look fine
+# under the bound of 16 MiB + 8x the input at a few KiB and take hundreds of MiB at a few
+# MiB. These inputs are the hostile classes at the sizes the limits allow, run once each at
+# the start of a campaign (and by tests/test_fuzz_targets.py); tests/test_hostile_vmm.py
+# throws the same classes at real VMM processes.
+
+
+def _nested_arrays(size: int) -> bytes:
+    """msgpack for an array of ``size - 5`` empty arrays: one object per byte."""
+    count = size - 5
+    return b"\xdd" + count.to_bytes(4, "big") + b"\x90" * count
+
+
+def _raw_frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def run_server_with_default_limits(data: bytes) -> None:
+    run_server(data, Limits())
+
+
+def hostile_inputs() -> list[tuple[Target, bytes]]:
+    """(target, input) pairs: the hostile classes at real sizes."""
+    server = Target("server", run_server_with_default_limits, (), list)
+    big_type = pack({"type": "x" * 600_000})
+    versions = pack(
+        {"type": "request", "id": 1, "command": "hello", "args": {"versions": [2] * 400_000}}
+    )
+    config = sn.build_snapshot(
+        SnapshotHeader(bytes(range(16)), "fuzz", created_ns=0),
+        [
+            ("config", 1, _nested_arrays(2 << 20)),
+            ("vcpus", 1, b"\x80"),
+            ("devices", 1, b"\x80"),
+            ("memory", 1, sn.encode_memory_section(((0, 16 * _PAGE, 0),), bytes(16 * _PAGE))),
+        ],
+    )
+    return [
+        (server, _seed_prefix(0) + _raw_frame(big_type)),
+        (server, _seed_prefix(0) + _raw_frame(versions)),
+        (server, _seed_prefix(0) + _raw_frame(_nested_arrays(1 << 20))),
+        (TARGETS["state"], _nested_arrays(2 << 20)),
+        (TARGETS["state"], b"\x91" * (2 << 20)),  # nested one inside the other
+        (TARGETS["snapshot"], config),
+    ]
+
+
 # --- one execution ---------------------------------------------------------------------------
 
 
@@ -595,6 +645,9 @@ def campaign(
     if not started:
         tracemalloc.start()
     try:
+        for target, data in hostile_inputs():
+            if target.name in names and (problem := execute(target, data, max_peak)):
+                print(Crash(target.name, data, problem).describe(), file=sys.stderr)
         reports = [
             fuzz_builtin(TARGETS[name], seconds / len(names), seed=seed, max_peak=max_peak)
             for name in names
