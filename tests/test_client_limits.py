@@ -178,6 +178,24 @@ def test_vmipc_call_does_not_adopt_a_hostile_frame_limit() -> None:
     assert err.count("\n") == 1 and "frame-too-large" in err, err
 
 
+def test_a_reply_of_a_million_objects_within_the_frame_limit_is_refused_cheaply() -> None:
+    # a legal 1 MiB frame (the client's own limit) holding a million empty maps
+    def small(request: Request) -> bytes:
+        return raw_result_frame(request.id, empty_maps(64 * 1024))
+
+    def dense(request: Request) -> bytes:
+        return raw_result_frame(request.id, empty_maps(MiB - 64))
+
+    with hostile_server(answer(MiB, small)) as path:
+        _, _, baseline = peak_rss_of_vmipc_call(path)
+    with hostile_server(answer(MiB, dense)) as path:
+        code, err, peak = peak_rss_of_vmipc_call(path)
+    # before: the reply decoded into ~70 MiB of dicts
+    assert peak < baseline + 16 * MiB, (peak >> 20, baseline >> 20)
+    assert code == 3
+    assert err.count("\n") == 1 and "decoding limit" in err, err
+
+
 def test_vmipc_call_keeps_no_events_it_did_not_subscribe_to() -> None:
     # 256 unasked-for events of 1 MiB each, then a reply
     def flood(request: Request) -> bytes:

@@ -47,6 +47,7 @@ from vmipc.protocol._framing import (
 )
 from vmipc.protocol._messages import (
     MAX_ID,
+    REPLY_DECODE_LIMITS,
     REQUEST_DECODE_LIMITS,
     DecodeLimits,
     Error,
@@ -95,6 +96,7 @@ __all__ = [
     "HELLO",
     "MAX_ERROR_SIZE",
     "MAX_ID",
+    "REPLY_DECODE_LIMITS",
     "REQUEST_DECODE_LIMITS",
     "SUPPORTED_MAJORS",
     "ClientEvent",

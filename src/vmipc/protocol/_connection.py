@@ -32,6 +32,7 @@ from vmipc.protocol._framing import (
 )
 from vmipc.protocol._messages import (
     MAX_ID,
+    REPLY_DECODE_LIMITS,
     REQUEST_DECODE_LIMITS,
     DecodeLimits,
     Error,
@@ -478,7 +479,11 @@ class ClientProtocol:
         self._decoder.feed(data)
         out: list[ClientEvent] = []
         while (frame := self._decoder.next_frame()) is not None:
-            msg = decode_message(frame.payload, allowed=frozenset({"result", "error", "event"}))
+            msg = decode_message(
+                frame.payload,
+                allowed=frozenset({"result", "error", "event"}),
+                limits=REPLY_DECODE_LIMITS,
+            )
             if isinstance(msg, Result | Error) and msg.id is not None:
                 if msg.id not in self._in_flight:
                     raise RemoteProtocolError(

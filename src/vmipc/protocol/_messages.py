@@ -56,6 +56,10 @@ class DecodeLimits:
     max_array_len: int | None = None
     max_map_len: int | None = None
     max_ext_len: int | None = None
+    #: arrays and maps in the whole payload: per-container bounds do not bound how many
+    #: containers there are, and one byte (an empty array or map) decodes into a ~70-byte
+    #: object, so a 1 MiB payload could otherwise cost ~70 MiB
+    max_containers: int | None = None
 
     def kwargs(self) -> dict[str, int]:
         """The bounds as ``msgpack.unpackb`` keyword arguments."""
@@ -72,6 +76,28 @@ class DecodeLimits:
 REQUEST_DECODE_LIMITS = DecodeLimits(
     max_str_len=1024, max_array_len=64, max_map_len=64, max_ext_len=0
 )
+#: What a reply or event can legitimately hold: the largest, ``query-commands``, has a few
+#: thousand containers. A frame is already bounded in bytes (the client's own limit); this
+#: bounds what its bytes may decode into (at most ~4 MiB of containers).
+REPLY_DECODE_LIMITS = DecodeLimits(max_containers=1 << 16)
+
+
+class _ContainerBudget(Exception):
+    pass
+
+
+def _container_hooks(budget: int) -> dict[str, Any]:
+    """msgpack hooks that count arrays and maps as they are built, and stop the decoding
+    (cheaply: at most ``budget`` of them were built) when there are too many."""
+    left = [budget]
+
+    def counted(obj: Any) -> Any:
+        left[0] -= 1
+        if left[0] < 0:
+            raise _ContainerBudget
+        return obj
+
+    return {"list_hook": counted, "object_hook": counted}
 
 
 @dataclass(frozen=True)
@@ -118,6 +144,9 @@ def pack(obj: Any) -> bytes:
 def unpack(payload: bytes, limits: DecodeLimits | None = None) -> Any:
     """msgpack-decode one whole object. RemoteProtocolError (invalid-message) if it can't,
     or if an object in it is over one of ``limits``."""
+    hooks = {}
+    if limits is not None and limits.max_containers is not None:
+        hooks = _container_hooks(limits.max_containers)
     try:
         return msgpack.unpackb(
             payload,
@@ -125,7 +154,14 @@ def unpack(payload: bytes, limits: DecodeLimits | None = None) -> Any:
             strict_map_key=True,
             use_list=True,
             **(limits.kwargs() if limits is not None else {}),
+            **hooks,
         )
+    except _ContainerBudget:
+        assert limits is not None
+        raise RemoteProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"payload is over a decoding limit: more than {limits.max_containers} arrays and maps",
+        ) from None
     except Exception as exc:  # msgpack raises a zoo: ExtraData, FormatError, ValueError...
         text = str(exc)
         if isinstance(exc, ValueError) and " exceeds max_" in text:
