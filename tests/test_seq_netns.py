@@ -299,3 +299,26 @@ def test_receive_into_a_running_vmm_refuses_and_leaves_it_running() -> None:
         assert running.state() == "running"
         before = max(running.passes().values())
         running.wait_for_passes(before + 1)
+
+
+def test_receive_refuses_a_control_frame_of_a_million_objects_before_building_them() -> None:
+    """A TCP peer's control frame (at most 1 MiB) may not decode into much more than its
+    bytes: a megabyte of empty arrays (once ~70 MiB of lists) is refused by the decoder's
+    container budget, and no VMM is started."""
+    import socket as socketlib
+    import struct
+
+    with vmm_processes() as vmms:
+        receiver = Receiver(None, "127.0.0.1", vmms.tmp)
+        try:
+            count = (1 << 20) - 16
+            payload = b"\xdd" + struct.pack(">I", count) + b"\x90" * count
+            with socketlib.create_connection(("127.0.0.1", receiver.port), timeout=20) as peer:
+                peer.sendall(struct.pack("<I", len(payload)) + payload)
+                code, report = receiver.result()
+        finally:
+            receiver.stop()
+    assert code != 0
+    assert report["outcome"] == "discarded"
+    assert "decoding limit" in report["reason"], report
+    assert report["pid"] is None  # no incoming VMM was started for it

@@ -45,6 +45,7 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 
 from vmipc.client import Client, open_client
+from vmipc.protocol import DecodeLimits, RemoteProtocolError, unpack
 from vmipc.sequences._common import best_effort, describe, supports
 from vmipc.sequences._migrate import (
     RESUME_TIMEOUT,
@@ -57,6 +58,8 @@ from vmipc.sequences._migrate import (
 )
 
 VERSION = 1
+#: a control frame is a small map (a command's result at most)
+_CONTROL_DECODE_LIMITS = DecodeLimits(max_str_len=64 << 10, max_containers=4096)
 _LENGTH = struct.Struct("<I")
 MAX_FRAME = 1 << 20
 #: seconds to wait for a control reply that needs no bulk transfer
@@ -100,9 +103,10 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
     if length > MAX_FRAME:
         raise ControlError(f"a control frame of {length} bytes (limit {MAX_FRAME})")
     try:
-        message = msgpack.unpackb(_recv_exact(sock, length), raw=False)
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise ControlError(f"a control frame that is not msgpack: {exc}") from None
+        # the peer is not trusted: a frame's bytes may not decode into much more than them
+        message = unpack(_recv_exact(sock, length), _CONTROL_DECODE_LIMITS)
+    except RemoteProtocolError as exc:
+        raise ControlError(f"a control frame refused: {exc.message}") from None
     if not isinstance(message, dict):
         raise ControlError("a control frame that is not a map")
     return message
