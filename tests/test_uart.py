@@ -473,6 +473,7 @@ def test_from_dict_refuses_a_newer_version() -> None:
         ({"thr_ipending": 1}, "ETBEI"),
         ({"thr_ipending": 2}, "thr_ipending"),
         ({"rx_backlog_limit": -1}, "rx_backlog_limit"),
+        ({"rx_backlog_limit": 1 << 40}, "rx_backlog_limit"),  # the host would buffer that
         ({"extra": 1}, "unexpected extra"),
     ],
 )

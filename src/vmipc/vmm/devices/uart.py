@@ -57,6 +57,8 @@ PORT_COUNT = 8
 FIFO_SIZE = 16
 #: default size of the host-side input buffer behind the receive FIFO
 DEFAULT_RX_BACKLOG = 4096
+#: the most a restored record may ask the VMM to buffer of console input (bytes)
+MAX_RX_BACKLOG = 1 << 20
 
 # Register offsets from the base port.
 RBR = THR = DLL = 0
@@ -188,8 +190,10 @@ class UartState:
             if type(getattr(self, name)) is not bytes:
                 raise ValueError(f"UartState.{name} must be bytes")
         limit = self.rx_backlog_limit
-        if type(limit) is not int or limit < 0:
-            raise ValueError(f"UartState.rx_backlog_limit must be an int >= 0, not {limit!r}")
+        if type(limit) is not int or not 0 <= limit <= MAX_RX_BACKLOG:
+            raise ValueError(
+                f"UartState.rx_backlog_limit must be an int in 0 .. {MAX_RX_BACKLOG}, not {limit!r}"
+            )
 
         def bad(why: str) -> ValueError:
             return ValueError(f"inconsistent UartState: {why}")
