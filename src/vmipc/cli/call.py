@@ -34,6 +34,7 @@ from vmipc.protocol import (
     Schema,
     SchemaError,
     TypeSpec,
+    UntrustedServer,
     ValidationError,
     load_schema,
     validate_args,
@@ -406,6 +407,8 @@ def _run(args: argparse.Namespace) -> int:
         _fail(EXIT_USAGE, f"no socket: pass --socket PATH or set ${SOCKET_ENV}")
     try:
         client = SyncClient(socket_path, timeout=args.timeout, client_name="vmipc-call")
+    except UntrustedServer as exc:
+        _fail(EXIT_ENVIRONMENT, str(exc))
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
         if args.help or args.list:
             return _offline_help(args, f"{socket_path}: {exc.strerror}")

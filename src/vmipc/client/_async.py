@@ -20,10 +20,12 @@ from vmipc.client._common import (
     ProgressCallback,
     adopted_frame_size,
     check_frame_size,
+    check_server,
     progress_request,
     requested_events,
     scm_rights,
     split_fds,
+    trusted_server_uids,
 )
 from vmipc.client._generated import AsyncCommands, HelloResult
 from vmipc.protocol import (
@@ -52,6 +54,7 @@ async def open_client(
     events: Iterable[str] = (),
     client_name: str = DEFAULT_CLIENT_NAME,
     max_frame_size: int = CLIENT_MAX_FRAME_SIZE,
+    trusted_uids: Iterable[int] = (),
 ) -> AsyncIterator[Client]:
     """Connect to the server at ``socket_path``, do the handshake, and yield a Client.
 
@@ -62,11 +65,17 @@ async def open_client(
     cannot be reached, :class:`ClosedByPeer` when the server refuses the connection
     (its ``error`` says why, e.g. ``access-denied``), :class:`CommandError` when the
     handshake fails (``unsupported-version``).
+
+    The server's process must run as the caller's effective uid, as root, or as one of
+    ``trusted_uids`` (SO_PEERCRED): else :class:`UntrustedServer` (a
+    ConnectionRefusedError) before anything is sent.
     """
     check_frame_size(max_frame_size)
+    trusted = trusted_server_uids(trusted_uids)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.connect(socket_path)
+        check_server(sock, socket_path, trusted)
     except BaseException:
         sock.close()
         raise

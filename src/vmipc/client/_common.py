@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import array
 import collections
+import os
 import reprlib
 import socket
-from collections.abc import Callable, Mapping
+import struct
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from vmipc import __version__
@@ -16,6 +18,7 @@ from vmipc.protocol import (
     Event,
     ProtocolError,
     RemoteProtocolError,
+    UntrustedServer,
     pack,
 )
 
@@ -46,6 +49,27 @@ class HasFileno(Protocol):
 FdLike = int | HasFileno
 #: called with each ``progress`` event of one request
 ProgressCallback = Callable[[Event], None]
+
+
+_UCRED = struct.Struct("3i")
+
+
+def trusted_server_uids(extra: Iterable[int] = ()) -> frozenset[int]:
+    """The uids a client passes fds to: its own effective uid, root, and ``extra``."""
+    return frozenset({os.geteuid(), 0, *extra})
+
+
+class HasSockopt(Protocol):
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
+
+
+def check_server(sock: HasSockopt, path: str, trusted: frozenset[int]) -> None:
+    """Refuse (UntrustedServer) a server whose process runs as none of ``trusted``, before
+    anything is sent: whoever got a listening socket at the path first (a shared sticky
+    directory, a VMM that is not running or restarting) would receive the caller's fds."""
+    pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    if uid not in trusted:
+        raise UntrustedServer(path, uid, pid, trusted)
 
 
 def check_frame_size(size: int) -> int:

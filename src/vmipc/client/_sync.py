@@ -19,10 +19,12 @@ from vmipc.client._common import (
     ProgressCallback,
     adopted_frame_size,
     check_frame_size,
+    check_server,
     progress_request,
     requested_events,
     scm_rights,
     split_fds,
+    trusted_server_uids,
 )
 from vmipc.client._generated import HelloResult, SyncCommands
 from vmipc.protocol import (
@@ -64,8 +66,10 @@ class SyncClient(SyncCommands):
         events: Iterable[str] = (),
         client_name: str = DEFAULT_CLIENT_NAME,
         max_frame_size: int = CLIENT_MAX_FRAME_SIZE,
+        trusted_uids: Iterable[int] = (),
     ) -> None:
         own_limit = check_frame_size(max_frame_size)
+        trusted = trusted_server_uids(trusted_uids)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._proto = ClientProtocol(own_limit)
         self._events = EventBuffer()
@@ -76,6 +80,7 @@ class SyncClient(SyncCommands):
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(socket_path)
+            check_server(self._sock, socket_path, trusted)
             self.server_info = self.hello(versions=list(SUPPORTED_MAJORS), client=client_name)
             self._proto.set_max_frame_size(adopted_frame_size(self.server_info, own_limit))
             if events:

@@ -34,6 +34,7 @@ from vmipc.protocol._errors import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    UntrustedServer,
     VmipcError,
 )
 from vmipc.protocol._framing import (
@@ -136,6 +137,7 @@ __all__ = [
     "ServerState",
     "StateSpec",
     "TypeSpec",
+    "UntrustedServer",
     "ValidationError",
     "VmipcError",
     "check_value",

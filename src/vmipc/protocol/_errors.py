@@ -124,6 +124,25 @@ class VmipcError(Exception):
     """Base of every exception this package raises on purpose."""
 
 
+class UntrustedServer(VmipcError, ConnectionRefusedError):
+    """The process serving the socket runs as a user the client does not trust (the
+    caller's effective uid and root, unless told otherwise): nothing was sent to it, no fd
+    was passed. ``uid`` and ``pid`` are the server's (SO_PEERCRED)."""
+
+    def __init__(self, path: str, uid: int, pid: int, trusted: frozenset[int]) -> None:
+        allowed = " or ".join(str(u) for u in sorted(trusted))
+        super().__init__(
+            f"refusing the server at {path}: it runs as uid {uid} (pid {pid}), not uid "
+            f"{allowed}; nothing was sent to it (pass its uid as trusted if it is expected)"
+        )
+        self.path = path
+        self.uid = uid
+        self.pid = pid
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class CommandError(VmipcError):
     """The server answered a request with an error (or a local check refused it).
 
