@@ -474,7 +474,10 @@ class Server:
         finally:
             listener.connections -= 1
             self._connections.discard(conn)
-            if not self._connections:
+            if not self._connections and self.closing:
+                # only once shutting down: set earlier (a connection came and went), it
+                # would cut the shutdown's wait short and cancel the writers before they
+                # sent the other connections their ``shutting-down`` notice
                 self._all_closed.set()
 
     async def _close_when_idle(self, conn: _Connection, timeout: float) -> None:
