@@ -38,7 +38,7 @@ from vmipc.formats import (
 )
 from vmipc.formats.snapshot import FLAG_INCREMENTAL, SECTION_MEMORY
 from vmipc.sequences import SequenceError, checkpoint
-from vmipc.sequences._chain import hash_range, increment_descriptor
+from vmipc.snapshots import hash_range, increment_descriptor
 
 pytestmark = pytest.mark.kvm
 

@@ -7,7 +7,6 @@ whatever fails; the guarantee of every step is in docs/sequences.md.
 
 from __future__ import annotations
 
-from vmipc.sequences._chain import ChainError, ChainLink, MergeReport, resolve_chain
 from vmipc.sequences._common import SequenceError, as_dict
 from vmipc.sequences._migrate import (
     DEFAULT_MAX_DOWNTIME,
@@ -34,17 +33,25 @@ from vmipc.sequences._net import (
     receive,
 )
 from vmipc.sequences._snapshot import (
-    PRODUCER,
     RestoreReport,
     SnapshotReport,
     checkpoint,
     checkpoint_blocking,
-    merge,
     restore_into,
     restore_into_blocking,
-    seal,
     suspend,
     suspend_blocking,
+)
+
+# the offline file tools, re-exported here as before (their home is vmipc.snapshots)
+from vmipc.snapshots import (
+    PRODUCER,
+    ChainError,
+    ChainLink,
+    MergeReport,
+    merge,
+    resolve_chain,
+    seal,
     temp_path_for,
     verify_file,
 )

@@ -1,9 +1,8 @@
-"""What every sequence shares: its error, best-effort clean-up calls, durable files."""
+"""What every sequence shares: its error, best-effort clean-up calls, pause leases."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -149,19 +148,6 @@ async def while_renewing(
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

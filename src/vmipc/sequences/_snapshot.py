@@ -32,7 +32,6 @@ import contextlib
 import functools
 import math
 import os
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,50 +39,35 @@ from typing import Any, Literal
 
 import trio
 
-from vmipc import __version__
 from vmipc.client import Client, CommandError, open_client
-from vmipc.formats import (
-    Checksum,
-    SectionEntry,
-    SnapshotHeader,
-    SnapshotReader,
-    encode_table,
-    new_snapshot_id,
-    section_offset,
-)
-from vmipc.formats.errors import FormatError
-from vmipc.formats.snapshot import (
-    DIRTY_LOG_SECTION_VERSION,
-    FLAG_INCREMENTAL,
-    MEMORY_DESCRIPTOR_SIZE,
-    SECTION_DIRTY_LOG,
-    section_entry,
-)
-from vmipc.sequences._chain import (
-    ChainError,
-    ChainLink,
-    MergeReport,
-    hash_range,
-    increment_descriptor,
-    increment_entry,
-    merge_chain,
-    read_link,
-    resolve_chain,
-    verify_links,
-)
+from vmipc.formats import SectionEntry, SnapshotHeader, new_snapshot_id, section_offset
+from vmipc.formats.snapshot import FLAG_INCREMENTAL, MEMORY_DESCRIPTOR_SIZE
 from vmipc.sequences._common import (
     DEFAULT_LEASE,
     SequenceError,
     best_effort,
     describe,
-    fsync_dir,
     pause_leased,
     resume_if_paused,
-    unlink_quietly,
     while_renewing,
 )
+from vmipc.snapshots import (
+    PRODUCER,
+    ChainError,
+    ChainLink,
+    PendingFile,
+    append_dirty_log,
+    increment_descriptor,
+    increment_entry,
+    read_dirty_epoch,
+    read_link,
+    rehashed,
+    resolve_chain,
+    seal,
+    verify_file,
+    verify_links,
+)
 
-PRODUCER = f"vmipc {__version__}"
 Then = Literal["resume", "pause", "quit"]
 
 
@@ -112,33 +96,6 @@ class SnapshotReport:
     dirty_epoch: str | None = None
 
 
-def temp_path_for(path: str) -> str:
-    """A temporary name in the same directory as ``path`` (so the rename is atomic)."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.{secrets.token_hex(4)}.partial")
-
-
-def seal(
-    fd: int, entries: list[SectionEntry], header: SnapshotHeader, *, sync: bool = True
-) -> int:
-    """Finish a snapshot written by building blocks: the header at 0 and, last, the section
-    table and trailer after the sections; then fsync. Returns the table checksum."""
-    table = encode_table(entries, header.snapshot_id, os.fstat(fd).st_size)
-    os.pwrite(fd, header.encode(), 0)
-    os.pwrite(fd, table.data, table.offset)
-    if sync:
-        os.fsync(fd)
-    return table.table_checksum
-
-
-def verify_file(fd: int, *, full: bool = True) -> None:
-    """Raise FormatError unless the file is a complete snapshot (every checksum if full)."""
-    reader = SnapshotReader(functools.partial(os.pread, fd), os.fstat(fd).st_size)
-    reader.check_complete()
-    if full:
-        reader.verify()
-
-
 DIRTY_LOG_OFF_HINT = (
     "take a full checkpoint with --track (track_dirty=True) first; a restarted or restored "
     "VMM, a failed incremental checkpoint or a migration that gave up needs a new full one"
@@ -149,25 +106,6 @@ STALE_PARENT_HINT = (
     "take the increment from the newest snapshot of the chain, or a full checkpoint with "
     "--track (track_dirty=True) to start a new chain"
 )
-
-
-def read_dirty_epoch(path: str) -> str | None:
-    """The dirty-log epoch a snapshot file records (its ``dirty-log`` section, checksum
-    checked), or None when it has none (taken while dirty logging was off, or by a vmipc
-    older than protocol 1.5). Raises ChainError when the section is damaged or unknown."""
-    try:
-        with open(path, "rb") as file:
-            reader = SnapshotReader.from_file(file)
-            if SECTION_DIRTY_LOG not in reader.names:
-                return None
-            version = reader.entry(SECTION_DIRTY_LOG).version
-            if version != DIRTY_LOG_SECTION_VERSION:
-                raise ChainError(
-                    f"{path}: section '{SECTION_DIRTY_LOG}': version {version} is not supported"
-                )
-            return reader.read_section(SECTION_DIRTY_LOG).decode("ascii")
-    except (OSError, FormatError, UnicodeDecodeError) as exc:
-        raise ChainError(f"{path}: {exc}") from None
 
 
 async def dirty_epoch(client: Client) -> str | None:
@@ -276,27 +214,10 @@ async def _live_precopy(client: Client, fd: int, epoch: str) -> tuple[SectionEnt
             break
         smallest = dirty
         began = time.monotonic()
-        done = await client.dump_dirty(
-            format="snapshot", section=entry.offset, out=fd, epoch=epoch
-        )
+        done = await client.dump_dirty(format="snapshot", section=entry.offset, out=fd, epoch=epoch)
         epoch = done["epoch"]
         rate = max(done["bytes"], _PAGE) / max(time.monotonic() - began, 1e-6)
     return entry, epoch
-
-
-def rehashed(fd: int, entry: SectionEntry) -> SectionEntry:
-    """``entry`` with the checksum of what its section holds now."""
-    digest = Checksum()
-    hash_range(fd, entry.offset, entry.length, digest)
-    return SectionEntry(entry.name, entry.version, entry.offset, entry.length, digest.digest())
-
-
-def _append_dirty_epoch(fd: int, epoch: str) -> SectionEntry:
-    """The ``dirty-log`` section, after the others."""
-    data = epoch.encode("ascii")
-    offset = section_offset(os.fstat(fd).st_size)
-    os.pwrite(fd, data, offset)
-    return section_entry(SECTION_DIRTY_LOG, DIRTY_LOG_SECTION_VERSION, offset, data)
 
 
 async def _prove_lease(client: Client, *, release: bool) -> None:
@@ -389,11 +310,8 @@ async def checkpoint(
     if live and base is not None:
         raise ValueError("a live checkpoint is a full one: it takes no parent")
     live_run = live and status["state"] == "running"
-    temp = temp_path_for(path)
+    target = PendingFile(path)
     fd = -1
-    #: this call created ``temp`` (O_EXCL) and has not renamed it: only then is it ours to
-    #: remove on failure (whatever else is at that name belongs to someone else)
-    created = False
     tracking_touched = False
     #: dirty logging ran before this checkpoint (someone's chain): leave it on
     logging_before = epoch is not None
@@ -406,18 +324,14 @@ async def checkpoint(
     async def abandon_live_file() -> None:
         """Before the pause, a live checkpoint gives up: its file goes, and the dirty
         logging it started for itself."""
-        if fd >= 0:
-            os.close(fd)
-        if created:
-            unlink_quietly(temp)
+        target.discard()
         if not logging_before:
             await best_effort(client.dirty_log_stop)
 
     if live_run:
         step = "dirty-log-start"
         try:
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            created = True
+            fd = target.create()
             os.pwrite(fd, header.encode(), 0)
             tracking_touched = True
             epoch = (await client.dirty_log_start())["epoch"]
@@ -489,26 +403,20 @@ async def checkpoint(
                 raise
             entries.append(entry)
         if epoch is not None and records_epoch:
-            entries.append(_append_dirty_epoch(fd, epoch))
+            entries.append(append_dirty_log(fd, epoch))
         return entries, pages
 
     async def publish(fd: int) -> int:
-        nonlocal step, created
+        nonlocal step
         if verify:
             step = "verify"
             await trio.to_thread.run_sync(verify_file, fd)
         step = "publish"
-        await trio.to_thread.run_sync(os.fsync, fd)
-        size = os.fstat(fd).st_size
-        os.rename(temp, path)
-        created = False  # the file is the final name's now
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
-        return size
+        return await trio.to_thread.run_sync(target.publish)
 
     try:
         if fd < 0:
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            created = True
+            fd = target.create()
         if base is not None:
             header = SnapshotHeader(
                 new_snapshot_id(),
@@ -557,13 +465,9 @@ async def checkpoint(
         size = await while_renewing(
             client, lease if leased else None, functools.partial(publish, fd)
         )
-        os.close(fd)
-        fd = -1
+        target.close()
     except BaseException as exc:
-        if fd >= 0:
-            os.close(fd)
-        if created:
-            unlink_quietly(temp)
+        target.discard()
         outcome = "no snapshot was written"
         if we_paused and not resumed:
             outcome += "; " + await resume_if_paused(client)
@@ -711,22 +615,6 @@ async def restore_into(
     )
 
 
-def merge(
-    newest: str,
-    out: str,
-    *,
-    parents: Sequence[str] = (),
-    chain_dir: str | None = None,
-    producer: str = PRODUCER,
-) -> MergeReport:
-    """Flatten the chain ending in ``newest`` into one full snapshot at ``out`` (blocking
-    file work, no VMM): the base's memory with every increment's pages applied in order,
-    and the newest's state. Parents are found as for :func:`restore_into`. ``out`` appears
-    only complete (written beside it, fsynced, renamed). Raises ChainError or OSError."""
-    chain = resolve_chain(newest, parents=parents, chain_dir=chain_dir)
-    return merge_chain(chain, out, producer=producer, temp=temp_path_for(out))
-
-
 # --- blocking wrappers ---------------------------------------------------------------------
 
 
@@ -756,12 +644,8 @@ __all__ = [
     "SnapshotReport",
     "checkpoint",
     "checkpoint_blocking",
-    "merge",
     "restore_into",
     "restore_into_blocking",
-    "seal",
     "suspend",
     "suspend_blocking",
-    "temp_path_for",
-    "verify_file",
 ]
