@@ -60,6 +60,7 @@ from _common import REPO, QemuFailed, QmpConnection, find_qemu, median, ratio, s
 from vmipc.client import Client, SyncClient, open_client
 from vmipc.guest import BUILTIN_GUEST_PATH
 from vmipc.sequences import (
+    MigrationPolicy,
     SequenceError,
     SnapshotReport,
     checkpoint,
@@ -504,7 +505,9 @@ def migrate_vmipc(
                 if client.query_status()["state"] != "incoming":
                     raise RuntimeError("the destination VMM is not incoming")
             try:
-                report = migrate_blocking(src.socket, dst.socket, force=True)
+                report = migrate_blocking(
+                    src.socket, dst.socket, policy=MigrationPolicy(force=True)
+                )
             except SequenceError as exc:
                 notes.append(f"vmipc migration ({level.name}) failed: {exc}")
                 dst.quit()
@@ -756,7 +759,8 @@ def report_migration(
     say()
     say(
         f"Both aim at {MAX_DOWNTIME_MS} ms of downtime (vmipc `max_downtime`, QEMU "
-        f"`downtime-limit`; QEMU's bandwidth limit lifted). vmipc runs `migrate(force=True)`: "
+        f"`downtime-limit`; QEMU's bandwidth limit lifted). vmipc runs `migrate()` with "
+        "`MigrationPolicy(force=True)`: "
         "when its policy gives up (no new low of dirty pages for 3 rounds, 30 rounds, or the "
         "timeout) it stops and copies what is left; QEMU, which never gives up, is made to do "
         f"the same after {QEMU_FORCE_AFTER_S:.0f} s (downtime limit raised to the maximum). "

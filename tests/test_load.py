@@ -25,7 +25,13 @@ import trio
 
 from tests.seq_support import VmmProcess, check_continuation, vmipc, vmm_processes
 from vmipc.client import ClosedByPeer, CommandError, open_client
-from vmipc.sequences import LocalDestination, MigrationReport, checkpoint, migrate
+from vmipc.sequences import (
+    LocalDestination,
+    MigrationPolicy,
+    MigrationReport,
+    checkpoint,
+    migrate,
+)
 
 pytestmark = pytest.mark.kvm
 
@@ -170,8 +176,7 @@ def test_a_checkpoint_and_a_migration_under_a_full_load_of_clients(tmp_path: Pat
                         seq,
                         LocalDestination(dest, dst.socket),
                         on_step=on_step,
-                        timeout=30,
-                        force=True,
+                        policy=MigrationPolicy(timeout=30, force=True),
                     )
                     windows["migration"] = (begin, load.quit_at or time.monotonic())
                     # the load clients end by themselves: the source VMM quit

@@ -39,6 +39,7 @@ from vmipc.sequences import (
     DEFAULT_MAX_ROUNDS,
     DEFAULT_TIMEOUT,
     MigrationNotConverged,
+    MigrationPolicy,
     MigrationReport,
     as_dict,
     migrate_local,
@@ -123,19 +124,22 @@ def run(args: argparse.Namespace) -> int:
     source = socket_path(args, PROG)
     if source is None:
         return EXIT_USAGE
-    if args.max_downtime < 0 or args.max_rounds < 0 or args.timeout <= 0 or args.lease < 0:
+    try:
+        if args.lease < 0:
+            raise ValueError("a negative lease")
+        policy = MigrationPolicy(
+            max_downtime=args.max_downtime / 1000,
+            max_rounds=args.max_rounds,
+            timeout=args.timeout,
+            force=args.force,
+        )
+    except ValueError:
         print(
             f"{PROG}: --max-downtime, --max-rounds, --timeout and --lease must be positive",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    options = {
-        "max_downtime": args.max_downtime / 1000,
-        "max_rounds": args.max_rounds,
-        "timeout": args.timeout,
-        "force": args.force,
-        "lease": lease_of(args),
-    }
+    options = {"policy": policy, "lease": lease_of(args)}
     if args.to.startswith("tcp:"):
         from vmipc.sequences import migrate_tcp, parse_address
 

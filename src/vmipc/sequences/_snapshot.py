@@ -44,10 +44,10 @@ from vmipc.formats import SectionEntry, SnapshotHeader, new_snapshot_id, section
 from vmipc.formats.snapshot import FLAG_INCREMENTAL, MEMORY_DESCRIPTOR_SIZE
 from vmipc.sequences._common import (
     DEFAULT_LEASE,
+    PauseLease,
     SequenceError,
     best_effort,
     describe,
-    pause_leased,
     resume_if_paused,
     while_renewing,
 )
@@ -220,21 +220,11 @@ async def _live_precopy(client: Client, fd: int, epoch: str) -> tuple[SectionEnt
     return entry, epoch
 
 
-async def _prove_lease(client: Client, *, release: bool) -> None:
-    """Renew (or release) the pause lease: it succeeds only if the VM stayed paused since
-    this connection's pause."""
-    try:
-        if release:
-            await client.release_lease()
-        else:
-            await client.renew_lease()
-    except CommandError as exc:
-        if exc.code != "no-lease":
-            raise
-        raise RuntimeError(
-            "the pause lease ended before the snapshot was complete (the VMM resumed the "
-            "guest), so the snapshot would not be one consistent moment"
-        ) from exc
+#: what a pause lease that ended during the dumps spoils
+SNAPSHOT_LEASE_LOST = (
+    "the pause lease ended before the snapshot was complete (the VMM resumed the "
+    "guest), so the snapshot would not be one consistent moment"
+)
 
 
 async def checkpoint(
@@ -347,7 +337,7 @@ async def checkpoint(
     leased = False
     if we_paused:
         try:
-            leased = await pause_leased(client, lease)
+            leased = (await PauseLease.pause(client, lease)).held
         except BaseException as exc:
             if live_run:
                 await abandon_live_file()
@@ -441,7 +431,7 @@ async def checkpoint(
             # the proof that the VM stayed paused through the dumps; for "pause" the VM
             # stays paused as asked, for "quit" the lease is kept until the file is durable
             step = "release-lease" if then == "pause" else "renew-lease"
-            await _prove_lease(client, release=then == "pause")
+            await PauseLease(client, lease).prove(release=then == "pause", lost=SNAPSHOT_LEASE_LOST)
             leased = then != "pause"
         downtime = 0.0
         if then == "resume" and we_paused:
@@ -485,7 +475,7 @@ async def checkpoint(
     if then == "quit":
         if leased:
             try:
-                await _prove_lease(client, release=True)
+                await PauseLease(client, lease).prove(release=True, lost=SNAPSHOT_LEASE_LOST)
             except Exception as exc:
                 raise SequenceError(
                     "release-lease",
