@@ -7,6 +7,17 @@ whatever fails; the guarantee of every step is in docs/sequences.md.
 
 from __future__ import annotations
 
+from vmipc.sequences._checkpoint import (
+    CheckpointMode,
+    Full,
+    Incremental,
+    Live,
+    SnapshotReport,
+    checkpoint,
+    checkpoint_blocking,
+    suspend,
+    suspend_blocking,
+)
 from vmipc.sequences._common import SequenceError, as_dict
 from vmipc.sequences._migrate import (
     DEFAULT_MAX_DOWNTIME,
@@ -33,16 +44,7 @@ from vmipc.sequences._net import (
     parse_address,
     receive,
 )
-from vmipc.sequences._snapshot import (
-    RestoreReport,
-    SnapshotReport,
-    checkpoint,
-    checkpoint_blocking,
-    restore_into,
-    restore_into_blocking,
-    suspend,
-    suspend_blocking,
-)
+from vmipc.sequences._restore import RestoreReport, restore_into, restore_into_blocking
 
 # the offline file tools, re-exported here as before (their home is vmipc.snapshots)
 from vmipc.snapshots import (
@@ -64,8 +66,12 @@ __all__ = [
     "PRODUCER",
     "ChainError",
     "ChainLink",
+    "CheckpointMode",
     "ControlError",
     "Destination",
+    "Full",
+    "Incremental",
+    "Live",
     "LocalDestination",
     "MergeReport",
     "MigrationNotConverged",
