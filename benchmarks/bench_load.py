@@ -46,7 +46,7 @@ import trio
 from _common import median, ms, progress, ratio, say, table
 
 from vmipc.client import ClosedByPeer, CommandError, open_client
-from vmipc.sequences import LocalDestination, checkpoint, migrate
+from vmipc.sequences import LocalDestination, MigrationPolicy, checkpoint, migrate
 
 #: the load the issue asks for: 64 clients (the server accepts 128 connections)
 CLIENTS = 64
@@ -192,7 +192,11 @@ def one_run(mode: str, clients: int) -> Run:
             ):
                 cp = await checkpoint(s, str(tmp / "cp.snap"), verify=False)
                 await trio.sleep(0.2)
-                mig = await migrate(s, LocalDestination(d, dst_sock), force=True, timeout=30)
+                mig = await migrate(
+                    s,
+                    LocalDestination(d, dst_sock),
+                    policy=MigrationPolicy(force=True, timeout=30),
+                )
                 return cp, mig
 
         cp, mig = trio.run(sequences)

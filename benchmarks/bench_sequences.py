@@ -13,7 +13,7 @@ shared machine affects both sides alike:
    ``query-migrate`` for total time and downtime;
 2. checkpoint of 256 MiB, 1 GiB and 4 GiB guests whose RAM is mostly touched and which
    rewrite it flat out (``rate=0``): ``vmipc.sequences.checkpoint`` to a file, plain (pause,
-   dump, resume) and live (``live=True``: RAM copied while the guest runs, paused for the
+   dump, resume) and live (``mode=Live()``: RAM copied while the guest runs, paused for the
    last round of dirty pages and the state), alternately on the same VM, beside QEMU's
    ``stop`` + ``migrate`` into the file + ``cont``;
 3. restore of those snapshots until the guest runs (and prints its next line):
@@ -60,6 +60,8 @@ from _common import REPO, QemuFailed, QmpConnection, find_qemu, median, ratio, s
 from vmipc.client import Client, SyncClient, open_client
 from vmipc.guest import BUILTIN_GUEST_PATH
 from vmipc.sequences import (
+    Live,
+    MigrationPolicy,
     SequenceError,
     SnapshotReport,
     checkpoint,
@@ -504,7 +506,9 @@ def migrate_vmipc(
                 if client.query_status()["state"] != "incoming":
                     raise RuntimeError("the destination VMM is not incoming")
             try:
-                report = migrate_blocking(src.socket, dst.socket, force=True)
+                report = migrate_blocking(
+                    src.socket, dst.socket, policy=MigrationPolicy(force=True)
+                )
             except SequenceError as exc:
                 notes.append(f"vmipc migration ({level.name}) failed: {exc}")
                 dst.quit()
@@ -756,7 +760,8 @@ def report_migration(
     say()
     say(
         f"Both aim at {MAX_DOWNTIME_MS} ms of downtime (vmipc `max_downtime`, QEMU "
-        f"`downtime-limit`; QEMU's bandwidth limit lifted). vmipc runs `migrate(force=True)`: "
+        f"`downtime-limit`; QEMU's bandwidth limit lifted). vmipc runs `migrate()` with "
+        "`MigrationPolicy(force=True)`: "
         "when its policy gives up (no new low of dirty pages for 3 rounds, 30 rounds, or the "
         "timeout) it stops and copies what is left; QEMU, which never gives up, is made to do "
         f"the same after {QEMU_FORCE_AFTER_S:.0f} s (downtime limit raised to the maximum). "
@@ -818,12 +823,12 @@ class LiveRounds:
 
 
 def live_checkpoint(socket_path: str, path: str) -> tuple[SnapshotReport, LiveRounds]:
-    """``checkpoint(client, path, live=True)`` (verified, as the plain one), with its rounds."""
+    """``checkpoint(client, path, mode=Live())`` (verified, as the plain one), with its rounds."""
 
     async def run() -> tuple[SnapshotReport, LiveRounds]:
         async with open_client(socket_path, client_name="bench_sequences") as client:
             seen = LiveRounds(client)
-            return await checkpoint(cast(Client, seen), path, live=True), seen
+            return await checkpoint(cast(Client, seen), path, mode=Live()), seen
 
     return trio.run(run)
 
@@ -1054,7 +1059,7 @@ def report_checkpoint(
     say(
         "vmipc plain: `vmipc.sequences.checkpoint` (pause, dump-state and dump-memory into "
         "the file, seal, resume — the downtime — then verify every checksum, fsync, rename; "
-        "the total). vmipc live: the same with `live=True`: `dirty-log-start`, a first copy "
+        "the total). vmipc live: the same with `mode=Live()`: `dirty-log-start`, a first copy "
         "of RAM (`dump-memory`) while the guest runs, up to 5 `dump-dirty` rounds writing the "
         "pages dirtied meanwhile in place into it, until the rest would take ≤ 20 ms or "
         "stops shrinking; then pause, dump-state and the last `dump-dirty` round, resume — "

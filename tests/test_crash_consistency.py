@@ -38,7 +38,7 @@ import trio
 from tests.seq_support import VmmProcess, check_continuation, vmipc, vmm_processes
 from vmipc.client import open_client
 from vmipc.formats import SnapshotReader
-from vmipc.sequences import SequenceError, SnapshotReport, _snapshot, checkpoint
+from vmipc.sequences import SequenceError, SnapshotReport, _checkpoint, checkpoint
 
 pytestmark = pytest.mark.kvm
 
@@ -198,8 +198,8 @@ class KillingClient:
 #: (the machine was slow to run the killing thread) is retried on a fresh VMM
 IN_FLIGHT = ("during-dump-state", "during-dump-memory")
 ATTEMPTS = 3
-REAL_SEAL = _snapshot.seal
-REAL_VERIFY = _snapshot.verify_file
+REAL_SEAL = _checkpoint.seal
+REAL_VERIFY = _checkpoint.verify_file
 
 
 @pytest.mark.parametrize("point", list(POINTS))
@@ -255,9 +255,9 @@ def kill_during_checkpoint(
             REAL_VERIFY(*args, **kwargs)
 
         if point == "during-seal":
-            monkeypatch.setattr(_snapshot, "seal", seal)
+            monkeypatch.setattr(_checkpoint, "seal", seal)
         if point == "during-verify":
-            monkeypatch.setattr(_snapshot, "verify_file", verify_file)
+            monkeypatch.setattr(_checkpoint, "verify_file", verify_file)
         delay = rng.uniform(0, 0.04)
 
         async def attempt() -> SnapshotReport | SequenceError:

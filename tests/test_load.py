@@ -25,7 +25,14 @@ import trio
 
 from tests.seq_support import VmmProcess, check_continuation, vmipc, vmm_processes
 from vmipc.client import ClosedByPeer, CommandError, open_client
-from vmipc.sequences import LocalDestination, MigrationReport, checkpoint, migrate
+from vmipc.sequences import (
+    Full,
+    LocalDestination,
+    MigrationPolicy,
+    MigrationReport,
+    checkpoint,
+    migrate,
+)
 
 pytestmark = pytest.mark.kvm
 
@@ -151,7 +158,7 @@ def test_a_checkpoint_and_a_migration_under_a_full_load_of_clients(tmp_path: Pat
                     begin = time.monotonic()
                     # leave it paused so that the console up to the checkpoint's moment
                     # can be read; track dirty pages so query-dirty answers from now on
-                    report = await checkpoint(seq, str(snap), then="pause", track_dirty=True)
+                    report = await checkpoint(seq, str(snap), mode=Full(track=True), then="pause")
                     windows["checkpoint"] = (begin, time.monotonic())
                     assert report.vm == "paused" and report.tracking
                     before = src.text()
@@ -170,8 +177,7 @@ def test_a_checkpoint_and_a_migration_under_a_full_load_of_clients(tmp_path: Pat
                         seq,
                         LocalDestination(dest, dst.socket),
                         on_step=on_step,
-                        timeout=30,
-                        force=True,
+                        policy=MigrationPolicy(timeout=30, force=True),
                     )
                     windows["migration"] = (begin, load.quit_at or time.monotonic())
                     # the load clients end by themselves: the source VMM quit

@@ -24,7 +24,7 @@ from tests.seq_support import vmipc, vmm_processes
 from vmipc.client import open_client
 from vmipc.commands import PauseLease, Priority
 from vmipc.protocol import Error
-from vmipc.sequences import LocalDestination, MigrationNotConverged, migrate
+from vmipc.sequences import LocalDestination, MigrationNotConverged, MigrationPolicy, migrate
 from vmipc.server import ServerConfig
 
 # --- the admission rule, in virtual time ----------------------------------------------------
@@ -247,8 +247,7 @@ def test_a_migration_goes_first_while_it_runs_and_gives_the_claim_up_when_it_giv
                     await migrate(
                         seq,
                         LocalDestination(dest, dst.socket),
-                        max_downtime=0.0001,
-                        max_rounds=2,
+                        policy=MigrationPolicy(max_downtime=0.0001, max_rounds=2),
                         on_step=on_step,
                     )
                 assert seen and all(first == [me] for first in seen), seen

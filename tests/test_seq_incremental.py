@@ -37,8 +37,8 @@ from vmipc.formats import (
     section_offset,
 )
 from vmipc.formats.snapshot import FLAG_INCREMENTAL, SECTION_MEMORY
-from vmipc.sequences import SequenceError, checkpoint
-from vmipc.sequences._chain import hash_range, increment_descriptor
+from vmipc.sequences import Incremental, SequenceError, checkpoint
+from vmipc.snapshots import hash_range, increment_descriptor
 
 pytestmark = pytest.mark.kvm
 
@@ -381,7 +381,7 @@ def test_untracked_vmms_and_broken_chains_are_refused(
             async with open_client(src.socket) as client:
                 failing = FailingClient(client, "dump_dirty", call_then_fail)
                 with pytest.raises(SequenceError) as info:
-                    await checkpoint(failing, str(inc), parent=str(full))  # type: ignore[arg-type]
+                    await checkpoint(failing, str(inc), mode=Incremental(str(full)))  # type: ignore[arg-type]
                 return info.value
 
         error = trio.run(failing_increment)

@@ -25,6 +25,7 @@ from tests.seq_support import (
 )
 from vmipc.client import open_client
 from vmipc.sequences import (
+    MigrationPolicy,
     SequenceError,
     migrate,
 )
@@ -191,12 +192,24 @@ class Relay:
         return src_end.fileno(), dst_end.fileno(), close
 
 
-async def migrate_with(src: VmmProcess, dst: VmmProcess, **options: object) -> object:
+async def migrate_with(
+    src: VmmProcess,
+    dst: VmmProcess,
+    *,
+    channel: object = None,
+    on_step: object = None,
+    **policy: object,
+) -> object:
+    """Migrate with a policy of ``policy`` (a timeout of 15 s unless given)."""
     async with open_client(src.socket) as s, open_client(dst.socket) as d:
-        channel = options.pop("channel", None)
-        dest = LocalDestination(d, dst.socket, *([channel] if channel else []))
-        options.setdefault("timeout", 15.0)
-        return await migrate(s, dest, **options)  # type: ignore[arg-type]
+        dest = LocalDestination(d, dst.socket, *([channel] if channel else []))  # type: ignore[list-item]
+        policy.setdefault("timeout", 15.0)
+        return await migrate(
+            s,
+            dest,
+            policy=MigrationPolicy(**policy),  # type: ignore[arg-type]
+            on_step=on_step,  # type: ignore[arg-type]
+        )
 
 
 @pytest.mark.parametrize(
@@ -268,13 +281,13 @@ def test_the_source_killed_after_the_state_went_over_leaves_the_destination_runn
 
 KILL_CLIENT = """
 import os, signal, sys, trio
-from vmipc.sequences import migrate_local
+from vmipc.sequences import MigrationPolicy, migrate_local
 step = sys.argv[3]
 def hook(at):
     if at == step:
         os.kill(os.getpid(), signal.SIGKILL)
-trio.run(lambda: migrate_local(sys.argv[1], sys.argv[2], on_step=hook, max_downtime=0.0,
-                               max_rounds=1, force=True))
+policy = MigrationPolicy(max_downtime=0.0, max_rounds=1, force=True)
+trio.run(lambda: migrate_local(sys.argv[1], sys.argv[2], on_step=hook, policy=policy))
 """
 
 

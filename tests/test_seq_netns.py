@@ -182,12 +182,13 @@ def test_migration_over_tcp_between_namespaces_continues_the_guest() -> None:
 
 KILL_CLIENT = """
 import os, signal, sys, trio
-from vmipc.sequences import migrate_tcp
+from vmipc.sequences import MigrationPolicy, migrate_tcp
 def hook(at):
     if at == sys.argv[3]:
         os.kill(os.getpid(), signal.SIGKILL)
+policy = MigrationPolicy(max_downtime=0.0, max_rounds=2, force=True)
 trio.run(lambda: migrate_tcp(sys.argv[1], (sys.argv[2], int(sys.argv[4])), on_step=hook,
-                             max_downtime=0.0, max_rounds=2, force=True))
+                             policy=policy))
 """
 
 
@@ -224,13 +225,14 @@ def test_a_client_killed_mid_migration_over_tcp_leaves_the_source_running() -> N
 
 KILL_DESTINATION = """
 import os, signal, sys, trio
-from vmipc.sequences import SequenceError, migrate_tcp
+from vmipc.sequences import MigrationPolicy, SequenceError, migrate_tcp
 def hook(at):
     if at == "dirty round":
         os.kill(int(sys.argv[4]), signal.SIGKILL)
+policy = MigrationPolicy(max_downtime=0.0, max_rounds=2, force=True, timeout=20)
 try:
     trio.run(lambda: migrate_tcp(sys.argv[1], (sys.argv[2], int(sys.argv[3])), on_step=hook,
-                                 max_downtime=0.0, max_rounds=2, force=True, timeout=20))
+                                 policy=policy))
 except SequenceError as exc:
     print(exc.outcome)
     sys.exit(1)

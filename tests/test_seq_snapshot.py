@@ -25,8 +25,8 @@ from tests.seq_support import (
 )
 from vmipc.client import Client, CommandError, open_client
 from vmipc.formats import SnapshotReader
-from vmipc.sequences import SequenceError, checkpoint, restore_into
-from vmipc.sequences import _snapshot as snapshot_sequence
+from vmipc.sequences import Full, Live, SequenceError, checkpoint, restore_into
+from vmipc.snapshots import _publish
 
 pytestmark = pytest.mark.kvm
 
@@ -172,7 +172,7 @@ def test_a_failed_checkpoint_removes_only_the_file_it_created(
     snap = tmp_path / "vm.snap"
     taken = tmp_path / ".vm.snap.taken.partial"
     taken.write_bytes(b"somebody else's")
-    monkeypatch.setattr(snapshot_sequence, "temp_path_for", lambda path: str(taken))
+    monkeypatch.setattr(_publish, "temp_path_for", lambda path: str(taken))
     with vmm_processes() as vmms:
         src = vmms.guest()
         src.wait_for_passes(1)
@@ -180,7 +180,7 @@ def test_a_failed_checkpoint_removes_only_the_file_it_created(
         async def attempt() -> SequenceError:
             async with open_client(src.socket) as client:
                 with pytest.raises(SequenceError) as info:
-                    await checkpoint(client, str(snap), live=live)
+                    await checkpoint(client, str(snap), mode=Live() if live else Full())
                 return info.value
 
         error = trio.run(attempt)

@@ -32,8 +32,8 @@ from vmipc.cli._sequence import (
     socket_path,
 )
 from vmipc.client import open_client
-from vmipc.sequences import SnapshotReport, checkpoint
-from vmipc.sequences._snapshot import Then
+from vmipc.sequences import CheckpointMode, Full, Incremental, Live, SnapshotReport, checkpoint
+from vmipc.sequences._checkpoint import Then
 
 
 def add_parser(subparsers: Any) -> None:
@@ -109,28 +109,35 @@ def _lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _mode(args: argparse.Namespace) -> CheckpointMode | str:
+    """The checkpoint's mode from its options, or why they make none."""
+    track = live = False
+    if args._sequence == "checkpoint":
+        track, live = args.track, args.live
+    if args.incremental != (args.parent is not None):
+        return "--incremental and --parent PARENT go together"
+    if args.lease < 0:
+        return "--lease must be positive (0 for a plain pause)"
+    if args.incremental and track:
+        return "--track is for full checkpoints (increments keep it on)"
+    if args.incremental and live:
+        return "--live is for full checkpoints"
+    if args.incremental:
+        return Incremental(args.parent)
+    return Live(track) if live else Full(track)
+
+
 def run(args: argparse.Namespace) -> int:
     prog = f"vmipc {args._sequence}"
     path = socket_path(args, prog)
     if path is None:
         return EXIT_USAGE
     then: Then = "quit"
-    track = live = False
     if args._sequence == "checkpoint":
         then = "pause" if args.leave_paused else "resume"
-        track = args.track
-        live = args.live
-    if args.incremental != (args.parent is not None):
-        print(f"{prog}: --incremental and --parent PARENT go together", file=sys.stderr)
-        return EXIT_USAGE
-    if args.lease < 0:
-        print(f"{prog}: --lease must be positive (0 for a plain pause)", file=sys.stderr)
-        return EXIT_USAGE
-    if args.incremental and track:
-        print(f"{prog}: --track is for full checkpoints (increments keep it on)", file=sys.stderr)
-        return EXIT_USAGE
-    if args.incremental and live:
-        print(f"{prog}: --live is for full checkpoints", file=sys.stderr)
+    mode = _mode(args)
+    if isinstance(mode, str):
+        print(f"{prog}: {mode}", file=sys.stderr)
         return EXIT_USAGE
 
     async def main() -> SnapshotReport:
@@ -138,12 +145,10 @@ def run(args: argparse.Namespace) -> int:
             return await checkpoint(
                 client,
                 args.file,
+                mode=mode,
                 then=then,
                 verify=not args.no_verify,
-                parent=args.parent,
-                track_dirty=track,
                 lease=lease_of(args),
-                live=live,
             )
 
     code, report = run_sequence(prog, main)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vmipc.cli import EXIT_FAILED, EXIT_USAGE
@@ -39,6 +40,7 @@ from vmipc.sequences import (
     DEFAULT_MAX_ROUNDS,
     DEFAULT_TIMEOUT,
     MigrationNotConverged,
+    MigrationPolicy,
     MigrationReport,
     as_dict,
     migrate_local,
@@ -119,39 +121,50 @@ def _lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _policy(args: argparse.Namespace) -> MigrationPolicy | None:
+    """The policy the options give, or None when they make none (or a negative lease)."""
+    if args.lease < 0:
+        return None
+    try:
+        return MigrationPolicy(
+            max_downtime=args.max_downtime / 1000,
+            max_rounds=args.max_rounds,
+            timeout=args.timeout,
+            force=args.force,
+        )
+    except ValueError:
+        return None
+
+
+def _migration(
+    source: str, to: str, options: dict[str, Any]
+) -> Callable[[], Awaitable[MigrationReport]]:
+    """The migration to run: to a local socket, or to ``tcp:HOST:PORT`` (ValueError for a
+    bad address)."""
+    if not to.startswith("tcp:"):
+        return lambda: migrate_local(source, to, **options)
+    from vmipc.sequences import migrate_tcp, parse_address
+
+    address = parse_address(to.removeprefix("tcp:"))
+    return lambda: migrate_tcp(source, address, **options)
+
+
 def run(args: argparse.Namespace) -> int:
     source = socket_path(args, PROG)
     if source is None:
         return EXIT_USAGE
-    if args.max_downtime < 0 or args.max_rounds < 0 or args.timeout <= 0 or args.lease < 0:
+    policy = _policy(args)
+    if policy is None:
         print(
             f"{PROG}: --max-downtime, --max-rounds, --timeout and --lease must be positive",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    options = {
-        "max_downtime": args.max_downtime / 1000,
-        "max_rounds": args.max_rounds,
-        "timeout": args.timeout,
-        "force": args.force,
-        "lease": lease_of(args),
-    }
-    if args.to.startswith("tcp:"):
-        from vmipc.sequences import migrate_tcp, parse_address
-
-        try:
-            address = parse_address(args.to.removeprefix("tcp:"))
-        except ValueError as exc:
-            print(f"{PROG}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-
-        async def main() -> MigrationReport:
-            return await migrate_tcp(source, address, **options)
-    else:
-
-        async def main() -> MigrationReport:
-            return await migrate_local(source, args.to, **options)
-
+    try:
+        main = _migration(source, args.to, {"policy": policy, "lease": lease_of(args)})
+    except ValueError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     gave_up: list[MigrationReport] = []
 
     async def guarded() -> MigrationReport:

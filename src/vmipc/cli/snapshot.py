@@ -12,6 +12,9 @@
 Exit codes: 0 fine; 1 the file is corrupt, truncated, incomplete or of an unsupported
 version (one line on standard error naming the part of the file and the problem); 2 bad
 usage or a file that cannot be opened or read.
+
+The file work is :mod:`vmipc.snapshots`' (seal, verify, merge); this module parses the
+arguments and prints.
 """
 
 from __future__ import annotations
@@ -19,11 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +32,16 @@ from typing import Any
 from vmipc.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vmipc.formats import FormatError, MissingSection, SectionEntry, SnapshotReader
 from vmipc.formats import snapshot as fmt
+from vmipc.snapshots import (
+    ChainError,
+    entries_of,
+    merge,
+    new_header,
+    reader_of,
+    seal,
+    verify_restorable,
+    verify_section,
+)
 
 PROG = "vmipc snapshot"
 
@@ -128,8 +139,7 @@ def _open_reader(path: str) -> Iterator[tuple[SnapshotReader, int]]:
     except OSError as exc:
         raise _Failure(EXIT_USAGE, f"cannot open {path}: {exc.strerror}") from None
     try:
-        size = os.fstat(fd).st_size
-        yield SnapshotReader(functools.partial(os.pread, fd), size), fd
+        yield reader_of(fd), fd
     finally:
         os.close(fd)
 
@@ -157,13 +167,10 @@ def run_seal(args: argparse.Namespace) -> int:
     try:
         for name in args.results:
             with open(name, encoding="utf-8") as handle:
-                result = json.load(handle)
-            found = list(result.get("sections") or [])
-            if result.get("section"):
-                found.append(result["section"])
+                found = entries_of(json.load(handle))
             if not found:
                 raise _Failure(EXIT_USAGE, f"{name}: no snapshot sections in this result")
-            entries += [SectionEntry.from_dict(item) for item in found]
+            entries += found
         fd = os.open(args.file, os.O_RDWR | os.O_CLOEXEC)
     except _Failure as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
@@ -171,25 +178,19 @@ def run_seal(args: argparse.Namespace) -> int:
     except (OSError, ValueError, AttributeError) as exc:
         print(f"{PROG}: seal: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    header = new_header(args.producer)
     try:
-        snapshot_id = fmt.new_snapshot_id()
-        table = fmt.encode_table(entries, snapshot_id, os.fstat(fd).st_size)
-        header = fmt.SnapshotHeader(snapshot_id, args.producer, created_ns=time.time_ns())
-        os.pwrite(fd, header.encode(), 0)
-        os.pwrite(fd, table.data, table.offset)
-        os.fsync(fd)
+        seal(fd, entries, header)
     except ValueError as exc:
         print(f"{PROG}: {args.file}: cannot seal: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         os.close(fd)
-    print(f"{args.file}: sealed ({len(entries)} sections, snapshot {snapshot_id.hex()})")
+    print(f"{args.file}: sealed ({len(entries)} sections, snapshot {header.snapshot_id.hex()})")
     return EXIT_OK
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from vmipc.sequences import ChainError, merge
-
     try:
         report = merge(args.newest, args.output, parents=args.parent, chain_dir=args.chain_dir)
     except ChainError as exc:
@@ -210,18 +211,13 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace, reader: SnapshotReader, fd: int) -> int:
-    from vmipc.commands._restorable import check_restorable
-
     if args.section is not None:
-        reader.verify(args.section)
-        entry = reader.entry(args.section)
+        entry = verify_section(reader, args.section)
         print(f"{args.file}: section '{entry.name}' ok ({entry.length} bytes)")
         return EXIT_OK
-    reader.verify()
-    reader.check_complete()
-    # what a restore checks before it needs KVM (the same function): verify says ok
-    # only to a file a restore takes, short of register values only KVM can judge
-    check_restorable(reader, fd)
+    # verify says ok only to a file a restore takes, short of register values only KVM
+    # can judge
+    verify_restorable(reader, fd)
     chain = "; incremental: restore it with its chain" if reader.header.incremental else ""
     print(f"{args.file}: ok ({len(reader.entries)} sections, {reader.size} bytes{chain})")
     return EXIT_OK

@@ -7,7 +7,17 @@ whatever fails; the guarantee of every step is in docs/sequences.md.
 
 from __future__ import annotations
 
-from vmipc.sequences._chain import ChainError, ChainLink, MergeReport, resolve_chain
+from vmipc.sequences._checkpoint import (
+    CheckpointMode,
+    Full,
+    Incremental,
+    Live,
+    SnapshotReport,
+    checkpoint,
+    checkpoint_blocking,
+    suspend,
+    suspend_blocking,
+)
 from vmipc.sequences._common import SequenceError, as_dict
 from vmipc.sequences._migrate import (
     DEFAULT_MAX_DOWNTIME,
@@ -16,6 +26,7 @@ from vmipc.sequences._migrate import (
     Destination,
     LocalDestination,
     MigrationNotConverged,
+    MigrationPolicy,
     MigrationReport,
     Round,
     TransferError,
@@ -33,18 +44,17 @@ from vmipc.sequences._net import (
     parse_address,
     receive,
 )
-from vmipc.sequences._snapshot import (
+from vmipc.sequences._restore import RestoreReport, restore_into, restore_into_blocking
+
+# the offline file tools, re-exported here as before (their home is vmipc.snapshots)
+from vmipc.snapshots import (
     PRODUCER,
-    RestoreReport,
-    SnapshotReport,
-    checkpoint,
-    checkpoint_blocking,
+    ChainError,
+    ChainLink,
+    MergeReport,
     merge,
-    restore_into,
-    restore_into_blocking,
+    resolve_chain,
     seal,
-    suspend,
-    suspend_blocking,
     temp_path_for,
     verify_file,
 )
@@ -56,11 +66,16 @@ __all__ = [
     "PRODUCER",
     "ChainError",
     "ChainLink",
+    "CheckpointMode",
     "ControlError",
     "Destination",
+    "Full",
+    "Incremental",
+    "Live",
     "LocalDestination",
     "MergeReport",
     "MigrationNotConverged",
+    "MigrationPolicy",
     "MigrationReport",
     "ReceiveReport",
     "RestoreReport",

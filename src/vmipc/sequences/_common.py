@@ -1,9 +1,8 @@
-"""What every sequence shares: its error, best-effort clean-up calls, durable files."""
+"""What every sequence shares: its error, best-effort clean-up calls, pause leases."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -104,14 +103,63 @@ async def going_first(client: Client) -> AsyncIterator[bool]:
             await best_effort(client.release_priority)
 
 
-async def pause_leased(client: Client, lease: float | None) -> bool:
-    """Pause with a lease of ``lease`` seconds when the VMM supports it (a plain pause when
-    ``lease`` is None or it does not); returns whether a lease was taken."""
-    if lease is not None and supports(client, "renew-lease"):
-        await client.pause(lease=lease)
-        return True
-    await client.pause()
-    return False
+class LeaseLost(RuntimeError):
+    """The pause lease ended before the sequence proved it held (the VMM resumed the
+    guest by itself): what was dumped meanwhile is not one paused moment."""
+
+
+class PauseLease:
+    """This connection's pause of a VM: a pause lease of ``seconds`` when the VMM offers
+    leases (protocol 1.3), else a plain pause; or no pause at all (:meth:`none`, a VM that
+    was paused already). :meth:`keep_while` renews it while work runs; :meth:`prove` is
+    the proof, before the work counts, that the VM stayed paused throughout."""
+
+    def __init__(self, client: Client, seconds: float | None) -> None:
+        self.client = client
+        #: the lease's length while this connection holds one, else None
+        self.seconds = seconds
+
+    @classmethod
+    def none(cls, client: Client) -> PauseLease:
+        return cls(client, None)
+
+    @classmethod
+    async def pause(cls, client: Client, seconds: float | None) -> PauseLease:
+        """Pause with a lease of ``seconds`` if the VMM supports it (a plain pause when
+        ``seconds`` is None or it does not)."""
+        if seconds is not None and supports(client, "renew-lease"):
+            await client.pause(lease=seconds)
+            return cls(client, seconds)
+        await client.pause()
+        return cls(client, None)
+
+    @property
+    def held(self) -> bool:
+        return self.seconds is not None
+
+    async def keep_while(self, body: Callable[[], Awaitable[T]]) -> T:
+        """Run ``body``, renewing the lease (if one is held) every third of it."""
+        return await while_renewing(self.client, self.seconds, body)
+
+    async def prove(self, *, release: bool, lost: str) -> None:
+        """Renew the lease (or release it: then none is held afterwards). Either succeeds
+        only if the VM stayed paused since this connection's pause; if not, raise
+        :class:`LeaseLost` with ``lost``, which says what that spoils."""
+        try:
+            if release:
+                await self.client.release_lease()
+            else:
+                await self.client.renew_lease()
+        except CommandError as exc:
+            if exc.code != "no-lease":
+                raise
+            raise LeaseLost(lost) from exc
+        if release:
+            self.seconds = None
+
+    def ended(self) -> None:
+        """The VM was resumed: the lease ended with the pause."""
+        self.seconds = None
 
 
 async def while_renewing(
@@ -149,19 +197,6 @@ async def while_renewing(
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

@@ -30,6 +30,15 @@ destination; after it, the destination runs and the source stays paused until it
 to quit. The pause lease covers this client dying or hanging while the source is paused:
 until ``release-lease`` the source VMM resumes the guest by itself; after it, nothing
 does, so a client that dies at the switch-over never leaves two VMs running.
+
+In the code (``_Migration.run``) each block above is one phase with one rollback:
+``_prepare`` (nothing done), ``_precopy`` (the source runs on, the destination is
+discarded), ``_stop_and_copy`` and ``_switch_over`` (the source is resumed and the
+destination discarded, unless the destination's state is unknown), ``_finish`` (nothing
+to undo). When to stop pre-copy is :class:`MigrationPolicy`'s, a frozen value with pure
+methods. Post-copy would plug in between ``_stop_and_copy`` (then: state only) and a new
+phase after ``_switch_over`` that serves the pages left; pipelined requests inside
+``_stop_and_copy``.
 """
 
 from __future__ import annotations
@@ -47,22 +56,20 @@ import trio
 from vmipc.client import Client, CommandError, ConnectionClosed, open_client
 from vmipc.sequences._common import (
     DEFAULT_LEASE,
+    PauseLease,
     SequenceError,
     best_effort,
     describe,
     going_first,
-    pause_leased,
     resume_if_paused,
     state_of,
     supports,
-    while_renewing,
 )
+from vmipc.sequences._steps import StepHook, Steps
 
 #: a building-block call that writes into the fd it is given and returns its result
 Send = Callable[[int], Awaitable[Mapping[str, Any]]]
 Kind = Literal["pages", "state"]
-#: a hook the tests use to inject faults: called with the name of the step about to run
-StepHook = Callable[[str], Awaitable[None] | None]
 
 DEFAULT_MAX_DOWNTIME = 0.050
 DEFAULT_MAX_ROUNDS = 30
@@ -296,298 +303,343 @@ async def _reachable(socket_path: str) -> bool:
     return True
 
 
+# --- the policy ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrationPolicy:
+    """When pre-copy stops, and how long each phase may take: one value, checked once
+    when it is made (ValueError), so that a migration never starts with a policy that
+    makes no sense."""
+
+    #: stop the source once the predicted downtime is at most this many seconds
+    max_downtime: float = DEFAULT_MAX_DOWNTIME
+    #: dirty rounds after the full pass before giving up
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+    #: seconds preparing the destination and pre-copy may take; pre-copy gives up at 80 %
+    #: of it, leaving time to undo
+    timeout: float = DEFAULT_TIMEOUT
+    #: seconds the stop-and-copy may take before the source is resumed
+    switch_timeout: float = DEFAULT_SWITCH_TIMEOUT
+    #: when pre-copy does not converge, stop the source anyway instead of giving up
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_downtime < 0 or self.max_rounds < 0:
+            raise ValueError("max_downtime and max_rounds must be 0 or more")
+        if self.timeout <= 0 or self.switch_timeout <= 0:
+            raise ValueError("timeout and switch_timeout must be more than 0")
+
+    @staticmethod
+    def predicted_downtime(dirty_bytes: int, bandwidth: float, round_trip: float) -> float:
+        """The pause if the source stopped now: the dirty pages at the rate measured in the
+        previous transfer, plus the stop-and-copy's control round trips (pause, last
+        pages, state, resume), each as long as the query that counted the pages; so even
+        with no page dirty the downtime is not zero."""
+        return dirty_bytes / bandwidth + STOP_AND_COPY_ROUND_TRIPS * round_trip
+
+    def give_up_reason(
+        self, *, predicted: float, dirty_rounds: int, stalled: int, elapsed: float
+    ) -> str | None:
+        """Why pre-copy, not converged, should stop now (None: go on with another round):
+        after ``dirty_rounds`` rounds, the last ``stalled`` of them without a new low of
+        dirty bytes, ``elapsed`` seconds after the migration began."""
+        if dirty_rounds >= self.max_rounds:
+            reason = f"not converged after {dirty_rounds} rounds"
+        elif stalled >= STALL_ROUNDS:
+            reason = f"no progress for {stalled} rounds"
+        elif elapsed > self.timeout * 0.8:
+            reason = "not converged before the timeout"
+        else:
+            return None
+        return (
+            f"{reason} (predicted downtime {predicted * 1000:.1f} ms > "
+            f"{self.max_downtime * 1000:.1f} ms)"
+        )
+
+
+DEFAULT_POLICY = MigrationPolicy()
+
+
 # --- the sequence ------------------------------------------------------------------------
-
-
-async def _hook(on_step: StepHook | None, step: str) -> None:
-    if on_step is not None:
-        result = on_step(step)
-        if result is not None:
-            await result
-
-
-def _round(
-    number: int, kind: str, result: Mapping[str, Any], seconds: float, dirty: int | None
-) -> Round:
-    return Round(
-        number=number,
-        kind=kind,
-        data_pages=int(result.get("data_pages", 0)),
-        zero_pages=int(result.get("zero_pages", 0)),
-        bytes=int(result.get("bytes", 0)),
-        seconds=seconds,
-        dirty_pages=dirty,
-    )
 
 
 async def migrate(
     source: Client,
     dest: Destination,
     *,
-    max_downtime: float = DEFAULT_MAX_DOWNTIME,
-    max_rounds: int = DEFAULT_MAX_ROUNDS,
-    timeout: float = DEFAULT_TIMEOUT,
-    switch_timeout: float = DEFAULT_SWITCH_TIMEOUT,
-    force: bool = False,
+    policy: MigrationPolicy = DEFAULT_POLICY,
     on_step: StepHook | None = None,
     lease: float | None = DEFAULT_LEASE,
 ) -> MigrationReport:
-    """Move the running VM behind ``source`` to ``dest`` (pre-copy; see the module doc).
+    """Move the running VM behind ``source`` to ``dest`` (pre-copy; see the module doc),
+    pre-copy stopping and giving up as ``policy`` says.
 
     Returns the report when the guest runs at the destination and the source was told to
     quit. Raises :class:`MigrationNotConverged` when the policy gave up (the source runs
     on, the destination was discarded) and :class:`SequenceError` when a step failed (its
     ``outcome`` says which VM runs). ``lease``: the source is paused with a pause lease of
     that many seconds (renewed during the stop-and-copy, released just before the
-    destination resumes); None for a plain pause.
+    destination resumes); None for a plain pause. ``on_step`` (tests): called with the
+    name of each step before it runs.
 
     Throughout, the source's requests go before other clients' (``claim-priority``), so
     that a VMM busy answering monitors neither slows the pre-copy nor lengthens the
     downtime.
     """
     async with going_first(source):
-        return await _migrate(
-            source,
-            dest,
-            max_downtime=max_downtime,
-            max_rounds=max_rounds,
-            timeout=timeout,
-            switch_timeout=switch_timeout,
-            force=force,
-            on_step=on_step,
-            lease=lease,
-        )
+        return await _Migration(source, dest, policy, lease, Steps(on_step)).run()
 
 
-async def _migrate(
-    source: Client,
-    dest: Destination,
-    *,
-    max_downtime: float,
-    max_rounds: int,
-    timeout: float,
-    switch_timeout: float,
-    force: bool,
-    on_step: StepHook | None,
-    lease: float | None,
-) -> MigrationReport:
-    started = time.monotonic()
-    rounds: list[Round] = []
-    step = "query-status"
-    status = await source.query_status()
-    if status["state"] != "running":
-        raise SequenceError(
-            step, f"the source is {status['state']}, not running", "nothing was done"
-        )
-    memory_size, vcpus = status["memory_size"], status["vcpu_count"]
+class _Migration:
+    """One migration as it goes: its phases in order (:meth:`run`), what they measured,
+    and what a failure in each undoes."""
 
-    step = "prepare"
-    await _hook(on_step, step)
-    try:
-        with trio.fail_after(timeout):
-            await dest.prepare(memory_size, vcpus)
-    except Exception as exc:
-        # a destination that is not ready is left alone: it may be someone else's VM
-        raise SequenceError(step, exc, "nothing was done; the source VM runs on") from exc
+    def __init__(
+        self,
+        source: Client,
+        dest: Destination,
+        policy: MigrationPolicy,
+        lease: float | None,
+        steps: Steps,
+    ) -> None:
+        self.source = source
+        self.dest = dest
+        self.policy = policy
+        self.lease = lease
+        self.steps = steps
+        self.started = time.monotonic()
+        self.rounds: list[Round] = []
+        self.predicted: float | None = None
+        self.converged = False
+        self.state_bytes = 0
+        self.paused_at = self.started
 
-    async def give_up(step: str, cause: BaseException | str, *, paused: bool) -> SequenceError:
-        """Before the switch-over: the source runs (again), the destination goes."""
-        with trio.CancelScope(shield=True):
-            parts = []
-            if paused:
-                parts.append(await resume_if_paused(source))
-            else:
-                parts.append(
-                    "the source VM runs on"
-                    if await state_of(source) == "running"
-                    else f"the source VM is {await state_of(source) or 'gone'}"
-                )
-            await best_effort(source.dirty_log_stop)
-            parts.append(await dest.discard())
-        return SequenceError(step, cause, "; ".join(parts))
+    async def run(self) -> MigrationReport:
+        memory_size, vcpus = await self._check_source()
+        await self._prepare(memory_size, vcpus)
+        # the guest runs at the source
+        reason = await self._precopy()
+        if reason is not None and not self.policy.force:
+            raise await self._give_up(reason)
+        # the guest is paused. Post-copy plugs in here: the destination would resume
+        # right after the state, before the last pages, and fetch them on demand in a
+        # phase of its own after the switch-over
+        await self._stop_and_copy()
+        await self._switch_over()
+        # the guest runs at the destination
+        return await self._finish()
 
-    # --- pre-copy: the guest runs ---------------------------------------------------------
-    bandwidth = 0.0
-    predicted: float | None = None
-    converged = False
-    reason: str | None = None
-    try:
-        with trio.fail_after(timeout):
-            step = "dirty-log-start"
-            await _hook(on_step, step)
-            await source.dirty_log_start()
-            step = "full pass"
-            await _hook(on_step, step)
-            began = time.monotonic()
-            result = await dest.transfer(
-                "pages", lambda fd: source.dump_memory(format="stream", out=fd)
+    # --- the phases, in order ----------------------------------------------------------
+
+    async def _check_source(self) -> tuple[int, int]:
+        status = await self.source.query_status()
+        if status["state"] != "running":
+            raise SequenceError(
+                "query-status", f"the source is {status['state']}, not running", "nothing was done"
             )
-            rounds.append(_round(0, "full", result, time.monotonic() - began, None))
-            best = math.inf
-            stalled = 0
-            while True:
-                last = rounds[-1]
-                bandwidth = last.bytes / max(last.seconds, 1e-6)
-                step = "query-dirty"
-                asked = time.monotonic()
-                dirty = await source.query_dirty()
-                round_trip = time.monotonic() - asked
-                # the stop-and-copy also costs control round trips (pause, dump, load,
-                # resume): even with no page dirty, downtime is not zero
-                predicted = (
-                    dirty["dirty_bytes"] / bandwidth + STOP_AND_COPY_ROUND_TRIPS * round_trip
-                )
-                if predicted <= max_downtime:
-                    converged = True
-                    break
-                if dirty["dirty_bytes"] < best:
-                    best, stalled = dirty["dirty_bytes"], 0
-                else:
-                    stalled += 1
-                dirty_rounds = len(rounds) - 1
-                if dirty_rounds >= max_rounds:
-                    reason = f"not converged after {dirty_rounds} rounds"
-                elif stalled >= STALL_ROUNDS:
-                    reason = f"no progress for {stalled} rounds"
-                elif time.monotonic() - started > timeout * 0.8:
-                    reason = "not converged before the timeout"
-                if reason is not None:
-                    reason += (
-                        f" (predicted downtime {predicted * 1000:.1f} ms > "
-                        f"{max_downtime * 1000:.1f} ms)"
-                    )
-                    break
-                step = f"dirty round {len(rounds)}"
-                await _hook(on_step, "dirty round")
-                began = time.monotonic()
-                result = await dest.transfer("pages", lambda fd: source.dump_dirty(out=fd))
-                rounds.append(
-                    _round(
-                        len(rounds), "dirty", result, time.monotonic() - began, dirty["dirty_pages"]
-                    )
-                )
-    except trio.TooSlowError:
-        raise await give_up(step, "timed out", paused=False) from None
-    except BaseException as exc:
-        error = await give_up(step, exc, paused=False)
-        if isinstance(exc, Exception):
-            raise error from exc
-        raise
+        return status["memory_size"], status["vcpu_count"]
 
-    if not converged and not force:
-        assert reason is not None
-        error = await give_up("pre-copy", reason, paused=False)
-        report = MigrationReport(
+    async def _prepare(self, memory_size: int, vcpus: int) -> None:
+        # a destination that is not ready is left alone: it may be someone else's VM
+        async with self.steps.phase(_source_runs_on), self.steps.step("prepare"):
+            with trio.fail_after(self.policy.timeout):
+                await self.dest.prepare(memory_size, vcpus)
+
+    async def _precopy(self) -> str | None:
+        """The full pass, then dirty rounds while the guest runs, until the predicted
+        downtime is short enough (returns None) or the policy says why it gives up."""
+        steps, source = self.steps, self.source
+        async with steps.phase(self._undo_running):
+            with trio.fail_after(self.policy.timeout):
+                async with steps.step("dirty-log-start"):
+                    await source.dirty_log_start()
+                async with steps.step("full pass"):
+                    await self._pages(
+                        "full", lambda fd: source.dump_memory(format="stream", out=fd)
+                    )
+                best = math.inf
+                stalled = 0
+                while True:
+                    last = self.rounds[-1]
+                    bandwidth = last.bytes / max(last.seconds, 1e-6)
+                    async with steps.step("query-dirty"):
+                        asked = time.monotonic()
+                        dirty = await source.query_dirty()
+                        round_trip = time.monotonic() - asked
+                    self.predicted = self.policy.predicted_downtime(
+                        dirty["dirty_bytes"], bandwidth, round_trip
+                    )
+                    if self.predicted <= self.policy.max_downtime:
+                        self.converged = True
+                        return None
+                    if dirty["dirty_bytes"] < best:
+                        best, stalled = dirty["dirty_bytes"], 0
+                    else:
+                        stalled += 1
+                    reason = self.policy.give_up_reason(
+                        predicted=self.predicted,
+                        dirty_rounds=len(self.rounds) - 1,
+                        stalled=stalled,
+                        elapsed=time.monotonic() - self.started,
+                    )
+                    if reason is not None:
+                        return reason
+                    async with steps.step(f"dirty round {len(self.rounds)}", hook="dirty round"):
+                        await self._pages(
+                            "dirty", lambda fd: source.dump_dirty(out=fd), dirty["dirty_pages"]
+                        )
+
+    async def _stop_and_copy(self) -> None:
+        """Pause the source, send the last dirty pages and the state while the pause lease
+        is renewed, then release the lease: from here on nothing resumes the source by
+        itself, so that the destination may run. Ordered (pipelined) requests plug in
+        here: the last pages and the state could be asked for without waiting in turn."""
+        steps, source = self.steps, self.source
+        async with steps.phase(self._undo_paused):
+            with trio.fail_after(self.policy.switch_timeout):
+                async with steps.step("pause"):
+                    lease = await PauseLease.pause(source, self.lease)
+                self.paused_at = time.monotonic()
+
+                async def last_pages_and_state() -> None:
+                    async with steps.step("last dirty round"):
+                        dirty = await source.query_dirty()
+                        await self._pages(
+                            "final", lambda fd: source.dump_dirty(out=fd), dirty["dirty_pages"]
+                        )
+                    async with steps.step("state"):
+                        await self.dest.transfer("state", self._dump_state)
+
+                await lease.keep_while(last_pages_and_state)
+                if lease.held:
+                    async with steps.step("release-lease"):
+                        await lease.prove(release=True, lost=SOURCE_LEASE_LOST)
+
+    async def _switch_over(self) -> None:
+        # no time limit of ours may interrupt it half-way
+        async with self.steps.phase(self._undo_paused), self.steps.step("resume the destination"):
+            with trio.CancelScope(shield=True):
+                state = await self.dest.resume()
+            if state != "running":
+                raise RuntimeError(f"the destination is {state} after resume")
+
+    async def _finish(self) -> MigrationReport:
+        running_at = time.monotonic()
+        async with self.steps.step("quit the source"):
+            _, quit_error = await best_effort(self.source.quit)
+        await self.dest.finish()
+        return self._report(
+            outcome="migrated",
+            source="quit"
+            if quit_error is None
+            else f"paused (quit failed: {describe(quit_error)})",
+            destination="running",
+            downtime_s=running_at - self.paused_at,
+        )
+
+    # --- the work of the steps ---------------------------------------------------------
+
+    async def _pages(self, kind: str, send: Send, dirty: int | None = None) -> None:
+        """One transfer of pages, timed and recorded as the next round."""
+        began = time.monotonic()
+        result = await self.dest.transfer("pages", send)
+        seconds = time.monotonic() - began
+        self.rounds.append(
+            Round(
+                number=len(self.rounds),
+                kind=kind,
+                data_pages=int(result.get("data_pages", 0)),
+                zero_pages=int(result.get("zero_pages", 0)),
+                bytes=int(result.get("bytes", 0)),
+                seconds=seconds,
+                dirty_pages=dirty,
+            )
+        )
+
+    async def _dump_state(self, fd: int) -> Mapping[str, Any]:
+        reply = await self.source.dump_state(out=fd)
+        self.state_bytes = reply["bytes"]
+        return reply
+
+    # --- what a failure leaves behind ----------------------------------------------------
+
+    async def _undo(self, *, paused: bool) -> tuple[str, str]:
+        """Before the switch-over: the source runs (again), the destination goes. Returns
+        what became of each, in words."""
+        if paused:
+            source = await resume_if_paused(self.source)
+        else:
+            state = await state_of(self.source)
+            source = (
+                "the source VM runs on"
+                if state == "running"
+                else f"the source VM is {state or 'gone'}"
+            )
+        await best_effort(self.source.dirty_log_stop)
+        return source, await self.dest.discard()
+
+    async def _undo_running(self, exc: BaseException) -> str:
+        return "; ".join(await self._undo(paused=False))
+
+    async def _undo_paused(self, exc: BaseException) -> str:
+        if isinstance(exc, DestinationUnknown):
+            return (
+                "the destination's state is unknown: the source stays paused (resume "
+                "it only if the destination is gone)"
+            )
+        return "; ".join(await self._undo(paused=True))
+
+    async def _give_up(self, reason: str) -> MigrationNotConverged:
+        with trio.CancelScope(shield=True):
+            _, destination = await self._undo(paused=False)
+        report = self._report(
             outcome="gave-up",
-            converged=False,
-            forced=False,
             source="the source VM runs on",
-            destination=error.outcome.rsplit("; ", 1)[-1],
-            total_s=time.monotonic() - started,
+            destination=destination,
             downtime_s=None,
-            predicted_downtime_s=predicted,
-            rounds=len(rounds) - 1,
-            bytes=sum(r.bytes for r in rounds),
-            state_bytes=0,
-            round_details=rounds,
             reason=reason,
         )
-        raise MigrationNotConverged(reason, report)
+        return MigrationNotConverged(reason, report)
 
-    # --- stop and copy: the guest is paused -----------------------------------------------
-    state_bytes = 0
-    paused_at = time.monotonic()
-    try:
-        with trio.fail_after(switch_timeout):
-            step = "pause"
-            await _hook(on_step, step)
-            leased = await pause_leased(source, lease)
-            paused_at = time.monotonic()
-            sent: dict[str, int] = {}
+    def _report(
+        self,
+        *,
+        outcome: str,
+        source: str,
+        destination: str,
+        downtime_s: float | None,
+        reason: str | None = None,
+    ) -> MigrationReport:
+        return MigrationReport(
+            outcome=outcome,
+            converged=self.converged,
+            forced=outcome == "migrated" and not self.converged,
+            source=source,
+            destination=destination,
+            total_s=time.monotonic() - self.started,
+            downtime_s=downtime_s,
+            predicted_downtime_s=self.predicted,
+            rounds=len(self.rounds) - 1,
+            bytes=sum(r.bytes for r in self.rounds),
+            state_bytes=self.state_bytes,
+            round_details=self.rounds,
+            reason=reason,
+        )
 
-            async def stop_and_copy() -> None:
-                nonlocal step
-                step = "last dirty round"
-                await _hook(on_step, step)
-                dirty = await source.query_dirty()
-                began = time.monotonic()
-                result = await dest.transfer("pages", lambda fd: source.dump_dirty(out=fd))
-                rounds.append(
-                    _round(
-                        len(rounds), "final", result, time.monotonic() - began, dirty["dirty_pages"]
-                    )
-                )
-                step = "state"
-                await _hook(on_step, step)
 
-                async def dump_state(fd: int) -> Mapping[str, Any]:
-                    reply = await source.dump_state(out=fd)
-                    sent["bytes"] = reply["bytes"]
-                    return reply
+SOURCE_LEASE_LOST = (
+    "the source's pause lease ended during the stop-and-copy (its VMM resumed the guest)"
+)
 
-                await dest.transfer("state", dump_state)
 
-            await while_renewing(source, lease if leased else None, stop_and_copy)
-            state_bytes = sent.get("bytes", 0)
-            if leased:
-                # from here on nothing resumes the source by itself: the destination may
-                step = "release-lease"
-                await _hook(on_step, step)
-                try:
-                    await source.release_lease()
-                except CommandError as exc:
-                    if exc.code != "no-lease":
-                        raise
-                    raise RuntimeError(
-                        "the source's pause lease ended during the stop-and-copy (its VMM "
-                        "resumed the guest)"
-                    ) from exc
-        # the switch-over: no time limit of ours may interrupt it half-way
-        step = "resume the destination"
-        await _hook(on_step, step)
-        with trio.CancelScope(shield=True):
-            dest_state = await dest.resume()
-        if dest_state != "running":
-            raise RuntimeError(f"the destination is {dest_state} after resume")
-    except DestinationUnknown as exc:
-        raise SequenceError(
-            step,
-            exc,
-            "the destination's state is unknown: the source stays paused (resume "
-            "it only if the destination is gone)",
-        ) from exc
-    except trio.TooSlowError:
-        raise await give_up(step, "timed out", paused=True) from None
-    except BaseException as exc:
-        error = await give_up(step, exc, paused=True)
-        if isinstance(exc, Exception):
-            raise error from exc
-        raise
-    running_at = time.monotonic()
-
-    # --- after the switch-over: the destination runs ----------------------------------------
-    step = "quit the source"
-    await _hook(on_step, step)
-    _, quit_error = await best_effort(source.quit)
-    await dest.finish()
-    return MigrationReport(
-        outcome="migrated",
-        converged=converged,
-        forced=not converged,
-        source="quit" if quit_error is None else f"paused (quit failed: {describe(quit_error)})",
-        destination="running",
-        total_s=time.monotonic() - started,
-        downtime_s=running_at - paused_at,
-        predicted_downtime_s=predicted,
-        rounds=len(rounds) - 1,
-        bytes=sum(r.bytes for r in rounds),
-        state_bytes=state_bytes,
-        round_details=rounds,
-    )
+async def _source_runs_on(exc: BaseException) -> str:
+    return "nothing was done; the source VM runs on"
 
 
 async def migrate_local(source_socket: str, dest_socket: str, **options: Any) -> MigrationReport:
-    """Migrate between two VMMs on this host, by their control sockets."""
+    """Migrate between two VMMs on this host, by their control sockets (``options``: those
+    of :func:`migrate`)."""
     async with AsyncExitStack() as stack:
         src = await stack.enter_async_context(
             open_client(source_socket, client_name="vmipc migrate")

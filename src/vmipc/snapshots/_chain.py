@@ -1,6 +1,6 @@
-"""Incremental snapshot chains, client side: find a file's parents and check every link,
-build the memory section of an increment from a ``dump-dirty`` stream, and merge a chain
-into one full snapshot.
+"""Incremental snapshot chains: find a file's parents and check every link, and the
+sections a chain relies on that the client writes: an increment's memory section (around
+a ``dump-dirty`` page stream) and the ``dirty-log`` section (the dirty-log epoch).
 
 A chain is a full snapshot (the *base*, memory as an image) followed by increments, each
 with ``FLAG_INCREMENTAL``, its parent's ``snapshot_id`` and table checksum in its header,
@@ -12,15 +12,11 @@ VMM.
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
-import itertools
 import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from vmipc._extents import data_extents, punch_hole
 from vmipc.formats import (
     NEED_DATA,
     Checksum,
@@ -35,25 +31,22 @@ from vmipc.formats import (
     SnapshotReader,
     StreamEnd,
     ZeroRun,
-    encode_table,
-    new_snapshot_id,
     section_entry,
     section_offset,
 )
 from vmipc.formats.snapshot import (
+    DIRTY_LOG_SECTION_VERSION,
     MEMORY_DESCRIPTOR_SIZE,
     MEMORY_ENCODING_IMAGE,
     MEMORY_ENCODING_PAGE_STREAM,
     MEMORY_SECTION_VERSION,
+    SECTION_DIRTY_LOG,
     SECTION_MEMORY,
 )
-from vmipc.sequences._common import fsync_dir, unlink_quietly
+from vmipc.snapshots._ranges import CHUNK, hash_range, reader_of
 
-#: bytes moved per read or write when copying or hashing file ranges
-CHUNK = 4 << 20
 #: longest chain followed (a guard against a loop of files naming each other)
 MAX_CHAIN = 10_000
-_ZEROS = bytes(1 << 20)
 
 
 class ChainError(Exception):
@@ -84,10 +77,6 @@ class ChainLink:
         return sum(region.size for region in self.memory.descriptor.regions)
 
 
-def _reader(fd: int) -> SnapshotReader:
-    return SnapshotReader(functools.partial(os.pread, fd), os.fstat(fd).st_size)
-
-
 def read_link(path: str) -> ChainLink:
     """Open ``path`` as a snapshot of a chain: header, table and trailer checked, the
     sections a restore needs present, the memory encoding agreeing with the header."""
@@ -96,7 +85,7 @@ def read_link(path: str) -> ChainLink:
     except OSError as exc:
         raise ChainError(f"{path}: {exc.strerror}") from None
     try:
-        reader = _reader(fd)
+        reader = reader_of(fd)
         reader.check_complete()
         memory = reader.memory()
     except FormatError as exc:
@@ -225,45 +214,11 @@ def verify_links(chain: Sequence[ChainLink], *, base: bool = False) -> None:
         except OSError as exc:
             raise ChainError(f"{link.path}: {exc.strerror}") from None
         try:
-            _reader(fd).verify()
+            reader_of(fd).verify()
         except FormatError as exc:
             raise ChainError(f"{link.path}: {exc}") from None
         finally:
             os.close(fd)
-
-
-# --- file ranges ----------------------------------------------------------------------------
-
-
-def _pread_exact(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)
-    if len(data) != size:
-        raise OSError(errno.EIO, f"short read at {offset:#x} (the file changed?)")
-    return data
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
-def _write_zeros(fd: int, offset: int, length: int) -> None:
-    for piece in range(offset, offset + length, len(_ZEROS)):
-        _pwrite_all(fd, _ZEROS[: min(len(_ZEROS), offset + length - piece)], piece)
-
-
-def hash_range(fd: int, start: int, length: int, digest: Checksum) -> None:
-    """Feed ``fd[start:start+length]`` to ``digest``, holes as zeros, without reading them."""
-    position = start
-    for offset, size in data_extents(fd, start, length):
-        digest.update_zeros(offset - position)
-        for chunk_at in range(offset, offset + size, CHUNK):
-            digest.update(_pread_exact(fd, min(CHUNK, offset + size - chunk_at), chunk_at))
-        position = offset + size
-    digest.update_zeros(start + length - position)
 
 
 # --- an increment's memory section ------------------------------------------------------------
@@ -278,7 +233,7 @@ def _stream_layout(regions: Sequence[MemoryRegion]) -> list[tuple[int, int]]:
     return [(region.gpa, region.size) for region in regions]
 
 
-def _decode_stream(
+def decode_stream(
     fd: int, offset: int, length: int, desc: MemoryDescriptor, where: str
 ) -> Iterator[DataRun | ZeroRun]:
     """The data and zero runs of the one page stream that fills ``fd[offset:+length]``;
@@ -314,168 +269,54 @@ def increment_entry(fd: int, offset: int, desc: MemoryDescriptor) -> tuple[Secti
     hash_range(fd, offset, length, digest)
     pages = 0
     data_offset = offset + MEMORY_DESCRIPTOR_SIZE
-    for run in _decode_stream(fd, data_offset, length - MEMORY_DESCRIPTOR_SIZE, desc, "dump-dirty"):
+    for run in decode_stream(fd, data_offset, length - MEMORY_DESCRIPTOR_SIZE, desc, "dump-dirty"):
         if isinstance(run, DataRun):
             pages += len(run.data)
     entry = SectionEntry(SECTION_MEMORY, MEMORY_SECTION_VERSION, offset, length, digest.digest())
     return entry, pages // desc.page_size
 
 
-# --- merge ------------------------------------------------------------------------------------
+# --- the dirty-log section --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MergeReport:
-    """What ``merge_chain`` wrote."""
-
-    path: str
-    snapshot_id: str
-    table_checksum: int
-    size: int
-    #: the files merged, base first
-    chain: list[str]
-    #: pages taken from the increments' streams (data, zero)
-    data_pages: int
-    zero_pages: int
+def append_dirty_log(fd: int, epoch: str) -> SectionEntry:
+    """Write the ``dirty-log`` section (the dirty-log epoch the snapshot was taken in)
+    after the others; returns its entry. An increment may follow a snapshot only while the
+    VMM is still in that epoch."""
+    data = epoch.encode("ascii")
+    offset = section_offset(os.fstat(fd).st_size)
+    os.pwrite(fd, data, offset)
+    return section_entry(SECTION_DIRTY_LOG, DIRTY_LOG_SECTION_VERSION, offset, data)
 
 
-def _image_offset(regions: Sequence[MemoryRegion], gpa: int, length: int) -> int:
-    for region in regions:
-        if region.gpa <= gpa and gpa + length <= region.gpa + region.size:
-            return region.offset + gpa - region.gpa
-    raise ValueError(f"guest-physical range {gpa:#x}+{length:#x} is not RAM")
-
-
-def merge_chain(chain: Sequence[ChainLink], out: str, *, producer: str, temp: str) -> MergeReport:
-    """Write one full snapshot at ``out`` holding the memory of the whole ``chain`` (the base
-    image with every increment's pages applied in order) and the newest link's other
-    sections. The image keeps the base's holes, and pages an increment zeroes become holes
-    too (punched; written as zeros where the filesystem cannot punch). Written at ``temp``
-    (same directory), fsynced, verified, then renamed: ``out`` is never a part of a file.
-    Raises ChainError (bad links) or OSError."""
-    base, newest = chain[0], chain[-1]
-    if base.incremental:
-        raise ChainError(f"{base.path}: the chain does not start with a full snapshot")
-    for parent, child in itertools.pairwise(chain):
-        check_link(parent, child)
-    verify_links(chain)
-    desc = base.memory.descriptor
-    fds = {}
-    out_fd = -1
-    created = renamed = False
+def read_dirty_epoch(path: str) -> str | None:
+    """The dirty-log epoch a snapshot file records (its ``dirty-log`` section, checksum
+    checked), or None when it has none (taken while dirty logging was off, or by a vmipc
+    older than protocol 1.5). Raises ChainError when the section is damaged or unknown."""
     try:
-        for link in chain:
-            fds[link.path] = os.open(link.path, os.O_RDONLY | os.O_CLOEXEC)
-        out_fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        created = True
-        header = SnapshotHeader(new_snapshot_id(), producer, created_ns=newest.header.created_ns)
-        entries = []
-        newest_reader = _reader(fds[newest.path])
-        for entry in newest_reader.entries:
-            if entry.name == SECTION_MEMORY:
-                continue
-            try:
-                data = newest_reader.read_section(entry.name)
-            except FormatError as exc:
-                raise ChainError(f"{newest.path}: {exc}") from None
-            offset = section_offset(os.fstat(out_fd).st_size)
-            _pwrite_all(out_fd, data, offset)
-            entries.append(section_entry(entry.name, entry.version, offset, data))
-
-        # memory: the base's image (its holes stay holes), checked against its checksum
-        offset = section_offset(os.fstat(out_fd).st_size)
-        image = MemoryDescriptor(desc.page_size, MEMORY_ENCODING_IMAGE, desc.regions)
-        _pwrite_all(out_fd, image.encode(), offset)
-        data_offset = offset + MEMORY_DESCRIPTOR_SIZE
-        base_fd = fds[base.path]
-        base_digest = Checksum()
-        base_digest.update(_pread_exact(base_fd, MEMORY_DESCRIPTOR_SIZE, base.memory.entry.offset))
-        position = base.memory.data_offset
-        for start, size in data_extents(base_fd, base.memory.data_offset, base.memory.data_size):
-            base_digest.update_zeros(start - position)
-            for at in range(start, start + size, CHUNK):
-                chunk = _pread_exact(base_fd, min(CHUNK, start + size - at), at)
-                base_digest.update(chunk)
-                _pwrite_all(out_fd, chunk, data_offset + at - base.memory.data_offset)
-            position = start + size
-        base_digest.update_zeros(base.memory.entry.end - position)
-        if base_digest.digest() != base.memory.entry.checksum:
-            raise ChainError(f"{base.path}: section 'memory': checksum mismatch")
-        image_size = base.memory.data_size
-        if os.fstat(out_fd).st_size < data_offset + image_size:
-            os.ftruncate(out_fd, data_offset + image_size)
-
-        # every increment's pages, in order (a later page wins); zero runs become holes
-        data_pages = zero_pages = 0
-        can_punch = True
-        for link in chain[1:]:
-            runs = _decode_stream(
-                fds[link.path], link.memory.data_offset, link.memory.data_size, desc, link.path
-            )
-            for run in runs:
-                if isinstance(run, DataRun):
-                    at = _image_offset(desc.regions, run.gpa, len(run.data))
-                    _pwrite_all(out_fd, run.data, data_offset + at)
-                    data_pages += len(run.data)
-                else:
-                    length = run.npages * desc.page_size
-                    at = data_offset + _image_offset(desc.regions, run.gpa, length)
-                    can_punch = can_punch and punch_hole(out_fd, at, length)
-                    if not can_punch:
-                        _write_zeros(out_fd, at, length)
-                    zero_pages += run.npages
-
-        digest = Checksum()
-        hash_range(out_fd, offset, MEMORY_DESCRIPTOR_SIZE + image_size, digest)
-        entries.append(
-            SectionEntry(
-                SECTION_MEMORY,
-                MEMORY_SECTION_VERSION,
-                offset,
-                MEMORY_DESCRIPTOR_SIZE + image_size,
-                digest.digest(),
-            )
-        )
-        table = encode_table(entries, header.snapshot_id, os.fstat(out_fd).st_size)
-        _pwrite_all(out_fd, header.encode(), 0)
-        _pwrite_all(out_fd, table.data, table.offset)
-        os.fsync(out_fd)
-        _reader(out_fd).check_complete()
-        size = os.fstat(out_fd).st_size
-        os.close(out_fd)
-        out_fd = -1
-        os.rename(temp, out)
-        renamed = True
-        fsync_dir(os.path.dirname(os.path.abspath(out)))
-    except BaseException:
-        if out_fd >= 0:
-            os.close(out_fd)
-        if created and not renamed:
-            unlink_quietly(temp)
-        raise
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return MergeReport(
-        path=out,
-        snapshot_id=header.snapshot_id.hex(),
-        table_checksum=table.table_checksum,
-        size=size,
-        chain=[link.path for link in chain],
-        data_pages=data_pages // desc.page_size,
-        zero_pages=zero_pages,
-    )
+        with open(path, "rb") as file:
+            reader = SnapshotReader.from_file(file)
+            if SECTION_DIRTY_LOG not in reader.names:
+                return None
+            version = reader.entry(SECTION_DIRTY_LOG).version
+            if version != DIRTY_LOG_SECTION_VERSION:
+                raise ChainError(
+                    f"{path}: section '{SECTION_DIRTY_LOG}': version {version} is not supported"
+                )
+            return reader.read_section(SECTION_DIRTY_LOG).decode("ascii")
+    except (OSError, FormatError, UnicodeDecodeError) as exc:
+        raise ChainError(f"{path}: {exc}") from None
 
 
 __all__ = [
     "ChainError",
     "ChainLink",
-    "MergeReport",
+    "append_dirty_log",
     "check_link",
+    "decode_stream",
     "increment_descriptor",
     "increment_entry",
-    "merge_chain",
-    "punch_hole",
+    "read_dirty_epoch",
     "read_link",
     "resolve_chain",
     "verify_links",

@@ -1,0 +1,133 @@
+"""Restore: a snapshot file (or an incremental chain) loaded into an incoming VMM.
+
+The exact guarantee of every step is in docs/sequences.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from vmipc.client import Client, open_client
+from vmipc.sequences._common import SequenceError, best_effort, describe
+from vmipc.sequences._steps import Steps
+from vmipc.snapshots import ChainError, ChainLink, resolve_chain, verify_links
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    path: str
+    vm: str
+    vcpus: int
+    memory_size: int
+    total_s: float
+    #: the files loaded, base first (one for a full snapshot)
+    chain: list[str] = field(default_factory=list)
+
+
+async def restore_into(
+    client: Client,
+    path: str,
+    *,
+    resume: bool = True,
+    discard_on_failure: bool = False,
+    parents: Sequence[str] = (),
+    chain_dir: str | None = None,
+) -> RestoreReport:
+    """Restore the snapshot at ``path`` into an incoming VMM (``vmipc vmm --incoming``)::
+
+        query-status                      must be incoming
+        load-memory format=snapshot       verifies the file; builds the machine from config
+        load-state  format=snapshot
+        resume                            (unless resume=False: it stays paused)
+
+    An incremental snapshot is restored with its chain: its parents are looked for among
+    ``parents`` (files) and the snapshots in ``chain_dir``, and each link's parent id and
+    table checksum are checked, and every increment verified, before anything is sent.
+    Then ``load-memory`` of the base, ``apply-pages`` of each increment's page stream in
+    order (the fd positioned at its memory data), ``load-state`` of ``path``, ``resume``.
+
+    On failure nothing runs (a failed load makes the VMM refuse resume); with
+    ``discard_on_failure`` the incoming VMM is also told to quit.
+    """
+    started = time.monotonic()
+    steps = Steps()
+
+    async def not_started(exc: BaseException) -> str:
+        outcome = "the incoming VM was not started"
+        if discard_on_failure and isinstance(exc, Exception):
+            _, error = await best_effort(client.quit)
+            outcome += (
+                "; its VMM was told to quit"
+                if error is None
+                else f"; quitting its VMM failed ({describe(error)})"
+            )
+        return outcome
+
+    async with steps.phase(not_started):
+        async with steps.step("query-status"):
+            status = await client.query_status()
+            if status["state"] != "incoming":
+                raise SequenceError(
+                    "query-status",
+                    f"the VMM is {status['state']}, not incoming",
+                    "nothing was done",
+                )
+        async with steps.step("chain"):
+            chain = await trio.to_thread.run_sync(_find_chain, path, parents, chain_dir)
+        loaded = await _load(client, steps, chain)
+        if resume:
+            async with steps.step("resume"):
+                await client.resume()
+    return RestoreReport(
+        path=path,
+        vm="running" if resume else "paused",
+        vcpus=loaded["vcpus"],
+        memory_size=loaded["memory_size"],
+        total_s=time.monotonic() - started,
+        chain=[link.path for link in chain],
+    )
+
+
+def _find_chain(path: str, parents: Sequence[str], chain_dir: str | None) -> list[ChainLink]:
+    links = resolve_chain(path, parents=parents, chain_dir=chain_dir)
+    verify_links(links)
+    return links
+
+
+async def _load(client: Client, steps: Steps, chain: list[ChainLink]) -> Any:
+    """``load-memory`` of the base, ``apply-pages`` of each increment, ``load-state`` of
+    the newest; returns load-state's result."""
+    with contextlib.ExitStack() as files:
+        opened = [files.enter_context(open(link.path, "rb")) for link in chain]
+        async with steps.step("load-memory"):
+            await client.load_memory(format="snapshot", in_=opened[0].fileno())
+        for link, snapshot in zip(chain[1:], opened[1:], strict=True):
+            async with steps.step(f"apply-pages {link.path}"):
+                fd = snapshot.fileno()
+                os.lseek(fd, link.memory.data_offset, os.SEEK_SET)
+                applied = await client.apply_pages(in_=fd)
+                if applied["bytes"] != link.memory.data_size:
+                    raise ChainError(
+                        f"{link.path}: the page stream is {applied['bytes']} bytes, "
+                        f"its memory section {link.memory.data_size}"
+                    )
+        async with steps.step("load-state"):
+            return await client.load_state(format="snapshot", in_=opened[-1].fileno())
+
+
+def restore_into_blocking(socket_path: str, path: str, **options: Any) -> RestoreReport:
+    async def main() -> RestoreReport:
+        async with open_client(socket_path, client_name="vmipc restore") as client:
+            return await restore_into(client, path, **options)
+
+    return trio.run(main)
+
+
+__all__ = ["RestoreReport", "restore_into", "restore_into_blocking"]
