@@ -22,8 +22,9 @@ from tests.seq_support import (
     running_count,
     vmipc,
     vmm_processes,
+    wait_for,
 )
-from vmipc.client import open_client
+from vmipc.client import SyncClient, open_client
 from vmipc.sequences import (
     MigrationPolicy,
     SequenceError,
@@ -309,3 +310,44 @@ def test_the_migrating_client_killed_at_a_step_leaves_one_vm_running(step: str) 
         src.wait_for_passes(max(src.passes().values()) + 2)
         check_continuation(src.text(), "")
         assert os.path.exists(dst.socket)
+
+
+@pytest.mark.parametrize("confirm", ["hangs", "refused"])
+def test_a_late_resume_reply_never_runs_two_vms(
+    confirm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination's `resume` reply is late (its VMM is stopped at the switch-over),
+    and asking again on a fresh connection cannot confirm anything: that connection hangs,
+    or is refused because the destination's connection table is full. "Cannot confirm" is
+    not "gone": the source stays paused, and once the destination wakes up and runs the
+    resume it was sent, exactly one VM runs. (It used to resume the source: two ran.)"""
+    import signal as signals
+
+    from vmipc.sequences import _migrate
+
+    monkeypatch.setattr(_migrate, "RESUME_TIMEOUT", 1.0)
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        dst = vmms.incoming()
+        src.wait_for_passes(2)
+        crowd: list[SyncClient] = []
+        if confirm == "refused":  # fill the destination's connection table first
+            for _ in range(127):  # the migration holds one of its 128
+                crowd.append(dst.client(20))
+
+        def stop(at: str) -> None:
+            if at == "resume the destination":
+                os.kill(dst.pid, signals.SIGSTOP)
+
+        try:
+            with pytest.raises(SequenceError) as info:
+                trio.run(lambda: migrate_with(src, dst, on_step=stop))
+            assert "unknown" in info.value.outcome, info.value
+            assert src.state() == "paused"
+        finally:
+            os.kill(dst.pid, signals.SIGCONT)
+            for client in crowd:
+                client.close()
+        wait_for(lambda: dst.state() == "running", timeout=20, what="the late resume")
+        assert running_count(src, dst) == 1
+        assert src.state() == "paused"

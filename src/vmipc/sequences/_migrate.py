@@ -54,6 +54,7 @@ from typing import Any, Literal, Protocol
 import trio
 
 from vmipc.client import Client, CommandError, ConnectionClosed, open_client
+from vmipc.protocol import ProtocolError, UntrustedServer
 from vmipc.sequences._common import (
     DEFAULT_LEASE,
     PauseLease,
@@ -266,24 +267,23 @@ class LocalDestination:
         except CommandError:
             raise
         except (ConnectionClosed, OSError, trio.TooSlowError) as exc:
-            # the reply was lost: ask again on a fresh connection
-            try:
-                with trio.fail_after(5):
-                    async with open_client(self.socket_path) as fresh:
-                        state = (await fresh.query_status())["state"]
-            except (OSError, ConnectionClosed, trio.TooSlowError):
-                raise exc from None  # the VMM is gone: the guest does not run there
-            except Exception:
-                raise DestinationUnknown(describe(exc)) from exc
+            # The reply was lost or is late. The resume may have run, or may still run:
+            # only positive evidence may let the source run again (never two VMs).
+            state = await _state_at(self.socket_path)
             if state == "running":
                 return "running"
-            raise
+            if state == _GONE:
+                raise exc from None  # nobody serves the socket any more: it cannot run
+            if state is not None and await _quit_at(self.socket_path):
+                # it had not run the resume, and now it never will (it quit)
+                raise exc from None
+            raise DestinationUnknown(describe(exc)) from exc
 
     async def discard(self) -> str:
         _, error = await best_effort(self.client.quit)
         if error is None:
             return "the destination was discarded"
-        if not await _reachable(self.socket_path):
+        if await _state_at(self.socket_path) == _GONE:
             return "the destination was discarded (its VMM is gone)"
         return f"the destination could not be told to quit ({describe(error)})"
 
@@ -292,13 +292,35 @@ class LocalDestination:
             await best_effort(self.client.release_priority)
 
 
-async def _reachable(socket_path: str) -> bool:
-    """Whether a VMM still answers at ``socket_path``."""
+#: what :func:`_state_at` says when nobody serves the socket
+_GONE = "gone"
+
+
+async def _state_at(socket_path: str) -> str | None:
+    """The run state of the VMM at ``socket_path``, asked on a fresh connection; ``_GONE``
+    only on positive evidence that no VMM serves it (the socket file is gone, or the
+    kernel refuses the connection because nothing listens on it); None when it cannot
+    tell (a time-out, a refused or broken conversation: the VMM may be alive and busy)."""
     try:
         with trio.fail_after(5):
             async with open_client(socket_path) as client:
-                await client.query_status()
-    except (OSError, ConnectionClosed, CommandError, trio.TooSlowError):
+                return str((await client.query_status())["state"])
+    except (UntrustedServer, ConnectionClosed):  # somebody serves it (a refusal is an answer)
+        return None
+    except (FileNotFoundError, ConnectionRefusedError):  # the kernel's: nobody listens
+        return _GONE
+    except (OSError, CommandError, ProtocolError, trio.TooSlowError):
+        return None
+
+
+async def _quit_at(socket_path: str) -> bool:
+    """Tell the VMM at ``socket_path`` to quit, on a fresh connection: True once it
+    answered (it then runs nothing any more)."""
+    try:
+        with trio.fail_after(5):
+            async with open_client(socket_path) as client:
+                await client.quit()
+    except (OSError, ConnectionClosed, CommandError, ProtocolError, trio.TooSlowError):
         return False
     return True
 
