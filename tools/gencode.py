@@ -1,6 +1,6 @@
 """Generate ``vmipc/client/_generated.py`` (typed client methods) from the schema.
 
-Run ``python -m vmipc.client.gencode`` after changing the schema; a test fails while the
+Run ``python tools/gencode.py`` after changing the schema; a test fails while the
 committed file differs from what this produces. ``--check`` exits 1 instead of writing;
 ``--schema FILE`` generates from another schema document (e.g. a committed revision).
 """
@@ -14,9 +14,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script from a checkout: use its sources
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
 from vmipc.protocol import CommandSpec, FieldSpec, Schema, TypeSpec, load_schema
 
-TARGET = Path(__file__).with_name("_generated.py")
+#: the module in the checkout (tools/gencode.py -> src/vmipc/client/)
+TARGET = Path(__file__).resolve().parent.parent / "src" / "vmipc" / "client" / "_generated.py"
 _WIDTH = 100
 
 
@@ -175,7 +179,7 @@ class _Generator:
         )
         header = (
             f'"""Typed command methods and result types, generated from the schema (version '
-            f"{self.schema.version}).\n\nDo not edit: run ``python -m vmipc.client.gencode``.\n"
+            f"{self.schema.version}).\n\nDo not edit: run ``python tools/gencode.py``.\n"
             '"""\n\n'
             "from __future__ import annotations\n\n"
             "from collections.abc import Mapping\n"
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = TARGET.read_text() if TARGET.exists() else ""
         if current != text:
-            print(f"{TARGET} is stale: run python -m vmipc.client.gencode", file=sys.stderr)
+            print(f"{TARGET} is stale: run python tools/gencode.py", file=sys.stderr)
             return 1
         return 0
     TARGET.write_text(text)
