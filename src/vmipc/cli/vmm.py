@@ -532,8 +532,7 @@ def _preload_runtime_modules() -> None:
     for name in _RUNTIME_PACKAGES:
         package = importlib.import_module(name)
         for info in pkgutil.walk_packages(package.__path__, f"{name}."):
-            if not info.name.rpartition(".")[2].startswith("gen"):  # code generators
-                importlib.import_module(info.name)
+            importlib.import_module(info.name)
 
 
 class RestoreError(Exception):
