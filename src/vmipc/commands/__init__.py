@@ -6,8 +6,6 @@ and a module here with its handler; the server, client, CLI and docs pick it up.
 
 from __future__ import annotations
 
-from vmipc.commands._lease import MAX_LEASE, PauseLease
-from vmipc.commands._priority import Priority
 from vmipc.commands._registry import (
     CommandContext,
     ConnectionControl,
@@ -21,14 +19,11 @@ from vmipc.commands._registry import (
 )
 
 __all__ = [
-    "MAX_LEASE",
     "CommandContext",
     "ConnectionControl",
     "FdSet",
     "Handler",
     "HandlerEntry",
-    "PauseLease",
-    "Priority",
     "ServerControl",
     "ServerInfo",
     "handler",
