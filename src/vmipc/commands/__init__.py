@@ -1,7 +1,8 @@
 """Command handlers: one per schema command, registered with :func:`handler`.
 
-Adding a command means adding its entry to the schema (``vmipc/protocol/schema.json``)
-and a module here with its handler; the server, client, CLI and docs pick it up.
+Adding a command means adding its entry to the schema (``protocol/schema.json``, then
+``python tools/gencode.py`` and ``python tools/gendocs.py``) and a module here with its
+handler; the server, client, CLI and docs pick it up.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The machine-readable schema: loading, checking it, and validating values against it.
 
-The schema document (``schema.json`` in this package, linked from the top-level
-``protocol/`` folder) is the one source of truth for commands and events. The server
+The schema document (``protocol/schema.json`` at the top of the repository, the spec,
+with a byte-identical copy in this package that ``tools/gencode.py`` keeps and a test
+checks) is the one source of truth for commands and events. The server
 validates requests with it, the client's methods and the CLI's help are generated from
 it, and ``docs/protocol-reference.md`` is rendered from it.
 
