@@ -151,3 +151,14 @@ def test_the_spec_examples_are_the_bytes_the_code_sends() -> None:
     }
     assert blocks[0] == encode_frame(pack(hello))
     assert blocks[1] == encode_frame(pack(status)) + encode_frame(pack(result))
+
+
+def test_the_spec_and_the_docs_show_the_current_protocol_version() -> None:
+    # an example of a hello answer, or of `vmipc call --list`, shows the version spoken now;
+    # the "(since 1.3)" marks and the changelog name older versions on purpose
+    version = load_schema().version
+    shown = re.compile(r"""protocol"?: "(\d+\.\d+)"|commands of vmipc-control (\d+\.\d+)""")
+    pages = [*(ROOT / "protocol").glob("*.md"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+    found = {(page.name, a or b) for page in pages for a, b in shown.findall(page.read_text())}
+    assert found, "no example shows the version"
+    assert {name for name, v in found if v != version} == set(), (found, version)
