@@ -18,6 +18,8 @@ length) is a bug in the caller, not bad data: it raises :class:`ValueError`.
 
 from __future__ import annotations
 
+from vmipc.errors import VmipcError
+
 __all__ = [
     "BadRecord",
     "ChecksumMismatchError",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class FormatError(Exception):
+class FormatError(VmipcError):
     """Base of every data-format error: ``str(error)`` is ``"<where>: <problem>"``."""
 
     def __init__(self, where: str, problem: str) -> None:

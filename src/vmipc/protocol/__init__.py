@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from vmipc.errors import VmipcError
 from vmipc.protocol._connection import (
     HELLO,
     MAX_ERROR_SIZE,
@@ -34,7 +35,6 @@ from vmipc.protocol._errors import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
-    VmipcError,
 )
 from vmipc.protocol._framing import (
     DEFAULT_MAX_FDS,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
+from vmipc.errors import VmipcError
 from vmipc.protocol._errors import echo, shorten
 
 TYPES = frozenset({"bool", "int", "float", "string", "bytes", "list", "map", "any"})
@@ -35,11 +36,11 @@ _IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
 _VERSION = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
 
 
-class SchemaError(Exception):
+class SchemaError(VmipcError):
     """The schema document itself is malformed (a bug in the schema, not in a request)."""
 
 
-class ValidationError(Exception):
+class ValidationError(VmipcError):
     """A value does not match its type. ``where`` is a dotted path, e.g. ``versions[2]``."""
 
     def __init__(self, where: str, problem: str) -> None:
@@ -48,7 +49,7 @@ class ValidationError(Exception):
         self.problem = problem
 
 
-class FdMismatch(Exception):
+class FdMismatch(VmipcError):
     """The fds attached to a request do not match the command's fd parameters."""
 
     def __init__(self, fd: str | None, problem: str) -> None:

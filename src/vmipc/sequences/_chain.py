@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from vmipc._extents import data_extents, punch_hole
+from vmipc.errors import VmipcError
 from vmipc.formats import (
     NEED_DATA,
     Checksum,
@@ -56,7 +57,7 @@ MAX_CHAIN = 10_000
 _ZEROS = bytes(1 << 20)
 
 
-class ChainError(Exception):
+class ChainError(VmipcError):
     """A chain cannot be used: a parent is missing or is not the one its child recorded,
     a file is not a snapshot, links disagree about the memory layout. One line."""
 

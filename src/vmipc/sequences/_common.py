@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import trio
 
 from vmipc.client import Client, CommandError, ConnectionClosed
+from vmipc.errors import VmipcError
 
 T = TypeVar("T")
 
@@ -21,7 +22,7 @@ CLEANUP_TIMEOUT = 10.0
 DEFAULT_LEASE = 10.0
 
 
-class SequenceError(Exception):
+class SequenceError(VmipcError):
     """A sequence failed at ``step``; ``outcome`` says, in one line, what it left behind
     (which VM runs, what happened to the file). ``cause`` is the underlying error."""
 
