@@ -7,6 +7,7 @@ handler; the server, client, CLI and docs pick it up.
 
 from __future__ import annotations
 
+from vmipc._util import fixup_module_metadata
 from vmipc.commands._registry import (
     CommandContext,
     ConnectionControl,
@@ -30,3 +31,5 @@ __all__ = [
     "handler",
     "load_handlers",
 ]
+
+fixup_module_metadata(__name__, globals())

@@ -12,6 +12,7 @@ decoded objects cost.
 
 from __future__ import annotations
 
+from vmipc._util import fixup_module_metadata
 from vmipc.formats._bounded import DecodeBudget, MsgpackLimits, MsgpackRefused, unpack_bounded
 from vmipc.formats._common import Checksum, checksum
 from vmipc.formats.errors import (
@@ -87,3 +88,5 @@ __all__ = [
     "split_zero_runs",
     "unpack_bounded",
 ]
+
+fixup_module_metadata(__name__, globals())

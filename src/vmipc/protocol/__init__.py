@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from vmipc._util import fixup_module_metadata
 from vmipc.errors import VmipcError
 from vmipc.protocol._connection import (
     HELLO,
@@ -149,3 +150,5 @@ __all__ = [
     "unpack",
     "validate_args",
 ]
+
+fixup_module_metadata(__name__, globals())

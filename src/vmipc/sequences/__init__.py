@@ -7,6 +7,7 @@ whatever fails; the guarantee of every step is in docs/sequences.md.
 
 from __future__ import annotations
 
+from vmipc._util import fixup_module_metadata
 from vmipc.sequences._chain import ChainError, ChainLink, MergeReport, resolve_chain
 from vmipc.sequences._common import SequenceError, as_dict
 from vmipc.sequences._migrate import (
@@ -90,3 +91,5 @@ __all__ = [
     "temp_path_for",
     "verify_file",
 ]
+
+fixup_module_metadata(__name__, globals())

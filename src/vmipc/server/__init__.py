@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from vmipc._util import fixup_module_metadata
 from vmipc.server._config import READ_ONLY_COMMANDS, ServerConfig, SocketConfig
 from vmipc.server._lease import PauseLease
 from vmipc.server._os import MAX_SOCKET_PATH, PeerCredentials, SocketPathError
@@ -25,3 +26,5 @@ __all__ = [
     "SocketPathError",
     "serve",
 ]
+
+fixup_module_metadata(__name__, globals())
