@@ -32,8 +32,7 @@ from vmipc.cli._sequence import (
     socket_path,
 )
 from vmipc.client import open_client
-from vmipc.sequences import SnapshotReport, checkpoint
-from vmipc.sequences._snapshot import Then
+from vmipc.sequences import SnapshotReport, Then, checkpoint
 
 
 def add_parser(subparsers: Any) -> None:

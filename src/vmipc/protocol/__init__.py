@@ -27,6 +27,7 @@ from vmipc.protocol._connection import (
     encode_event,
 )
 from vmipc.protocol._errors import (
+    ECHO_ITEMS,
     ClosedByPeer,
     ClosedByUs,
     CommandError,
@@ -36,6 +37,7 @@ from vmipc.protocol._errors import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    echo,
 )
 from vmipc.protocol._framing import (
     DEFAULT_MAX_FDS,
@@ -92,6 +94,7 @@ __all__ = [
     "DEFAULT_MAX_FDS",
     "DEFAULT_MAX_FRAME_SIZE",
     "DEFAULT_MAX_REQUEST_SIZE",
+    "ECHO_ITEMS",
     "HEADER_SIZE",
     "HELLO",
     "MAX_ERROR_SIZE",
@@ -139,6 +142,7 @@ __all__ = [
     "VmipcError",
     "check_value",
     "decode_message",
+    "echo",
     "encode_event",
     "encode_frame",
     "encode_message",

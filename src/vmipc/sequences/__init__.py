@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vmipc._util import fixup_module_metadata
 from vmipc.sequences._chain import ChainError, ChainLink, MergeReport, resolve_chain
-from vmipc.sequences._common import SequenceError, as_dict
+from vmipc.sequences._common import DEFAULT_LEASE, SequenceError, as_dict
 from vmipc.sequences._migrate import (
     DEFAULT_MAX_DOWNTIME,
     DEFAULT_MAX_ROUNDS,
@@ -38,6 +38,7 @@ from vmipc.sequences._snapshot import (
     PRODUCER,
     RestoreReport,
     SnapshotReport,
+    Then,
     checkpoint,
     checkpoint_blocking,
     merge,
@@ -51,6 +52,7 @@ from vmipc.sequences._snapshot import (
 )
 
 __all__ = [
+    "DEFAULT_LEASE",
     "DEFAULT_MAX_DOWNTIME",
     "DEFAULT_MAX_ROUNDS",
     "DEFAULT_TIMEOUT",
@@ -69,6 +71,7 @@ __all__ = [
     "SequenceError",
     "SnapshotReport",
     "TcpDestination",
+    "Then",
     "TransferError",
     "as_dict",
     "checkpoint",

@@ -42,6 +42,7 @@ from vmipc.commands import (
 )
 from vmipc.protocol import (
     CommandError,
+    CommandSpec,
     ConnectionBroken,
     Error,
     ErrorCode,
@@ -59,7 +60,6 @@ from vmipc.protocol import (
     encode_message,
     load_schema,
 )
-from vmipc.protocol._schema import CommandSpec
 from vmipc.server._config import ServerConfig, SocketConfig
 from vmipc.server._lease import PauseLease
 from vmipc.server._os import (
