@@ -8,7 +8,7 @@ process of their own, each sending ``query-status`` back to back, every fourth c
 ``query-dirty``), with the ratio loaded / idle measured in the same run. Runs alternate
 idle and loaded, so a noisy machine affects both alike.
 
-The sequences go first (protocol 1.4, ``vmipc.commands._priority``): the checkpoint while
+The sequences go first (protocol 1.4, ``vmipc.server._priority``): the checkpoint while
 it holds its pause lease, the migration by ``claim-priority`` for its whole run; the load's
 requests are then held at the server's ``held_request_rate`` (200/s). A third set of
 loaded runs starts the source VMM with ``--held-request-rate inf``: nobody's requests are

@@ -15,17 +15,11 @@ from hypothesis import strategies as st
 
 from vmipc.formats import (
     NEED_DATA,
-    BadRecord,
     DataRun,
-    LayoutMismatch,
     PageRun,
-    PageStreamChecksumMismatch,
-    PageStreamCorrupt,
     PageStreamDecoder,
     PageStreamEncoder,
     PageStreamError,
-    PageStreamTruncated,
-    PageStreamUnsupportedVersion,
     RoundEnd,
     StreamEnd,
     StreamHeader,
@@ -201,9 +195,9 @@ def test_round_trip(
 def test_expected_layout_and_page_size() -> None:
     data = sample_stream()
     decode_all(data, expect_layout=LAYOUT, expect_page_size=PAGE)
-    with pytest.raises(LayoutMismatch, match="RAM layout"):
+    with pytest.raises(PageStreamError, match="RAM layout"):
         decode_all(data, expect_layout=((0, 16 * PAGE),))
-    with pytest.raises(LayoutMismatch, match="page size"):
+    with pytest.raises(PageStreamError, match="page size"):
         decode_all(data, expect_page_size=2 * PAGE)
 
 
@@ -263,7 +257,7 @@ def test_payload_corruption_is_a_round_checksum_mismatch() -> None:
     data = bytearray(sample_stream())
     header_length = struct.unpack_from("<I", data, 12)[0]
     data[header_length + 32 + 10] ^= 1
-    with pytest.raises(PageStreamChecksumMismatch, match=r"^page stream round 0: checksum"):
+    with pytest.raises(PageStreamError, match=r"^page stream round 0: checksum"):
         decode_all(bytes(data))
     events = decode_all(bytes(data), strict=False)
     assert [e.ok for e in events if isinstance(e, RoundEnd)] == [False, True, True]
@@ -276,25 +270,25 @@ def test_record_header_corruption_is_caught_before_the_record_is_used() -> None:
     dec = PageStreamDecoder()
     dec.feed(bytes(data))
     assert isinstance(dec.next_event(), StreamHeader)
-    with pytest.raises(PageStreamCorrupt, match="record header fails its check"):
+    with pytest.raises(PageStreamError, match="record header fails its check"):
         dec.next_event()
 
 
 def test_truncation_at_every_byte_is_detected() -> None:
     data = sample_stream()
     for cut in range(len(data)):
-        with pytest.raises(PageStreamTruncated) as info:
+        with pytest.raises(PageStreamError, match=r": ends (inside|before|at byte) ") as info:
             decode_all(data[:cut], chunk=777)
         assert "\n" not in str(info.value)
 
 
 def test_truncation_messages() -> None:
     data = sample_stream()
-    with pytest.raises(PageStreamTruncated, match="ends before the stream header"):
+    with pytest.raises(PageStreamError, match="ends before the stream header"):
         decode_all(b"")
-    with pytest.raises(PageStreamTruncated, match="payload bytes missing"):
+    with pytest.raises(PageStreamError, match="payload bytes missing"):
         decode_all(data[: len(data) - 200 - 3 * 32 - PAGE])
-    with pytest.raises(PageStreamTruncated, match="without an end-of-stream record"):
+    with pytest.raises(PageStreamError, match="without an end-of-stream record"):
         decode_all(data[:-32])
 
 
@@ -308,7 +302,7 @@ def stream_with_version(major: int, minor: int) -> bytes:
 
 
 def test_future_major_is_refused() -> None:
-    with pytest.raises(PageStreamUnsupportedVersion, match=r"2\.0 is not supported"):
+    with pytest.raises(PageStreamError, match=r"2\.0 is not supported"):
         decode_all(stream_with_version(2, 0))
 
 
@@ -316,19 +310,19 @@ def test_future_major_with_another_header_shape_is_refused_as_a_version() -> Non
     # only the prefix and the trailing checksum are frozen across majors
     body = struct.pack("<8sHHI", b"VMIPCPGS", 7, 3, 48) + b"\xaa" * 24
     header = body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
-    with pytest.raises(PageStreamUnsupportedVersion, match=r"7\.3"):
+    with pytest.raises(PageStreamError, match=r"version 7\.3 is not supported"):
         decode_all(header + b"whatever follows")
 
 
 def test_newer_minor_is_refused_and_older_minor_read() -> None:
-    with pytest.raises(PageStreamUnsupportedVersion, match=r"1\.1 is newer"):
+    with pytest.raises(PageStreamError, match=r"1\.1 is newer"):
         decode_all(stream_with_version(1, 1))
     events = decode_all(stream_with_version(1, 0), supported=(1, 1))
     assert isinstance(events[-1], StreamEnd)
 
 
 def test_bad_magic() -> None:
-    with pytest.raises(PageStreamCorrupt, match="bad magic"):
+    with pytest.raises(PageStreamError, match="bad magic"):
         decode_all(b"GARBAGE!" + bytes(100))
 
 
@@ -356,7 +350,7 @@ def stream_of(*records: bytes, layout: tuple[tuple[int, int], ...] = LAYOUT) -> 
     ],
 )
 def test_bad_records(record: bytes, message: str) -> None:
-    with pytest.raises(BadRecord, match=message) as info:
+    with pytest.raises(PageStreamError, match=message) as info:
         decode_all(stream_of(record))
     assert str(info.value).startswith("page stream round 0, record at byte ")
 
@@ -364,7 +358,7 @@ def test_bad_records(record: bytes, message: str) -> None:
 def test_reserved_bits_are_refused() -> None:
     body = struct.pack("<BBHIQQI", 2, 1, 0, 1, 0, 0, 0)
     record = body + (xxhash.xxh3_64_intdigest(body) & 0xFFFFFFFF).to_bytes(4, "little")
-    with pytest.raises(BadRecord, match="reserved"):
+    with pytest.raises(PageStreamError, match="reserved"):
         decode_all(stream_of(record))
 
 
@@ -389,7 +383,7 @@ def test_bad_layout_in_a_stream_is_corrupt() -> None:
     body = struct.pack("<8sHHIIII4x", b"VMIPCPGS", 1, 0, 32 + 32 + 8, PAGE, 0, 2)
     body += struct.pack("<QQQQ", 0, 2 * PAGE, PAGE, PAGE)
     header = body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
-    with pytest.raises(PageStreamCorrupt, match="overlaps"):
+    with pytest.raises(PageStreamError, match="overlaps"):
         decode_all(header)
 
 
@@ -398,7 +392,7 @@ def test_header_flags_and_reserved_bytes_are_refused(offset: int, value: int) ->
     header = bytearray(ps.stream_header(LAYOUT))
     header[offset] = value
     header[-8:] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(header[:-8])))
-    with pytest.raises(PageStreamCorrupt, match="reserved"):
+    with pytest.raises(PageStreamError, match="reserved"):
         decode_all(bytes(header))
 
 

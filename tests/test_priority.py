@@ -22,10 +22,9 @@ import trio.testing
 from tests.control_support import RecordingMachine, Served, serving
 from tests.seq_support import vmipc, vmm_processes
 from vmipc.client import open_client
-from vmipc.commands import PauseLease, Priority
 from vmipc.protocol import Error
 from vmipc.sequences import LocalDestination, MigrationNotConverged, MigrationPolicy, migrate
-from vmipc.server import ServerConfig
+from vmipc.server import PauseLease, Priority, ServerConfig
 
 # --- the admission rule, in virtual time ----------------------------------------------------
 

@@ -1,39 +1,58 @@
 """Code, schema and docs agree: one source of truth, and a failing test on any drift.
 
 When one of these fails after a schema change, regenerate:
-``python -m vmipc.client.gencode`` and ``python -m vmipc.protocol.gendocs``.
+``python tools/gencode.py`` and ``python tools/gendocs.py``.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import itertools
 import keyword
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from vmipc.cli.call import command_help
-from vmipc.client import Client, SyncClient, gencode
-from vmipc.client.gencode import method_name
+from vmipc.client import Client, SyncClient
 from vmipc.commands import load_handlers
-from vmipc.protocol import ErrorCode, encode_frame, gendocs, load_schema, pack
+from vmipc.protocol import ErrorCode, encode_frame, load_schema, pack
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _load_tool(name: str) -> ModuleType:
+    """A code generator from tools/ (scripts, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"vmipc_tools_{name}", ROOT / "tools" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gencode = _load_tool("gencode")
+gendocs = _load_tool("gendocs")
+method_name = gencode.method_name
+
+
 def test_client_code_is_generated_from_the_schema() -> None:
     assert gencode.TARGET.read_text() == gencode.generate(), (
-        "src/vmipc/client/_generated.py is stale: run python -m vmipc.client.gencode"
+        "src/vmipc/client/_generated.py is stale: run python tools/gencode.py"
     )
 
 
 def test_reference_docs_are_generated_from_the_schema() -> None:
     page = ROOT / "docs" / "protocol-reference.md"
     assert page.read_text() == gendocs.render(), (
-        "docs/protocol-reference.md is stale: run python -m vmipc.protocol.gendocs"
+        "docs/protocol-reference.md is stale: run python tools/gendocs.py"
     )
 
 
@@ -132,3 +151,14 @@ def test_the_spec_examples_are_the_bytes_the_code_sends() -> None:
     }
     assert blocks[0] == encode_frame(pack(hello))
     assert blocks[1] == encode_frame(pack(status)) + encode_frame(pack(result))
+
+
+def test_the_spec_and_the_docs_show_the_current_protocol_version() -> None:
+    # an example of a hello answer, or of `vmipc call --list`, shows the version spoken now;
+    # the "(since 1.3)" marks and the changelog name older versions on purpose
+    version = load_schema().version
+    shown = re.compile(r"""protocol"?: "(\d+\.\d+)"|commands of vmipc-control (\d+\.\d+)""")
+    pages = [*(ROOT / "protocol").glob("*.md"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+    found = {(page.name, a or b) for page in pages for a, b in shown.findall(page.read_text())}
+    assert found, "no example shows the version"
+    assert {name for name, v in found if v != version} == set(), (found, version)

@@ -21,13 +21,9 @@ from vmipc.formats import (
     MemorySectionWriter,
     MissingSection,
     SectionEntry,
-    SnapshotChecksumMismatch,
-    SnapshotCorrupt,
     SnapshotError,
     SnapshotHeader,
     SnapshotReader,
-    SnapshotTruncated,
-    SnapshotUnsupportedVersion,
     encode_table,
     section_entry,
     section_offset,
@@ -335,16 +331,16 @@ def test_corruption_messages() -> None:
     data = bytearray(sample_file())
     memory = read(bytes(data)).entry("memory")
     data[memory.offset + 4096 + 3 * PAGE] ^= 1
-    with pytest.raises(SnapshotChecksumMismatch) as info:
+    with pytest.raises(SnapshotError) as info:
         open_and_verify(bytes(data))
     assert str(info.value).startswith("section 'memory': checksum mismatch (stored 0x")
     reader = read(bytes(data))
     reader.verify("config")  # the others are fine
-    with pytest.raises(SnapshotChecksumMismatch):
+    with pytest.raises(SnapshotError, match="checksum mismatch"):
         reader.verify("memory")
     data = bytearray(sample_file())
     data[100] ^= 1
-    with pytest.raises(SnapshotChecksumMismatch, match=r"^header: checksum mismatch"):
+    with pytest.raises(SnapshotError, match=r"^header: checksum mismatch"):
         read(bytes(data))
 
 
@@ -359,7 +355,7 @@ def test_truncation_at_every_boundary_and_at_random_points() -> None:
     rng = random.Random(2)
     cuts |= {rng.randrange(len(data)) for _ in range(300)}
     for cut in sorted(c for c in cuts if 0 <= c < len(data)):
-        with pytest.raises(SnapshotTruncated) as info:
+        with pytest.raises(SnapshotError, match=r"file is only|truncated|file ends at") as info:
             open_and_verify(data[:cut])
         assert info.value.where in ("header", "trailer"), (cut, str(info.value))
         # cut and then extended again (sparse file re-grown): still refused
@@ -371,16 +367,16 @@ def test_truncation_at_every_boundary_and_at_random_points() -> None:
 
 def test_appended_bytes_are_refused() -> None:
     data = sample_file()
-    with pytest.raises(SnapshotTruncated, match="extended"):
+    with pytest.raises(SnapshotError, match="extended"):
         read(data + data[-64:])
-    with pytest.raises(SnapshotTruncated, match="trailer: missing"):
+    with pytest.raises(SnapshotError, match="trailer: missing"):
         read(data + b"\0")
 
 
 def test_unfinished_file_without_table() -> None:
     data = sample_file()
     unfinished = data[: read(data).table_offset]
-    with pytest.raises(SnapshotTruncated, match="not finished"):
+    with pytest.raises(SnapshotError, match="not finished"):
         read(unfinished)
 
 
@@ -388,7 +384,7 @@ def test_unfinished_file_without_table() -> None:
 
 
 def test_future_major_is_refused() -> None:
-    with pytest.raises(SnapshotUnsupportedVersion) as info:
+    with pytest.raises(SnapshotError) as info:
         read(sample_file(SnapshotHeader(SNAPSHOT_ID, "future", major=2)))
     assert str(info.value) == (
         "header: format version 2.0 is not supported (this reader reads 1.0 to 1.0)"
@@ -398,13 +394,13 @@ def test_future_major_is_refused() -> None:
 def test_future_major_with_another_header_shape_is_refused_as_a_version() -> None:
     body = struct.pack("<8sHHI", b"VMIPCSNP", 3, 1, 8192).ljust(8192 - 8, b"\xee")
     data = body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)) + bytes(1000)
-    with pytest.raises(SnapshotUnsupportedVersion, match=r"3\.1 is not supported"):
+    with pytest.raises(SnapshotError, match=r"3\.1 is not supported"):
         read(data)
 
 
 def test_newer_minor_is_refused_and_older_minor_read() -> None:
     newer = sample_file(SnapshotHeader(SNAPSHOT_ID, "newer", minor=1))
-    with pytest.raises(SnapshotUnsupportedVersion, match=r"1\.1 is newer than this reader's 1\.0"):
+    with pytest.raises(SnapshotError, match=r"1\.1 is newer than this reader's 1\.0"):
         read(newer)
     reader = read(sample_file(), supported=(1, 1))  # a 1.1 reader reads 1.0 files
     reader.verify()
@@ -414,7 +410,7 @@ def test_newer_minor_is_refused_and_older_minor_read() -> None:
 def test_unknown_memory_section_version_is_refused() -> None:
     memory = sn.encode_memory_section(REGIONS, guest_ram())
     data = sn.build_snapshot(HEADER, [*SMALL, ("memory", 2, memory)])
-    with pytest.raises(SnapshotUnsupportedVersion, match="section 'memory': version 2"):
+    with pytest.raises(SnapshotError, match="section 'memory': version 2"):
         read(data).memory()
     assert read(data).memory(versions=(1, 2)).descriptor.page_size == PAGE
 
@@ -485,7 +481,7 @@ def raw_entry(name: bytes, offset: int, length: int, flags: int = 0) -> bytes:
     ],
 )
 def test_forged_tables_are_refused(entries: list[bytes], message: str) -> None:
-    with pytest.raises(SnapshotCorrupt, match=message):
+    with pytest.raises(SnapshotError, match=message):
         read(forge_table(sample_file(), entries))
 
 
@@ -493,7 +489,7 @@ def test_trailer_of_another_snapshot_is_refused() -> None:
     data = sample_file()
     other = sample_file(SnapshotHeader(bytes(range(50, 66)), HEADER.producer, created_ns=1))
     assert len(other) == len(data)
-    with pytest.raises(SnapshotCorrupt, match="another snapshot"):
+    with pytest.raises(SnapshotError, match="another snapshot"):
         read(data[:4096] + other[4096:])
 
 
@@ -512,18 +508,18 @@ def test_trailer_of_another_snapshot_is_refused() -> None:
 def test_bad_memory_descriptors(descriptor: bytes, message: str) -> None:
     memory = descriptor.ljust(4096, b"\0") + bytes(16 * PAGE)
     reader = read(sn.build_snapshot(HEADER, [("memory", 1, memory)]))
-    with pytest.raises(SnapshotCorrupt, match=f"^section 'memory': .*{message}"):
+    with pytest.raises(SnapshotError, match=f"^section 'memory': .*{message}"):
         reader.memory()
-    with pytest.raises(SnapshotCorrupt):
+    with pytest.raises(SnapshotError, match=f"^section 'memory': .*{message}"):
         reader.verify()
 
 
 def test_garbage_is_not_a_snapshot() -> None:
-    with pytest.raises(SnapshotCorrupt, match=r"^header: not a vmipc snapshot"):
+    with pytest.raises(SnapshotError, match=r"^header: not a vmipc snapshot"):
         read(b"\x7fELF" + bytes(10000))
-    with pytest.raises(SnapshotTruncated, match=r"^header: file is only 0 bytes"):
+    with pytest.raises(SnapshotError, match=r"^header: file is only 0 bytes"):
         read(b"")
-    with pytest.raises(SnapshotTruncated, match=r"^header"):
+    with pytest.raises(SnapshotError, match=r"^header: file is only 5 bytes"):
         read(b"VMIPC")
 
 

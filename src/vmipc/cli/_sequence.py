@@ -14,8 +14,7 @@ import trio
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vmipc.client import ClosedByPeer, CommandError, ProtocolError
-from vmipc.sequences import SequenceError, as_dict
-from vmipc.sequences._common import DEFAULT_LEASE
+from vmipc.sequences import DEFAULT_LEASE, SequenceError, as_dict
 
 SOCKET_ENV = "VMIPC_SOCKET"
 T = TypeVar("T")

@@ -25,6 +25,7 @@ from typing import Any, NoReturn, TextIO
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from vmipc.client import SyncClient
+from vmipc.errors import VmipcError
 from vmipc.protocol import (
     ClosedByPeer,
     CommandError,
@@ -68,7 +69,7 @@ interrupted.
 """
 
 
-class UsageError(Exception):
+class UsageError(VmipcError):
     """Bad command line or arguments: exit 2 with one line."""
 
 

@@ -32,8 +32,15 @@ from vmipc.cli._sequence import (
     socket_path,
 )
 from vmipc.client import open_client
-from vmipc.sequences import CheckpointMode, Full, Incremental, Live, SnapshotReport, checkpoint
-from vmipc.sequences._checkpoint import Then
+from vmipc.sequences import (
+    CheckpointMode,
+    Full,
+    Incremental,
+    Live,
+    SnapshotReport,
+    Then,
+    checkpoint,
+)
 
 
 def add_parser(subparsers: Any) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from vmipc.errors import VmipcError
 from vmipc.kvm import Kvm, KvmError, KvmUnavailableError, MissingCapabilityError
 from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
 from vmipc.vmm.host import MachineHost
@@ -532,11 +533,10 @@ def _preload_runtime_modules() -> None:
     for name in _RUNTIME_PACKAGES:
         package = importlib.import_module(name)
         for info in pkgutil.walk_packages(package.__path__, f"{name}."):
-            if not info.name.rpartition(".")[2].startswith("gen"):  # code generators
-                importlib.import_module(info.name)
+            importlib.import_module(info.name)
 
 
-class RestoreError(Exception):
+class RestoreError(VmipcError):
     """The snapshot cannot be restored (one line: the section and the problem)."""
 
 

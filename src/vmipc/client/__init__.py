@@ -13,6 +13,7 @@ from the schema, plus ``call(name, fds={...}, **args)`` for any command by name:
 
 from __future__ import annotations
 
+from vmipc._util import fixup_module_metadata
 from vmipc.client._async import Client, open_client
 from vmipc.client._common import DEFAULT_CLIENT_NAME, FdLike, ProgressCallback
 from vmipc.client._generated import (
@@ -63,3 +64,5 @@ __all__ = [
     "SyncCommands",
     "open_client",
 ]
+
+fixup_module_metadata(__name__, globals())

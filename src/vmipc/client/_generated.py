@@ -1,6 +1,6 @@
 """Typed command methods and result types, generated from the schema (version 1.7).
 
-Do not edit: run ``python -m vmipc.client.gencode``.
+Do not edit: run ``python tools/gencode.py``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Command handlers: one per schema command, registered with :func:`handler`.
 
-Adding a command means adding its entry to the schema (``vmipc/protocol/schema.json``)
-and a module here with its handler; the server, client, CLI and docs pick it up.
+Adding a command means adding its entry to the schema (``protocol/schema.json``, then
+``python tools/gencode.py`` and ``python tools/gendocs.py``) and a module here with its
+handler; the server, client, CLI and docs pick it up.
 """
 
 from __future__ import annotations
 
-from vmipc.commands._lease import MAX_LEASE, PauseLease
-from vmipc.commands._priority import Priority
+from vmipc._util import fixup_module_metadata
 from vmipc.commands._registry import (
     CommandContext,
     ConnectionControl,
@@ -21,16 +21,15 @@ from vmipc.commands._registry import (
 )
 
 __all__ = [
-    "MAX_LEASE",
     "CommandContext",
     "ConnectionControl",
     "FdSet",
     "Handler",
     "HandlerEntry",
-    "PauseLease",
-    "Priority",
     "ServerControl",
     "ServerInfo",
     "handler",
     "load_handlers",
 ]
+
+fixup_module_metadata(__name__, globals())

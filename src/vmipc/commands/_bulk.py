@@ -18,6 +18,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 
 from vmipc._extents import data_extents, punch_hole
+from vmipc.errors import VmipcError
 from vmipc.formats import (
     NEED_DATA,
     DataRun,
@@ -58,7 +59,7 @@ RUN_PAGES = 1024
 _ZEROS = bytearray(1 << 20)
 
 
-class BulkError(Exception):
+class BulkError(VmipcError):
     """A bulk command failed in a way the client should hear about (with a stable code)."""
 
     def __init__(self, code: str, message: str) -> None:

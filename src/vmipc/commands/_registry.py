@@ -23,11 +23,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from vmipc.commands._lease import PauseLease
-from vmipc.commands._priority import Priority
 from vmipc.protocol import DEFAULT_MAX_REQUEST_SIZE, Schema
 from vmipc.vmm.machine_api import MachineApi
 
@@ -131,11 +130,57 @@ class ConnectionControl(Protocol):
         ...
 
 
+class LeaseControl(Protocol):
+    """What handlers do with the machine's pause lease (the server's ``PauseLease``)."""
+
+    def status(self) -> dict[str, Any] | None:
+        """For query-status: who holds the lease and when it expires, or None."""
+
+    def taking(self, holder: ConnectionControl) -> AbstractContextManager[None]:
+        """Around a ``pause`` with a lease: ``holder`` goes first from now on."""
+        ...
+
+    def take(self, holder: ConnectionControl, duration: float) -> None:
+        """After a successful pause: tie it to ``holder`` for ``duration`` seconds."""
+
+    def renew(self, holder: ConnectionControl, duration: float | None) -> float:
+        """Move the expiry of ``holder``'s lease to now + duration (no-lease if it holds
+        none); the lease's length."""
+        ...
+
+    def release(self, holder: ConnectionControl) -> None:
+        """``holder`` gives its lease up (no-lease if it holds none); the machine stays
+        paused."""
+
+    def end(self) -> None:
+        """The lease ends without resuming anything."""
+
+
+class PriorityControl(Protocol):
+    """What handlers do with the server's priority claims (the server's ``Priority``)."""
+
+    def status(self) -> list[int]:
+        """For query-status: the connections that go first now."""
+        ...
+
+    def claim(self, connection: ConnectionControl) -> None:
+        """``connection`` goes first until it releases its claim or closes."""
+
+    def release(self, connection: ConnectionControl) -> bool:
+        """End ``connection``'s claim; whether it had one."""
+        ...
+
+
 class ServerControl(Protocol):
-    #: the machine's pause lease (one per server)
-    pause_lease: PauseLease
-    #: who goes first (one per server)
-    priority: Priority
+    @property
+    def pause_lease(self) -> LeaseControl:
+        """The machine's pause lease (one per server)."""
+        ...
+
+    @property
+    def priority(self) -> PriorityControl:
+        """Who goes first (one per server)."""
+        ...
 
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown once the current request has been answered."""

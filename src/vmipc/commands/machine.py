@@ -1,17 +1,33 @@
 """Run-state commands: query-status, pause (with an optional lease), resume, quit, the
-lease's renew-lease and release-lease (see ``_lease``), and claim-priority and
-release-priority (see ``_priority``)."""
+lease's renew-lease and release-lease, and claim-priority and release-priority (the lease
+and the priority claims themselves are the server's: ``vmipc.server._lease`` and
+``vmipc.server._priority``)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import trio
 
-from vmipc.commands._lease import check_duration
 from vmipc.commands._registry import CommandContext, handler
 from vmipc.protocol import CommandError, ErrorCode
 from vmipc.vmm.host import MachineDamaged
+
+#: the longest lease (seconds) a client may ask for
+MAX_LEASE = 3600.0
+
+
+def check_duration(value: Any) -> float:
+    """A lease length from a request, or invalid-arguments."""
+    seconds = float(value)
+    if not (0 < seconds <= MAX_LEASE) or math.isnan(seconds):
+        raise CommandError(
+            ErrorCode.INVALID_ARGUMENTS,
+            f"lease must be more than 0 and at most {MAX_LEASE:g} seconds, not {value}",
+            {"argument": "lease", "problem": f"out of range (0, {MAX_LEASE:g}]"},
+        )
+    return seconds
 
 
 @handler("query-status")

@@ -6,8 +6,7 @@ import logging
 from typing import Any
 
 from vmipc.commands._registry import CommandContext, handler
-from vmipc.protocol import CommandError, ErrorCode, negotiate_version
-from vmipc.protocol._errors import ECHO_ITEMS, echo
+from vmipc.protocol import ECHO_ITEMS, CommandError, ErrorCode, echo, negotiate_version
 
 log = logging.getLogger("vmipc.server")
 

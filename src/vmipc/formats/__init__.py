@@ -12,27 +12,14 @@ decoded objects cost.
 
 from __future__ import annotations
 
+from vmipc._util import fixup_module_metadata
 from vmipc.formats._bounded import DecodeBudget, MsgpackLimits, MsgpackRefused, unpack_bounded
 from vmipc.formats._common import Checksum, checksum
 from vmipc.formats.errors import (
-    BadRecord,
-    ChecksumMismatchError,
-    CorruptError,
     FormatError,
-    LayoutMismatch,
     MissingSection,
-    PageStreamChecksumMismatch,
-    PageStreamCorrupt,
     PageStreamError,
-    PageStreamTruncated,
-    PageStreamUnsupportedVersion,
-    SnapshotChecksumMismatch,
-    SnapshotCorrupt,
     SnapshotError,
-    SnapshotTruncated,
-    SnapshotUnsupportedVersion,
-    TruncatedError,
-    UnsupportedVersionError,
 )
 from vmipc.formats.pagestream import (
     NEED_DATA,
@@ -66,14 +53,10 @@ from vmipc.formats.snapshot import (
 
 __all__ = [
     "NEED_DATA",
-    "BadRecord",
     "Checksum",
-    "ChecksumMismatchError",
-    "CorruptError",
     "DataRun",
     "DecodeBudget",
     "FormatError",
-    "LayoutMismatch",
     "MemoryDescriptor",
     "MemoryRegion",
     "MemorySection",
@@ -83,27 +66,17 @@ __all__ = [
     "MsgpackRefused",
     "NeedData",
     "PageRun",
-    "PageStreamChecksumMismatch",
-    "PageStreamCorrupt",
     "PageStreamDecoder",
     "PageStreamEncoder",
     "PageStreamError",
-    "PageStreamTruncated",
-    "PageStreamUnsupportedVersion",
     "RoundEnd",
     "SectionEntry",
-    "SnapshotChecksumMismatch",
-    "SnapshotCorrupt",
     "SnapshotError",
     "SnapshotHeader",
     "SnapshotReader",
-    "SnapshotTruncated",
-    "SnapshotUnsupportedVersion",
     "StreamEnd",
     "StreamHeader",
     "TableBlock",
-    "TruncatedError",
-    "UnsupportedVersionError",
     "ZeroRun",
     "bitmap_to_runs",
     "checksum",
@@ -115,3 +88,5 @@ __all__ = [
     "split_zero_runs",
     "unpack_bounded",
 ]
+
+fixup_module_metadata(__name__, globals())

@@ -16,12 +16,13 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from vmipc.errors import VmipcError
 from vmipc.formats._common import BytesLike
 
 __all__ = ["DecodeBudget", "MsgpackLimits", "MsgpackRefused", "measure", "unpack_bounded"]
 
 
-class MsgpackRefused(ValueError):
+class MsgpackRefused(ValueError, VmipcError):
     """The data is not one msgpack object within the limits (one line, no input echoed)."""
 
 

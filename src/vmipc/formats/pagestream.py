@@ -40,14 +40,7 @@ from vmipc.formats._common import (
     is_power_of_two,
     version_problem,
 )
-from vmipc.formats.errors import (
-    BadRecord,
-    LayoutMismatch,
-    PageStreamChecksumMismatch,
-    PageStreamCorrupt,
-    PageStreamTruncated,
-    PageStreamUnsupportedVersion,
-)
+from vmipc.formats.errors import PageStreamError
 
 __all__ = [
     "DEFAULT_MAX_CHUNK",
@@ -159,7 +152,7 @@ class RoundEnd:
     """Round ``round`` ended; ``ok`` says its checksum matched every byte of the round.
 
     ``ok`` is False only from a decoder made with ``strict=False``; a strict decoder raises
-    :class:`~vmipc.formats.errors.PageStreamChecksumMismatch` instead.
+    :class:`~vmipc.formats.errors.PageStreamError` (a checksum mismatch) instead.
     """
 
     round: int
@@ -409,14 +402,14 @@ class PageStreamDecoder:
     """Turns page-stream bytes into events, verifying everything (h11 style).
 
     ``feed(data)`` appends bytes (``feed(b"")`` means end of file); ``next_event()`` returns
-    the next event or :data:`NEED_DATA`. Errors in the data raise a
-    :class:`~vmipc.formats.errors.PageStreamError` subclass with a one-line message; after
+    the next event or :data:`NEED_DATA`. Errors in the data raise
+    :class:`~vmipc.formats.errors.PageStreamError` with a one-line message; after
     one, the decoder is unusable. Memory stays bounded: once ``next_event()`` has returned
     NEED_DATA, fewer than ``MAX_HEADER_LENGTH`` bytes are buffered, and a data run is
     delivered in chunks of at most ``max_chunk`` bytes as its bytes arrive.
 
     ``expect_page_size`` / ``expect_layout``: refuse a stream for other RAM with
-    :class:`~vmipc.formats.errors.LayoutMismatch`. ``strict=False`` reports a bad round
+    :class:`~vmipc.formats.errors.PageStreamError`. ``strict=False`` reports a bad round
     checksum as ``RoundEnd(ok=False)`` instead of raising (for inspection tools only: a
     receiver must not resume a guest from such a stream).
     """
@@ -544,7 +537,7 @@ class PageStreamDecoder:
         if have >= count:
             return True
         if self._eof:
-            raise PageStreamTruncated(
+            raise PageStreamError(
                 f"page stream at byte {self._offset}",
                 f"ends inside {what} ({have} of {count} bytes)" if have else f"ends before {what}",
             )
@@ -556,38 +549,38 @@ class PageStreamDecoder:
         magic, major, minor, length = _PREFIX.unpack_from(self._buf, self._pos)
         where = "page stream header"
         if magic != MAGIC:
-            raise PageStreamCorrupt(where, f"bad magic {magic!r} (not a vmipc page stream)")
+            raise PageStreamError(where, f"bad magic {magic!r} (not a vmipc page stream)")
         if not _PREFIX.size + 8 <= length <= MAX_HEADER_LENGTH or length % 8:
-            raise PageStreamCorrupt(where, f"impossible header length {length}")
+            raise PageStreamError(where, f"impossible header length {length}")
         if not self._need(length, "the stream header"):
             return NEED_DATA
         raw = self._take(length)
         (stored,) = _U64.unpack_from(raw, length - 8)
         computed = checksum(raw[:-8])
         if stored != computed:
-            raise PageStreamChecksumMismatch(
+            raise PageStreamError(
                 where, f"checksum mismatch (stored {stored:#018x}, computed {computed:#018x})"
             )
         problem = version_problem((major, minor), self._supported)
         if problem:
-            raise PageStreamUnsupportedVersion(where, problem)
+            raise PageStreamError(where, problem)
         if length < _HEADER_V1.size + 8:
-            raise PageStreamCorrupt(where, f"header length {length} too short")
+            raise PageStreamError(where, f"header length {length} too short")
         _, _, _, _, page_size, flags, count = _HEADER_V1.unpack_from(raw)
         if flags or any(raw[28:32]):
-            raise PageStreamCorrupt(where, f"unknown flags {flags:#x} or reserved bytes set")
+            raise PageStreamError(where, f"unknown flags {flags:#x} or reserved bytes set")
         if length != _HEADER_V1.size + _RANGE.size * count + 8:
-            raise PageStreamCorrupt(where, f"header length {length} does not fit {count} ranges")
+            raise PageStreamError(where, f"header length {length} does not fit {count} ranges")
         ranges = [_RANGE.unpack_from(raw, _HEADER_V1.size + i * _RANGE.size) for i in range(count)]
         layout = validate_layout(ranges, page_size)
         if isinstance(layout, str):
-            raise PageStreamCorrupt(where, layout)
+            raise PageStreamError(where, layout)
         if self._expect_page_size is not None and page_size != self._expect_page_size:
-            raise LayoutMismatch(
+            raise PageStreamError(
                 where, f"page size {page_size}, but this receiver uses {self._expect_page_size}"
             )
         if self._expect_layout is not None and layout != self._expect_layout:
-            raise LayoutMismatch(
+            raise PageStreamError(
                 where,
                 f"RAM layout {_format_layout(layout)} differs from this receiver's "
                 f"{_format_layout(self._expect_layout)}",
@@ -600,7 +593,7 @@ class PageStreamDecoder:
     def _next_record(self) -> Event | NeedData:
         self._record_offset = self._offset
         if self._eof and not self.buffered:
-            raise PageStreamTruncated(
+            raise PageStreamError(
                 f"page stream round {self.round}",
                 f"ends at byte {self._offset} without an end-of-stream record",
             )
@@ -609,12 +602,12 @@ class PageStreamDecoder:
         raw = self._take(RECORD_SIZE)
         kind, flags, reserved, npages, arg0, arg1, reserved2, check = _RECORD.unpack(raw)
         if check != checksum(raw[:28]) & _MAX_U32:
-            raise PageStreamCorrupt(self._where(), "record header fails its check (damaged)")
+            raise PageStreamError(self._where(), "record header fails its check (damaged)")
         if flags or reserved or reserved2:
-            raise BadRecord(self._where(), "reserved record bits are set")
+            raise PageStreamError(self._where(), "reserved record bits are set")
         handler = _RECORD_HANDLERS.get(kind)
         if handler is None:
-            raise BadRecord(self._where(), f"unknown record type {kind}")
+            raise PageStreamError(self._where(), f"unknown record type {kind}")
         return handler(self, raw, npages, arg0, arg1)
 
     def _run(self, raw: bytes, npages: int, gpa: int) -> int:
@@ -623,18 +616,18 @@ class PageStreamDecoder:
         page_size = self.header.page_size
         length = npages * page_size
         if npages == 0:
-            raise BadRecord(self._where(), f"empty run at {gpa:#x}")
+            raise PageStreamError(self._where(), f"empty run at {gpa:#x}")
         if gpa % page_size:
-            raise BadRecord(self._where(), f"run at {gpa:#x} is not aligned to {page_size}")
+            raise PageStreamError(self._where(), f"run at {gpa:#x} is not aligned to {page_size}")
         if not self._index.contains(gpa, length):
-            raise BadRecord(self._where(), f"run {gpa:#x}+{npages} pages is outside RAM")
+            raise PageStreamError(self._where(), f"run {gpa:#x}+{npages} pages is outside RAM")
         self._hash.update(raw)
         self._records_in_round += 1
         return length
 
     def _on_data(self, raw: bytes, npages: int, gpa: int, arg1: int) -> Event | NeedData:
         if arg1:
-            raise BadRecord(self._where(), "reserved record field is set")
+            raise PageStreamError(self._where(), "reserved record field is set")
         self._payload_left = self._run(raw, npages, gpa)
         self._payload_gpa = gpa
         self._state = _PAYLOAD
@@ -644,7 +637,7 @@ class PageStreamDecoder:
         count = min(self._payload_left, self.buffered, self.max_chunk)
         if count == 0:
             if self._eof:
-                raise PageStreamTruncated(
+                raise PageStreamError(
                     self._where(),
                     f"ends inside a data run ({self._payload_left} payload bytes missing)",
                 )
@@ -660,19 +653,21 @@ class PageStreamDecoder:
 
     def _on_zero(self, raw: bytes, npages: int, gpa: int, arg1: int) -> ZeroRun:
         if arg1:
-            raise BadRecord(self._where(), "reserved record field is set")
+            raise PageStreamError(self._where(), "reserved record field is set")
         self._run(raw, npages, gpa)
         return ZeroRun(gpa, npages)
 
     def _on_round_end(self, raw: bytes, npages: int, round: int, stored: int) -> RoundEnd:
         if npages:
-            raise BadRecord(self._where(), "end of round with a page count")
+            raise PageStreamError(self._where(), "end of round with a page count")
         if round != self.round:
-            raise BadRecord(self._where(), f"end of round {round}, expected round {self.round}")
+            raise PageStreamError(
+                self._where(), f"end of round {round}, expected round {self.round}"
+            )
         computed = self._hash.digest()
         ok = stored == computed
         if not ok and self._strict:
-            raise PageStreamChecksumMismatch(
+            raise PageStreamError(
                 f"page stream round {round}",
                 f"checksum mismatch (stored {stored:#018x}, computed {computed:#018x})",
             )
@@ -683,15 +678,15 @@ class PageStreamDecoder:
 
     def _on_stream_end(self, raw: bytes, npages: int, rounds: int, arg1: int) -> StreamEnd:
         if npages or arg1:
-            raise BadRecord(self._where(), "reserved record field is set")
+            raise PageStreamError(self._where(), "reserved record field is set")
         if self._records_in_round:
-            raise BadRecord(
+            raise PageStreamError(
                 self._where(),
                 f"end of stream inside round {self.round} "
                 f"({self._records_in_round} records after the last end of round)",
             )
         if rounds != self.round:
-            raise BadRecord(
+            raise PageStreamError(
                 self._where(), f"end of stream says {rounds} rounds, {self.round} were received"
             )
         self._state = _ENDED

@@ -40,13 +40,7 @@ from vmipc.formats._common import (
     is_power_of_two,
     version_problem,
 )
-from vmipc.formats.errors import (
-    MissingSection,
-    SnapshotChecksumMismatch,
-    SnapshotCorrupt,
-    SnapshotTruncated,
-    SnapshotUnsupportedVersion,
-)
+from vmipc.formats.errors import MissingSection, SnapshotError
 
 __all__ = [
     "DIRTY_LOG_SECTION_VERSION",
@@ -628,8 +622,8 @@ class SnapshotReader:
 
     The constructor reads the header, the trailer and the section table, checks the format
     version (same major, minor not newer than ``supported``) and the header, table and
-    trailer checksums, and the placement of every section; it raises a
-    :class:`~vmipc.formats.errors.SnapshotError` subclass with a one-line message if any of
+    trailer checksums, and the placement of every section; it raises
+    :class:`~vmipc.formats.errors.SnapshotError` with a one-line message if any of
     that is wrong. Section checksums are checked on demand: :meth:`verify`,
     :meth:`read_section`.
     """
@@ -681,7 +675,7 @@ class SnapshotReader:
     def _read_exact(self, offset: int, size: int, where: str) -> bytes:
         data = self._read(offset, size)
         if len(data) != size:
-            raise SnapshotTruncated(
+            raise SnapshotError(
                 where, f"file ends at {offset + len(data):#x}, inside {offset:#x}+{size:#x}"
             )
         return data
@@ -693,67 +687,65 @@ class SnapshotReader:
         prefix = self._read(0, _PREFIX.size)
         if len(prefix) < len(MAGIC) or not prefix.startswith(MAGIC):
             if MAGIC.startswith(prefix):
-                raise SnapshotTruncated(where, f"file is only {self.size} bytes")
-            raise SnapshotCorrupt(where, "not a vmipc snapshot (bad magic)")
+                raise SnapshotError(where, f"file is only {self.size} bytes")
+            raise SnapshotError(where, "not a vmipc snapshot (bad magic)")
         if len(prefix) < _PREFIX.size:
-            raise SnapshotTruncated(where, f"file is only {self.size} bytes")
+            raise SnapshotError(where, f"file is only {self.size} bytes")
         _, major, minor, header_size = _PREFIX.unpack(prefix)
         if header_size < _HEADER.size + 8 or header_size % SECTION_ALIGN or header_size > 1 << 20:
-            raise SnapshotCorrupt(where, f"impossible header size {header_size}")
+            raise SnapshotError(where, f"impossible header size {header_size}")
         raw = self._read(0, header_size)
         if len(raw) < header_size:
-            raise SnapshotTruncated(where, f"file is only {self.size} bytes")
+            raise SnapshotError(where, f"file is only {self.size} bytes")
         (stored,) = _U64.unpack_from(raw, header_size - 8)
         computed = checksum(raw[:-8])
         if stored != computed:
-            raise SnapshotChecksumMismatch(where, _mismatch(stored, computed))
+            raise SnapshotError(where, _mismatch(stored, computed))
         problem = version_problem((major, minor), supported)
         if problem:
-            raise SnapshotUnsupportedVersion(where, problem)
+            raise SnapshotError(where, problem)
         if header_size != HEADER_SIZE:
-            raise SnapshotCorrupt(where, f"header size {header_size}, expected {HEADER_SIZE}")
+            raise SnapshotError(where, f"header size {header_size}, expected {HEADER_SIZE}")
         fields = _HEADER.unpack_from(raw)
         flags, snapshot_id, parent_id, parent_checksum, created_ns, producer = fields[4:]
         if any(raw[72:80]) or any(raw[_HEADER.size : header_size - 8]):
-            raise SnapshotCorrupt(where, "reserved bytes are not zero")
+            raise SnapshotError(where, "reserved bytes are not zero")
         try:
             producer_text = producer.rstrip(b"\0").decode()
         except UnicodeDecodeError:
-            raise SnapshotCorrupt(where, "producer is not UTF-8") from None
+            raise SnapshotError(where, "producer is not UTF-8") from None
         header = SnapshotHeader(
             snapshot_id, producer_text, flags, parent_id, parent_checksum, created_ns, major, minor
         )
         problem = header.problem()
         if problem:
-            raise SnapshotCorrupt(where, problem)
+            raise SnapshotError(where, problem)
         return header
 
     def _read_trailer(self) -> tuple[int, int, int]:
         where = "trailer"
         trailer_offset = self.size - TRAILER_SIZE
         if trailer_offset < HEADER_SIZE:
-            raise SnapshotTruncated(
+            raise SnapshotError(
                 where, f"missing: file is only {self.size} bytes (truncated or not finished)"
             )
         raw = self._read_exact(trailer_offset, TRAILER_SIZE, where)
         magic, table_offset, count, snapshot_id, table_sum, at, stored = _TRAILER.unpack(raw)
         if magic != TRAILER_MAGIC:
-            raise SnapshotTruncated(
-                where, "missing at the end of the file (truncated or not finished)"
-            )
+            raise SnapshotError(where, "missing at the end of the file (truncated or not finished)")
         computed = checksum(raw[:-8])
         if stored != computed:
-            raise SnapshotChecksumMismatch(where, _mismatch(stored, computed))
+            raise SnapshotError(where, _mismatch(stored, computed))
         if at != trailer_offset:
-            raise SnapshotTruncated(
+            raise SnapshotError(
                 where,
                 f"written for a file ending at {at + TRAILER_SIZE:#x}, but the file ends at "
                 f"{self.size:#x} (truncated or extended)",
             )
         if snapshot_id != self.header.snapshot_id:
-            raise SnapshotCorrupt(where, "belongs to another snapshot (snapshot id differs)")
+            raise SnapshotError(where, "belongs to another snapshot (snapshot id differs)")
         if count > MAX_SECTIONS or table_offset + count * ENTRY_SIZE != trailer_offset:
-            raise SnapshotCorrupt(where, f"impossible section table {table_offset:#x} x{count}")
+            raise SnapshotError(where, f"impossible section table {table_offset:#x} x{count}")
         return table_offset, count, table_sum
 
     def _read_table(self, offset: int, count: int, stored: int) -> tuple[SectionEntry, ...]:
@@ -761,7 +753,7 @@ class SnapshotReader:
         raw = self._read_exact(offset, count * ENTRY_SIZE, where)
         computed = checksum(raw)
         if stored != computed:
-            raise SnapshotChecksumMismatch(where, _mismatch(stored, computed))
+            raise SnapshotError(where, _mismatch(stored, computed))
         entries = []
         for i in range(count):
             raw_name, version, flags, sec_offset, length, sec_sum = _ENTRY.unpack_from(
@@ -774,11 +766,11 @@ class SnapshotReader:
             if problem is None and (flags or b"\0" in name or any(raw[i * 64 + 48 : i * 64 + 64])):
                 problem = "reserved bytes are not zero"
             if problem:
-                raise SnapshotCorrupt(f"{where} entry {i}", problem)
+                raise SnapshotError(f"{where} entry {i}", problem)
             entries.append(entry)
         placement = _placement_problem(entries, offset)
         if placement:
-            raise SnapshotCorrupt(*placement)
+            raise SnapshotError(*placement)
         return tuple(entries)
 
     # -- access ---------------------------------------------------------------------------
@@ -809,7 +801,7 @@ class SnapshotReader:
         if verify:
             computed = checksum(data)
             if computed != entry.checksum:
-                raise SnapshotChecksumMismatch(where, _mismatch(entry.checksum, computed))
+                raise SnapshotError(where, _mismatch(entry.checksum, computed))
         return data
 
     def memory(self, *, versions: Iterable[int] = (MEMORY_SECTION_VERSION,)) -> MemorySection:
@@ -818,18 +810,18 @@ class SnapshotReader:
         entry = self.entry(SECTION_MEMORY)
         where = f"section '{SECTION_MEMORY}'"
         if entry.version not in tuple(versions):
-            raise SnapshotUnsupportedVersion(
+            raise SnapshotError(
                 where, f"version {entry.version} is not supported (this reader reads 1)"
             )
         if entry.length < MEMORY_DESCRIPTOR_SIZE:
-            raise SnapshotCorrupt(where, f"{entry.length} bytes is shorter than its descriptor")
+            raise SnapshotError(where, f"{entry.length} bytes is shorter than its descriptor")
         raw = self._read_exact(entry.offset, MEMORY_DESCRIPTOR_SIZE, where)
         desc = MemoryDescriptor.decode(raw)
         if isinstance(desc, str):
-            raise SnapshotCorrupt(where, desc)
+            raise SnapshotError(where, desc)
         problem = desc.problem(entry.length - MEMORY_DESCRIPTOR_SIZE)
         if problem:
-            raise SnapshotCorrupt(where, problem)
+            raise SnapshotError(where, problem)
         return MemorySection(entry, desc)
 
     def iter_section(self, name: str, chunk: int = _VERIFY_CHUNK) -> Iterator[bytes]:
@@ -853,9 +845,7 @@ class SnapshotReader:
                 digest.update(chunk)
             computed = digest.digest()
             if computed != entry.checksum:
-                raise SnapshotChecksumMismatch(
-                    f"section '{entry.name}'", _mismatch(entry.checksum, computed)
-                )
+                raise SnapshotError(f"section '{entry.name}'", _mismatch(entry.checksum, computed))
         if section is None:
             self._verify_padding()
 
@@ -867,7 +857,7 @@ class SnapshotReader:
             if start > position:
                 pad = self._read_exact(position, start - position, f"padding after {previous}")
                 if any(pad):
-                    raise SnapshotCorrupt(f"padding after {previous}", "bytes are not zero")
+                    raise SnapshotError(f"padding after {previous}", "bytes are not zero")
             if entry is not None:
                 previous = f"section '{entry.name}'"
                 position = entry.end

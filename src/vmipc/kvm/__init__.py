@@ -3,6 +3,7 @@
 Nothing above this package issues ioctls itself.
 """
 
+from vmipc._util import fixup_module_metadata
 from vmipc.kvm import structs
 from vmipc.kvm._errors import KvmError, KvmUnavailableError, MissingCapabilityError
 from vmipc.kvm._kvm import REQUIRED_CAPS, Kvm
@@ -22,3 +23,5 @@ __all__ = [
     "Vm",
     "structs",
 ]
+
+fixup_module_metadata(__name__, globals())

@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from vmipc.errors import VmipcError
 
-class KvmError(OSError):
+
+class KvmError(OSError, VmipcError):
     """An ioctl on a KVM fd failed. Carries the errno and the ioctl's name."""
 
     def __init__(self, ioctl: str, err: int, detail: str = "") -> None:
@@ -17,11 +19,11 @@ class KvmError(OSError):
         self.ioctl = ioctl
 
 
-class KvmUnavailableError(Exception):
+class KvmUnavailableError(VmipcError):
     """/dev/kvm is missing, not accessible, or speaks an unsupported API version."""
 
 
-class MissingCapabilityError(Exception):
+class MissingCapabilityError(VmipcError):
     """KVM_CHECK_EXTENSION says a capability the VMM needs is absent."""
 
     def __init__(self, name: str, number: int) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from vmipc._util import fixup_module_metadata
+from vmipc.errors import VmipcError
 from vmipc.protocol._connection import (
     HELLO,
     MAX_ERROR_SIZE,
@@ -25,6 +27,7 @@ from vmipc.protocol._connection import (
     encode_event,
 )
 from vmipc.protocol._errors import (
+    ECHO_ITEMS,
     ClosedByPeer,
     ClosedByUs,
     CommandError,
@@ -35,7 +38,7 @@ from vmipc.protocol._errors import (
     ProtocolError,
     RemoteProtocolError,
     UntrustedServer,
-    VmipcError,
+    echo,
 )
 from vmipc.protocol._framing import (
     DEFAULT_MAX_FDS,
@@ -93,6 +96,7 @@ __all__ = [
     "DEFAULT_MAX_FDS",
     "DEFAULT_MAX_FRAME_SIZE",
     "DEFAULT_MAX_REQUEST_SIZE",
+    "ECHO_ITEMS",
     "HEADER_SIZE",
     "HELLO",
     "MAX_ERROR_SIZE",
@@ -142,6 +146,7 @@ __all__ = [
     "VmipcError",
     "check_value",
     "decode_message",
+    "echo",
     "encode_event",
     "encode_frame",
     "encode_message",
@@ -153,3 +158,5 @@ __all__ = [
     "unpack",
     "validate_args",
 ]
+
+fixup_module_metadata(__name__, globals())

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmipc.errors import VmipcError
+
 #: how many characters of a peer's input an error message or detail may repeat; the rest
 #: is cut (and the cut says how long the input was), so that an error never grows with
 #: what provoked it
@@ -118,10 +120,6 @@ class ErrorInfo:
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
-
-
-class VmipcError(Exception):
-    """Base of every exception this package raises on purpose."""
 
 
 class UntrustedServer(VmipcError, ConnectionRefusedError):

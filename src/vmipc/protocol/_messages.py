@@ -31,6 +31,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from vmipc.errors import VmipcError
 from vmipc.protocol._errors import (
     ECHO_ITEMS,
     ErrorCode,
@@ -82,8 +83,8 @@ REQUEST_DECODE_LIMITS = DecodeLimits(
 REPLY_DECODE_LIMITS = DecodeLimits(max_containers=1 << 16)
 
 
-class _ContainerBudget(Exception):
-    pass
+class _ContainerBudget(VmipcError):
+    """Raised inside the decoder's hooks to stop it; becomes an ``invalid-message``."""
 
 
 def _container_hooks(budget: int) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The machine-readable schema: loading, checking it, and validating values against it.
 
-The schema document (``schema.json`` in this package, linked from the top-level
-``protocol/`` folder) is the one source of truth for commands and events. The server
+The schema document (``protocol/schema.json`` at the top of the repository, the spec,
+with a byte-identical copy in this package that ``tools/gencode.py`` keeps and a test
+checks) is the one source of truth for commands and events. The server
 validates requests with it, the client's methods and the CLI's help are generated from
 it, and ``docs/protocol-reference.md`` is rendered from it.
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
+from vmipc.errors import VmipcError
 from vmipc.protocol._errors import echo, shorten
 
 TYPES = frozenset({"bool", "int", "float", "string", "bytes", "list", "map", "any"})
@@ -34,11 +36,11 @@ _IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
 _VERSION = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
 
 
-class SchemaError(Exception):
+class SchemaError(VmipcError):
     """The schema document itself is malformed (a bug in the schema, not in a request)."""
 
 
-class ValidationError(Exception):
+class ValidationError(VmipcError):
     """A value does not match its type. ``where`` is a dotted path, e.g. ``versions[2]``."""
 
     def __init__(self, where: str, problem: str) -> None:
@@ -47,7 +49,7 @@ class ValidationError(Exception):
         self.problem = problem
 
 
-class FdMismatch(Exception):
+class FdMismatch(VmipcError):
     """The fds attached to a request do not match the command's fd parameters."""
 
     def __init__(self, fd: str | None, problem: str) -> None:

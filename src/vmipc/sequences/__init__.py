@@ -7,18 +7,20 @@ whatever fails; the guarantee of every step is in docs/sequences.md.
 
 from __future__ import annotations
 
+from vmipc._util import fixup_module_metadata
 from vmipc.sequences._checkpoint import (
     CheckpointMode,
     Full,
     Incremental,
     Live,
     SnapshotReport,
+    Then,
     checkpoint,
     checkpoint_blocking,
     suspend,
     suspend_blocking,
 )
-from vmipc.sequences._common import SequenceError, as_dict
+from vmipc.sequences._common import DEFAULT_LEASE, SequenceError, as_dict
 from vmipc.sequences._migrate import (
     DEFAULT_MAX_DOWNTIME,
     DEFAULT_MAX_ROUNDS,
@@ -60,6 +62,7 @@ from vmipc.snapshots import (
 )
 
 __all__ = [
+    "DEFAULT_LEASE",
     "DEFAULT_MAX_DOWNTIME",
     "DEFAULT_MAX_ROUNDS",
     "DEFAULT_TIMEOUT",
@@ -83,6 +86,7 @@ __all__ = [
     "SequenceError",
     "SnapshotReport",
     "TcpDestination",
+    "Then",
     "TransferError",
     "as_dict",
     "checkpoint",
@@ -105,3 +109,5 @@ __all__ = [
     "temp_path_for",
     "verify_file",
 ]
+
+fixup_module_metadata(__name__, globals())

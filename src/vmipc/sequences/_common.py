@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import trio
 
 from vmipc.client import Client, CommandError, ConnectionClosed
+from vmipc.errors import VmipcError
 
 T = TypeVar("T")
 
@@ -20,7 +21,7 @@ CLEANUP_TIMEOUT = 10.0
 DEFAULT_LEASE = 10.0
 
 
-class SequenceError(Exception):
+class SequenceError(VmipcError):
     """A sequence failed at ``step``; ``outcome`` says, in one line, what it left behind
     (which VM runs, what happened to the file). ``cause`` is the underlying error."""
 
@@ -103,7 +104,7 @@ async def going_first(client: Client) -> AsyncIterator[bool]:
             await best_effort(client.release_priority)
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(VmipcError, RuntimeError):
     """The pause lease ended before the sequence proved it held (the VMM resumed the
     guest by itself): what was dumped meanwhile is not one paused moment."""
 

@@ -54,6 +54,7 @@ from typing import Any, Literal, Protocol
 import trio
 
 from vmipc.client import Client, CommandError, ConnectionClosed, open_client
+from vmipc.errors import VmipcError
 from vmipc.protocol import ProtocolError, UntrustedServer
 from vmipc.sequences._common import (
     DEFAULT_LEASE,
@@ -88,7 +89,7 @@ STALL_ROUNDS = 3
 STOP_AND_COPY_ROUND_TRIPS = 4
 
 
-class TransferError(Exception):
+class TransferError(VmipcError):
     """One transfer failed; says which side (source dump, destination load) and why."""
 
     def __init__(self, kind: str, source: BaseException | None, dest: BaseException | None):
@@ -126,7 +127,7 @@ class Destination(Protocol):
         """The migration succeeded: let go of the destination (it keeps running)."""
 
 
-class DestinationUnknown(Exception):
+class DestinationUnknown(VmipcError):
     """The destination's resume was sent but its outcome cannot be known."""
 
 

@@ -45,6 +45,7 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 
 from vmipc.client import Client, open_client
+from vmipc.errors import VmipcError
 from vmipc.protocol import DecodeLimits, RemoteProtocolError, unpack
 from vmipc.sequences._common import best_effort, describe, supports
 from vmipc.sequences._migrate import (
@@ -66,7 +67,7 @@ MAX_FRAME = 1 << 20
 REPLY_TIMEOUT = 30.0
 
 
-class ControlError(Exception):
+class ControlError(VmipcError):
     """The other side broke the control exchange, or refused a step (one line)."""
 
 

@@ -100,5 +100,5 @@ class ServerConfig:
     extra_sockets: tuple[SocketConfig, ...] = ()
     #: while a connection goes first (it holds the pause lease, or claim-priority), the
     #: other connections' requests go one at a time at most this many per second (0: they
-    #: wait until nobody goes first); see ``vmipc.commands._priority``
+    #: wait until nobody goes first); see ``vmipc.server._priority``
     held_request_rate: float = 200.0

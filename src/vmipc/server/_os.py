@@ -18,12 +18,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from vmipc.errors import VmipcError
+
 #: the longest path an AF_UNIX socket address can hold on Linux
 MAX_SOCKET_PATH = 107
 _UCRED = struct.Struct("3i")
 
 
-class SocketPathError(OSError):
+class SocketPathError(OSError, VmipcError):
     """The socket path cannot be used (in use by a live server, not a socket, too long)."""
 
 

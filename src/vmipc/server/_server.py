@@ -37,13 +37,12 @@ from vmipc.commands import (
     CommandContext,
     FdSet,
     HandlerEntry,
-    PauseLease,
-    Priority,
     ServerInfo,
     load_handlers,
 )
 from vmipc.protocol import (
     CommandError,
+    CommandSpec,
     ConnectionBroken,
     Error,
     ErrorCode,
@@ -61,8 +60,8 @@ from vmipc.protocol import (
     encode_message,
     load_schema,
 )
-from vmipc.protocol._schema import CommandSpec
 from vmipc.server._config import ServerConfig, SocketConfig
+from vmipc.server._lease import PauseLease
 from vmipc.server._os import (
     PeerCredentials,
     check_fd,
@@ -74,6 +73,7 @@ from vmipc.server._os import (
     remove_socket_file,
     resolve_group,
 )
+from vmipc.server._priority import Priority
 from vmipc.vmm.machine_api import InvalidStateError, MachineApi, StateChange
 
 log = logging.getLogger("vmipc.server")

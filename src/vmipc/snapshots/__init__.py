@@ -14,6 +14,7 @@ never talks to a VMM and never imports trio: from trio, run it in a thread.
 
 from __future__ import annotations
 
+from vmipc._util import fixup_module_metadata
 from vmipc.snapshots._chain import (
     ChainError,
     ChainLink,
@@ -59,3 +60,5 @@ __all__ = [
     "verify_restorable",
     "verify_section",
 ]
+
+fixup_module_metadata(__name__, globals())

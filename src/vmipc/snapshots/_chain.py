@@ -17,6 +17,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from vmipc.errors import VmipcError
 from vmipc.formats import (
     NEED_DATA,
     Checksum,
@@ -49,7 +50,7 @@ from vmipc.snapshots._ranges import CHUNK, hash_range, reader_of
 MAX_CHAIN = 10_000
 
 
-class ChainError(Exception):
+class ChainError(VmipcError):
     """A chain cannot be used: a parent is missing or is not the one its child recorded,
     a file is not a snapshot, links disagree about the memory layout. One line."""
 

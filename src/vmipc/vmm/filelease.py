@@ -41,6 +41,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from vmipc.errors import VmipcError
+
 __all__ = ["LEASE_SIGNAL", "MIN_BREAK_SECONDS", "POLL_SECONDS", "LeaseUnavailable", "ReadLease"]
 
 log = logging.getLogger("vmipc.vmm")
@@ -56,7 +58,7 @@ MIN_BREAK_SECONDS = 5
 _F_SETSIG = 10
 
 
-class LeaseUnavailable(Exception):
+class LeaseUnavailable(VmipcError):
     """The kernel refused a read lease (one line: why)."""
 
 

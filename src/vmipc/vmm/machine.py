@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
+from vmipc.errors import VmipcError
 from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
 from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, KvmClockData
 from vmipc.vmm.devices import Uart16550, UartState
@@ -68,11 +69,11 @@ _IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_VCPUS = 64
 
 
-class DirtyLogOff(Exception):
+class DirtyLogOff(VmipcError):
     """A dirty-page query or take while dirty logging is off."""
 
 
-class DirtyLogMoved(Exception):
+class DirtyLogMoved(VmipcError):
     """A take that expected one dirty-log epoch found another: somebody took the dirty
     pages (or restarted the log) since the caller's last take."""
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from vmipc.errors import VmipcError
 from vmipc.vmm.runstate import RunState
 
 
@@ -22,7 +23,7 @@ class StateChange:
     reason: str | None = None
 
 
-class InvalidStateError(Exception):
+class InvalidStateError(VmipcError):
     """The operation is not allowed in the machine's current run state."""
 
     def __init__(self, operation: str, state: RunState) -> None:

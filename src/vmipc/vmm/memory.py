@@ -29,6 +29,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vmipc.errors import VmipcError
+
 if TYPE_CHECKING:
     from vmipc.vmm.filelease import ReadLease
 
@@ -67,7 +69,7 @@ _ZERO_BLOCK = 256 << 10
 _ZEROS = bytes(_ZERO_BLOCK)
 
 
-class MemoryConfigError(ValueError):
+class MemoryConfigError(ValueError, VmipcError):
     """A memory size that cannot be used."""
 
 

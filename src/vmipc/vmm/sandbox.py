@@ -56,6 +56,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from vmipc.errors import VmipcError
+
 __all__ = [
     "SandboxError",
     "SandboxReport",
@@ -126,7 +128,7 @@ def handled_fs_rights(abi: int) -> int:
     return rights
 
 
-class SandboxError(Exception):
+class SandboxError(VmipcError):
     """Capability mode could not be entered (one line: what failed and why)."""
 
 

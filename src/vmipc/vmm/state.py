@@ -12,6 +12,7 @@ import ctypes
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from vmipc.errors import VmipcError
 from vmipc.kvm import Vcpu, Vm, structs
 
 MSR_IA32_TSC = 0x10
@@ -27,7 +28,7 @@ _U64 = (1 << 64) - 1
 _S = TypeVar("_S", bound=ctypes.Structure)
 
 
-class StateRecordError(ValueError):
+class StateRecordError(ValueError, VmipcError):
     """A state record that cannot be used (wrong version, wrong size, missing field)."""
 
 

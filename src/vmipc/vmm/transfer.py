@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from vmipc.errors import VmipcError
 from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -44,11 +45,11 @@ _read.restype = ctypes.c_ssize_t
 CHUNK = 4 << 20
 
 
-class TransferCancelled(Exception):
+class TransferCancelled(VmipcError):
     """The transfer was cancelled; the fd may hold a partial stream."""
 
 
-class PeerClosed(Exception):
+class PeerClosed(VmipcError):
     """The other end of the fd went away (EPIPE, ECONNRESET) or the input ended early."""
 
 

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vmipc.errors import VmipcError
 from vmipc.kvm import ExitReason, Vcpu, structs
 from vmipc.kvm.structs import KVM_EXIT_IO_OUT
 from vmipc.vmm.loaders import BootPlan, CpuMode
@@ -121,7 +122,7 @@ def describe_registers(vcpu: Vcpu) -> str:
     return " ".join(parts)
 
 
-class GuestStopped(Exception):
+class GuestStopped(VmipcError):
     """Raised from exit handling when the guest powers off or dies."""
 
     def __init__(self, crashed: bool, reason: str) -> None:

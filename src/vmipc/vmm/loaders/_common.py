@@ -5,8 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from vmipc.errors import VmipcError
 
-class GuestImageError(ValueError):
+
+class GuestImageError(ValueError, VmipcError):
     """A guest file that cannot be booted (wrong format, does not fit in RAM, ...)."""
 
 

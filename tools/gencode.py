@@ -1,8 +1,11 @@
-"""Generate ``vmipc/client/_generated.py`` (typed client methods) from the schema.
+"""Make the package follow the schema: generate ``vmipc/client/_generated.py`` (typed
+client methods) from ``protocol/schema.json`` and copy the schema into the package
+(``src/vmipc/protocol/schema.json``, what ``load_schema`` reads and the wheel ships).
 
-Run ``python -m vmipc.client.gencode`` after changing the schema; a test fails while the
-committed file differs from what this produces. ``--check`` exits 1 instead of writing;
-``--schema FILE`` generates from another schema document (e.g. a committed revision).
+Run ``python tools/gencode.py`` after changing ``protocol/schema.json``; a test fails while
+the committed files differ from what this produces. ``--check`` exits 1 instead of
+writing; ``--schema FILE`` generates the client module from another schema document (e.g.
+a committed revision), and leaves the package's copy alone.
 """
 
 from __future__ import annotations
@@ -14,9 +17,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script from a checkout: use its sources
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
 from vmipc.protocol import CommandSpec, FieldSpec, Schema, TypeSpec, load_schema
 
-TARGET = Path(__file__).with_name("_generated.py")
+ROOT = Path(__file__).resolve().parent.parent
+#: the schema: the spec a stranger implements from, and the one source of truth
+SPEC = ROOT / "protocol" / "schema.json"
+#: the package's byte-identical copy of the spec
+PACKAGE_SCHEMA = ROOT / "src" / "vmipc" / "protocol" / "schema.json"
+#: the generated client module
+TARGET = ROOT / "src" / "vmipc" / "client" / "_generated.py"
 _WIDTH = 100
 
 
@@ -175,7 +187,7 @@ class _Generator:
         )
         header = (
             f'"""Typed command methods and result types, generated from the schema (version '
-            f"{self.schema.version}).\n\nDo not edit: run ``python -m vmipc.client.gencode``.\n"
+            f"{self.schema.version}).\n\nDo not edit: run ``python tools/gencode.py``.\n"
             '"""\n\n'
             "from __future__ import annotations\n\n"
             "from collections.abc import Mapping\n"
@@ -241,19 +253,22 @@ def generate(schema: Schema | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is stale")
     parser.add_argument("--schema", type=Path, help="generate from this schema document")
     args = parser.parse_args(argv)
-    schema = Schema.from_document(json.loads(args.schema.read_text())) if args.schema else None
-    text = generate(schema)
+    document = (args.schema or SPEC).read_bytes()
+    schema = Schema.from_document(json.loads(document))
+    outputs = {TARGET: generate(schema).encode()}
+    if args.schema is None:
+        outputs[PACKAGE_SCHEMA] = document
+    stale = {p: data for p, data in outputs.items() if not p.exists() or p.read_bytes() != data}
     if args.check:
-        current = TARGET.read_text() if TARGET.exists() else ""
-        if current != text:
-            print(f"{TARGET} is stale: run python -m vmipc.client.gencode", file=sys.stderr)
-            return 1
-        return 0
-    TARGET.write_text(text)
-    print(f"wrote {TARGET}")
+        for path in stale:
+            print(f"{path} is stale: run python tools/gencode.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path, data in stale.items():
+        path.write_bytes(data)
+        print(f"wrote {path}")
     return 0
 
 

@@ -29,9 +29,6 @@ from vmipc.vmm.runstate import RunState
 
 log = logging.getLogger("vmipc.server")
 
-#: the longest lease (seconds) a client may ask for
-MAX_LEASE = 3600.0
-
 
 class LeaseHolder(Protocol):
     """The connection side of a lease (the server's connection object)."""
@@ -53,18 +50,6 @@ class _Lease:
     unhook: Callable[[], None] = field(default=lambda: None)
 
 
-def check_duration(value: Any) -> float:
-    """A lease length from a request, or invalid-arguments."""
-    seconds = float(value)
-    if not (0 < seconds <= MAX_LEASE) or math.isnan(seconds):
-        raise CommandError(
-            ErrorCode.INVALID_ARGUMENTS,
-            f"lease must be more than 0 and at most {MAX_LEASE:g} seconds, not {value}",
-            {"argument": "lease", "problem": f"out of range (0, {MAX_LEASE:g}]"},
-        )
-    return seconds
-
-
 class PauseLease:
     """The machine's pause lease (at most one). ``closing`` says whether the server is
     shutting down: then an ending lease never resumes the machine."""
@@ -84,7 +69,7 @@ class PauseLease:
     @property
     def first(self) -> LeaseHolder | None:
         """The connection whose requests go before the others' while the guest is down
-        (see ``vmipc.commands._priority``): the lease's holder, or the connection whose
+        (see ``vmipc.server._priority``): the lease's holder, or the connection whose
         ``pause`` with a lease is under way, or None."""
         return self._taking if self._lease is None else self._lease.holder
 

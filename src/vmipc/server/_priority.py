@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import trio
 
-from vmipc.commands._lease import LeaseHolder, PauseLease
+from vmipc.server._lease import LeaseHolder, PauseLease
 
 log = logging.getLogger("vmipc.server")
 
