@@ -556,11 +556,11 @@ def open_snapshot(
 ) -> tuple[Machine, MachineState]:
     """The first half of :func:`restore_machine`, everything that reads the file: the
     machine built with its RAM (not started), and the state to restore into it."""
-    from vmipc.commands._bulk import BulkError, read_snapshot_memory
-    from vmipc.commands._restorable import check_restorable
     from vmipc.formats import FormatError, SnapshotReader
     from vmipc.vmm.memory import GuestMemory
-    from vmipc.vmm.transfer import Transfer
+    from vmipc.vmm.persist.dataplane import BulkError, read_snapshot_memory
+    from vmipc.vmm.persist.restorable import check_restorable
+    from vmipc.vmm.persist.transfer import Transfer
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -10,7 +10,14 @@ from typing import Any, TypeVar
 
 import trio
 
-from vmipc.commands._bulk import (
+from vmipc.commands._registry import CommandContext, handler
+from vmipc.formats import bitmap_to_runs
+from vmipc.protocol import CommandError, ErrorCode
+from vmipc.vmm.host import MachineHost
+from vmipc.vmm.machine import DirtyLogMoved, DirtyLogOff, Machine, MachineState
+from vmipc.vmm.machine_api import InvalidStateError
+from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
+from vmipc.vmm.persist.dataplane import (
     BulkError,
     Stats,
     encode_state_blob,
@@ -26,16 +33,9 @@ from vmipc.commands._bulk import (
     write_raw_image,
     write_state_sections,
 )
-from vmipc.commands._registry import CommandContext, handler
-from vmipc.commands._restorable import check_config
-from vmipc.formats import bitmap_to_runs
-from vmipc.protocol import CommandError, ErrorCode
-from vmipc.vmm.host import MachineHost
-from vmipc.vmm.machine import DirtyLogMoved, DirtyLogOff, Machine, MachineState
-from vmipc.vmm.machine_api import InvalidStateError
-from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
+from vmipc.vmm.persist.restorable import check_config
+from vmipc.vmm.persist.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
 from vmipc.vmm.runstate import RunState
-from vmipc.vmm.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
 
 T = TypeVar("T")
 

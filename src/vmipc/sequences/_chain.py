@@ -20,7 +20,6 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from vmipc._extents import data_extents, punch_hole
 from vmipc.formats import (
     NEED_DATA,
     Checksum,
@@ -48,6 +47,7 @@ from vmipc.formats.snapshot import (
     SECTION_MEMORY,
 )
 from vmipc.sequences._common import fsync_dir, unlink_quietly
+from vmipc.vmm.persist.extents import data_extents, punch_hole
 
 #: bytes moved per read or write when copying or hashing file ranges
 CHUNK = 4 << 20

@@ -17,7 +17,6 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
-from vmipc._extents import data_extents, punch_hole
 from vmipc.formats import (
     NEED_DATA,
     DataRun,
@@ -49,8 +48,9 @@ from vmipc.kvm.structs import KvmXsave
 from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, UartState
 from vmipc.vmm.machine import MAX_VCPUS, BootSource, Machine, MachineConfig, MachineState
 from vmipc.vmm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from vmipc.vmm.persist.extents import data_extents, punch_hole
+from vmipc.vmm.persist.transfer import PeerClosed, Transfer, fd_kind
 from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
-from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
 RUN_PAGES = 1024
