@@ -522,7 +522,7 @@ def test_load_state_that_kvm_refuses_is_bad_state(tmp_path: Path) -> None:
     """Registers KVM refuses (EFER with reserved bits) are bad input, not an internal
     error; the VMM stays incoming."""
     from vmipc.kvm import structs
-    from vmipc.vmm.persist.dataplane import encode_state_blob
+    from vmipc.vmm.persist import encode_state_blob
 
     with vmms() as make:
         source = make()

@@ -18,7 +18,7 @@ from vmipc.kvm import structs
 from vmipc.vmm.devices import Uart16550
 from vmipc.vmm.machine import BootSource, MachineConfig, MachineState
 from vmipc.vmm.memory import MIN_MEMORY, layout_for
-from vmipc.vmm.persist.dataplane import state_sections
+from vmipc.vmm.persist import state_sections
 from vmipc.vmm.state import VcpuState, VmState
 
 PAGE = 4096

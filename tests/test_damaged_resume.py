@@ -23,7 +23,7 @@ from vmipc.formats import (
 )
 from vmipc.formats.pagestream import end_of_round
 from vmipc.protocol import CommandError
-from vmipc.vmm.persist.dataplane import PageCoverage
+from vmipc.vmm.persist import PageCoverage
 
 pytestmark = pytest.mark.kvm
 

@@ -36,7 +36,7 @@ from vmipc.protocol import CommandError
 from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, Uart16550
 from vmipc.vmm.machine import MAX_VCPUS, BootSource, MachineConfig, MachineState
 from vmipc.vmm.memory import MAX_MEMORY
-from vmipc.vmm.persist.dataplane import (
+from vmipc.vmm.persist import (
     MAX_STATE_SIZE,
     STATE_LIMITS,
     STATE_MAGIC,

@@ -11,7 +11,7 @@ import pytest
 
 from vmipc.vmm.kick import install_kick_handler
 from vmipc.vmm.memory import MIB, GuestMemory
-from vmipc.vmm.persist.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
+from vmipc.vmm.persist import PeerClosed, Transfer, TransferCancelled, fd_kind
 
 
 @pytest.fixture

@@ -87,7 +87,7 @@ from vmipc.protocol import (
     load_schema,
     pack,
 )
-from vmipc.vmm.persist.dataplane import (
+from vmipc.vmm.persist import (
     BulkError,
     decode_state,
     encode_state_blob,
@@ -376,7 +376,7 @@ def _state_seeds() -> list[bytes]:
 
 
 def _snapshot_image() -> bytes:
-    from vmipc.vmm.persist.dataplane import state_sections
+    from vmipc.vmm.persist import state_sections
 
     sections = state_sections(synthetic_state())
     regions = ((0, 16 * _PAGE, 0),)
@@ -390,7 +390,7 @@ def _snapshot_seeds() -> list[bytes]:
 
 
 def _sealed_seeds() -> list[bytes]:
-    from vmipc.vmm.persist.dataplane import state_sections
+    from vmipc.vmm.persist import state_sections
 
     parts = [data for _, _, data in state_sections(synthetic_state())]
     regions = ((0, 16 * _PAGE, 0),)

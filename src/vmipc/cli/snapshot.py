@@ -135,7 +135,7 @@ def _open_reader(path: str) -> Iterator[tuple[SnapshotReader, int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vmipc.vmm.persist.dataplane import BulkError
+    from vmipc.vmm.persist import BulkError
 
     action: Callable[[argparse.Namespace, SnapshotReader, int], int] = args._action
     try:
@@ -210,7 +210,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace, reader: SnapshotReader, fd: int) -> int:
-    from vmipc.vmm.persist.restorable import check_restorable
+    from vmipc.vmm.persist import check_restorable
 
     if args.section is not None:
         reader.verify(args.section)

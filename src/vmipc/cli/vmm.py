@@ -558,9 +558,7 @@ def open_snapshot(
     machine built with its RAM (not started), and the state to restore into it."""
     from vmipc.formats import FormatError, SnapshotReader
     from vmipc.vmm.memory import GuestMemory
-    from vmipc.vmm.persist.dataplane import BulkError, read_snapshot_memory
-    from vmipc.vmm.persist.restorable import check_restorable
-    from vmipc.vmm.persist.transfer import Transfer
+    from vmipc.vmm.persist import BulkError, Transfer, check_restorable, read_snapshot_memory
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

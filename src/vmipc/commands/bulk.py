@@ -17,10 +17,15 @@ from vmipc.vmm.host import MachineHost
 from vmipc.vmm.machine import DirtyLogMoved, DirtyLogOff, Machine, MachineState
 from vmipc.vmm.machine_api import InvalidStateError
 from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
-from vmipc.vmm.persist.dataplane import (
+from vmipc.vmm.persist import (
     BulkError,
+    PeerClosed,
     Stats,
+    Transfer,
+    TransferCancelled,
+    check_config,
     encode_state_blob,
+    fd_kind,
     memory_section_at,
     read_raw_image,
     read_snapshot_memory,
@@ -33,8 +38,6 @@ from vmipc.vmm.persist.dataplane import (
     write_raw_image,
     write_state_sections,
 )
-from vmipc.vmm.persist.restorable import check_config
-from vmipc.vmm.persist.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
 from vmipc.vmm.runstate import RunState
 
 T = TypeVar("T")

@@ -47,7 +47,7 @@ from vmipc.formats.snapshot import (
     SECTION_MEMORY,
 )
 from vmipc.sequences._common import fsync_dir, unlink_quietly
-from vmipc.vmm.persist.extents import data_extents, punch_hole
+from vmipc.vmm.persist import data_extents, punch_hole
 
 #: bytes moved per read or write when copying or hashing file ranges
 CHUNK = 4 << 20

@@ -18,7 +18,8 @@ from vmipc.formats.snapshot import (
 )
 from vmipc.vmm.machine import MAX_VCPUS, MachineConfig, MachineState
 from vmipc.vmm.memory import PAGE_SIZE, MemoryConfigError, layout_for
-from vmipc.vmm.persist.dataplane import BulkError, read_state_sections
+from vmipc.vmm.persist.errors import BulkError
+from vmipc.vmm.persist.statecodec import read_state_sections
 
 
 @dataclass(frozen=True)
