@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 import trio
 
 from vmipc.commands._registry import CommandContext, handler
-from vmipc.formats import bitmap_to_runs
 from vmipc.protocol import CommandError, ErrorCode
+from vmipc.vmm.dirtylog import DirtyLogMoved, DirtyLogOff
 from vmipc.vmm.host import MachineHost
-from vmipc.vmm.machine import DirtyLogMoved, DirtyLogOff, Machine, MachineState
+from vmipc.vmm.machine import Machine, MachineState
 from vmipc.vmm.machine_api import InvalidStateError
 from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
 from vmipc.vmm.persist import (
@@ -284,13 +284,13 @@ async def load_state(ctx: CommandContext) -> dict[str, Any]:
 @handler("dirty-log-start", exclusive=True)
 async def dirty_log_start(ctx: CommandContext) -> dict[str, Any]:
     machine = _machine(ctx)
-    return {"epoch": await trio.to_thread.run_sync(machine.dirty_log_start)}
+    return {"epoch": await trio.to_thread.run_sync(machine.dirty_log.start)}
 
 
 @handler("dirty-log-stop", exclusive=True)
 async def dirty_log_stop(ctx: CommandContext) -> dict[str, Any]:
     machine = _machine(ctx)
-    await trio.to_thread.run_sync(machine.dirty_log_stop)
+    await trio.to_thread.run_sync(machine.dirty_log.stop)
     return {}
 
 
@@ -304,7 +304,7 @@ def _dirty_log_off(ctx: CommandContext) -> CommandError:
 async def query_dirty(ctx: CommandContext) -> dict[str, Any]:
     machine = _machine(ctx)
     try:
-        count = await trio.to_thread.run_sync(machine.query_dirty)
+        count = await trio.to_thread.run_sync(machine.dirty_log.query)
     except DirtyLogOff:
         raise _dirty_log_off(ctx) from None
     return {
@@ -336,7 +336,7 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
         except (BulkError, OSError) as exc:
             raise _command_error(ctx, exc) from None
     try:
-        bitmaps, epoch = await trio.to_thread.run_sync(machine.take_dirty, expected)
+        taken = await trio.to_thread.run_sync(machine.dirty_log.take, expected)
     except DirtyLogOff:
         raise _dirty_log_off(ctx) from None
     except DirtyLogMoved as exc:
@@ -345,11 +345,7 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
             f"dump-dirty: {exc}; nothing was taken",
             {"expected": exc.expected, "epoch": exc.current},
         ) from None
-    assert machine.memory is not None
-    runs = [
-        bitmap_to_runs(bitmap, region.size // PAGE_SIZE)
-        for bitmap, region in zip(bitmaps, machine.memory.regions, strict=True)
-    ]
+    runs, epoch = taken.slots, taken.epoch
     if snapshot:
         stats = await _run_bulk(
             ctx,
