@@ -331,7 +331,7 @@ class Machine:
             return load_multiboot(self.memory, image, builtin_cmdline(self.config))
         raise GuestImageError(f"unknown boot source {boot.kind!r}")
 
-    # --- MachineApi -----------------------------------------------------------------
+    # --- Pausable (vmm/machine_api.py) ------------------------------------------------
 
     @property
     def state(self) -> RunState:

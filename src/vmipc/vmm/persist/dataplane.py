@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vmipc.formats import (
@@ -45,20 +45,18 @@ _ZEROS = bytearray(1 << 20)
 
 @dataclass
 class Stats:
-    data_pages: int = 0
-    zero_pages: int = 0
-    bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: a load replaced every page of RAM (not in the result: the machine host's business)
-    complete: bool = False
+    """What a dump or load of RAM moved."""
 
-    def result(self) -> dict[str, Any]:
-        return {
-            "data_pages": self.data_pages,
-            "zero_pages": self.zero_pages,
-            "bytes": self.bytes,
-            **self.extra,
-        }
+    #: pages sent or received as data
+    data_pages: int = 0
+    #: pages sent or received as zero runs (never as data)
+    zero_pages: int = 0
+    #: bytes written to or read from the fd
+    bytes: int = 0
+    #: page-stream rounds received (a load of a stream), else None
+    rounds: int | None = None
+    #: a load replaced every page of RAM
+    complete: bool = False
 
 
 # --- which pages to send ---------------------------------------------------------------
@@ -231,7 +229,7 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
     except PeerClosed as exc:
         raise BulkError("bad-stream", f"page stream truncated: {exc}") from None
     stats.data_pages = data_bytes // PAGE_SIZE
-    stats.extra["rounds"] = rounds
+    stats.rounds = rounds
     stats.complete = coverage.complete()
     return stats
 
