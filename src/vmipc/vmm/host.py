@@ -278,25 +278,24 @@ class MachineHost:
 
     def dump_memory(self, fd: int, fmt: MemoryFormat, transfer: Transfer) -> MemoryDump:
         machine = self.require_machine("dump-memory")
+        memory = _ram(machine)
         consistent = machine.state is not RunState.RUNNING
         if fmt == "snapshot":
-            transfer.total = machine.memory_size
-            entry, stats = write_memory_section(machine, fd, transfer, consistent=consistent)
+            transfer.total = memory.size
+            entry, stats = write_memory_section(memory, fd, transfer, consistent=consistent)
             return MemoryDump(stats, consistent, entry)
         if fmt == "raw":
-            transfer.total = machine.memory_size
-            return MemoryDump(write_raw_image(machine, fd, transfer), consistent)
-        return MemoryDump(
-            send_page_stream(machine, fd, transfer, consistent=consistent), consistent
-        )
+            transfer.total = memory.size
+            return MemoryDump(write_raw_image(memory, fd, transfer), consistent)
+        stats = send_page_stream(memory, fd, transfer, consistent=consistent)
+        return MemoryDump(stats, consistent)
 
     def load_memory(self, fd: int, fmt: MemoryFormat, transfer: Transfer) -> Stats:
         if fmt == "snapshot" and self._machine is None:
             state = read_state_sections(fd)
             check_config(state.config)  # a file's config that builds no machine
             self.configure(state.config)
-        memory = self._incoming_machine("load-memory").memory
-        assert memory is not None
+        memory = _ram(self._incoming_machine("load-memory"))
         transfer.total = memory.size
         read = _MEMORY_READERS[fmt]
         return self._load("load-memory", lambda: read(memory, fd, transfer))
@@ -336,22 +335,27 @@ class MachineHost:
         self, fd: int, transfer: Transfer, *, epoch: str | None, section: int | None
     ) -> DirtyDump:
         machine = self.require_machine("dump-dirty")
+        memory = _ram(machine)
         consistent = machine.state is not RunState.RUNNING
         # before any page is taken: a wrong file or offset must not lose the dirty pages
-        writer = None if section is None else memory_section_at(machine, fd, section)
+        writer = None if section is None else memory_section_at(memory, fd, section)
         taken = machine.dirty_log.take(epoch)
         if writer is None:
-            stats = send_page_stream(machine, fd, transfer, consistent=consistent, runs=taken.slots)
+            stats = send_page_stream(memory, fd, transfer, consistent=consistent, runs=taken.slots)
         else:
             stats = update_memory_section(
-                machine, fd, transfer, writer, taken.slots, consistent=consistent
+                memory, fd, transfer, writer, taken.slots, consistent=consistent
             )
         return DirtyDump(stats, consistent, taken.epoch)
 
     def apply_pages(self, fd: int, transfer: Transfer) -> Stats:
-        memory = self._incoming_machine("apply-pages").memory
-        assert memory is not None
+        memory = _ram(self._incoming_machine("apply-pages"))
         return self._load("apply-pages", lambda: receive_page_stream(memory, fd, transfer))
+
+
+def _ram(machine: Machine) -> GuestMemory:
+    assert machine.memory is not None  # None once the machine is closed
+    return machine.memory
 
 
 def _damage(operation: str, exc: BaseException) -> str:

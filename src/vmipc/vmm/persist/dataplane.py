@@ -31,7 +31,6 @@ from vmipc.formats import (
     split_zero_runs,
 )
 from vmipc.formats.snapshot import MEMORY_ENCODING_IMAGE
-from vmipc.vmm.machine import Machine
 from vmipc.vmm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.extents import data_extents, punch_hole
@@ -95,7 +94,7 @@ def _region_pieces(
 
 
 def send_page_stream(
-    machine: Machine,
+    memory: GuestMemory,
     fd: int,
     transfer: Transfer,
     *,
@@ -109,8 +108,6 @@ def send_page_stream(
     zero-copy; from a running guest each run is copied first so that the round checksum
     covers exactly the bytes sent.
     """
-    memory = machine.memory
-    assert memory is not None
     kind = fd_kind(fd)
     encoder = PageStreamEncoder(list(memory.ram_ranges()))
     stats = Stats()
@@ -238,11 +235,9 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
 
 
 def write_memory_section(
-    machine: Machine, fd: int, transfer: Transfer, *, consistent: bool
+    memory: GuestMemory, fd: int, transfer: Transfer, *, consistent: bool
 ) -> tuple[SectionEntry, Stats]:
     """Append the snapshot memory section (descriptor + sparse RAM image) to file ``fd``."""
-    memory = machine.memory
-    assert memory is not None
     offset = section_offset(os.fstat(fd).st_size)
     regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
     writer = MemorySectionWriter(offset, regions)
@@ -284,12 +279,10 @@ def _write_pages(
         view.release()
 
 
-def memory_section_at(machine: Machine, fd: int, section: int) -> MemorySectionWriter:
+def memory_section_at(memory: GuestMemory, fd: int, section: int) -> MemorySectionWriter:
     """The memory section at file offset ``section`` of file ``fd``, which must be the one
-    :func:`write_memory_section` writes for this machine (its descriptor, its whole image
+    :func:`write_memory_section` writes for this RAM (its descriptor, its whole image
     within the file); else BulkError("bad-snapshot")."""
-    memory = machine.memory
-    assert memory is not None
     regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
     try:
         writer = MemorySectionWriter(section, regions)
@@ -306,7 +299,7 @@ def memory_section_at(machine: Machine, fd: int, section: int) -> MemorySectionW
 
 
 def update_memory_section(
-    machine: Machine,
+    memory: GuestMemory,
     fd: int,
     transfer: Transfer,
     writer: MemorySectionWriter,
@@ -319,8 +312,6 @@ def update_memory_section(
     in place: data at its image offset, all-zero pages punched as holes (zeros where the
     filesystem cannot). The section's checksum is left to the caller (it covers the
     whole section)."""
-    memory = machine.memory
-    assert memory is not None
     stats = Stats()
     can_punch = True
     for region, region_runs in zip(memory.regions, runs, strict=True):
@@ -356,14 +347,12 @@ def _format_layout(memory: GuestMemory) -> str:
     return ", ".join(f"{r.size >> 20} MiB at {r.guest_phys_addr:#x}" for r in memory.regions)
 
 
-def write_raw_image(machine: Machine, fd: int, transfer: Transfer) -> Stats:
+def write_raw_image(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
     """RAM as one flat image in memfd order; a regular file keeps holes for zero pages.
 
     Into a regular file the image goes from the fd's position to the end of the file: it
     must read back as RAM byte for byte, so what the file held there goes first (zero
     pages are not written, and old bytes would stand in for them or trail the image)."""
-    memory = machine.memory
-    assert memory is not None
     stats = Stats()
     if fd_kind(fd) == "file":
         base = os.lseek(fd, 0, os.SEEK_CUR)
