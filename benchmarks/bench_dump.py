@@ -14,7 +14,7 @@ so a noisy shared machine affects both sides alike:
      ``migrate fd:``);
 
 2. the cost of one dirty-log scan of a 1 GiB and an 8 GiB guest, idle and dirtying:
-   ``Machine.fetch_dirty_bitmaps()``, ``Machine.query_dirty()`` and ``bitmap_to_runs`` over
+   ``Machine.dirty_log.fetch()``, ``Machine.dirty_log.query()`` and ``bitmap_to_runs`` over
    the result, beside the bare ``KVM_GET_DIRTY_LOG`` ioctls and the floor of looking at the
    bits in Python (``int.from_bytes(bitmap).bit_count()``).
 
@@ -897,8 +897,8 @@ def spin(seconds: float) -> None:
 
 
 def bench_dirty(samples: int, interval: float) -> dict[str, Any]:
-    """One scan every ``interval`` s, in turn fetch_dirty_bitmaps (then bitmap_to_runs and
-    the floor over its result), the bare ioctls and query_dirty: each sees the same
+    """One scan every ``interval`` s, in turn dirty_log.fetch (then bitmap_to_runs and
+    the floor over its result), the bare ioctls and dirty_log.query: each sees the same
     interval of guest activity."""
     out: dict[str, Any] = {}
     for size in (GIB, 8 * GIB):
@@ -912,8 +912,8 @@ def bench_dirty(samples: int, interval: float) -> dict[str, Any]:
                 buffers = [
                     (ctypes.c_uint64 * ((r.size // PAGE_SIZE + 63) // 64))() for r in regions
                 ]
-                machine.dirty_log_start()
-                machine.fetch_dirty_bitmaps()  # whatever built up since start
+                machine.dirty_log.start()
+                machine.dirty_log.fetch()  # whatever built up since start
                 timings: dict[str, list[float]] = {
                     key: []
                     for key in ("fetch", "ioctl", "runs", "query", "floor", "pages", "run_count")
@@ -932,11 +932,11 @@ def bench_dirty(samples: int, interval: float) -> dict[str, Any]:
                         t1 = clock()
                     elif kind == "query":
                         t0 = clock()
-                        machine.query_dirty()
+                        machine.dirty_log.query()
                         t1 = clock()
                     else:
                         t0 = clock()
-                        bitmaps = machine.fetch_dirty_bitmaps()
+                        bitmaps = machine.dirty_log.fetch()
                         t1 = clock()
                         runs = [
                             bitmap_to_runs(bitmap, region.size // PAGE_SIZE)
@@ -1004,8 +1004,8 @@ def report_dirty(results: dict[str, Any], samples: int, interval: float) -> None
                 "activity",
                 "dirty pages / runs per scan (rate)",
                 "bare KVM_GET_DIRTY_LOG",
-                "`fetch_dirty_bitmaps()`",
-                "`query_dirty()`",
+                "`dirty_log.fetch()`",
+                "`dirty_log.query()`",
                 "`bitmap_to_runs`",
                 "floor: `int.from_bytes().bit_count()`",
                 "fetch ÷ bare ioctl",
@@ -1018,12 +1018,12 @@ def report_dirty(results: dict[str, Any], samples: int, interval: float) -> None
     )
     say()
     say(
-        "Scans take turns — `fetch_dirty_bitmaps()`, the bare ioctls, `query_dirty()` — "
+        "Scans take turns — `dirty_log.fetch()`, the bare ioctls, `dirty_log.query()` — "
         f"so each sees the same interval of guest activity; each is timed after the pause "
         f"and a {SPIN_S * 1e3:.1f} ms busy wait (waking the CPU is not timed). Bare "
         "`KVM_GET_DIRTY_LOG`: one ioctl per slot into preallocated buffers; "
-        "`fetch_dirty_bitmaps()` adds its buffers, copies and the VMM's own writes; "
-        "`query_dirty()` fetches and ORs the result into what accumulated since logging "
+        "`dirty_log.fetch()` adds its buffers, copies and the VMM's own writes; "
+        "`dirty_log.query()` fetches and ORs the result into what accumulated since logging "
         "started, then counts it; `bitmap_to_runs` and the floor run over the fetched "
         "bitmaps. With logging on, each page's first write after a scan traps to KVM (a "
         "slow software MMU on this machine), which caps the dirtying rate shown."

@@ -521,8 +521,8 @@ def test_dump_dirty_into_a_snapshot_refuses_a_write_only_fd_before_taking_pages(
 def test_load_state_that_kvm_refuses_is_bad_state(tmp_path: Path) -> None:
     """Registers KVM refuses (EFER with reserved bits) are bad input, not an internal
     error; the VMM stays incoming."""
-    from vmipc.commands._bulk import encode_state_blob
     from vmipc.kvm import structs
+    from vmipc.vmm.persist import encode_state_blob
 
     with vmms() as make:
         source = make()

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from vmipc.cli import main
-from vmipc.commands._bulk import state_sections
 from vmipc.formats import SnapshotHeader
 from vmipc.formats import snapshot as sn
 from vmipc.kvm import structs
 from vmipc.vmm.devices import Uart16550
 from vmipc.vmm.machine import BootSource, MachineConfig, MachineState
 from vmipc.vmm.memory import MIN_MEMORY, layout_for
+from vmipc.vmm.persist import state_sections
 from vmipc.vmm.state import VcpuState, VmState
 
 PAGE = 4096

@@ -12,7 +12,6 @@ import pytest
 from tests.seq_support import VCPUS, check_continuation, vmm_processes
 from tests.test_bulk_commands import compose_snapshot, ram_of, vmms
 from vmipc.client import SyncClient
-from vmipc.commands._bulk import PageCoverage
 from vmipc.formats import (
     NEED_DATA,
     DataRun,
@@ -24,6 +23,7 @@ from vmipc.formats import (
 )
 from vmipc.formats.pagestream import end_of_round
 from vmipc.protocol import CommandError
+from vmipc.vmm.persist import PageCoverage
 
 pytestmark = pytest.mark.kvm
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmipc.commands._bulk import BulkError, decode_state
+from vmipc.vmm.persist import BulkError, decode_state
 
 
 def _load_fuzz() -> ModuleType:

@@ -30,8 +30,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     # typed ioctls; the built-in guest image (data); the sans-I/O page-stream and
     # snapshot-file codecs
     ("kvm/formats", {"vmipc.kvm", "vmipc.guest", "vmipc.formats"}),
-    # the machine; memory extents (SEEK_DATA/SEEK_HOLE over an fd)
-    ("vmm", {"vmipc.vmm", "vmipc._extents"}),
+    # the machine, its builder and its data plane (vmm/persist/)
+    ("vmm", {"vmipc.vmm"}),
     # the sans-I/O control protocol
     ("protocol", {"vmipc.protocol"}),
     # the clients; the command handlers (building blocks)
@@ -48,23 +48,7 @@ LAYERS: list[tuple[str, set[str]]] = [
 RANK = {package: rank for rank, (_, packages) in enumerate(LAYERS) for package in packages}
 
 #: (importing module, imported name) -> why it is allowed for now
-ALLOWED: dict[tuple[str, str], str] = {
-    ("vmipc.cli.snapshot", "vmipc.commands._bulk.BulkError"): (
-        "the snapshot codec leaves commands/ for vmm/ (vmm-a's move)"
-    ),
-    ("vmipc.snapshots._verify", "vmipc.commands._restorable.check_restorable"): (
-        "the restore check leaves commands/ for vmm/ (vmm-a's move)"
-    ),
-    ("vmipc.cli.vmm", "vmipc.commands._bulk.BulkError"): (
-        "the snapshot codec leaves commands/ for vmm/ (vmm-a's move)"
-    ),
-    ("vmipc.cli.vmm", "vmipc.commands._bulk.read_snapshot_memory"): (
-        "the snapshot codec leaves commands/ for vmm/ (vmm-a's move)"
-    ),
-    ("vmipc.cli.vmm", "vmipc.commands._restorable.check_restorable"): (
-        "the restore check leaves commands/ for vmm/ (vmm-a's move)"
-    ),
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> tuple[str, bool]:

@@ -23,8 +23,8 @@ import pytest
 from tests.builtin_guest import LINE, Console
 from tests.seq_support import VCPUS, VMIPC, VmmProcess, Vmms, check_continuation, vmm_processes
 from tests.test_restore import restore_options, snapshot_of_a_running_guest
-from vmipc.cli.vmm import restore_machine
 from vmipc.formats import SnapshotReader
+from vmipc.vmm.builder import restore_machine
 from vmipc.vmm.runstate import RunState
 
 pytestmark = pytest.mark.kvm

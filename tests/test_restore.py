@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import struct
 import subprocess
@@ -17,11 +16,11 @@ import pytest
 
 from tests.builtin_guest import Console, check_against_model
 from tests.test_bulk_commands import WS, compose_snapshot, vmms
-from vmipc.cli.vmm import RestoreError, restore_machine
 from vmipc.formats import SnapshotHeader, SnapshotReader, new_snapshot_id
 from vmipc.formats.snapshot import MEMORY_ENCODING_PAGE_STREAM, build_snapshot
 from vmipc.kvm import structs
 from vmipc.protocol import CommandError
+from vmipc.vmm.builder import RestoreError, RestoreOptions, restore_machine
 from vmipc.vmm.memory import MIB
 from vmipc.vmm.runstate import RunState
 
@@ -42,8 +41,8 @@ def snapshot_of_a_running_guest(path: Path) -> tuple[str, int]:
         return vmm.console.text, reached
 
 
-def restore_options(**overrides: bool) -> argparse.Namespace:
-    return argparse.Namespace(**{"eager": False, "verify": False, "paused": False, **overrides})
+def restore_options(**overrides: bool) -> RestoreOptions:
+    return RestoreOptions(**overrides)
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["lazy", "eager"])

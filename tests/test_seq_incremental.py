@@ -22,7 +22,6 @@ import trio
 from tests.seq_support import VmmProcess, check_continuation, vmm_processes
 from tests.seq_support import vmipc as vmipc_process
 from tests.test_seq_snapshot import FailingClient, call_then_fail
-from vmipc import _extents
 from vmipc.cli import main
 from vmipc.client import CommandError, open_client
 from vmipc.formats import (
@@ -39,6 +38,7 @@ from vmipc.formats import (
 from vmipc.formats.snapshot import FLAG_INCREMENTAL, SECTION_MEMORY
 from vmipc.sequences import Incremental, SequenceError, checkpoint
 from vmipc.snapshots import hash_range, increment_descriptor
+from vmipc.vmm.persist import extents as _extents
 
 pytestmark = pytest.mark.kvm
 

@@ -21,16 +21,6 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tests.seq_support import VmmProcess, vmm_processes
-from vmipc.commands._bulk import (
-    MAX_STATE_SIZE,
-    STATE_LIMITS,
-    STATE_MAGIC,
-    BulkError,
-    decode_state,
-    encode_state_blob,
-    read_state_sections,
-    state_sections,
-)
 from vmipc.formats import (
     MsgpackLimits,
     MsgpackRefused,
@@ -46,6 +36,16 @@ from vmipc.protocol import CommandError
 from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, Uart16550
 from vmipc.vmm.machine import MAX_VCPUS, BootSource, MachineConfig, MachineState
 from vmipc.vmm.memory import MAX_MEMORY
+from vmipc.vmm.persist import (
+    MAX_STATE_SIZE,
+    STATE_LIMITS,
+    STATE_MAGIC,
+    BulkError,
+    decode_state,
+    encode_state_blob,
+    read_state_sections,
+    state_sections,
+)
 from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
 
 kvm = pytest.mark.kvm

@@ -11,7 +11,7 @@ import pytest
 
 from vmipc.vmm.kick import install_kick_handler
 from vmipc.vmm.memory import MIB, GuestMemory
-from vmipc.vmm.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
+from vmipc.vmm.persist import PeerClosed, Transfer, TransferCancelled, fd_kind
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_fd_kinds(tmp_path: object) -> None:
 def test_a_non_blocking_fd_is_waited_on_not_spun(
     memory: GuestMemory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vmipc.vmm import transfer as transfer_module
+    from vmipc.vmm.persist import transfer as transfer_module
 
     calls = 0
     real_sendfile = transfer_module._sendfile

@@ -61,7 +61,6 @@ if __package__ in (None, ""):  # run as a script from a checkout: use its source
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
-from vmipc.commands._bulk import BulkError, decode_state, encode_state_blob, read_state_sections
 from vmipc.formats import (
     NEED_DATA,
     DataRun,
@@ -87,6 +86,12 @@ from vmipc.protocol import (
     encode_frame,
     load_schema,
     pack,
+)
+from vmipc.vmm.persist import (
+    BulkError,
+    decode_state,
+    encode_state_blob,
+    read_state_sections,
 )
 
 _SCHEMA = load_schema()
@@ -371,7 +376,7 @@ def _state_seeds() -> list[bytes]:
 
 
 def _snapshot_image() -> bytes:
-    from vmipc.commands._bulk import state_sections
+    from vmipc.vmm.persist import state_sections
 
     sections = state_sections(synthetic_state())
     regions = ((0, 16 * _PAGE, 0),)
@@ -385,7 +390,7 @@ def _snapshot_seeds() -> list[bytes]:
 
 
 def _sealed_seeds() -> list[bytes]:
-    from vmipc.commands._bulk import state_sections
+    from vmipc.vmm.persist import state_sections
 
     parts = [data for _, _, data in state_sections(synthetic_state())]
     regions = ((0, 16 * _PAGE, 0),)

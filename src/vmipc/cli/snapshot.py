@@ -145,7 +145,7 @@ def _open_reader(path: str) -> Iterator[tuple[SnapshotReader, int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vmipc.commands._bulk import BulkError
+    from vmipc.vmm.persist import BulkError
 
     action: Callable[[argparse.Namespace, SnapshotReader, int], int] = args._action
     try:
@@ -211,6 +211,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace, reader: SnapshotReader, fd: int) -> int:
+
     if args.section is not None:
         entry = verify_section(reader, args.section)
         print(f"{args.file}: section '{entry.name}' ok ({entry.length} bytes)")

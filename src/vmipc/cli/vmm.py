@@ -16,9 +16,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from vmipc.errors import VmipcError
-from vmipc.kvm import Kvm, KvmError, KvmUnavailableError, MissingCapabilityError
-from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
+from vmipc.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
+from vmipc.vmm.builder import (
+    Built,
+    RestoreError,
+    RestoreOptions,
+    build_for_boot,
+    build_from_snapshot,
+    build_incoming,
+)
 from vmipc.vmm.host import MachineHost
 from vmipc.vmm.loaders import GuestImageError
 from vmipc.vmm.machine import (
@@ -32,11 +38,9 @@ from vmipc.vmm.machine_api import StateChange
 from vmipc.vmm.memory import MemoryConfigError, layout_for, parse_size
 from vmipc.vmm.runstate import RunState
 from vmipc.vmm.sandbox import SandboxError, enter_capability_mode
-from vmipc.vmm.state import StateRecordError
 
 if TYPE_CHECKING:
     from vmipc.server import Server, SocketConfig
-    from vmipc.vmm.machine import MachineState
 
 log = logging.getLogger("vmipc.vmm")
 
@@ -387,7 +391,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             # 1. everything that needs a path: /dev/kvm, the guest image, the snapshot,
             #    the sockets; 2. capability mode; 3. threads (vCPUs, stdin, trio workers)
-            host, begin = _build(args, config, sink, cleanup)
+            built = _build(args, config, sink, cleanup)
+            host = built.host
             server = None
             if args.socket:
                 try:
@@ -398,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
             status = _enter_sandbox(args, server)
             if status != EXIT_OK:
                 return status
-            begin()
+            built.start()
         except GuestImageError as exc:
             print(f"vmipc vmm: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -427,32 +432,16 @@ def _build(
     config: MachineConfig,
     sink: Callable[[bytes], None],
     cleanup: contextlib.ExitStack,
-) -> tuple[MachineHost, Callable[[], None]]:
-    """Build the machine host (opening every file it needs); return it and the step that
-    starts it, which runs once the VMM is in capability mode (it may start threads)."""
+) -> Built:
+    """The machine host the arguments ask for (every file it needs opened), and the step
+    that starts it once the VMM is in capability mode."""
     if args.restore:
-        machine, state = open_snapshot(args.restore, sink, args)
-        host = MachineHost(sink, machine)
-        cleanup.callback(host.close)
-        return host, lambda: start_restored(machine, state, paused=args.paused)
+        options = RestoreOptions(eager=args.eager, verify=args.verify, paused=args.paused)
+        return build_from_snapshot(args.restore, sink, options, cleanup)
     if args.incoming:
-        kvm = Kvm()  # kept open: in capability mode /dev/kvm cannot be opened again
-        cleanup.callback(kvm.close)
-
-        def factory(config: MachineConfig, console: Callable[[bytes], None]) -> Machine:
-            return Machine(config, console, kvm=kvm.dup())
-
-        host = MachineHost(sink, machine_factory=factory)
-        cleanup.callback(host.close)
-
-        def configure() -> None:
-            if args.memory is not None or args.vcpus is not None:
-                host.configure(config)  # starts the vCPU threads, paused
-
-        return host, configure
-    host = MachineHost(sink, Machine(config, sink))
-    cleanup.callback(host.close)
-    return host, lambda: None
+        configured = args.memory is not None or args.vcpus is not None
+        return build_incoming(sink, cleanup, config if configured else None)
+    return build_for_boot(config, sink, cleanup)
 
 
 def _bind_server(
@@ -534,115 +523,6 @@ def _preload_runtime_modules() -> None:
         package = importlib.import_module(name)
         for info in pkgutil.walk_packages(package.__path__, f"{name}."):
             importlib.import_module(info.name)
-
-
-class RestoreError(VmipcError):
-    """The snapshot cannot be restored (one line: the section and the problem)."""
-
-
-def restore_machine(
-    path: str, console: Callable[[bytes], None], args: argparse.Namespace
-) -> Machine:
-    """Build a machine from a snapshot file: small sections read and verified, RAM mapped
-    from the memory section (lazy) or copied into a memfd (--eager), state restored.
-    The machine is paused, or running unless ``args.paused``."""
-    machine, state = open_snapshot(path, console, args)
-    start_restored(machine, state, paused=args.paused)
-    return machine
-
-
-def open_snapshot(
-    path: str, console: Callable[[bytes], None], args: argparse.Namespace
-) -> tuple[Machine, MachineState]:
-    """The first half of :func:`restore_machine`, everything that reads the file: the
-    machine built with its RAM (not started), and the state to restore into it."""
-    from vmipc.commands._bulk import BulkError, read_snapshot_memory
-    from vmipc.commands._restorable import check_restorable
-    from vmipc.formats import FormatError, SnapshotReader
-    from vmipc.vmm.memory import GuestMemory
-    from vmipc.vmm.transfer import Transfer
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise RestoreError(exc.strerror) from None
-    # the lease first: what is checked below is then what the guest runs on
-    lease, no_lease = (None, None) if args.eager else _take_lease(path, fd)
-    try:
-        try:
-            reader = SnapshotReader(
-                lambda size, offset: os.pread(fd, size, offset), os.fstat(fd).st_size
-            )
-            reader.check_complete()
-            if reader.header.incremental:
-                raise RestoreError("an incremental snapshot: merge its chain first")
-            # everything `vmipc snapshot verify` checks too, before any RAM is mapped
-            restorable = check_restorable(reader, fd)
-            if args.verify:
-                reader.verify("memory")
-        except (FormatError, BulkError) as exc:
-            raise RestoreError(str(exc)) from None
-        except OSError as exc:  # not a file that can be read (a directory, an I/O error)
-            raise RestoreError(exc.strerror or str(exc)) from None
-        state, section = restorable.state, restorable.memory
-        empty = MachineConfig(state.config.memory_size, state.config.vcpus, BootSource("none"))
-        if lease is None:
-            if no_lease:
-                log.warning(
-                    "warning: no read lease on %s (%s): guest RAM loaded at once, as with --eager",
-                    path,
-                    no_lease,
-                )
-            machine = Machine(empty, console)
-            assert machine.memory is not None
-            try:
-                read_snapshot_memory(machine.memory, fd, Transfer())
-            except BulkError as exc:
-                machine.close()
-                raise RestoreError(str(exc)) from None
-        else:
-            # the layout was checked: the section's image holds all of this RAM
-            memory = GuestMemory(
-                state.config.memory_size,
-                fd=os.dup(fd),
-                private_file_offset=section.data_offset,
-                lease=lease,
-            )
-            machine = Machine(empty, console, memory=memory)
-    except BaseException:
-        if lease is not None:
-            lease.close()
-        raise
-    finally:
-        os.close(fd)
-    return machine, state
-
-
-def _take_lease(path: str, fd: int) -> tuple[ReadLease | None, str | None]:
-    """A read lease on the snapshot file, so that a lazy restore can map it: a writer then
-    waits until guest RAM is copied off the file. Else (None, why): guest RAM is then
-    loaded at once, as with --eager, so that no writer can change it or cut it off under
-    the guest (docs/vmm.md, "Lazy restore")."""
-    try:
-        return ReadLease.take(path, fd), None
-    except LeaseUnavailable as exc:
-        return None, str(exc)
-
-
-def start_restored(machine: Machine, state: MachineState, *, paused: bool) -> None:
-    """The second half of :func:`restore_machine`: start the vCPU threads (paused), restore
-    the state, and run unless ``paused``. Needs no file (it may run in capability mode)."""
-    try:
-        machine.start(paused=True)
-        try:
-            machine.restore_state(state)
-        except StateRecordError as exc:  # KVM refused a value of the file's records
-            raise RestoreError(str(exc)) from None
-        if not paused:
-            machine.resume()
-    except BaseException:
-        machine.close()
-        raise
 
 
 def _run_standalone(machine: Machine) -> int:

@@ -1,5 +1,11 @@
 """Bulk-data building blocks: dumps and loads of memory and state through passed fds,
-and dirty-page tracking. The VMM never opens a path: it reads and writes the fds."""
+and dirty-page tracking. The VMM never opens a path: it reads and writes the fds.
+
+Each handler is an adapter: it checks the fds, calls one method of the machine's
+``Snapshottable`` or ``Migratable`` role (vmm/machine_api.py) in a worker thread, and
+turns what it raises into the command's error codes. The work itself is the VMM's data
+plane (vmm/persist/).
+"""
 
 from __future__ import annotations
 
@@ -10,55 +16,23 @@ from typing import Any, TypeVar
 
 import trio
 
-from vmipc.commands._bulk import (
-    BulkError,
-    Stats,
-    encode_state_blob,
-    memory_section_at,
-    read_raw_image,
-    read_snapshot_memory,
-    read_state_blob,
-    read_state_sections,
-    receive_page_stream,
-    send_page_stream,
-    update_memory_section,
-    write_memory_section,
-    write_raw_image,
-    write_state_sections,
-)
 from vmipc.commands._registry import CommandContext, handler
-from vmipc.commands._restorable import check_config
-from vmipc.formats import bitmap_to_runs
+from vmipc.kvm import KvmError
 from vmipc.protocol import CommandError, ErrorCode
-from vmipc.vmm.host import MachineHost
-from vmipc.vmm.machine import DirtyLogMoved, DirtyLogOff, Machine, MachineState
-from vmipc.vmm.machine_api import InvalidStateError
-from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
-from vmipc.vmm.runstate import RunState
-from vmipc.vmm.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
+from vmipc.vmm.dirtylog import DirtyLogMoved, DirtyLogOff
+from vmipc.vmm.memory import PAGE_SIZE
+from vmipc.vmm.persist import BulkError, PeerClosed, Stats, Transfer, TransferCancelled, fd_kind
 
 T = TypeVar("T")
 
 
-def _host(ctx: CommandContext) -> MachineHost:
-    host = ctx.machine
-    if not isinstance(host, MachineHost):
-        raise CommandError("internal-error", "this server has no machine host")
-    return host
-
-
-def _machine(ctx: CommandContext) -> Machine:
-    return _host(ctx).require_machine(ctx.command)
-
-
-async def _run_bulk(
-    ctx: CommandContext, phase: str, total: int | None, work: Callable[[Transfer], T]
-) -> T:
-    """Run ``work`` in a worker thread; a cancelled request kicks it out of any blocked
-    system call and waits for it, so the fd is released before the reply."""
+async def _run_bulk(ctx: CommandContext, phase: str, work: Callable[[Transfer], T]) -> T:
+    """Run ``work`` in a worker thread, with progress reports of ``phase``; a cancelled
+    request kicks it out of any blocked system call and waits for it, so the fd is
+    released before the reply."""
 
     def report(done: int) -> None:
-        ctx.progress(phase, done, total)
+        ctx.progress(phase, done, transfer.total)
 
     transfer = Transfer.unbound(report)
 
@@ -79,6 +53,8 @@ async def _run_bulk(
         raise CommandError("cancelled", f"{ctx.command} was cancelled") from None
     except PeerClosed as exc:
         raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
+    except KvmError:
+        raise  # the machine's ioctl, not the fd: an internal error
     except (BulkError, OSError) as exc:
         raise _command_error(ctx, exc) from None
 
@@ -126,8 +102,13 @@ def _require_positional(ctx: CommandContext, name: str, what: str, *, read: bool
     return fd
 
 
-def _with_stats(stats: Stats, **extra: Any) -> dict[str, Any]:
-    return {**stats.result(), **extra}
+def _stats(stats: Stats, **extra: Any) -> dict[str, Any]:
+    return {
+        "data_pages": stats.data_pages,
+        "zero_pages": stats.zero_pages,
+        "bytes": stats.bytes,
+        **extra,
+    }
 
 
 # --- memory --------------------------------------------------------------------------------
@@ -135,106 +116,33 @@ def _with_stats(stats: Stats, **extra: Any) -> dict[str, Any]:
 
 @handler("dump-memory")
 async def dump_memory(ctx: CommandContext) -> dict[str, Any]:
-    machine = _machine(ctx)
     fmt = ctx.args["format"]
-    consistent = machine.state is not RunState.RUNNING
+    fd = ctx.fds["out"]
     if fmt == "snapshot":
-        fd = _require_file(ctx, "out", "snapshot")
+        _require_file(ctx, "out", "snapshot")
         _require_positional(ctx, "out", "snapshot")
-        entry, stats = await _run_bulk(
-            ctx,
-            "memory",
-            machine.memory_size,
-            lambda t: write_memory_section(machine, fd, t, consistent=consistent),
-        )
-        return _with_stats(stats, consistent=consistent, section=entry.to_dict())
-    if fmt == "raw":
-        if fd_kind(ctx.fds["out"]) == "file":
-            _require_positional(ctx, "out", "raw")
-        stats = await _run_bulk(
-            ctx,
-            "memory",
-            machine.memory_size,
-            lambda t: write_raw_image(machine, ctx.fds["out"], t),
-        )
-        return _with_stats(stats, consistent=consistent, section=None)
-    stats = await _run_bulk(
-        ctx,
-        "memory",
-        None,
-        lambda t: send_page_stream(machine, ctx.fds["out"], t, consistent=consistent),
-    )
-    return _with_stats(stats, consistent=consistent, section=None)
+    elif fmt == "raw" and fd_kind(fd) == "file":
+        _require_positional(ctx, "out", "raw")
+    dump = await _run_bulk(ctx, "memory", lambda t: ctx.machine.dump_memory(fd, fmt, t))
+    section = None if dump.section is None else dump.section.to_dict()
+    return _stats(dump.stats, consistent=dump.consistent, section=section)
 
 
 @handler("load-memory", exclusive=True)
 async def load_memory(ctx: CommandContext) -> dict[str, Any]:
-    host = _host(ctx)
     fmt = ctx.args["format"]
     fd = ctx.fds["in"]
     if fmt == "snapshot":
         _require_file(ctx, "in", "snapshot")
-        if host.machine is None:
-            state = await _run_bulk(ctx, "config", None, lambda t: read_state_sections(fd))
-            try:
-                check_config(state.config)  # a file's config that builds no machine
-            except BulkError as exc:
-                raise _command_error(ctx, exc) from None
-            await trio.to_thread.run_sync(host.configure, state.config)
-    machine = _incoming_machine(ctx, host)
-    memory = machine.memory
-    assert memory is not None
-    readers: dict[str, Callable[[GuestMemory, int, Transfer], Stats]] = {
-        "snapshot": read_snapshot_memory,
-        "raw": read_raw_image,
-        "stream": receive_page_stream,
-    }
-    read = readers[fmt]
-    stats = await _load(ctx, host, memory.size, lambda t: read(memory, fd, t))
-    return _with_stats(stats, rounds=stats.extra.get("rounds"))
-
-
-async def _load(
-    ctx: CommandContext, host: MachineHost, total: int | None, work: Callable[[Transfer], Stats]
-) -> Stats:
-    """Run a memory load; if it fails half-way the guest must not run from that memory
-    until a load replaces all of it (one of some pages only, such as an empty stream, would
-    leave the pages that failed their checks)."""
-    try:
-        stats = await _run_bulk(ctx, "memory", total, work)
-    except CommandError as exc:
-        host.mark_damaged(exc.message)  # "<command>: <what went wrong>"
-        raise
-    except BaseException as exc:
-        host.mark_damaged(f"{ctx.command} did not finish ({type(exc).__name__})")
-        raise
-    if stats.complete:
-        host.mark_complete()
-    return stats
+    stats = await _run_bulk(ctx, "memory", lambda t: ctx.machine.load_memory(fd, fmt, t))
+    return _stats(stats, rounds=stats.rounds)
 
 
 @handler("apply-pages", exclusive=True)
 async def apply_pages(ctx: CommandContext) -> dict[str, Any]:
-    host = _host(ctx)
-    machine = _incoming_machine(ctx, host)
-    memory = machine.memory
-    assert memory is not None
     fd = ctx.fds["in"]
-    stats = await _load(ctx, host, None, lambda t: receive_page_stream(memory, fd, t))
-    return _with_stats(stats)
-
-
-def _incoming_machine(ctx: CommandContext, host: MachineHost) -> Machine:
-    if not host.receiving:
-        raise InvalidStateError(ctx.command, host.state)
-    machine = host.machine
-    if machine is None:
-        raise CommandError(
-            "not-configured",
-            f"{ctx.command}: this incoming VMM has no machine yet: start it with "
-            "--memory/--vcpus, or send load-state first",
-        )
-    return machine
+    stats = await _run_bulk(ctx, "memory", lambda t: ctx.machine.apply_pages(fd, t))
+    return _stats(stats, rounds=stats.rounds)
 
 
 # --- state -----------------------------------------------------------------------------------
@@ -242,37 +150,23 @@ def _incoming_machine(ctx: CommandContext, host: MachineHost) -> Machine:
 
 @handler("dump-state")
 async def dump_state(ctx: CommandContext) -> dict[str, Any]:
-    machine = _machine(ctx)
-    state = await trio.to_thread.run_sync(machine.save_state)
-    if ctx.args["format"] == "snapshot":
-        fd = _require_file(ctx, "out", "snapshot")
+    fmt = ctx.args["format"]
+    fd = ctx.fds["out"]
+    if fmt == "snapshot":
+        _require_file(ctx, "out", "snapshot")
         _require_positional(ctx, "out", "snapshot")
-        entries = await _run_bulk(ctx, "state", None, lambda t: write_state_sections(state, fd, t))
-        return {
-            "bytes": sum(entry.length for entry in entries),
-            "sections": [entry.to_dict() for entry in entries],
-        }
-    blob = encode_state_blob(state)
-    await _run_bulk(ctx, "state", len(blob), lambda t: t.write(ctx.fds["out"], blob))
-    return {"bytes": len(blob), "sections": []}
+    dump = await _run_bulk(ctx, "state", lambda t: ctx.machine.dump_state(fd, fmt, t))
+    return {"bytes": dump.bytes, "sections": [entry.to_dict() for entry in dump.sections]}
 
 
 @handler("load-state", exclusive=True)
 async def load_state(ctx: CommandContext) -> dict[str, Any]:
-    host = _host(ctx)
-    if not host.incoming:
-        raise InvalidStateError(ctx.command, host.state)
+    fmt = ctx.args["format"]
     fd = ctx.fds["in"]
-    if ctx.args["format"] == "snapshot":
+    if fmt == "snapshot":
         _require_file(ctx, "in", "snapshot")
-        state: MachineState = await _run_bulk(ctx, "state", None, lambda t: read_state_sections(fd))
-    else:
-        state = await _run_bulk(ctx, "state", None, lambda t: read_state_blob(fd, t))
-    try:
-        await trio.to_thread.run_sync(host.load_state, state)
-    except ValueError as exc:
-        raise CommandError("bad-state", f"load-state: {exc}") from None
-    return {"vcpus": state.config.vcpus, "memory_size": state.config.memory_size}
+    config = await _run_bulk(ctx, "state", lambda t: ctx.machine.load_state(fd, fmt, t))
+    return {"vcpus": config.vcpus, "memory_size": config.memory_size}
 
 
 # --- dirty pages -------------------------------------------------------------------------------
@@ -280,14 +174,12 @@ async def load_state(ctx: CommandContext) -> dict[str, Any]:
 
 @handler("dirty-log-start", exclusive=True)
 async def dirty_log_start(ctx: CommandContext) -> dict[str, Any]:
-    machine = _machine(ctx)
-    return {"epoch": await trio.to_thread.run_sync(machine.dirty_log_start)}
+    return {"epoch": await trio.to_thread.run_sync(ctx.machine.dirty_log_start)}
 
 
 @handler("dirty-log-stop", exclusive=True)
 async def dirty_log_stop(ctx: CommandContext) -> dict[str, Any]:
-    machine = _machine(ctx)
-    await trio.to_thread.run_sync(machine.dirty_log_stop)
+    await trio.to_thread.run_sync(ctx.machine.dirty_log_stop)
     return {}
 
 
@@ -299,9 +191,8 @@ def _dirty_log_off(ctx: CommandContext) -> CommandError:
 
 @handler("query-dirty")
 async def query_dirty(ctx: CommandContext) -> dict[str, Any]:
-    machine = _machine(ctx)
     try:
-        count = await trio.to_thread.run_sync(machine.query_dirty)
+        count = await trio.to_thread.run_sync(ctx.machine.query_dirty)
     except DirtyLogOff:
         raise _dirty_log_off(ctx) from None
     return {
@@ -313,27 +204,23 @@ async def query_dirty(ctx: CommandContext) -> dict[str, Any]:
 
 @handler("dump-dirty")
 async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
-    machine = _machine(ctx)
-    consistent = machine.state is not RunState.RUNNING
-    expected = ctx.args["epoch"]
-    section = ctx.args["section"]
-    snapshot = ctx.args["format"] == "snapshot"
-    if snapshot:
-        fd = _require_file(ctx, "out", "snapshot")
+    fd = ctx.fds["out"]
+    section = None
+    if ctx.args["format"] == "snapshot":
+        _require_file(ctx, "out", "snapshot")
         _require_positional(ctx, "out", "snapshot", read=True)
+        section = ctx.args["section"]
         if section is None:
             raise CommandError(
                 ErrorCode.INVALID_ARGUMENTS,
                 "dump-dirty: format snapshot needs section (the memory section's offset)",
                 {"argument": "section", "problem": "required with format snapshot"},
             )
-        # before any page is taken: a wrong file or offset must not lose the dirty pages
-        try:
-            writer = memory_section_at(machine, fd, section)
-        except (BulkError, OSError) as exc:
-            raise _command_error(ctx, exc) from None
+    epoch = ctx.args["epoch"]
     try:
-        bitmaps, epoch = await trio.to_thread.run_sync(machine.take_dirty, expected)
+        dump = await _run_bulk(
+            ctx, "pages", lambda t: ctx.machine.dump_dirty(fd, t, epoch=epoch, section=section)
+        )
     except DirtyLogOff:
         raise _dirty_log_off(ctx) from None
     except DirtyLogMoved as exc:
@@ -342,25 +229,4 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
             f"dump-dirty: {exc}; nothing was taken",
             {"expected": exc.expected, "epoch": exc.current},
         ) from None
-    assert machine.memory is not None
-    runs = [
-        bitmap_to_runs(bitmap, region.size // PAGE_SIZE)
-        for bitmap, region in zip(bitmaps, machine.memory.regions, strict=True)
-    ]
-    if snapshot:
-        stats = await _run_bulk(
-            ctx,
-            "pages",
-            None,
-            lambda t: update_memory_section(machine, fd, t, writer, runs, consistent=consistent),
-        )
-    else:
-        stats = await _run_bulk(
-            ctx,
-            "pages",
-            None,
-            lambda t: send_page_stream(
-                machine, ctx.fds["out"], t, consistent=consistent, runs=runs
-            ),
-        )
-    return {**_with_stats(stats, consistent=consistent), "epoch": epoch}
+    return {**_stats(dump.stats, consistent=dump.consistent), "epoch": dump.epoch}

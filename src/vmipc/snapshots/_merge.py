@@ -10,7 +10,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vmipc._extents import data_extents, punch_hole
 from vmipc.formats import (
     Checksum,
     DataRun,
@@ -47,6 +46,7 @@ from vmipc.snapshots._ranges import (
     write_zeros,
 )
 from vmipc.snapshots._seal import PRODUCER, seal
+from vmipc.vmm.persist import data_extents, punch_hole
 
 
 @dataclass(frozen=True)

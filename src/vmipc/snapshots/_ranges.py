@@ -7,8 +7,8 @@ import errno
 import functools
 import os
 
-from vmipc._extents import data_extents
 from vmipc.formats import Checksum, SectionEntry, SnapshotReader
+from vmipc.vmm.persist import data_extents
 
 #: bytes moved per read or write when copying or hashing file ranges
 CHUNK = 4 << 20

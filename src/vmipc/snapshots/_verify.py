@@ -29,7 +29,7 @@ def verify_restorable(reader: SnapshotReader, fd: int) -> None:
     ``BulkError`` (``bad-snapshot`` / ``bad-state``) from the restore's own check."""
     # the restore's check lives beside the restore (it knows the machine); imported here
     # only when asked, so that the file tools do not load the VMM
-    from vmipc.commands._restorable import check_restorable
+    from vmipc.vmm.persist import check_restorable
 
     reader.verify()
     reader.check_complete()

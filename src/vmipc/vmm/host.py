@@ -5,6 +5,12 @@ one (``--incoming``): then the slot is empty, its state is ``incoming``, and the
 built when its configuration arrives — from ``--memory``/``--vcpus`` at start-up, or from
 the first ``load-state``. A received machine stays ``incoming`` until its state is
 loaded; then it is ``paused`` and ``resume`` runs it.
+
+The host implements every role of :class:`vmipc.vmm.machine_api.MachineApi`: the run
+state forwarded to the machine, and the bulk operations (dumps and loads of memory and
+state, the dirty log) over the data plane in :mod:`vmipc.vmm.persist`. It keeps what only
+the slot knows: whether a received machine may still be loaded, and whether a failed load
+damaged its memory.
 """
 
 from __future__ import annotations
@@ -12,8 +18,38 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from vmipc.vmm.dirtylog import DirtyCount
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig, MachineState
-from vmipc.vmm.machine_api import InvalidStateError, StateChange
+from vmipc.vmm.machine_api import (
+    DirtyDump,
+    InvalidStateError,
+    MemoryDump,
+    MemoryFormat,
+    StateChange,
+    StateDump,
+    StateFormat,
+)
+from vmipc.vmm.memory import GuestMemory
+from vmipc.vmm.persist import (
+    BulkError,
+    PeerClosed,
+    Stats,
+    Transfer,
+    TransferCancelled,
+    check_config,
+    encode_state_blob,
+    memory_section_at,
+    read_raw_image,
+    read_snapshot_memory,
+    read_state_blob,
+    read_state_sections,
+    receive_page_stream,
+    send_page_stream,
+    update_memory_section,
+    write_memory_section,
+    write_raw_image,
+    write_state_sections,
+)
 from vmipc.vmm.runstate import RunState
 
 #: a damage reason is cut to this many characters: it quotes an error about hostile data
@@ -31,8 +67,16 @@ class MachineDamaged(InvalidStateError):
         self.reason = reason
 
 
+#: how each format of load-memory fills RAM
+_MEMORY_READERS: dict[str, Callable[[GuestMemory, int, Transfer], Stats]] = {
+    "snapshot": read_snapshot_memory,
+    "raw": read_raw_image,
+    "stream": receive_page_stream,
+}
+
+
 class MachineHost:
-    """Holds the VMM's machine (or its absence) and forwards the machine API to it."""
+    """Holds the VMM's machine (or its absence) and serves the machine API for it."""
 
     def __init__(
         self,
@@ -78,17 +122,11 @@ class MachineHost:
         """Why the received memory cannot be run (a load failed), or None."""
         return self._damaged
 
-    def mark_damaged(self, reason: str) -> None:
-        """A load failed half-way: refuse to resume until a complete load succeeds."""
+    def _mark_damaged(self, reason: str) -> None:
+        """Refuse to resume until a complete load succeeds."""
         if len(reason) > MAX_DAMAGE_REASON:
             reason = reason[: MAX_DAMAGE_REASON - 1] + "\u2026"
         self._damaged = reason
-
-    def mark_complete(self) -> None:
-        """A load that replaced every page of RAM succeeded: whatever a failed load left
-        is gone. (A load of some pages only, after a failure, leaves the mark: the other
-        pages may still hold what failed its checks.)"""
-        self._damaged = None
 
     def require_machine(self, operation: str) -> Machine:
         machine = self._machine
@@ -119,7 +157,7 @@ class MachineHost:
             self._adopt(machine)
             return machine
 
-    def load_state(self, state: MachineState) -> None:
+    def _restore(self, state: MachineState) -> None:
         """Restore ``state`` into the incoming machine (building it first if needed)."""
         with self._lock:
             if not self._awaiting_state:
@@ -128,6 +166,36 @@ class MachineHost:
             machine.restore_state(state)
             self._awaiting_state = False
         self._notify(StateChange(RunState.INCOMING, RunState.PAUSED, None))
+
+    def _incoming_machine(self, operation: str) -> Machine:
+        """The received machine a load goes into."""
+        if not self.receiving:
+            raise InvalidStateError(operation, self.state)
+        machine = self._machine
+        if machine is None:
+            raise BulkError(
+                "not-configured",
+                "this incoming VMM has no machine yet: start it with --memory/--vcpus, or "
+                "send load-state first",
+            )
+        return machine
+
+    def _load(self, operation: str, work: Callable[[], Stats]) -> Stats:
+        """Run a load of memory. While it runs, and if it fails half-way, the guest must
+        not run from that memory until a load replaces all of it. A load that replaced
+        every page of RAM clears the mark: whatever a failed load left is gone. A load of
+        some pages only, after a failure, leaves it: the other pages may still hold what
+        failed its checks (an empty stream would otherwise clear it)."""
+        before = self._damaged
+        # marked first: a cancelled load's worker may still write RAM after the request
+        self._mark_damaged(f"{operation} did not finish (Cancelled)")
+        try:
+            stats = work()
+        except BaseException as exc:
+            self._mark_damaged(_damage(operation, exc))
+            raise
+        self._damaged = None if stats.complete else before
+        return stats
 
     def _adopt(self, machine: Machine) -> None:
         self._machine = machine
@@ -144,7 +212,7 @@ class MachineHost:
         for callback in listeners:
             callback(change)
 
-    # --- MachineApi -----------------------------------------------------------------------
+    # --- Pausable -------------------------------------------------------------------------
 
     @property
     def state(self) -> RunState:
@@ -205,3 +273,97 @@ class MachineHost:
                     self._listeners.remove(callback)
 
         return unsubscribe
+
+    # --- Snapshottable ----------------------------------------------------------------------
+
+    def dump_memory(self, fd: int, fmt: MemoryFormat, transfer: Transfer) -> MemoryDump:
+        machine = self.require_machine("dump-memory")
+        memory = _ram(machine)
+        consistent = machine.state is not RunState.RUNNING
+        if fmt == "snapshot":
+            transfer.total = memory.size
+            entry, stats = write_memory_section(memory, fd, transfer, consistent=consistent)
+            return MemoryDump(stats, consistent, entry)
+        if fmt == "raw":
+            transfer.total = memory.size
+            return MemoryDump(write_raw_image(memory, fd, transfer), consistent)
+        stats = send_page_stream(memory, fd, transfer, consistent=consistent)
+        return MemoryDump(stats, consistent)
+
+    def load_memory(self, fd: int, fmt: MemoryFormat, transfer: Transfer) -> Stats:
+        if fmt == "snapshot" and self._machine is None:
+            state = read_state_sections(fd)
+            check_config(state.config)  # a file's config that builds no machine
+            self.configure(state.config)
+        memory = _ram(self._incoming_machine("load-memory"))
+        transfer.total = memory.size
+        read = _MEMORY_READERS[fmt]
+        return self._load("load-memory", lambda: read(memory, fd, transfer))
+
+    def dump_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> StateDump:
+        state = self.require_machine("dump-state").save_state()
+        if fmt == "snapshot":
+            entries = write_state_sections(state, fd, transfer)
+            return StateDump(sum(entry.length for entry in entries), tuple(entries))
+        blob = encode_state_blob(state)
+        transfer.total = len(blob)
+        transfer.write(fd, blob)
+        return StateDump(len(blob))
+
+    def load_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> MachineConfig:
+        if not self.incoming:
+            raise InvalidStateError("load-state", self.state)
+        state = read_state_sections(fd) if fmt == "snapshot" else read_state_blob(fd, transfer)
+        try:
+            self._restore(state)
+        except ValueError as exc:  # a record KVM refused, a machine that does not fit
+            raise BulkError("bad-state", str(exc)) from None
+        return state.config
+
+    # --- Migratable -------------------------------------------------------------------------
+
+    def dirty_log_start(self) -> str:
+        return self.require_machine("dirty-log-start").dirty_log.start()
+
+    def dirty_log_stop(self) -> None:
+        self.require_machine("dirty-log-stop").dirty_log.stop()
+
+    def query_dirty(self) -> DirtyCount:
+        return self.require_machine("query-dirty").dirty_log.query()
+
+    def dump_dirty(
+        self, fd: int, transfer: Transfer, *, epoch: str | None, section: int | None
+    ) -> DirtyDump:
+        machine = self.require_machine("dump-dirty")
+        memory = _ram(machine)
+        consistent = machine.state is not RunState.RUNNING
+        # before any page is taken: a wrong file or offset must not lose the dirty pages
+        writer = None if section is None else memory_section_at(memory, fd, section)
+        taken = machine.dirty_log.take(epoch)
+        if writer is None:
+            stats = send_page_stream(memory, fd, transfer, consistent=consistent, runs=taken.slots)
+        else:
+            stats = update_memory_section(
+                memory, fd, transfer, writer, taken.slots, consistent=consistent
+            )
+        return DirtyDump(stats, consistent, taken.epoch)
+
+    def apply_pages(self, fd: int, transfer: Transfer) -> Stats:
+        memory = _ram(self._incoming_machine("apply-pages"))
+        return self._load("apply-pages", lambda: receive_page_stream(memory, fd, transfer))
+
+
+def _ram(machine: Machine) -> GuestMemory:
+    assert machine.memory is not None  # None once the machine is closed
+    return machine.memory
+
+
+def _damage(operation: str, exc: BaseException) -> str:
+    """Why a load that raised ``exc`` left RAM damaged: what the client heard of it."""
+    if isinstance(exc, BulkError | PeerClosed):
+        return f"{operation}: {exc}"
+    if isinstance(exc, TransferCancelled):
+        return f"{operation} did not finish (Cancelled)"
+    if isinstance(exc, OSError):
+        return f"{operation}: {exc.strerror or exc}"
+    return f"{operation} did not finish ({type(exc).__name__})"

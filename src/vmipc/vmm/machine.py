@@ -13,18 +13,17 @@ import contextlib
 import ctypes
 import logging
 import os
-import secrets
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
-from vmipc.errors import VmipcError
 from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
 from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, KvmClockData
 from vmipc.vmm.devices import Uart16550, UartState
+from vmipc.vmm.dirtylog import DirtyLog
 from vmipc.vmm.iobus import IoBus
 from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
 from vmipc.vmm.loaders import (
@@ -35,7 +34,7 @@ from vmipc.vmm.loaders import (
     load_multiboot_file,
 )
 from vmipc.vmm.machine_api import InvalidStateError, StateChange
-from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
+from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.runstate import RunState
 from vmipc.vmm.state import (
     StateRecordError,
@@ -67,33 +66,6 @@ POST_CODE_PORT = 0x80
 _TSS_ADDR = 0xFFFBD000
 _IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_VCPUS = 64
-
-
-class DirtyLogOff(VmipcError):
-    """A dirty-page query or take while dirty logging is off."""
-
-
-class DirtyLogMoved(VmipcError):
-    """A take that expected one dirty-log epoch found another: somebody took the dirty
-    pages (or restarted the log) since the caller's last take."""
-
-    def __init__(self, expected: str, current: str) -> None:
-        super().__init__(
-            f"the dirty log's epoch is {current}, not {expected}: dirty pages were taken, "
-            "or dirty logging restarted, since"
-        )
-        self.expected = expected
-        self.current = current
-
-
-class DirtyCount(NamedTuple):
-    pages: int
-    #: the epoch the count belongs to (see Machine.take_dirty)
-    epoch: str
-
-
-def _new_epoch() -> str:
-    return secrets.token_hex(8)
 
 
 @dataclass(frozen=True)
@@ -254,10 +226,6 @@ class Machine:
         self._threads: list[VcpuThread] = []
         self.vcpus: list[Vcpu] = []
         self.power_off_code: int | None = None
-        self._dirty_logging = False
-        self._dirty_pending: list[int] = []
-        #: names the moment the dirty pages count from (None while logging is off)
-        self._dirty_epoch: str | None = None
         self._paused_clock: int | None = None
 
         self.kvm = kvm if kvm is not None else Kvm(kvm_path)
@@ -270,6 +238,8 @@ class Machine:
                 raise ValueError("the memory given does not have the configured size")
             self.memory = memory if memory is not None else GuestMemory(config.memory_size)
             self._register_memory()
+            #: which pages of RAM were written (dirty-log-start, query-dirty, dump-dirty)
+            self.dirty_log = DirtyLog(self.memory, self.vm.get_dirty_log, self._log_dirty_pages)
             self._create_platform()
             self.iobus = IoBus()
             self._console = console
@@ -328,6 +298,9 @@ class Machine:
                 flags,
             )
 
+    def _log_dirty_pages(self, enabled: bool) -> None:
+        self._register_memory(KVM_MEM_LOG_DIRTY_PAGES if enabled else 0)
+
     def _create_platform(self) -> None:
         assert self.vm is not None
         try:
@@ -358,7 +331,7 @@ class Machine:
             return load_multiboot(self.memory, image, builtin_cmdline(self.config))
         raise GuestImageError(f"unknown boot source {boot.kind!r}")
 
-    # --- MachineApi -----------------------------------------------------------------
+    # --- Pausable (vmm/machine_api.py) ------------------------------------------------
 
     @property
     def state(self) -> RunState:
@@ -508,103 +481,6 @@ class Machine:
             self._paused_clock = state.vm.clock
             self.uart = Uart16550.restore(state.uart, self._console, self._set_com1_irq)
             self.config = state.config
-
-    # --- dirty page tracking -----------------------------------------------------------
-
-    @property
-    def dirty_logging(self) -> bool:
-        return self._dirty_logging
-
-    def dirty_log_start(self) -> str:
-        """Start counting written pages; the first fetch reports pages written since now.
-        Returns the dirty log's epoch (see :meth:`take_dirty`); when logging runs already,
-        nothing changes and the current epoch is returned."""
-        with self._cond:
-            if self._dirty_logging:
-                assert self._dirty_epoch is not None
-                return self._dirty_epoch
-            self._register_memory(KVM_MEM_LOG_DIRTY_PAGES)
-            self._dirty_logging = True
-            self._dirty_pending = []
-            self._dirty_epoch = _new_epoch()
-            assert self.memory is not None
-            self.memory.track_writes(True)
-            return self._dirty_epoch
-
-    def dirty_log_stop(self) -> None:
-        with self._cond:
-            if not self._dirty_logging:
-                return
-            self._register_memory(0)
-            self._dirty_logging = False
-            self._dirty_epoch = None
-            assert self.memory is not None
-            self.memory.track_writes(False)
-
-    def query_dirty(self) -> DirtyCount:
-        """How many pages are dirty now (since the last :meth:`take_dirty`), without
-        resetting: what KVM reports is kept for the next take. Dirty logging must run."""
-        with self._cond:
-            epoch = self._require_dirty_epoch()
-            self._accumulate_dirty()
-            return DirtyCount(sum(bits.bit_count() for bits in self._dirty_pending), epoch)
-
-    def take_dirty(self, expect_epoch: str | None = None) -> tuple[list[bytes], str]:
-        """Per memory region, the bitmap (bit n = page n, little-endian) of pages written
-        since the previous take (or since dirty logging started), and reset; with the new
-        epoch, which names the moment the next take counts from.
-
-        The dirty log's **epoch** changes whenever the pages start counting afresh (a
-        start, a take), so a client that remembers the epoch of its last take can tell
-        whether somebody else took dirty pages since. ``expect_epoch``: take only if the
-        epoch is still this one, else raise :class:`DirtyLogMoved` and take nothing."""
-        assert self.memory is not None
-        with self._cond:
-            epoch = self._require_dirty_epoch()
-            if expect_epoch is not None and expect_epoch != epoch:
-                raise DirtyLogMoved(expect_epoch, epoch)
-            self._accumulate_dirty()
-            pending, self._dirty_pending = self._dirty_pending, []
-            self._dirty_epoch = new = _new_epoch()
-        bitmaps = [
-            bits.to_bytes(-(-region.size // PAGE_SIZE // 8), "little")
-            for bits, region in zip(pending, self.memory.regions, strict=True)
-        ]
-        return bitmaps, new
-
-    def _require_dirty_epoch(self) -> str:
-        if self._dirty_epoch is None:
-            raise DirtyLogOff("dirty logging is off")
-        return self._dirty_epoch
-
-    def _accumulate_dirty(self) -> None:
-        fetched = self.fetch_dirty_bitmaps()
-        if not self._dirty_pending:
-            self._dirty_pending = [0] * len(fetched)
-        self._dirty_pending = [
-            old | int.from_bytes(new, "little")
-            for old, new in zip(self._dirty_pending, fetched, strict=True)
-        ]
-
-    def fetch_dirty_bitmaps(self) -> list[bytes]:
-        """Per memory region, a bitmap (bit n = page n of the region, 64-bit little-endian
-        words) of the pages written since the previous fetch — by the guest (KVM's dirty
-        log) or by the VMM itself (loaders, device writes) — and reset the log."""
-        with self._cond:
-            if not self._dirty_logging:
-                raise InvalidStateError("fetch dirty pages without dirty logging", self._state)
-            assert self.vm is not None and self.memory is not None
-            bitmaps = []
-            vmm_written = self.memory.take_written_pages()
-            for region in self.memory.regions:
-                pages = region.size // PAGE_SIZE
-                words = (ctypes.c_uint64 * ((pages + 63) // 64))()
-                self.vm.get_dirty_log(region.slot, words)
-                bitmap = bytearray(memoryview(words).cast("B"))
-                for page in vmm_written.get(region.slot, ()):
-                    bitmap[page >> 3] |= 1 << (page & 7)
-                bitmaps.append(bytes(bitmap))
-            return bitmaps
 
     def feed_console(self, data: bytes) -> int:
         """Console input for the guest's COM1; returns how many bytes were taken."""

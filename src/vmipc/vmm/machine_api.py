@@ -1,17 +1,33 @@
 """The surface of a machine that the layers above (server, commands) may use.
 
-The concrete class is :class:`vmipc.vmm.machine.Machine`; this Protocol is what the
-control server is written against, so it never reaches into VMM internals.
+In roles, as Cloud Hypervisor's ``Pausable`` / ``Snapshottable`` / ``Migratable``:
+:class:`Pausable` is the run state, :class:`Snapshottable` a whole machine out to fds and
+back in, :class:`Migratable` the increments (the dirty log and the pages it names).
+:class:`MachineApi` is all three: the control server and the command handlers are written
+against it, so they never reach into VMM internals (guest memory, the data plane). The
+concrete class is :class:`vmipc.vmm.host.MachineHost` (the VMM's machine slot, which
+forwards the run state to :class:`vmipc.vmm.machine.Machine`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from vmipc.errors import VmipcError
 from vmipc.vmm.runstate import RunState
+
+if TYPE_CHECKING:
+    from vmipc.formats import SectionEntry
+    from vmipc.vmm.dirtylog import DirtyCount
+    from vmipc.vmm.machine import MachineConfig
+    from vmipc.vmm.persist import Stats, Transfer
+
+#: guest RAM as a page stream, a flat image, or a snapshot file's memory section
+MemoryFormat = Literal["stream", "raw", "snapshot"]
+#: the non-RAM state as a state blob, or a snapshot file's state sections
+StateFormat = Literal["blob", "snapshot"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +48,9 @@ class InvalidStateError(VmipcError):
         self.state = state
 
 
-class MachineApi(Protocol):
+class Pausable(Protocol):
+    """The run state: start, pause, resume, close, and who hears of the changes."""
+
     @property
     def state(self) -> RunState: ...
 
@@ -65,3 +83,92 @@ class MachineApi(Protocol):
     def add_listener(self, callback: Callable[[StateChange], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) on every state change; returns an unsubscribe."""
         ...
+
+
+@dataclass(frozen=True)
+class MemoryDump:
+    """What :meth:`Snapshottable.dump_memory` wrote."""
+
+    stats: Stats
+    #: the guest was paused: the pages are one consistent moment
+    consistent: bool
+    #: the snapshot memory section's table entry (format ``snapshot``), else None
+    section: SectionEntry | None = None
+
+
+@dataclass(frozen=True)
+class StateDump:
+    """What :meth:`Snapshottable.dump_state` wrote: its bytes, and the snapshot sections'
+    table entries (format ``snapshot``; none for a blob)."""
+
+    bytes: int
+    sections: tuple[SectionEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class DirtyDump:
+    """What :meth:`Migratable.dump_dirty` wrote, and the dirty log's new epoch."""
+
+    stats: Stats
+    consistent: bool
+    epoch: str
+
+
+class Snapshottable(Protocol):
+    """A whole machine out to passed fds and back in: all of RAM, and the state that is
+    not RAM. Each call blocks (run it in a worker thread), moves its data with
+    ``transfer`` (a cancel stops it there) and raises :class:`vmipc.vmm.persist.BulkError`
+    (with a stable code), :class:`vmipc.vmm.persist.PeerClosed`,
+    :class:`vmipc.vmm.persist.TransferCancelled`, OSError, or :class:`InvalidStateError`."""
+
+    def dump_memory(self, fd: int, fmt: MemoryFormat, transfer: Transfer) -> MemoryDump:
+        """All of RAM to ``fd`` (running or paused)."""
+        ...
+
+    def load_memory(self, fd: int, fmt: MemoryFormat, transfer: Transfer) -> Stats:
+        """All of RAM from ``fd`` into a received machine (one that has not run yet),
+        built first from a snapshot file's configuration if there is none. A load that
+        fails half-way leaves the machine damaged: it does not resume until a load
+        replaces every page."""
+        ...
+
+    def dump_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> StateDump:
+        """The non-RAM state to ``fd`` (paused only)."""
+        ...
+
+    def load_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> MachineConfig:
+        """The non-RAM state from ``fd`` into the incoming machine (built first if needed),
+        which is paused from then on; returns its configuration."""
+        ...
+
+
+class Migratable(Protocol):
+    """Increments of RAM: the dirty log, and the pages it names out and back in. Blocking,
+    with the errors of :class:`Snapshottable`, and :class:`vmipc.vmm.dirtylog.DirtyLogOff`
+    and :class:`vmipc.vmm.dirtylog.DirtyLogMoved` from the dirty log."""
+
+    def dirty_log_start(self) -> str:
+        """Start the dirty log (or keep it running); returns its epoch."""
+        ...
+
+    def dirty_log_stop(self) -> None: ...
+
+    def query_dirty(self) -> DirtyCount:
+        """How many pages are dirty now, without taking them."""
+        ...
+
+    def dump_dirty(
+        self, fd: int, transfer: Transfer, *, epoch: str | None, section: int | None
+    ) -> DirtyDump:
+        """Take the dirty pages (only if the dirty log's epoch is still ``epoch``, unless
+        None) and write them to ``fd``: as a page stream, or (``section``: its file offset)
+        into the snapshot memory section there, checked before anything is taken."""
+        ...
+
+    def apply_pages(self, fd: int, transfer: Transfer) -> Stats:
+        """A page stream from ``fd`` into a received machine (as :meth:`load_memory`)."""
+        ...
+
+
+class MachineApi(Pausable, Snapshottable, Migratable, Protocol):
+    """Every role: what the control server and the command handlers may do to a machine."""

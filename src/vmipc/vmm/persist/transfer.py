@@ -67,7 +67,10 @@ class Transfer:
         self._finished = threading.Event()
         self._progress = progress
         self._read_buffer: ctypes.Array[ctypes.c_char] | None = None
+        #: bytes moved so far
         self.done = 0
+        #: the bytes the operation expects to move, when it knows (for progress reports)
+        self.total: int | None = None
 
     @classmethod
     def unbound(cls, progress: Callable[[int], None] | None = None) -> Transfer:

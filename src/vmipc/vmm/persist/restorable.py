@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmipc.commands._bulk import BulkError, read_state_sections
 from vmipc.formats import SnapshotReader
 from vmipc.formats.snapshot import (
     MEMORY_ENCODING_IMAGE,
@@ -19,6 +18,8 @@ from vmipc.formats.snapshot import (
 )
 from vmipc.vmm.machine import MAX_VCPUS, MachineConfig, MachineState
 from vmipc.vmm.memory import PAGE_SIZE, MemoryConfigError, layout_for
+from vmipc.vmm.persist.errors import BulkError
+from vmipc.vmm.persist.statecodec import read_state_sections
 
 
 @dataclass(frozen=True)

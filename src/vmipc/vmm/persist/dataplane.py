@@ -1,4 +1,6 @@
-"""The bulk-data work behind dump-memory, dump-dirty, dump-state and the loads.
+"""Guest RAM in and out through passed fds: page streams (dump-memory, dump-dirty,
+load-memory, apply-pages), the snapshot file's memory section (written whole, brought up
+to date in place, read back) and raw images.
 
 Everything here is blocking and runs in a worker thread with a :class:`Transfer`, which a
 cancelled request uses to stop it. Guest RAM goes straight from the memfd to the passed fd
@@ -8,25 +10,16 @@ there) and never through the client.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
-
-from vmipc._extents import data_extents, punch_hole
-from vmipc.errors import VmipcError
 from vmipc.formats import (
     NEED_DATA,
     DataRun,
-    DecodeBudget,
     FormatError,
     MemorySectionWriter,
-    MsgpackLimits,
-    MsgpackRefused,
     PageStreamDecoder,
     PageStreamEncoder,
     RoundEnd,
@@ -34,24 +27,14 @@ from vmipc.formats import (
     SnapshotReader,
     StreamEnd,
     ZeroRun,
-    checksum,
-    section_entry,
     section_offset,
     split_zero_runs,
-    unpack_bounded,
 )
-from vmipc.formats.snapshot import (
-    MEMORY_ENCODING_IMAGE,
-    SECTION_CONFIG,
-    SECTION_DEVICES,
-    SECTION_VCPUS,
-)
-from vmipc.kvm.structs import KvmXsave
-from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, UartState
-from vmipc.vmm.machine import MAX_VCPUS, BootSource, Machine, MachineConfig, MachineState
+from vmipc.formats.snapshot import MEMORY_ENCODING_IMAGE
 from vmipc.vmm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
-from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
-from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
+from vmipc.vmm.persist.errors import BulkError
+from vmipc.vmm.persist.extents import data_extents, punch_hole
+from vmipc.vmm.persist.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
 RUN_PAGES = 1024
@@ -59,30 +42,20 @@ RUN_PAGES = 1024
 _ZEROS = bytearray(1 << 20)
 
 
-class BulkError(VmipcError):
-    """A bulk command failed in a way the client should hear about (with a stable code)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass
 class Stats:
-    data_pages: int = 0
-    zero_pages: int = 0
-    bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: a load replaced every page of RAM (not in the result: the machine host's business)
-    complete: bool = False
+    """What a dump or load of RAM moved."""
 
-    def result(self) -> dict[str, Any]:
-        return {
-            "data_pages": self.data_pages,
-            "zero_pages": self.zero_pages,
-            "bytes": self.bytes,
-            **self.extra,
-        }
+    #: pages sent or received as data
+    data_pages: int = 0
+    #: pages sent or received as zero runs (never as data)
+    zero_pages: int = 0
+    #: bytes written to or read from the fd
+    bytes: int = 0
+    #: page-stream rounds received (a load of a stream), else None
+    rounds: int | None = None
+    #: a load replaced every page of RAM
+    complete: bool = False
 
 
 # --- which pages to send ---------------------------------------------------------------
@@ -121,7 +94,7 @@ def _region_pieces(
 
 
 def send_page_stream(
-    machine: Machine,
+    memory: GuestMemory,
     fd: int,
     transfer: Transfer,
     *,
@@ -135,8 +108,6 @@ def send_page_stream(
     zero-copy; from a running guest each run is copied first so that the round checksum
     covers exactly the bytes sent.
     """
-    memory = machine.memory
-    assert memory is not None
     kind = fd_kind(fd)
     encoder = PageStreamEncoder(list(memory.ram_ranges()))
     stats = Stats()
@@ -255,7 +226,7 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
     except PeerClosed as exc:
         raise BulkError("bad-stream", f"page stream truncated: {exc}") from None
     stats.data_pages = data_bytes // PAGE_SIZE
-    stats.extra["rounds"] = rounds
+    stats.rounds = rounds
     stats.complete = coverage.complete()
     return stats
 
@@ -264,11 +235,9 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
 
 
 def write_memory_section(
-    machine: Machine, fd: int, transfer: Transfer, *, consistent: bool
+    memory: GuestMemory, fd: int, transfer: Transfer, *, consistent: bool
 ) -> tuple[SectionEntry, Stats]:
     """Append the snapshot memory section (descriptor + sparse RAM image) to file ``fd``."""
-    memory = machine.memory
-    assert memory is not None
     offset = section_offset(os.fstat(fd).st_size)
     regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
     writer = MemorySectionWriter(offset, regions)
@@ -310,12 +279,10 @@ def _write_pages(
         view.release()
 
 
-def memory_section_at(machine: Machine, fd: int, section: int) -> MemorySectionWriter:
+def memory_section_at(memory: GuestMemory, fd: int, section: int) -> MemorySectionWriter:
     """The memory section at file offset ``section`` of file ``fd``, which must be the one
-    :func:`write_memory_section` writes for this machine (its descriptor, its whole image
+    :func:`write_memory_section` writes for this RAM (its descriptor, its whole image
     within the file); else BulkError("bad-snapshot")."""
-    memory = machine.memory
-    assert memory is not None
     regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
     try:
         writer = MemorySectionWriter(section, regions)
@@ -332,7 +299,7 @@ def memory_section_at(machine: Machine, fd: int, section: int) -> MemorySectionW
 
 
 def update_memory_section(
-    machine: Machine,
+    memory: GuestMemory,
     fd: int,
     transfer: Transfer,
     writer: MemorySectionWriter,
@@ -345,8 +312,6 @@ def update_memory_section(
     in place: data at its image offset, all-zero pages punched as holes (zeros where the
     filesystem cannot). The section's checksum is left to the caller (it covers the
     whole section)."""
-    memory = machine.memory
-    assert memory is not None
     stats = Stats()
     can_punch = True
     for region, region_runs in zip(memory.regions, runs, strict=True):
@@ -382,14 +347,12 @@ def _format_layout(memory: GuestMemory) -> str:
     return ", ".join(f"{r.size >> 20} MiB at {r.guest_phys_addr:#x}" for r in memory.regions)
 
 
-def write_raw_image(machine: Machine, fd: int, transfer: Transfer) -> Stats:
+def write_raw_image(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
     """RAM as one flat image in memfd order; a regular file keeps holes for zero pages.
 
     Into a regular file the image goes from the fd's position to the end of the file: it
     must read back as RAM byte for byte, so what the file held there goes first (zero
     pages are not written, and old bytes would stand in for them or trail the image)."""
-    memory = machine.memory
-    assert memory is not None
     stats = Stats()
     if fd_kind(fd) == "file":
         base = os.lseek(fd, 0, os.SEEK_CUR)
@@ -467,144 +430,3 @@ def _pread(fd: int) -> Any:
         return os.pread(fd, size, offset)
 
     return pread
-
-
-# --- state ---------------------------------------------------------------------------------
-
-STATE_MAGIC = b"VMIPCST1"
-_STATE_HEADER = struct.Struct("<8sIQ")  # magic, payload length, xxh3_64 of the payload
-#: A maximal state is about 1.3 MiB: 64 vCPUs with 256 CPUID entries, 255 MSRs and 6 KiB of
-#: kernel structs each, and a 60 KiB command line (tests/test_state_limits.py builds it).
-MAX_STATE_SIZE = 2 << 20
-#: What a state record can hold (vmm/state.py, vmm/machine.py, vmm/devices/uart.py), so
-#: that no blob decodes into more than a small multiple of its size.
-STATE_LIMITS = MsgpackLimits(
-    # CPUID entries, MSRs (fewer than 256), vCPUs (64), guest options
-    max_array_len=max(MAX_CPUID_ENTRIES, MAX_MSRS + 1, MAX_VCPUS),
-    # the largest record, the UART's, has 14 fields
-    max_map_len=32,
-    # the multiboot command line (under 60 KiB), a path (PATH_MAX)
-    max_str_len=64 << 10,
-    # the largest kernel struct (XSAVE) and the UART's input backlog
-    max_bin_len=max(ctypes.sizeof(KvmXsave), DEFAULT_RX_BACKLOG),
-    # state > vcpus > vcpu > cpuid > entry
-    max_depth=6,
-    # the records' fields (each record's to_dict uses its field names), their versions,
-    # and the map of user devices
-    keys=frozenset(
-        {"version", "devices"}
-        | {
-            item.name
-            for record in (MachineState, MachineConfig, BootSource, VcpuState, VmState, UartState)
-            for item in fields(record)
-        }
-    ),
-    # a maximal state decodes into about 11 MiB (estimated)
-    max_decoded=16 << 20,
-)
-#: the payload is read in pieces of this size: memory follows the bytes that arrived, not
-#: the length the header announces
-_STATE_READ = 64 << 10
-
-
-def encode_state_blob(state: MachineState) -> bytes:
-    """The self-delimiting state blob dump-state writes to pipes and sockets."""
-    payload: bytes = msgpack.packb(state.to_dict(), use_bin_type=True)
-    return _STATE_HEADER.pack(STATE_MAGIC, len(payload), checksum(payload)) + payload
-
-
-def read_state_blob(fd: int, transfer: Transfer) -> MachineState:
-    header = bytearray(_STATE_HEADER.size)
-    try:
-        transfer.readinto(fd, memoryview(header))
-    except PeerClosed as exc:
-        raise BulkError("bad-state", f"state blob truncated in its header: {exc}") from None
-    magic, length, stored = _STATE_HEADER.unpack(header)
-    if magic != STATE_MAGIC:
-        raise BulkError("bad-state", f"not a vmipc state blob (magic {bytes(magic)!r})")
-    if length > MAX_STATE_SIZE:
-        raise BulkError("bad-state", f"state blob claims {length} bytes (limit {MAX_STATE_SIZE})")
-    payload = bytearray()
-    while len(payload) < length:
-        # never more than one read past what arrived, never past the blob's end (the fd
-        # may carry more after it)
-        data = transfer.read_some(fd, min(length - len(payload), _STATE_READ))
-        if not data:
-            raise BulkError(
-                "bad-state",
-                f"state blob truncated: the input ended {length - len(payload)} bytes early",
-            )
-        payload += data
-    if checksum(payload) != stored:
-        raise BulkError("bad-state", "state blob checksum mismatch (corrupt)")
-    return decode_state(payload)
-
-
-def decode_state(payload: bytes | bytearray) -> MachineState:
-    try:
-        return _state_from_record(unpack_bounded(payload, STATE_LIMITS))
-    except MsgpackRefused as exc:
-        raise BulkError("bad-state", f"state record refused: {exc}") from None
-
-
-def _state_from_record(record: Any) -> MachineState:
-    try:
-        return MachineState.from_dict(record)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise BulkError("bad-state", f"state record refused: {exc}") from None
-
-
-def state_sections(state: MachineState) -> list[tuple[str, int, bytes]]:
-    """The snapshot sections that hold the non-RAM state: (name, version, bytes)."""
-    record = state.to_dict()
-    return [
-        (SECTION_CONFIG, MachineConfig.VERSION, msgpack.packb(record["config"])),
-        (SECTION_VCPUS, 1, msgpack.packb({"version": record["version"], "vcpus": record["vcpus"]})),
-        (SECTION_DEVICES, 1, msgpack.packb({"vm": record["vm"], "devices": record["devices"]})),
-    ]
-
-
-def write_state_sections(state: MachineState, fd: int, transfer: Transfer) -> list[SectionEntry]:
-    entries = []
-    for name, version, data in state_sections(state):
-        offset = section_offset(os.fstat(fd).st_size)
-        transfer.write_at(fd, data, offset)
-        entries.append(section_entry(name, version, offset, data))
-    return entries
-
-
-def read_state_sections(fd: int) -> MachineState:
-    """The state in the config, vcpus and devices sections of snapshot file ``fd``: together
-    no bigger than a state blob may be, and decoded within one budget."""
-    names = (SECTION_CONFIG, SECTION_VCPUS, SECTION_DEVICES)
-    try:
-        reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size, max_read=MAX_STATE_SIZE)
-        size = sum(reader.entry(name).length for name in names)
-        if size > MAX_STATE_SIZE:
-            raise BulkError(
-                "bad-snapshot",
-                f"the state sections hold {size} bytes (a machine's state is at most "
-                f"{MAX_STATE_SIZE})",
-            )
-        budget = DecodeBudget(STATE_LIMITS.budget(size))
-        parts = []
-        for name in names:
-            data = reader.read_section(name)
-            try:
-                parts.append(unpack_bounded(data, STATE_LIMITS, budget))
-            except MsgpackRefused as exc:
-                raise BulkError("bad-snapshot", f"section '{name}': {exc}") from None
-    except FormatError as exc:
-        raise BulkError("bad-snapshot", str(exc)) from None
-    config, vcpus, devices = parts
-    try:
-        record = {
-            "version": vcpus["version"],
-            "config": config,
-            "vcpus": vcpus["vcpus"],
-            "vm": devices["vm"],
-            "devices": devices["devices"],
-        }
-    except (KeyError, TypeError) as exc:
-        raise BulkError("bad-snapshot", f"state sections lack {exc}") from None
-    return _state_from_record(record)

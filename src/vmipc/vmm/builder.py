@@ -1,0 +1,219 @@
+"""Building the VMM's machine, as Firecracker's ``builder.rs``: for a boot, for a guest
+that arrives later (``--incoming``), or from a snapshot file (``--restore``).
+
+Each builder opens everything that needs a path — ``/dev/kvm``, the guest image, the
+snapshot — and returns the machine host with the step that starts it. That step needs no
+path: it runs once the VMM is in capability mode, and may start threads (the vCPUs).
+What the builders open is closed by the ``cleanup`` stack the caller passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmipc.errors import VmipcError
+from vmipc.formats import FormatError, SnapshotReader
+from vmipc.kvm import Kvm
+from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
+from vmipc.vmm.host import MachineHost
+from vmipc.vmm.machine import BootSource, Machine, MachineConfig, MachineState
+from vmipc.vmm.memory import GuestMemory
+from vmipc.vmm.persist import (
+    BulkError,
+    Restorable,
+    Transfer,
+    check_restorable,
+    read_snapshot_memory,
+)
+from vmipc.vmm.state import StateRecordError
+
+log = logging.getLogger("vmipc.vmm")
+
+#: where the guest's console output goes
+Console = Callable[[bytes], None]
+
+
+class RestoreError(VmipcError):
+    """The snapshot cannot be restored (one line: the section and the problem)."""
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How to restore a snapshot (``vmipc vmm --restore``)."""
+
+    #: copy all of RAM into a memfd before running, instead of mapping the file lazily
+    eager: bool = False
+    #: check the memory section's checksum first (reads all of it)
+    verify: bool = False
+    #: leave the restored machine paused
+    paused: bool = False
+
+
+@dataclass(frozen=True)
+class Built:
+    """A machine host, and the step that starts it in capability mode."""
+
+    host: MachineHost
+    start: Callable[[], None]
+
+
+def build_for_boot(config: MachineConfig, console: Console, cleanup: contextlib.ExitStack) -> Built:
+    """A machine that boots ``config``'s guest (loaded now; the caller starts it)."""
+    host = MachineHost(console, Machine(config, console))
+    cleanup.callback(host.close)
+    return Built(host, lambda: None)
+
+
+def build_incoming(
+    console: Console, cleanup: contextlib.ExitStack, config: MachineConfig | None = None
+) -> Built:
+    """An empty slot that waits for a guest. ``config``: build its machine (paused, with
+    no guest) when it starts, else the first ``load-state`` does."""
+    kvm = Kvm()  # kept open: in capability mode /dev/kvm cannot be opened again
+    cleanup.callback(kvm.close)
+
+    def factory(config: MachineConfig, console: Console) -> Machine:
+        return Machine(config, console, kvm=kvm.dup())
+
+    host = MachineHost(console, machine_factory=factory)
+    cleanup.callback(host.close)
+
+    def start() -> None:
+        if config is not None:
+            host.configure(config)  # starts the vCPU threads, paused
+
+    return Built(host, start)
+
+
+def build_from_snapshot(
+    path: str, console: Console, options: RestoreOptions, cleanup: contextlib.ExitStack
+) -> Built:
+    """A machine restored from the snapshot file at ``path``: its start restores the
+    state, and runs it unless ``options.paused``."""
+    machine, state = open_snapshot(path, console, options)
+    host = MachineHost(console, machine)
+    cleanup.callback(host.close)
+    return Built(host, lambda: start_restored(machine, state, paused=options.paused))
+
+
+def restore_machine(path: str, console: Console, options: RestoreOptions) -> Machine:
+    """Build a machine from a snapshot file: small sections read and verified, RAM mapped
+    from the memory section (lazy) or copied into a memfd (``options.eager``), state
+    restored. The machine is paused, or running unless ``options.paused``."""
+    machine, state = open_snapshot(path, console, options)
+    start_restored(machine, state, paused=options.paused)
+    return machine
+
+
+def open_snapshot(
+    path: str, console: Console, options: RestoreOptions
+) -> tuple[Machine, MachineState]:
+    """The first half of :func:`restore_machine`, everything that reads the file: the
+    machine built with its RAM (not started), and the state to restore into it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RestoreError(exc.strerror) from None
+    # the lease first: what is checked below is then what the guest runs on
+    lease, no_lease = (None, None) if options.eager else _take_lease(path, fd)
+    try:
+        restorable = _check_snapshot(fd, verify=options.verify)
+        if lease is not None:
+            machine = _map_lazily(restorable, fd, lease, console)
+        else:
+            if no_lease:
+                log.warning(
+                    "warning: no read lease on %s (%s): guest RAM loaded at once, as with --eager",
+                    path,
+                    no_lease,
+                )
+            machine = _load_eagerly(restorable, fd, console)
+    except BaseException:
+        if lease is not None:
+            lease.close()
+        raise
+    finally:
+        os.close(fd)
+    return machine, restorable.state
+
+
+def _check_snapshot(fd: int, *, verify: bool) -> Restorable:
+    """Everything ``vmipc snapshot verify`` checks too, before any RAM is mapped; with
+    ``verify``, the memory section's checksum as well. RestoreError if it fails."""
+    try:
+        reader = SnapshotReader(
+            lambda size, offset: os.pread(fd, size, offset), os.fstat(fd).st_size
+        )
+        reader.check_complete()
+        if reader.header.incremental:
+            raise RestoreError("an incremental snapshot: merge its chain first")
+        restorable = check_restorable(reader, fd)
+        if verify:
+            reader.verify("memory")
+    except (FormatError, BulkError) as exc:
+        raise RestoreError(str(exc)) from None
+    except OSError as exc:  # not a file that can be read (a directory, an I/O error)
+        raise RestoreError(exc.strerror or str(exc)) from None
+    return restorable
+
+
+def _empty(config: MachineConfig) -> MachineConfig:
+    """The machine a restore builds: ``config``'s shape, no guest loaded."""
+    return MachineConfig(config.memory_size, config.vcpus, BootSource("none"))
+
+
+def _load_eagerly(restorable: Restorable, fd: int, console: Console) -> Machine:
+    """A machine whose RAM (a memfd) holds the memory section's image, read and checked."""
+    machine = Machine(_empty(restorable.state.config), console)
+    assert machine.memory is not None
+    try:
+        read_snapshot_memory(machine.memory, fd, Transfer())
+    except BulkError as exc:
+        machine.close()
+        raise RestoreError(str(exc)) from None
+    return machine
+
+
+def _map_lazily(restorable: Restorable, fd: int, lease: ReadLease, console: Console) -> Machine:
+    """A machine whose RAM is the memory section's image mapped copy-on-write; the
+    memory owns ``lease`` from now on."""
+    config = restorable.state.config
+    # the layout was checked: the section's image holds all of this RAM
+    memory = GuestMemory(
+        config.memory_size,
+        fd=os.dup(fd),
+        private_file_offset=restorable.memory.data_offset,
+        lease=lease,
+    )
+    return Machine(_empty(config), console, memory=memory)
+
+
+def _take_lease(path: str, fd: int) -> tuple[ReadLease | None, str | None]:
+    """A read lease on the snapshot file, so that a lazy restore can map it: a writer then
+    waits until guest RAM is copied off the file. Else (None, why): guest RAM is then
+    loaded at once, as with --eager, so that no writer can change it or cut it off under
+    the guest (docs/vmm.md, "Lazy restore")."""
+    try:
+        return ReadLease.take(path, fd), None
+    except LeaseUnavailable as exc:
+        return None, str(exc)
+
+
+def start_restored(machine: Machine, state: MachineState, *, paused: bool) -> None:
+    """The second half of :func:`restore_machine`: start the vCPU threads (paused), restore
+    the state, and run unless ``paused``. Needs no file (it may run in capability mode)."""
+    try:
+        machine.start(paused=True)
+        try:
+            machine.restore_state(state)
+        except StateRecordError as exc:  # KVM refused a value of the file's records
+            raise RestoreError(str(exc)) from None
+        if not paused:
+            machine.resume()
+    except BaseException:
+        machine.close()
+        raise

@@ -1,0 +1,73 @@
+"""The VMM's data plane: a machine's RAM and state in and out through passed fds.
+
+As Firecracker's ``persist.rs``: page streams, snapshot memory sections and raw images of
+guest RAM (:mod:`.dataplane`), the state blob and state sections (:mod:`.statecodec`),
+moved by cancellable blocking system calls (:mod:`.transfer`) and kept sparse with the
+files' holes (:mod:`.extents`), and what a snapshot file must hold to be restored
+(:mod:`.restorable`). Everything here is blocking
+and runs in a worker thread; nothing here knows of sockets, trio or the control protocol.
+"""
+
+from __future__ import annotations
+
+from vmipc.vmm.persist.dataplane import (
+    RUN_PAGES,
+    PageCoverage,
+    Stats,
+    memory_section_at,
+    read_raw_image,
+    read_snapshot_memory,
+    receive_page_stream,
+    send_page_stream,
+    update_memory_section,
+    write_memory_section,
+    write_raw_image,
+)
+from vmipc.vmm.persist.errors import BulkError
+from vmipc.vmm.persist.extents import data_extents, punch_hole
+from vmipc.vmm.persist.restorable import Restorable, check_config, check_restorable
+from vmipc.vmm.persist.statecodec import (
+    MAX_STATE_SIZE,
+    STATE_LIMITS,
+    STATE_MAGIC,
+    decode_state,
+    encode_state_blob,
+    read_state_blob,
+    read_state_sections,
+    state_sections,
+    write_state_sections,
+)
+from vmipc.vmm.persist.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
+
+__all__ = [
+    "MAX_STATE_SIZE",
+    "RUN_PAGES",
+    "STATE_LIMITS",
+    "STATE_MAGIC",
+    "BulkError",
+    "PageCoverage",
+    "PeerClosed",
+    "Restorable",
+    "Stats",
+    "Transfer",
+    "TransferCancelled",
+    "check_config",
+    "check_restorable",
+    "data_extents",
+    "decode_state",
+    "encode_state_blob",
+    "fd_kind",
+    "memory_section_at",
+    "punch_hole",
+    "read_raw_image",
+    "read_snapshot_memory",
+    "read_state_blob",
+    "read_state_sections",
+    "receive_page_stream",
+    "send_page_stream",
+    "state_sections",
+    "update_memory_section",
+    "write_memory_section",
+    "write_raw_image",
+    "write_state_sections",
+]
