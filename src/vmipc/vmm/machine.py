@@ -24,7 +24,7 @@ from typing import Any, ClassVar, NamedTuple
 from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
 from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, KvmClockData
 from vmipc.vmm.devices import Uart16550, UartState
-from vmipc.vmm.iobus import IoBus
+from vmipc.vmm.iobus import IoBus, MmioBus
 from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
 from vmipc.vmm.loaders import (
     BootPlan,
@@ -271,6 +271,7 @@ class Machine:
             self._register_memory()
             self._create_platform()
             self.iobus = IoBus()
+            self.mmio_bus = MmioBus()
             self._console = console
             self.uart = Uart16550(console, self._set_com1_irq)
             # Through self.uart at call time: a state restore replaces the device object.
@@ -302,6 +303,7 @@ class Machine:
                 VcpuThread(
                     vcpu,
                     self.iobus,
+                    self.mmio_bus,
                     self._cond,
                     lambda: self._gate_closed or self._holds > 0,
                     lambda: self._stopping,
