@@ -21,8 +21,8 @@ from vmipc.cli.vmm import RestoreError, restore_machine
 from vmipc.formats import SnapshotHeader, SnapshotReader, new_snapshot_id
 from vmipc.formats.snapshot import MEMORY_ENCODING_PAGE_STREAM, build_snapshot
 from vmipc.kvm import structs
+from vmipc.memory_layout import MIB
 from vmipc.protocol import CommandError
-from vmipc.vmm.memory import MIB
 from vmipc.vmm.runstate import RunState
 
 pytestmark = pytest.mark.kvm

@@ -42,10 +42,10 @@ from vmipc.formats import (
 from vmipc.formats._bounded import measure
 from vmipc.formats.snapshot import build_snapshot
 from vmipc.kvm import structs
+from vmipc.memory_layout import MAX_MEMORY
 from vmipc.protocol import CommandError
 from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, Uart16550
 from vmipc.vmm.machine import MAX_VCPUS, BootSource, MachineConfig, MachineState
-from vmipc.vmm.memory import MAX_MEMORY
 from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
 
 kvm = pytest.mark.kvm

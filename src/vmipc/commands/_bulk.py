@@ -46,9 +46,10 @@ from vmipc.formats.snapshot import (
     SECTION_VCPUS,
 )
 from vmipc.kvm.structs import KvmXsave
+from vmipc.memory_layout import PAGE_SIZE, MemoryRegion
 from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, UartState
 from vmipc.vmm.machine import MAX_VCPUS, BootSource, Machine, MachineConfig, MachineState
-from vmipc.vmm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
 from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
 
@@ -143,7 +144,7 @@ def send_page_stream(
     for index, region in enumerate(memory.regions):
         region_runs = None if runs is None else runs[index]
         for first, npages, zero in _region_pieces(memory, region, region_runs):
-            gpa = region.guest_phys_addr + first * PAGE_SIZE
+            gpa = region.gpa + first * PAGE_SIZE
             if zero:
                 transfer.write(fd, encoder.zero(gpa, npages))
                 stats.zero_pages += npages
@@ -152,7 +153,7 @@ def send_page_stream(
                 count = min(RUN_PAGES, first + npages - start)
                 offset = region.offset + start * PAGE_SIZE
                 length = count * PAGE_SIZE
-                transfer.write(fd, encoder.data(region.guest_phys_addr + start * PAGE_SIZE, count))
+                transfer.write(fd, encoder.data(region.gpa + start * PAGE_SIZE, count))
                 view = memory.view[offset : offset + length]
                 if not consistent:
                     copy = memoryview(bytearray(view))
@@ -269,7 +270,7 @@ def write_memory_section(
     memory = machine.memory
     assert memory is not None
     offset = section_offset(os.fstat(fd).st_size)
-    regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
+    regions = [(r.gpa, r.size, r.offset) for r in memory.regions]
     writer = MemorySectionWriter(offset, regions)
     transfer.write_at(fd, writer.descriptor, writer.offset)
     stats = Stats()
@@ -315,7 +316,7 @@ def memory_section_at(machine: Machine, fd: int, section: int) -> MemorySectionW
     within the file); else BulkError("bad-snapshot")."""
     memory = machine.memory
     assert memory is not None
-    regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
+    regions = [(r.gpa, r.size, r.offset) for r in memory.regions]
     try:
         writer = MemorySectionWriter(section, regions)
     except ValueError as exc:
@@ -378,7 +379,7 @@ def update_memory_section(
 
 
 def _format_layout(memory: GuestMemory) -> str:
-    return ", ".join(f"{r.size >> 20} MiB at {r.guest_phys_addr:#x}" for r in memory.regions)
+    return ", ".join(f"{r.size >> 20} MiB at {r.gpa:#x}" for r in memory.regions)
 
 
 def write_raw_image(machine: Machine, fd: int, transfer: Transfer) -> Stats:
@@ -443,7 +444,7 @@ def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> St
         raise BulkError("bad-snapshot", f"the snapshot's RAM layout {stored} is not this machine's")
     stats = Stats()
     for region in memory.regions:
-        start = section.file_offset(region.guest_phys_addr, region.size)
+        start = section.file_offset(region.gpa, region.size)
         cursor = region.offset
         for offset, length in data_extents(fd, start, region.size):
             target = region.offset + (offset - start)

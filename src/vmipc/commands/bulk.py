@@ -29,11 +29,12 @@ from vmipc.commands._bulk import (
 from vmipc.commands._registry import CommandContext, handler
 from vmipc.commands._restorable import check_config
 from vmipc.formats import bitmap_to_runs
+from vmipc.memory_layout import PAGE_SIZE
 from vmipc.protocol import CommandError, ErrorCode
 from vmipc.vmm.host import MachineHost
 from vmipc.vmm.machine import DirtyLogMoved, DirtyLogOff, Machine, MachineState
 from vmipc.vmm.machine_api import InvalidStateError
-from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
+from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.runstate import RunState
 from vmipc.vmm.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
 

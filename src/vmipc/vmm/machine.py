@@ -23,6 +23,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
 from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, KvmClockData
+from vmipc.memory_layout import PAGE_SIZE
 from vmipc.vmm.devices import Uart16550, UartState
 from vmipc.vmm.iobus import IoBus, MmioBus
 from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
@@ -34,7 +35,7 @@ from vmipc.vmm.loaders import (
     load_multiboot_file,
 )
 from vmipc.vmm.machine_api import InvalidStateError, StateChange
-from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
+from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.runstate import RunState
 from vmipc.vmm.state import (
     StateRecordError,
@@ -320,10 +321,10 @@ class Machine:
 
     def _register_memory(self, flags: int = 0) -> None:
         assert self.vm is not None and self.memory is not None
-        for region in self.memory.regions:
+        for slot, region in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(
-                region.slot,
-                region.guest_phys_addr,
+                slot,
+                region.gpa,
                 region.size,
                 self.memory.host_address + region.offset,
                 flags,
@@ -597,12 +598,12 @@ class Machine:
             assert self.vm is not None and self.memory is not None
             bitmaps = []
             vmm_written = self.memory.take_written_pages()
-            for region in self.memory.regions:
+            for slot, region in enumerate(self.memory.regions):
                 pages = region.size // PAGE_SIZE
                 words = (ctypes.c_uint64 * ((pages + 63) // 64))()
-                self.vm.get_dirty_log(region.slot, words)
+                self.vm.get_dirty_log(slot, words)
                 bitmap = bytearray(memoryview(words).cast("B"))
-                for page in vmm_written.get(region.slot, ()):
+                for page in vmm_written.get(slot, ()):
                     bitmap[page >> 3] |= 1 << (page & 7)
                 bitmaps.append(bytes(bitmap))
             return bitmaps
