@@ -69,7 +69,7 @@ def restorable_state(memory_size: int = MIN_MEMORY, vcpus: int = 1) -> MachineSt
             pit=zeros(structs.KvmPitState2),
             clock=0,
         ),
-        uart=Uart16550(lambda data: None).save(),
+        devices={"uart": Uart16550(lambda data: None).save()},
     )
 
 

@@ -151,7 +151,7 @@ def maximal_state() -> MachineState:
     options = tuple(("working-set", "\u20ac" * 70) for _ in range(255))
     boot = BootSource("multiboot", "/" * 4095, "\u20ac" * 20479, options)
     config = MachineConfig(MAX_MEMORY, MAX_VCPUS, boot)
-    return MachineState(config, vcpus, vm, uart.save())
+    return MachineState(config, vcpus, vm, {"uart": uart.save()})
 
 
 def test_the_largest_legitimate_state_is_within_every_limit(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import ctypes
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -47,10 +47,10 @@ from vmipc.formats.snapshot import (
 )
 from vmipc.kvm.structs import KvmXsave
 from vmipc.memory_layout import PAGE_SIZE, MemoryRegion
-from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, UartState
-from vmipc.vmm.machine import MAX_VCPUS, BootSource, Machine, MachineConfig, MachineState
+from vmipc.vmm.devices import DEFAULT_RX_BACKLOG
+from vmipc.vmm.machine import MAX_VCPUS, STATE_RECORD_KEYS, Machine, MachineConfig, MachineState
 from vmipc.vmm.memory import GuestMemory
-from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
+from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS
 from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
@@ -490,15 +490,8 @@ STATE_LIMITS = MsgpackLimits(
     # state > vcpus > vcpu > cpuid > entry
     max_depth=6,
     # the records' fields (each record's to_dict uses its field names), their versions,
-    # and the map of user devices
-    keys=frozenset(
-        {"version", "devices"}
-        | {
-            item.name
-            for record in (MachineState, MachineConfig, BootSource, VcpuState, VmState, UartState)
-            for item in fields(record)
-        }
-    ),
+    # and the names of the user devices
+    keys=STATE_RECORD_KEYS,
     # a maximal state decodes into about 11 MiB (estimated)
     max_decoded=16 << 20,
 )

@@ -17,14 +17,22 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
 from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, KvmClockData
 from vmipc.memory_layout import PAGE_SIZE
-from vmipc.vmm.devices import Uart16550, UartState
+from vmipc.vmm.devices import (
+    DEVICES,
+    DeviceManager,
+    DeviceResources,
+    DeviceState,
+    Uart16550,
+    device_record_keys,
+)
 from vmipc.vmm.iobus import IoBus, MmioBus
 from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
 from vmipc.vmm.loaders import (
@@ -59,11 +67,6 @@ from vmipc.vmm.vcpu import (
 
 log = logging.getLogger("vmipc.vmm")
 
-COM1_BASE = 0x3F8
-COM1_IRQ = 4
-#: Writing a byte here powers the guest off (QEMU's isa-debug-exit uses the same port).
-POWER_OFF_PORT = 0x501
-POST_CODE_PORT = 0x80
 _TSS_ADDR = 0xFFFBD000
 _IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_VCPUS = 64
@@ -166,14 +169,33 @@ class MachineConfig:
 
 @dataclass(frozen=True)
 class MachineState:
-    """All of a machine that is not RAM: configuration, vCPUs, in-kernel and user devices."""
+    """All of a machine that is not RAM: configuration, vCPUs, in-kernel and user devices.
+
+    ``devices`` holds one ``<Device>State`` record per registered device
+    (vmm/devices/registry.py), by name; a new device there is a new ``VERSION`` here.
+    """
 
     VERSION: ClassVar[int] = 1
 
     config: MachineConfig
     vcpus: tuple[VcpuState, ...]
     vm: VmState
-    uart: UartState
+    devices: Mapping[str, DeviceState]
+
+    def __post_init__(self) -> None:
+        names = [kind.name for kind in DEVICES]
+        if sorted(self.devices) != sorted(names):
+            raise StateRecordError(
+                f"machine state: device records {sorted(self.devices)}, expected {names}"
+            )
+        for kind in DEVICES:
+            if not isinstance(self.devices[kind.name], kind.state):
+                raise StateRecordError(
+                    f"machine state: the {kind.name} record is not a {kind.state.__name__}"
+                )
+        # in registry order, and read-only like the rest of the record
+        ordered = {name: self.devices[name] for name in names}
+        object.__setattr__(self, "devices", MappingProxyType(ordered))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -181,7 +203,7 @@ class MachineState:
             "config": self.config.to_dict(),
             "vcpus": [vcpu.to_dict() for vcpu in self.vcpus],
             "vm": self.vm.to_dict(),
-            "devices": {"uart": self.uart.to_dict()},
+            "devices": {name: record.to_dict() for name, record in self.devices.items()},
         }
 
     @classmethod
@@ -194,14 +216,28 @@ class MachineState:
             config = MachineConfig.from_dict(data["config"])
             vcpus = tuple(VcpuState.from_dict(item) for item in data["vcpus"])
             vm = VmState.from_dict(data["vm"])
-            uart = UartState.from_dict(data["devices"]["uart"])
+            section = data["devices"]
+            devices = {kind.name: kind.load(section[kind.name]) for kind in DEVICES}
         except (KeyError, TypeError) as exc:
             raise StateRecordError(f"machine state is malformed: missing {exc}") from None
         except ValueError as exc:
             raise StateRecordError(str(exc)) from None
         if len(vcpus) != config.vcpus or [v.vcpu_id for v in vcpus] != list(range(config.vcpus)):
             raise StateRecordError("machine state: vcpu records do not match the configuration")
-        return cls(config, vcpus, vm, uart)
+        return cls(config, vcpus, vm, devices)
+
+
+#: Every key a machine-state record's maps may hold: each record's ``version`` and field
+#: names (a record's ``to_dict`` uses them), the device names. What a decoder allows.
+STATE_RECORD_KEYS = frozenset(
+    {"version"}
+    | {
+        item.name
+        for record in (MachineState, MachineConfig, BootSource, VcpuState, VmState)
+        for item in fields(record)
+    }
+    | device_record_keys()
+)
 
 
 #: The built-in guest's options (guest/README.md), with the long spellings users may type.
@@ -253,7 +289,6 @@ class Machine:
         self._listeners: list[Callable[[StateChange], None]] = []
         self._threads: list[VcpuThread] = []
         self.vcpus: list[Vcpu] = []
-        self.power_off_code: int | None = None
         self._dirty_logging = False
         self._dirty_pending: list[int] = []
         #: names the moment the dirty pages count from (None while logging is off)
@@ -273,18 +308,12 @@ class Machine:
             self._create_platform()
             self.iobus = IoBus()
             self.mmio_bus = MmioBus()
-            self._console = console
-            self.uart = Uart16550(console, self._set_com1_irq)
-            # Through self.uart at call time: a state restore replaces the device object.
-            self.iobus.register(
-                COM1_BASE,
-                8,
-                lambda offset: self.uart.io_read(offset),
-                lambda offset, value: self.uart.io_write(offset, value),
-                "COM1",
+            self.devices = DeviceManager(
+                DEVICES,
+                DeviceResources(console, self._irq_line, self.memory),
+                self.iobus,
+                self.mmio_bus,
             )
-            self.iobus.register(POWER_OFF_PORT, 1, lambda _o: 0xFF, self._power_off, "power-off")
-            self.iobus.register(POST_CODE_PORT, 1, lambda _o: 0xFF, lambda _o, _v: None, "post")
             supported = self.kvm.get_supported_cpuid()
             self._cpuid: list[ctypes.Structure] = []
             for index in range(config.vcpus):
@@ -479,7 +508,7 @@ class Machine:
                     for vcpu, cpuid in zip(self.vcpus, self._cpuid, strict=True)
                 ),
                 vm=save_vm(self.vm, clock=self._paused_clock),
-                uart=self.uart.save(),
+                devices=self.devices.save(),
             )
 
     def restore_state(self, state: MachineState) -> None:
@@ -508,7 +537,7 @@ class Machine:
                 # record is bad, like one that fails to decode, not the host
                 raise StateRecordError(f"{where}: KVM refused {exc.strerror or exc}") from None
             self._paused_clock = state.vm.clock
-            self.uart = Uart16550.restore(state.uart, self._console, self._set_com1_irq)
+            self.devices.restore(state.devices)  # after the irqchips: see Uart16550.restore
             self.config = state.config
 
     # --- dirty page tracking -----------------------------------------------------------
@@ -610,7 +639,12 @@ class Machine:
 
     def feed_console(self, data: bytes) -> int:
         """Console input for the guest's COM1; returns how many bytes were taken."""
-        return self.uart.feed_input(data)
+        return self.devices.get("uart", Uart16550).feed_input(data)
+
+    @property
+    def power_off_code(self) -> int | None:
+        """The byte the guest wrote to the power-off port, once it has."""
+        return self.devices.power_off_code
 
     # --- internals ------------------------------------------------------------------
 
@@ -626,13 +660,9 @@ class Machine:
             self.vm.set_clock(KvmClockData(clock=self._paused_clock))
             self._paused_clock = None
 
-    def _set_com1_irq(self, level: int) -> None:
+    def _irq_line(self, irq: int, level: int) -> None:
         if self.vm is not None and self.vm.fd >= 0:
-            self.vm.irq_line(COM1_IRQ, level)
-
-    def _power_off(self, _offset: int, value: int) -> None:
-        self.power_off_code = value
-        raise GuestStopped(False, f"guest powered off (code {value})")
+            self.vm.irq_line(irq, level)
 
     def _kick_all(self) -> None:
         for thread in self._threads:
