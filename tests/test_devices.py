@@ -22,9 +22,8 @@ from vmipc.vmm.devices import (
     device_record_keys,
 )
 from vmipc.vmm.iobus import IoBus, MmioBus
-from vmipc.vmm.machine import STATE_RECORD_KEYS, MachineState
 from vmipc.vmm.memory import GuestMemory
-from vmipc.vmm.state import StateRecordError
+from vmipc.vmm.state import STATE_RECORD_KEYS, MachineState, StateRecordError
 from vmipc.vmm.vcpu import GuestStopped
 
 #: the devices each machine-state version holds: a new device is a new version

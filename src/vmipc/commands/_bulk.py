@@ -48,9 +48,9 @@ from vmipc.formats.snapshot import (
 from vmipc.kvm.structs import KvmXsave
 from vmipc.memory_layout import PAGE_SIZE, MemoryRegion
 from vmipc.vmm.devices import DEFAULT_RX_BACKLOG
-from vmipc.vmm.machine import MAX_VCPUS, STATE_RECORD_KEYS, Machine, MachineConfig, MachineState
+from vmipc.vmm.machine import MAX_VCPUS, Machine, MachineConfig, MachineState
 from vmipc.vmm.memory import GuestMemory
-from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS
+from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, STATE_RECORD_KEYS
 from vmipc.vmm.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step

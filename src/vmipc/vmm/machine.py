@@ -5,6 +5,10 @@ worker threads, the CLI) changes the run state through the methods here, which t
 ``self._cond``. Pause closes a gate, sets ``immediate_exit`` on every vCPU and kicks each
 vCPU thread with a signal so a vCPU spinning in guest ring 3 leaves KVM_RUN at once;
 it returns when every vCPU reports itself parked.
+
+The records a machine is built from and saves to (``MachineConfig``, ``BootSource`` in
+vmm/config.py, ``MachineState`` in vmm/state.py) are re-exported here with the class that
+takes and returns them; its userspace devices are a part of their own (vmm/devices/).
 """
 
 from __future__ import annotations
@@ -17,22 +21,16 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
-from types import MappingProxyType
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
 from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, KvmClockData
 from vmipc.memory_layout import PAGE_SIZE
-from vmipc.vmm.devices import (
-    DEVICES,
-    DeviceManager,
-    DeviceResources,
-    DeviceState,
-    Uart16550,
-    device_record_keys,
-)
+from vmipc.vmm.config import MAX_VCPUS as MAX_VCPUS
+from vmipc.vmm.config import BootSource as BootSource
+from vmipc.vmm.config import MachineConfig as MachineConfig
+from vmipc.vmm.devices import DEVICES, DeviceManager, DeviceResources, Uart16550
 from vmipc.vmm.iobus import IoBus, MmioBus
 from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
 from vmipc.vmm.loaders import (
@@ -45,10 +43,9 @@ from vmipc.vmm.loaders import (
 from vmipc.vmm.machine_api import InvalidStateError, StateChange
 from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.runstate import RunState
+from vmipc.vmm.state import MachineState as MachineState
 from vmipc.vmm.state import (
     StateRecordError,
-    VcpuState,
-    VmState,
     cpuid_from_state,
     readable_msrs,
     restore_vcpu,
@@ -69,7 +66,6 @@ log = logging.getLogger("vmipc.vmm")
 
 _TSS_ADDR = 0xFFFBD000
 _IDENTITY_MAP_ADDR = 0xFFFBC000
-MAX_VCPUS = 64
 
 
 class DirtyLogOff(Exception):
@@ -97,147 +93,6 @@ class DirtyCount(NamedTuple):
 
 def _new_epoch() -> str:
     return secrets.token_hex(8)
-
-
-@dataclass(frozen=True)
-class BootSource:
-    """What to boot. ``kind`` is "builtin", "bootsector", "multiboot" or "none" (incoming)."""
-
-    kind: str = "builtin"
-    path: str | None = None
-    cmdline: str = ""
-    guest_options: tuple[tuple[str, str], ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "cmdline": self.cmdline,
-            "guest_options": [list(pair) for pair in self.guest_options],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BootSource:
-        if not isinstance(data, dict):
-            raise ValueError(f"boot source record is a {type(data).__name__}, not a map")
-        return cls(
-            kind=str(data["kind"]),
-            path=data.get("path"),
-            cmdline=str(data.get("cmdline", "")),
-            guest_options=tuple((str(k), str(v)) for k, v in data.get("guest_options", [])),
-        )
-
-
-@dataclass(frozen=True)
-class MachineConfig:
-    """Everything needed to build the same machine again (saved with its state)."""
-
-    VERSION = 1
-
-    memory_size: int
-    vcpus: int = 1
-    boot: BootSource = field(default_factory=BootSource)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.VERSION,
-            "memory_size": self.memory_size,
-            "vcpus": self.vcpus,
-            "boot": self.boot.to_dict(),
-        }
-
-    def mismatch(self, other: MachineConfig) -> str | None:
-        """Why a machine built from ``other`` cannot take this configuration's state."""
-        if self.memory_size != other.memory_size:
-            return f"memory {self.memory_size >> 20} MiB vs {other.memory_size >> 20} MiB"
-        if self.vcpus != other.vcpus:
-            return f"{self.vcpus} vcpus vs {other.vcpus}"
-        return None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MachineConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"machine config is a {type(data).__name__}, not a map")
-        if data.get("version") != cls.VERSION:
-            raise ValueError(f"machine config version {data.get('version')} is not supported")
-        return cls(
-            memory_size=int(data["memory_size"]),
-            vcpus=int(data["vcpus"]),
-            boot=BootSource.from_dict(data["boot"]),
-        )
-
-
-@dataclass(frozen=True)
-class MachineState:
-    """All of a machine that is not RAM: configuration, vCPUs, in-kernel and user devices.
-
-    ``devices`` holds one ``<Device>State`` record per registered device
-    (vmm/devices/registry.py), by name; a new device there is a new ``VERSION`` here.
-    """
-
-    VERSION: ClassVar[int] = 1
-
-    config: MachineConfig
-    vcpus: tuple[VcpuState, ...]
-    vm: VmState
-    devices: Mapping[str, DeviceState]
-
-    def __post_init__(self) -> None:
-        names = [kind.name for kind in DEVICES]
-        if sorted(self.devices) != sorted(names):
-            raise StateRecordError(
-                f"machine state: device records {sorted(self.devices)}, expected {names}"
-            )
-        for kind in DEVICES:
-            if not isinstance(self.devices[kind.name], kind.state):
-                raise StateRecordError(
-                    f"machine state: the {kind.name} record is not a {kind.state.__name__}"
-                )
-        # in registry order, and read-only like the rest of the record
-        ordered = {name: self.devices[name] for name in names}
-        object.__setattr__(self, "devices", MappingProxyType(ordered))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.VERSION,
-            "config": self.config.to_dict(),
-            "vcpus": [vcpu.to_dict() for vcpu in self.vcpus],
-            "vm": self.vm.to_dict(),
-            "devices": {name: record.to_dict() for name, record in self.devices.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MachineState:
-        if not isinstance(data, dict):
-            raise StateRecordError(f"machine state is a {type(data).__name__}, not a map")
-        if data.get("version") != cls.VERSION:
-            raise StateRecordError(f"machine state version {data.get('version')!r} unsupported")
-        try:
-            config = MachineConfig.from_dict(data["config"])
-            vcpus = tuple(VcpuState.from_dict(item) for item in data["vcpus"])
-            vm = VmState.from_dict(data["vm"])
-            section = data["devices"]
-            devices = {kind.name: kind.load(section[kind.name]) for kind in DEVICES}
-        except (KeyError, TypeError) as exc:
-            raise StateRecordError(f"machine state is malformed: missing {exc}") from None
-        except ValueError as exc:
-            raise StateRecordError(str(exc)) from None
-        if len(vcpus) != config.vcpus or [v.vcpu_id for v in vcpus] != list(range(config.vcpus)):
-            raise StateRecordError("machine state: vcpu records do not match the configuration")
-        return cls(config, vcpus, vm, devices)
-
-
-#: Every key a machine-state record's maps may hold: each record's ``version`` and field
-#: names (a record's ``to_dict`` uses them), the device names. What a decoder allows.
-STATE_RECORD_KEYS = frozenset(
-    {"version"}
-    | {
-        item.name
-        for record in (MachineState, MachineConfig, BootSource, VcpuState, VmState)
-        for item in fields(record)
-    }
-    | device_record_keys()
-)
 
 
 #: The built-in guest's options (guest/README.md), with the long spellings users may type.

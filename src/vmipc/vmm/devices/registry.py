@@ -5,7 +5,7 @@ To add a device (the next is a virtio-blk over virtio-mmio):
 1. write the device and its ``<Device>State`` record (``persist.py`` says what each must
    do), with a round-trip test of the record;
 2. add its :class:`DeviceType` to :data:`DEVICES` below;
-3. bump ``MachineState.VERSION`` (vmm/machine.py) and pin the new device set in
+3. bump ``MachineState.VERSION`` (vmm/state.py) and pin the new device set in
    ``tests/test_devices.py``: a new key in the state's ``devices`` map is a new version of
    the machine-state record, so that an older reader refuses the state instead of dropping
    the device (protocol/state-blob.md, "Versioning").
