@@ -30,6 +30,7 @@ from vmipc.kvm import (
 )
 from vmipc.kvm.structs import KvmRun
 from vmipc.vmm.iobus import MmioBus
+from vmipc.vmm.vcpu import guest_stop
 
 PAGE = 4096
 
@@ -205,3 +206,26 @@ def test_a_real_vcpu_makes_typed_exits_and_takes_answers() -> None:
                 vcpu.close()
             vm.close()
     ram.close()
+
+
+@pytest.mark.parametrize(
+    ("exit", "crashed", "reason"),
+    [
+        (SHUTDOWN, True, "triple fault (shutdown) on vcpu 3"),
+        (
+            InternalError(1, (0x10, 0x20)),
+            True,
+            "KVM internal error on vcpu 3: suberror 1 (instruction emulation failed) "
+            "data 0x10 0x20",
+        ),
+        (InternalError(9, ()), True, "KVM internal error on vcpu 3: suberror 9 (unknown)"),
+        (FailEntry(0x21, 0), True, "VM entry failed on vcpu 3: hardware reason 0x21"),
+        (SystemEvent(1, ()), False, "guest shut down (system event) on vcpu 3"),
+        (SystemEvent(2, ()), False, "guest asked for a reset on vcpu 3"),
+        (SystemEvent(3, ()), True, "guest system event 3 on vcpu 3"),
+        (Unsupported(1), True, "unhandled KVM exit EXCEPTION on vcpu 3"),
+    ],
+)
+def test_exits_the_guest_cannot_go_on_from(exit: VcpuExit, crashed: bool, reason: str) -> None:
+    stop = guest_stop(exit, 3)
+    assert (stop.crashed, stop.reason) == (crashed, reason)

@@ -245,32 +245,37 @@ class VcpuThread:
                 return True
             case Hlt():
                 return False  # in-kernel LAPIC: KVM waits for interrupts itself; re-enter
-            case Shutdown():
-                raise GuestStopped(True, f"triple fault (shutdown) on vcpu {self.vcpu.id}")
-            case InternalError(suberror, data):
-                detail = " ".join(f"{word:#x}" for word in data)
-                raise GuestStopped(
-                    True,
-                    f"KVM internal error on vcpu {self.vcpu.id}: suberror {suberror}"
-                    f" ({_INTERNAL_SUBERRORS.get(suberror, 'unknown')})"
-                    + (f" data {detail}" if detail else ""),
-                )
-            case FailEntry(reason):
-                raise GuestStopped(
-                    True,
-                    f"VM entry failed on vcpu {self.vcpu.id}: hardware reason {reason:#x}",
-                )
-            case SystemEvent(kind):
-                if kind == SYSTEM_EVENT_SHUTDOWN:
-                    raise GuestStopped(
-                        False, f"guest shut down (system event) on vcpu {self.vcpu.id}"
-                    )
-                if kind == SYSTEM_EVENT_RESET:
-                    raise GuestStopped(False, f"guest asked for a reset on vcpu {self.vcpu.id}")
-                raise GuestStopped(True, f"guest system event {kind} on vcpu {self.vcpu.id}")
-            case Unsupported():
-                raise GuestStopped(True, f"unhandled KVM exit {exit.name} on vcpu {self.vcpu.id}")
-        raise AssertionError(f"{exit!r} is not a KVM exit")  # Intr never gets here
+        raise guest_stop(exit, self.vcpu.id)
+
+
+def guest_stop(exit: VcpuExit, vcpu_id: int) -> GuestStopped:
+    """Why an exit the vCPU cannot go on from stops the guest: powered off (a shutdown or
+    reset event) or crashed (everything else)."""
+    match exit:
+        case Shutdown():
+            return GuestStopped(True, f"triple fault (shutdown) on vcpu {vcpu_id}")
+        case InternalError(suberror, data):
+            detail = " ".join(f"{word:#x}" for word in data)
+            return GuestStopped(
+                True,
+                f"KVM internal error on vcpu {vcpu_id}: suberror {suberror}"
+                f" ({_INTERNAL_SUBERRORS.get(suberror, 'unknown')})"
+                + (f" data {detail}" if detail else ""),
+            )
+        case FailEntry(reason):
+            return GuestStopped(
+                True, f"VM entry failed on vcpu {vcpu_id}: hardware reason {reason:#x}"
+            )
+        case SystemEvent(kind) if kind == SYSTEM_EVENT_SHUTDOWN:
+            return GuestStopped(False, f"guest shut down (system event) on vcpu {vcpu_id}")
+        case SystemEvent(kind) if kind == SYSTEM_EVENT_RESET:
+            return GuestStopped(False, f"guest asked for a reset on vcpu {vcpu_id}")
+        case SystemEvent(kind):
+            return GuestStopped(True, f"guest system event {kind} on vcpu {vcpu_id}")
+        case Unsupported():
+            return GuestStopped(True, f"unhandled KVM exit {exit.name} on vcpu {vcpu_id}")
+    # Intr never gets here: the loop runs again
+    return GuestStopped(True, f"VMM error on vcpu {vcpu_id}: {exit!r} is not handled")
 
 
 _INTERNAL_SUBERRORS = {
