@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from vmipc.guest import expected_lines
+from vmipc.memory_layout import MIB
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig
-from vmipc.vmm.memory import MIB
 from vmipc.vmm.runstate import RunState
 
 pytestmark = pytest.mark.kvm

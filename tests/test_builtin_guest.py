@@ -10,8 +10,8 @@ import pytest
 
 from tests.builtin_guest import Console, check_against_model
 from vmipc.guest import banner, expected_lines
+from vmipc.memory_layout import MIB
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig
-from vmipc.vmm.memory import MIB
 from vmipc.vmm.runstate import RunState
 
 pytestmark = pytest.mark.kvm

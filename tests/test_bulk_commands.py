@@ -31,10 +31,10 @@ from vmipc.formats import (
     new_snapshot_id,
 )
 from vmipc.formats.snapshot import HEADER_SIZE, MEMORY_DESCRIPTOR_SIZE
+from vmipc.memory_layout import MIB
 from vmipc.protocol import CommandError
 from vmipc.vmm.host import MachineHost
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig
-from vmipc.vmm.memory import MIB
 from vmipc.vmm.runstate import RunState
 
 pytestmark = pytest.mark.kvm

@@ -15,9 +15,9 @@ from vmipc.cli import main
 from vmipc.formats import SnapshotHeader
 from vmipc.formats import snapshot as sn
 from vmipc.kvm import structs
+from vmipc.memory_layout import MIN_MEMORY, layout_for
 from vmipc.vmm.devices import Uart16550
 from vmipc.vmm.machine import BootSource, MachineConfig, MachineState
-from vmipc.vmm.memory import MIN_MEMORY, layout_for
 from vmipc.vmm.persist import state_sections
 from vmipc.vmm.state import VcpuState, VmState
 
@@ -69,7 +69,7 @@ def restorable_state(memory_size: int = MIN_MEMORY, vcpus: int = 1) -> MachineSt
             pit=zeros(structs.KvmPitState2),
             clock=0,
         ),
-        uart=Uart16550(lambda data: None).save(),
+        devices={"uart": Uart16550(lambda data: None).save()},
     )
 
 
@@ -79,7 +79,7 @@ def make_restorable(
     """A snapshot `vmm --restore` takes (short of KVM's word on the registers): real
     state sections and a memory image of ``memory_size`` bytes in the layout of its RAM."""
     state = state or restorable_state()
-    regions = [(r.guest_phys_addr, r.size, r.offset) for r in layout_for(memory_size)]
+    regions = [(r.gpa, r.size, r.offset) for r in layout_for(memory_size)]
     image = bytearray(memory_size)
     image[5 * PAGE] = 1
     sections = [*state_sections(state), ("memory", 1, sn.encode_memory_section(regions, image))]

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from vmipc.memory_layout import GIB, MIB, PAGE_SIZE
 from vmipc.vmm.dirtylog import (
     DirtyCount,
     DirtyLog,
@@ -17,7 +18,7 @@ from vmipc.vmm.dirtylog import (
     PageRange,
     page_ranges,
 )
-from vmipc.vmm.memory import GIB, MIB, PAGE_SIZE, GuestMemory
+from vmipc.vmm.memory import GuestMemory
 
 R = PageRange
 

@@ -31,7 +31,7 @@ BUILTIN_BASES = {
     "vmipc.server._os.SocketPathError": OSError,
     "vmipc.formats._bounded.MsgpackRefused": ValueError,
     "vmipc.vmm.loaders._common.GuestImageError": ValueError,
-    "vmipc.vmm.memory.MemoryConfigError": ValueError,
+    "vmipc.memory_layout.MemoryConfigError": ValueError,
     "vmipc.vmm.state.StateRecordError": ValueError,
 }
 

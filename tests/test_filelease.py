@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from vmipc.memory_layout import MIB, PAGE_SIZE
 from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
-from vmipc.vmm.memory import MIB, PAGE_SIZE, GuestMemory
+from vmipc.vmm.memory import GuestMemory
 
 SIZE = 16 * MIB
 

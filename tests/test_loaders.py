@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vmipc.memory_layout import MIB
 from vmipc.vmm.loaders import (
     CpuMode,
     GuestImageError,
@@ -15,7 +16,7 @@ from vmipc.vmm.loaders import (
     parse_multiboot,
 )
 from vmipc.vmm.loaders.multiboot import BOOTLOADER_MAGIC, INFO_BASE
-from vmipc.vmm.memory import MIB, GuestMemory
+from vmipc.vmm.memory import GuestMemory
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.test_state_roundtrip import assert_consecutive, counter_lines
+from vmipc.memory_layout import MIB
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig
 from vmipc.vmm.machine_api import InvalidStateError, StateChange
-from vmipc.vmm.memory import MIB
 from vmipc.vmm.runstate import RunState
 
 pytestmark = pytest.mark.kvm

@@ -15,8 +15,8 @@ from vmipc.protocol import (
     DecodeLimits,
     Error,
     ErrorInfo,
+    InputEnded,
     LocalProtocolError,
-    PeerClosed,
     RemoteProtocolError,
     RequestReceived,
     RequestRejected,
@@ -201,7 +201,7 @@ def test_oversized_frame_breaks_the_connection_and_returns_fds() -> None:
 
 def test_eof_clean_and_mid_frame() -> None:
     server = handshaken()
-    assert server.receive_eof() == [PeerClosed()]
+    assert server.receive_eof() == [InputEnded()]
     server = handshaken()
     server.receive_data(request(1, "query-status")[:3], [5])
     assert server.receive_eof() == [ConnectionBroken(None)]

@@ -19,9 +19,9 @@ from tests.test_bulk_commands import WS, compose_snapshot, vmms
 from vmipc.formats import SnapshotHeader, SnapshotReader, new_snapshot_id
 from vmipc.formats.snapshot import MEMORY_ENCODING_PAGE_STREAM, build_snapshot
 from vmipc.kvm import structs
+from vmipc.memory_layout import MIB
 from vmipc.protocol import CommandError
 from vmipc.vmm.builder import RestoreError, RestoreOptions, restore_machine
-from vmipc.vmm.memory import MIB
 from vmipc.vmm.runstate import RunState
 
 pytestmark = pytest.mark.kvm

@@ -32,10 +32,10 @@ from vmipc.formats import (
 from vmipc.formats._bounded import measure
 from vmipc.formats.snapshot import build_snapshot
 from vmipc.kvm import structs
+from vmipc.memory_layout import MAX_MEMORY
 from vmipc.protocol import CommandError
 from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, Uart16550
 from vmipc.vmm.machine import MAX_VCPUS, BootSource, MachineConfig, MachineState
-from vmipc.vmm.memory import MAX_MEMORY
 from vmipc.vmm.persist import (
     MAX_STATE_SIZE,
     STATE_LIMITS,
@@ -151,7 +151,7 @@ def maximal_state() -> MachineState:
     options = tuple(("working-set", "\u20ac" * 70) for _ in range(255))
     boot = BootSource("multiboot", "/" * 4095, "\u20ac" * 20479, options)
     config = MachineConfig(MAX_MEMORY, MAX_VCPUS, boot)
-    return MachineState(config, vcpus, vm, uart.save())
+    return MachineState(config, vcpus, vm, {"uart": uart.save()})
 
 
 def test_the_largest_legitimate_state_is_within_every_limit(tmp_path: Path) -> None:

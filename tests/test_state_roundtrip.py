@@ -8,8 +8,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from vmipc.memory_layout import MIB
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig, MachineState
-from vmipc.vmm.memory import MIB
 from vmipc.vmm.runstate import RunState
 from vmipc.vmm.state import StateRecordError, VcpuState
 

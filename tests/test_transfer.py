@@ -9,8 +9,9 @@ import time
 
 import pytest
 
+from vmipc.memory_layout import MIB
 from vmipc.vmm.kick import install_kick_handler
-from vmipc.vmm.memory import MIB, GuestMemory
+from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.persist import PeerClosed, Transfer, TransferCancelled, fd_kind
 
 

@@ -360,7 +360,7 @@ def synthetic_state(vcpus: int = 1) -> Any:
     vm = VmState(irqchip, irqchip, irqchip, zeros(structs.KvmPitState2), 12345)
     uart = Uart16550(lambda data: None, lambda level: None).save()
     config = MachineConfig(64 << 20, vcpus, BootSource("none"))
-    return MachineState(config, vcpu_records, vm, uart)
+    return MachineState(config, vcpu_records, vm, {"uart": uart})
 
 
 def _state_payload() -> bytes:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vmipc.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
+from vmipc.memory_layout import MemoryConfigError, layout_for
 from vmipc.vmm.builder import (
     Built,
     RestoreError,
@@ -35,7 +36,7 @@ from vmipc.vmm.machine import (
     MachineConfig,
 )
 from vmipc.vmm.machine_api import StateChange
-from vmipc.vmm.memory import MemoryConfigError, layout_for, parse_size
+from vmipc.vmm.memory import parse_size
 from vmipc.vmm.runstate import RunState
 from vmipc.vmm.sandbox import SandboxError, enter_capability_mode
 

@@ -18,9 +18,9 @@ import trio
 
 from vmipc.commands._registry import CommandContext, handler
 from vmipc.kvm import KvmError
+from vmipc.memory_layout import PAGE_SIZE
 from vmipc.protocol import CommandError, ErrorCode
 from vmipc.vmm.dirtylog import DirtyLogMoved, DirtyLogOff
-from vmipc.vmm.memory import PAGE_SIZE
 from vmipc.vmm.persist import BulkError, PeerClosed, Stats, Transfer, TransferCancelled, fd_kind
 
 T = TypeVar("T")

@@ -41,6 +41,7 @@ from vmipc.formats._common import (
     version_problem,
 )
 from vmipc.formats.errors import MissingSection, SnapshotError
+from vmipc.memory_layout import MemoryRegion
 
 __all__ = [
     "DIRTY_LOG_SECTION_VERSION",
@@ -356,16 +357,6 @@ def encode_table(entries: Sequence[SectionEntry], snapshot_id: bytes, file_size:
 
 
 # -- memory section -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryRegion:
-    """Guest-physical RAM ``[gpa, gpa + size)`` stored at ``offset`` in the memory image
-    (the region's memfd offset)."""
-
-    gpa: int
-    size: int
-    offset: int
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import os
 from vmipc.kvm import _numbers as n
 from vmipc.kvm import structs as s
 from vmipc.kvm._errors import KvmError
+from vmipc.kvm._exits import INTR, VcpuExit, decode_exit, io_data_span, mmio_data_span
 from vmipc.kvm._ioctl import ioctl
 
 
@@ -20,7 +21,7 @@ class Vcpu:
         self.fd = fd
         self.id = vcpu_id
         self._run_map = run_map
-        #: the shared ``struct kvm_run``; read exit details from it after :meth:`run`
+        #: the shared ``struct kvm_run`` (for ``immediate_exit``; :meth:`run` decodes exits)
         self.kvm_run = s.KvmRun.from_buffer(run_map)
 
     def close(self) -> None:
@@ -30,24 +31,33 @@ class Vcpu:
             os.close(self.fd)
             self.fd = -1
 
-    def run(self) -> int:
-        """KVM_RUN. Returns the exit reason, or -1 when interrupted (EINTR: a pause kick)."""
+    def run(self) -> VcpuExit:
+        """KVM_RUN; returns what the vCPU exited for (vmipc.kvm._exits), :data:`INTR`
+        when it was interrupted before (EINTR: a pause kick, or ``immediate_exit``).
+
+        An :class:`IoIn` or :class:`MmioRead` must be answered (:meth:`complete_io_in`,
+        :meth:`complete_mmio_read`) before the next run, which finishes the instruction."""
         try:
             ioctl(self.fd, "KVM_RUN", n.KVM_RUN, 0)
         except KvmError as exc:
             if exc.errno in (errno.EINTR, errno.EAGAIN):
-                return -1
+                return INTR
             raise
-        return int(self.kvm_run.exit_reason)
+        return decode_exit(self._run_map)
 
-    def io_data(self) -> ctypes.Array[ctypes.c_char]:
-        """The port-I/O data buffer of the current IO exit (count * size bytes)."""
-        io = self.kvm_run.exit.io
-        length = io.size * io.count
-        buffer: ctypes.Array[ctypes.c_char] = (ctypes.c_char * length).from_buffer(
-            self._run_map, io.data_offset
-        )
-        return buffer
+    def complete_io_in(self, data: bytes) -> None:
+        """The bytes the guest's pending port read gets (``size * count`` of them)."""
+        offset, length = io_data_span(self._run_map)
+        if len(data) != length:
+            raise ValueError(f"a port read of {length} bytes cannot take {len(data)}")
+        self._run_map[offset : offset + length] = data
+
+    def complete_mmio_read(self, data: bytes) -> None:
+        """The bytes the guest's pending MMIO read gets (as many as it reads)."""
+        offset, length = mmio_data_span(self._run_map)
+        if len(data) != length:
+            raise ValueError(f"an MMIO read of {length} bytes cannot take {len(data)}")
+        self._run_map[offset : offset + length] = data
 
     def _get(self, name: str, request: int, struct: ctypes.Structure) -> None:
         ioctl(self.fd, name, request, struct)

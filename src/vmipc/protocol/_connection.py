@@ -116,11 +116,13 @@ class ConnectionBroken:
 
 
 @dataclass(frozen=True)
-class PeerClosed:
-    """The peer closed its side cleanly, at a frame boundary."""
+class InputEnded:
+    """The peer ended its side of the stream cleanly, at a frame boundary (it may still
+    read replies). Not ``vmipc.vmm.persist.PeerClosed``, a bulk fd's other end going
+    away, nor the ``ConnectionClosed`` errors a client raises."""
 
 
-ServerEvent = RequestReceived | RequestRejected | ConnectionBroken | PeerClosed
+ServerEvent = RequestReceived | RequestRejected | ConnectionBroken | InputEnded
 
 
 @dataclass
@@ -198,7 +200,7 @@ class ServerProtocol:
             raise
 
     def receive_eof(self) -> list[ServerEvent]:
-        """The peer shut its side. Returns PeerClosed, or ConnectionBroken mid-frame."""
+        """The peer shut its side. Returns InputEnded, or ConnectionBroken mid-frame."""
         if self.state is ServerState.BROKEN:
             return []
         try:
@@ -208,7 +210,7 @@ class ServerProtocol:
             self._discarded.extend(self._decoder.release_fds())
             return [ConnectionBroken(None)]
         self._discarded.extend(self._decoder.release_fds())
-        return [PeerClosed()]
+        return [InputEnded()]
 
     def take_discarded_fds(self) -> list[int]:
         """Fds of refused requests, or that no request owns. Close them now."""

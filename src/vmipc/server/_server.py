@@ -850,7 +850,7 @@ class _Connection:
                 self._enqueue(self.proto.send_connection_error(event.error))
             self._stop(None)
             return False
-        # PeerClosed: a peer that only shut its writing side still gets its replies
+        # InputEnded: a peer that only shut its writing side still gets its replies
         if peer_hung_up(self.sock.fileno()):
             self._stop(None)
         return False

@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 from vmipc.errors import VmipcError
 from vmipc.formats import bitmap_to_runs
-from vmipc.vmm.memory import PAGE_SIZE, GuestMemory
+from vmipc.memory_layout import PAGE_SIZE
+from vmipc.vmm.memory import GuestMemory
 
 #: fills the bitmap of one slot (bit n = page n) with its dirty pages and resets them:
 #: ``Vm.get_dirty_log``
@@ -181,12 +182,12 @@ class DirtyLog:
     def _fetch(self) -> list[bytes]:
         bitmaps = []
         vmm_written = self._memory.take_written_pages()
-        for region in self._memory.regions:
+        for slot, region in enumerate(self._memory.regions):  # region i is KVM slot i
             pages = region.size // PAGE_SIZE
             words = (ctypes.c_uint64 * ((pages + 63) // 64))()
-            self._get_dirty_log(region.slot, words)
+            self._get_dirty_log(slot, words)
             bitmap = bytearray(memoryview(words).cast("B"))
-            for page in vmm_written.get(region.slot, ()):
+            for page in vmm_written.get(slot, ()):
                 bitmap[page >> 3] |= 1 << (page & 7)
             bitmaps.append(bytes(bitmap))
         return bitmaps

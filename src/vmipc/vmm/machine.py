@@ -5,6 +5,10 @@ worker threads, the CLI) changes the run state through the methods here, which t
 ``self._cond``. Pause closes a gate, sets ``immediate_exit`` on every vCPU and kicks each
 vCPU thread with a signal so a vCPU spinning in guest ring 3 leaves KVM_RUN at once;
 it returns when every vCPU reports itself parked.
+
+The records a machine is built from and saves to (``MachineConfig``, ``BootSource`` in
+vmm/config.py, ``MachineState`` in vmm/state.py) are re-exported here with the class that
+takes and returns them; its userspace devices are a part of their own (vmm/devices/).
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 from vmipc.kvm import Kvm, KvmError, Vcpu, Vm
 from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, KvmClockData
-from vmipc.vmm.devices import Uart16550, UartState
+from vmipc.vmm.config import MAX_VCPUS as MAX_VCPUS
+from vmipc.vmm.config import BootSource as BootSource
+from vmipc.vmm.config import MachineConfig as MachineConfig
+from vmipc.vmm.devices import DEVICES, DeviceManager, DeviceResources, Uart16550
 from vmipc.vmm.dirtylog import DirtyLog
-from vmipc.vmm.iobus import IoBus
+from vmipc.vmm.iobus import IoBus, MmioBus
 from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
 from vmipc.vmm.loaders import (
     BootPlan,
@@ -36,10 +41,9 @@ from vmipc.vmm.loaders import (
 from vmipc.vmm.machine_api import InvalidStateError, StateChange
 from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.runstate import RunState
+from vmipc.vmm.state import MachineState as MachineState
 from vmipc.vmm.state import (
     StateRecordError,
-    VcpuState,
-    VmState,
     cpuid_from_state,
     readable_msrs,
     restore_vcpu,
@@ -58,122 +62,8 @@ from vmipc.vmm.vcpu import (
 
 log = logging.getLogger("vmipc.vmm")
 
-COM1_BASE = 0x3F8
-COM1_IRQ = 4
-#: Writing a byte here powers the guest off (QEMU's isa-debug-exit uses the same port).
-POWER_OFF_PORT = 0x501
-POST_CODE_PORT = 0x80
 _TSS_ADDR = 0xFFFBD000
 _IDENTITY_MAP_ADDR = 0xFFFBC000
-MAX_VCPUS = 64
-
-
-@dataclass(frozen=True)
-class BootSource:
-    """What to boot. ``kind`` is "builtin", "bootsector", "multiboot" or "none" (incoming)."""
-
-    kind: str = "builtin"
-    path: str | None = None
-    cmdline: str = ""
-    guest_options: tuple[tuple[str, str], ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "cmdline": self.cmdline,
-            "guest_options": [list(pair) for pair in self.guest_options],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BootSource:
-        if not isinstance(data, dict):
-            raise ValueError(f"boot source record is a {type(data).__name__}, not a map")
-        return cls(
-            kind=str(data["kind"]),
-            path=data.get("path"),
-            cmdline=str(data.get("cmdline", "")),
-            guest_options=tuple((str(k), str(v)) for k, v in data.get("guest_options", [])),
-        )
-
-
-@dataclass(frozen=True)
-class MachineConfig:
-    """Everything needed to build the same machine again (saved with its state)."""
-
-    VERSION = 1
-
-    memory_size: int
-    vcpus: int = 1
-    boot: BootSource = field(default_factory=BootSource)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.VERSION,
-            "memory_size": self.memory_size,
-            "vcpus": self.vcpus,
-            "boot": self.boot.to_dict(),
-        }
-
-    def mismatch(self, other: MachineConfig) -> str | None:
-        """Why a machine built from ``other`` cannot take this configuration's state."""
-        if self.memory_size != other.memory_size:
-            return f"memory {self.memory_size >> 20} MiB vs {other.memory_size >> 20} MiB"
-        if self.vcpus != other.vcpus:
-            return f"{self.vcpus} vcpus vs {other.vcpus}"
-        return None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MachineConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"machine config is a {type(data).__name__}, not a map")
-        if data.get("version") != cls.VERSION:
-            raise ValueError(f"machine config version {data.get('version')} is not supported")
-        return cls(
-            memory_size=int(data["memory_size"]),
-            vcpus=int(data["vcpus"]),
-            boot=BootSource.from_dict(data["boot"]),
-        )
-
-
-@dataclass(frozen=True)
-class MachineState:
-    """All of a machine that is not RAM: configuration, vCPUs, in-kernel and user devices."""
-
-    VERSION: ClassVar[int] = 1
-
-    config: MachineConfig
-    vcpus: tuple[VcpuState, ...]
-    vm: VmState
-    uart: UartState
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.VERSION,
-            "config": self.config.to_dict(),
-            "vcpus": [vcpu.to_dict() for vcpu in self.vcpus],
-            "vm": self.vm.to_dict(),
-            "devices": {"uart": self.uart.to_dict()},
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MachineState:
-        if not isinstance(data, dict):
-            raise StateRecordError(f"machine state is a {type(data).__name__}, not a map")
-        if data.get("version") != cls.VERSION:
-            raise StateRecordError(f"machine state version {data.get('version')!r} unsupported")
-        try:
-            config = MachineConfig.from_dict(data["config"])
-            vcpus = tuple(VcpuState.from_dict(item) for item in data["vcpus"])
-            vm = VmState.from_dict(data["vm"])
-            uart = UartState.from_dict(data["devices"]["uart"])
-        except (KeyError, TypeError) as exc:
-            raise StateRecordError(f"machine state is malformed: missing {exc}") from None
-        except ValueError as exc:
-            raise StateRecordError(str(exc)) from None
-        if len(vcpus) != config.vcpus or [v.vcpu_id for v in vcpus] != list(range(config.vcpus)):
-            raise StateRecordError("machine state: vcpu records do not match the configuration")
-        return cls(config, vcpus, vm, uart)
 
 
 #: The built-in guest's options (guest/README.md), with the long spellings users may type.
@@ -225,7 +115,6 @@ class Machine:
         self._listeners: list[Callable[[StateChange], None]] = []
         self._threads: list[VcpuThread] = []
         self.vcpus: list[Vcpu] = []
-        self.power_off_code: int | None = None
         self._paused_clock: int | None = None
 
         self.kvm = kvm if kvm is not None else Kvm(kvm_path)
@@ -242,18 +131,13 @@ class Machine:
             self.dirty_log = DirtyLog(self.memory, self.vm.get_dirty_log, self._log_dirty_pages)
             self._create_platform()
             self.iobus = IoBus()
-            self._console = console
-            self.uart = Uart16550(console, self._set_com1_irq)
-            # Through self.uart at call time: a state restore replaces the device object.
-            self.iobus.register(
-                COM1_BASE,
-                8,
-                lambda offset: self.uart.io_read(offset),
-                lambda offset, value: self.uart.io_write(offset, value),
-                "COM1",
+            self.mmio_bus = MmioBus()
+            self.devices = DeviceManager(
+                DEVICES,
+                DeviceResources(console, self._irq_line, self.memory),
+                self.iobus,
+                self.mmio_bus,
             )
-            self.iobus.register(POWER_OFF_PORT, 1, lambda _o: 0xFF, self._power_off, "power-off")
-            self.iobus.register(POST_CODE_PORT, 1, lambda _o: 0xFF, lambda _o, _v: None, "post")
             supported = self.kvm.get_supported_cpuid()
             self._cpuid: list[ctypes.Structure] = []
             for index in range(config.vcpus):
@@ -273,6 +157,7 @@ class Machine:
                 VcpuThread(
                     vcpu,
                     self.iobus,
+                    self.mmio_bus,
                     self._cond,
                     lambda: self._gate_closed or self._holds > 0,
                     lambda: self._stopping,
@@ -289,10 +174,10 @@ class Machine:
 
     def _register_memory(self, flags: int = 0) -> None:
         assert self.vm is not None and self.memory is not None
-        for region in self.memory.regions:
+        for slot, region in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(
-                region.slot,
-                region.guest_phys_addr,
+                slot,
+                region.gpa,
                 region.size,
                 self.memory.host_address + region.offset,
                 flags,
@@ -450,7 +335,7 @@ class Machine:
                     for vcpu, cpuid in zip(self.vcpus, self._cpuid, strict=True)
                 ),
                 vm=save_vm(self.vm, clock=self._paused_clock),
-                uart=self.uart.save(),
+                devices=self.devices.save(),
             )
 
     def restore_state(self, state: MachineState) -> None:
@@ -479,12 +364,17 @@ class Machine:
                 # record is bad, like one that fails to decode, not the host
                 raise StateRecordError(f"{where}: KVM refused {exc.strerror or exc}") from None
             self._paused_clock = state.vm.clock
-            self.uart = Uart16550.restore(state.uart, self._console, self._set_com1_irq)
+            self.devices.restore(state.devices)  # after the irqchips: see Uart16550.restore
             self.config = state.config
 
     def feed_console(self, data: bytes) -> int:
         """Console input for the guest's COM1; returns how many bytes were taken."""
-        return self.uart.feed_input(data)
+        return self.devices.get("uart", Uart16550).feed_input(data)
+
+    @property
+    def power_off_code(self) -> int | None:
+        """The byte the guest wrote to the power-off port, once it has."""
+        return self.devices.power_off_code
 
     # --- internals ------------------------------------------------------------------
 
@@ -500,13 +390,9 @@ class Machine:
             self.vm.set_clock(KvmClockData(clock=self._paused_clock))
             self._paused_clock = None
 
-    def _set_com1_irq(self, level: int) -> None:
+    def _irq_line(self, irq: int, level: int) -> None:
         if self.vm is not None and self.vm.fd >= 0:
-            self.vm.irq_line(COM1_IRQ, level)
-
-    def _power_off(self, _offset: int, value: int) -> None:
-        self.power_off_code = value
-        raise GuestStopped(False, f"guest powered off (code {value})")
+            self.vm.irq_line(irq, level)
 
     def _kick_all(self) -> None:
         for thread in self._threads:

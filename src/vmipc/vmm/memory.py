@@ -1,10 +1,7 @@
 """Guest RAM: one memfd, mapped once, registered with KVM as one or two memory slots.
 
-Guest-physical layout (see docs/vmm.md)::
-
-    0              .. min(ram, 3 GiB)     RAM, slot 0 (memfd offset 0)
-    3 GiB          .. 4 GiB               hole: IOAPIC 0xfec00000, LAPIC 0xfee00000, ...
-    4 GiB          .. 4 GiB + (ram - 3 GiB)  RAM above the hole, slot 1 (memfd offset 3 GiB)
+Guest-physical layout: :func:`vmipc.memory_layout.layout_for` (see docs/vmm.md); region
+*i* is KVM memory slot *i*, and its ``offset`` is its memfd offset.
 
 The memfd is the single copy of guest RAM: loaders write into it in place, dumps read
 from it with sendfile/splice, and nothing copies RAM to build or to run a guest.
@@ -26,23 +23,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vmipc.errors import VmipcError
+from vmipc.memory_layout import PAGE_SIZE, MemoryConfigError, layout_for
 
 if TYPE_CHECKING:
     from vmipc.vmm.filelease import ReadLease
-
-PAGE_SIZE = 4096
-MIB = 1 << 20
-GIB = 1 << 30
-#: RAM below the 4 GiB boundary ends here; the rest of RAM is placed above 4 GiB.
-LOW_RAM_END = 3 * GIB
-HIGH_RAM_START = 4 * GIB
-MIN_MEMORY = 16 * MIB
-MAX_MEMORY = 64 * GIB
-
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
@@ -67,42 +53,6 @@ _COMPARE = 64 << 10
 #: RAM is looked at in blocks this large for all-zero pages (they stay holes in a copy)
 _ZERO_BLOCK = 256 << 10
 _ZEROS = bytes(_ZERO_BLOCK)
-
-
-class MemoryConfigError(ValueError, VmipcError):
-    """A memory size that cannot be used."""
-
-
-@dataclass(frozen=True)
-class MemoryRegion:
-    """A guest-physical RAM range backed by ``memfd[offset : offset + size]``."""
-
-    slot: int
-    guest_phys_addr: int
-    size: int
-    offset: int
-
-    @property
-    def end(self) -> int:
-        return self.guest_phys_addr + self.size
-
-
-def layout_for(size: int) -> tuple[MemoryRegion, ...]:
-    """The RAM regions of a guest with ``size`` bytes of RAM (pure; table-tested)."""
-    if size % PAGE_SIZE:
-        raise MemoryConfigError(f"memory size {size} is not a multiple of {PAGE_SIZE}")
-    if not MIN_MEMORY <= size <= MAX_MEMORY:
-        raise MemoryConfigError(
-            f"memory size {size // MIB} MiB is outside {MIN_MEMORY // MIB} MiB .. "
-            f"{MAX_MEMORY // GIB} GiB"
-        )
-    low = min(size, LOW_RAM_END)
-    regions = [MemoryRegion(slot=0, guest_phys_addr=0, size=low, offset=0)]
-    if size > low:
-        regions.append(
-            MemoryRegion(slot=1, guest_phys_addr=HIGH_RAM_START, size=size - low, offset=low)
-        )
-    return tuple(regions)
 
 
 def parse_size(text: str) -> int:
@@ -260,8 +210,8 @@ class GuestMemory:
     def offset_of(self, gpa: int, length: int = 1) -> int:
         """memfd offset of guest-physical ``gpa``; the range must lie inside one region."""
         for region in self.regions:
-            if region.guest_phys_addr <= gpa and gpa + length <= region.end:
-                return region.offset + gpa - region.guest_phys_addr
+            if region.gpa <= gpa and gpa + length <= region.end:
+                return region.offset + gpa - region.gpa
         raise ValueError(f"guest-physical range {gpa:#x}+{length:#x} is not RAM")
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
@@ -275,12 +225,12 @@ class GuestMemory:
         """Record that the VMM wrote ``[gpa, gpa+length)`` behind KVM's back."""
         if not self._tracking:
             return
-        for region in self.regions:
-            start, end = max(gpa, region.guest_phys_addr), min(gpa + length, region.end)
+        for slot, region in enumerate(self.regions):
+            start, end = max(gpa, region.gpa), min(gpa + length, region.end)
             if start < end:
-                pages = self._written.setdefault(region.slot, set())
-                first = (start - region.guest_phys_addr) // PAGE_SIZE
-                last = (end - 1 - region.guest_phys_addr) // PAGE_SIZE
+                pages = self._written.setdefault(slot, set())
+                first = (start - region.gpa) // PAGE_SIZE
+                last = (end - 1 - region.gpa) // PAGE_SIZE
                 pages.update(range(first, last + 1))
 
     def track_writes(self, enabled: bool) -> None:
@@ -297,9 +247,9 @@ class GuestMemory:
         return bytes(self.view[offset : offset + length])
 
     def ram_ranges(self) -> Iterator[tuple[int, int]]:
-        """(guest_phys_addr, size) of each RAM region."""
+        """(gpa, size) of each RAM region."""
         for region in self.regions:
-            yield region.guest_phys_addr, region.size
+            yield region.gpa, region.size
 
 
 def _data_runs(ram: memoryview) -> list[tuple[int, int]]:

@@ -1,4 +1,7 @@
-"""Versioned records of vCPU and in-kernel device state, with save/restore pairs.
+"""Versioned records of a machine's state — ``MachineState``, the record of everything
+but RAM, and the vCPU and in-kernel device records it holds — with save/restore pairs.
+The userspace devices' records are theirs (vmm/devices/); protocol/state-blob.md is the
+wire format.
 
 Each record is a frozen dataclass holding the kernel's structs as raw bytes (they are
 stable kernel ABI) plus plain values. ``save_*`` cannot fail on a paused machine;
@@ -9,11 +12,15 @@ stable kernel ABI) plus plain values. ``save_*`` cannot fail on a paused machine
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
 from vmipc.errors import VmipcError
 from vmipc.kvm import Vcpu, Vm, structs
+from vmipc.vmm.config import BootSource, MachineConfig
+from vmipc.vmm.devices import DEVICES, DeviceState, device_record_keys
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
@@ -292,3 +299,76 @@ def restore_vm(vm: Vm, state: VmState) -> None:
         vm.set_irqchip(_from_raw(structs.KvmIrqchip, raw, "irqchip"))
     vm.set_pit2(_from_raw(structs.KvmPitState2, state.pit, "pit"))
     vm.set_clock(structs.KvmClockData(clock=state.clock))
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """All of a machine that is not RAM: configuration, vCPUs, in-kernel and user devices.
+
+    ``devices`` holds one ``<Device>State`` record per registered device
+    (vmm/devices/registry.py), by name; a new device there is a new ``VERSION`` here.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    config: MachineConfig
+    vcpus: tuple[VcpuState, ...]
+    vm: VmState
+    devices: Mapping[str, DeviceState]
+
+    def __post_init__(self) -> None:
+        names = [kind.name for kind in DEVICES]
+        if sorted(self.devices) != sorted(names):
+            raise StateRecordError(
+                f"machine state: device records {sorted(self.devices)}, expected {names}"
+            )
+        for kind in DEVICES:
+            if not isinstance(self.devices[kind.name], kind.state):
+                raise StateRecordError(
+                    f"machine state: the {kind.name} record is not a {kind.state.__name__}"
+                )
+        # in registry order, and read-only like the rest of the record
+        ordered = {name: self.devices[name] for name in names}
+        object.__setattr__(self, "devices", MappingProxyType(ordered))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "config": self.config.to_dict(),
+            "vcpus": [vcpu.to_dict() for vcpu in self.vcpus],
+            "vm": self.vm.to_dict(),
+            "devices": {name: record.to_dict() for name, record in self.devices.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MachineState:
+        if not isinstance(data, dict):
+            raise StateRecordError(f"machine state is a {type(data).__name__}, not a map")
+        if data.get("version") != cls.VERSION:
+            raise StateRecordError(f"machine state version {data.get('version')!r} unsupported")
+        try:
+            config = MachineConfig.from_dict(data["config"])
+            vcpus = tuple(VcpuState.from_dict(item) for item in data["vcpus"])
+            vm = VmState.from_dict(data["vm"])
+            section = data["devices"]
+            devices = {kind.name: kind.load(section[kind.name]) for kind in DEVICES}
+        except (KeyError, TypeError) as exc:
+            raise StateRecordError(f"machine state is malformed: missing {exc}") from None
+        except ValueError as exc:
+            raise StateRecordError(str(exc)) from None
+        if len(vcpus) != config.vcpus or [v.vcpu_id for v in vcpus] != list(range(config.vcpus)):
+            raise StateRecordError("machine state: vcpu records do not match the configuration")
+        return cls(config, vcpus, vm, devices)
+
+
+#: Every key a machine-state record's maps may hold: each record's ``version`` and field
+#: names (a record's ``to_dict`` uses them), the device names. What a decoder allows.
+STATE_RECORD_KEYS = frozenset(
+    {"version"}
+    | {
+        item.name
+        for record in (MachineState, MachineConfig, BootSource, VcpuState, VmState)
+        for item in fields(record)
+    }
+    | device_record_keys()
+)

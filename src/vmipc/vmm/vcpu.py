@@ -9,12 +9,28 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vmipc.errors import VmipcError
-from vmipc.kvm import ExitReason, Vcpu, structs
-from vmipc.kvm.structs import KVM_EXIT_IO_OUT
+from vmipc.kvm import (
+    INTR,
+    SYSTEM_EVENT_RESET,
+    SYSTEM_EVENT_SHUTDOWN,
+    FailEntry,
+    Hlt,
+    InternalError,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    Unsupported,
+    Vcpu,
+    VcpuExit,
+    structs,
+)
 from vmipc.vmm.loaders import BootPlan, CpuMode
 
 if TYPE_CHECKING:
-    from vmipc.vmm.iobus import IoBus
+    from vmipc.vmm.iobus import IoBus, MmioBus
 
 log = logging.getLogger("vmipc.vmm")
 
@@ -144,6 +160,7 @@ class VcpuThread:
         self,
         vcpu: Vcpu,
         iobus: IoBus,
+        mmio: MmioBus,
         cond: threading.Condition,
         gate_closed: Callable[[], bool],
         stopping: Callable[[], bool],
@@ -152,6 +169,7 @@ class VcpuThread:
     ) -> None:
         self.vcpu = vcpu
         self._iobus = iobus
+        self._mmio = mmio
         self._cond = cond
         self._gate_closed = gate_closed
         self._stopping = stopping
@@ -182,12 +200,12 @@ class VcpuThread:
                 if not self._park():
                     return
                 continue
-            reason = vcpu.run()
+            exit = vcpu.run()
             needs_completion = False
-            if reason < 0:
+            if exit is INTR:
                 continue
             self.exits += 1
-            needs_completion = self._handle_exit(reason)
+            needs_completion = self._handle_exit(exit)
 
     def _park(self) -> bool:
         """Wait at the closed gate. Returns False when the machine is stopping."""
@@ -198,60 +216,67 @@ class VcpuThread:
             self._on_park(self, False)
             return not self._stopping()
 
-    def _handle_exit(self, reason: int) -> bool:
+    def _handle_exit(self, exit: VcpuExit) -> bool:
         """Handle one exit; returns True when KVM must be re-entered to complete it."""
-        run = self.vcpu.kvm_run
-        if reason == ExitReason.IO:
-            io = run.exit.io
-            size, port = int(io.size), int(io.port)
-            data = self.vcpu.io_data()
-            if io.direction == KVM_EXIT_IO_OUT:
-                raw = bytes(data)
-                for start in range(0, len(raw), size):
-                    value = int.from_bytes(raw[start : start + size], "little")
-                    self._iobus.write(port, size, value)
-            else:
-                out = bytearray()
-                for _ in range(int(io.count)):
-                    out += self._iobus.read(port, size).to_bytes(size, "little")
-                ctypes.memmove(data, bytes(out), len(out))
-            return True
-        if reason == ExitReason.MMIO:
-            mmio = run.exit.mmio
-            if not mmio.is_write:
-                for index in range(8):
-                    mmio.data[index] = 0xFF
-            log.debug("vcpu%d: unclaimed MMIO at %#x", self.vcpu.id, mmio.phys_addr)
-            return True
-        if reason == ExitReason.HLT:
-            return False  # in-kernel LAPIC: KVM waits for interrupts itself; just re-enter
-        if reason == ExitReason.SHUTDOWN:
-            raise GuestStopped(True, f"triple fault (shutdown) on vcpu {self.vcpu.id}")
-        if reason == ExitReason.INTERNAL_ERROR:
-            internal = run.exit.internal
-            detail = " ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
-            raise GuestStopped(
+        match exit:
+            case IoOut(port, size, data):
+                if len(data) == size:
+                    self._iobus.write(port, size, int.from_bytes(data, "little"))
+                else:  # rep outs: one write per item
+                    for start in range(0, len(data), size):
+                        value = int.from_bytes(data[start : start + size], "little")
+                        self._iobus.write(port, size, value)
+                return True
+            case IoIn(port, size, count):
+                if count == 1:
+                    self.vcpu.complete_io_in(self._iobus.read(port, size).to_bytes(size, "little"))
+                else:  # rep ins
+                    self.vcpu.complete_io_in(
+                        b"".join(
+                            self._iobus.read(port, size).to_bytes(size, "little")
+                            for _ in range(count)
+                        )
+                    )
+                return True
+            case MmioRead(addr, size):
+                self.vcpu.complete_mmio_read(self._mmio.read(addr, size))
+                return True
+            case MmioWrite(addr, data):
+                self._mmio.write(addr, data)
+                return True
+            case Hlt():
+                return False  # in-kernel LAPIC: KVM waits for interrupts itself; re-enter
+        raise guest_stop(exit, self.vcpu.id)
+
+
+def guest_stop(exit: VcpuExit, vcpu_id: int) -> GuestStopped:
+    """Why an exit the vCPU cannot go on from stops the guest: powered off (a shutdown or
+    reset event) or crashed (everything else)."""
+    match exit:
+        case Shutdown():
+            return GuestStopped(True, f"triple fault (shutdown) on vcpu {vcpu_id}")
+        case InternalError(suberror, data):
+            detail = " ".join(f"{word:#x}" for word in data)
+            return GuestStopped(
                 True,
-                f"KVM internal error on vcpu {self.vcpu.id}: suberror {internal.suberror}"
-                f" ({_INTERNAL_SUBERRORS.get(int(internal.suberror), 'unknown')})"
+                f"KVM internal error on vcpu {vcpu_id}: suberror {suberror}"
+                f" ({_INTERNAL_SUBERRORS.get(suberror, 'unknown')})"
                 + (f" data {detail}" if detail else ""),
             )
-        if reason == ExitReason.FAIL_ENTRY:
-            fail = run.exit.fail_entry
-            raise GuestStopped(
-                True,
-                f"VM entry failed on vcpu {self.vcpu.id}: hardware reason "
-                f"{fail.hardware_entry_failure_reason:#x}",
+        case FailEntry(reason):
+            return GuestStopped(
+                True, f"VM entry failed on vcpu {vcpu_id}: hardware reason {reason:#x}"
             )
-        if reason == ExitReason.SYSTEM_EVENT:
-            kind = int(run.exit.system_event.type)
-            if kind == 1:
-                raise GuestStopped(False, f"guest shut down (system event) on vcpu {self.vcpu.id}")
-            if kind == 2:
-                raise GuestStopped(False, f"guest asked for a reset on vcpu {self.vcpu.id}")
-            raise GuestStopped(True, f"guest system event {kind} on vcpu {self.vcpu.id}")
-        name = ExitReason(reason).name if reason in ExitReason._value2member_map_ else str(reason)
-        raise GuestStopped(True, f"unhandled KVM exit {name} on vcpu {self.vcpu.id}")
+        case SystemEvent(kind) if kind == SYSTEM_EVENT_SHUTDOWN:
+            return GuestStopped(False, f"guest shut down (system event) on vcpu {vcpu_id}")
+        case SystemEvent(kind) if kind == SYSTEM_EVENT_RESET:
+            return GuestStopped(False, f"guest asked for a reset on vcpu {vcpu_id}")
+        case SystemEvent(kind):
+            return GuestStopped(True, f"guest system event {kind} on vcpu {vcpu_id}")
+        case Unsupported():
+            return GuestStopped(True, f"unhandled KVM exit {exit.name} on vcpu {vcpu_id}")
+    # Intr never gets here: the loop runs again
+    return GuestStopped(True, f"VMM error on vcpu {vcpu_id}: {exit!r} is not handled")
 
 
 _INTERNAL_SUBERRORS = {

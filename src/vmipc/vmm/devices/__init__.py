@@ -1,5 +1,17 @@
-"""Userspace device models of the VMM."""
+"""Userspace device models of the VMM, their ``Persist`` protocol (``persist.py``), the
+registry of the devices a machine has (``registry.py``) and the machine's part that
+holds them (``manager.py``)."""
 
+from vmipc.vmm.devices.manager import POST_CODE_PORT, POWER_OFF_PORT, DeviceManager
+from vmipc.vmm.devices.persist import (
+    DeviceResources,
+    DeviceState,
+    DeviceType,
+    MmioDevice,
+    Persist,
+    PioDevice,
+)
+from vmipc.vmm.devices.registry import DEVICES, device_record_keys
 from vmipc.vmm.devices.uart import (
     COM1_BASE,
     COM1_IRQ,
@@ -14,8 +26,19 @@ __all__ = [
     "COM1_BASE",
     "COM1_IRQ",
     "DEFAULT_RX_BACKLOG",
+    "DEVICES",
     "FIFO_SIZE",
     "PORT_COUNT",
+    "POST_CODE_PORT",
+    "POWER_OFF_PORT",
+    "DeviceManager",
+    "DeviceResources",
+    "DeviceState",
+    "DeviceType",
+    "MmioDevice",
+    "Persist",
+    "PioDevice",
     "Uart16550",
     "UartState",
+    "device_record_keys",
 ]

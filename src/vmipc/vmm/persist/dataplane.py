@@ -31,7 +31,8 @@ from vmipc.formats import (
     split_zero_runs,
 )
 from vmipc.formats.snapshot import MEMORY_ENCODING_IMAGE
-from vmipc.vmm.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from vmipc.memory_layout import PAGE_SIZE, MemoryRegion
+from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.extents import data_extents, punch_hole
 from vmipc.vmm.persist.transfer import PeerClosed, Transfer, fd_kind
@@ -115,7 +116,7 @@ def send_page_stream(
     for index, region in enumerate(memory.regions):
         region_runs = None if runs is None else runs[index]
         for first, npages, zero in _region_pieces(memory, region, region_runs):
-            gpa = region.guest_phys_addr + first * PAGE_SIZE
+            gpa = region.gpa + first * PAGE_SIZE
             if zero:
                 transfer.write(fd, encoder.zero(gpa, npages))
                 stats.zero_pages += npages
@@ -124,7 +125,7 @@ def send_page_stream(
                 count = min(RUN_PAGES, first + npages - start)
                 offset = region.offset + start * PAGE_SIZE
                 length = count * PAGE_SIZE
-                transfer.write(fd, encoder.data(region.guest_phys_addr + start * PAGE_SIZE, count))
+                transfer.write(fd, encoder.data(region.gpa + start * PAGE_SIZE, count))
                 view = memory.view[offset : offset + length]
                 if not consistent:
                     copy = memoryview(bytearray(view))
@@ -239,7 +240,7 @@ def write_memory_section(
 ) -> tuple[SectionEntry, Stats]:
     """Append the snapshot memory section (descriptor + sparse RAM image) to file ``fd``."""
     offset = section_offset(os.fstat(fd).st_size)
-    regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
+    regions = [(r.gpa, r.size, r.offset) for r in memory.regions]
     writer = MemorySectionWriter(offset, regions)
     transfer.write_at(fd, writer.descriptor, writer.offset)
     stats = Stats()
@@ -283,7 +284,7 @@ def memory_section_at(memory: GuestMemory, fd: int, section: int) -> MemorySecti
     """The memory section at file offset ``section`` of file ``fd``, which must be the one
     :func:`write_memory_section` writes for this RAM (its descriptor, its whole image
     within the file); else BulkError("bad-snapshot")."""
-    regions = [(r.guest_phys_addr, r.size, r.offset) for r in memory.regions]
+    regions = [(r.gpa, r.size, r.offset) for r in memory.regions]
     try:
         writer = MemorySectionWriter(section, regions)
     except ValueError as exc:
@@ -344,7 +345,7 @@ def update_memory_section(
 
 
 def _format_layout(memory: GuestMemory) -> str:
-    return ", ".join(f"{r.size >> 20} MiB at {r.guest_phys_addr:#x}" for r in memory.regions)
+    return ", ".join(f"{r.size >> 20} MiB at {r.gpa:#x}" for r in memory.regions)
 
 
 def write_raw_image(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
@@ -407,7 +408,7 @@ def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> St
         raise BulkError("bad-snapshot", f"the snapshot's RAM layout {stored} is not this machine's")
     stats = Stats()
     for region in memory.regions:
-        start = section.file_offset(region.guest_phys_addr, region.size)
+        start = section.file_offset(region.gpa, region.size)
         cursor = region.offset
         for offset, length in data_extents(fd, start, region.size):
             target = region.offset + (offset - start)

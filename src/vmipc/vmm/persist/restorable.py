@@ -16,8 +16,8 @@ from vmipc.formats.snapshot import (
     MEMORY_ENCODING_PAGE_STREAM,
     MemorySection,
 )
+from vmipc.memory_layout import PAGE_SIZE, MemoryConfigError, MemoryRegion, layout_for
 from vmipc.vmm.machine import MAX_VCPUS, MachineConfig, MachineState
-from vmipc.vmm.memory import PAGE_SIZE, MemoryConfigError, layout_for
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.statecodec import read_state_sections
 
@@ -75,8 +75,8 @@ def check_restorable(reader: SnapshotReader, fd: int) -> Restorable:
         raise BulkError(
             "bad-snapshot", f"section 'memory': page size {descriptor.page_size}, not {PAGE_SIZE}"
         )
-    stored = [(r.gpa, r.size, r.offset) for r in descriptor.regions]
-    expected = [(r.guest_phys_addr, r.size, r.offset) for r in layout_for(config.memory_size)]
+    stored = descriptor.regions
+    expected = layout_for(config.memory_size)
     if stored != expected:
         raise BulkError(
             "bad-snapshot",
@@ -86,5 +86,5 @@ def check_restorable(reader: SnapshotReader, fd: int) -> Restorable:
     return Restorable(state, memory)
 
 
-def _layout(regions: list[tuple[int, int, int]]) -> str:
-    return ", ".join(f"{size >> 20} MiB at {gpa:#x}" for gpa, size, _ in regions) or "empty"
+def _layout(regions: tuple[MemoryRegion, ...]) -> str:
+    return ", ".join(f"{r.size >> 20} MiB at {r.gpa:#x}" for r in regions) or "empty"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-from dataclasses import fields
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -28,11 +27,11 @@ from vmipc.formats import (
 )
 from vmipc.formats.snapshot import SECTION_CONFIG, SECTION_DEVICES, SECTION_VCPUS
 from vmipc.kvm.structs import KvmXsave
-from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, UartState
-from vmipc.vmm.machine import MAX_VCPUS, BootSource, MachineConfig, MachineState
+from vmipc.vmm.devices import DEFAULT_RX_BACKLOG
+from vmipc.vmm.machine import MAX_VCPUS, MachineConfig, MachineState
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.transfer import PeerClosed, Transfer
-from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
+from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, STATE_RECORD_KEYS
 
 STATE_MAGIC = b"VMIPCST1"
 _STATE_HEADER = struct.Struct("<8sIQ")  # magic, payload length, xxh3_64 of the payload
@@ -53,15 +52,8 @@ STATE_LIMITS = MsgpackLimits(
     # state > vcpus > vcpu > cpuid > entry
     max_depth=6,
     # the records' fields (each record's to_dict uses its field names), their versions,
-    # and the map of user devices
-    keys=frozenset(
-        {"version", "devices"}
-        | {
-            item.name
-            for record in (MachineState, MachineConfig, BootSource, VcpuState, VmState, UartState)
-            for item in fields(record)
-        }
-    ),
+    # and the names of the user devices
+    keys=STATE_RECORD_KEYS,
     # a maximal state decodes into about 11 MiB (estimated)
     max_decoded=16 << 20,
 )

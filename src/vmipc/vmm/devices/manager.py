@@ -1,0 +1,102 @@
+"""The machine's userspace devices as one part: built from the registry, placed on the
+port and MMIO buses, saved and restored as a map of ``<Device>State`` records.
+
+Besides the registered devices it owns two fixed platform ports with no state: the
+power-off port 0x501 (a byte written there powers the guest off, like QEMU's
+isa-debug-exit) and the POST port 0x80 (ignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar, cast
+
+from vmipc.vmm.devices.persist import (
+    DeviceResources,
+    DeviceState,
+    DeviceType,
+    MmioDevice,
+    PioDevice,
+)
+from vmipc.vmm.iobus import IoBus, MmioBus
+from vmipc.vmm.vcpu import GuestStopped
+
+#: Writing a byte here powers the guest off (QEMU's isa-debug-exit uses the same port).
+POWER_OFF_PORT = 0x501
+POST_CODE_PORT = 0x80
+
+T = TypeVar("T")
+
+
+class DeviceManager:
+    """The userspace devices of one machine.
+
+    The buses reach a device through its name at each access, so a restore — which builds
+    new device objects — needs no new bus entries. :meth:`save` and :meth:`restore` run on
+    a paused machine: no vCPU is inside a device meanwhile.
+    """
+
+    def __init__(
+        self,
+        kinds: Sequence[DeviceType[Any, Any]],
+        resources: DeviceResources,
+        pio: IoBus,
+        mmio: MmioBus,
+    ) -> None:
+        self._kinds = tuple(kinds)
+        self._resources = resources
+        self._devices: dict[str, Any] = {}
+        #: the byte the guest wrote to the power-off port, once it has
+        self.power_off_code: int | None = None
+        for kind in self._kinds:
+            self._devices[kind.name] = kind.create(resources)
+            self._attach(kind, pio, mmio)
+        pio.register(POWER_OFF_PORT, 1, lambda _o: 0xFF, self._power_off, "power-off")
+        pio.register(POST_CODE_PORT, 1, lambda _o: 0xFF, lambda _o, _v: None, "post")
+
+    def _attach(self, kind: DeviceType[Any, Any], pio: IoBus, mmio: MmioBus) -> None:
+        devices, name = self._devices, kind.name
+        if kind.ports is not None:
+            base, count = kind.ports
+
+            def io_read(offset: int) -> int:
+                return cast(PioDevice, devices[name]).io_read(offset)
+
+            def io_write(offset: int, value: int) -> None:
+                cast(PioDevice, devices[name]).io_write(offset, value)
+
+            pio.register(base, count, io_read, io_write, name)
+        if kind.mmio is not None:
+            base, length = kind.mmio
+
+            def mmio_read(offset: int, size: int) -> bytes:
+                return cast(MmioDevice, devices[name]).mmio_read(offset, size)
+
+            def mmio_write(offset: int, data: bytes) -> None:
+                cast(MmioDevice, devices[name]).mmio_write(offset, data)
+
+            mmio.register(base, length, mmio_read, mmio_write, name)
+
+    def get(self, name: str, kind: type[T]) -> T:
+        """The live device registered as ``name``, which must be a ``kind``."""
+        device = self._devices[name]
+        if not isinstance(device, kind):
+            raise TypeError(f"device {name!r} is a {type(device).__name__}, not a {kind.__name__}")
+        return device
+
+    def save(self) -> dict[str, DeviceState]:
+        """Every device's record, by name, in registry order. Never fails."""
+        return {kind.name: self._devices[kind.name].save() for kind in self._kinds}
+
+    def restore(self, states: Mapping[str, DeviceState]) -> None:
+        """Replace every device by one built from its record (its type's restore
+        constructor) with this machine's resources. ``states`` holds a record for every
+        registered device (``MachineState`` checks that)."""
+        restored = {
+            kind.name: kind.restore(states[kind.name], self._resources) for kind in self._kinds
+        }
+        self._devices.update(restored)
+
+    def _power_off(self, _offset: int, value: int) -> None:
+        self.power_off_code = value
+        raise GuestStopped(False, f"guest powered off (code {value})")
