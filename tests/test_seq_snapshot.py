@@ -325,3 +325,35 @@ def test_a_live_checkpoint_of_a_busy_guest_restores_its_moment_exactly(tmp_path:
         with restored.client() as client:
             client.pause()
         check_continuation(before, restored.text(), LIVE_WS)
+
+
+@pytest.mark.parametrize("mode", ["plain", "live"])
+def test_a_checkpoint_that_cannot_create_its_file_never_pauses_the_guest(
+    tmp_path: Path, mode: str
+) -> None:
+    """What can be checked before the pause is: a file in a directory that does not exist
+    fails before the guest is paused (it used to pause, fail, and resume)."""
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        src.wait_for_passes(2)
+
+        async def attempt() -> tuple[SequenceError, list[str]]:
+            async with open_client(src.socket, events=["state-change"]) as watcher:
+                async with open_client(src.socket) as client:
+                    with pytest.raises(SequenceError) as info:
+                        await checkpoint(
+                            client,
+                            str(tmp_path / "missing" / "vm.snap"),
+                            mode=Live() if mode == "live" else Full(),
+                        )
+                changes: list[str] = []
+                with trio.move_on_after(0.5):
+                    async for event in watcher.events():
+                        changes.append(str(event.data["new"]))
+                return info.value, changes
+
+        error, changes = trio.run(attempt)
+        assert error.step == "create the file"
+        assert "runs on" in error.outcome, error.outcome
+        assert changes == [], f"the guest's state changed: {changes}"
+        assert src.state() == "running"

@@ -238,8 +238,11 @@ class _Checkpoint:
             status = await self._query_status()
             self.memory = await self._memory_for(mode, status)
         self.header = self.memory.header(self.producer)
-        # the guest runs (a live checkpoint copies RAM meanwhile)
+        # the guest runs (a live checkpoint copies RAM meanwhile). The file first: what can
+        # fail before the pause does, and the guest never stops for a file it cannot have
         async with self.steps.phase(self._abandon):
+            async with self.steps.step("create the file"):
+                self.create_file()
             await self.memory.before_pause(self)
         await self._pause(status["state"] == "running")
         # the guest is paused. Pipelined requests plug in at _dump: dump-state and the
@@ -296,11 +299,8 @@ class _Checkpoint:
         self.paused_at = time.monotonic()
 
     async def _while_paused(self) -> None:
-        """The file (unless the memory part made it before the pause) and its header, the
-        dumps under the pause lease, the seal, and the proof that the lease held."""
-        async with self.steps.step("create the file"):
-            if self.file.fd < 0:
-                self.create_file()
+        """The dumps under the pause lease (into the file made before the pause), the
+        seal, and the proof that the lease held."""
         await self.lease.keep_while(self._dump)
         if not self.memory.seals_after_resume:
             # no fsync here: the file's contents are fixed once the dumps return, so the

@@ -161,7 +161,6 @@ class LiveMemory(FullMemory):
 
     async def before_pause(self, run: _Checkpoint) -> None:
         async with run.steps.step("dirty-log-start"):
-            run.create_file()
             run.dirty.touched = True
             run.dirty.epoch = (await run.client.dirty_log_start())["epoch"]
         async with run.steps.step("live pre-copy"):
