@@ -351,3 +351,15 @@ def test_a_late_resume_reply_never_runs_two_vms(
         wait_for(lambda: dst.state() == "running", timeout=20, what="the late resume")
         assert running_count(src, dst) == 1
         assert src.state() == "paused"
+
+
+def test_a_vmm_that_cannot_be_reached_is_named_with_its_side(tmp_path: Path) -> None:
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        nowhere = str(tmp_path / "nowhere.sock")
+        done = vmipc("migrate", "--socket", src.socket, "--to", nowhere)
+        assert done.returncode == 3
+        assert f"cannot reach the destination VMM at {nowhere}: No such file" in done.stderr
+        done = vmipc("migrate", "--socket", nowhere, "--to", src.socket)
+        assert f"cannot reach the source VMM at {nowhere}: No such file" in done.stderr
+        assert src.state() == "running"

@@ -664,11 +664,23 @@ async def migrate_local(source_socket: str, dest_socket: str, **options: Any) ->
     """Migrate between two VMMs on this host, by their control sockets (``options``: those
     of :func:`migrate`)."""
     async with AsyncExitStack() as stack:
-        src = await stack.enter_async_context(
-            open_client(source_socket, client_name="vmipc migrate")
-        )
-        dst = await stack.enter_async_context(open_client(dest_socket, client_name="vmipc migrate"))
+        src = await _connect(stack, source_socket, "source")
+        dst = await _connect(stack, dest_socket, "destination")
         return await migrate(src, LocalDestination(dst, dest_socket), **options)
+
+
+async def _connect(stack: AsyncExitStack, socket_path: str, side: str) -> Client:
+    """A client of the ``side`` VMM; a failure to reach it names the side and the path."""
+    try:
+        return await stack.enter_async_context(
+            open_client(socket_path, client_name="vmipc migrate")
+        )
+    except UntrustedServer:
+        raise
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot reach the {side} VMM at {socket_path}: {exc.strerror}"
+        ) from None
 
 
 def migrate_blocking(source_socket: str, dest_socket: str, **options: Any) -> MigrationReport:
