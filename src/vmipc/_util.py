@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
+import types
 from typing import Any
 
 
@@ -18,7 +18,8 @@ def fixup_module_metadata(module_name: str, namespace: dict[str, Any]) -> None:
     private = module_name + "._"
     for name in namespace.get("__all__", ()):
         obj = namespace[name]
-        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+        # not the inspect module: it costs every import of vmipc ~10 ms
+        if not isinstance(obj, type | types.FunctionType):
             continue
         if obj.__module__.startswith(private):
             obj.__module__ = module_name

@@ -31,13 +31,19 @@ _SUBCOMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or, when ``argv`` names a subcommand first, a parser with only
+    that one: `vmipc call` is for scripts that chain many calls, and importing every
+    subcommand would load the VMM and trio for each of them."""
     parser = argparse.ArgumentParser(
         prog="vmipc",
         description="Control a KVM VMM with small building-block commands.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _SUBCOMMANDS:
+    modules: tuple[str, ...] = _SUBCOMMANDS
+    if argv and f"vmipc.cli.{argv[0]}" in _SUBCOMMANDS:
+        modules = (f"vmipc.cli.{argv[0]}",)
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -49,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         result: int = args.run(args)

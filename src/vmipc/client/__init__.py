@@ -13,8 +13,9 @@ from the schema, plus ``call(name, fds={...}, **args)`` for any command by name:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from vmipc._util import fixup_module_metadata
-from vmipc.client._async import Client, open_client
 from vmipc.client._common import DEFAULT_CLIENT_NAME, FdLike, ProgressCallback
 from vmipc.client._generated import (
     AsyncCommands,
@@ -38,6 +39,12 @@ from vmipc.protocol import (
     ProtocolError,
     RemoteProtocolError,
 )
+
+if TYPE_CHECKING:
+    from vmipc.client._async import Client, open_client
+
+#: the async client loads on first use: the blocking one (`vmipc call`) needs no trio
+_ASYNC = ("Client", "open_client")
 
 __all__ = [
     "DEFAULT_CLIENT_NAME",
@@ -65,4 +72,19 @@ __all__ = [
     "open_client",
 ]
 
-fixup_module_metadata(__name__, globals())
+fixup_module_metadata(__name__, {**globals(), "__all__": sorted(set(__all__) - set(_ASYNC))})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ASYNC:
+        from vmipc.client import _async
+
+        value = getattr(_async, name)
+        fixup_module_metadata(__name__, {name: value, "__all__": [name]})
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_ASYNC))

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""How long one `vmipc call` takes, wall clock, against `python -c "import msgpack"`
+measured in the same run (the floor for any Python client that speaks the protocol).
+
+A shell script that pauses, dumps, resumes and queries runs `vmipc call` four times, so its
+start-up is what such a script waits for. Prints a table of medians and the ratio to the
+baseline. An incoming VMM (no guest) answers the queries; it is stopped on every path.
+
+    .venv/bin/python benchmarks/bench_cli.py [--runs 21]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PYTHON = sys.executable
+
+
+def wall(argv: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=21)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vmipc-bench-cli-") as tmp:
+        sock = os.path.join(tmp, "vm.sock")
+        argv = [PYTHON, "-m", "vmipc", "vmm", "--incoming", "--memory", "64M", "--vcpus", "1"]
+        argv += ["--socket", sock, "--console", os.devnull, "--no-console-input"]
+        vmm = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not os.path.exists(sock):
+                if vmm.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the VMM did not start")
+                time.sleep(0.01)
+            cases = {
+                'python -c "import msgpack" (baseline)': [PYTHON, "-c", "import msgpack"],
+                "vmipc call --help": [PYTHON, "-m", "vmipc", "call", "--help"],
+                "vmipc call query-status": [
+                    PYTHON,
+                    "-m",
+                    "vmipc",
+                    "call",
+                    "--socket",
+                    sock,
+                    "query-status",
+                ],
+            }
+            samples: dict[str, list[float]] = {name: [] for name in cases}
+            for _ in range(args.runs):  # interleaved, so load hits every case alike
+                for name, argv in cases.items():
+                    samples[name].append(wall(argv))
+        finally:
+            vmm.kill()
+            vmm.wait()
+    base = statistics.median(next(iter(samples.values())))
+    print(f"`vmipc call` start-up, median of {args.runs} runs (shared 2-core machine)\n")
+    print("| command | median ms | min ms | ratio to baseline |")
+    print("| --- | --- | --- | --- |")
+    for name, values in samples.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median * 1e3:.1f} | {min(values) * 1e3:.1f} | {median / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`vmipc call` is for scripts that chain commands: it loads nothing it does not use. The
+blocking client needs neither trio nor the VMM, and parsing `call`'s arguments needs no
+other subcommand. (The speed itself is measured in benchmarks/bench_cli.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+#: what a `vmipc call` must not import
+HEAVY = ("trio", "vmipc.vmm", "vmipc.kvm", "vmipc.sequences", "vmipc.server", "vmipc.cli.vmm")
+
+
+def modules_loaded_by(*argv: str) -> set[str]:
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['vmipc', *{list(argv)!r}]\n"
+        "try:\n"
+        "    runpy.run_module('vmipc', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('\\n'.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    return set(done.stderr.split())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["call", "--help"],
+        ["call", "--socket", "/nonexistent/vm.sock", "query-status"],
+    ],
+    ids=["help", "a-call"],
+)
+def test_vmipc_call_loads_neither_trio_nor_the_vmm(argv: list[str]) -> None:
+    loaded = modules_loaded_by(*argv)
+    assert "vmipc.cli.call" in loaded
+    heavy = sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in HEAVY))
+    assert heavy == [], f"vmipc call imported {heavy}"
+
+
+def test_the_top_level_help_still_lists_every_subcommand() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vmipc", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    for name in ("vmm", "call", "snapshot", "checkpoint", "restore", "migrate", "receive"):
+        assert name in done.stdout
