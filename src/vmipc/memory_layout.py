@@ -14,6 +14,7 @@ the same regions.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vmipc.errors import VmipcError
@@ -61,3 +62,8 @@ def layout_for(size: int) -> tuple[MemoryRegion, ...]:
     if size > low:
         regions.append(MemoryRegion(gpa=HIGH_RAM_START, size=size - low, offset=low))
     return tuple(regions)
+
+
+def describe_layout(regions: Iterable[MemoryRegion]) -> str:
+    """One line for messages: "256 MiB at 0x0, ..." (or "empty")."""
+    return ", ".join(f"{r.size >> 20} MiB at {r.gpa:#x}" for r in regions) or "empty"

@@ -31,7 +31,6 @@ docs/sequences.md.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -62,6 +61,7 @@ from vmipc.snapshots import (
     PendingFile,
     append_dirty_log,
     entries_of,
+    pwrite_all,
     read_link,
     seal,
     verify_file,
@@ -365,7 +365,7 @@ class _Checkpoint:
     def create_file(self) -> None:
         """Create the temporary file and write the header at 0."""
         fd = self.file.create()
-        os.pwrite(fd, self.header.encode(), 0)
+        pwrite_all(fd, self.header.encode(), 0)
 
     async def seal(self) -> None:
         self.table_checksum = await trio.to_thread.run_sync(

@@ -33,6 +33,7 @@ from vmipc.snapshots import (
     increment_descriptor,
     increment_entry,
     new_header,
+    pwrite_all,
     read_dirty_epoch,
     rehashed,
 )
@@ -264,7 +265,7 @@ async def _dump_increment(
     position right after it, the client reads it back for the checksum. Returns the
     entry, the number of data pages and the new epoch."""
     offset = section_offset(os.fstat(fd).st_size)
-    os.pwrite(fd, increment_descriptor(parent.memory.descriptor), offset)
+    pwrite_all(fd, increment_descriptor(parent.memory.descriptor), offset)
     os.lseek(fd, offset + MEMORY_DESCRIPTOR_SIZE, os.SEEK_SET)
     result = await client.dump_dirty(out=fd, epoch=epoch)  # None: not sent
     written = os.fstat(fd).st_size - offset - MEMORY_DESCRIPTOR_SIZE

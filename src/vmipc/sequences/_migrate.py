@@ -260,13 +260,17 @@ class LocalDestination:
         return await run_transfer(kind, send, receive, self.channel)
 
     async def resume(self) -> str:
+        answered = False
         try:
             with trio.fail_after(RESUME_TIMEOUT):
                 await self.client.resume()
+                answered = True  # a refusal of resume raised above: the guest runs there
                 status = await self.client.query_status()
             return str(status["state"])
         except CommandError:
-            raise
+            if not answered:
+                raise
+            return "running"  # query-status refused after the resume took effect
         except (ConnectionClosed, OSError, trio.TooSlowError) as exc:
             # The reply was lost or is late. The resume may have run, or may still run:
             # only positive evidence may let the source run again (never two VMs).
@@ -276,8 +280,12 @@ class LocalDestination:
             if state == _GONE:
                 raise exc from None  # nobody serves the socket any more: it cannot run
             if state is not None and await _quit_at(self.socket_path):
-                # it had not run the resume, and now it never will (it quit)
-                raise exc from None
+                # it answered quit: a late resume can no longer start there, but its vCPUs
+                # may run until the VMM has closed its machine; only then is it gone
+                with trio.move_on_after(5):
+                    while await _state_at(self.socket_path) != _GONE:
+                        await trio.sleep(0.05)
+                    raise exc from None
             raise DestinationUnknown(describe(exc)) from exc
 
     async def discard(self) -> str:
@@ -308,7 +316,9 @@ async def _state_at(socket_path: str) -> str | None:
                 return str((await client.query_status())["state"])
     except (UntrustedServer, ConnectionClosed):  # somebody serves it (a refusal is an answer)
         return None
-    except (FileNotFoundError, ConnectionRefusedError):  # the kernel's: nobody listens
+    except (FileNotFoundError, ConnectionRefusedError):
+        # the kernel's word that nobody listens: a VMM removes its socket file only once
+        # its machine is closed (who deletes a live VMM's socket by hand owns the result)
         return _GONE
     except (OSError, CommandError, ProtocolError, trio.TooSlowError):
         return None

@@ -503,16 +503,13 @@ class Server:
                 break
             deadline = last_active + timeout
         log.info("%r: idle for %gs; closing", conn, timeout)
-        conn._enqueue(
-            conn.proto.send_connection_error(
-                ErrorInfo(
-                    ErrorCode.IDLE_TIMEOUT,
-                    f"no request and no subscription for {timeout:g} seconds",
-                    {"timeout": timeout},
-                )
+        conn.close_with(
+            ErrorInfo(
+                ErrorCode.IDLE_TIMEOUT,
+                f"no request and no subscription for {timeout:g} seconds",
+                {"timeout": timeout},
             )
         )
-        conn._stop(None)
 
     # --- events -----------------------------------------------------------------------
 
@@ -693,6 +690,11 @@ class _Connection:
         self._stop(_SHUTTING_DOWN)
         self._enqueue(self.proto.send_connection_error(_SHUTTING_DOWN))
 
+    def close_with(self, error: ErrorInfo) -> None:
+        """Send the connection-level ``error``, stop reading, let replies drain, close."""
+        self._enqueue(self.proto.send_connection_error(error))
+        self._stop(None)
+
     def send_event(self, frame: bytes, *, droppable: bool) -> None:
         config = self.server.config
         fits = (
@@ -769,15 +771,12 @@ class _Connection:
                 log.info(
                     "%r: no hello within %gs; closing", self, self.server.config.handshake_timeout
                 )
-                self._enqueue(
-                    self.proto.send_connection_error(
-                        ErrorInfo(
-                            ErrorCode.HANDSHAKE_TIMEOUT,
-                            f"no hello within {self.server.config.handshake_timeout:g} seconds",
-                        )
+                self.close_with(
+                    ErrorInfo(
+                        ErrorCode.HANDSHAKE_TIMEOUT,
+                        f"no hello within {self.server.config.handshake_timeout:g} seconds",
                     )
                 )
-                self._stop(None)
 
     async def _read_loop(self) -> None:
         with self._reader_scope:
@@ -845,10 +844,11 @@ class _Connection:
             self._enqueue(self.proto.send_error(event.request_id, event.error))
             return True
         if isinstance(event, ConnectionBroken):
-            if event.error is not None:
+            if event.error is None:
+                self._stop(None)
+            else:
                 log.info("%r: %s; closing", self, event.error)
-                self._enqueue(self.proto.send_connection_error(event.error))
-            self._stop(None)
+                self.close_with(event.error)
             return False
         # InputEnded: a peer that only shut its writing side still gets its replies
         if peer_hung_up(self.sock.fileno()):

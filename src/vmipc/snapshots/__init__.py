@@ -29,7 +29,7 @@ from vmipc.snapshots._chain import (
 )
 from vmipc.snapshots._merge import MergeReport, merge, merge_chain
 from vmipc.snapshots._publish import PendingFile, temp_path_for
-from vmipc.snapshots._ranges import hash_range, reader_of, rehashed
+from vmipc.snapshots._ranges import hash_range, pwrite_all, reader_of, rehashed
 from vmipc.snapshots._seal import PRODUCER, entries_of, new_header, seal
 from vmipc.snapshots._verify import verify_file, verify_restorable, verify_section
 
@@ -48,6 +48,7 @@ __all__ = [
     "merge",
     "merge_chain",
     "new_header",
+    "pwrite_all",
     "read_dirty_epoch",
     "read_link",
     "reader_of",

@@ -44,7 +44,7 @@ from vmipc.formats.snapshot import (
     SECTION_DIRTY_LOG,
     SECTION_MEMORY,
 )
-from vmipc.snapshots._ranges import CHUNK, hash_range, reader_of
+from vmipc.snapshots._ranges import CHUNK, hash_range, pwrite_all, reader_of
 
 #: longest chain followed (a guard against a loop of files naming each other)
 MAX_CHAIN = 10_000
@@ -286,7 +286,7 @@ def append_dirty_log(fd: int, epoch: str) -> SectionEntry:
     VMM is still in that epoch."""
     data = epoch.encode("ascii")
     offset = section_offset(os.fstat(fd).st_size)
-    os.pwrite(fd, data, offset)
+    pwrite_all(fd, data, offset)
     return section_entry(SECTION_DIRTY_LOG, DIRTY_LOG_SECTION_VERSION, offset, data)
 
 

@@ -10,6 +10,7 @@ What the builders open is closed by the ``cleanup`` stack the caller passes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from vmipc.formats import FormatError, SnapshotReader
 from vmipc.kvm import Kvm
 from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
 from vmipc.vmm.host import MachineHost
-from vmipc.vmm.machine import BootSource, Machine, MachineConfig, MachineState
+from vmipc.vmm.machine import Machine, MachineConfig, MachineState
 from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.persist import (
     BulkError,
@@ -145,9 +146,7 @@ def _check_snapshot(fd: int, *, verify: bool) -> Restorable:
     """Everything ``vmipc snapshot verify`` checks too, before any RAM is mapped; with
     ``verify``, the memory section's checksum as well. RestoreError if it fails."""
     try:
-        reader = SnapshotReader(
-            lambda size, offset: os.pread(fd, size, offset), os.fstat(fd).st_size
-        )
+        reader = SnapshotReader(functools.partial(os.pread, fd), os.fstat(fd).st_size)
         reader.check_complete()
         if reader.header.incremental:
             raise RestoreError("an incremental snapshot: merge its chain first")
@@ -161,14 +160,9 @@ def _check_snapshot(fd: int, *, verify: bool) -> Restorable:
     return restorable
 
 
-def _empty(config: MachineConfig) -> MachineConfig:
-    """The machine a restore builds: ``config``'s shape, no guest loaded."""
-    return MachineConfig(config.memory_size, config.vcpus, BootSource("none"))
-
-
 def _load_eagerly(restorable: Restorable, fd: int, console: Console) -> Machine:
     """A machine whose RAM (a memfd) holds the memory section's image, read and checked."""
-    machine = Machine(_empty(restorable.state.config), console)
+    machine = Machine(restorable.state.config.without_guest(), console)
     assert machine.memory is not None
     try:
         read_snapshot_memory(machine.memory, fd, Transfer())
@@ -189,7 +183,7 @@ def _map_lazily(restorable: Restorable, fd: int, lease: ReadLease, console: Cons
         private_file_offset=restorable.memory.data_offset,
         lease=lease,
     )
-    return Machine(_empty(config), console, memory=memory)
+    return Machine(config.without_guest(), console, memory=memory)
 
 
 def _take_lease(path: str, fd: int) -> tuple[ReadLease | None, str | None]:

@@ -55,6 +55,10 @@ class MachineConfig:
             "boot": self.boot.to_dict(),
         }
 
+    def without_guest(self) -> MachineConfig:
+        """This shape with nothing to boot: what a restore or an incoming VMM builds."""
+        return MachineConfig(self.memory_size, self.vcpus, BootSource("none"))
+
     def mismatch(self, other: MachineConfig) -> str | None:
         """Why a machine built from ``other`` cannot take this configuration's state."""
         if self.memory_size != other.memory_size:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 
 from vmipc.vmm.dirtylog import DirtyCount
-from vmipc.vmm.machine import BootSource, Machine, MachineConfig, MachineState
+from vmipc.vmm.machine import Machine, MachineConfig, MachineState
 from vmipc.vmm.machine_api import (
     DirtyDump,
     InvalidStateError,
@@ -147,8 +147,7 @@ class MachineHost:
                 return self._machine
             if not self._awaiting_state:
                 raise InvalidStateError("configure a machine", self.state)
-            empty = MachineConfig(config.memory_size, config.vcpus, BootSource("none"))
-            machine = self._factory(empty, self._console)
+            machine = self._factory(config.without_guest(), self._console)
             try:
                 machine.start(paused=True)
             except BaseException:

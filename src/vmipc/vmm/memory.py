@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
+from vmipc.formats import split_zero_runs
 from vmipc.memory_layout import PAGE_SIZE, MemoryConfigError, layout_for
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ _COMPARE = 64 << 10
 
 #: RAM is looked at in blocks this large for all-zero pages (they stay holes in a copy)
 _ZERO_BLOCK = 256 << 10
-_ZEROS = bytes(_ZERO_BLOCK)
 
 
 def parse_size(text: str) -> int:
@@ -252,32 +252,6 @@ class GuestMemory:
             yield region.gpa, region.size
 
 
-def _data_runs(ram: memoryview) -> list[tuple[int, int]]:
-    """(offset, length) of the page runs of ``ram`` that hold a non-zero byte, in order."""
-    runs: list[list[int]] = []
-
-    def add(offset: int, length: int) -> None:
-        if runs and runs[-1][0] + runs[-1][1] == offset:
-            runs[-1][1] += length
-        else:
-            runs.append([offset, length])
-
-    for block in range(0, len(ram), _ZERO_BLOCK):
-        chunk = ram[block : block + _ZERO_BLOCK]
-        if _ZEROS.startswith(chunk):
-            continue
-        # a page whose first word is not zero holds data: one strided read settles most
-        firsts = chunk.cast("Q")[:: PAGE_SIZE // 8].tolist()
-        if all(firsts):
-            add(block, len(chunk))
-            continue
-        for index, word in enumerate(firsts):
-            page = chunk[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
-            if word or not _ZEROS.startswith(page):
-                add(block + index * PAGE_SIZE, PAGE_SIZE)
-    return [(offset, length) for offset, length in runs]
-
-
 class _Copy:
     """A copy of RAM (``ram``, at ``ram_address``) at address ``copy`` that is made while
     RAM may change, then made equal to it once nothing writes RAM any more."""
@@ -297,7 +271,10 @@ class _Copy:
             if time.monotonic() > deadline:
                 return block
             piece = self.ram[block : min(block + _ZERO_BLOCK, end)]
-            for offset, length in _data_runs(piece):
+            for run in split_zero_runs(piece, [(0, len(piece) // PAGE_SIZE)]):
+                if run.zero:
+                    continue
+                offset, length = run.first_page * PAGE_SIZE, run.npages * PAGE_SIZE
                 self._copy(block + offset, length)
                 if self.runs and sum(self.runs[-1]) == block + offset:
                     self.runs[-1] = (self.runs[-1][0], self.runs[-1][1] + length)

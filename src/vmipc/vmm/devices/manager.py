@@ -9,14 +9,12 @@ isa-debug-exit) and the POST port 0x80 (ignored).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from vmipc.vmm.devices.persist import (
     DeviceResources,
     DeviceState,
     DeviceType,
-    MmioDevice,
-    PioDevice,
 )
 from vmipc.vmm.iobus import IoBus, MmioBus
 from vmipc.vmm.vcpu import GuestStopped
@@ -55,25 +53,29 @@ class DeviceManager:
         pio.register(POST_CODE_PORT, 1, lambda _o: 0xFF, lambda _o, _v: None, "post")
 
     def _attach(self, kind: DeviceType[Any, Any], pio: IoBus, mmio: MmioBus) -> None:
+        # the device is looked up on each access (a restore replaces it), without a
+        # typing.cast: this is the vCPU's exit path
         devices, name = self._devices, kind.name
         if kind.ports is not None:
             base, count = kind.ports
 
             def io_read(offset: int) -> int:
-                return cast(PioDevice, devices[name]).io_read(offset)
+                value: int = devices[name].io_read(offset)
+                return value
 
             def io_write(offset: int, value: int) -> None:
-                cast(PioDevice, devices[name]).io_write(offset, value)
+                devices[name].io_write(offset, value)
 
             pio.register(base, count, io_read, io_write, name)
         if kind.mmio is not None:
             base, length = kind.mmio
 
             def mmio_read(offset: int, size: int) -> bytes:
-                return cast(MmioDevice, devices[name]).mmio_read(offset, size)
+                data: bytes = devices[name].mmio_read(offset, size)
+                return data
 
             def mmio_write(offset: int, data: bytes) -> None:
-                cast(MmioDevice, devices[name]).mmio_write(offset, data)
+                devices[name].mmio_write(offset, data)
 
             mmio.register(base, length, mmio_read, mmio_write, name)
 

@@ -10,10 +10,10 @@ there) and never through the client.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from vmipc.formats import (
     NEED_DATA,
@@ -31,7 +31,7 @@ from vmipc.formats import (
     split_zero_runs,
 )
 from vmipc.formats.snapshot import MEMORY_ENCODING_IMAGE
-from vmipc.memory_layout import PAGE_SIZE, MemoryRegion
+from vmipc.memory_layout import PAGE_SIZE, MemoryRegion, describe_layout
 from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.extents import data_extents, punch_hole
@@ -293,7 +293,7 @@ def memory_section_at(memory: GuestMemory, fd: int, section: int) -> MemorySecti
     if found != writer.descriptor or os.fstat(fd).st_size < writer.end:
         raise BulkError(
             "bad-snapshot",
-            f"no memory section of this VMM's layout ({_format_layout(memory)}) at offset "
+            f"no memory section of this VMM's layout ({describe_layout(memory.regions)}) at offset "
             f"{section:#x} of the file",
         )
     return writer
@@ -344,10 +344,6 @@ def update_memory_section(
     return stats
 
 
-def _format_layout(memory: GuestMemory) -> str:
-    return ", ".join(f"{r.size >> 20} MiB at {r.gpa:#x}" for r in memory.regions)
-
-
 def write_raw_image(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
     """RAM as one flat image in memfd order; a regular file keeps holes for zero pages.
 
@@ -392,7 +388,7 @@ def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> St
     """Fill RAM from the memory section of the snapshot file ``fd`` (eagerly, verified):
     all of it, the image's holes as zeros (RAM may hold what a failed load left)."""
     try:
-        reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size)
+        reader = SnapshotReader(functools.partial(os.pread, fd), os.fstat(fd).st_size)
         section = reader.memory()
         reader.verify(section.entry.name)
     except FormatError as exc:
@@ -424,10 +420,3 @@ def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> St
     stats.bytes = memory.size
     stats.complete = True
     return stats
-
-
-def _pread(fd: int) -> Any:
-    def pread(size: int, offset: int) -> bytes:
-        return os.pread(fd, size, offset)
-
-    return pread

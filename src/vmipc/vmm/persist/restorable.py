@@ -16,7 +16,12 @@ from vmipc.formats.snapshot import (
     MEMORY_ENCODING_PAGE_STREAM,
     MemorySection,
 )
-from vmipc.memory_layout import PAGE_SIZE, MemoryConfigError, MemoryRegion, layout_for
+from vmipc.memory_layout import (
+    PAGE_SIZE,
+    MemoryConfigError,
+    describe_layout,
+    layout_for,
+)
 from vmipc.vmm.machine import MAX_VCPUS, MachineConfig, MachineState
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.statecodec import read_state_sections
@@ -80,11 +85,7 @@ def check_restorable(reader: SnapshotReader, fd: int) -> Restorable:
     if stored != expected:
         raise BulkError(
             "bad-snapshot",
-            f"section 'memory': its layout {_layout(stored)} is not the layout of the "
-            f"configuration's {config.memory_size >> 20} MiB of RAM ({_layout(expected)})",
+            f"section 'memory': its layout {describe_layout(stored)} is not the layout of the "
+            f"configuration's {config.memory_size >> 20} MiB of RAM ({describe_layout(expected)})",
         )
     return Restorable(state, memory)
-
-
-def _layout(regions: tuple[MemoryRegion, ...]) -> str:
-    return ", ".join(f"{r.size >> 20} MiB at {r.gpa:#x}" for r in regions) or "empty"

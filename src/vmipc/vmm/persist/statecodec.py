@@ -7,6 +7,7 @@ VMM allocate more than a small multiple of its size).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 from typing import Any
@@ -133,7 +134,9 @@ def read_state_sections(fd: int) -> MachineState:
     no bigger than a state blob may be, and decoded within one budget."""
     names = (SECTION_CONFIG, SECTION_VCPUS, SECTION_DEVICES)
     try:
-        reader = SnapshotReader(_pread(fd), os.fstat(fd).st_size, max_read=MAX_STATE_SIZE)
+        reader = SnapshotReader(
+            functools.partial(os.pread, fd), os.fstat(fd).st_size, max_read=MAX_STATE_SIZE
+        )
         size = sum(reader.entry(name).length for name in names)
         if size > MAX_STATE_SIZE:
             raise BulkError(
@@ -163,10 +166,3 @@ def read_state_sections(fd: int) -> MachineState:
     except (KeyError, TypeError) as exc:
         raise BulkError("bad-snapshot", f"state sections lack {exc}") from None
     return _state_from_record(record)
-
-
-def _pread(fd: int) -> Any:
-    def pread(size: int, offset: int) -> bytes:
-        return os.pread(fd, size, offset)
-
-    return pread
