@@ -37,6 +37,7 @@ guest:
 	$(MAKE) -C tests/guests
 
 bench: $(BIN)/.installed system-deps
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:

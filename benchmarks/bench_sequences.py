@@ -20,8 +20,9 @@ shared machine affects both sides alike:
    ``vmipc vmm --restore FILE`` lazy and ``--eager``, beside QEMU ``-incoming defer`` +
    ``migrate-incoming`` from the file + ``cont``.
 
-It also draws downtime and total time against dirty rate for both (a PNG: matplotlib when
-it is installed, else a small built-in PNG writer).
+It also draws downtime and total time against dirty rate for both, log-log, with
+matplotlib: the optional ``bench`` extra (``pip install -e '.[bench]'``), which
+``make bench`` installs; without it the tables are printed and the plot is skipped.
 
 Run: ``.venv/bin/python benchmarks/bench_sequences.py [--quick] [--json FILE] [--plot PATH]
 [--no-qemu]``. The default run takes about 5 minutes, ``--quick`` (no 8 MiB working set and
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -43,12 +43,10 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1344,6 +1342,7 @@ def plot_matplotlib(series: Sequence[Series], path: Path) -> None:
                 )
             )
         )
+        ax.set_xscale("log")
         ax.set_xlabel("dirty rate (pages/s)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
@@ -1354,239 +1353,14 @@ def plot_matplotlib(series: Sequence[Series], path: Path) -> None:
     plt.close(fig)
 
 
-#: A 5x8 bitmap font for the built-in PNG writer: 8 rows of 5 pixels per character.
-FONT = {
-    " ": ".....|.....|.....|.....|.....|.....|.....|.....",
-    "0": ".###.|#...#|#..##|#.#.#|##..#|#...#|.###.|.....",
-    "1": "..#..|.##..|..#..|..#..|..#..|..#..|.###.|.....",
-    "2": ".###.|#...#|....#|...#.|..#..|.#...|#####|.....",
-    "3": "#####|...#.|..#..|...#.|....#|#...#|.###.|.....",
-    "4": "...#.|..##.|.#.#.|#..#.|#####|...#.|...#.|.....",
-    "5": "#####|#....|####.|....#|....#|#...#|.###.|.....",
-    "6": "..##.|.#...|#....|####.|#...#|#...#|.###.|.....",
-    "7": "#####|....#|...#.|..#..|.#...|.#...|.#...|.....",
-    "8": ".###.|#...#|#...#|.###.|#...#|#...#|.###.|.....",
-    "9": ".###.|#...#|#...#|.####|....#|...#.|.##..|.....",
-    "a": ".....|.....|.###.|....#|.####|#...#|.####|.....",
-    "b": "#....|#....|#.##.|##..#|#...#|#...#|####.|.....",
-    "c": ".....|.....|.###.|#....|#....|#...#|.###.|.....",
-    "d": "....#|....#|.##.#|#..##|#...#|#...#|.####|.....",
-    "e": ".....|.....|.###.|#...#|#####|#....|.###.|.....",
-    "f": "..##.|.#..#|.#...|###..|.#...|.#...|.#...|.....",
-    "g": ".....|.....|.####|#...#|#...#|.####|....#|.###.",
-    "h": "#....|#....|#.##.|##..#|#...#|#...#|#...#|.....",
-    "i": "..#..|.....|.##..|..#..|..#..|..#..|.###.|.....",
-    "j": "...#.|.....|..##.|...#.|...#.|...#.|#..#.|.##..",
-    "k": "#....|#....|#..#.|#.#..|##...|#.#..|#..#.|.....",
-    "l": ".##..|..#..|..#..|..#..|..#..|..#..|.###.|.....",
-    "m": ".....|.....|##.#.|#.#.#|#.#.#|#...#|#...#|.....",
-    "n": ".....|.....|#.##.|##..#|#...#|#...#|#...#|.....",
-    "o": ".....|.....|.###.|#...#|#...#|#...#|.###.|.....",
-    "p": ".....|.....|####.|#...#|#...#|####.|#....|#....",
-    "q": ".....|.....|.####|#...#|#...#|.####|....#|....#",
-    "r": ".....|.....|#.##.|##..#|#....|#....|#....|.....",
-    "s": ".....|.....|.####|#....|.###.|....#|####.|.....",
-    "t": ".#...|.#...|###..|.#...|.#...|.#..#|..##.|.....",
-    "u": ".....|.....|#...#|#...#|#...#|#..##|.##.#|.....",
-    "v": ".....|.....|#...#|#...#|#...#|.#.#.|..#..|.....",
-    "w": ".....|.....|#...#|#...#|#.#.#|#.#.#|.#.#.|.....",
-    "x": ".....|.....|#...#|.#.#.|..#..|.#.#.|#...#|.....",
-    "y": ".....|.....|#...#|#...#|#...#|.####|....#|.###.",
-    "z": ".....|.....|#####|...#.|..#..|.#...|#####|.....",
-    "B": "####.|#...#|#...#|####.|#...#|#...#|####.|.....",
-    "C": ".###.|#...#|#....|#....|#....|#...#|.###.|.....",
-    "E": "#####|#....|#....|####.|#....|#....|#####|.....",
-    "G": ".###.|#...#|#....|#.###|#...#|#...#|.####|.....",
-    "M": "#...#|##.##|#.#.#|#.#.#|#...#|#...#|#...#|.....",
-    "P": "####.|#...#|#...#|####.|#....|#....|#....|.....",
-    "Q": ".###.|#...#|#...#|#...#|#.#.#|#..#.|.##.#|.....",
-    "U": "#...#|#...#|#...#|#...#|#...#|#...#|.###.|.....",
-    ".": ".....|.....|.....|.....|.....|.##..|.##..|.....",
-    ",": ".....|.....|.....|.....|.....|.##..|..#..|.#...",
-    ":": ".....|.##..|.##..|.....|.##..|.##..|.....|.....",
-    "-": ".....|.....|.....|#####|.....|.....|.....|.....",
-    "(": "...#.|..#..|.#...|.#...|.#...|..#..|...#.|.....",
-    ")": ".#...|..#..|...#.|...#.|...#.|..#..|.#...|.....",
-    "/": ".....|....#|...#.|..#..|.#...|#....|.....|.....",
-}
-Color = tuple[int, int, int]
-
-
-class Canvas:
-    """An RGB picture with the few drawing operations a line chart needs, saved as PNG."""
-
-    def __init__(self, width: int, height: int) -> None:
-        self.width, self.height = width, height
-        self.pixels = bytearray(b"\xff" * (width * height * 3))
-
-    def dot(self, x: int, y: int, color: Color) -> None:
-        if 0 <= x < self.width and 0 <= y < self.height:
-            offset = (y * self.width + x) * 3
-            self.pixels[offset : offset + 3] = bytes(color)
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, color: Color) -> None:
-        for y in range(max(y0, 0), min(y1, self.height - 1) + 1):
-            for x in range(max(x0, 0), min(x1, self.width - 1) + 1):
-                self.dot(x, y, color)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, color: Color, width: int = 1) -> None:
-        steps = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for step in range(steps + 1):
-            x = x0 + (x1 - x0) * step // steps
-            y = y0 + (y1 - y0) * step // steps
-            self.rect(x, y, x + width - 1, y + width - 1, color)
-
-    def circle(self, cx: int, cy: int, radius: int, color: Color, filled: bool) -> None:
-        for y in range(-radius, radius + 1):
-            for x in range(-radius, radius + 1):
-                distance = math.hypot(x, y)
-                if distance <= radius + 0.3 and (filled or distance >= radius - 1.3):
-                    self.dot(cx + x, cy + y, color)
-        if not filled:
-            for y in range(-radius + 2, radius - 1):
-                for x in range(-radius + 2, radius - 1):
-                    if math.hypot(x, y) < radius - 1.3:
-                        self.dot(cx + x, cy + y, (255, 255, 255))
-
-    def text(
-        self,
-        x: int,
-        y: int,
-        text: str,
-        color: Color = (0, 0, 0),
-        scale: int = 2,
-        anchor: str = "left",
-    ) -> None:
-        advance = 6 * scale
-        width = len(text) * advance - scale
-        if anchor == "center":
-            x -= width // 2
-        elif anchor == "right":
-            x -= width
-        for char in text:
-            glyph = FONT.get(char) or FONT.get(char.lower()) or "#####|" * 7 + "....."
-            for row, bits in enumerate(glyph.split("|")):
-                for col, bit in enumerate(bits):
-                    if bit == "#":
-                        self.rect(
-                            x + col * scale,
-                            y + row * scale,
-                            x + col * scale + scale - 1,
-                            y + row * scale + scale - 1,
-                            color,
-                        )
-            x += advance
-
-    def png(self) -> bytes:
-        stride = self.width * 3
-        raw = b"".join(
-            b"\x00" + bytes(self.pixels[y * stride : (y + 1) * stride]) for y in range(self.height)
-        )
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            body = kind + data
-            return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
-        return (
-            b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw, 9))
-            + chunk(b"IEND", b"")
-        )
-
-
-def nice_step(span: float) -> float:
-    raw = span / 5
-    power = 10 ** math.floor(math.log10(raw))
-    for factor in (1, 2, 5, 10):
-        if factor * power >= raw:
-            return factor * power
-    return 10 * power
-
-
-def tick_label(value: float) -> str:
-    if value >= 1000 and value % 1000 == 0:
-        return f"{value / 1000:g}k"
-    return f"{value:g}"
-
-
-def plot_builtin(series: Sequence[Series], path: Path) -> None:
-    canvas = Canvas(1100, 500)
-    grey, light, black = (200, 200, 200), (235, 235, 235), (0, 0, 0)
-    canvas.text(550, 10, PLOT_TITLE, anchor="center")
-    xs = [p[0] for s in series for p in s.points] + [r[0] for s in series for r in s.runs]
-    x_step = nice_step(max([*xs, 1.0]))
-    x_max = x_step * math.ceil(max([*xs, 1.0]) / x_step)
-    for number, (column, label) in enumerate(((1, "downtime (ms)"), (2, "total time (s)"))):
-        left, right, top, bottom = 90 + number * 540, 500 + number * 540, 60, 410
-        values = [p[column] for s in series for p in s.points]
-        values += [r[column] for s in series for r in s.runs]
-        values = [v for v in values if v > 0] or [1.0]
-        low = 10 ** math.floor(math.log10(min(values)))
-        high = 10 ** math.ceil(math.log10(max(values)))
-        if high <= low:
-            high = low * 10
-        decades = round(math.log10(high / low))
-
-        def px(x: float, left: int = left, right: int = right) -> int:
-            return left + round((right - left) * x / x_max)
-
-        def py(
-            y: float, low: float = low, decades: int = decades, top: int = top, bottom: int = bottom
-        ) -> int:
-            fraction = math.log10(max(y, low) / low) / decades
-            return bottom - round((bottom - top) * fraction)
-
-        for decade in range(decades + 1):
-            base = low * 10**decade
-            for factor in range(2, 10) if decade < decades else ():
-                canvas.line(left, py(base * factor), right, py(base * factor), light)
-            canvas.line(left, py(base), right, py(base), grey)
-            canvas.text(left - 8, py(base) - 7, tick_label(round(base, 6)), anchor="right")
-        tick = 0.0
-        while tick <= x_max + 1e-9:
-            canvas.line(px(tick), top, px(tick), bottom, grey)
-            canvas.text(px(tick), bottom + 8, tick_label(tick), anchor="center")
-            tick += x_step
-        canvas.line(left, top, left, bottom, black)
-        canvas.line(left, bottom, right, bottom, black)
-        canvas.text((left + right) // 2, top - 22, label, anchor="center")
-        canvas.text((left + right) // 2, bottom + 30, "dirty rate (pages/s)", anchor="center")
-        for item in series:
-            for run in item.runs:
-                canvas.rect(
-                    px(run[0]) - 1,
-                    py(run[column]) - 1,
-                    px(run[0]) + 1,
-                    py(run[column]) + 1,
-                    item.color,
-                )
-            ordered = sorted(item.points)
-            for a, b in itertools.pairwise(ordered):
-                canvas.line(px(a[0]), py(a[column]), px(b[0]), py(b[column]), item.color, 2)
-            for point in ordered:
-                canvas.circle(px(point[0]), py(point[column]), 6, item.color, point[3])
-    x = 90
-    for item in series:
-        canvas.line(x, 475, x + 30, 475, item.color, 2)
-        canvas.circle(x + 15, 475, 6, item.color, True)
-        canvas.text(x + 40, 468, item.name)
-        x += 40 + 12 * len(item.name) + 40
-    canvas.circle(x + 15, 475, 6, (90, 90, 90), False)
-    canvas.text(x + 30, 468, PLOT_NOTE)
-    path.write_bytes(canvas.png())
-
-
-def draw_plot(series: Sequence[Series], path: Path) -> str:
-    """Draw the PNG; returns how."""
+def draw_plot(series: Sequence[Series], path: Path) -> str | None:
+    """Draw the PNG with matplotlib (the ``bench`` extra); None when it is missing."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        plot_builtin(series, path)
-        return "the built-in PNG writer (matplotlib is not installed)"
+        return None
     plot_matplotlib(series, path)
-    return "matplotlib"
+    return str(path)
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -1655,6 +1429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kids = Children()
     tmp = Path(tempfile.mkdtemp(prefix="vmipc-bench-seq-"))
     results: dict[str, Any] = {"quick": args.quick}
+    drawn: str | None = None
     try:
         migration = bench_migration(kids, qemu, tmp, levels, migrations, notes, failures)
         report_migration(levels, migration, migrations)
@@ -1680,8 +1455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_path = Path(args.plot)
         else:
             plot_path = Path(tempfile.mkdtemp(prefix="vmipc-bench-seq-plot-")) / "sequences.png"
-        how = draw_plot(plot_series(levels, migration), plot_path)
-        results["plot"] = str(plot_path)
+        drawn = draw_plot(plot_series(levels, migration), plot_path)
+        results["plot"] = drawn
     finally:
         kids.kill_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1693,7 +1468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["notes"] = notes
     results["elapsed_s"] = time.monotonic() - BEGAN
     say_notes(notes)
-    say(f"Plot (downtime and total time against dirty rate, by {how}): {plot_path}")
+    if drawn is None:
+        say("Plot skipped: matplotlib is missing (`pip install -e '.[bench]'`, or `make bench`).")
+    else:
+        say(f"Plot (downtime and total time against dirty rate): {drawn}")
     say()
     say(f"Total benchmark time: {results['elapsed_s']:.0f} s")
     if args.json:
