@@ -6,13 +6,21 @@ Every test runs inside ``serving()``, which fails if the server leaks an fd.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import termios
 import time
+from collections.abc import Callable
 
 import pytest
 
 import vmipc
-from tests.control_support import RecordingMachine, schema_with_test_commands, serving
+from tests.control_support import (
+    RawConnection,
+    RecordingMachine,
+    schema_with_test_commands,
+    serving,
+)
 from vmipc.protocol import Error, ErrorInfo, Event, Result, Schema, encode_frame
 from vmipc.server import ServerConfig
 from vmipc.vmm.machine_api import InvalidStateError
@@ -166,6 +174,7 @@ def test_quit_tells_everyone_even_after_earlier_connections_came_and_went(trial:
     with serving() as s:
         with s.connect() as gone:
             gone.result(gone.request("query-status"))
+        _wait_for(lambda: s.thread.server.connection_count == 0, "the first connection to end")
         with contextlib.ExitStack() as stack:
             idle = [stack.enter_context(s.connect()) for _ in range(16)]
             c = stack.enter_context(s.connect())
@@ -174,6 +183,47 @@ def test_quit_tells_everyone_even_after_earlier_connections_came_and_went(trial:
             for other in idle:
                 assert other.wait_closed() == [Error(None, _shutting_down())]
         assert s.thread.join(5), "serve() did not return after quit"
+
+
+def test_quit_drains_replies_a_slow_reader_has_not_read_then_tells_it() -> None:
+    """The deterministic form of the test above: a connection came and went, then another
+    has replies queued that the kernel cannot take until it reads. The shutdown must wait
+    for them (up to its grace); the notice comes after them. Before the fix the wait ended
+    at once and the writer was cancelled with replies and notice unsent."""
+    with serving() as s:
+        with s.connect() as gone:
+            gone.result(gone.request("query-status"))
+        _wait_for(lambda: s.thread.server.connection_count == 0, "the first connection to end")
+        with s.connect() as slow, s.connect() as c:
+            ids = [slow.request("query-commands") for _ in range(64)]
+            _wait_until_the_kernel_holds_no_more(slow)
+            assert c.result(c.request("quit")) == {}
+            got = slow.wait_closed()
+            assert [m.id for m in got if isinstance(m, Result)] == ids
+            assert got[-1] == Error(None, _shutting_down())
+        assert s.thread.join(5), "serve() did not return after quit"
+
+
+def _wait_for(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline, f"waited 10 s for {what}"
+        time.sleep(0.01)
+
+
+def _wait_until_the_kernel_holds_no_more(conn: RawConnection) -> None:
+    """Wait until the bytes waiting in ``conn``'s socket stop growing: the server's writer
+    is then blocked, with more replies queued behind."""
+    last, stable = -1, 0
+    deadline = time.monotonic() + 10
+    while stable < 5:
+        assert time.monotonic() < deadline, "the server's replies never filled the socket"
+        time.sleep(0.05)
+        waiting = int.from_bytes(
+            fcntl.ioctl(conn.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), "little"
+        )
+        stable = stable + 1 if waiting == last and waiting > 0 else 0
+        last = waiting
 
 
 def _shutting_down() -> ErrorInfo:
