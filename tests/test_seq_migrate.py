@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from tests.seq_support import (
+    VCPUS,
     VmmProcess,
     check_continuation,
     check_structure,
@@ -25,6 +26,7 @@ from tests.seq_support import (
     wait_for,
 )
 from vmipc.client import SyncClient, open_client
+from vmipc.protocol import CommandError
 from vmipc.sequences import (
     MigrationPolicy,
     SequenceError,
@@ -88,6 +90,40 @@ def test_migrate_moves_the_running_guest_and_reports(tmp_path: Path) -> None:
         assert report["bytes"] == sum(r["bytes"] for r in report["round_details"])
         assert report["state_bytes"] > 0
         assert_moved(src, dst, 256 << 10)
+
+
+def test_migrate_into_an_incoming_vmm_without_a_shape_sends_the_sources() -> None:
+    """`vmm --incoming` without --memory/--vcpus: migrate sends the source's shape
+    (`configure`), as Cloud Hypervisor's receive-migration takes its config from the
+    source. Before, it refused: "the destination has no machine yet"."""
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        dst = vmms.incoming(memory=None)
+        src.wait_for_passes(2)
+        code, report = migrate_cli(src, dst)
+        assert code == 0, report
+        assert report["outcome"] == "migrated"
+        assert_moved(src, dst, 256 << 10)
+
+
+def test_configure_refuses_another_shape_and_what_it_cannot_build() -> None:
+    with vmm_processes() as vmms:
+        dst = vmms.incoming()
+        with dst.client() as client:
+            same = client.configure(memory_size=64 << 20, vcpus=VCPUS)
+            assert same == {"memory_size": 64 << 20, "vcpus": VCPUS}
+            for memory_size, vcpus in ((128 << 20, VCPUS), (64 << 20, VCPUS + 1)):
+                with pytest.raises(CommandError) as refused:
+                    client.configure(memory_size=memory_size, vcpus=vcpus)
+                assert refused.value.code == "invalid-arguments"
+                assert "does not fit" in refused.value.message
+        bare = vmms.incoming("bare", memory=None)
+        with bare.client() as client:
+            for memory_size, vcpus in (((64 << 20) + 100, 1), (64 << 20, 65), (4096, 1)):
+                with pytest.raises(CommandError) as refused:
+                    client.configure(memory_size=memory_size, vcpus=vcpus)
+                assert refused.value.code == "invalid-arguments"
+            assert client.query_status()["memory_size"] == 0
 
 
 def test_a_guest_dirtying_fast_converges_or_gives_up_cleanly() -> None:

@@ -95,7 +95,8 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help=(
             "boot nothing: wait (paused) for memory and state through the control socket; "
-            "the configuration comes from --memory/--vcpus if given, else from load-state"
+            "the configuration comes from --memory/--vcpus if given, else from the first "
+            "configure (vmipc migrate sends the source's), load-state or snapshot load-memory"
         ),
     )
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""Typed command methods and result types, generated from the schema (version 1.7).
+"""Typed command methods and result types, generated from the schema (version 1.8).
 
 Do not edit: run ``python tools/gencode.py``.
 """
@@ -10,7 +10,7 @@ from typing import Any, Literal, TypedDict, cast
 
 from vmipc.client._common import FdLike, ProgressCallback
 
-SCHEMA_VERSION = "1.7"
+SCHEMA_VERSION = "1.8"
 
 
 class HelloResultServer(TypedDict):
@@ -266,6 +266,15 @@ class ApplyPagesResult(TypedDict):
     """Bytes written to (or read from) the fd."""
     rounds: int | None
     """Rounds received."""
+
+
+class ConfigureResult(TypedDict):
+    """The result of ``configure``."""
+
+    memory_size: int
+    """The machine's RAM in bytes."""
+    vcpus: int
+    """Its vCPUs."""
 
 
 class LoadStateResult(TypedDict):
@@ -660,6 +669,21 @@ class AsyncCommands:
         result = await self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
         return cast(ApplyPagesResult, result)
 
+    async def configure(self, *, memory_size: int, vcpus: int) -> ConfigureResult:
+        """On an incoming VMM started without --memory/--vcpus: build its machine, paused, with no
+        guest, so that pages can be loaded into it before the state comes (``load-state`` then
+        only sets registers). A live migration sends the source's shape this way. On a VMM that
+        has a machine already, the same shape is accepted (nothing changes) and another is
+        refused.
+
+        Allowed in states: incoming. Since protocol 1.8.
+        Errors: invalid-state, invalid-arguments, and the common errors (handshake-required,
+        invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
+        shutting-down, internal-error, not-permitted).
+        """
+        result = await self.call("configure", memory_size=memory_size, vcpus=vcpus)
+        return cast(ConfigureResult, result)
+
     async def load_state(
         self,
         *,
@@ -1039,6 +1063,20 @@ class SyncCommands:
         """
         result = self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
         return cast(ApplyPagesResult, result)
+
+    def configure(self, *, memory_size: int, vcpus: int) -> ConfigureResult:
+        """On an incoming VMM started without --memory/--vcpus: build its machine, paused, with no
+        guest, so that pages can be loaded into it before the state comes (``load-state`` then
+        only sets registers). A live migration sends the source's shape this way. On a VMM that
+        has a machine already, the same shape is accepted (nothing changes) and another is
+        refused.
+
+        Allowed in states: incoming. Since protocol 1.8.
+        Errors: invalid-state, invalid-arguments, and the common errors (handshake-required,
+        invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
+        shutting-down, internal-error, not-permitted).
+        """
+        return cast(ConfigureResult, self.call("configure", memory_size=memory_size, vcpus=vcpus))
 
     def load_state(
         self,

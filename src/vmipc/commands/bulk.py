@@ -230,3 +230,20 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
             {"expected": exc.expected, "epoch": exc.current},
         ) from None
     return {**_stats(dump.stats, consistent=dump.consistent), "epoch": dump.epoch}
+
+
+# --- the incoming machine ----------------------------------------------------------------------
+
+
+@handler("configure", exclusive=True)
+async def configure(ctx: CommandContext) -> dict[str, Any]:
+    memory_size, vcpus = ctx.args["memory_size"], ctx.args["vcpus"]
+    try:
+        config = await trio.to_thread.run_sync(ctx.machine.configure_incoming, memory_size, vcpus)
+    except ValueError as exc:
+        raise CommandError(
+            ErrorCode.INVALID_ARGUMENTS,
+            f"configure: {exc}"[:240],
+            {"argument": "memory_size", "problem": str(exc)[:200]},
+        ) from None
+    return {"memory_size": config.memory_size, "vcpus": config.vcpus}

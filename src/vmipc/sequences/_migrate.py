@@ -238,10 +238,15 @@ class LocalDestination:
         if status["state"] != "incoming":
             raise ValueError(f"the destination is {status['state']}, not incoming")
         if status["memory_size"] == 0:
-            raise ValueError(
-                "the destination has no machine yet: start it with --incoming --memory "
-                f"{memory_size // (1 << 20)}M --vcpus {vcpus}"
-            )
+            if not supports(self.client, "configure"):
+                raise ValueError(
+                    "the destination has no machine yet and is too old to be sent one: "
+                    f"start it with --incoming --memory {memory_size // (1 << 20)}M "
+                    f"--vcpus {vcpus}"
+                )
+            # the source's shape, as Cloud Hypervisor's receive-migration takes its config
+            await self.client.configure(memory_size=memory_size, vcpus=vcpus)
+            return await self.prepare(memory_size, vcpus)
         if (status["memory_size"], status["vcpu_count"]) != (memory_size, vcpus):
             raise ValueError(
                 f"the destination has {status['memory_size']} bytes and "

@@ -21,6 +21,7 @@ from vmipc.formats import FormatError, SnapshotReader
 from vmipc.kvm import Kvm
 from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
 from vmipc.vmm.host import MachineHost
+from vmipc.vmm.kick import install_kick_handler
 from vmipc.vmm.machine import Machine, MachineConfig, MachineState
 from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.persist import (
@@ -76,6 +77,8 @@ def build_incoming(
     no guest) when it starts, else the first ``load-state`` does."""
     kvm = Kvm()  # kept open: in capability mode /dev/kvm cannot be opened again
     cleanup.callback(kvm.close)
+    # the machine may be built later, by a request, in a worker thread
+    install_kick_handler()
 
     def factory(config: MachineConfig, console: Console) -> Machine:
         return Machine(config, console, kvm=kvm.dup())

@@ -18,6 +18,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from vmipc.memory_layout import MemoryConfigError, layout_for
+from vmipc.vmm.config import MAX_VCPUS
 from vmipc.vmm.dirtylog import DirtyCount
 from vmipc.vmm.machine import Machine, MachineConfig, MachineState
 from vmipc.vmm.machine_api import (
@@ -318,6 +320,17 @@ class MachineHost:
         except ValueError as exc:  # a record KVM refused, a machine that does not fit
             raise BulkError("bad-state", str(exc)) from None
         return state.config
+
+    def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:
+        if not self.incoming:
+            raise InvalidStateError("configure", self.state)
+        if not 1 <= vcpus <= MAX_VCPUS:
+            raise ValueError(f"{vcpus} vCPUs (1 .. {MAX_VCPUS} allowed)")
+        try:
+            layout_for(memory_size)
+        except MemoryConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self.configure(MachineConfig(memory_size, vcpus)).config
 
     # --- Migratable -------------------------------------------------------------------------
 

@@ -141,6 +141,12 @@ class Snapshottable(Protocol):
         which is paused from then on; returns its configuration."""
         ...
 
+    def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:
+        """Build the incoming machine of this shape (paused, nothing booted) before any
+        load, or accept the same shape again. ValueError for a shape it cannot build or
+        that does not fit the machine already there; InvalidStateError when not incoming."""
+        ...
+
 
 class Migratable(Protocol):
     """Increments of RAM: the dirty log, and the pages it names out and back in. Blocking,
