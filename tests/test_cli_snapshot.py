@@ -16,7 +16,7 @@ from vmipc.formats import SnapshotHeader
 from vmipc.formats import snapshot as sn
 from vmipc.kvm import structs
 from vmipc.memory_layout import MIN_MEMORY, layout_for
-from vmipc.vmm.devices import Uart16550
+from vmipc.vmm.devices import Uart16550, VirtioBlk
 from vmipc.vmm.machine import BootSource, MachineConfig, MachineState
 from vmipc.vmm.persist import state_sections
 from vmipc.vmm.state import VcpuState, VmState
@@ -69,7 +69,10 @@ def restorable_state(memory_size: int = MIN_MEMORY, vcpus: int = 1) -> MachineSt
             pit=zeros(structs.KvmPitState2),
             clock=0,
         ),
-        devices={"uart": Uart16550(lambda data: None).save()},
+        devices={
+            "uart": Uart16550(lambda data: None).save(),
+            "virtio-blk": VirtioBlk.empty_state(),
+        },
     )
 
 

@@ -27,7 +27,7 @@ from vmipc.vmm.state import STATE_RECORD_KEYS, MachineState, StateRecordError
 from vmipc.vmm.vcpu import GuestStopped
 
 #: the devices each machine-state version holds: a new device is a new version
-DEVICES_BY_STATE_VERSION = {1: ["uart"]}
+DEVICES_BY_STATE_VERSION = {1: ["uart"], 2: ["uart", "virtio-blk"]}
 
 
 @pytest.fixture
@@ -76,10 +76,17 @@ def test_machine_state_holds_exactly_the_registered_devices() -> None:
     from tests.test_state_limits import maximal_state
 
     state = maximal_state()
-    with pytest.raises(StateRecordError, match=r"device records \[\], expected \['uart'\]"):
+    with pytest.raises(
+        StateRecordError, match=r"device records \[\], expected \['uart', 'virtio-blk'\]"
+    ):
         MachineState(state.config, state.vcpus, state.vm, {})
     with pytest.raises(StateRecordError, match="the uart record is not a UartState"):
-        MachineState(state.config, state.vcpus, state.vm, {"uart": state.vm})  # type: ignore[dict-item]
+        MachineState(
+            state.config,
+            state.vcpus,
+            state.vm,
+            {"uart": state.vm, "virtio-blk": state.devices["virtio-blk"]},  # type: ignore[dict-item]
+        )
     with pytest.raises(TypeError):
         state.devices["uart"] = state.devices["uart"]  # type: ignore[index]
 
@@ -92,7 +99,7 @@ def test_the_manager_restores_new_devices_behind_the_same_ports(
     uart = manager.get("uart", Uart16550)
     pio.write(0x3F8 + 7, 1, 0x5A)  # the scratch register
     saved = manager.save()
-    assert list(saved) == ["uart"] and saved["uart"].scr == 0x5A
+    assert list(saved) == ["uart", "virtio-blk"] and saved["uart"].scr == 0x5A
     pio.write(0x3F8 + 7, 1, 0x00)
     manager.restore(saved)
     assert manager.get("uart", Uart16550) is not uart
@@ -148,7 +155,7 @@ DOORBELL = DeviceType(
     DoorbellState,
     create=lambda r: Doorbell(r.irq(5)),
     restore=lambda state, r: Doorbell(r.irq(5), state.value),
-    mmio=(0xD000_0000, 0x1000),
+    mmio=(0xD100_0000, 0x1000),
 )
 
 
@@ -161,14 +168,14 @@ def test_an_mmio_device_is_a_class_a_record_and_a_registration() -> None:
         )
         pio, mmio = IoBus(), MmioBus()
         manager = DeviceManager((*DEVICES, DOORBELL), resources, pio, mmio)
-        mmio.write(0xD000_0000, b"\x78\x56\x34\x12")
+        mmio.write(0xD100_0000, b"\x78\x56\x34\x12")
         assert lines == [(5, 1)]
-        assert mmio.read(0xD000_0000, 4) == b"\x78\x56\x34\x12"
+        assert mmio.read(0xD100_0000, 4) == b"\x78\x56\x34\x12"
         saved = manager.save()
-        assert list(saved) == ["uart", "doorbell"]
+        assert list(saved) == ["uart", "virtio-blk", "doorbell"]
         record = msgpack.unpackb(msgpack.packb({k: v.to_dict() for k, v in saved.items()}))
-        mmio.write(0xD000_0000, b"\0\0\0\0")
+        mmio.write(0xD100_0000, b"\0\0\0\0")
         manager.restore({kind.name: kind.load(record[kind.name]) for kind in (*DEVICES, DOORBELL)})
-        assert mmio.read(0xD000_0002, 2) == b"\x34\x12"
+        assert mmio.read(0xD100_0002, 2) == b"\x34\x12"
     finally:
         memory.close()

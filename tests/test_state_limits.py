@@ -34,7 +34,8 @@ from vmipc.formats.snapshot import build_snapshot
 from vmipc.kvm import structs
 from vmipc.memory_layout import MAX_MEMORY
 from vmipc.protocol import CommandError
-from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, Uart16550
+from vmipc.vmm.devices import DEFAULT_RX_BACKLOG, Uart16550, VirtioBlkState
+from vmipc.vmm.devices.virtio_blk import QUEUE_SIZE_MAX
 from vmipc.vmm.machine import MAX_VCPUS, BootSource, MachineConfig, MachineState
 from vmipc.vmm.persist import (
     MAX_STATE_SIZE,
@@ -151,7 +152,25 @@ def maximal_state() -> MachineState:
     options = tuple(("working-set", "\u20ac" * 70) for _ in range(255))
     boot = BootSource("multiboot", "/" * 4095, "\u20ac" * 20479, options)
     config = MachineConfig(MAX_MEMORY, MAX_VCPUS, boot)
-    return MachineState(config, vcpus, vm, {"uart": uart.save()})
+    widest = VirtioBlkState(
+        disk_sectors=(1 << 64) // 512 - 1,
+        readonly=True,
+        status=0xCF,
+        device_features_sel=0xFFFFFFFF,
+        driver_features_sel=0xFFFFFFFF,
+        driver_features=0x1_0000_0266,
+        queue_sel=0xFFFFFFFF,
+        queue_num=QUEUE_SIZE_MAX,
+        queue_ready=True,
+        queue_desc=(1 << 64) - 1,
+        queue_avail=(1 << 64) - 1,
+        queue_used=(1 << 64) - 1,
+        last_avail=0xFFFF,
+        used_idx=0xFFFF,
+        interrupt_status=3,
+        config_generation=0xFFFFFFFF,
+    )
+    return MachineState(config, vcpus, vm, {"uart": uart.save(), "virtio-blk": widest})
 
 
 def test_the_largest_legitimate_state_is_within_every_limit(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from vmipc.vmm.builder import (
     build_from_snapshot,
     build_incoming,
 )
+from vmipc.vmm.devices import DiskImage, DiskImageError, parse_disk_option
 from vmipc.vmm.host import MachineHost
 from vmipc.vmm.loaders import GuestImageError
 from vmipc.vmm.machine import (
@@ -89,6 +90,16 @@ def add_parser(subparsers: Any) -> None:
         help="an option for the built-in guest, e.g. ws=8M rate=4096 passes=10 (repeatable)",
     )
     parser.add_argument("--memory", help="guest RAM, e.g. 64M, 1G (default 64M)")
+    parser.add_argument(
+        "--disk",
+        metavar="FILE[,readonly]",
+        help=(
+            "a virtio-mmio block device backed by this image (a regular file or block "
+            "device, opened now: the sandboxed VMM opens nothing later); with ,readonly the "
+            "guest cannot write it. With --restore or --incoming it must be the disk the "
+            "state was taken with (same size and mode)"
+        ),
+    )
     parser.add_argument("--vcpus", type=int, help="number of vCPUs (default 1)")
     boot.add_argument(
         "--incoming",
@@ -315,6 +326,8 @@ def _config_from(args: argparse.Namespace) -> MachineConfig:
         boot = BootSource(kind="builtin", guest_options=tuple(options))
     if options and boot.kind != "builtin":
         raise ValueError("--guest-opt applies to the built-in guest only")
+    if args.disk:
+        parse_disk_option(args.disk)  # a bad option is a usage error, before anything opens
     memory_size = parse_size(args.memory or "64M")
     layout_for(memory_size)  # a size it cannot use is a usage error, not an environment one
     vcpus = 1 if args.vcpus is None else args.vcpus
@@ -406,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
             if status != EXIT_OK:
                 return status
             built.start()
-        except GuestImageError as exc:
+        except (GuestImageError, DiskImageError) as exc:
             print(f"vmipc vmm: {exc}", file=sys.stderr)
             return EXIT_USAGE
         except RestoreError as exc:
@@ -437,13 +450,20 @@ def _build(
 ) -> Built:
     """The machine host the arguments ask for (every file it needs opened), and the step
     that starts it once the VMM is in capability mode."""
+    disk = None
+    if args.disk:
+        path, readonly = parse_disk_option(args.disk)
+        disk = DiskImage.open(path, readonly=readonly)
+        cleanup.callback(disk.close)  # after the machine (the stack unwinds in reverse)
     if args.restore:
-        options = RestoreOptions(eager=args.eager, verify=args.verify, paused=args.paused)
+        options = RestoreOptions(
+            eager=args.eager, verify=args.verify, paused=args.paused, disk=disk
+        )
         return build_from_snapshot(args.restore, sink, options, cleanup)
     if args.incoming:
         configured = args.memory is not None or args.vcpus is not None
-        return build_incoming(sink, cleanup, config if configured else None)
-    return build_for_boot(config, sink, cleanup)
+        return build_incoming(sink, cleanup, config if configured else None, disk)
+    return build_for_boot(config, sink, cleanup, disk)
 
 
 def _bind_server(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from vmipc.errors import VmipcError
 from vmipc.formats import FormatError, SnapshotReader
 from vmipc.kvm import Kvm
+from vmipc.vmm.devices import DiskImage
 from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
 from vmipc.vmm.host import MachineHost
 from vmipc.vmm.kick import install_kick_handler
@@ -53,6 +54,9 @@ class RestoreOptions:
     verify: bool = False
     #: leave the restored machine paused
     paused: bool = False
+    #: the block device's image (the snapshot's state must have been taken with a disk of
+    #: its size and mode), or None; the caller keeps owning it
+    disk: DiskImage | None = None
 
 
 @dataclass(frozen=True)
@@ -63,15 +67,24 @@ class Built:
     start: Callable[[], None]
 
 
-def build_for_boot(config: MachineConfig, console: Console, cleanup: contextlib.ExitStack) -> Built:
-    """A machine that boots ``config``'s guest (loaded now; the caller starts it)."""
-    host = MachineHost(console, Machine(config, console))
+def build_for_boot(
+    config: MachineConfig,
+    console: Console,
+    cleanup: contextlib.ExitStack,
+    disk: DiskImage | None = None,
+) -> Built:
+    """A machine that boots ``config``'s guest (loaded now; the caller starts it), with
+    ``disk`` behind its block device (the caller keeps owning it)."""
+    host = MachineHost(console, Machine(config, console, disk=disk))
     cleanup.callback(host.close)
     return Built(host, lambda: None)
 
 
 def build_incoming(
-    console: Console, cleanup: contextlib.ExitStack, config: MachineConfig | None = None
+    console: Console,
+    cleanup: contextlib.ExitStack,
+    config: MachineConfig | None = None,
+    disk: DiskImage | None = None,
 ) -> Built:
     """An empty slot that waits for a guest. ``config``: build its machine (paused, with
     no guest) when it starts, else the first ``load-state`` does."""
@@ -81,7 +94,7 @@ def build_incoming(
     install_kick_handler()
 
     def factory(config: MachineConfig, console: Console) -> Machine:
-        return Machine(config, console, kvm=kvm.dup())
+        return Machine(config, console, kvm=kvm.dup(), disk=disk)
 
     host = MachineHost(console, machine_factory=factory)
     cleanup.callback(host.close)
@@ -127,7 +140,7 @@ def open_snapshot(
     try:
         restorable = _check_snapshot(fd, verify=options.verify)
         if lease is not None:
-            machine = _map_lazily(restorable, fd, lease, console)
+            machine = _map_lazily(restorable, fd, lease, console, options.disk)
         else:
             if no_lease:
                 log.warning(
@@ -135,7 +148,7 @@ def open_snapshot(
                     path,
                     no_lease,
                 )
-            machine = _load_eagerly(restorable, fd, console)
+            machine = _load_eagerly(restorable, fd, console, options.disk)
     except BaseException:
         if lease is not None:
             lease.close()
@@ -163,9 +176,11 @@ def _check_snapshot(fd: int, *, verify: bool) -> Restorable:
     return restorable
 
 
-def _load_eagerly(restorable: Restorable, fd: int, console: Console) -> Machine:
+def _load_eagerly(
+    restorable: Restorable, fd: int, console: Console, disk: DiskImage | None
+) -> Machine:
     """A machine whose RAM (a memfd) holds the memory section's image, read and checked."""
-    machine = Machine(restorable.state.config.without_guest(), console)
+    machine = Machine(restorable.state.config.without_guest(), console, disk=disk)
     assert machine.memory is not None
     try:
         read_snapshot_memory(machine.memory, fd, Transfer())
@@ -175,7 +190,13 @@ def _load_eagerly(restorable: Restorable, fd: int, console: Console) -> Machine:
     return machine
 
 
-def _map_lazily(restorable: Restorable, fd: int, lease: ReadLease, console: Console) -> Machine:
+def _map_lazily(
+    restorable: Restorable,
+    fd: int,
+    lease: ReadLease,
+    console: Console,
+    disk: DiskImage | None,
+) -> Machine:
     """A machine whose RAM is the memory section's image mapped copy-on-write; the
     memory owns ``lease`` from now on."""
     config = restorable.state.config
@@ -186,7 +207,7 @@ def _map_lazily(restorable: Restorable, fd: int, lease: ReadLease, console: Cons
         private_file_offset=restorable.memory.data_offset,
         lease=lease,
     )
-    return Machine(config.without_guest(), console, memory=memory)
+    return Machine(config.without_guest(), console, memory=memory, disk=disk)
 
 
 def _take_lease(path: str, fd: int) -> tuple[ReadLease | None, str | None]:

@@ -27,7 +27,7 @@ from vmipc.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, Kv
 from vmipc.vmm.config import MAX_VCPUS as MAX_VCPUS
 from vmipc.vmm.config import BootSource as BootSource
 from vmipc.vmm.config import MachineConfig as MachineConfig
-from vmipc.vmm.devices import DEVICES, DeviceManager, DeviceResources, Uart16550
+from vmipc.vmm.devices import DEVICES, DeviceManager, DeviceResources, DiskImage, Uart16550
 from vmipc.vmm.dirtylog import DirtyLog
 from vmipc.vmm.iobus import IoBus, MmioBus
 from vmipc.vmm.kick import KICK_SIGNAL, install_kick_handler
@@ -96,10 +96,12 @@ class Machine:
         kvm_path: str = "/dev/kvm",
         kvm: Kvm | None = None,
         memory: GuestMemory | None = None,
+        disk: DiskImage | None = None,
     ) -> None:
         """``memory``: RAM built by the caller (e.g. mapped from a snapshot); ``kvm``: an
         open /dev/kvm to use instead of opening ``kvm_path`` (a sandboxed VMM can no longer
-        open paths). The machine owns both from now on."""
+        open paths). The machine owns both from now on. ``disk``: the block device's image
+        (the caller keeps owning it and closes it after the machine)."""
         if not 1 <= config.vcpus <= MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, not {config.vcpus}")
         install_kick_handler()
@@ -116,6 +118,7 @@ class Machine:
         self._threads: list[VcpuThread] = []
         self.vcpus: list[Vcpu] = []
         self._paused_clock: int | None = None
+        self.disk = disk
 
         self.kvm = kvm if kvm is not None else Kvm(kvm_path)
         self.vm: Vm | None = None
@@ -134,7 +137,7 @@ class Machine:
             self.mmio_bus = MmioBus()
             self.devices = DeviceManager(
                 DEVICES,
-                DeviceResources(console, self._irq_line, self.memory),
+                DeviceResources(console, self._irq_line, self.memory, disk),
                 self.iobus,
                 self.mmio_bus,
             )
@@ -251,6 +254,8 @@ class Machine:
             if self._state is not RunState.CREATED:
                 raise InvalidStateError("start", self._state)
             self._gate_closed = paused
+            if paused:
+                self.devices.quiesce()
             for vcpu in self.vcpus:
                 vcpu.kvm_run.immediate_exit = 1 if paused else 0
             for thread in self._threads:
@@ -278,6 +283,8 @@ class Machine:
                 self._cond.wait(0.05)
             if self._state is not RunState.RUNNING:  # the guest stopped meanwhile
                 raise InvalidStateError("pause", self._state)
+            # pause drains: every request a device took has completed, used entry written
+            self.devices.quiesce()
             self._freeze_clock()
             change = self._set_state(RunState.PAUSED)
         self._notify(change)
@@ -288,6 +295,8 @@ class Machine:
             if self._state is not RunState.PAUSED:
                 raise InvalidStateError("resume", self._state)
             self._thaw_clock()
+            if not self._holds:  # a hold lets the devices go when it ends
+                self.devices.resume()
             for vcpu in self.vcpus:
                 vcpu.kvm_run.immediate_exit = 0
             self._gate_closed = False
@@ -347,7 +356,7 @@ class Machine:
         with self._cond:
             if self._state is not RunState.PAUSED:
                 raise InvalidStateError("load state", self._state)
-            mismatch = state.config.mismatch(self.config)
+            mismatch = state.config.mismatch(self.config) or self.devices.check(state.devices)
             if mismatch:
                 raise StateRecordError(f"state does not fit this machine: {mismatch}")
             assert self.vm is not None
@@ -366,6 +375,12 @@ class Machine:
             self._paused_clock = state.vm.clock
             self.devices.restore(state.devices)  # after the irqchips: see Uart16550.restore
             self.config = state.config
+
+    def flush_devices(self) -> None:
+        """Make what the guest wrote to a writable disk durable (fdatasync): what a
+        checkpoint calls. A read-only disk is never flushed; pause alone does not flush.
+        OSError if the host cannot."""
+        self.devices.flush()
 
     def feed_console(self, data: bytes) -> int:
         """Console input for the guest's COM1; returns how many bytes were taken."""
@@ -448,12 +463,15 @@ class Machine:
                 for thread in self._threads
             ):
                 self._cond.wait(0.05)
+            # devices write RAM too: a hold stops every writer
+            self.devices.quiesce()
         try:
             yield
         finally:
             with self._cond:
                 self._holds -= 1
                 if not self._holds and not self._gate_closed and not self._stopping:
+                    self.devices.resume()
                     for vcpu in self.vcpus:
                         vcpu.kvm_run.immediate_exit = 0
                     self._cond.notify_all()
@@ -525,6 +543,8 @@ class Machine:
     def _release(self) -> None:
         if self.memory is not None and self.memory.file_lease is not None:
             self.memory.file_lease.close()  # before the vCPUs: its copy may hold them
+        if getattr(self, "devices", None) is not None:
+            self.devices.close()  # their workers use RAM: stopped before it goes
         for vcpu in self.vcpus:
             vcpu.close()
         if self.memory is not None:

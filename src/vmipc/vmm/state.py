@@ -20,7 +20,13 @@ from typing import Any, ClassVar, TypeVar
 from vmipc.errors import VmipcError
 from vmipc.kvm import Vcpu, Vm, structs
 from vmipc.vmm.config import BootSource, MachineConfig
-from vmipc.vmm.devices import DEVICES, DeviceState, device_record_keys
+from vmipc.vmm.devices import (
+    DEVICES,
+    VERSION_1_DEVICES,
+    DeviceState,
+    VirtioBlk,
+    device_record_keys,
+)
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
@@ -307,9 +313,14 @@ class MachineState:
 
     ``devices`` holds one ``<Device>State`` record per registered device
     (vmm/devices/registry.py), by name; a new device there is a new ``VERSION`` here.
+    Version 1 had the UART only; it is read as a state whose block device has no disk
+    (so snapshots and blobs from before the block device still restore, into a machine
+    without a disk). A state is always written as the current version.
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
+    #: the versions :meth:`from_dict` reads
+    READABLE_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)
 
     config: MachineConfig
     vcpus: tuple[VcpuState, ...]
@@ -344,14 +355,28 @@ class MachineState:
     def from_dict(cls, data: dict[str, Any]) -> MachineState:
         if not isinstance(data, dict):
             raise StateRecordError(f"machine state is a {type(data).__name__}, not a map")
-        if data.get("version") != cls.VERSION:
-            raise StateRecordError(f"machine state version {data.get('version')!r} unsupported")
+        version = data.get("version")
+        if type(version) is not int or version not in cls.READABLE_VERSIONS:
+            raise StateRecordError(f"machine state version {version!r} unsupported")
         try:
             config = MachineConfig.from_dict(data["config"])
             vcpus = tuple(VcpuState.from_dict(item) for item in data["vcpus"])
             vm = VmState.from_dict(data["vm"])
             section = data["devices"]
-            devices = {kind.name: kind.load(section[kind.name]) for kind in DEVICES}
+            if not isinstance(section, dict):
+                raise StateRecordError("machine state: the devices record is not a map")
+            names = VERSION_1_DEVICES if version == 1 else tuple(k.name for k in DEVICES)
+            if sorted(section) != sorted(names):
+                raise StateRecordError(
+                    f"machine state version {version}: device records {sorted(map(str, section))}"
+                    f", expected {sorted(names)}"
+                )
+            devices = {
+                kind.name: kind.load(section[kind.name])
+                if kind.name in section
+                else _absent_device(kind.name)
+                for kind in DEVICES
+            }
         except (KeyError, TypeError) as exc:
             raise StateRecordError(f"machine state is malformed: missing {exc}") from None
         except ValueError as exc:
@@ -359,6 +384,14 @@ class MachineState:
         if len(vcpus) != config.vcpus or [v.vcpu_id for v in vcpus] != list(range(config.vcpus)):
             raise StateRecordError("machine state: vcpu records do not match the configuration")
         return cls(config, vcpus, vm, devices)
+
+
+def _absent_device(name: str) -> DeviceState:
+    """The record of a device a version-1 state predates: the block device without a
+    disk."""
+    if name == "virtio-blk":
+        return VirtioBlk.empty_state()
+    raise StateRecordError(f"machine state version 1 has no {name} record")
 
 
 #: Every key a machine-state record's maps may hold: each record's ``version`` and field

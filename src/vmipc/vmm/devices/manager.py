@@ -44,6 +44,8 @@ class DeviceManager:
         self._kinds = tuple(kinds)
         self._resources = resources
         self._devices: dict[str, Any] = {}
+        #: whether the machine is paused: devices with a worker take no request meanwhile
+        self._quiesced = False
         #: the byte the guest wrote to the power-off port, once it has
         self.power_off_code: int | None = None
         for kind in self._kinds:
@@ -90,15 +92,62 @@ class DeviceManager:
         """Every device's record, by name, in registry order. Never fails."""
         return {kind.name: self._devices[kind.name].save() for kind in self._kinds}
 
+    def check(self, states: Mapping[str, DeviceState]) -> str | None:
+        """Why ``states`` cannot be restored into these devices (a record made with a
+        disk of another size, say), or None. Asked before anything is restored."""
+        for kind in self._kinds:
+            if kind.check is not None:
+                why = kind.check(states[kind.name], self._resources)
+                if why:
+                    return f"{kind.name}: {why}"
+        return None
+
     def restore(self, states: Mapping[str, DeviceState]) -> None:
         """Replace every device by one built from its record (its type's restore
         constructor) with this machine's resources. ``states`` holds a record for every
-        registered device (``MachineState`` checks that)."""
+        registered device (``MachineState`` checks that). Restored devices start
+        quiesced, as the machine is paused; :meth:`resume` lets them go."""
         restored = {
             kind.name: kind.restore(states[kind.name], self._resources) for kind in self._kinds
         }
-        self._devices.update(restored)
+        old = dict(self._devices)
+        self._devices.update(restored)  # in place: the buses hold this very map
+        for device in old.values():
+            _call(device, "close")
+        if not self._quiesced:
+            self.resume()
+
+    def quiesce(self) -> None:
+        """Every device with requests of its own (the block device) takes no more and has
+        completed the ones it took: what pause calls once the vCPUs are parked."""
+        self._quiesced = True
+        for device in self._devices.values():
+            _call(device, "quiesce")
+
+    def resume(self) -> None:
+        """Devices take requests again (and look at what the guest queued meanwhile)."""
+        self._quiesced = False
+        for device in self._devices.values():
+            _call(device, "resume")
+
+    def flush(self) -> None:
+        """Make what the guest wrote to writable disks durable (fdatasync); read-only
+        disks are never flushed. OSError if the host cannot."""
+        for device in self._devices.values():
+            _call(device, "flush")
+
+    def close(self) -> None:
+        """Stop the devices' worker threads. Idempotent."""
+        for device in self._devices.values():
+            _call(device, "close")
 
     def _power_off(self, _offset: int, value: int) -> None:
         self.power_off_code = value
         raise GuestStopped(False, f"guest powered off (code {value})")
+
+
+def _call(device: object, name: str) -> None:
+    """Call ``device.name()`` if the device has that hook (only some devices do)."""
+    hook = getattr(device, name, None)
+    if hook is not None:
+        hook()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 if TYPE_CHECKING:
+    from vmipc.vmm.devices.disk import DiskImage
     from vmipc.vmm.memory import GuestMemory
 
 
@@ -83,6 +84,8 @@ class DeviceResources:
     irq_line: Callable[[int, int], None]
     #: guest RAM, for devices that reach it (virtio rings, DMA)
     memory: GuestMemory
+    #: the block device's image (opened before the sandbox), or None: no disk
+    disk: DiskImage | None = None
 
     def irq(self, line: int) -> Callable[[int], None]:
         """A callable that drives interrupt ``line`` to the level it is given."""
@@ -109,6 +112,9 @@ class DeviceType(Generic[S, D]):
     ports: tuple[int, int] | None = None
     #: ``(base, length)`` on the MMIO bus (the device is an :class:`MmioDevice`)
     mmio: tuple[int, int] | None = None
+    #: why a (valid) record cannot go to a machine with these resources (a disk of
+    #: another size, say), or None: asked before any of a state is restored
+    check: Callable[[S, DeviceResources], str | None] | None = None
 
     def load(self, record: Any) -> S:
         """The state record in ``record`` (decoded msgpack); :class:`ValueError` if it is

@@ -1,6 +1,6 @@
 """The userspace devices every machine has: the one place a device is registered.
 
-To add a device (the next is a virtio-blk over virtio-mmio):
+To add a device (as the virtio-blk over virtio-mmio was):
 
 1. write the device and its ``<Device>State`` record (``persist.py`` says what each must
    do), with a round-trip test of the record;
@@ -21,6 +21,13 @@ from typing import Any
 
 from vmipc.vmm.devices.persist import DeviceType
 from vmipc.vmm.devices.uart import COM1_BASE, COM1_IRQ, PORT_COUNT, Uart16550, UartState
+from vmipc.vmm.devices.virtio_blk import (
+    VIRTIO_BLK_IRQ,
+    VIRTIO_BLK_MMIO_BASE,
+    VIRTIO_BLK_MMIO_SIZE,
+    VirtioBlk,
+    VirtioBlkState,
+)
 
 #: every userspace device, in the order they are built and restored
 DEVICES: tuple[DeviceType[Any, Any], ...] = (
@@ -31,7 +38,19 @@ DEVICES: tuple[DeviceType[Any, Any], ...] = (
         restore=lambda state, r: Uart16550.restore(state, r.console, r.irq(COM1_IRQ)),
         ports=(COM1_BASE, PORT_COUNT),
     ),
+    DeviceType(
+        "virtio-blk",
+        VirtioBlkState,
+        create=lambda r: VirtioBlk(r.memory, r.disk, r.irq(VIRTIO_BLK_IRQ)),
+        restore=lambda state, r: VirtioBlk.restore(state, r.memory, r.disk, r.irq(VIRTIO_BLK_IRQ)),
+        mmio=(VIRTIO_BLK_MMIO_BASE, VIRTIO_BLK_MMIO_SIZE),
+        check=lambda state, r: state.disk_mismatch(r.disk),
+    ),
 )
+
+#: the devices of a version-1 machine state (before the block device): a reader takes
+#: such a state as one whose block device has no disk (protocol/state-blob.md)
+VERSION_1_DEVICES = ("uart",)
 
 
 def device_record_keys() -> frozenset[str]:
