@@ -15,6 +15,7 @@
  * is vmipc.guest.expected_lines. See README.md.
  */
 #include "guest.h"
+#include "disk.h"
 
 typedef unsigned long u64;
 typedef unsigned int u32;
@@ -305,6 +306,9 @@ static const char *parse_options(u32 *len)
         else if (key_is(s, eq, "seed")) ok = parse_num(eq + 1, p, 0, &v) && (opt.seed = v, 1);
         else if (key_is(s, eq, "hz")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= 10000 && (opt.hz = v, 1);
         else if (key_is(s, eq, "every")) ok = parse_num(eq + 1, p, 0, &v) && (opt.every = v, 1);
+        else if (key_is(s, eq, "disk")) ok = parse_num(eq + 1, p, 0, &v) && v <= 2 && (disk_opt.mode = v, 1);
+        else if (key_is(s, eq, "depth")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= DISK_MAX_DEPTH && (disk_opt.depth = v, 1);
+        else if (key_is(s, eq, "blocks")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= DISK_MAX_BLOCKS && (disk_opt.blocks = v, 1);
         else if (key_is(s, eq, "BOOT_IMAGE")) ok = 1;
         else ok = 0;
         if (!ok) { *len = (u32)(p - s); return s; }
@@ -517,6 +521,9 @@ static int may_sleep(struct watch *w)
 
 /* ---------------------------------------------------------------- the work */
 
+static void print_text(const char *s) { struct line l; l.n = 0; l_str(&l, s); emit(&l); }
+static void fail_text(const char *s) { struct line l; l.n = 0; l_str(&l, s); fail(&l); }
+
 static volatile u32 cpus_up, cpus_running;
 
 static void lapic_timer_start(void)
@@ -550,7 +557,10 @@ static void run(u64 id)
     u64 next = now;
     struct line l;
 
-    for (u64 pass = 1; opt.passes == 0 || pass <= opt.passes; pass++) {
+    const int disk = id == 0 && disk_opt.mode;  /* vCPU 0 runs the disk workload instead */
+    if (disk)
+        disk_workload(opt.seed, opt.passes, opt.every, print_text, fail_text);
+    for (u64 pass = 1; !disk && (opt.passes == 0 || pass <= opt.passes); pass++) {
         const u64 hpass = mix64(vbase ^ pass), hprev = mix64(vbase ^ (pass - 1));
         int told = 0;
         for (u64 p = 0; p < npages; p++) {

@@ -11,14 +11,23 @@ describes the options and the format.
 from __future__ import annotations
 
 import zlib
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 __all__ = [
     "BUILTIN_GUEST_PATH",
+    "DISK_BLOCK_SIZE",
     "PAGE_SIZE",
+    "DiskImageCheck",
     "banner",
+    "check_disk_image",
+    "disk_bad_lines",
+    "disk_block",
+    "disk_pass_sums",
+    "expected_disk_lines",
     "expected_lines",
     "pass_sums",
     "working_set_bytes",
@@ -131,3 +140,104 @@ def banner(
         f"vmipc-guest 1 vcpus={vcpus} ws={working_set_bytes(ws)} rate={rate} passes={passes}"
         f" seed={seed} hz={hz} every={every} clock={clock}"
     )
+
+
+# --- the disk workload (guest/virtio_blk.c; guest/README.md, "The disk workload") -----------
+
+#: the guest writes the disk in blocks of this size; block b is at byte b * 4096
+DISK_BLOCK_SIZE = 4096
+DISK_MAGIC = b"VMIPCBLK"
+_DISK_KEY = 0x6B736964  # "disk"
+_DISK_WORDS = 507  # payload words, at bytes 32 .. 4087
+
+
+def _block_key(seed: int, pass_no: int, block: int) -> int:
+    return _mix64(_mix64(_mix64((seed ^ _DISK_KEY) & _M64) ^ pass_no) ^ block)
+
+
+def disk_block(seed: int, pass_no: int, block: int) -> bytes:
+    """The 4096 bytes the guest writes to ``block`` in pass ``pass_no``."""
+    h = _block_key(seed, pass_no, block)
+    head = DISK_MAGIC + struct.pack("<QQQ", pass_no, block, seed & _M64)
+    words = struct.pack(f"<{_DISK_WORDS}Q", *(_mix64(h ^ j) for j in range(_DISK_WORDS)))
+    body = head + words + bytes(4)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def disk_pass_sums(blocks: int = 64, seed: int = 0) -> Iterator[int]:
+    """The sums the disk workload prints for passes 1, 2, 3, ... (endless)."""
+    pass_no = 0
+    while True:
+        pass_no += 1
+        total = _mix64((seed ^ pass_no) & _M64)
+        for block in range(blocks):
+            crc = int.from_bytes(disk_block(seed, pass_no, block)[4092:], "little")
+            total = (total + _mix64((block << 32) | crc)) & _M64
+        yield total
+
+
+def disk_bad_lines() -> list[str]:
+    """What ``disk=2`` prints before its passes: each bad request and what became of it
+    (1 = VIRTIO_BLK_S_IOERR, 2 = UNSUPP, reset = the device asked for a reset)."""
+    return [
+        "vcpu=0 disk bad=outside-ram status=1",
+        "vcpu=0 disk bad=length status=1",
+        "vcpu=0 disk bad=past-end status=1",
+        "vcpu=0 disk bad=type status=2",
+        "vcpu=0 disk bad=loop status=reset",
+    ]
+
+
+def expected_disk_lines(
+    passes: int, blocks: int = 64, seed: int = 0, *, every: int = 1, bad: bool = False
+) -> list[str]:
+    """The lines vCPU 0 prints with ``disk=1`` (``disk=2``: ``bad``) and ``passes=N``."""
+    if passes < 1:
+        raise ValueError("passes must be at least 1")
+    lines = disk_bad_lines() if bad else []
+    sums = disk_pass_sums(blocks, seed)
+    for n in range(1, passes + 1):
+        total = next(sums)
+        if every and n % every == 0:
+            lines.append(f"vcpu=0 disk pass={n} sum={total:016x}")
+    lines.append("vcpu=0 done")
+    return lines
+
+
+@dataclass
+class DiskImageCheck:
+    """What :func:`check_disk_image` found."""
+
+    #: the pass each stamped block holds, by block number
+    passes: dict[int, int] = field(default_factory=dict)
+    #: blocks still all zero (never written)
+    blank: list[int] = field(default_factory=list)
+    #: (block, why) of every block that is neither blank nor whole
+    torn: list[tuple[int, str]] = field(default_factory=list)
+
+    def consistent_with(self, last_printed: int) -> bool:
+        """No torn block, and every stamped block is from the last pass printed or the one
+        after it (the pass in progress)."""
+        return not self.torn and all(
+            last_printed <= p <= last_printed + 1 for p in self.passes.values()
+        )
+
+
+def check_disk_image(image: bytes, blocks: int = 64, seed: int = 0) -> DiskImageCheck:
+    """Check the first ``blocks`` blocks of a disk image the workload wrote: each is blank
+    or whole (magic, its own number, the seed, the checksum and the content of its pass)."""
+    result = DiskImageCheck()
+    for block in range(blocks):
+        data = image[block * DISK_BLOCK_SIZE : (block + 1) * DISK_BLOCK_SIZE]
+        if data == bytes(DISK_BLOCK_SIZE):
+            result.blank.append(block)
+            continue
+        if len(data) != DISK_BLOCK_SIZE or data[:8] != DISK_MAGIC:
+            result.torn.append((block, "no magic"))
+            continue
+        pass_no, number, _seed = struct.unpack_from("<QQQ", data, 8)
+        if number != block or pass_no < 1 or data != disk_block(seed, pass_no, block):
+            result.torn.append((block, f"not whole (says block {number}, pass {pass_no})"))
+            continue
+        result.passes[block] = pass_no
+    return result

@@ -75,6 +75,10 @@ BUILTIN_GUEST_OPTIONS = {
     "seed": "seed",
     "hz": "hz",
     "every": "every",
+    # the disk workload (guest/README.md): vCPU 0 drives the virtio block device
+    "disk": "disk",
+    "depth": "depth",
+    "blocks": "blocks",
 }
 
 

@@ -381,7 +381,9 @@ ALLOWED_SYSCALLS_X86_64 = {
     "write": 1,
     "pread64": 17,
     "pwrite64": 18,
-    "preadv": 295,  # the block device reads straight into guest RAM
+    # the block device reads straight into guest RAM (os.preadv: glibc calls preadv2)
+    "preadv": 295,
+    "preadv2": 327,
     "fdatasync": 75,  # the block device's flush
     "lseek": 8,  # also SEEK_DATA/SEEK_HOLE over the memfd
     "sendfile": 40,

@@ -219,6 +219,8 @@ class VirtioBlkState:
             raise bad("a device without a disk was driven")
         if self.driver_features & ~_offered(self.readonly):
             raise bad("the driver accepted features the device never offers")
+        if self.queue_num and not _valid_queue_num(self.queue_num):
+            raise bad(f"a queue of {self.queue_num} entries (not a power of two)")
         if self.queue_ready:
             if not _valid_queue_num(self.queue_num):
                 raise bad(f"a ready queue of {self.queue_num} entries")
@@ -319,10 +321,9 @@ class VirtioBlk:
         self._reset_locked()
         if state is not None:
             self._load(state)
+        #: started on the first notify or resume: the VMM enters its sandbox with one
+        #: thread only, after the machine is built
         self._thread: threading.Thread | None = None
-        if disk is not None:
-            self._thread = threading.Thread(target=self._work, name="vmipc-virtio-blk", daemon=True)
-            self._thread.start()
 
     # --- state ---------------------------------------------------------------------------
 
@@ -438,6 +439,7 @@ class VirtioBlk:
         with self._wake:
             self._quiesced = False
             self._notified = True
+            self._start_worker_locked()
             self._wake.notify_all()
 
     def flush(self) -> None:
@@ -539,6 +541,7 @@ class VirtioBlk:
             if value == 0:
                 with self._wake:
                     self._notified = True
+                    self._start_worker_locked()
                     self._wake.notify_all()
             return
         if offset == R_STATUS:
@@ -622,6 +625,11 @@ class VirtioBlk:
                 log.debug("virtio-blk: interrupt line not driven", exc_info=True)
 
     # --- the worker ----------------------------------------------------------------------
+
+    def _start_worker_locked(self) -> None:
+        if self._thread is None and self._disk is not None and not self._closing:
+            self._thread = threading.Thread(target=self._work, name="vmipc-virtio-blk", daemon=True)
+            self._thread.start()
 
     def _work(self) -> None:
         while True:
