@@ -10,8 +10,8 @@ describes the options and the format.
 
 from __future__ import annotations
 
-import zlib
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
