@@ -19,6 +19,7 @@ __all__ = [
     "BUILTIN_GUEST_PATH",
     "PAGE_SIZE",
     "banner",
+    "beat_line",
     "expected_lines",
     "pass_sums",
     "working_set_bytes",
@@ -125,9 +126,20 @@ def banner(
     hz: int = 100,
     every: int = 1,
     clock: str = "kvmclock",
+    beat: int = 0,
 ) -> str:
-    """The first line the guest prints (``clock`` is "kvmclock", "tsc" or "tsc-uncalibrated")."""
+    """The first line the guest prints (``clock`` is "kvmclock", "tsc" or "tsc-uncalibrated";
+    ``beat=`` appears only when the heartbeat is on)."""
     return (
         f"vmipc-guest 1 vcpus={vcpus} ws={working_set_bytes(ws)} rate={rate} passes={passes}"
-        f" seed={seed} hz={hz} every={every} clock={clock}"
+        f" seed={seed} hz={hz} every={every} clock={clock}" + (f" beat={beat}" if beat else "")
     )
+
+
+def beat_line(number: int) -> str:
+    """Heartbeat line ``number`` (from 1) of ``beat=N``, printed by vCPU 0 every N µs of guest
+    time between its own lines. The beats are numbered as printed: a guest that continued
+    exactly prints 1, 2, 3, ... without a gap or a repeat, whatever paused or moved it."""
+    if number < 1:
+        raise ValueError("beats count from 1")
+    return f"vcpu=0 beat={number}"

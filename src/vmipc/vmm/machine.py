@@ -75,6 +75,7 @@ BUILTIN_GUEST_OPTIONS = {
     "seed": "seed",
     "hz": "hz",
     "every": "every",
+    "beat": "beat",
 }
 
 
