@@ -239,8 +239,8 @@ static void fail(struct line *l)        /* error line, then power off with code 
 /* ---------------------------------------------------------------- options */
 
 static struct {
-    u64 vcpus, ws, rate, passes, seed, hz, every, beat;
-} opt = {1, 1ul << 20, 4096, 0, 0, 100, 1, 0};
+    u64 vcpus, ws, rate, passes, seed, hz, every, beat, beatonly;
+} opt = {1, 1ul << 20, 4096, 0, 0, 100, 1, 0, 0};
 
 static char cmdline[1024];
 
@@ -306,6 +306,7 @@ static const char *parse_options(u32 *len)
         else if (key_is(s, eq, "hz")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= 10000 && (opt.hz = v, 1);
         else if (key_is(s, eq, "every")) ok = parse_num(eq + 1, p, 0, &v) && (opt.every = v, 1);
         else if (key_is(s, eq, "beat")) ok = parse_num(eq + 1, p, 0, &v) && (v == 0 || (v >= 100 && v <= NS)) && (opt.beat = v, 1);
+        else if (key_is(s, eq, "beatonly")) ok = parse_num(eq + 1, p, 0, &v) && v <= 1 && (opt.beatonly = v, 1);
         else if (key_is(s, eq, "BOOT_IMAGE")) ok = 1;
         else ok = 0;
         if (!ok) { *len = (u32)(p - s); return s; }
@@ -563,6 +564,17 @@ static void run(u64 id)
              mix64(vbase ^ 0x3333333333333333ul), mix64(vbase ^ 0x4444444444444444ul));
     __atomic_add_fetch(&cpus_up, 1, __ATOMIC_RELEASE);
 
+    if (id == 0 && opt.beat && opt.beatonly) {
+        /* a heartbeat vCPU: no work, no pass lines; it wakes at every timer tick */
+        for (;;) {
+            watch_now(&w);
+            if (may_sleep(&w))
+                sleep_until_interrupt();
+            else
+                cpu_relax();
+        }
+    }
+
     u64 *const ws = (u64 *)ws_base[id];
     const u64 npages = opt.ws / PAGE;
     const u64 step = opt.rate ? NS / opt.rate : 0;
@@ -668,6 +680,7 @@ void r3_entry(u64 id)
     l_str(&l, " clock="); l_str(&l, clock_name);
     if (opt.beat) {                     /* only then: the banner without it stays as it was */
         l_str(&l, " beat="); l_dec(&l, opt.beat);
+        if (opt.beatonly) l_str(&l, " beatonly=1");
     }
     emit(&l);
     if (bad) {
@@ -685,7 +698,7 @@ void r3_entry(u64 id)
         fail(&l);
     }
     map_high();
-    cpus_running = (u32)opt.vcpus;
+    cpus_running = (u32)opt.vcpus - (opt.beat && opt.beatonly);  /* a heartbeat vCPU never ends */
     lapic_timer_start();                /* for the start-up timeout; run() starts it afresh */
     start_aps();
     run(0);

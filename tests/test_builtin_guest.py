@@ -102,6 +102,23 @@ def test_heartbeat_beside_the_work_leaves_the_pass_lines_unchanged(rate: str) ->
     assert passes == expected_lines(0, len(passes), WS)[:-1]  # all but "done"
 
 
+def test_a_heartbeat_vcpu_only_beats_and_the_others_work_and_power_off() -> None:
+    console = Console()
+    options = {"ws": str(WS), "rate": "8192", "passes": "3", "hz": "1000", "beat": "2000"}
+    with builtin(2, console, **options, beatonly="1") as machine:
+        machine.start()
+        assert machine.wait_stopped(60) is RunState.SHUTDOWN, console.text
+        assert machine.power_off_code == 0
+    lines = console.lines()
+    assert lines[0] == banner(
+        vcpus=2, ws=WS, rate=8192, passes=3, hz=1000, beat=2000, beatonly=True
+    )
+    assert [line for line in lines if line.startswith("vcpu=1 ")] == expected_lines(1, 3, WS)
+    vcpu0 = [line for line in lines if line.startswith("vcpu=0 ")]
+    assert vcpu0 == [beat_line(n) for n in range(1, len(vcpu0) + 1)]
+    assert len(lines) == 1 + 4 + len(vcpu0)
+
+
 def test_heartbeat_continues_exactly_across_pauses_and_a_restore() -> None:
     before, after = Console(), Console()
     rng = random.Random(15)

@@ -49,6 +49,8 @@ def test_banner() -> None:
     # the heartbeat shows in the banner only when it is on (beat=0, the default, leaves it)
     assert banner(beat=0) == banner()
     assert banner(hz=1000, beat=2000).endswith(" hz=1000 every=1 clock=kvmclock beat=2000")
+    assert banner(beat=500, beatonly=True).endswith(" beat=500 beatonly=1")
+    assert banner(beatonly=True) == banner()
     assert beat_line(7) == "vcpu=0 beat=7"
     with pytest.raises(ValueError, match="from 1"):
         beat_line(0)

@@ -127,18 +127,22 @@ def banner(
     every: int = 1,
     clock: str = "kvmclock",
     beat: int = 0,
+    beatonly: bool = False,
 ) -> str:
     """The first line the guest prints (``clock`` is "kvmclock", "tsc" or "tsc-uncalibrated";
-    ``beat=`` appears only when the heartbeat is on)."""
-    return (
+    ``beat=`` and ``beatonly=1`` appear only when the heartbeat is on)."""
+    line = (
         f"vmipc-guest 1 vcpus={vcpus} ws={working_set_bytes(ws)} rate={rate} passes={passes}"
-        f" seed={seed} hz={hz} every={every} clock={clock}" + (f" beat={beat}" if beat else "")
+        f" seed={seed} hz={hz} every={every} clock={clock}"
     )
+    if beat:
+        line += f" beat={beat}" + (" beatonly=1" if beatonly else "")
+    return line
 
 
 def beat_line(number: int) -> str:
     """Heartbeat line ``number`` (from 1) of ``beat=N``, printed by vCPU 0 every N µs of guest
-    time between its own lines. The beats are numbered as printed: a guest that continued
+    time between its own lines (with ``beatonly=1``: instead of any work of its own). The beats are numbered as printed: a guest that continued
     exactly prints 1, 2, 3, ... without a gap or a repeat, whatever paused or moved it."""
     if number < 1:
         raise ValueError("beats count from 1")

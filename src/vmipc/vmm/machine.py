@@ -76,6 +76,7 @@ BUILTIN_GUEST_OPTIONS = {
     "hz": "hz",
     "every": "every",
     "beat": "beat",
+    "beatonly": "beatonly",
 }
 
 
