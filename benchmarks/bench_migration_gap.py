@@ -2,9 +2,10 @@
 """Migration gap: what the guest sees of a live migration, vmipc beside QEMU, measured the
 same way for both from host timestamps on the guest's console lines.
 
-The guest is the built-in one (``src/vmipc/guest/builtin.elf``), 1 vCPU, 512 MiB, with a
-heartbeat: ``beat=2000 hz=1000`` makes vCPU 0 print ``vcpu=0 beat=<k>`` every 2 ms of guest
-time beside its work (guest/README.md). Each VMM's stdout goes through a pipe into the same
+The guest is the built-in one (``src/vmipc/guest/builtin.elf``), 512 MiB, 1 vCPU of work
+plus a heartbeat vCPU: ``vcpus=2 beat=2000 beatonly=1 hz=1000`` makes vCPU 0 print only
+``vcpu=0 beat=<k>``, every 2 ms of guest time or as fast as the console allows, while vCPU
+1 rewrites its working set (guest/README.md). Each VMM's stdout goes through a pipe into the same
 small timestamper process, which stamps every line with CLOCK_MONOTONIC as it arrives. The
 *gap* of a migration is the time from the last line the source printed to the first line
 the destination printed. Beside it: each VMM's own downtime figure and its total time.
@@ -73,7 +74,10 @@ from vmipc.sequences import MigrationNotConverged, MigrationPolicy, SequenceErro
 MIB = 1 << 20
 MEMORY = "512M"
 MEMORY_MIB = 512
-VCPUS = 1
+#: vCPU 0 the heartbeat, vCPU 1 the work: every console byte is two port I/O exits, and
+#: on a loaded machine a line can take longer than the period, which would starve the work
+VCPUS = 2
+WORKER = 1
 #: the heartbeat: a line every BEAT_US of guest time; HZ makes a sleeping vCPU wake in time
 BEAT_US = 2000
 HZ = 1000
@@ -111,7 +115,7 @@ class Level:
 
     @property
     def options(self) -> list[str]:
-        return [f"ws={self.ws}", f"rate={self.rate}", f"hz={HZ}", f"beat={BEAT_US}"]
+        return [f"ws={self.ws}", f"rate={self.rate}", f"hz={HZ}", f"beat={BEAT_US}", "beatonly=1"]
 
     @property
     def ws_bytes(self) -> int:
@@ -303,7 +307,7 @@ def check_chain(consoles: Sequence[Stamps], ws: int) -> str | None:
     if start is None:
         return "no banner"
     beats = passes = 0
-    sums = pass_sums(0, ws)
+    sums = pass_sums(WORKER, ws)
     for line in lines[start + 1 : -1]:
         match = LINE.fullmatch(line)
         if match is None or "ERROR" in line:
@@ -378,7 +382,7 @@ def vmipc_chain(
     consoles = [src.stamps]
     hops: list[Hop] = []
     try:
-        src.wait_lines("pass", 1, 60)  # the working set is written once
+        src.wait_lines("pass", 1, 180)  # the working set is written once
         src.wait_lines("beat", 10, 30)
         for index in range(count):
             dst = VmipcVmm(kids, tmp, f"{tag}-dst{index}", ["--incoming", *base])
@@ -427,7 +431,7 @@ def boot_qemu(
         vm = QemuPiped(kids, qemu, tmp, f"{name}-{attempt}", options, incoming=False)
         try:
             # SeaBIOS runs in KVM's instruction emulator here: seconds to the banner
-            vm.wait_lines("pass", 1, 90)
+            vm.wait_lines("pass", 1, 180)
             vm.wait_lines("beat", 10, 30)
             return vm
         except (QemuFailed, RuntimeError, TimeoutError) as exc:
@@ -504,7 +508,7 @@ def fmt_gbs(rate: float | None) -> str:
 
 
 def report_gap(results: dict[str, dict[str, list[Hop]]], count: int) -> None:
-    say(f"## 1. Guest-visible gap, 1 vCPU, {MEMORY}iB, heartbeat every {BEAT_US} µs")
+    say(f"## 1. Guest-visible gap: {MEMORY}iB, 1 vCPU of work + a heartbeat vCPU ({BEAT_US} µs)")
     say()
     rows = []
     for level in LEVELS:
