@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -326,24 +326,25 @@ def check_chain(consoles: Sequence[Stamps], ws: int) -> str | None:
 
 
 def timeline_of(report: Any) -> list[tuple[str, float, float | None]]:
-    """(step, client seconds, server seconds or None) from a report's ``timeline``, if this
-    vmipc's report has one; its entries' shape is the timeline's own, read loosely."""
-    entries = getattr(report, "timeline", None)
+    """(step, client seconds, VMM seconds or None) of the stop-and-copy (phases ``paused``
+    and ``switch-over``) from the report's ``timeline``, if this vmipc's report has one
+    (docs/sequences.md#timelines); read loosely, so that it works with or without it."""
     steps: list[tuple[str, float, float | None]] = []
-    for entry in entries or ():
-        values = asdict(entry) if is_dataclass(entry) and not isinstance(entry, type) else entry
-        if not isinstance(values, dict):
+    for entry in getattr(report, "timeline", None) or ():
+        name = getattr(entry, "name", None)
+        seconds = getattr(entry, "duration_s", None)
+        phase = getattr(entry, "phase", None)
+        if not isinstance(name, str) or not isinstance(seconds, int | float):
             continue
-        name = next((str(values[k]) for k in ("step", "name", "what") if k in values), None)
-        seconds = next(
-            (values[k] for k in ("seconds", "client_s", "duration_s", "elapsed_s") if k in values),
-            None,
-        )
-        if seconds is None and "start_s" in values and "end_s" in values:
-            seconds = values["end_s"] - values["start_s"]
-        server = next((values[k] for k in ("server_s", "server_seconds") if k in values), None)
-        if name is not None and isinstance(seconds, int | float):
-            steps.append((name, float(seconds), float(server) if server is not None else None))
+        if phase not in (None, "paused", "switch-over"):
+            continue
+        within = getattr(entry, "within", None)
+        label = f"{name} ({within})" if within else name
+        # the VMM's own time: the replies' ran_s, None when the VMM reported none
+        ran = [getattr(t, "ran_s", None) for t in getattr(entry, "server", ()) or ()]
+        ran_s = [r for r in ran if isinstance(r, int | float)]
+        server = sum(ran_s) if ran_s else None
+        steps.append((label, float(seconds), float(server) if server is not None else None))
     return steps
 
 
@@ -621,9 +622,13 @@ def report_timeline(hops: Sequence[Hop]) -> None:
         [name, fmt_ms(med([s for s, _ in values])), fmt_ms(med([v for _, v in values]))]
         for name, values in per_step.items()
     ]
-    say(table(["step", "client", "server"], rows))
+    say(table(["step (source/destination: the sides of a transfer)", "client", "VMM"], rows))
     say()
-    say(f"Medians over the {len(hops)} vmipc migrations of table 1 with a timeline.")
+    say(
+        f"Medians over the {len(hops)} vmipc migrations of table 1, steps of the phases "
+        "`paused` and `switch-over` from the report's `timeline`; client: the step as the "
+        "client saw it, VMM: the VMM's own running time for it (protocol 1.8; — before)."
+    )
     say()
 
 
