@@ -142,8 +142,9 @@ def banner(
 
 def beat_line(number: int) -> str:
     """Heartbeat line ``number`` (from 1) of ``beat=N``, printed by vCPU 0 every N µs of guest
-    time between its own lines (with ``beatonly=1``: instead of any work of its own). The beats are numbered as printed: a guest that continued
-    exactly prints 1, 2, 3, ... without a gap or a repeat, whatever paused or moved it."""
+    time between its own lines (with ``beatonly=1``: instead of any work of its own). The
+    beats are numbered as printed: a guest that continued exactly prints 1, 2, 3, ...
+    without a gap or a repeat, whatever paused or moved it."""
     if number < 1:
         raise ValueError("beats count from 1")
     return f"vcpu=0 beat={number}"
