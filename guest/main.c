@@ -240,8 +240,8 @@ static void fail(struct line *l)        /* error line, then power off with code 
 /* ---------------------------------------------------------------- options */
 
 static struct {
-    u64 vcpus, ws, rate, passes, seed, hz, every;
-} opt = {1, 1ul << 20, 4096, 0, 0, 100, 1};
+    u64 vcpus, ws, rate, passes, seed, hz, every, beat, beatonly;
+} opt = {1, 1ul << 20, 4096, 0, 0, 100, 1, 0, 0};
 
 static char cmdline[1024];
 
@@ -309,6 +309,8 @@ static const char *parse_options(u32 *len)
         else if (key_is(s, eq, "disk")) ok = parse_num(eq + 1, p, 0, &v) && v <= 2 && (disk_opt.mode = v, 1);
         else if (key_is(s, eq, "depth")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= DISK_MAX_DEPTH && (disk_opt.depth = v, 1);
         else if (key_is(s, eq, "blocks")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= DISK_MAX_BLOCKS && (disk_opt.blocks = v, 1);
+        else if (key_is(s, eq, "beat")) ok = parse_num(eq + 1, p, 0, &v) && (v == 0 || (v >= 100 && v <= NS)) && (opt.beat = v, 1);
+        else if (key_is(s, eq, "beatonly")) ok = parse_num(eq + 1, p, 0, &v) && v <= 1 && (opt.beatonly = v, 1);
         else if (key_is(s, eq, "BOOT_IMAGE")) ok = 1;
         else ok = 0;
         if (!ok) { *len = (u32)(p - s); return s; }
@@ -460,6 +462,7 @@ struct watch {                          /* the timer and clock checks of one vCP
     volatile struct pvclock *clk;
     u64 last_t, ticks, quiet;
     int backwards_told, stall_told, disarmed_told;
+    u64 beat_step, beat_next, beats;    /* the heartbeat (vCPU 0 with beat=N): ns, due, count */
 };
 
 /* Longer steps between two readings are a pause, a restore or the host not running us:
@@ -498,6 +501,19 @@ static u64 watch_now(struct watch *w)
     }
     w->ticks = k;
     w->last_t = t;
+    /* The heartbeat rides on the clock readings the work makes anyway (every page written,
+       every 64 pages read back, every wake-up while pacing), so it needs no vCPU of its
+       own. Beats are numbered as printed, so a lost or repeated line shows; the schedule
+       keeps its phase unless a whole period was missed (a pause, a slow host), and then
+       restarts from now rather than bursting to catch up. */
+    if (w->beat_step && t >= w->beat_next) {
+        struct line l;
+        l_vcpu(&l, w->id); l_str(&l, " beat="); l_dec(&l, ++w->beats);
+        emit(&l);
+        w->beat_next += w->beat_step;
+        if (w->beat_next <= t)
+            w->beat_next = t + w->beat_step;
+    }
     return t;
 }
 
@@ -545,11 +561,26 @@ static void run(u64 id)
     struct watch w = {.id = id, .clk = clock_of[id], .ticks = percpu[id].ticks};
     w.last_t = clock_ns(w.clk);
     u64 now = watch_now(&w);
+    if (id == 0 && opt.beat) {
+        w.beat_step = opt.beat * 1000;
+        w.beat_next = now + w.beat_step;
+    }
 
     const u64 vbase = mix64(mix64(opt.seed) ^ id);
     mix_init(mix64(vbase ^ 0x1111111111111111ul), mix64(vbase ^ 0x2222222222222222ul),
              mix64(vbase ^ 0x3333333333333333ul), mix64(vbase ^ 0x4444444444444444ul));
     __atomic_add_fetch(&cpus_up, 1, __ATOMIC_RELEASE);
+
+    if (id == 0 && opt.beat && opt.beatonly) {
+        /* a heartbeat vCPU: no work, no pass lines; it wakes at every timer tick */
+        for (;;) {
+            watch_now(&w);
+            if (may_sleep(&w))
+                sleep_until_interrupt();
+            else
+                cpu_relax();
+        }
+    }
 
     u64 *const ws = (u64 *)ws_base[id];
     const u64 npages = opt.ws / PAGE;
@@ -657,6 +688,10 @@ void r3_entry(u64 id)
     l_str(&l, " hz="); l_dec(&l, opt.hz);
     l_str(&l, " every="); l_dec(&l, opt.every);
     l_str(&l, " clock="); l_str(&l, clock_name);
+    if (opt.beat) {                     /* only then: the banner without it stays as it was */
+        l_str(&l, " beat="); l_dec(&l, opt.beat);
+        if (opt.beatonly) l_str(&l, " beatonly=1");
+    }
     emit(&l);
     if (bad) {
         l_vcpu(&l, 0); l_str(&l, " ERROR bad option '");
@@ -673,7 +708,7 @@ void r3_entry(u64 id)
         fail(&l);
     }
     map_high();
-    cpus_running = (u32)opt.vcpus;
+    cpus_running = (u32)opt.vcpus - (opt.beat && opt.beatonly);  /* a heartbeat vCPU never ends */
     lapic_timer_start();                /* for the start-up timeout; run() starts it afresh */
     start_aps();
     run(0);

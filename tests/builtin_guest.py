@@ -8,9 +8,9 @@ import threading
 import time
 from collections import defaultdict
 
-from vmipc.guest import pass_sums
+from vmipc.guest import beat_line, pass_sums
 
-LINE = re.compile(r"vcpu=(\d+) (?:pass=(\d+) sum=([0-9a-f]{16})|done|ERROR .*)")
+LINE = re.compile(r"vcpu=(\d+) (?:pass=(\d+) sum=([0-9a-f]{16})|done|beat=(\d+)|ERROR .*)")
 
 
 class Console:
@@ -52,10 +52,24 @@ class Console:
         raise AssertionError(f"guest did not reach pass {passes} on {vcpus} vcpus: {done}")
 
 
+def check_beats(lines: list[str]) -> int:
+    """The heartbeat lines (``beat=N``) are vCPU 0's, numbered 1, 2, 3, ... with none lost or
+    repeated. Returns how many there are."""
+    beats = 0
+    for line in lines:
+        match = LINE.fullmatch(line)
+        if match and match.group(4):
+            assert line == beat_line(beats + 1), f"{line!r} after beat {beats}"
+            beats += 1
+    return beats
+
+
 def check_against_model(lines: list[str], vcpus: int, ws: int, seed: int = 0) -> dict[int, int]:
-    """Every pass line is exactly what the guest model says, in order, for every vCPU; no
-    ERROR lines. Returns the number of pass lines per vCPU."""
+    """Every pass line is exactly what the guest model says, in order, for every vCPU; the
+    heartbeat lines, if any, count 1, 2, 3, ...; no ERROR lines. Returns the number of pass
+    lines per vCPU."""
     per_vcpu: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    check_beats(lines)
     for line in lines:
         if line.startswith("vmipc-guest "):
             continue

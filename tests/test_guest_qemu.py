@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from vmipc.guest import BUILTIN_GUEST_PATH, banner, expected_lines, pass_sums
+from vmipc.guest import BUILTIN_GUEST_PATH, banner, beat_line, expected_lines, pass_sums
 
 QEMU = shutil.which("qemu-system-x86_64")
 
@@ -46,6 +46,14 @@ def test_banner() -> None:
     assert banner(vcpus=4, passes=3, ws=5000) == (
         "vmipc-guest 1 vcpus=4 ws=8192 rate=4096 passes=3 seed=0 hz=100 every=1 clock=kvmclock"
     )
+    # the heartbeat shows in the banner only when it is on (beat=0, the default, leaves it)
+    assert banner(beat=0) == banner()
+    assert banner(hz=1000, beat=2000).endswith(" hz=1000 every=1 clock=kvmclock beat=2000")
+    assert banner(beat=500, beatonly=True).endswith(" beat=500 beatonly=1")
+    assert banner(beatonly=True) == banner()
+    assert beat_line(7) == "vcpu=0 beat=7"
+    with pytest.raises(ValueError, match="from 1"):
+        beat_line(0)
 
 
 def test_image_is_an_elf32_multiboot_kernel() -> None:
@@ -97,3 +105,15 @@ def test_guest_in_qemu_refuses_bad_options() -> None:
     status, lines = boot_in_qemu(1, "passes=1 vcpu=2")
     assert status == 3  # the guest wrote 1 to 0x501
     assert lines[1:] == ["vcpu=0 ERROR bad option 'vcpu=2'"]
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+def test_guest_in_qemu_prints_heartbeats_beside_the_passes() -> None:
+    status, lines = boot_in_qemu(1, "passes=3 ws=64K rate=256 hz=1000 beat=2000")
+    assert status == 1, lines
+    clock = lines[0].split()[-2].removeprefix("clock=")
+    assert lines[0] == banner(ws=64 << 10, rate=256, passes=3, hz=1000, clock=clock, beat=2000)
+    beats = [line for line in lines[1:] if " beat=" in line]
+    assert beats == [beat_line(n) for n in range(1, len(beats) + 1)]
+    assert len(beats) >= 50  # 3 passes of 16 pages at 256/s: ~190 ms, ~90 beats
+    assert [line for line in lines[1:] if " beat=" not in line] == expected_lines(0, 3, 64 << 10)

@@ -23,6 +23,7 @@ __all__ = [
     "PAGE_SIZE",
     "DiskImageCheck",
     "banner",
+    "beat_line",
     "check_disk_image",
     "disk_bad_lines",
     "disk_block",
@@ -134,12 +135,28 @@ def banner(
     hz: int = 100,
     every: int = 1,
     clock: str = "kvmclock",
+    beat: int = 0,
+    beatonly: bool = False,
 ) -> str:
-    """The first line the guest prints (``clock`` is "kvmclock", "tsc" or "tsc-uncalibrated")."""
-    return (
+    """The first line the guest prints (``clock`` is "kvmclock", "tsc" or "tsc-uncalibrated";
+    ``beat=`` and ``beatonly=1`` appear only when the heartbeat is on)."""
+    line = (
         f"vmipc-guest 1 vcpus={vcpus} ws={working_set_bytes(ws)} rate={rate} passes={passes}"
         f" seed={seed} hz={hz} every={every} clock={clock}"
     )
+    if beat:
+        line += f" beat={beat}" + (" beatonly=1" if beatonly else "")
+    return line
+
+
+def beat_line(number: int) -> str:
+    """Heartbeat line ``number`` (from 1) of ``beat=N``, printed by vCPU 0 every N µs of guest
+    time between its own lines (with ``beatonly=1``: instead of any work of its own). The
+    beats are numbered as printed: a guest that continued exactly prints 1, 2, 3, ...
+    without a gap or a repeat, whatever paused or moved it."""
+    if number < 1:
+        raise ValueError("beats count from 1")
+    return f"vcpu=0 beat={number}"
 
 
 # --- the disk workload (guest/virtio_blk.c; guest/README.md, "The disk workload") -----------

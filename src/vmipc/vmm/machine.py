@@ -79,6 +79,8 @@ BUILTIN_GUEST_OPTIONS = {
     "disk": "disk",
     "depth": "depth",
     "blocks": "blocks",
+    "beat": "beat",
+    "beatonly": "beatonly",
 }
 
 
