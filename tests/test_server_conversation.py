@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -257,10 +258,10 @@ def test_invalid_state_raised_by_the_machine_itself() -> None:
     # the state check passed, but the machine changed its mind (e.g. the guest stopped)
     machine = RecordingMachine()
 
-    def pause() -> None:
+    def begin_pause(wake: Callable[[], None]) -> bool:
         raise InvalidStateError("pause", RunState.SHUTDOWN)
 
-    machine.pause = pause  # type: ignore[method-assign]
+    machine.begin_pause = begin_pause  # type: ignore[method-assign]
     with serving(machine=machine) as s, s.connect() as c:
         err = c.error(c.request("pause"))
         assert err.error.code == "invalid-state"
