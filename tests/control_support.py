@@ -73,7 +73,7 @@ class RecordingMachine:
             time.sleep(self.pause_delay)
             self._set(RunState.PAUSED)
 
-    def begin_pause(self, wake: Callable[[], None]) -> bool:
+    def begin_pause(self, wake: Callable[[], None], *, within: float = 0.0) -> bool:
         """As Machine.begin_pause: a pause that takes ``pause_delay`` seconds finishes on
         a thread of its own and wakes the caller."""
         self.calls.append("pause")

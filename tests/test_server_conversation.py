@@ -258,7 +258,7 @@ def test_invalid_state_raised_by_the_machine_itself() -> None:
     # the state check passed, but the machine changed its mind (e.g. the guest stopped)
     machine = RecordingMachine()
 
-    def begin_pause(wake: Callable[[], None]) -> bool:
+    def begin_pause(wake: Callable[[], None], *, within: float = 0.0) -> bool:
         raise InvalidStateError("pause", RunState.SHUTDOWN)
 
     machine.begin_pause = begin_pause  # type: ignore[method-assign]

@@ -18,6 +18,10 @@ from vmipc.vmm.machine_api import MachineApi
 
 #: the longest lease (seconds) a client may ask for
 MAX_LEASE = 3600.0
+#: how long (seconds) ``pause`` may hold the event loop for the vCPUs to park, before it
+#: waits for them like any other task (see Machine.begin_pause): a vCPU in guest mode
+#: parks within some tens of microseconds, and any request's decoding costs about as much
+PAUSE_HANDOVER = 0.0005
 
 
 def check_duration(value: Any) -> float:
@@ -61,7 +65,7 @@ async def pause_machine(machine: MachineApi) -> None:
             token.run_sync_soon(parked.set)
 
     with trio.CancelScope(shield=True):
-        done = machine.begin_pause(wake)
+        done = machine.begin_pause(wake, within=PAUSE_HANDOVER)
         while not done:
             await parked.wait()
             parked = trio.Event()

@@ -287,19 +287,33 @@ class Machine:
                 self._cond.notify_all()
         self._notify(change)
 
-    def begin_pause(self, wake: Callable[[], None]) -> bool:
-        """Start RUNNING -> PAUSED without blocking: close the gate and kick the vCPUs.
+    def begin_pause(self, wake: Callable[[], None], *, within: float = 0.0) -> bool:
+        """Start RUNNING -> PAUSED without blocking for long: close the gate, kick the
+        vCPUs, and wait at most ``within`` seconds for them to park.
 
         For a caller that must not block (the control server's event loop): True when the
         machine is PAUSED already; else ``wake`` is called once, from a vCPU thread (it
         must not block, and runs with the machine's lock held), when :meth:`finish_pause`
         can tell the outcome. Raises InvalidStateError unless RUNNING (or while another
         caller's pause is under way).
+
+        A vCPU in guest mode leaves KVM_RUN and parks some tens of microseconds after its
+        kick: a short ``within`` lets the last one hand over straight to this thread (a
+        futex wakeup) instead of through ``wake`` and the caller's event loop, while a
+        vCPU that cannot stop soon (in the kernel on a userfault, say) still costs the
+        caller no more than ``within``.
         """
         with self._cond:
             if self._pausing:
                 raise InvalidStateError("pause", self._state)
             self._begin_pause_locked()
+            if within > 0 and len(self._parked) < len(self._threads):
+                deadline = time.monotonic() + within
+                while len(self._parked) < len(self._threads) and self._state is RunState.RUNNING:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
         return self.finish_pause(wake)
 
     def finish_pause(self, wake: Callable[[], None]) -> bool:

@@ -74,11 +74,12 @@ class Pausable(Protocol):
         Raises InvalidStateError unless RUNNING. Call it from a worker thread.
         """
 
-    def begin_pause(self, wake: Callable[[], None]) -> bool:
-        """RUNNING -> PAUSED without blocking (for an event loop): close the gate, kick
-        the vCPUs. True when PAUSED already; else ``wake`` is called once, from another
-        thread and without blocking, when :meth:`finish_pause` can tell the outcome.
-        Raises InvalidStateError unless RUNNING."""
+    def begin_pause(self, wake: Callable[[], None], *, within: float = 0.0) -> bool:
+        """RUNNING -> PAUSED without blocking for long (for an event loop): close the
+        gate, kick the vCPUs, wait at most ``within`` seconds for them to park. True when
+        PAUSED already; else ``wake`` is called once, from another thread and without
+        blocking, when :meth:`finish_pause` can tell the outcome. Raises
+        InvalidStateError unless RUNNING."""
         ...
 
     def finish_pause(self, wake: Callable[[], None]) -> bool:
