@@ -1,10 +1,11 @@
 """The machine: guest RAM, vCPU threads, devices, boot, pause and resume.
 
 Thread model: one thread per vCPU runs KVM_RUN; every other caller (the control server's
-worker threads, the CLI) changes the run state through the methods here, which take
-``self._cond``. Pause closes a gate, sets ``immediate_exit`` on every vCPU and kicks each
-vCPU thread with a signal so a vCPU spinning in guest ring 3 leaves KVM_RUN at once;
-it returns when every vCPU reports itself parked.
+event loop and worker threads, the CLI) changes the run state through the methods here,
+which take the machine's lock. Pause closes a gate, sets ``immediate_exit`` on every vCPU
+and kicks each vCPU thread with a signal so a vCPU spinning in guest ring 3 leaves
+KVM_RUN at once; it is done when every vCPU reports itself parked (``pause`` blocks for
+it, ``begin_pause``/``finish_pause`` never block long: see docs/vmm.md).
 
 The records a machine is built from and saves to (``MachineConfig``, ``BootSource`` in
 vmm/config.py, ``MachineState`` in vmm/state.py) are re-exported here with the class that
@@ -358,7 +359,11 @@ class Machine:
         return self._set_state(RunState.PAUSED)
 
     def resume(self) -> None:
-        """PAUSED -> RUNNING: each vCPU continues exactly where it stopped."""
+        """PAUSED -> RUNNING: each vCPU continues exactly where it stopped.
+
+        Returns once the state is RUNNING and every vCPU thread has been woken; it does
+        not wait for them to re-enter KVM_RUN (nothing could go wrong there that a reply
+        could report: a vCPU that fails later stops the machine and says so)."""
         with self._cond:
             if self._state is not RunState.PAUSED:
                 raise InvalidStateError("resume", self._state)

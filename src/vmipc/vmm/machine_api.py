@@ -89,7 +89,8 @@ class Pausable(Protocol):
         ...
 
     def resume(self) -> None:
-        """PAUSED -> RUNNING. Raises InvalidStateError unless PAUSED."""
+        """PAUSED -> RUNNING without blocking: every vCPU is let go (it does not wait for
+        them to re-enter KVM_RUN). Raises InvalidStateError unless PAUSED."""
 
     def close(self) -> None:
         """Stop every vCPU thread and release KVM resources (-> DESTROYED). Idempotent."""
