@@ -17,9 +17,11 @@ by one client while the 15 others keep sending query-status (pausing 16 times at
 not a meaningful operation), and the table shows both sides.
 
 Run: ``.venv/bin/python benchmarks/bench_control_latency.py [--quick] [--json FILE]
-[--no-qemu]`` (about 20 s; ``--quick`` about 10 s). It needs /dev/kvm. QEMU is installed
-with ``tools/install-system-deps`` when missing; its columns are skipped, with a note, when
-it still cannot boot the guest.
+[--no-qemu] [--rounds N] [--baseline OTHER_CHECKOUT/src]`` (about 20 s; ``--quick`` about
+10 s; the samples are split over the rounds). ``--baseline`` adds the columns of a VMM run
+from another source tree, measured in the same rounds: a before/after in one run. It
+needs /dev/kvm. QEMU is installed with ``tools/install-system-deps`` when missing; its
+columns are skipped, with a note, when it still cannot boot the guest.
 """
 
 from __future__ import annotations
@@ -225,13 +227,20 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float) -> None:
 
 
 @contextmanager
-def vmipc_vmm(tmp: str) -> Iterator[str]:
+def vmipc_vmm(tmp: str, src: str | None = None) -> Iterator[str]:
+    """``vmipc vmm`` with the built-in guest; ``src``: the source tree to run it from (a
+    baseline checkout's ``src``), else this one."""
     path = os.path.join(tmp, "vmipc.sock")
     console = Path(tmp) / "vmipc-console.txt"
+    if console.exists():
+        console.unlink()
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = src
     argv = [sys.executable, "-m", "vmipc", "vmm", "--guest", "builtin", "--vcpus", "1"]
     argv += ["--memory", "64M", "--console", str(console), "--no-console-input"]
     argv += ["--socket", path]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env)
     try:
         wait_for(
             lambda: console.exists() and BANNER in console.read_bytes(),
@@ -282,6 +291,8 @@ trio.run(main, sys.argv[1])
 @contextmanager
 def echo_server(tmp: str) -> Iterator[str]:
     path = os.path.join(tmp, "echo.sock")
+    if os.path.exists(path):  # the last round's
+        os.unlink(path)
     proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, path])
     try:
         wait_for(lambda: os.path.exists(path), "the echo server did not start", 10)
@@ -301,6 +312,8 @@ def qemu_vm(qemu: str, tmp: str, sockets: int) -> Iterator[list[str]]:
     last = ""
     for attempt in range(3):
         serial = Path(tmp) / f"qemu-serial-{attempt}.txt"
+        if serial.exists():  # the last round's
+            serial.unlink()
         argv = [qemu, "-accel", "kvm", "-smp", "1", "-m", "64"]
         argv += ["-kernel", str(BUILTIN_GUEST_PATH), "-append", "vcpus=1"]
         argv += ["-display", "none", "-monitor", "none", "-serial", f"file:{serial}"]
@@ -362,41 +375,40 @@ def stats(samples: list[float] | None) -> tuple[float | None, float | None]:
     return statistics.median(samples), percentile(samples, 99)
 
 
+def merge(into: dict[str, Any], more: dict[str, Any]) -> None:
+    for scope, samples in more.items():
+        for key, values in samples.items():
+            into.setdefault(scope, {}).setdefault(key, []).extend(values)
+
+
 def report(results: dict[str, dict[str, Any]], notes: list[str]) -> None:
     names = {
         "status": ("query-status", "query-status"),
         "pause": ("pause", "stop"),
         "resume": ("resume", "cont"),
     }
+    base = "base" in results
     for scope, title in (("one", "one client"), ("many", f"{CLIENTS} concurrent clients")):
         print(f"\n### Round trip, {title}\n")
         rows = []
-        for key, (ours, theirs) in names.items():
+        keys = [(key, f"`{ours}` / QMP `{theirs}`") for key, (ours, theirs) in names.items()]
+        if scope == "many":
+            keys.append(("status_beside_pauses", "query-status by the 15 others meanwhile"))
+        for key, label in keys:
             v50, v99 = stats(results["vmipc"][scope].get(key))
             q50, q99 = stats(results.get("qmp", {}).get(scope, {}).get(key))
-            rows.append(
-                [f"`{ours}` / QMP `{theirs}`", us(v50), us(v99), us(q50), us(q99), ratio(v50, q50)]
-            )
-        if scope == "many":
-            v50, v99 = stats(results["vmipc"]["many"].get("status_beside_pauses"))
-            q50, q99 = stats(results.get("qmp", {}).get("many", {}).get("status_beside_pauses"))
-            rows.append(
-                [
-                    "query-status by the 15 others meanwhile",
-                    us(v50),
-                    us(v99),
-                    us(q50),
-                    us(q99),
-                    ratio(v50, q50),
-                ]
-            )
+            row = [label, us(v50), us(v99), us(q50), us(q99), ratio(v50, q50)]
+            if base:
+                b50, _ = stats(results["base"][scope].get(key))
+                row += [us(b50), ratio(b50, q50)]
+            rows.append(row)
         e50, e99 = stats(results["echo"][scope]["status"])
-        rows.append(["floor: trio echo, same socket and frame sizes", us(e50), us(e99), "", "", ""])
-        print(
-            table(
-                ["operation", "vmipc p50", "vmipc p99", "QMP p50", "QMP p99", "vmipc/QMP p50"], rows
-            )
-        )
+        floor = ["floor: trio echo, same socket and frame sizes", us(e50), us(e99), "", "", ""]
+        rows.append(floor + (["", ""] if base else []))
+        headers = ["operation", "vmipc p50", "vmipc p99", "QMP p50", "QMP p99", "vmipc/QMP p50"]
+        if base:
+            headers += ["baseline p50", "baseline/QMP p50"]
+        print(table(headers, rows))
         v50, _ = stats(results["vmipc"][scope]["status"])
         print(f"\nquery-status costs {ratio(v50, e50)} the echo floor ({title}).")
     if notes:
@@ -410,8 +422,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples (~10 s)")
     parser.add_argument("--no-qemu", action="store_true", help="skip the QMP columns")
     parser.add_argument("--json", metavar="FILE", help="also write the raw samples (seconds)")
+    parser.add_argument(
+        "--baseline",
+        metavar="SRC",
+        help="also measure a vmipc VMM run from this source tree (another checkout's src/), "
+        "in the same rounds",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every server this many times, in turn, and pool the samples (on a "
+        "noisy host, so that load spikes fall on all of them alike)",
+    )
     args = parser.parse_args(argv)
     n, cycles = (400, 100) if args.quick else (2000, 400)
+    rounds = max(1, args.rounds)
+    n, cycles = max(40, n // rounds), max(20, cycles // rounds)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("bench_control_latency: needs a usable /dev/kvm", file=sys.stderr)
         return 3
@@ -422,23 +449,34 @@ def main(argv: list[str] | None = None) -> int:
         "QEMU has paused its vCPUs (vm_stop).",
     ]
     results: dict[str, dict[str, Any]] = {}
+    qemu: str | None = None
+    if args.no_qemu:
+        notes.append("QMP columns skipped (--no-qemu).")
+    else:
+        qemu, why = find_qemu()
+        if qemu is None:
+            notes.append(f"QMP columns skipped: {why}.")
+    if args.baseline:
+        notes.append(f"baseline: a vmipc VMM run from {args.baseline}.")
+    if rounds > 1:
+        notes.append(f"{rounds} rounds, each server measured once per round, samples pooled.")
     with tempfile.TemporaryDirectory(prefix="vmipc-bench-") as tmp:
-        with echo_server(tmp) as path:
-            results["echo"] = measure("echo", [path], n, cycles)
-        with vmipc_vmm(tmp) as path:
-            results["vmipc"] = measure("vmipc", [path], n, cycles)
-        if args.no_qemu:
-            notes.append("QMP columns skipped (--no-qemu).")
-        else:
-            qemu, why = find_qemu()
-            if qemu is None:
-                notes.append(f"QMP columns skipped: {why}.")
-            else:
+        for _ in range(rounds):
+            with echo_server(tmp) as path:
+                merge(results.setdefault("echo", {}), measure("echo", [path], n, cycles))
+            with vmipc_vmm(tmp) as path:
+                merge(results.setdefault("vmipc", {}), measure("vmipc", [path], n, cycles))
+            if args.baseline:
+                with vmipc_vmm(tmp, args.baseline) as path:
+                    merge(results.setdefault("base", {}), measure("vmipc", [path], n, cycles))
+            if qemu is not None:
                 try:
                     with qemu_vm(qemu, tmp, CLIENTS) as paths:
-                        results["qmp"] = measure("qmp", paths, n, cycles)
+                        merge(results.setdefault("qmp", {}), measure("qmp", paths, n, cycles))
                 except (RuntimeError, OSError, ConnectionError) as exc:
                     notes.append(f"QMP columns skipped: {exc}.")
+                    qemu = None
+                    results.pop("qmp", None)
     report(results, notes)
     if args.json:
         Path(args.json).write_text(json.dumps(results))

@@ -46,6 +46,8 @@ class RecordingMachine:
         self._listeners: list[Callable[[StateChange], None]] = []
         self.calls: list[str] = []
         self.pause_delay = pause_delay
+        #: the thread finishing a slow pause (begin_pause)
+        self._pausing: threading.Thread | None = None
         self.vcpu_count = 2
         self.memory_size = 64 << 20
         self.stop_reason: str | None = None
@@ -70,6 +72,36 @@ class RecordingMachine:
                 raise InvalidStateError("pause", self._state)
             time.sleep(self.pause_delay)
             self._set(RunState.PAUSED)
+
+    def begin_pause(self, wake: Callable[[], None], *, within: float = 0.0) -> bool:
+        """As Machine.begin_pause: a pause that takes ``pause_delay`` seconds finishes on
+        a thread of its own and wakes the caller."""
+        self.calls.append("pause")
+        with self._lock:
+            if self._state is not RunState.RUNNING or self._pausing is not None:
+                raise InvalidStateError("pause", self._state)
+            if not self.pause_delay:
+                self._set(RunState.PAUSED)
+                return True
+
+            def park() -> None:
+                time.sleep(self.pause_delay)
+                with self._lock:
+                    self._pausing = None
+                    self._set(RunState.PAUSED)
+                wake()
+
+            self._pausing = threading.Thread(target=park)
+            self._pausing.start()
+            return False
+
+    def finish_pause(self, wake: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._pausing is not None:
+                return False
+            if self._state is not RunState.PAUSED:
+                raise InvalidStateError("pause", self._state)
+            return True
 
     def resume(self) -> None:
         self.calls.append("resume")

@@ -307,10 +307,10 @@ def test_invalid_state_raised_by_the_machine_itself() -> None:
     # the state check passed, but the machine changed its mind (e.g. the guest stopped)
     machine = RecordingMachine()
 
-    def pause() -> None:
+    def begin_pause(wake: Callable[[], None], *, within: float = 0.0) -> bool:
         raise InvalidStateError("pause", RunState.SHUTDOWN)
 
-    machine.pause = pause  # type: ignore[method-assign]
+    machine.begin_pause = begin_pause  # type: ignore[method-assign]
     with serving(machine=machine) as s, s.connect() as c:
         err = c.error(c.request("pause"))
         assert err.error.code == "invalid-state"

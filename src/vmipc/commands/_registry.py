@@ -2,10 +2,10 @@
 
 One handler per schema command, registered with :func:`handler`::
 
-    @handler("pause", exclusive=True)
-    async def pause(ctx: CommandContext) -> dict[str, Any]:
-        await trio.to_thread.run_sync(ctx.machine.pause)
-        return {}
+    @handler("dump-state")
+    async def dump_state(ctx: CommandContext) -> dict[str, Any]:
+        await trio.to_thread.run_sync(...)  # a blocking machine call: a worker thread
+        return {...}
 
 Before a handler runs, the server has already checked everything the schema says: the
 arguments (``ctx.args``, with defaults filled in), the fds (``ctx.fds``, by name, already

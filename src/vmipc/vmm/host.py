@@ -244,6 +244,14 @@ class MachineHost:
             raise InvalidStateError("pause", RunState.INCOMING)
         self.require_machine("pause").pause()
 
+    def begin_pause(self, wake: Callable[[], None], *, within: float = 0.0) -> bool:
+        if self._awaiting_state:
+            raise InvalidStateError("pause", RunState.INCOMING)
+        return self.require_machine("pause").begin_pause(wake, within=within)
+
+    def finish_pause(self, wake: Callable[[], None]) -> bool:
+        return self.require_machine("pause").finish_pause(wake)
+
     def resume(self) -> None:
         if self._awaiting_state:
             raise InvalidStateError("resume", RunState.INCOMING)

@@ -1,10 +1,11 @@
 """The machine: guest RAM, vCPU threads, devices, boot, pause and resume.
 
 Thread model: one thread per vCPU runs KVM_RUN; every other caller (the control server's
-worker threads, the CLI) changes the run state through the methods here, which take
-``self._cond``. Pause closes a gate, sets ``immediate_exit`` on every vCPU and kicks each
-vCPU thread with a signal so a vCPU spinning in guest ring 3 leaves KVM_RUN at once;
-it returns when every vCPU reports itself parked.
+event loop and worker threads, the CLI) changes the run state through the methods here,
+which take the machine's lock. Pause closes a gate, sets ``immediate_exit`` on every vCPU
+and kicks each vCPU thread with a signal so a vCPU spinning in guest ring 3 leaves
+KVM_RUN at once; it is done when every vCPU reports itself parked (``pause`` blocks for
+it, ``begin_pause``/``finish_pause`` never block long: see docs/vmm.md).
 
 The records a machine is built from and saves to (``MachineConfig``, ``BootSource`` in
 vmm/config.py, ``MachineState`` in vmm/state.py) are re-exported here with the class that
@@ -112,7 +113,15 @@ class Machine:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, not {config.vcpus}")
         install_kick_handler()
         self.config = config
-        self._cond = threading.Condition()
+        # One lock for the run state; the machine's waiters (pause, start, wait_stopped)
+        # wait on ``_cond``, each vCPU thread on a condition of its own over the same lock:
+        # a vCPU that parks wakes only the pauser, and a state change wakes no parked vCPU
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        #: a pause begun by begin_pause and not yet finished (see begin_pause)
+        self._pausing = False
+        #: called once (with the lock held) when a pending pause can finish or failed
+        self._pause_waker: Callable[[], None] | None = None
         self._state = RunState.CREATED
         self._stop_reason: str | None = None
         self._gate_closed = True
@@ -167,7 +176,7 @@ class Machine:
                     vcpu,
                     self.iobus,
                     self.mmio_bus,
-                    self._cond,
+                    threading.Condition(self._lock),
                     lambda: self._gate_closed or self._holds > 0,
                     lambda: self._stopping,
                     self._note_parked,
@@ -277,26 +286,97 @@ class Machine:
     def pause(self) -> None:
         """RUNNING -> PAUSED; returns when every vCPU is parked with its exit completed."""
         with self._cond:
-            if self._state is not RunState.RUNNING:
-                raise InvalidStateError("pause", self._state)
-            self._gate_closed = True
-            for vcpu in self.vcpus:
-                vcpu.kvm_run.immediate_exit = 1
-            self._kick_all()
-            # A kick that lands just before KVM_RUN is caught by immediate_exit; waiting
-            # with a short timeout only re-checks, it never re-kicks a parked thread.
-            while len(self._parked) < len(self._threads) and self._state is RunState.RUNNING:
-                self._cond.wait(0.05)
-            if self._state is not RunState.RUNNING:  # the guest stopped meanwhile
-                raise InvalidStateError("pause", self._state)
-            # pause drains: every request a device took has completed, used entry written
-            self.devices.quiesce()
-            self._freeze_clock()
-            change = self._set_state(RunState.PAUSED)
+            while self._pausing:  # another caller's pause is under way: it decides
+                self._cond.wait()
+            self._begin_pause_locked()
+            try:
+                # A kick that lands just before KVM_RUN is caught by immediate_exit; waiting
+                # with a short timeout only re-checks, it never re-kicks a parked thread.
+                while (change := self._finish_pause_locked()) is None:
+                    self._cond.wait(0.05)
+            finally:
+                self._pausing = False
+                self._cond.notify_all()
         self._notify(change)
 
+    def begin_pause(self, wake: Callable[[], None], *, within: float = 0.0) -> bool:
+        """Start RUNNING -> PAUSED without blocking for long: close the gate, kick the
+        vCPUs, and wait at most ``within`` seconds for them to park.
+
+        For a caller that must not block (the control server's event loop): True when the
+        machine is PAUSED already; else ``wake`` is called once, from a vCPU thread (it
+        must not block, and runs with the machine's lock held), when :meth:`finish_pause`
+        can tell the outcome. Raises InvalidStateError unless RUNNING (or while another
+        caller's pause is under way).
+
+        A vCPU in guest mode leaves KVM_RUN and parks some tens of microseconds after its
+        kick: a short ``within`` lets the last one hand over straight to this thread (a
+        futex wakeup) instead of through ``wake`` and the caller's event loop, while a
+        vCPU that cannot stop soon (in the kernel on a userfault, say) still costs the
+        caller no more than ``within``.
+        """
+        with self._cond:
+            if self._pausing:
+                raise InvalidStateError("pause", self._state)
+            self._begin_pause_locked()
+            if within > 0 and len(self._parked) < len(self._threads):
+                deadline = time.monotonic() + within
+                while len(self._parked) < len(self._threads) and self._state is RunState.RUNNING:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+        return self.finish_pause(wake)
+
+    def finish_pause(self, wake: Callable[[], None]) -> bool:
+        """Finish the pause :meth:`begin_pause` began: True once PAUSED (and the listeners
+        told); False when a vCPU is not parked yet (``wake`` is called once when it is).
+        Raises InvalidStateError when the guest stopped meanwhile."""
+        with self._cond:
+            if not self._pausing:
+                raise InvalidStateError("pause", self._state)
+            try:
+                change = self._finish_pause_locked()
+            except BaseException:
+                self._pausing = False
+                self._cond.notify_all()
+                raise
+            if change is None:
+                self._pause_waker = wake
+                return False
+            self._pausing = False
+            self._cond.notify_all()
+        self._notify(change)
+        return True
+
+    def _begin_pause_locked(self) -> None:
+        if self._state is not RunState.RUNNING:
+            raise InvalidStateError("pause", self._state)
+        self._pausing = True
+        self._gate_closed = True
+        for vcpu in self.vcpus:
+            vcpu.kvm_run.immediate_exit = 1
+        self._kick_all()
+
+    def _finish_pause_locked(self) -> StateChange | None:
+        """The pause's change once every vCPU is parked; None before; raises if the guest
+        stopped meanwhile."""
+        if self._state is not RunState.RUNNING:  # the guest stopped meanwhile
+            raise InvalidStateError("pause", self._state)
+        if len(self._parked) < len(self._threads):
+            return None
+        self._pause_waker = None
+        # pause drains: every request a device took has completed, its used entry written
+        self.devices.quiesce()
+        self._freeze_clock()
+        return self._set_state(RunState.PAUSED)
+
     def resume(self) -> None:
-        """PAUSED -> RUNNING: each vCPU continues exactly where it stopped."""
+        """PAUSED -> RUNNING: each vCPU continues exactly where it stopped.
+
+        Returns once the state is RUNNING and every vCPU thread has been woken; it does
+        not wait for them to re-enter KVM_RUN (nothing could go wrong there that a reply
+        could report: a vCPU that fails later stops the machine and says so)."""
         with self._cond:
             if self._state is not RunState.PAUSED:
                 raise InvalidStateError("resume", self._state)
@@ -307,7 +387,7 @@ class Machine:
                 vcpu.kvm_run.immediate_exit = 0
             self._gate_closed = False
             change = self._set_state(RunState.RUNNING)
-            self._cond.notify_all()
+            self._release_vcpus_locked()
         self._notify(change)
 
     def wait_stopped(self, timeout: float | None = None) -> RunState:
@@ -423,12 +503,28 @@ class Machine:
                     signal.pthread_kill(ident, KICK_SIGNAL)
 
     def _note_parked(self, thread: VcpuThread, parked: bool) -> None:
-        # called with self._cond held
+        # called with the lock held
         if parked:
             self._parked.add(thread.vcpu.id)
             self._cond.notify_all()
+            if len(self._parked) == len(self._threads):  # the last one: the pause is done
+                self._wake_pauser()
         else:
             self._parked.discard(thread.vcpu.id)
+
+    def _wake_pauser(self) -> None:
+        # with the lock held
+        waker, self._pause_waker = self._pause_waker, None
+        if waker is not None:
+            try:
+                waker()
+            except Exception:  # a vCPU thread must not die of its pauser's failure
+                log.exception("pause waker failed")
+
+    def _release_vcpus_locked(self) -> None:
+        """Wake every parked vCPU thread to look at the gate again."""
+        for thread in self._threads:
+            thread.wake()
 
     def _guest_stopped(self, thread: VcpuThread, stop: GuestStopped) -> None:
         """A vCPU hit power-off or a fatal exit: stop the whole machine, keep the process."""
@@ -452,6 +548,7 @@ class Machine:
                 vcpu.kvm_run.immediate_exit = 1
         self._kick_all()
         self._cond.notify_all()
+        self._release_vcpus_locked()
 
     @contextlib.contextmanager
     def _vcpus_held(self) -> Iterator[None]:
@@ -480,7 +577,7 @@ class Machine:
                     self.devices.resume()
                     for vcpu in self.vcpus:
                         vcpu.kvm_run.immediate_exit = 0
-                    self._cond.notify_all()
+                    self._release_vcpus_locked()
 
     def _copy_ram_off_file(self, deadline: float) -> None:
         """A writer is about to change the snapshot file guest RAM is mapped from (its read
@@ -535,6 +632,8 @@ class Machine:
         change = StateChange(self._state, new, self._stop_reason)
         self._state = new
         self._cond.notify_all()
+        if new is not RunState.RUNNING:
+            self._wake_pauser()  # a pause under way fails (the guest stopped)
         return change
 
     def _notify(self, change: StateChange) -> None:

@@ -74,8 +74,23 @@ class Pausable(Protocol):
         Raises InvalidStateError unless RUNNING. Call it from a worker thread.
         """
 
+    def begin_pause(self, wake: Callable[[], None], *, within: float = 0.0) -> bool:
+        """RUNNING -> PAUSED without blocking for long (for an event loop): close the
+        gate, kick the vCPUs, wait at most ``within`` seconds for them to park. True when
+        PAUSED already; else ``wake`` is called once, from another thread and without
+        blocking, when :meth:`finish_pause` can tell the outcome. Raises
+        InvalidStateError unless RUNNING."""
+        ...
+
+    def finish_pause(self, wake: Callable[[], None]) -> bool:
+        """The pause :meth:`begin_pause` began: True once PAUSED; False while a vCPU is not
+        parked yet (``wake`` is called once when it is). Raises InvalidStateError when
+        the guest stopped meanwhile."""
+        ...
+
     def resume(self) -> None:
-        """PAUSED -> RUNNING. Raises InvalidStateError unless PAUSED."""
+        """PAUSED -> RUNNING without blocking: every vCPU is let go (it does not wait for
+        them to re-enter KVM_RUN). Raises InvalidStateError unless PAUSED."""
 
     def close(self) -> None:
         """Stop every vCPU thread and release KVM resources (-> DESTROYED). Idempotent."""

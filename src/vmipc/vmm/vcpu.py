@@ -150,8 +150,10 @@ class GuestStopped(VmipcError):
 class VcpuThread:
     """Runs one vCPU in its own thread and parks it outside KVM_RUN on request.
 
-    The machine owns the gate (``gate_closed``) and the condition variable; this class only
-    runs the loop. A pending I/O or MMIO exit is always completed by one more KVM_RUN
+    The machine owns the gate (``gate_closed``) and the lock; ``cond`` is this thread's own
+    condition over that lock, which :meth:`wake` notifies when the gate may have opened
+    (one wakeup per vCPU, none when another vCPU parks or the run state changes). This
+    class only runs the loop. A pending I/O or MMIO exit is always completed by one more KVM_RUN
     (which returns at once with ``immediate_exit`` set) before the vCPU parks, so a
     parked vCPU's state is complete.
     """
@@ -180,6 +182,10 @@ class VcpuThread:
 
     def start(self) -> None:
         self.thread.start()
+
+    def wake(self) -> None:
+        """Let a parked thread look at the gate again (the caller holds the lock)."""
+        self._cond.notify()
 
     def _main(self) -> None:
         try:
