@@ -76,9 +76,48 @@ def run_sequence(prog: str, main: Callable[[], Awaitable[T]]) -> tuple[int, T | 
         return EXIT_USAGE, None
 
 
-def print_report(report: Any, as_json: bool, lines: Callable[[dict[str, Any]], list[str]]) -> None:
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--json`` (the whole report, its timeline included) and ``--timeline``."""
+    parser.add_argument(
+        "--json", action="store_true", help="print the report as JSON (with its timeline)"
+    )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="print every step with its start and duration (ms since the start) and the "
+        "time the VMM reported running its requests (VMM ms: protocol 1.8, else -)",
+    )
+
+
+def timeline_lines(timeline: list[dict[str, Any]]) -> list[str]:
+    """The report's timeline as an aligned table; the concurrent sides of a transfer are
+    indented under the step that made it."""
+    width = max([len(t["name"]) + (2 if t["within"] else 0) for t in timeline] + [4])
+    phases = max([len(t["phase"]) for t in timeline] + [5])
+    lines = [f"  {'PHASE':{phases}} {'STEP':{width}} {'START':>9} {'MS':>9} {'VMM MS':>9}"]
+    for t in timeline:
+        name = f"  {t['name']}" if t["within"] else t["name"]
+        ran = [s["ran_s"] for s in t["server"]]
+        vmm = f"{sum(ran) * 1000:9.3f}" if ran else f"{'-':>9}"
+        lines.append(
+            f"  {t['phase']:{phases}} {name:{width}} {t['start_s'] * 1000:9.3f} "
+            f"{t['duration_s'] * 1000:9.3f} {vmm}"
+        )
+    return lines
+
+
+def print_report(
+    report: Any,
+    as_json: bool,
+    lines: Callable[[dict[str, Any]], list[str]],
+    timeline: bool = False,
+) -> None:
     data = as_dict(report)
     if as_json:
         print(json.dumps(data, indent=2))
-    else:
-        print("\n".join(lines(data)))
+        return
+    out = lines(data)
+    if timeline:
+        out += ["timeline   (ms since the start; VMM MS: the VMM's own time for the step)"]
+        out += timeline_lines(data["timeline"])
+    print("\n".join(out))

@@ -1,9 +1,9 @@
 """``vmipc checkpoint`` and ``vmipc suspend``: a VM's full snapshot in one file.
 
     vmipc checkpoint [--socket PATH] FILE [--track | --incremental --parent PARENT]
-                     [--leave-paused] [--no-verify] [--lease SECONDS] [--json]
+                     [--leave-paused] [--no-verify] [--lease SECONDS] [--json] [--timeline]
     vmipc suspend    [--socket PATH] FILE [--incremental --parent PARENT] [--no-verify]
-                     [--lease SECONDS] [--json]
+                     [--lease SECONDS] [--json] [--timeline]
 
 The file is written under a temporary name in FILE's directory and renamed into place
 once complete, checked and fsynced: FILE is either the previous file or the whole new
@@ -25,6 +25,7 @@ from typing import Any
 from vmipc.cli import EXIT_USAGE
 from vmipc.cli._sequence import (
     add_lease_argument,
+    add_output_arguments,
     add_socket_argument,
     lease_of,
     print_report,
@@ -95,7 +96,7 @@ def add_parser(subparsers: Any) -> None:
             help="do not read the file back to check every checksum before publishing it",
         )
         add_lease_argument(parser, "the VM's pause")
-        parser.add_argument("--json", action="store_true", help="print the report as JSON")
+        add_output_arguments(parser)
         parser.set_defaults(run=run, _sequence=name)
 
 
@@ -160,5 +161,5 @@ def run(args: argparse.Namespace) -> int:
 
     code, report = run_sequence(prog, main)
     if report is not None:
-        print_report(report, args.json, _lines)
+        print_report(report, args.json, _lines, args.timeline)
     return code

@@ -1,7 +1,8 @@
 """``vmipc migrate``: live-migrate a running VM (pre-copy) to another VMM.
 
     vmipc migrate [--socket SRC] --to DST_SOCKET|tcp:HOST:PORT [--max-downtime MS]
-                  [--max-rounds N] [--timeout SECONDS] [--force] [--lease SECONDS] [--json]
+                  [--max-rounds N] [--timeout SECONDS] [--force] [--lease SECONDS]
+                  [--json] [--timeline]
 
 DST_SOCKET is the control socket of a local ``vmipc vmm --incoming --memory M --vcpus N``;
 ``tcp:HOST:PORT`` is a ``vmipc receive --listen HOST:PORT`` on another host. Memory goes
@@ -21,7 +22,6 @@ gave up (one line says which VM runs); 2 bad usage; 3 a VMM cannot be reached.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 from vmipc.cli import EXIT_FAILED, EXIT_USAGE
 from vmipc.cli._sequence import (
     add_lease_argument,
+    add_output_arguments,
     add_socket_argument,
     lease_of,
     print_report,
@@ -42,7 +43,6 @@ from vmipc.sequences import (
     MigrationNotConverged,
     MigrationPolicy,
     MigrationReport,
-    as_dict,
     migrate_local,
 )
 
@@ -94,7 +94,7 @@ def add_parser(subparsers: Any) -> None:
         help="when it does not converge, stop the source anyway instead of giving up",
     )
     add_lease_argument(parser, "the source's pause")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_output_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -179,8 +179,5 @@ def run(args: argparse.Namespace) -> int:
         report = gave_up[0]
         code = EXIT_FAILED
     if report is not None:
-        if args.json:
-            print(json.dumps(as_dict(report), indent=2))
-        else:
-            print_report(report, False, _lines)
+        print_report(report, args.json, _lines, args.timeline)
     return code

@@ -1,7 +1,7 @@
 """``vmipc restore``: restore a snapshot file into an incoming VMM.
 
     vmipc restore [--socket PATH] FILE [--parent FILE]... [--chain-dir DIR] [--paused]
-                  [--quit-on-failure] [--json]
+                  [--quit-on-failure] [--json] [--timeline]
 
 The VMM is one started with ``vmipc vmm --incoming --socket PATH`` (no --memory/--vcpus
 needed: the machine is built from the file). Sends load-memory and load-state (both with
@@ -18,7 +18,13 @@ import argparse
 from typing import Any
 
 from vmipc.cli import EXIT_USAGE
-from vmipc.cli._sequence import add_socket_argument, print_report, run_sequence, socket_path
+from vmipc.cli._sequence import (
+    add_output_arguments,
+    add_socket_argument,
+    print_report,
+    run_sequence,
+    socket_path,
+)
 from vmipc.client import open_client
 from vmipc.sequences import RestoreReport, restore_into
 
@@ -55,7 +61,7 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="tell the incoming VMM to quit when the restore fails",
     )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_output_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -86,5 +92,6 @@ def run(args: argparse.Namespace) -> int:
                 f"vm         {d['vm']}",
                 f"total      {d['total_s'] * 1000:.1f} ms",
             ],
+            args.timeline,
         )
     return code

@@ -47,6 +47,7 @@ from vmipc.sequences._net import (
     receive,
 )
 from vmipc.sequences._restore import RestoreReport, restore_into, restore_into_blocking
+from vmipc.sequences._steps import ServerTime, StepTiming
 
 # the offline file tools, re-exported here as before (their home is vmipc.snapshots)
 from vmipc.snapshots import (
@@ -84,7 +85,9 @@ __all__ = [
     "RestoreReport",
     "Round",
     "SequenceError",
+    "ServerTime",
     "SnapshotReport",
+    "StepTiming",
     "TcpDestination",
     "Then",
     "TransferError",

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 import trio
@@ -55,7 +55,7 @@ from vmipc.sequences._memory import (
     check_tracking,
     dirty_epoch,
 )
-from vmipc.sequences._steps import Steps, nothing_done
+from vmipc.sequences._steps import Steps, StepTiming, nothing_done, observe_replies
 from vmipc.snapshots import (
     PRODUCER,
     PendingFile,
@@ -131,6 +131,8 @@ class SnapshotReport:
     #: the dirty-log epoch the snapshot records (its ``dirty-log`` section): an
     #: incremental checkpoint may follow it while the VMM is still in this epoch
     dirty_epoch: str | None = None
+    #: every step as it ran, in order (docs/sequences.md#timelines)
+    timeline: tuple[StepTiming, ...] = field(default=())
 
 
 #: what a pause lease that ended during the dumps spoils
@@ -170,7 +172,8 @@ async def checkpoint(
     checkpoint must be a full one.
     """
     run = _Checkpoint(client, path, then=then, verify=verify, producer=producer, lease=lease)
-    return await run.run(mode)
+    async with observe_replies(run.steps, client):
+        return await run.run(mode)
 
 
 async def suspend(
@@ -234,29 +237,37 @@ class _Checkpoint:
         return self.file.path
 
     async def run(self, mode: CheckpointMode) -> SnapshotReport:
+        during = self.steps.during
         async with self.steps.phase(nothing_done):
-            status = await self._query_status()
-            self.memory = await self._memory_for(mode, status)
+            with during("prepare"):
+                status = await self._query_status()
+                self.memory = await self._memory_for(mode, status)
         self.header = self.memory.header(self.producer)
         # the guest runs (a live checkpoint copies RAM meanwhile). The file first: what can
         # fail before the pause does, and the guest never stops for a file it cannot have
         async with self.steps.phase(self._abandon):
-            async with self.steps.step("create the file"):
-                self.create_file()
-            await self.memory.before_pause(self)
-        await self._pause(status["state"] == "running")
+            with during("before pause"):
+                async with self.steps.step("create the file"):
+                    self.create_file()
+                await self.memory.before_pause(self)
+        with during("paused"):
+            await self._pause(status["state"] == "running")
         # the guest is paused. Pipelined requests plug in at _dump: dump-state and the
         # memory part could be sent without waiting for each other's reply
         async with self.steps.phase(self._roll_back):
-            await self._while_paused()
-            downtime = await self._resume()
-            await self.memory.after_resume(self)
-            size = await self.lease.keep_while(self._publish)
-            self.file.close()
+            with during("paused"):
+                await self._while_paused()
+                downtime = await self._resume()
+            # a suspend (or --leave-paused) keeps the VM paused to the end
+            with during("after resume" if self.resumed else "paused"):
+                await self.memory.after_resume(self)
+                size = await self.lease.keep_while(self._publish)
+                self.file.close()
         # the snapshot is complete under its final name
         vm = "running" if self.resumed else "paused"
         if self.then == "quit":
-            downtime = await self._quit()
+            with during("paused"):
+                downtime = await self._quit()
             vm = "quit"
         return self._report(size, vm, downtime)
 
@@ -353,7 +364,8 @@ class _Checkpoint:
 
             async with self.steps.phase(runs_on), self.steps.step("release-lease"):
                 await self.lease.prove(release=True, lost=SNAPSHOT_LEASE_LOST)
-        _, error = await best_effort(self.client.quit)
+        async with self.steps.step("quit"):
+            _, error = await best_effort(self.client.quit)
         if error is not None:
             raise SequenceError(
                 "quit", error, f"the snapshot is complete at {self.path}; the VM is still paused"
@@ -420,6 +432,7 @@ class _Checkpoint:
             tracking=self.memory.track,
             incremental_pages=self.memory.pages,
             dirty_epoch=self.dirty.epoch if self.memory.records_epoch else None,
+            timeline=self.steps.timeline(),
         )
 
 

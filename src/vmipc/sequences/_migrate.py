@@ -67,7 +67,8 @@ from vmipc.sequences._common import (
     state_of,
     supports,
 )
-from vmipc.sequences._steps import StepHook, Steps
+from vmipc.sequences._steps import StepHook, Steps, StepTiming, observe_replies
+from vmipc.sequences._steps import side as timed_side
 
 #: a building-block call that writes into the fd it is given and returns its result
 Send = Callable[[int], Awaitable[Mapping[str, Any]]]
@@ -160,6 +161,8 @@ class MigrationReport:
     state_bytes: int
     round_details: list[Round] = field(default_factory=list)
     reason: str | None = None
+    #: every step as it ran, in order (docs/sequences.md#timelines)
+    timeline: tuple[StepTiming, ...] = ()
 
 
 class MigrationNotConverged(SequenceError):
@@ -205,7 +208,8 @@ async def run_transfer(
         cancel: trio.CancelScope,
     ) -> None:
         try:
-            results[name] = await call(fd)
+            with timed_side("source" if name == "source" else "destination"):
+                results[name] = await call(fd)
         except Exception as exc:
             errors[name] = exc
             cancel.cancel()
@@ -425,8 +429,11 @@ async def migrate(
     that a VMM busy answering monitors neither slows the pre-copy nor lengthens the
     downtime.
     """
-    async with going_first(source):
-        return await _Migration(source, dest, policy, lease, Steps(on_step)).run()
+    steps = Steps(on_step)
+    # the destination's VMM too, when this client talks to it (a local destination)
+    observing = observe_replies(steps, source, getattr(dest, "client", None))
+    async with observing, going_first(source):
+        return await _Migration(source, dest, policy, lease, steps).run()
 
 
 class _Migration:
@@ -454,24 +461,31 @@ class _Migration:
         self.paused_at = self.started
 
     async def run(self) -> MigrationReport:
-        memory_size, vcpus = await self._check_source()
-        await self._prepare(memory_size, vcpus)
+        during = self.steps.during
+        with during("prepare"):
+            memory_size, vcpus = await self._check_source()
+            await self._prepare(memory_size, vcpus)
         # the guest runs at the source
-        reason = await self._precopy()
+        with during("precopy"):
+            reason = await self._precopy()
         if reason is not None and not self.policy.force:
             raise await self._give_up(reason)
         # the guest is paused. Post-copy plugs in here: the destination would resume
         # right after the state, before the last pages, and fetch them on demand in a
         # phase of its own after the switch-over
-        await self._stop_and_copy()
-        await self._switch_over()
+        with during("paused"):
+            await self._stop_and_copy()
+        with during("switch-over"):
+            await self._switch_over()
         # the guest runs at the destination
-        return await self._finish()
+        with during("finish"):
+            return await self._finish()
 
     # --- the phases, in order ----------------------------------------------------------
 
     async def _check_source(self) -> tuple[int, int]:
-        status = await self.source.query_status()
+        async with self.steps.step("query-status"):
+            status = await self.source.query_status()
         if status["state"] != "running":
             raise SequenceError(
                 "query-status", f"the source is {status['state']}, not running", "nothing was done"
@@ -663,6 +677,7 @@ class _Migration:
             state_bytes=self.state_bytes,
             round_details=self.rounds,
             reason=reason,
+            timeline=self.steps.timeline(),
         )
 
 

@@ -16,7 +16,7 @@ import trio
 
 from vmipc.client import Client, open_client
 from vmipc.sequences._common import SequenceError, best_effort, describe
-from vmipc.sequences._steps import Steps
+from vmipc.sequences._steps import Steps, StepTiming, observe_replies
 from vmipc.snapshots import ChainError, ChainLink, resolve_chain, verify_links
 
 
@@ -29,6 +29,8 @@ class RestoreReport:
     total_s: float
     #: the files loaded, base first (one for a full snapshot)
     chain: list[str] = field(default_factory=list)
+    #: every step as it ran, in order (docs/sequences.md#timelines)
+    timeline: tuple[StepTiming, ...] = ()
 
 
 async def restore_into(
@@ -57,7 +59,7 @@ async def restore_into(
     ``discard_on_failure`` the incoming VMM is also told to quit.
     """
     started = time.monotonic()
-    steps = Steps()
+    steps = Steps(phase="restore")
 
     async def not_started(exc: BaseException) -> str:
         outcome = "the incoming VM was not started"
@@ -70,7 +72,7 @@ async def restore_into(
             )
         return outcome
 
-    async with steps.phase(not_started):
+    async with observe_replies(steps, client), steps.phase(not_started):
         async with steps.step("query-status"):
             status = await client.query_status()
             if status["state"] != "incoming":
@@ -92,6 +94,7 @@ async def restore_into(
         memory_size=loaded["memory_size"],
         total_s=time.monotonic() - started,
         chain=[link.path for link in chain],
+        timeline=steps.timeline(),
     )
 
 
