@@ -1,4 +1,4 @@
-"""Typed command methods and result types, generated from the schema (version 1.7).
+"""Typed command methods and result types, generated from the schema (version 1.8).
 
 Do not edit: run ``python tools/gencode.py``.
 """
@@ -10,7 +10,7 @@ from typing import Any, Literal, TypedDict, cast
 
 from vmipc.client._common import FdLike, ProgressCallback
 
-SCHEMA_VERSION = "1.7"
+SCHEMA_VERSION = "1.8"
 
 
 class HelloResultServer(TypedDict):
@@ -45,7 +45,9 @@ class HelloResult(TypedDict):
     """The result of ``hello``."""
 
     protocol: str
-    """The negotiated protocol version, `major.minor`."""
+    """The negotiated protocol version, `major.minor`: with `minor` (1.8), the lower of the client's
+    and the server's minor; without, the server's.
+    """
     server: HelloResultServer
     """Who answered."""
     commands: list[str]
@@ -317,20 +319,28 @@ class AsyncCommands:
     ) -> Any:
         raise NotImplementedError
 
-    async def hello(self, *, versions: list[int], client: str = "") -> HelloResult:
+    async def hello(
+        self,
+        *,
+        versions: list[int],
+        client: str = "",
+        minor: int | None = None,
+    ) -> HelloResult:
         """The handshake: the first request on every connection. Negotiates the protocol version
         (the highest major both sides speak) and returns the server's identity, its catalogue of
         command and event names, its capabilities and its limits. Until it succeeds every other
-        request gets ``handshake-required``.
+        request gets ``handshake-required``. From 1.8 a client names its ``minor`` version too.
 
         Allowed in states: any. Since protocol 1.0.
         Errors: unsupported-version, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {"versions": versions}
         if client != "":
             args["client"] = client
+        if minor is not None:
+            args["minor"] = minor
         return cast(HelloResult, await self.call("hello", **args))
 
     async def query_commands(self) -> dict[str, Any]:
@@ -341,7 +351,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(dict[str, Any], await self.call("query-commands"))
 
@@ -353,7 +363,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(SubscribeResult, await self.call("subscribe", events=events))
 
@@ -366,7 +376,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(CancelResult, await self.call("cancel", request=request))
 
@@ -376,7 +386,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(QueryStatusResult, await self.call("query-status"))
 
@@ -394,7 +404,7 @@ class AsyncCommands:
         Allowed in states: running. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if lease is not None:
@@ -407,7 +417,7 @@ class AsyncCommands:
         Allowed in states: paused. Since protocol 1.0.
         Errors: invalid-state, damaged, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error, not-permitted).
+        shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast(ResumeResult, await self.call("resume"))
 
@@ -419,7 +429,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.3.
         Errors: no-lease, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if lease is not None:
@@ -436,7 +446,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.3.
         Errors: no-lease, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(ReleaseLeaseResult, await self.call("release-lease"))
 
@@ -453,7 +463,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.4.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(ClaimPriorityResult, await self.call("claim-priority"))
 
@@ -464,7 +474,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.4.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(ReleasePriorityResult, await self.call("release-priority"))
 
@@ -475,7 +485,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(QuitResult, await self.call("quit"))
 
@@ -503,7 +513,7 @@ class AsyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error, not-permitted).
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -528,7 +538,7 @@ class AsyncCommands:
         Allowed in states: paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error, not-permitted).
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "blob":
@@ -543,7 +553,7 @@ class AsyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(DirtyLogStartResult, await self.call("dirty-log-start"))
 
@@ -553,7 +563,7 @@ class AsyncCommands:
         Allowed in states: crashed, paused, running, shutdown. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(DirtyLogStopResult, await self.call("dirty-log-stop"))
 
@@ -564,7 +574,7 @@ class AsyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, dirty-log-off, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error, not-permitted).
+        shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast(QueryDirtyResult, await self.call("query-dirty"))
 
@@ -593,7 +603,7 @@ class AsyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, dirty-log-moved,
         bad-snapshot, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -627,7 +637,7 @@ class AsyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
         not-configured, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -655,7 +665,7 @@ class AsyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
         the common errors (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         result = await self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
         return cast(ApplyPagesResult, result)
@@ -675,7 +685,7 @@ class AsyncCommands:
         Allowed in states: incoming. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-state, bad-snapshot, and the
         common errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
-        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
+        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "blob":
@@ -697,20 +707,28 @@ class SyncCommands:
     ) -> Any:
         raise NotImplementedError
 
-    def hello(self, *, versions: list[int], client: str = "") -> HelloResult:
+    def hello(
+        self,
+        *,
+        versions: list[int],
+        client: str = "",
+        minor: int | None = None,
+    ) -> HelloResult:
         """The handshake: the first request on every connection. Negotiates the protocol version
         (the highest major both sides speak) and returns the server's identity, its catalogue of
         command and event names, its capabilities and its limits. Until it succeeds every other
-        request gets ``handshake-required``.
+        request gets ``handshake-required``. From 1.8 a client names its ``minor`` version too.
 
         Allowed in states: any. Since protocol 1.0.
         Errors: unsupported-version, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {"versions": versions}
         if client != "":
             args["client"] = client
+        if minor is not None:
+            args["minor"] = minor
         return cast(HelloResult, self.call("hello", **args))
 
     def query_commands(self) -> dict[str, Any]:
@@ -721,7 +739,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(dict[str, Any], self.call("query-commands"))
 
@@ -733,7 +751,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(SubscribeResult, self.call("subscribe", events=events))
 
@@ -746,7 +764,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(CancelResult, self.call("cancel", request=request))
 
@@ -756,7 +774,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(QueryStatusResult, self.call("query-status"))
 
@@ -774,7 +792,7 @@ class SyncCommands:
         Allowed in states: running. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if lease is not None:
@@ -787,7 +805,7 @@ class SyncCommands:
         Allowed in states: paused. Since protocol 1.0.
         Errors: invalid-state, damaged, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error, not-permitted).
+        shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast(ResumeResult, self.call("resume"))
 
@@ -799,7 +817,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.3.
         Errors: no-lease, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if lease is not None:
@@ -816,7 +834,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.3.
         Errors: no-lease, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(ReleaseLeaseResult, self.call("release-lease"))
 
@@ -833,7 +851,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.4.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(ClaimPriorityResult, self.call("claim-priority"))
 
@@ -844,7 +862,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.4.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(ReleasePriorityResult, self.call("release-priority"))
 
@@ -855,7 +873,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(QuitResult, self.call("quit"))
 
@@ -883,7 +901,7 @@ class SyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error, not-permitted).
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -908,7 +926,7 @@ class SyncCommands:
         Allowed in states: paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error, not-permitted).
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "blob":
@@ -923,7 +941,7 @@ class SyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(DirtyLogStartResult, self.call("dirty-log-start"))
 
@@ -933,7 +951,7 @@ class SyncCommands:
         Allowed in states: crashed, paused, running, shutdown. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(DirtyLogStopResult, self.call("dirty-log-stop"))
 
@@ -944,7 +962,7 @@ class SyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, dirty-log-off, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error, not-permitted).
+        shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast(QueryDirtyResult, self.call("query-dirty"))
 
@@ -973,7 +991,7 @@ class SyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, dirty-log-moved,
         bad-snapshot, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -1007,7 +1025,7 @@ class SyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
         not-configured, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -1035,7 +1053,7 @@ class SyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
         the common errors (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         result = self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
         return cast(ApplyPagesResult, result)
@@ -1055,7 +1073,7 @@ class SyncCommands:
         Allowed in states: incoming. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-state, bad-snapshot, and the
         common errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
-        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
+        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "blob":
