@@ -6,15 +6,17 @@ connection never runs; the per-connection limits hold for waiting requests."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
 
 from tests.control_support import RawConnection
-from tests.seq_support import VmmProcess, vmm_processes, wait_for
+from tests.seq_support import VmmProcess, vmipc, vmm_processes, wait_for
 from vmipc.client import (
     Call,
     CommandError,
@@ -62,7 +64,7 @@ def drain(fd: int) -> int:
     return total
 
 
-def test_a_chain_runs_in_order_and_every_reply_says_what_it_took(tmp_path: object) -> None:
+def test_a_chain_runs_in_order_and_every_reply_says_what_it_took() -> None:
     with guest() as vmm, SyncClient(vmm.socket, timeout=20) as client:
         assert client.protocol_version == "1.8" and client.supports_ordered
         seen: list[tuple[str, ServerTiming]] = []
@@ -310,3 +312,46 @@ def test_events_are_not_mistaken_for_replies() -> None:
         assert kinds == {"paused", "running"}
         assert not any(isinstance(m, Event) and m.event != "state-change" for m in [])
         conn.close()
+
+
+def test_vmipc_call_sends_commands_separated_by_double_dashes_as_one_chain(
+    tmp_path: Path,
+) -> None:
+    with guest() as vmm:
+        state = tmp_path / "state.bin"
+        done = vmipc(
+            "call",
+            "--socket",
+            vmm.socket,
+            "pause",
+            "lease=5",
+            "--",
+            "dump-state",
+            "--fd",
+            f"out={state}",
+            "--",
+            "release-lease",
+            "--",
+            "query-status",
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("pause:\ndump-state:\n  bytes: ")
+        assert "release-lease:\nquery-status:\n  state: paused\n" in done.stdout
+        assert state.stat().st_size > 0
+        # the lease was released: closing the connection left the guest paused
+        assert vmm.state() == "paused"
+        done = vmipc(
+            "call", "--socket", vmm.socket, "--json", "pause", "--", "resume", "--", "resume"
+        )
+        assert done.returncode == 1
+        replies = json.loads(done.stdout)
+        assert [r["command"] for r in replies] == ["pause", "resume", "resume"]
+        assert replies[0]["error"]["code"] == "invalid-state"
+        assert replies[1]["error"]["code"] == "chain-broken"
+        assert replies[2]["error"]["details"]["failed"]["command"] == "pause"
+        assert "resume: chain-broken" in done.stderr
+        assert vmm.state() == "paused"
+        bad = vmipc("call", "--socket", vmm.socket, "resume", "--", "no-such-command")
+        assert bad.returncode == 2 and "no-such-command" in bad.stderr
+        assert vmm.state() == "paused"  # refused before anything was sent
+        assert vmipc("call", "--socket", vmm.socket, "resume").returncode == 0

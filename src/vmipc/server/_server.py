@@ -1092,9 +1092,11 @@ class _Connection:
         error = self._check_state(spec)
         if error is not None:
             return _MISSING, error
-        if entry.scope.cancel_called:
-            # cancelled (or its connection closed) while it waited, with no checkpoint
-            # since: it must not begin now (the shield below would let it run)
+        if entry.chain is not None and entry.scope.cancel_called:
+            # a chained request cancelled (or its connection closed) while it waited,
+            # with no checkpoint since: it must not begin now (the shield below would let
+            # it run). A plain request keeps its old behaviour: received before the
+            # close, not yet begun, it may still run (a late ``resume`` does)
             return _MISSING, None
         entry.started = True
         entry.began = trio.current_time()
