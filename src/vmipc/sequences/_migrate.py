@@ -67,6 +67,7 @@ from vmipc.client import (
     ConnectionClosed,
     OrderedCall,
     open_client,
+    server_timing,
 )
 from vmipc.errors import VmipcError
 from vmipc.protocol import ProtocolError, UntrustedServer
@@ -627,6 +628,7 @@ class _Migration:
                                 Call("load-state", fds={"in": state_in}),
                             ]
                         )
+                        sent = time.monotonic()
                         dumps = await source.send_ordered(
                             [
                                 Call("pause", lease=self.lease) if leased else Call("pause"),
@@ -634,8 +636,15 @@ class _Migration:
                                 Call("dump-state", fds={"out": state_out}),
                             ]
                         )
-                        await dumps[0].result()
+                        paused = await dumps[0].result()
+                    # the downtime starts when the guest stopped, not when we heard of it:
+                    # the source went on with the dumps meanwhile and its reply may come
+                    # late (its worker threads compete with its event loop). The server's
+                    # timing says when, counted from the send (an upper bound)
                     self.paused_at = time.monotonic()
+                    took = server_timing(paused)
+                    if took is not None:
+                        self.paused_at = min(self.paused_at, sent + took.queued + took.ran)
                     lease = PauseLease(source, self.lease if leased else None)
 
                     async def last_pages_and_state() -> None:
