@@ -162,7 +162,9 @@ def test_a_migrating_client_killed_in_the_stop_and_copy_leaves_the_source_runnin
         assert proc.returncode == -9
         # the source was paused (with its lease) when the client died: it runs again
         wait_for(lambda: src.state() == "running", timeout=5, what="the source resuming")
-        assert dst.state() == "incoming"
+        # incoming, or paused once its state was loaded: with ordered chains (1.8) its
+        # loads run without waiting for the client. Never running: only a resume runs it
+        assert dst.state() in ("incoming", "paused")
         assert running_count(src, dst) == 1
         src.wait_for_passes(max(src.passes().values()) + 2)
         check_continuation(src.text(), "")

@@ -94,7 +94,7 @@ def test_client_and_server_converse() -> None:
     rid, data = client.send_request("hello", {"versions": [1]})
     [ev] = server.receive_data(data)
     assert isinstance(ev, RequestReceived)
-    assert ev.args == {"versions": [1], "client": ""}
+    assert ev.args == {"versions": [1], "client": "", "minor": None}
     [reply] = client.receive_data(server.send_result(rid, hello_result()))
     assert reply == Result(rid, hello_result())
     rid, data = client.send_request("query-status")

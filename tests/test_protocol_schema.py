@@ -152,7 +152,7 @@ def test_check_value_closed_map_names_the_path() -> None:
 
 def test_validate_args_fills_defaults_and_names_the_culprit() -> None:
     hello = load_schema().commands["hello"]
-    assert validate_args(hello, {"versions": [1]}) == {"versions": [1], "client": ""}
+    assert validate_args(hello, {"versions": [1]}) == {"versions": [1], "client": "", "minor": None}
     for args, where, problem in [
         ({}, "versions", "missing"),
         ({"versions": [1], "bogus": 1}, "bogus", "unknown"),

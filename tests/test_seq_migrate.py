@@ -4,6 +4,7 @@ policy; faults at every step leave exactly one VM running."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -395,3 +396,87 @@ def test_a_vmm_that_cannot_be_reached_is_named_with_its_side(tmp_path: Path) -> 
         done = vmipc("migrate", "--socket", nowhere, "--to", src.socket)
         assert f"cannot reach the source VMM at {nowhere}: No such file" in done.stderr
         assert src.state() == "running"
+
+
+def test_a_dump_state_failing_inside_the_ordered_stop_and_copy_leaves_the_source_running() -> None:
+    """Both VMMs speak 1.8, so the stop-and-copy goes as two ordered chains. The source's
+    dump-state gets an fd it cannot write (a pipe's read end): it fails, the source's
+    chain stops there, the client stops waiting for the destination's load-state (which
+    cancels it), the source is resumed and the destination discarded: one VM runs, the
+    source, exactly continued."""
+    made: list[int] = []
+    armed = {"on": False}
+
+    def channel() -> tuple[int, int, Callable[[], None]]:
+        if armed["on"] and made:  # the stop-and-copy's second channel: the state's
+            r, w = os.pipe()
+            made.append(r)
+
+            def close() -> None:
+                for fd in (r, w):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+            return r, r, close  # dump-state gets a read end: not writable
+        left, right = socket.socketpair()
+        if armed["on"]:
+            made.append(left.fileno())
+
+        def close_pair() -> None:
+            left.close()
+            right.close()
+
+        return left.fileno(), right.fileno(), close_pair
+
+    def arm(at: str) -> None:
+        if at == "pause":
+            armed["on"] = True
+
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        dst = vmms.incoming()
+        src.wait_for_passes(2)
+        with SyncClient(src.socket) as a, SyncClient(dst.socket) as b:
+            assert a.supports_ordered and b.supports_ordered
+        with pytest.raises(SequenceError) as info:
+            trio.run(
+                lambda: migrate_with(
+                    src,
+                    dst,
+                    channel=channel,
+                    on_step=arm,
+                    max_downtime=0.0,
+                    max_rounds=1,
+                    force=True,
+                )
+            )
+        assert info.value.step == "state", info.value
+        assert "invalid-fds" in str(info.value), info.value
+        assert "runs" in info.value.outcome and "discarded" in info.value.outcome
+        assert len(made) == 2  # the chained path made both channels at the pause
+        assert running_count(src, dst) == 1
+        assert_stayed(src, dst, 256 << 10)
+
+
+@pytest.mark.parametrize("step", ["last dirty round", "state", "release-lease"])
+def test_the_migrating_client_killed_inside_the_ordered_stop_and_copy_leaves_one_vm_running(
+    step: str,
+) -> None:
+    """The chains were sent; the client dies while waiting for their replies: the source's
+    lease holder is gone, so its VMM resumes it (release-lease is never chained); the
+    destination, incoming or paused with the state loaded, never runs."""
+    import subprocess
+
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        dst = vmms.incoming()
+        src.wait_for_passes(2)
+        proc = subprocess.run(
+            [sys.executable, "-c", KILL_CLIENT, src.socket, dst.socket, step], timeout=30
+        )
+        assert proc.returncode == -9
+        wait_for(lambda: src.state() == "running", timeout=15, what="the source resuming")
+        assert dst.state() in ("incoming", "paused")
+        assert running_count(src, dst) == 1
+        src.wait_for_passes(max(src.passes().values()) + 2)
+        check_continuation(src.text(), "")

@@ -1,7 +1,7 @@
 """``vmipc call``: send one command to a VMM's control server.
 
     vmipc call [--socket PATH] [--json] [--timeout SECONDS] CMD [key=value ...]
-               [key:=JSON ...] [--fd NAME=PATH|- ...]
+               [key:=JSON ...] [--fd NAME=PATH|- ...] [-- CMD [key=value ...] ...]
     vmipc call [--socket PATH] --list
     vmipc call [--socket PATH] CMD --help
 
@@ -9,6 +9,10 @@ Arguments are typed from the server's catalogue (``query-commands``) and checked
 it before anything is sent. Exit codes: 0 success; 1 the server refused or failed the
 command; 2 bad usage or arguments; 3 the server cannot be reached or broke the
 connection; 130 interrupted. Errors are one line on standard error.
+
+Several commands separated by ``--`` are sent at once as one ordered chain (protocol
+1.8): the VMM runs them in order, each once the previous one succeeded, and answers
+``chain-broken`` for those after a failure.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import os
 import sys
 import textwrap
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from typing import Any, NoReturn, TextIO
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from vmipc.client import SyncClient
+from vmipc.client import Call, SyncClient
 from vmipc.errors import VmipcError
 from vmipc.protocol import (
     ClosedByPeer,
@@ -46,6 +51,7 @@ SOCKET_ENV = "VMIPC_SOCKET"
 USAGE = (
     "vmipc call [--socket PATH] [--json] [--timeout SECONDS] CMD [key=value ...] "
     "[key:=JSON ...] [--fd NAME=PATH|- ...]\n"
+    "                  [-- CMD [key=value ...] [--fd NAME=PATH|- ...] ...]\n"
     "       vmipc call [--socket PATH] --list\n"
     "       vmipc call [--socket PATH] CMD --help"
 )
@@ -60,6 +66,11 @@ arguments:
                 created/truncated) or reading (in fds); - passes this process's
                 stdout (out) or stdin (in), so `vmipc call CMD --fd out=- | zstd`
                 works. The result then goes to stderr.
+  -- CMD ...    more commands, sent at once as one ordered chain (protocol 1.8):
+                the VMM runs them in the order given, each once the previous one
+                succeeded; after a failure the rest answer chain-broken and do not
+                run. Each command takes its own key=value and --fd, e.g.
+                vmipc call pause lease=5 -- dump-state --fd out=st -- release-lease
 
 The socket is --socket, else ${SOCKET_ENV}.
 
@@ -104,18 +115,52 @@ def _configure(parser: argparse.ArgumentParser) -> None:
             "or - for this process's stdout (out) / stdin (in)"
         ),
     )
-    parser.add_argument("command", nargs="?", metavar="CMD", help="the command to send")
-    parser.add_argument("params", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    parser.set_defaults(run=run, _parser=parser)
+    # one REMAINDER for CMD and what follows: argparse would drop a "--" right after a
+    # positional CMD, and "--" separates the commands of an ordered chain
+    parser.add_argument(
+        "params", nargs=argparse.REMAINDER, metavar="CMD ...", help="the command to send"
+    )
+    parser.set_defaults(run=run, _parser=parser, command=None, chain=[])
+
+
+def _split_command(args: argparse.Namespace) -> None:
+    """CMD is the first word of ``params`` that is not an option."""
+    items = list(args.params)
+    if items and items[0] == "--":
+        items.pop(0)
+    for i, item in enumerate(items):
+        if item in ("--fd", "--socket", "--timeout"):
+            continue
+        if i and items[i - 1] in ("--fd", "--socket", "--timeout"):
+            continue
+        if not item.startswith("-"):
+            args.command = items.pop(i)
+            break
+    args.params = items
 
 
 def _take_trailing_options(args: argparse.Namespace) -> list[str]:
-    """Options written after CMD (``vmipc call pause --json``) land in ``params``."""
+    """Options written after CMD (``vmipc call pause --json``) land in ``params``. The
+    commands after ``--`` go to ``args.chain`` as (CMD, params, fd items)."""
     rest: list[str] = []
     items = list(args.params)
+    chain: list[tuple[str, list[str], list[str]]] = []
+    args.chain = chain
     while items:
         item = items.pop(0)
-        if item in ("-h", "--help"):
+        if item == "--":
+            if not items or items[0].startswith("-"):
+                raise UsageError("-- wants a command after it")
+            chain.append((items.pop(0), [], []))
+        elif chain and item == "--fd":
+            if not items:
+                raise UsageError("--fd needs a value")
+            chain[-1][2].append(items.pop(0))
+        elif chain and item.startswith("--fd="):
+            chain[-1][2].append(item.partition("=")[2])
+        elif chain and not item.startswith("-"):
+            chain[-1][1].append(item)
+        elif item in ("-h", "--help"):
             args.help = True
         elif item == "--json":
             args.json = True
@@ -393,6 +438,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        _split_command(args)
         params = _take_trailing_options(args)
     except UsageError as exc:
         _fail(EXIT_USAGE, str(exc))
@@ -463,10 +509,62 @@ def _call(client: SyncClient, args: argparse.Namespace, params: list[str]) -> in
         return EXIT_OK
     try:
         call_args = parse_params(spec, params)
+        if args.chain:
+            return _send_chain(client, schema, spec, call_args, args)
         with open_fds(spec, args.fd) as fds:
             return _send(client, spec, call_args, fds, as_json=args.json)
     except UsageError as exc:
         _fail(EXIT_USAGE, str(exc))
+
+
+def _send_chain(
+    client: SyncClient,
+    schema: Schema,
+    first: CommandSpec,
+    first_args: dict[str, Any],
+    args: argparse.Namespace,
+) -> int:
+    """CMD and the commands after ``--``, sent at once as one ordered chain."""
+    steps: list[tuple[CommandSpec, dict[str, Any], list[str]]] = [(first, first_args, args.fd)]
+    for name, params, fd_items in args.chain:
+        spec = schema.commands.get(name)
+        if spec is None:
+            raise UsageError(f"unknown command {name!r} (vmipc call --list shows them)")
+        steps.append((spec, parse_params(spec, params), fd_items))
+    if not client.supports_ordered:
+        _fail(
+            EXIT_ENVIRONMENT,
+            f"commands separated by -- need protocol 1.8; the server speaks "
+            f"{client.protocol_version}",
+        )
+    with ExitStack() as stack:
+        calls = []
+        passed: set[int] = set()
+        for spec, call_args, fd_items in steps:
+            fds = stack.enter_context(open_fds(spec, fd_items))
+            passed.update(fds.values())
+            calls.append(Call(spec.name, fds=fds, **call_args))
+        out = sys.stderr if 1 in passed else sys.stdout
+        handles = client.send_ordered(calls)
+        stack.close()  # the VMM has its own copies: a pipe's reader sees its end
+        replies: list[dict[str, Any]] = []
+        failed = False
+        for handle in handles:
+            try:
+                result = handle.result()
+            except CommandError as exc:
+                failed = True
+                error = {"code": exc.code, "message": exc.message, "details": dict(exc.details)}
+                replies.append({"command": handle.command, "error": error})
+                print(f"{PROG}: {handle.command}: {exc.code}: {exc.message}", file=sys.stderr)
+                continue
+            replies.append({"command": handle.command, "result": result})
+            if not args.json:
+                print(f"{handle.command}:", file=out)
+                print_human(result, out, 1)
+    if args.json:
+        print(to_json(replies), file=out)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _send(

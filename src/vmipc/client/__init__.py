@@ -16,7 +16,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vmipc._util import fixup_module_metadata
-from vmipc.client._common import DEFAULT_CLIENT_NAME, FdLike, ProgressCallback
+from vmipc.client._common import (
+    DEFAULT_CLIENT_NAME,
+    Call,
+    FdLike,
+    ProgressCallback,
+    Reply,
+    ReplyObserver,
+    server_timing,
+)
 from vmipc.client._generated import (
     AsyncCommands,
     CancelResult,
@@ -27,7 +35,7 @@ from vmipc.client._generated import (
     SubscribeResult,
     SyncCommands,
 )
-from vmipc.client._sync import SyncClient
+from vmipc.client._sync import SyncClient, SyncOrderedCall
 from vmipc.protocol import (
     ClosedByPeer,
     ClosedByUs,
@@ -38,17 +46,19 @@ from vmipc.protocol import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    ServerTiming,
 )
 
 if TYPE_CHECKING:
-    from vmipc.client._async import Client, open_client
+    from vmipc.client._async import Client, OrderedCall, open_client
 
 #: the async client loads on first use: the blocking one (`vmipc call`) needs no trio
-_ASYNC = ("Client", "open_client")
+_ASYNC = ("Client", "OrderedCall", "open_client")
 
 __all__ = [
     "DEFAULT_CLIENT_NAME",
     "AsyncCommands",
+    "Call",
     "CancelResult",
     "Client",
     "ClosedByPeer",
@@ -60,16 +70,22 @@ __all__ = [
     "FdLike",
     "HelloResult",
     "LocalProtocolError",
+    "OrderedCall",
     "ProgressCallback",
     "ProgressData",
     "ProtocolError",
     "QueryStatusResult",
     "RemoteProtocolError",
+    "Reply",
+    "ReplyObserver",
+    "ServerTiming",
     "StateChangeData",
     "SubscribeResult",
     "SyncClient",
     "SyncCommands",
+    "SyncOrderedCall",
     "open_client",
+    "server_timing",
 ]
 
 fixup_module_metadata(__name__, {**globals(), "__all__": sorted(set(__all__) - set(_ASYNC))})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, cast
@@ -12,15 +12,22 @@ import trio
 
 from vmipc.client._common import (
     CLIENT_MAX_FRAME_SIZE,
+    CLIENT_MINOR,
     DEFAULT_CLIENT_NAME,
     LAST_WORDS_LIMIT,
     LAST_WORDS_TIMEOUT,
+    Call,
     EventBuffer,
     FdLike,
     ProgressCallback,
+    ReplyObserver,
+    ReplyObservers,
     adopted_frame_size,
+    chain_unsupported,
     check_frame_size,
     check_server,
+    make_reply,
+    minor_of,
     progress_request,
     requested_events,
     scm_rights,
@@ -29,6 +36,8 @@ from vmipc.client._common import (
 )
 from vmipc.client._generated import AsyncCommands, HelloResult
 from vmipc.protocol import (
+    CHAINS_MINOR,
+    MAX_ID,
     SUPPORTED_MAJORS,
     ClientProtocol,
     ClosedByPeer,
@@ -36,10 +45,12 @@ from vmipc.protocol import (
     CommandError,
     ConnectionClosed,
     Error,
+    ErrorCode,
     ErrorInfo,
     Event,
     ProtocolError,
     Result,
+    ServerTiming,
 )
 
 _RECV_SIZE = 64 * 1024
@@ -107,6 +118,49 @@ class _Pending:
     result: Any = None
     error: ErrorInfo | None = None
     closed: ConnectionClosed | None = None
+    took: ServerTiming | None = None
+
+    def outcome(self) -> Any:
+        """The reply as a call returns it, or raise its error."""
+        if self.closed is not None:
+            raise self.closed
+        if self.error is not None:
+            exc = CommandError.from_info(self.error, command=self.command)
+            exc.server = self.took
+            raise exc
+        return make_reply(self.result, self.took)
+
+
+class OrderedCall:
+    """A request of an ordered chain, sent (see :meth:`Client.send_ordered`)."""
+
+    def __init__(
+        self, client: Client, command: str, request_id: int, pending: _Pending, chain: list[int]
+    ) -> None:
+        self._client = client
+        self.command = command
+        #: the request's id on the connection
+        self.id = request_id
+        self._pending = pending
+        self._chain = chain
+
+    @property
+    def done(self) -> bool:
+        """Whether its reply has arrived (or the connection closed)."""
+        return self._pending.done.is_set()
+
+    async def result(self) -> Any:
+        """Its result (a :class:`Reply` for a map); raises CommandError (``chain-broken``
+        when an earlier request of its chain failed) or ConnectionClosed. Cancelled while
+        waiting, it cancels this request and every later one of its chain not answered
+        yet, without waiting for their answers."""
+        try:
+            await self._pending.done.wait()
+        except trio.Cancelled:
+            await self._client._cancel_chain(self._chain, self.id)
+            raise
+        self._client._pending.pop(self.id, None)
+        return self._pending.outcome()
 
 
 class Client(AsyncCommands):
@@ -141,6 +195,8 @@ class Client(AsyncCommands):
         self._events = EventBuffer()
         self._event_arrived = trio.Event()
         self._connection_error: ErrorInfo | None = None
+        self._observers = ReplyObservers()
+        self._next_chain = 0
         #: the ``hello`` result: protocol version, server identity, catalogue, limits
         self.server_info: HelloResult = cast(HelloResult, {})
 
@@ -149,11 +205,32 @@ class Client(AsyncCommands):
         return self.server_info["protocol"]
 
     @property
+    def supports_ordered(self) -> bool:
+        """Whether the connection speaks ordered chains and server timings (1.8)."""
+        return minor_of(self.server_info) >= CHAINS_MINOR
+
+    def add_reply_observer(self, observer: ReplyObserver) -> Callable[[], None]:
+        """Call ``observer(command, timing)`` with the server's timing of every reply to a
+        call of this client that carries one (protocol 1.8), as it arrives, on the
+        reader's task (keep it short; what it raises is logged and dropped). Returns a
+        function that removes it."""
+        return self._observers.add(observer)
+
+    @property
     def is_closed(self) -> bool:
         return self._closed is not None
 
     async def _handshake(self, client_name: str) -> None:
-        self.server_info = await self.hello(versions=list(SUPPORTED_MAJORS), client=client_name)
+        versions = list(SUPPORTED_MAJORS)
+        try:
+            self.server_info = await self.hello(
+                versions=versions, client=client_name, minor=CLIENT_MINOR
+            )
+        except CommandError as exc:
+            if exc.code != ErrorCode.INVALID_ARGUMENTS:
+                raise
+            # a server before 1.8 knows no ``minor``; it stays in the handshake
+            self.server_info = await self.hello(versions=versions, client=client_name)
         try:
             limit = adopted_frame_size(self.server_info, self._own_frame_limit)
         except ProtocolError:
@@ -198,10 +275,81 @@ class Client(AsyncCommands):
         if pending.error is not None:
             if command == "subscribe":
                 self._events.subscribed = subscribed
-            raise CommandError.from_info(pending.error, command=command)
+            return pending.outcome()  # raises
         if command == "subscribe":
             self._events.subscribed = requested_events(args)
-        return pending.result
+        return pending.outcome()
+
+    async def send_ordered(self, calls: Sequence[Call]) -> list[OrderedCall]:
+        """Send ``calls`` as one ordered chain (protocol 1.8), every frame before any reply
+        is awaited, and return a handle per call, in order: the server runs them one
+        after the other, each once the previous one succeeded; after a failure the later
+        ones answer ``chain-broken`` without running. Await ``handle.result()`` for each.
+
+        Raises LocalProtocolError when the connection speaks an older protocol (see
+        :attr:`supports_ordered`). Cancelled while sending, it cancels what it sent.
+        """
+        if self._closed is not None:
+            raise self._closed
+        if not self.supports_ordered:
+            raise chain_unsupported(self.protocol_version)
+        chain = self._next_chain
+        self._next_chain = (self._next_chain + 1) % (MAX_ID + 1)
+        ids: list[int] = []
+        handles: list[OrderedCall] = []
+        frames: list[tuple[bytes, list[int]]] = []
+        for call in calls:
+            names, numbers = split_fds(call.fds)
+            rid, frame = self._proto.send_request(call.command, call.args, names, chain)
+            pending = _Pending(call.command, trio.Event())
+            self._pending[rid] = pending
+            ids.append(rid)
+            handles.append(OrderedCall(self, call.command, rid, pending, ids))
+            frames.append((frame, numbers))
+        sent = 0
+        try:
+            for frame, numbers in frames:
+                await self._send_frame(frame, numbers)
+                sent += 1
+        except BaseException:
+            # the part sent would run without the rest: take it back
+            if sent and self._closed is None:
+                await self._cancel_chain(ids[:sent], ids[0])
+            for rid in ids:
+                self._pending.pop(rid, None)
+            raise
+        return handles
+
+    async def call_ordered(self, calls: Sequence[Call]) -> list[Any]:
+        """:meth:`send_ordered`, then every result, in order. If a call failed, raises
+        its CommandError (the first failure, not the ``chain-broken`` after it) once
+        every reply has arrived."""
+        handles = await self.send_ordered(calls)
+        results: list[Any] = []
+        failure: CommandError | None = None
+        for handle in handles:
+            try:
+                results.append(await handle.result())
+            except CommandError as exc:
+                results.append(exc)
+                if failure is None:
+                    failure = exc
+        if failure is not None:
+            raise failure
+        return results
+
+    async def _cancel_chain(self, ids: list[int], first: int) -> None:
+        """Cancel the requests of a chain from ``first`` on that are not answered yet (a
+        request that cannot be stopped any more runs on; the ones after it do not)."""
+        for rid in ids[ids.index(first) :]:
+            pending = self._pending.pop(rid, None)
+            if pending is None or pending.done.is_set():
+                continue
+            # its answer will be dropped: a handle awaited later says so at once
+            pending.error = ErrorInfo(ErrorCode.CANCELLED, f"request {rid} was cancelled")
+            pending.done.set()
+            if self._closed is None:
+                await self._send_cancel(rid)
 
     async def _send_frame(self, frame: bytes, fds: list[int]) -> None:
         async with self._send_lock:
@@ -306,7 +454,9 @@ class Client(AsyncCommands):
             pending.result = message.result
         else:
             pending.error = message.error
+        pending.took = message.took
         pending.done.set()
+        self._observers.notify(pending.command, message.took)
 
     def _fail(self, exc: ConnectionClosed) -> None:
         if self._closed is None:

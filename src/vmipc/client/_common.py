@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
+import logging
 import os
 import reprlib
 import socket
@@ -16,10 +18,13 @@ from vmipc.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     ErrorCode,
     Event,
+    LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    ServerTiming,
     UntrustedServer,
     pack,
+    parse_version,
 )
 
 #: what ``hello`` says the client is, unless told otherwise
@@ -160,3 +165,101 @@ def progress_request(event: Event) -> int | None:
         return None
     rid: Any = event.data.get("request")
     return rid if isinstance(rid, int) else None
+
+
+# --- protocol 1.8: server timings and ordered chains ---------------------------------------
+
+#: the minor version of major 1 this client speaks (``hello``'s ``minor``)
+CLIENT_MINOR = 8
+#: a reply observer: called with the command and the server's timing of each reply
+ReplyObserver = Callable[[str, ServerTiming], None]
+
+log = logging.getLogger("vmipc.client")
+
+
+class Reply(dict[str, Any]):
+    """A command's result: the result map itself (callers use it as before), and
+    :attr:`server`, what the server says the request took (protocol 1.8), or None."""
+
+    __slots__ = ("server",)
+
+    def __init__(self, result: Mapping[str, Any], server: ServerTiming | None) -> None:
+        super().__init__(result)
+        self.server = server
+
+    def __repr__(self) -> str:
+        return f"Reply({dict.__repr__(self)}, server={self.server!r})"
+
+
+def server_timing(reply: Any) -> ServerTiming | None:
+    """What the server says a call took: from a :class:`Reply` or a CommandError (protocol
+    1.8), else None. For callers holding a result typed as the command's TypedDict."""
+    timing = getattr(reply, "server", None)
+    return timing if isinstance(timing, ServerTiming) else None
+
+
+def make_reply(result: Any, took: ServerTiming | None) -> Any:
+    """What a call returns: a map result as a :class:`Reply` (anything else as it is)."""
+    return Reply(result, took) if isinstance(result, dict) else result
+
+
+class Call:
+    """One request of an ordered chain (``send_ordered``, ``call_ordered``):
+    ``Call("pause", lease=5)``, ``Call("dump-state", fds={"out": f})``."""
+
+    __slots__ = ("args", "command", "fds")
+
+    def __init__(
+        self, command: str, /, *, fds: Mapping[str, FdLike] | None = None, **args: Any
+    ) -> None:
+        self.command = command
+        self.args: dict[str, Any] = args
+        self.fds: Mapping[str, FdLike] = dict(fds or {})
+
+    def __repr__(self) -> str:
+        parts = [repr(self.command), *(f"{k}={v!r}" for k, v in self.args.items())]
+        if self.fds:
+            parts.append(f"fds={self.fds!r}")
+        return f"Call({', '.join(parts)})"
+
+
+class ReplyObservers:
+    """The observers of a client's replies (``add_reply_observer``)."""
+
+    def __init__(self) -> None:
+        self._observers: list[ReplyObserver] = []
+
+    def add(self, observer: ReplyObserver) -> Callable[[], None]:
+        self._observers.append(observer)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._observers.remove(observer)
+
+        return remove
+
+    def notify(self, command: str, took: ServerTiming | None) -> None:
+        if took is None:
+            return
+        for observer in list(self._observers):
+            try:
+                observer(command, took)
+            except Exception:
+                # an observer's bug must not break the connection's reader
+                log.exception("a reply observer failed")
+
+
+def minor_of(hello: Any) -> int:
+    """The minor version the ``hello`` result names (0 when unreadable)."""
+    version = hello.get("protocol") if isinstance(hello, Mapping) else None
+    try:
+        return parse_version(version)[1] if isinstance(version, str) else 0
+    except ValueError:
+        return 0
+
+
+def chain_unsupported(version: str) -> LocalProtocolError:
+    return LocalProtocolError(
+        ErrorCode.INVALID_MESSAGE,
+        f"ordered chains need protocol 1.8; this connection speaks {version}",
+    )

@@ -45,7 +45,9 @@ class HelloResult(TypedDict):
     """The result of ``hello``."""
 
     protocol: str
-    """The negotiated protocol version, `major.minor`."""
+    """The negotiated protocol version, `major.minor`: with `minor` (1.8), the lower of the client's
+    and the server's minor; without, the server's.
+    """
     server: HelloResultServer
     """Who answered."""
     commands: list[str]
@@ -326,20 +328,28 @@ class AsyncCommands:
     ) -> Any:
         raise NotImplementedError
 
-    async def hello(self, *, versions: list[int], client: str = "") -> HelloResult:
+    async def hello(
+        self,
+        *,
+        versions: list[int],
+        client: str = "",
+        minor: int | None = None,
+    ) -> HelloResult:
         """The handshake: the first request on every connection. Negotiates the protocol version
         (the highest major both sides speak) and returns the server's identity, its catalogue of
         command and event names, its capabilities and its limits. Until it succeeds every other
-        request gets ``handshake-required``.
+        request gets ``handshake-required``. From 1.8 a client names its ``minor`` version too.
 
         Allowed in states: any. Since protocol 1.0.
         Errors: unsupported-version, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {"versions": versions}
         if client != "":
             args["client"] = client
+        if minor is not None:
+            args["minor"] = minor
         return cast(HelloResult, await self.call("hello", **args))
 
     async def query_commands(self) -> dict[str, Any]:
@@ -350,7 +360,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(dict[str, Any], await self.call("query-commands"))
 
@@ -362,7 +372,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(SubscribeResult, await self.call("subscribe", events=events))
 
@@ -375,7 +385,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(CancelResult, await self.call("cancel", request=request))
 
@@ -385,7 +395,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(QueryStatusResult, await self.call("query-status"))
 
@@ -403,7 +413,7 @@ class AsyncCommands:
         Allowed in states: running. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if lease is not None:
@@ -416,7 +426,7 @@ class AsyncCommands:
         Allowed in states: paused. Since protocol 1.0.
         Errors: invalid-state, damaged, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error, not-permitted).
+        shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast(ResumeResult, await self.call("resume"))
 
@@ -428,7 +438,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.3.
         Errors: no-lease, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if lease is not None:
@@ -445,7 +455,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.3.
         Errors: no-lease, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(ReleaseLeaseResult, await self.call("release-lease"))
 
@@ -462,7 +472,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.4.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(ClaimPriorityResult, await self.call("claim-priority"))
 
@@ -473,7 +483,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.4.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(ReleasePriorityResult, await self.call("release-priority"))
 
@@ -484,7 +494,7 @@ class AsyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(QuitResult, await self.call("quit"))
 
@@ -512,7 +522,7 @@ class AsyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error, not-permitted).
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -537,7 +547,7 @@ class AsyncCommands:
         Allowed in states: paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error, not-permitted).
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "blob":
@@ -552,7 +562,7 @@ class AsyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(DirtyLogStartResult, await self.call("dirty-log-start"))
 
@@ -562,7 +572,7 @@ class AsyncCommands:
         Allowed in states: crashed, paused, running, shutdown. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(DirtyLogStopResult, await self.call("dirty-log-stop"))
 
@@ -573,7 +583,7 @@ class AsyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, dirty-log-off, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error, not-permitted).
+        shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast(QueryDirtyResult, await self.call("query-dirty"))
 
@@ -602,7 +612,7 @@ class AsyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, dirty-log-moved,
         bad-snapshot, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -636,7 +646,7 @@ class AsyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
         not-configured, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -664,7 +674,7 @@ class AsyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
         the common errors (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         result = await self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
         return cast(ApplyPagesResult, result)
@@ -679,7 +689,7 @@ class AsyncCommands:
         Allowed in states: incoming. Since protocol 1.8.
         Errors: invalid-state, invalid-arguments, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error, not-permitted).
+        shutting-down, internal-error, not-permitted, chain-broken).
         """
         result = await self.call("configure", memory_size=memory_size, vcpus=vcpus)
         return cast(ConfigureResult, result)
@@ -699,7 +709,7 @@ class AsyncCommands:
         Allowed in states: incoming. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-state, bad-snapshot, and the
         common errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
-        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
+        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "blob":
@@ -721,20 +731,28 @@ class SyncCommands:
     ) -> Any:
         raise NotImplementedError
 
-    def hello(self, *, versions: list[int], client: str = "") -> HelloResult:
+    def hello(
+        self,
+        *,
+        versions: list[int],
+        client: str = "",
+        minor: int | None = None,
+    ) -> HelloResult:
         """The handshake: the first request on every connection. Negotiates the protocol version
         (the highest major both sides speak) and returns the server's identity, its catalogue of
         command and event names, its capabilities and its limits. Until it succeeds every other
-        request gets ``handshake-required``.
+        request gets ``handshake-required``. From 1.8 a client names its ``minor`` version too.
 
         Allowed in states: any. Since protocol 1.0.
         Errors: unsupported-version, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {"versions": versions}
         if client != "":
             args["client"] = client
+        if minor is not None:
+            args["minor"] = minor
         return cast(HelloResult, self.call("hello", **args))
 
     def query_commands(self) -> dict[str, Any]:
@@ -745,7 +763,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(dict[str, Any], self.call("query-commands"))
 
@@ -757,7 +775,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(SubscribeResult, self.call("subscribe", events=events))
 
@@ -770,7 +788,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(CancelResult, self.call("cancel", request=request))
 
@@ -780,7 +798,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(QueryStatusResult, self.call("query-status"))
 
@@ -798,7 +816,7 @@ class SyncCommands:
         Allowed in states: running. Since protocol 1.0.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if lease is not None:
@@ -811,7 +829,7 @@ class SyncCommands:
         Allowed in states: paused. Since protocol 1.0.
         Errors: invalid-state, damaged, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error, not-permitted).
+        shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast(ResumeResult, self.call("resume"))
 
@@ -823,7 +841,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.3.
         Errors: no-lease, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if lease is not None:
@@ -840,7 +858,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.3.
         Errors: no-lease, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(ReleaseLeaseResult, self.call("release-lease"))
 
@@ -857,7 +875,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.4.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(ClaimPriorityResult, self.call("claim-priority"))
 
@@ -868,7 +886,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.4.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(ReleasePriorityResult, self.call("release-priority"))
 
@@ -879,7 +897,7 @@ class SyncCommands:
         Allowed in states: any. Since protocol 1.0.
         Errors: the common errors only (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         return cast(QuitResult, self.call("quit"))
 
@@ -907,7 +925,7 @@ class SyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error, not-permitted).
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -932,7 +950,7 @@ class SyncCommands:
         Allowed in states: paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, and the common errors
         (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
-        limit-exceeded, shutting-down, internal-error, not-permitted).
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "blob":
@@ -947,7 +965,7 @@ class SyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(DirtyLogStartResult, self.call("dirty-log-start"))
 
@@ -957,7 +975,7 @@ class SyncCommands:
         Allowed in states: crashed, paused, running, shutdown. Since protocol 1.1.
         Errors: invalid-state, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         return cast(DirtyLogStopResult, self.call("dirty-log-stop"))
 
@@ -968,7 +986,7 @@ class SyncCommands:
         Allowed in states: paused, running. Since protocol 1.1.
         Errors: invalid-state, dirty-log-off, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error, not-permitted).
+        shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast(QueryDirtyResult, self.call("query-dirty"))
 
@@ -997,7 +1015,7 @@ class SyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, dirty-log-off, dirty-log-moved,
         bad-snapshot, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -1031,7 +1049,7 @@ class SyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, bad-snapshot,
         not-configured, and the common errors (handshake-required, invalid-message,
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
-        internal-error, not-permitted).
+        internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "stream":
@@ -1059,7 +1077,7 @@ class SyncCommands:
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
         the common errors (handshake-required, invalid-message, unknown-command,
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
-        not-permitted).
+        not-permitted, chain-broken).
         """
         result = self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
         return cast(ApplyPagesResult, result)
@@ -1074,7 +1092,7 @@ class SyncCommands:
         Allowed in states: incoming. Since protocol 1.8.
         Errors: invalid-state, invalid-arguments, and the common errors (handshake-required,
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
-        shutting-down, internal-error, not-permitted).
+        shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast(ConfigureResult, self.call("configure", memory_size=memory_size, vcpus=vcpus))
 
@@ -1093,7 +1111,7 @@ class SyncCommands:
         Allowed in states: incoming. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-state, bad-snapshot, and the
         common errors (handshake-required, invalid-message, unknown-command, invalid-arguments,
-        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted).
+        invalid-fds, limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
         """
         args: dict[str, Any] = {}
         if format != "blob":

@@ -6,20 +6,27 @@ import collections
 import contextlib
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 from vmipc.client._common import (
     CLIENT_MAX_FRAME_SIZE,
+    CLIENT_MINOR,
     DEFAULT_CLIENT_NAME,
     LAST_WORDS_LIMIT,
     LAST_WORDS_TIMEOUT,
+    Call,
     EventBuffer,
     FdLike,
     ProgressCallback,
+    ReplyObserver,
+    ReplyObservers,
     adopted_frame_size,
+    chain_unsupported,
     check_frame_size,
     check_server,
+    make_reply,
+    minor_of,
     progress_request,
     requested_events,
     scm_rights,
@@ -28,6 +35,8 @@ from vmipc.client._common import (
 )
 from vmipc.client._generated import HelloResult, SyncCommands
 from vmipc.protocol import (
+    CHAINS_MINOR,
+    MAX_ID,
     SUPPORTED_MAJORS,
     ClientProtocol,
     ClosedByPeer,
@@ -35,6 +44,7 @@ from vmipc.protocol import (
     CommandError,
     ConnectionClosed,
     Error,
+    ErrorCode,
     ErrorInfo,
     Event,
     ProtocolError,
@@ -42,6 +52,21 @@ from vmipc.protocol import (
 )
 
 _RECV_SIZE = 64 * 1024
+
+
+class SyncOrderedCall:
+    """A request of an ordered chain, sent (see :meth:`SyncClient.send_ordered`)."""
+
+    def __init__(self, client: SyncClient, command: str, request_id: int) -> None:
+        self._client = client
+        self.command = command
+        #: the request's id on the connection
+        self.id = request_id
+
+    def result(self) -> Any:
+        """Its result (a :class:`Reply` for a map), blocking until it arrives; raises
+        CommandError (``chain-broken`` when an earlier request of its chain failed)."""
+        return self._client._chained_result(self.id, self.command)
 
 
 class SyncClient(SyncCommands):
@@ -76,12 +101,26 @@ class SyncClient(SyncCommands):
         self._inbox: collections.deque[Result | Error | Event] = collections.deque()
         self._closed: ConnectionClosed | None = None
         self._connection_error: ErrorInfo | None = None
+        self._observers = ReplyObservers()
+        self._next_chain = 0
+        #: replies of chained requests not collected yet, and the ids still expected
+        self._chained: dict[int, Result | Error] = {}
+        self._expected: set[int] = set()
         self.server_info: HelloResult = cast(HelloResult, {})
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(socket_path)
             check_server(self._sock, socket_path, trusted)
-            self.server_info = self.hello(versions=list(SUPPORTED_MAJORS), client=client_name)
+            versions = list(SUPPORTED_MAJORS)
+            try:
+                self.server_info = self.hello(
+                    versions=versions, client=client_name, minor=CLIENT_MINOR
+                )
+            except CommandError as exc:
+                if exc.code != ErrorCode.INVALID_ARGUMENTS:
+                    raise
+                # a server before 1.8 knows no ``minor``; it stays in the handshake
+                self.server_info = self.hello(versions=versions, client=client_name)
             self._proto.set_max_frame_size(adopted_frame_size(self.server_info, own_limit))
             if events:
                 self.subscribe(events=list(events))
@@ -92,6 +131,69 @@ class SyncClient(SyncCommands):
     @property
     def protocol_version(self) -> str:
         return self.server_info["protocol"]
+
+    @property
+    def supports_ordered(self) -> bool:
+        """Whether the connection speaks ordered chains and server timings (1.8)."""
+        return minor_of(self.server_info) >= CHAINS_MINOR
+
+    def add_reply_observer(self, observer: ReplyObserver) -> Callable[[], None]:
+        """Call ``observer(command, timing)`` with the server's timing of every reply to a
+        call of this client that carries one (protocol 1.8), as it is read. Returns a
+        function that removes it."""
+        return self._observers.add(observer)
+
+    def send_ordered(self, calls: Sequence[Call]) -> list[SyncOrderedCall]:
+        """Send ``calls`` as one ordered chain (protocol 1.8), every frame before any
+        reply is read; a handle per call, in order (see the async client's)."""
+        if self._closed is not None:
+            raise self._closed
+        if not self.supports_ordered:
+            raise chain_unsupported(self.protocol_version)
+        chain = self._next_chain
+        self._next_chain = (self._next_chain + 1) % (MAX_ID + 1)
+        frames = []
+        handles = []
+        for call in calls:
+            names, numbers = split_fds(call.fds)
+            rid, frame = self._proto.send_request(call.command, call.args, names, chain)
+            frames.append((frame, numbers))
+            handles.append(SyncOrderedCall(self, call.command, rid))
+        for (frame, numbers), handle in zip(frames, handles, strict=True):
+            self._send(frame, numbers)
+            self._expected.add(handle.id)
+        return handles
+
+    def call_ordered(self, calls: Sequence[Call]) -> list[Any]:
+        """:meth:`send_ordered`, then every result, in order; raises the first failure's
+        CommandError once every reply has arrived."""
+        results: list[Any] = []
+        failure: CommandError | None = None
+        for handle in self.send_ordered(calls):
+            try:
+                results.append(handle.result())
+            except CommandError as exc:
+                results.append(exc)
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return results
+
+    def _chained_result(self, rid: int, command: str) -> Any:
+        while rid not in self._chained:
+            if rid not in self._expected:
+                raise ValueError(f"request {rid}'s result was taken already")
+            self._fill()
+        self._expected.discard(rid)
+        return self._outcome(self._chained.pop(rid), command)
+
+    def _outcome(self, message: Result | Error, command: str) -> Any:
+        self._observers.notify(command, message.took)
+        if isinstance(message, Result):
+            return make_reply(message.result, message.took)
+        exc = CommandError.from_info(message.error, command=command)
+        exc.server = message.took
+        raise exc
 
     def __enter__(self) -> SyncClient:
         return self
@@ -137,13 +239,10 @@ class SyncClient(SyncCommands):
                 else:
                     self._events.add(message)
             elif message.id == rid:
-                if isinstance(message, Result):
-                    if command == "subscribe":
-                        self._events.subscribed = requested_events(args)
-                    return message.result
                 if command == "subscribe":
-                    self._events.subscribed = subscribed
-                raise CommandError.from_info(message.error, command=command)
+                    ok = isinstance(message, Result)
+                    self._events.subscribed = requested_events(args) if ok else subscribed
+                return self._outcome(message, command)
 
     def next_event(self) -> Event:
         """The next event (subscribe first); blocks up to the client's timeout."""
@@ -155,12 +254,18 @@ class SyncClient(SyncCommands):
 
     def _next_message(self) -> Result | Error | Event:
         while not self._inbox:
-            for message in self._receive():
-                if isinstance(message, Error) and message.id is None:
-                    self._connection_error = message.error  # the server closes next
-                else:
-                    self._inbox.append(message)
+            self._fill()
         return self._inbox.popleft()
+
+    def _fill(self) -> None:
+        """Receive once; sort what came in."""
+        for message in self._receive():
+            if isinstance(message, Error) and message.id is None:
+                self._connection_error = message.error  # the server closes next
+            elif not isinstance(message, Event) and message.id in self._expected:
+                self._chained[message.id] = message  # for its handle
+            else:
+                self._inbox.append(message)
 
     def _send(self, frame: bytes, fds: list[int]) -> None:
         view = memoryview(frame)

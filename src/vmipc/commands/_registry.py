@@ -129,6 +129,9 @@ class ConnectionControl(Protocol):
         """Cancel one of the connection's requests in flight; True if it will say cancelled."""
         ...
 
+    def negotiated(self, minor: int) -> None:
+        """The ``hello`` being answered settled the connection's minor version (1.8)."""
+
 
 class LeaseControl(Protocol):
     """What handlers do with the machine's pause lease (the server's ``PauseLease``)."""

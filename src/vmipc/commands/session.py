@@ -6,7 +6,14 @@ import logging
 from typing import Any
 
 from vmipc.commands._registry import CommandContext, handler
-from vmipc.protocol import ECHO_ITEMS, CommandError, ErrorCode, echo, negotiate_version
+from vmipc.protocol import (
+    ECHO_ITEMS,
+    CommandError,
+    ErrorCode,
+    echo,
+    negotiate_minor,
+    negotiate_version,
+)
 
 log = logging.getLogger("vmipc.server")
 
@@ -34,6 +41,12 @@ async def hello(ctx: CommandContext) -> dict[str, Any]:
             {"supported": [ctx.schema.major], "offered": list(offered[:ECHO_ITEMS])},
         )
     info = ctx.server_info
+    minor = ctx.args.get("minor")
+    if minor is not None:
+        # the connection speaks the lower minor of the two, and says so
+        minor = negotiate_minor(version, minor)
+        version = f"{ctx.schema.major}.{minor}"
+        ctx.connection.negotiated(minor)
     return {
         "protocol": version,
         "server": {"name": info.name, "version": info.version, "pid": info.pid},

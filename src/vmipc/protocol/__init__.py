@@ -12,7 +12,9 @@ from collections.abc import Iterable
 from vmipc._util import fixup_module_metadata
 from vmipc.errors import VmipcError
 from vmipc.protocol._connection import (
+    CHAINS_MINOR,
     HELLO,
+    LEGACY_MINOR,
     MAX_ERROR_SIZE,
     ClientEvent,
     ClientProtocol,
@@ -39,6 +41,7 @@ from vmipc.protocol._errors import (
     RemoteProtocolError,
     UntrustedServer,
     echo,
+    shorten,
 )
 from vmipc.protocol._framing import (
     DEFAULT_MAX_FDS,
@@ -59,6 +62,7 @@ from vmipc.protocol._messages import (
     Message,
     Request,
     Result,
+    ServerTiming,
     decode_message,
     encode_message,
     pack,
@@ -92,13 +96,23 @@ def negotiate_version(offered: Iterable[int], schema: Schema) -> str | None:
     return schema.version if schema.major in set(offered) else None
 
 
+def negotiate_minor(server_version: str, client_minor: int | None) -> int:
+    """The minor version a connection speaks: the lower of the client's (``hello``'s
+    ``minor``, 1.8) and the server's; :data:`LEGACY_MINOR` when the client named none."""
+    if client_minor is None:
+        return LEGACY_MINOR
+    return min(client_minor, parse_version(server_version)[1])
+
+
 __all__ = [
+    "CHAINS_MINOR",
     "DEFAULT_MAX_FDS",
     "DEFAULT_MAX_FRAME_SIZE",
     "DEFAULT_MAX_REQUEST_SIZE",
     "ECHO_ITEMS",
     "HEADER_SIZE",
     "HELLO",
+    "LEGACY_MINOR",
     "MAX_ERROR_SIZE",
     "MAX_ID",
     "REPLY_DECODE_LIMITS",
@@ -139,6 +153,7 @@ __all__ = [
     "ServerEvent",
     "ServerProtocol",
     "ServerState",
+    "ServerTiming",
     "StateSpec",
     "TypeSpec",
     "UntrustedServer",
@@ -152,9 +167,11 @@ __all__ = [
     "encode_message",
     "load_schema",
     "match_fds",
+    "negotiate_minor",
     "negotiate_version",
     "pack",
     "parse_version",
+    "shorten",
     "unpack",
     "validate_args",
 ]

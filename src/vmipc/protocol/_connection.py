@@ -39,6 +39,7 @@ from vmipc.protocol._messages import (
     Event,
     Request,
     Result,
+    ServerTiming,
     decode_message,
     encode_message,
 )
@@ -53,6 +54,11 @@ from vmipc.protocol._schema import (
 )
 
 HELLO = "hello"
+#: the minor version a connection speaks until its ``hello`` names a later one: what
+#: the envelope of every version before 1.8 looked like (no ``chain``, no ``took``)
+LEGACY_MINOR = 7
+#: the first minor version with ordered chains (``chain``) and server timings (``took``)
+CHAINS_MINOR = 8
 #: an error reply's payload is at most this big. A safety net: the messages and details
 #: the server builds repeat at most a bounded part of any input (``_errors.echo``), so
 #: only a bug reaches it; then the error is cut down rather than not sent
@@ -102,6 +108,8 @@ class RequestRejected:
 
     request_id: int | None
     error: ErrorInfo
+    #: the ordered chain the refused request named (1.8): the chain is broken
+    chain: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,10 +158,19 @@ class ServerProtocol:
         self._in_flight: dict[int, _InFlight] = {}
         self._hello_id: int | None = None
         self._discarded: list[int] = []
+        #: the minor version this connection speaks (its ``hello``'s ``minor``, at most
+        #: the server's): from 1.8 on, requests may name a ``chain`` and replies say
+        #: what they ``took``
+        self.minor = LEGACY_MINOR
 
     @property
     def in_flight(self) -> frozenset[int]:
         return frozenset(self._in_flight)
+
+    @property
+    def chains(self) -> bool:
+        """Whether this connection speaks ordered chains and server timings (1.8)."""
+        return self.minor >= CHAINS_MINOR
 
     # receiving
 
@@ -222,33 +239,48 @@ class ServerProtocol:
         return self.take_discarded_fds() + self._decoder.release_fds()
 
     def _reject(
-        self, request_id: int | None, code: str, message: str, fds: list[int], **details: Any
+        self,
+        request_id: int | None,
+        code: str,
+        message: str,
+        fds: list[int],
+        chain: int | None = None,
+        **details: Any,
     ) -> RequestRejected:
         self._discarded.extend(fds)
-        return RequestRejected(request_id, ErrorInfo(code, message, details))
+        return RequestRejected(request_id, ErrorInfo(code, message, details), chain)
 
     def _handle_frame(self, payload: bytes, fds: list[int], truncated: bool) -> ServerEvent:
         try:
             msg = decode_message(
-                payload, allowed=frozenset({"request"}), limits=self.limits.request_decode
+                payload,
+                allowed=frozenset({"request"}),
+                limits=self.limits.request_decode,
+                chains=self.chains,
             )
         except RemoteProtocolError as exc:
             rid = exc.details.get("id")
+            chain = exc.details.get("chain")
             return self._reject(
                 rid if isinstance(rid, int) else None,
                 exc.code,
                 exc.message,
                 fds,
+                chain if isinstance(chain, int) else None,
                 problem=exc.message,
             )
         assert isinstance(msg, Request)
         rid = msg.id
+        chain = msg.chain
         if rid in self._in_flight:
+            # answered with a nil id (the id belongs to another request), yet its chain
+            # still breaks: a request the client meant to be in it will not run
             return self._reject(
                 None,
                 ErrorCode.INVALID_MESSAGE,
                 f"request id {rid} is already in flight",
                 fds,
+                chain,
                 id=rid,
                 problem="duplicate id",
             )
@@ -259,14 +291,15 @@ class ServerProtocol:
                     ErrorCode.HANDSHAKE_REQUIRED,
                     "send hello first and wait for its result",
                     fds,
+                    chain,
                 )
             if self._hello_id is not None:
                 return self._reject(
-                    rid, ErrorCode.HANDSHAKE_REQUIRED, "a hello is already in flight", fds
+                    rid, ErrorCode.HANDSHAKE_REQUIRED, "a hello is already in flight", fds, chain
                 )
         elif msg.command == HELLO:
             return self._reject(
-                rid, ErrorCode.HANDSHAKE_REQUIRED, "the handshake is already complete", fds
+                rid, ErrorCode.HANDSHAKE_REQUIRED, "the handshake is already complete", fds, chain
             )
         if len(self._in_flight) >= self.limits.max_in_flight:
             return self._reject(
@@ -274,6 +307,7 @@ class ServerProtocol:
                 ErrorCode.LIMIT_EXCEEDED,
                 f"more than {self.limits.max_in_flight} requests in flight",
                 fds,
+                chain,
                 limit="max_in_flight",
                 value=self.limits.max_in_flight,
             )
@@ -284,6 +318,7 @@ class ServerProtocol:
                 ErrorCode.UNKNOWN_COMMAND,
                 f"unknown command {echo(msg.command)}",
                 fds,
+                chain,
                 command=shorten(msg.command),
             )
         if truncated:
@@ -292,6 +327,7 @@ class ServerProtocol:
                 ErrorCode.LIMIT_EXCEEDED,
                 f"more than {self.limits.max_fds_per_request} fds on one request",
                 fds,
+                chain,
                 limit="max_fds_per_request",
                 value=self.limits.max_fds_per_request,
             )
@@ -301,7 +337,7 @@ class ServerProtocol:
             details: dict[str, Any] = {"problem": exc.problem}
             if exc.fd is not None:
                 details["fd"] = exc.fd
-            return self._reject(rid, ErrorCode.INVALID_FDS, str(exc), fds, **details)
+            return self._reject(rid, ErrorCode.INVALID_FDS, str(exc), fds, chain, **details)
         try:
             args = validate_args(spec, msg.args)
         except ValidationError as exc:
@@ -310,6 +346,7 @@ class ServerProtocol:
                 ErrorCode.INVALID_ARGUMENTS,
                 str(exc),
                 fds,
+                chain,
                 argument=exc.where,
                 problem=exc.problem,
             )
@@ -320,8 +357,18 @@ class ServerProtocol:
 
     # sending
 
-    def send_result(self, request_id: int, result: Any) -> bytes:
-        """Bytes answering ``request_id`` with ``result``.
+    def negotiated(self, minor: int) -> None:
+        """The ``hello`` being answered named ``minor`` (already at most the server's):
+        from its reply on, the connection speaks that minor version's envelope."""
+        self.minor = max(LEGACY_MINOR, minor)
+
+    def _took(self, took: ServerTiming | None) -> ServerTiming | None:
+        # never to a connection that did not negotiate 1.8: its client refuses the key
+        return took if self.chains else None
+
+    def send_result(self, request_id: int, result: Any, took: ServerTiming | None = None) -> bytes:
+        """Bytes answering ``request_id`` with ``result`` (and, on a 1.8 connection, the
+        server's timing ``took``).
 
         Raises LocalProtocolError (and leaves the request in flight, so it can still be
         answered with an error) when the result does not match the command's schema or
@@ -339,21 +386,32 @@ class ServerProtocol:
                 ErrorCode.INTERNAL_ERROR,
                 f"{entry.spec.name} produced a result that does not match its schema: {exc}",
             ) from None
-        data = encode_frame(encode_message(Result(request_id, result)), self.limits.max_frame_size)
+        data = encode_frame(
+            encode_message(Result(request_id, result, self._took(took))),
+            self.limits.max_frame_size,
+        )
         del self._in_flight[request_id]
         if request_id == self._hello_id:
             self._hello_id = None
             self.state = ServerState.READY
         return data
 
-    def send_error(self, request_id: int | None, error: ErrorInfo) -> bytes:
-        """Bytes answering ``request_id`` (or nobody, if None) with ``error``.
+    def send_error(
+        self, request_id: int | None, error: ErrorInfo, took: ServerTiming | None = None
+    ) -> bytes:
+        """Bytes answering ``request_id`` (or nobody, if None) with ``error`` (and, on a
+        1.8 connection, the server's timing ``took``).
 
         Never raises: an error that does not encode, or not within
         :data:`MAX_ERROR_SIZE`, is sent cut down (its message shortened, only its short
         plain details kept), and if even that fails as a fixed frame that always fits.
         """
-        data = _error_frame(request_id, error, min(MAX_ERROR_SIZE, self.limits.max_frame_size))
+        data = _error_frame(
+            request_id,
+            error,
+            min(MAX_ERROR_SIZE, self.limits.max_frame_size),
+            self._took(took) if request_id is not None else None,
+        )
         if request_id is not None:
             self._in_flight.pop(request_id, None)
             if request_id == self._hello_id:
@@ -369,10 +427,12 @@ class ServerProtocol:
         return encode_event(self.schema, name, data, time, self.limits.max_frame_size)
 
 
-def _error_frame(request_id: int | None, error: ErrorInfo, limit: int) -> bytes:
+def _error_frame(
+    request_id: int | None, error: ErrorInfo, limit: int, took: ServerTiming | None = None
+) -> bytes:
     for info in (error, _cut_down(error)):
         try:
-            payload = encode_message(Error(request_id, info))
+            payload = encode_message(Error(request_id, info, took))
         except Exception:  # anything in details that msgpack cannot take
             continue
         if len(payload) <= limit:
@@ -467,11 +527,14 @@ class ClientProtocol:
         command: str,
         args: Mapping[str, Any] | None = None,
         fd_names: Sequence[str] = (),
+        chain: int | None = None,
     ) -> tuple[int, bytes]:
+        """A new request's id and bytes; ``chain``: the ordered chain it belongs to (1.8,
+        only to a server that negotiated it)."""
         request_id = self._next_id
         self._next_id = (self._next_id + 1) % (MAX_ID + 1)
         data = encode_frame(
-            encode_message(Request(request_id, command, dict(args or {}), tuple(fd_names))),
+            encode_message(Request(request_id, command, dict(args or {}), tuple(fd_names), chain)),
             self.max_frame_size,
         )
         self._in_flight[request_id] = command

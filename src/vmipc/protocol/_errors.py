@@ -99,6 +99,8 @@ class ErrorCode(enum.StrEnum):
     DIRTY_LOG_MOVED = "dirty-log-moved"
     # hostile data (1.7)
     DAMAGED = "damaged"
+    # ordered chains (1.8)
+    CHAIN_BROKEN = "chain-broken"
     # connection scope: sent with a null id, then the server closes the connection
     FRAME_TOO_LARGE = "frame-too-large"
     HANDSHAKE_TIMEOUT = "handshake-timeout"
@@ -161,6 +163,9 @@ class CommandError(VmipcError):
         self.message = message
         self.details: Mapping[str, Any] = dict(details or {})
         self.command = command
+        #: what the server says the request took (protocol 1.8: a ``ServerTiming``), or
+        #: None (an older server, or a refusal made by the client itself)
+        self.server: Any = None
 
     @property
     def info(self) -> ErrorInfo:

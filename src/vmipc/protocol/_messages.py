@@ -4,12 +4,16 @@ Every frame's payload is one msgpack map with a ``type`` key:
 
 * ``request`` (client to server): ``id``, ``command``, ``args`` (map, may be omitted),
   ``fds`` (list of fd names in the order of the fds attached to the frame, may be
-  omitted);
-* ``result`` (server to client): ``id``, ``result``;
+  omitted), ``chain`` (1.8, the ordered chain the request belongs to, may be omitted);
+* ``result`` (server to client): ``id``, ``result``, ``took`` (1.8, optional);
 * ``error`` (server to client): ``id`` (null for a connection-level error), ``code``,
-  ``message``, ``details`` (map);
+  ``message``, ``details`` (map), ``took`` (1.8, optional);
 * ``event`` (server to client): ``event``, ``time`` (seconds since the epoch),
   ``data`` (map).
+
+``chain`` and ``took`` exist only on a connection that negotiated 1.8 or later: the
+server decodes requests with ``chain`` allowed only then, and sends ``took`` only then
+(older clients refuse keys they do not know).
 
 Decoding checks the shape strictly (no unknown keys, right types) and raises
 :class:`RemoteProtocolError` with code ``invalid-message``; the error carries the
@@ -102,23 +106,40 @@ def _container_hooks(budget: int) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class ServerTiming:
+    """What a 1.8 server says a request cost it (a reply's ``took``), in seconds:
+    ``queued`` from its arrival until its handler began (admission, who goes first, the
+    machine lock, its ordered chain's earlier requests), ``ran`` its handler's run."""
+
+    queued: float
+    ran: float
+
+    def as_wire(self) -> dict[str, float]:
+        return {"queued": self.queued, "ran": self.ran}
+
+
+@dataclass(frozen=True)
 class Request:
     id: int
     command: str
     args: Mapping[str, Any] = field(default_factory=dict)
     fds: tuple[str, ...] = ()
+    #: the ordered chain this request belongs to (1.8), or None
+    chain: int | None = None
 
 
 @dataclass(frozen=True)
 class Result:
     id: int
     result: Any
+    took: ServerTiming | None = None
 
 
 @dataclass(frozen=True)
 class Error:
     id: int | None
     error: ErrorInfo
+    took: ServerTiming | None = None
 
 
 @dataclass(frozen=True)
@@ -185,8 +206,12 @@ def encode_message(message: Message) -> bytes:
             obj["args"] = dict(message.args)
         if message.fds:
             obj["fds"] = list(message.fds)
+        if message.chain is not None:
+            obj["chain"] = message.chain
     elif isinstance(message, Result):
         obj = {"type": "result", "id": message.id, "result": message.result}
+        if message.took is not None:
+            obj["took"] = message.took.as_wire()
     elif isinstance(message, Error):
         obj = {
             "type": "error",
@@ -195,6 +220,8 @@ def encode_message(message: Message) -> bytes:
             "message": message.error.message,
             "details": dict(message.error.details),
         }
+        if message.took is not None:
+            obj["took"] = message.took.as_wire()
     else:
         obj = {
             "type": "event",
@@ -208,17 +235,37 @@ def encode_message(message: Message) -> bytes:
 _KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # type: (required keys, optional keys)
     "request": (frozenset({"type", "id", "command"}), frozenset({"args", "fds"})),
-    "result": (frozenset({"type", "id", "result"}), frozenset()),
-    "error": (frozenset({"type", "id", "code", "message"}), frozenset({"details"})),
+    "result": (frozenset({"type", "id", "result"}), frozenset({"took"})),
+    "error": (frozenset({"type", "id", "code", "message"}), frozenset({"details", "took"})),
     "event": (frozenset({"type", "event", "time"}), frozenset({"data"})),
 }
 
 
-def _bad(problem: str, request_id: int | None = None) -> RemoteProtocolError:
+def _bad(
+    problem: str, request_id: int | None = None, chain: int | None = None
+) -> RemoteProtocolError:
     details: dict[str, Any] = {"problem": problem}
     if request_id is not None:
         details["id"] = request_id
+    if chain is not None:
+        # a refused request of an ordered chain breaks the chain (the server must know it)
+        details["chain"] = chain
     return RemoteProtocolError(ErrorCode.INVALID_MESSAGE, problem, details)
+
+
+def _took(value: Any) -> ServerTiming:
+    """A reply's ``took``: exactly ``queued`` and ``ran``, numbers of seconds >= 0."""
+    if not isinstance(value, dict) or set(value) != {"queued", "ran"}:
+        raise _bad("took must be a map of queued and ran")
+    numbers = []
+    for key in ("queued", "ran"):
+        number = value[key]
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise _bad(f"took.{key} must be a number")
+        if not 0 <= number < float("inf"):
+            raise _bad(f"took.{key} must be a finite number of seconds, at least 0")
+        numbers.append(float(number))
+    return ServerTiming(numbers[0], numbers[1])
 
 
 def _is_id(value: Any) -> bool:
@@ -230,46 +277,60 @@ def decode_message(
     *,
     allowed: frozenset[str] | None = None,
     limits: DecodeLimits | None = None,
+    chains: bool = False,
 ) -> Message:
     """Decode and shape-check one payload. ``allowed`` limits the acceptable types;
-    ``limits`` bounds each object of the payload (see :class:`DecodeLimits`)."""
+    ``limits`` bounds each object of the payload (see :class:`DecodeLimits`); ``chains``
+    allows a request's ``chain`` key (a connection of protocol 1.8 or later)."""
     obj = unpack(payload, limits)
     if not isinstance(obj, dict):
         raise _bad(f"a message must be a map, not {type(obj).__name__}")
     rid = obj.get("id")
     request_id = rid if _is_id(rid) else None
+    raw_chain = obj.get("chain") if chains else None
+    chain = raw_chain if _is_id(raw_chain) else None
     mtype = obj.get("type")
     if not isinstance(mtype, str) or mtype not in _KEYS:
         raise _bad(f"unknown message type {echo(mtype)}", request_id)
     if allowed is not None and mtype not in allowed:
         raise _bad(f"a {mtype!r} message is not expected here", request_id)
     required, optional = _KEYS[mtype]
+    if mtype == "request" and chains:
+        optional = optional | {"chain"}
+    else:
+        chain = None
     missing = required - obj.keys()
     if missing:
-        raise _bad(f"{mtype} is missing {', '.join(sorted(missing))}", request_id)
+        raise _bad(f"{mtype} is missing {', '.join(sorted(missing))}", request_id, chain)
     extra = obj.keys() - required - optional
     if extra:
         names = [shorten(str(k)) for k in sorted(extra, key=str)[:ECHO_ITEMS]]
         more = f" and {len(extra) - len(names)} more" if len(extra) > len(names) else ""
-        raise _bad(f"{mtype} has unknown keys {', '.join(names)}{more}", request_id)
+        raise _bad(f"{mtype} has unknown keys {', '.join(names)}{more}", request_id, chain)
 
     if mtype == "request":
         if request_id is None:
             raise _bad(f"request id must be an integer in [0, 2**53), not {echo(rid)}")
+        if "chain" in obj and chain is None:
+            raise _bad(
+                f"request chain must be an integer in [0, 2**53), not {echo(raw_chain)}",
+                request_id,
+            )
         command = obj["command"]
         if not isinstance(command, str) or not command:
-            raise _bad("request command must be a non-empty string", request_id)
+            raise _bad("request command must be a non-empty string", request_id, chain)
         args = obj.get("args", {})
         if not isinstance(args, dict):
-            raise _bad("request args must be a map", request_id)
+            raise _bad("request args must be a map", request_id, chain)
         fds = obj.get("fds", [])
         if not isinstance(fds, list) or not all(isinstance(n, str) for n in fds):
-            raise _bad("request fds must be a list of fd names", request_id)
-        return Request(request_id, command, args, tuple(fds))
+            raise _bad("request fds must be a list of fd names", request_id, chain)
+        return Request(request_id, command, args, tuple(fds), chain)
+    took = _took(obj["took"]) if "took" in obj else None
     if mtype == "result":
         if request_id is None:
             raise _bad(f"result id must be an integer in [0, 2**53), not {echo(rid)}")
-        return Result(request_id, obj["result"])
+        return Result(request_id, obj["result"], took)
     if mtype == "error":
         if rid is not None and request_id is None:
             raise _bad(f"error id must be null or a request id, not {echo(rid)}")
@@ -279,7 +340,7 @@ def decode_message(
             raise _bad("error code and message must be strings")
         if not isinstance(details, dict):
             raise _bad("error details must be a map")
-        return Error(request_id, ErrorInfo(code, message, details))
+        return Error(request_id, ErrorInfo(code, message, details), took)
     name, time, data = obj["event"], obj["time"], obj.get("data", {})
     if not isinstance(name, str) or not isinstance(time, int | float) or isinstance(time, bool):
         raise _bad("event name must be a string and time a number")

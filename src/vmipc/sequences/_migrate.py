@@ -21,6 +21,13 @@ destination's load reads, concurrently, VMM to VMM, never through this client)::
                                       (src renew-lease every L/3 meanwhile)
     src release-lease                 the source stayed paused; it stays so from here
     dst resume                                                 the switch-over point
+
+When both VMMs speak protocol 1.8, the stop-and-copy is two ordered chains sent at once
+(no round trip between its steps): ``src [pause, dump-dirty, dump-state]`` and
+``dst [apply-pages, load-state]``, each VMM running its chain in order and stopping at the
+first failure. ``src release-lease`` is sent once ``load-state`` answered, not chained: a
+lease released before the destination holds the state would leave no VM running if this
+client died then (the window stays one request wide); ``dst resume`` once it answered.
     dst query-status                  running                  downtime ends
     src quit
 
@@ -53,7 +60,15 @@ from typing import Any, Literal, Protocol
 
 import trio
 
-from vmipc.client import Client, CommandError, ConnectionClosed, open_client
+from vmipc.client import (
+    Call,
+    Client,
+    CommandError,
+    ConnectionClosed,
+    OrderedCall,
+    open_client,
+    server_timing,
+)
 from vmipc.errors import VmipcError
 from vmipc.protocol import ProtocolError, UntrustedServer
 from vmipc.sequences._common import (
@@ -225,6 +240,30 @@ async def run_transfer(
     return results["dest"]
 
 
+async def _both(kind: Kind, dump: OrderedCall, load: OrderedCall) -> tuple[Any, Any]:
+    """The replies of a transfer's two sides, each a request of an ordered chain already
+    sent: when either fails, waiting for the other stops, which cancels it and the rest
+    of its chain (a side must not wait forever on a peer that went away)."""
+    results: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+
+    async def side(name: str, call: OrderedCall, cancel: trio.CancelScope) -> None:
+        try:
+            # the requests were sent with the pause: a side's time here is until its reply
+            with timed_side("source" if name == "source" else "destination"):
+                results[name] = await call.result()
+        except Exception as exc:
+            errors[name] = exc
+            cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(side, "source", dump, nursery.cancel_scope)
+        nursery.start_soon(side, "dest", load, nursery.cancel_scope)
+    if errors or len(results) < 2:
+        raise TransferError(kind, errors.get("source"), errors.get("dest"))
+    return results["source"], results["dest"]
+
+
 class LocalDestination:
     """An incoming VMM on this host (``vmipc vmm --incoming --memory M --vcpus N``),
     reached through its control socket; data flows through a socket pair."""
@@ -234,6 +273,7 @@ class LocalDestination:
     ) -> None:
         self.client = client
         self.socket_path = socket_path
+        #: makes the data channel of one transfer (the source's end, ours, close both)
         self.channel = channel
         self.description = f"the destination VMM at {socket_path}"
 
@@ -308,6 +348,11 @@ class LocalDestination:
     async def finish(self) -> None:
         if supports(self.client, "claim-priority"):
             await best_effort(self.client.release_priority)
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the destination takes its loads as one ordered chain (1.8)."""
+        return self.client.supports_ordered
 
 
 #: what :func:`_state_at` says when nobody serves the socket
@@ -545,8 +590,12 @@ class _Migration:
     async def _stop_and_copy(self) -> None:
         """Pause the source, send the last dirty pages and the state while the pause lease
         is renewed, then release the lease: from here on nothing resumes the source by
-        itself, so that the destination may run. Ordered (pipelined) requests plug in
-        here: the last pages and the state could be asked for without waiting in turn."""
+        itself, so that the destination may run. As two ordered chains when both VMMs
+        speak 1.8 (:meth:`_stop_and_copy_ordered`), else one request after the other."""
+        dest = self.dest
+        if isinstance(dest, LocalDestination) and dest.ordered and self.source.supports_ordered:
+            await self._stop_and_copy_ordered(dest)
+            return
         steps, source = self.steps, self.source
         async with steps.phase(self._undo_paused):
             with trio.fail_after(self.policy.switch_timeout):
@@ -567,6 +616,84 @@ class _Migration:
                 if lease.held:
                     async with steps.step("release-lease"):
                         await lease.prove(release=True, lost=SOURCE_LEASE_LOST)
+
+    async def _stop_and_copy_ordered(self, dest: LocalDestination) -> None:
+        """The stop-and-copy as two ordered chains, sent at once: the source's pause,
+        last dirty pages and state, the destination's apply-pages and load-state. Each
+        VMM runs its chain in order and stops at the first failure (the rest answer
+        ``chain-broken`` without running), so what a failure leaves is what the
+        sequential steps leave: the source paused under its lease (resumed by the
+        rollback, or by its VMM if this client dies), the destination not running. The
+        steps wait for the replies in turn, under the same names.
+
+        ``release-lease`` is not in the chain: the source would give its lease up as soon
+        as its state was written, before the destination is known to hold it, and a
+        client dying then would leave no VM running (nothing resumes the source). Sent
+        after ``load-state``'s reply, it costs one round trip and keeps that window one
+        request wide."""
+        steps, source = self.steps, self.source
+        leased = self.lease is not None and supports(source, "renew-lease")
+        async with steps.phase(self._undo_paused):
+            with trio.fail_after(self.policy.switch_timeout):
+                closers: list[Callable[[], None]] = []
+                try:
+                    async with steps.step("pause"):
+                        pages_out, pages_in, close = dest.channel()
+                        closers.append(close)
+                        state_out, state_in, close = dest.channel()
+                        closers.append(close)
+                        # the loads first: they wait on their fds, the dumps write into them
+                        loads = await dest.client.send_ordered(
+                            [
+                                Call("apply-pages", fds={"in": pages_in}),
+                                Call("load-state", fds={"in": state_in}),
+                            ]
+                        )
+                        sent = time.monotonic()
+                        dumps = await source.send_ordered(
+                            [
+                                Call("pause", lease=self.lease) if leased else Call("pause"),
+                                Call("dump-dirty", fds={"out": pages_out}),
+                                Call("dump-state", fds={"out": state_out}),
+                            ]
+                        )
+                        paused = await dumps[0].result()
+                    # the downtime starts when the guest stopped, not when we heard of it:
+                    # the source went on with the dumps meanwhile and its reply may come
+                    # late (its worker threads compete with its event loop). The server's
+                    # timing says when, counted from the send (an upper bound)
+                    self.paused_at = time.monotonic()
+                    took = server_timing(paused)
+                    if took is not None:
+                        self.paused_at = min(self.paused_at, sent + took.queued + took.ran)
+                    lease = PauseLease(source, self.lease if leased else None)
+
+                    async def last_pages_and_state() -> None:
+                        async with steps.step("last dirty round"):
+                            began = time.monotonic()
+                            dumped, applied = await _both("pages", dumps[1], loads[0])
+                            self.rounds.append(
+                                Round(
+                                    number=len(self.rounds),
+                                    kind="final",
+                                    data_pages=int(applied.get("data_pages", 0)),
+                                    zero_pages=int(applied.get("zero_pages", 0)),
+                                    bytes=int(applied.get("bytes", 0)),
+                                    seconds=time.monotonic() - began,
+                                    dirty_pages=dumped["data_pages"] + dumped["zero_pages"],
+                                )
+                            )
+                        async with steps.step("state"):
+                            dumped, _ = await _both("state", dumps[2], loads[1])
+                            self.state_bytes = dumped["bytes"]
+
+                    await lease.keep_while(last_pages_and_state)
+                    if lease.held:
+                        async with steps.step("release-lease"):
+                            await lease.prove(release=True, lost=SOURCE_LEASE_LOST)
+                finally:
+                    for close in closers:
+                        close()
 
     async def _switch_over(self) -> None:
         # no time limit of ours may interrupt it half-way

@@ -13,6 +13,13 @@ request in flight. Nothing a client does can block another client or the vCPUs:
   never the server;
 * machine state changes arrive from vCPU threads through ``run_sync_soon`` only;
 * blocking machine calls run in worker threads (see the handlers in ``commands/``).
+
+Ordered chains (protocol 1.8): the requests of a connection that name the same ``chain``
+run one after the other in the order they arrived, each once the previous one succeeded;
+once one fails (or is refused, or cancelled) the chain is broken and its later requests
+are answered ``chain-broken`` without running. A waiting request is an ordinary request
+in flight: it counts against ``max_in_flight``, holds at most ``max_fds_per_request`` fds,
+can be cancelled, and is cancelled when its connection closes or the server shuts down.
 """
 
 from __future__ import annotations
@@ -55,10 +62,12 @@ from vmipc.protocol import (
     ServerEvent,
     ServerProtocol,
     ServerState,
+    ServerTiming,
     encode_event,
     encode_frame,
     encode_message,
     load_schema,
+    shorten,
 )
 from vmipc.server._config import ServerConfig, SocketConfig
 from vmipc.server._lease import PauseLease
@@ -88,6 +97,10 @@ _MISSING: Any = object()
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 #: seconds between summaries of refused connections (the first refusal is logged at once)
 REFUSAL_LOG_INTERVAL = 10.0
+#: broken ordered chains a connection remembers (their later requests are answered
+#: ``chain-broken``); past that the oldest is forgotten. Chains with requests in flight are
+#: bounded by ``max_in_flight`` already; a client uses a fresh chain id for every chain.
+BROKEN_CHAINS_KEPT = 64
 
 
 def _cancelled(request_id: int) -> ErrorInfo:
@@ -542,8 +555,55 @@ class Server:
 
 
 @dataclass(eq=False)
+class _Chain:
+    """One ordered chain of a connection (1.8)."""
+
+    id: int
+    #: the last request of the chain received: the next one runs after it
+    tail: _RequestEntry | None = None
+    #: its requests in flight
+    in_flight: int = 0
+    #: the position the next request received takes (0, 1, 2... in arrival order)
+    next_position: int = 0
+    #: the position of the first request that did not succeed: those after it do not
+    #: run (those before it, still waiting, do)
+    failed_at: int | None = None
+    #: that request, as ``chain-broken``'s ``details.failed``
+    failed: dict[str, Any] | None = None
+
+    def take_position(self) -> int:
+        position, self.next_position = self.next_position, self.next_position + 1
+        return position
+
+    def broken_for(self, position: int) -> bool:
+        return self.failed_at is not None and self.failed_at < position
+
+    def broken_error(self) -> ErrorInfo:
+        assert self.failed is not None
+        failed = self.failed
+        what = f"request {failed['id']}" if failed["id"] is not None else "a request"
+        if failed["command"] is not None:
+            what += f" ({failed['command']})"
+        return ErrorInfo(
+            ErrorCode.CHAIN_BROKEN,
+            f"not run: chain {self.id} is broken ({what} answered {failed['code']})",
+            {"chain": self.id, "failed": dict(failed)},
+        )
+
+
+@dataclass(eq=False)
 class _RequestEntry:
     spec: CommandSpec
+    #: when the request arrived, began and ended its handler (trio time), for ``took``
+    received: float = 0.0
+    began: float | None = None
+    ended: float | None = None
+    #: its ordered chain, its position there and the request it runs after (1.8)
+    chain: _Chain | None = None
+    position: int = 0
+    after: _RequestEntry | None = None
+    #: set once it has been answered (the next request of its chain may go)
+    finished: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     #: the handler has begun (it then finishes unless the command is cancellable)
     started: bool = False
@@ -553,6 +613,14 @@ class _RequestEntry:
     last_progress: float = -math.inf
     #: a progress report failed to encode (logged once)
     progress_failed: bool = False
+
+    def took(self) -> ServerTiming:
+        """What the request cost the server so far: queued until its handler began, then
+        ran (0 if it never began)."""
+        now = trio.current_time()
+        began = self.began if self.began is not None else now
+        ended = self.ended if self.ended is not None else began
+        return ServerTiming(max(0.0, began - self.received), max(0.0, ended - began))
 
 
 class _RequestServerControl:
@@ -599,6 +667,10 @@ class _Connection:
         self._drained = trio.lowlevel.ParkingLot()
         self._writer_gone = False
         self._requests: dict[int, _RequestEntry] = {}
+        #: ordered chains with requests in flight, or broken (at most BROKEN_CHAINS_KEPT
+        #: of those, the oldest forgotten first)
+        self._chains: dict[int, _Chain] = {}
+        self._broken: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._outer = trio.CancelScope()
         self._reader_scope = trio.CancelScope()
         self._timer_scope = trio.CancelScope()
@@ -663,6 +735,9 @@ class _Connection:
 
     def subscribe(self, events: frozenset[str]) -> None:
         self.subscriptions = events
+
+    def negotiated(self, minor: int) -> None:
+        self.proto.negotiated(minor)
 
     def cancel(self, request_id: int) -> bool:
         entry = self._requests.get(request_id)
@@ -819,29 +894,44 @@ class _Connection:
         checkpoint in between)."""
         if isinstance(event, RequestReceived):
             rid = event.request.id
+            chain = event.request.chain
             self.last_request = trio.current_time()
-            if self.server.closing or self._stopping:
-                close_fds(event.fds.values())
-                self._enqueue(self.proto.send_error(rid, _SHUTTING_DOWN))
-                return True
+            refusal: ErrorInfo | None = None
             allowed = self.allowed_commands
-            if allowed is not None and event.spec.name not in allowed:
-                close_fds(event.fds.values())
+            if self.server.closing or self._stopping:
+                refusal = _SHUTTING_DOWN
+            elif allowed is not None and event.spec.name not in allowed:
                 log.info("%r: %s is not permitted on this socket", self, event.spec.name)
                 refusal = ErrorInfo(
                     ErrorCode.NOT_PERMITTED,
                     f"{event.spec.name} is not permitted on this socket",
                     {"command": event.spec.name, "allowed": sorted(allowed)},
                 )
-                self._enqueue(self.proto.send_error(rid, refusal))
+            if refusal is not None:
+                close_fds(event.fds.values())
+                if chain is not None:
+                    position = self._chain(chain).take_position()
+                    self._break_chain(chain, position, rid, event.spec.name, refusal.code)
+                self._enqueue(self.proto.send_error(rid, refusal, ServerTiming(0.0, 0.0)))
                 return True
-            entry = _RequestEntry(event.spec)
+            entry = _RequestEntry(event.spec, received=self.last_request)
+            if chain is not None:
+                link = self._chain(chain)
+                entry.chain, entry.after = link, link.tail
+                entry.position = link.take_position()
+                link.tail = entry
+                link.in_flight += 1
             self._requests[rid] = entry
             assert self._work is not None
             self._work.start_soon(self._run_request, event, entry)
             return True
         if isinstance(event, RequestRejected):
-            self._enqueue(self.proto.send_error(event.request_id, event.error))
+            if event.chain is not None:
+                # refused before it could run: the requests after it in its chain must not
+                position = self._chain(event.chain).take_position()
+                self._break_chain(event.chain, position, event.request_id, None, event.error.code)
+            took = None if event.request_id is None else ServerTiming(0.0, 0.0)
+            self._enqueue(self.proto.send_error(event.request_id, event.error, took))
             return True
         if isinstance(event, ConnectionBroken):
             if event.error is None:
@@ -855,6 +945,56 @@ class _Connection:
             self._stop(None)
         return False
 
+    # ordered chains
+
+    def _chain(self, chain_id: int) -> _Chain:
+        """The chain ``chain_id`` (a new one if it has nothing in flight and is not broken)."""
+        link = self._chains.get(chain_id)
+        if link is None:
+            link = self._chains[chain_id] = _Chain(chain_id)
+        return link
+
+    def _break_chain(
+        self,
+        chain_id: int,
+        position: int,
+        request_id: int | None,
+        command: str | None,
+        code: str,
+    ) -> None:
+        """The chain's request ``request_id``, at ``position``, did not succeed: the
+        requests after it do not run (the first such request is the one their
+        ``chain-broken`` answers name)."""
+        link = self._chain(chain_id)
+        if link.failed_at is not None and link.failed_at <= position:
+            return
+        link.failed_at = position
+        link.failed = {
+            "id": request_id,
+            "command": None if command is None else shorten(command),
+            "code": shorten(str(code)),
+        }
+        self._broken[chain_id] = None
+        while len(self._broken) > BROKEN_CHAINS_KEPT:
+            oldest, _ = self._broken.popitem(last=False)
+            forgotten = self._chains.get(oldest)
+            if forgotten is not None and forgotten.in_flight == 0:
+                del self._chains[oldest]
+
+    def _chain_done(self, entry: _RequestEntry, rid: int, succeeded: bool, code: str) -> None:
+        link = entry.chain
+        if link is None:
+            return
+        if not succeeded:
+            self._break_chain(link.id, entry.position, rid, entry.spec.name, code)
+        link.in_flight -= 1
+        if link.tail is entry:
+            link.tail = None
+        if link.in_flight == 0 and link.failed is None:
+            self._chains.pop(link.id, None)
+        elif link.in_flight == 0 and link.id not in self._broken:
+            self._chains.pop(link.id, None)  # broken, then forgotten while in flight
+
     # requests
 
     async def _run_request(self, event: RequestReceived, entry: _RequestEntry) -> None:
@@ -863,11 +1003,20 @@ class _Connection:
         fds = FdSet(event.fds)
         result: Any = _MISSING
         error: ErrorInfo | None = None
+        succeeded = False
         try:
             try:
                 with entry.scope:
-                    await self.server.priority.admit(self, spec.name)
-                    error = self._check_fds(spec, fds)
+                    if entry.after is not None:
+                        # its chain's previous request first (answered, and the chain
+                        # broken if it failed); a cancel or a close cancels this wait
+                        await entry.after.finished.wait()
+                    link = entry.chain
+                    if link is not None and link.broken_for(entry.position):
+                        error = link.broken_error()
+                    else:
+                        await self.server.priority.admit(self, spec.name)
+                        error = self._check_fds(spec, fds)
                     handler = self.server.handlers.get(spec.name)
                     if error is None and handler is None:
                         error = ErrorInfo(
@@ -910,9 +1059,11 @@ class _Connection:
             # as results, and the queue stays bounded in bytes
             await self._wait_for_room()
             frame: bytes | None = None
+            took = entry.took()
             if error is None:
                 try:
-                    frame = self.proto.send_result(rid, result)
+                    frame = self.proto.send_result(rid, result, took)
+                    succeeded = True
                 except LocalProtocolError as exc:
                     log.error("%s: %s", spec.name, exc.message)
                     error = ErrorInfo(ErrorCode.INTERNAL_ERROR, exc.message)
@@ -923,9 +1074,14 @@ class _Connection:
                         f"{spec.name}: its result could not be sent ({type(exc).__name__})",
                     )
             if frame is None:
-                frame = self.proto.send_error(rid, error or _cancelled(rid))
+                error = error or _cancelled(rid)
+                frame = self.proto.send_error(rid, error, took)
             self._enqueue(frame)
         finally:
+            # the chain learns the outcome before its next request may go
+            code = error.code if error is not None else ErrorCode.CANCELLED
+            self._chain_done(entry, rid, succeeded, code)
+            entry.finished.set()
             if entry.shutdown_requested:
                 self.server.begin_shutdown()
 
@@ -936,7 +1092,14 @@ class _Connection:
         error = self._check_state(spec)
         if error is not None:
             return _MISSING, error
+        if entry.chain is not None and entry.scope.cancel_called:
+            # a chained request cancelled (or its connection closed) while it waited,
+            # with no checkpoint since: it must not begin now (the shield below would let
+            # it run). A plain request keeps its old behaviour: received before the
+            # close, not yet begun, it may still run (a late ``resume`` does)
+            return _MISSING, None
         entry.started = True
+        entry.began = trio.current_time()
         with trio.CancelScope(shield=not spec.cancellable):
             try:
                 return await handler.func(ctx), None
@@ -953,6 +1116,8 @@ class _Connection:
                 return _MISSING, ErrorInfo(
                     ErrorCode.INTERNAL_ERROR, f"{spec.name} failed: {type(exc).__name__}: {exc}"
                 )
+            finally:
+                entry.ended = trio.current_time()
         return _MISSING, None  # not reached: the shield scope is never cancelled itself
 
     def _check_state(self, spec: CommandSpec) -> ErrorInfo | None:
