@@ -283,8 +283,10 @@ class TcpDestination:
     async def _reply(self) -> dict[str, Any]:
         sock = self._sock()
         reply: dict[str, Any] = await _in_thread(sock, lambda: recv_frame(sock))
-        if reply.get("ok") is not True:
+        if reply.get("ok") is False:
             raise Refused(str(reply.get("error", "refused"))[:500])
+        if reply.get("ok") is not True:
+            raise ControlError("a reply that is neither {ok: true} nor {ok: false}")
         return reply
 
     def close(self) -> None:
