@@ -28,6 +28,7 @@ from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_USAGE
 from vmipc.cli._sequence import print_report, run_sequence
 from vmipc.cli._tls import add_tls_arguments, credentials_of
 from vmipc.sequences import (
+    HELLO_TIMEOUT,
     Credentials,
     CredentialsError,
     ReceiveReport,
@@ -36,7 +37,6 @@ from vmipc.sequences import (
     parse_address,
     receive,
 )
-from vmipc.sequences._net import HELLO_TIMEOUT
 
 PROG = "vmipc receive"
 

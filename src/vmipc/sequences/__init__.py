@@ -38,6 +38,7 @@ from vmipc.sequences._migrate import (
     run_transfer,
 )
 from vmipc.sequences._net import (
+    HELLO_TIMEOUT,
     AuthenticationError,
     ControlError,
     Credentials,
@@ -72,6 +73,7 @@ __all__ = [
     "DEFAULT_MAX_DOWNTIME",
     "DEFAULT_MAX_ROUNDS",
     "DEFAULT_TIMEOUT",
+    "HELLO_TIMEOUT",
     "PRODUCER",
     "AuthenticationError",
     "ChainError",
