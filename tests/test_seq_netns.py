@@ -1,7 +1,8 @@
 """Migration over TCP between two network namespaces joined by a veth pair that this test
 creates (addresses 10.200.N.1/30 and 10.200.N.2/30 exist only inside those namespaces and
-are removed with them): the guest continues exactly; a client killed mid-way and a
-destination VMM killed mid-way each leave exactly one VM running."""
+are removed with them): over TLS with certificates the guest continues exactly; a client
+killed mid-way and a destination VMM killed mid-way (plain TCP, --insecure) each leave
+exactly one VM running."""
 
 from __future__ import annotations
 
@@ -89,10 +90,17 @@ def in_ns(ns: str) -> tuple[str, ...]:
 
 
 class Receiver:
-    def __init__(self, ns: str | None, addr: str, tmp: str, socket: str | None = None) -> None:
+    def __init__(
+        self,
+        ns: str | None,
+        addr: str,
+        tmp: str,
+        socket: str | None = None,
+        security: tuple[str, ...] = ("--insecure",),
+    ) -> None:
         self.console = Path(tmp) / "received.console"
         argv = [*(in_ns(ns) if ns else ()), *VMIPC, "receive", "--listen", f"{addr}:0", "--json"]
-        argv += ["--console", str(self.console), "--accept-timeout", "30"]
+        argv += ["--console", str(self.console), "--accept-timeout", "30", *security]
         if socket:
             argv += ["--socket", socket]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -132,10 +140,20 @@ needs_netns = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or 
 
 
 @needs_netns
-def test_migration_over_tcp_between_namespaces_continues_the_guest() -> None:
+def test_tls_migration_between_namespaces_continues_the_guest() -> None:
+    from tests.tls_support import Ca
+
     with veth_namespaces() as ((ns_a, _), (ns_b, addr_b)), vmm_processes() as vmms:
+        ca = Ca(vmms.tmp, "ca")
+        recv_cert, recv_key = ca.issue("receiver.test", [addr_b])
+        send_cert, send_key = ca.issue("sender.test")
         src = source(vmms, ns_a)
-        receiver = Receiver(ns_b, addr_b, vmms.tmp)
+        receiver = Receiver(
+            ns_b,
+            addr_b,
+            vmms.tmp,
+            security=("--tls-cert", recv_cert, "--tls-key", recv_key, "--tls-ca", str(ca.path)),
+        )
         try:
             done = subprocess.run(
                 [
@@ -147,6 +165,7 @@ def test_migration_over_tcp_between_namespaces_continues_the_guest() -> None:
                     "--to",
                     f"tcp:{addr_b}:{receiver.port}",
                     "--json",
+                    *("--tls-cert", send_cert, "--tls-key", send_key, "--tls-ca", str(ca.path)),
                 ],
                 capture_output=True,
                 text=True,
@@ -289,7 +308,7 @@ def test_receive_into_a_running_vmm_refuses_and_leaves_it_running() -> None:
         try:
             with socketlib.create_connection(("127.0.0.1", receiver.port), timeout=20) as peer:
                 hello = msgpack.packb(
-                    {"op": "hello", "version": 1, "memory_size": 64 << 20, "vcpus": 2}
+                    {"op": "hello", "version": 2, "memory_size": 64 << 20, "vcpus": 2}
                 )
                 peer.sendall(struct.pack("<I", len(hello)) + hello)
                 code, report = receiver.result()

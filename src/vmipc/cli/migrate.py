@@ -3,10 +3,14 @@
     vmipc migrate [--socket SRC] --to DST_SOCKET|tcp:HOST:PORT [--max-downtime MS]
                   [--max-rounds N] [--timeout SECONDS] [--force] [--lease SECONDS]
                   [--json] [--timeline]
+                  [--token-file F | --tls-cert C --tls-key K --tls-ca CA
+                   [--tls-peer-name NAME] | --insecure]
 
-DST_SOCKET is the control socket of a local ``vmipc vmm --incoming --memory M --vcpus N``;
-``tcp:HOST:PORT`` is a ``vmipc receive --listen HOST:PORT`` on another host. Memory goes
-from VMM to VMM through a socket (pair), never through this process.
+DST_SOCKET is the control socket of a local ``vmipc vmm --incoming`` (given the source's shape);
+``tcp:HOST:PORT`` is a ``vmipc receive --listen HOST:PORT`` on another host, reached over
+TLS 1.3 with mutual authentication (certificates or a token file; plain TCP only to a
+loopback address, or with --insecure). Locally, memory goes from VMM to VMM through a
+socket pair, never through this process; over TLS this process encrypts it.
 
 Policy: dirty rounds go on while the predicted downtime (dirty bytes ÷ the rate measured
 in the previous round) is above --max-downtime and the rounds make progress, up to
@@ -36,6 +40,7 @@ from vmipc.cli._sequence import (
     run_sequence,
     socket_path,
 )
+from vmipc.cli._tls import add_tls_arguments, credentials_of
 from vmipc.sequences import (
     DEFAULT_MAX_DOWNTIME,
     DEFAULT_MAX_ROUNDS,
@@ -94,6 +99,7 @@ def add_parser(subparsers: Any) -> None:
         help="when it does not converge, stop the source anyway instead of giving up",
     )
     add_lease_argument(parser, "the source's pause")
+    add_tls_arguments(parser, "sender")
     add_output_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -137,16 +143,21 @@ def _policy(args: argparse.Namespace) -> MigrationPolicy | None:
 
 
 def _migration(
-    source: str, to: str, options: dict[str, Any]
+    source: str, args: argparse.Namespace, options: dict[str, Any]
 ) -> Callable[[], Awaitable[MigrationReport]]:
     """The migration to run: to a local socket, or to ``tcp:HOST:PORT`` (ValueError for a
-    bad address)."""
+    bad address or unusable credentials)."""
+    to: str = args.to
     if not to.startswith("tcp:"):
         return lambda: migrate_local(source, to, **options)
-    from vmipc.sequences import migrate_tcp, parse_address
+    from vmipc.sequences import CredentialsError, migrate_tcp, parse_address
 
     address = parse_address(to.removeprefix("tcp:"))
-    return lambda: migrate_tcp(source, address, **options)
+    try:
+        credentials = credentials_of(args, address[0])
+    except CredentialsError as exc:
+        raise ValueError(f"refused: {exc}") from None
+    return lambda: migrate_tcp(source, address, credentials, **options)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        main = _migration(source, args.to, {"policy": policy, "lease": lease_of(args)})
+        main = _migration(source, args, {"policy": policy, "lease": lease_of(args)})
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE

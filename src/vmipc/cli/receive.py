@@ -1,13 +1,19 @@
 """``vmipc receive``: the destination side of a migration across hosts.
 
-    vmipc receive --listen HOST:PORT [--socket PATH] [--console PATH] [--vmm-log PATH]
-                  [--accept-timeout SECONDS] [--json]
+    vmipc receive --listen HOST:PORT [--token-file F | --tls-cert C --tls-key K --tls-ca CA
+                  [--tls-peer-name NAME] | --insecure] [--memory SIZE] [--vcpus N]
+                  [--hello-timeout SECONDS] [--socket PATH] [--console PATH]
+                  [--vmm-log PATH] [--accept-timeout SECONDS] [--json]
 
 Accepts one TCP connection from ``vmipc migrate --to tcp:HOST:PORT`` and feeds what
 arrives straight into an incoming VMM: the one at --socket, or one it starts (``vmipc vmm
 --incoming`` with the source's RAM and vCPU count, console to --console), which keeps
 running after this command exits when the migration succeeds. Prints ``listening on
-HOST:PORT`` first (PORT 0 picks a free port). If anything fails before the switch-over the
+HOST:PORT`` first (PORT 0 picks a free port). The connection is TLS 1.3 with mutual
+authentication; without credentials only a loopback address is allowed, unless --insecure.
+A peer that does not authenticate within --hello-timeout is dropped (one line on stderr)
+and the receiver listens on. The source's RAM and vCPUs must be --memory/--vcpus when
+given, else at most 4 GiB and the host's CPU count. If anything fails before the switch-over the
 destination VMM is told to quit. Exit codes: 0 the guest runs here; 1 the migration failed
 (the destination was discarded); 2 bad usage; 3 cannot listen or reach the VMM.
 """
@@ -20,7 +26,17 @@ from typing import Any
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_USAGE
 from vmipc.cli._sequence import print_report, run_sequence
-from vmipc.sequences import ReceiveReport, listen, parse_address, receive
+from vmipc.cli._tls import add_tls_arguments, credentials_of
+from vmipc.sequences import (
+    HELLO_TIMEOUT,
+    Credentials,
+    CredentialsError,
+    ReceiveReport,
+    Shape,
+    listen,
+    parse_address,
+    receive,
+)
 
 PROG = "vmipc receive"
 
@@ -56,15 +72,46 @@ def add_parser(subparsers: Any) -> None:
         metavar="SECONDS",
         help="give up if nobody connects within this time",
     )
+    parser.add_argument(
+        "--hello-timeout",
+        type=float,
+        default=HELLO_TIMEOUT,
+        metavar="SECONDS",
+        help=f"drop a peer that has not authenticated and said hello by then "
+        f"(default {HELLO_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--memory", metavar="SIZE", help="accept only a guest of this RAM (e.g. 64M, 1G)"
+    )
+    parser.add_argument("--vcpus", type=int, metavar="N", help="accept only this vCPU count")
+    add_tls_arguments(parser, "receiver")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=run)
+
+
+def _shape(args: argparse.Namespace) -> Shape:
+    """The shape the options pin (ValueError for a bad size or count)."""
+    from vmipc.vmm.memory import parse_size
+
+    memory = None if args.memory is None else parse_size(args.memory)
+    if args.vcpus is not None and args.vcpus < 1:
+        raise ValueError("--vcpus must be positive")
+    return Shape(memory=memory, vcpus=args.vcpus)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         address = parse_address(args.listen)
+        shape = _shape(args)
+        if args.hello_timeout <= 0:
+            raise ValueError("--hello-timeout must be positive")
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        credentials: Credentials | None = credentials_of(args, address[0] or "0.0.0.0")
+    except CredentialsError as exc:
+        print(f"{PROG}: refused: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         listener = listen(address)
@@ -72,7 +119,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: cannot listen on {args.listen}: {exc.strerror}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     host, port = listener.getsockname()[:2]
+    secured = "plain TCP" if credentials is None else f"TLS, {credentials.mode}"
     print(f"listening on {host}:{port}", flush=True)
+    print(f"{PROG}: listening on {host}:{port} ({secured})", file=sys.stderr, flush=True)
+
+    def refused(line: str) -> None:
+        print(f"{PROG}: dropped a peer: {line}", file=sys.stderr, flush=True)
 
     async def main() -> ReceiveReport:
         return await receive(
@@ -81,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
             console=args.console,
             vmm_log=args.vmm_log,
             accept_timeout=args.accept_timeout,
+            credentials=credentials,
+            hello_timeout=args.hello_timeout,
+            shape=shape,
+            on_refused=refused,
         )
 
     code, report = run_sequence(PROG, main)

@@ -1,18 +1,20 @@
-"""Migration across hosts over one TCP connection.
+"""Migration across hosts over one TCP connection (protocol/migration-channel.md, version 2).
 
 The sender (``vmipc migrate --to tcp:HOST:PORT``) drives the source VMM; the receiver
-(``vmipc receive --listen HOST:PORT``) drives an incoming VMM on its host. Bulk data goes
-from the source VMM straight into the TCP socket (the sender passes the socket's fd to
-dump-memory / dump-dirty / dump-state) and from the socket straight into the destination
-VMM (the receiver passes its socket's fd to apply-pages / load-state): never through
-either client process.
+(``vmipc receive --listen HOST:PORT``) drives an incoming VMM on its host. By default the
+connection is TLS 1.3 with mutual authentication (certificates, or a shared token: see
+``_tls``); then the bulk data goes from the source VMM into a socket pair, through the
+sender's pump into TLS, and out of the receiver's pump into a socket pair its VMM reads.
+Only with ``--insecure`` (or on loopback without credentials) does the connection stay
+plain TCP, and each VMM then reads or writes the TCP socket itself.
 
 Between the bulk transfers, both sides exchange small control frames on the same
-connection: a ``u32`` little-endian length, then a msgpack map. Because apply-pages and
-load-state read exactly their stream and never past it, a frame can follow one directly.
+connection: a ``u32`` little-endian length, then a msgpack map.
 
     sender → receiver                       receiver → sender
-    {op: hello, version: 1,                 {ok: true} once an incoming VMM with that RAM
+    (token mode, after the TLS handshake)   {auth: "token", nonce}
+    {op: auth, nonce, proof}                {ok: true, proof}
+    {op: hello, version: 2,                 {ok: true} once an incoming VMM with that RAM
      memory_size, vcpus}                      and vCPUs is ready
     {op: pages} + one page stream           {ok: true, result: apply-pages' result}
     {op: state} + one state blob            {ok: true, result: load-state's result}
@@ -24,28 +26,32 @@ load-state read exactly their stream and never past it, a frame can follow one d
 
 The receiver discards the destination (quits its VMM) whenever anything fails before
 ``resume`` — an error, a bad stream, the connection closing — and keeps it running once
-it resumed it, whatever happens to the connection afterwards.
+it resumed it, whatever happens to the connection afterwards. A peer that does not
+authenticate within the hello timeout is dropped before any VMM starts, and the receiver
+goes on listening for the real sender.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import trio
 
 from vmipc.client import Client, open_client
-from vmipc.errors import VmipcError
 from vmipc.protocol import DecodeLimits, RemoteProtocolError, unpack
 from vmipc.sequences._common import best_effort, describe, supports
 from vmipc.sequences._migrate import (
@@ -57,18 +63,42 @@ from vmipc.sequences._migrate import (
     TransferError,
     migrate,
 )
+from vmipc.sequences._tls import (
+    AuthenticationError,
+    ControlError,
+    Credentials,
+    CredentialsError,
+    Refused,
+    client_context,
+    hard_shutdown,
+    is_loopback,
+    new_nonce,
+    pump_in,
+    pump_out,
+    read_token,
+    receiver_fingerprint,
+    receiver_proof,
+    same,
+    sender_proof,
+    server_context,
+)
 
-VERSION = 1
+VERSION = 2
 #: a control frame is a small map (a command's result at most)
 _CONTROL_DECODE_LIMITS = DecodeLimits(max_str_len=64 << 10, max_containers=4096)
 _LENGTH = struct.Struct("<I")
 MAX_FRAME = 1 << 20
 #: seconds to wait for a control reply that needs no bulk transfer
 REPLY_TIMEOUT = 30.0
-
-
-class ControlError(VmipcError):
-    """The other side broke the control exchange, or refused a step (one line)."""
+#: receiver: seconds from accepting a connection to its authenticated hello
+HELLO_TIMEOUT = 10.0
+#: receiver: seconds to wait for the sender's next control frame
+IDLE_TIMEOUT = 120.0
+#: receiver: with no --memory, the most RAM a peer may ask for; with no --vcpus, the most
+#: vCPUs is the host's CPU count
+DEFAULT_MAX_MEMORY = 4 << 30
+#: the first byte of a TLS handshake record (a ClientHello)
+_TLS_HANDSHAKE = 0x16
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -77,6 +107,39 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"not HOST:PORT: {text!r}")
     return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def security_for(
+    host: str,
+    *,
+    cert: str | None = None,
+    key: str | None = None,
+    ca: str | None = None,
+    peer_name: str | None = None,
+    token_file: str | None = None,
+    insecure: bool = False,
+) -> Credentials | None:
+    """The credentials the options give, or None for plain TCP: allowed with ``insecure``
+    or when ``host`` is loopback. Raises CredentialsError for a bad combination and when
+    no credentials are given for a non-loopback host without ``insecure``."""
+    certs = (cert, key, ca)
+    if token_file is not None and any(certs):
+        raise CredentialsError("give either --token-file or --tls-cert/--tls-key/--tls-ca")
+    if any(certs) and not all(certs):
+        raise CredentialsError("certificates need all of --tls-cert, --tls-key and --tls-ca")
+    if (any(certs) or token_file is not None) and insecure:
+        raise CredentialsError("--insecure and credentials exclude each other")
+    if token_file is not None:
+        return Credentials(token=read_token(token_file), peer_name=peer_name)
+    if all(certs):
+        return Credentials(cert=cert, key=key, ca=ca, peer_name=peer_name)
+    if insecure or is_loopback(host):
+        return None
+    raise CredentialsError(
+        f"{host} is not a loopback address: the migration would cross the network "
+        "unauthenticated and in clear text; give --token-file or --tls-cert/--tls-key/"
+        "--tls-ca (or --insecure to accept that)"
+    )
 
 
 # --- frames (blocking; run in a thread) ----------------------------------------------------
@@ -114,27 +177,98 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
 
 
 async def _in_thread(sock: socket.socket, work: Callable[[], Any]) -> Any:
-    """Blocking socket work in a thread; a cancelled wait shuts the socket down so the
-    thread returns (the connection is unusable afterwards anyway)."""
+    """Blocking socket work in a thread; a cancelled wait shuts the connection down so
+    the thread returns (the connection is unusable afterwards anyway)."""
     try:
         return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
     except trio.Cancelled:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+        hard_shutdown(sock)
         raise
+
+
+async def _bulk_out(
+    sock: socket.socket, send: Send
+) -> tuple[BaseException | None, BaseException | None]:
+    """Sender, TLS: the source VMM's dump goes into a socket pair that a thread pumps into
+    ``sock`` in chunks. Returns (the dump's error, the pump's error)."""
+    ours, pumped = socket.socketpair()
+    failed = threading.Event()
+    errors: dict[str, BaseException] = {}
+
+    async def pump() -> None:
+        try:
+            await _in_thread(sock, lambda: pump_out(pumped, sock, failed))
+        except Exception as exc:
+            errors["pump"] = exc
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            try:
+                await send(ours.fileno())
+            except Exception as exc:
+                errors["dump"] = exc
+                failed.set()  # the pump ends the stream with ABORT, not END
+            finally:
+                ours.close()  # with the VMM's copy closed too, the pump sees end of input
+    finally:
+        pumped.close()
+    return errors.get("dump"), errors.get("pump")
+
+
+async def _bulk_in(sock: socket.socket, load: Callable[[int], Awaitable[Any]]) -> Any:
+    """Receiver, TLS: a thread pumps the chunks from ``sock`` into a socket pair whose
+    other end the VMM's ``load`` reads. Raises when either fails."""
+    theirs, pumped = socket.socketpair()
+    errors: dict[str, BaseException] = {}
+    result: dict[str, Any] = {}
+
+    async def pump() -> None:
+        try:
+            await _in_thread(sock, lambda: pump_in(sock, pumped))
+        except Exception as exc:
+            errors["pump"] = exc
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            try:
+                result["load"] = await load(theirs.fileno())
+            except Exception as exc:
+                errors["load"] = exc
+                # the VMM stopped reading: the pump fails on its next write, unless the
+                # sender stops sending; then the connection is given up
+                nursery.cancel_scope.deadline = trio.current_time() + 5
+            finally:
+                theirs.close()
+    finally:
+        pumped.close()
+    if "load" in errors:
+        raise errors["load"]
+    if "pump" in errors:
+        raise errors["pump"]
+    return result["load"]
 
 
 # --- the sender's side: a Destination over TCP -----------------------------------------------
 
 
 class TcpDestination:
-    """A ``vmipc receive`` at (host, port): the Destination of :func:`migrate` over TCP."""
+    """A ``vmipc receive`` at (host, port): the Destination of :func:`migrate` over TCP,
+    over TLS with ``credentials`` (None: plain TCP)."""
 
-    def __init__(self, address: tuple[str, int], connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        credentials: Credentials | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
         self.address = address
+        self.credentials = credentials
         self.connect_timeout = connect_timeout
         self.sock: socket.socket | None = None
-        self.description = f"vmipc receive at {address[0]}:{address[1]}"
+        secured = "" if credentials is None else f" (TLS, {credentials.mode})"
+        self.description = f"vmipc receive at {address[0]}:{address[1]}{secured}"
 
     def _sock(self) -> socket.socket:
         if self.sock is None:
@@ -149,25 +283,65 @@ class TcpDestination:
     async def _reply(self) -> dict[str, Any]:
         sock = self._sock()
         reply: dict[str, Any] = await _in_thread(sock, lambda: recv_frame(sock))
-        if not reply.get("ok"):
-            raise ControlError(str(reply.get("error", "refused")))
+        if reply.get("ok") is False:
+            raise Refused(str(reply.get("error", "refused"))[:500])
+        if reply.get("ok") is not True:
+            raise ControlError("a reply that is neither {ok: true} nor {ok: false}")
         return reply
 
     def close(self) -> None:
         if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+            hard_shutdown(self.sock)
             self.sock.close()
             self.sock = None
 
-    async def prepare(self, memory_size: int, vcpus: int) -> None:
-        def connect() -> socket.socket:
-            sock = socket.create_connection(self.address, timeout=self.connect_timeout)
-            sock.settimeout(None)
+    def _connect(self) -> socket.socket:
+        """TCP, then (with credentials) the TLS handshake and the token proofs."""
+        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
+            creds = self.credentials
+            if creds is None:
+                sock.settimeout(None)  # the VMMs get this fd: it must block
+                return sock
+            sock.settimeout(REPLY_TIMEOUT)
+            name = creds.peer_name or self.address[0]
+            try:
+                tls = client_context(creds).wrap_socket(sock, server_hostname=name)
+            except ssl.SSLError as exc:
+                raise AuthenticationError(f"TLS: {exc.reason or exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            if creds.token is not None:
+                self._token_proofs(tls, creds.token)
+            tls.settimeout(None)
+            return tls
+        except BaseException:
+            tls.close()
+            raise
 
-        self.sock = await trio.to_thread.run_sync(connect)
+    @staticmethod
+    def _token_proofs(tls: ssl.SSLSocket, token: bytes) -> None:
+        fingerprint = receiver_fingerprint(tls)
+        challenge = recv_frame(tls)
+        theirs = challenge.get("nonce")
+        if challenge.get("auth") != "token" or not isinstance(theirs, bytes) or len(theirs) != 32:
+            raise AuthenticationError("the receiver does not ask for a token proof")
+        mine = new_nonce()
+        send_frame(
+            tls,
+            {"op": "auth", "nonce": mine, "proof": sender_proof(token, fingerprint, theirs, mine)},
+        )
+        reply = recv_frame(tls)
+        if reply.get("ok") is not True:
+            raise AuthenticationError(f"the receiver refused: {str(reply.get('error'))[:200]}")
+        if not same(reply.get("proof"), receiver_proof(token, fingerprint, theirs, mine)):
+            raise AuthenticationError("the receiver does not know the token")
+
+    async def prepare(self, memory_size: int, vcpus: int) -> None:
+        self.sock = await trio.to_thread.run_sync(self._connect)
         try:
             with trio.fail_after(REPLY_TIMEOUT):
                 await self._request(
@@ -183,18 +357,26 @@ class TcpDestination:
             await _in_thread(sock, lambda: send_frame(sock, {"op": kind}))
         except (OSError, ControlError) as exc:
             raise TransferError(kind, None, exc) from exc
-        try:
-            await send(sock.fileno())
-        except Exception as exc:
+        dump_error: BaseException | None
+        pump_error: BaseException | None = None
+        if self.credentials is None:
+            try:
+                await send(sock.fileno())
+                dump_error = None
+            except Exception as exc:
+                dump_error = exc
+        else:
+            dump_error, pump_error = await _bulk_out(sock, send)
+        if dump_error is not None or pump_error is not None:
             # the receiver may have said why it stopped reading
-            reason: BaseException | None = None
+            reason: BaseException | None = pump_error
             with trio.move_on_after(2):
                 try:
                     await self._reply()
                 except (OSError, ControlError) as told:
                     reason = told
             self.close()  # a broken stream: the receiver discards on end of input
-            raise TransferError(kind, exc, reason) from exc
+            raise TransferError(kind, dump_error, reason) from dump_error or pump_error
         try:
             reply = await self._reply()
         except (OSError, ControlError) as exc:
@@ -207,12 +389,11 @@ class TcpDestination:
         try:
             with trio.fail_after(RESUME_TIMEOUT):
                 reply = await self._request({"op": "resume"})
-        except ControlError as exc:
-            if "closed" in str(exc):
-                raise DestinationUnknown(f"{exc} after resume was sent") from exc
-            raise  # the receiver refused: it did not resume
-        except (OSError, trio.TooSlowError) as exc:
-            raise DestinationUnknown(describe(exc)) from exc
+        except Refused:
+            raise  # an explicit {ok: false}: the receiver did not resume (it discards)
+        except Exception as exc:
+            # a closed connection, a timeout, a malformed reply: the resume may have run
+            raise DestinationUnknown(f"{describe(exc)} after resume was sent") from exc
         return str(reply.get("state"))
 
     async def discard(self) -> str:
@@ -230,10 +411,14 @@ class TcpDestination:
 
 
 async def migrate_tcp(
-    source_socket: str, address: tuple[str, int], **options: Any
+    source_socket: str,
+    address: tuple[str, int],
+    credentials: Credentials | None = None,
+    **options: Any,
 ) -> MigrationReport:
-    """Migrate the VM behind ``source_socket`` to a ``vmipc receive`` at ``address``."""
-    dest = TcpDestination(address)
+    """Migrate the VM behind ``source_socket`` to a ``vmipc receive`` at ``address``, over
+    TLS with ``credentials`` (None: plain TCP)."""
+    dest = TcpDestination(address, credentials)
     try:
         async with open_client(source_socket, client_name="vmipc migrate") as src:
             return await migrate(src, dest, **options)
@@ -253,6 +438,41 @@ class ReceiveReport:
     transfers: int
     total_s: float
     reason: str | None = None
+    #: peers dropped before they authenticated: "HOST:PORT: why"
+    refused: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the receiver accepts: exactly ``memory``/``vcpus`` when pinned, else at most
+    the ceilings."""
+
+    memory: int | None = None
+    vcpus: int | None = None
+    max_memory: int = DEFAULT_MAX_MEMORY
+    max_vcpus: int = 0  # 0: the host's CPU count
+
+    def check(self, memory_size: object, vcpus: object) -> tuple[int, int]:
+        if type(memory_size) is not int or type(vcpus) is not int:
+            raise ControlError("hello: memory_size and vcpus must be integers")
+        if self.memory is not None and memory_size != self.memory:
+            raise ControlError(
+                f"this receiver takes {self.memory} bytes of RAM (--memory), not {memory_size}"
+            )
+        if self.vcpus is not None and vcpus != self.vcpus:
+            raise ControlError(f"this receiver takes {self.vcpus} vCPUs (--vcpus), not {vcpus}")
+        max_vcpus = self.max_vcpus or os.cpu_count() or 1
+        if self.memory is None and not 0 < memory_size <= self.max_memory:
+            raise ControlError(
+                f"{memory_size} bytes of RAM is over this receiver's limit of "
+                f"{self.max_memory} (pin the size with --memory)"
+            )
+        if self.vcpus is None and not 0 < vcpus <= max_vcpus:
+            raise ControlError(
+                f"{vcpus} vCPUs is over this receiver's limit of {max_vcpus} "
+                "(pin the count with --vcpus)"
+            )
+        return memory_size, vcpus
 
 
 class _Vmm:
@@ -311,6 +531,69 @@ class _Vmm:
             os.rmdir(self._tmp)
 
 
+class _Admission:
+    """The receiver's side of authentication: a TLS context (and, in token mode, the
+    fingerprint of its own ephemeral certificate) made once per listen."""
+
+    def __init__(self, credentials: Credentials | None) -> None:
+        self.credentials = credentials
+        self.context: ssl.SSLContext | None = None
+        self.fingerprint: bytes | None = None
+        if credentials is not None:
+            self.context, self.fingerprint = server_context(credentials)
+
+    def admit(self, conn: socket.socket, timeout: float) -> socket.socket:
+        """Blocking: the connection once its peer authenticated (TLS) or, in plain mode,
+        as it is. Raises AuthenticationError (or OSError) for a peer to drop."""
+        conn.settimeout(timeout)
+        first = conn.recv(1, socket.MSG_PEEK)
+        if not first:
+            raise AuthenticationError("it closed without a word")
+        if self.context is None:
+            if first[0] == _TLS_HANDSHAKE:
+                raise AuthenticationError("it speaks TLS; this receiver runs without TLS")
+            return conn
+        if first[0] != _TLS_HANDSHAKE:
+            # a plain (version 1) sender: say why in a frame it can read, then drop it
+            with contextlib.suppress(OSError):
+                send_frame(
+                    conn,
+                    {
+                        "ok": False,
+                        "error": f"this receiver speaks migration channel version {VERSION} "
+                        "over TLS only: give the sender credentials",
+                    },
+                )
+            raise AuthenticationError("it does not speak TLS (a version 1 sender?)")
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except ssl.SSLError as exc:
+            raise AuthenticationError(f"TLS: {exc.reason or exc}") from None
+        creds = self.credentials
+        assert creds is not None
+        from vmipc.sequences._tls import check_peer_name
+
+        check_peer_name(tls, creds.peer_name)
+        if creds.token is not None:
+            assert self.fingerprint is not None
+            self._token_proofs(tls, creds.token, self.fingerprint)
+        return tls
+
+    @staticmethod
+    def _token_proofs(tls: socket.socket, token: bytes, fingerprint: bytes) -> None:
+        mine = new_nonce()
+        send_frame(tls, {"auth": "token", "nonce": mine})
+        answer = recv_frame(tls)
+        theirs = answer.get("nonce")
+        if answer.get("op") != "auth" or not isinstance(theirs, bytes) or len(theirs) != 32:
+            raise AuthenticationError("no token proof")
+        if not same(answer.get("proof"), sender_proof(token, fingerprint, mine, theirs)):
+            with contextlib.suppress(OSError):
+                send_frame(tls, {"ok": False, "error": "wrong token"})
+            raise AuthenticationError("wrong token proof")
+        send_frame(tls, {"ok": True, "proof": receiver_proof(token, fingerprint, mine, theirs)})
+
+
 async def receive(
     listener: socket.socket,
     *,
@@ -318,19 +601,48 @@ async def receive(
     console: str = "/dev/null",
     vmm_log: str | None = None,
     accept_timeout: float | None = None,
+    credentials: Credentials | None = None,
+    hello_timeout: float = HELLO_TIMEOUT,
+    shape: Shape | None = None,
+    on_refused: Callable[[str], None] | None = None,
 ) -> ReceiveReport:
     """Accept one migration on ``listener`` (a bound, listening TCP socket) into an
     incoming VMM: the one at ``vmm_socket``, or one this function starts (it then outlives
-    this process when the migration succeeds). See the module doc for the exchange."""
+    this process when the migration succeeds). See the module doc for the exchange.
+
+    Over TLS with ``credentials`` (None: plain TCP). A peer that does not authenticate
+    within ``hello_timeout`` seconds is dropped (``on_refused`` is told, one line) and the
+    receiver goes on listening, until ``accept_timeout`` after the start."""
     started = time.monotonic()
+    shape = shape or Shape()
+    admission = _Admission(credentials)
+    refused: list[str] = []
 
     def accept() -> tuple[socket.socket, Any]:
-        listener.settimeout(accept_timeout)
+        left = None if accept_timeout is None else accept_timeout - (time.monotonic() - started)
+        if left is not None and left <= 0:
+            raise TimeoutError("nobody connected in time")
+        listener.settimeout(left)
         return listener.accept()
 
-    conn, peer = await trio.to_thread.run_sync(accept, abandon_on_cancel=True)
+    while True:
+        raw, peer = await trio.to_thread.run_sync(accept, abandon_on_cancel=True)
+        peer_text = f"{peer[0]}:{peer[1]}"
+        accepted = time.monotonic()
+        try:
+            with trio.fail_after(hello_timeout + 1):
+                conn = await _in_thread(raw, functools.partial(admission.admit, raw, hello_timeout))
+            break
+        except (AuthenticationError, ControlError, OSError, trio.TooSlowError) as exc:
+            silent = isinstance(exc, (TimeoutError, trio.TooSlowError))
+            why = f"no authentication within {hello_timeout:g} s" if silent else describe(exc)
+            line = f"{peer_text}: {why}"[:300]
+            refused.append(line)
+            if on_refused is not None:
+                on_refused(line)
+            hard_shutdown(raw)
+            raw.close()
     listener.close()
-    peer_text = f"{peer[0]}:{peer[1]}"
     vmm = _Vmm(vmm_socket, console, vmm_log)
     transfers = 0
     resumed = False
@@ -338,6 +650,7 @@ async def receive(
     #: the destination is ours to discard: we started it, or it proved a fitting incoming
     #: VMM; a VMM we were given that is anything else (running a guest!) is left alone
     ours = vmm_socket is None
+    secure = credentials is not None
 
     def report(outcome: str, reason: str | None = None) -> ReceiveReport:
         return ReceiveReport(
@@ -348,18 +661,35 @@ async def receive(
             transfers=transfers,
             total_s=time.monotonic() - started,
             reason=reason,
+            refused=refused,
         )
 
     async def reply(message: Mapping[str, Any]) -> None:
         await _in_thread(conn, lambda: send_frame(conn, message))
 
+    async def next_frame(timeout: float) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            frame: dict[str, Any] = await _in_thread(conn, lambda: recv_frame(conn))
+        return frame
+
+    async def bulk(load: Callable[[int], Awaitable[Any]]) -> Any:
+        if secure:
+            return await _bulk_in(conn, load)
+        return await load(conn.fileno())
+
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(conn.close)
         try:
-            hello = await _in_thread(conn, lambda: recv_frame(conn))
+            conn.settimeout(None)  # bounds come from trio (plain: the VMM reads this fd)
+            left = max(0.1, hello_timeout - (time.monotonic() - accepted))
+            try:
+                hello = await next_frame(left)
+            except trio.TooSlowError:
+                raise ControlError(f"no hello within {hello_timeout:g} s") from None
             if hello.get("op") != "hello" or hello.get("version") != VERSION:
-                raise ControlError(f"expected hello version {VERSION}, got {hello}")
-            memory_size, vcpus = int(hello["memory_size"]), int(hello["vcpus"])
+                shown = {k: hello.get(k) for k in ("op", "version")}
+                raise ControlError(f"expected hello version {VERSION}, got {shown}")
+            memory_size, vcpus = shape.check(hello.get("memory_size"), hello.get("vcpus"))
             await vmm.start(memory_size, vcpus)
             client = await stack.enter_async_context(
                 open_client(vmm.socket_path, client_name="vmipc receive")
@@ -377,14 +707,14 @@ async def receive(
             ours = True
             await reply({"ok": True})
             while True:
-                message = await _in_thread(conn, lambda: recv_frame(conn))
+                message = await next_frame(IDLE_TIMEOUT)
                 op = message.get("op")
                 if op == "pages":
-                    applied = await client.apply_pages(in_=conn.fileno())
+                    applied = await bulk(lambda fd: client.apply_pages(in_=fd))
                     transfers += 1
                     await reply({"ok": True, "result": dict(applied)})
                 elif op == "state":
-                    loaded = await client.load_state(in_=conn.fileno())
+                    loaded = await bulk(lambda fd: client.load_state(in_=fd))
                     transfers += 1
                     await reply({"ok": True, "result": dict(loaded)})
                 elif op == "resume":
@@ -403,7 +733,7 @@ async def receive(
                         await reply({"ok": True})
                     return report("discarded", "the sender aborted")
                 else:
-                    raise ControlError(f"unknown control operation {op!r}")
+                    raise ControlError(f"unknown control operation {str(op)[:40]!r}")
         except (Exception, trio.Cancelled) as exc:
             if resumed:
                 if isinstance(exc, Exception):
@@ -413,8 +743,7 @@ async def receive(
                 with contextlib.suppress(OSError, ControlError, trio.TooSlowError):
                     with trio.fail_after(2):
                         await reply({"ok": False, "error": describe(exc)})
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+                hard_shutdown(conn)
                 await vmm.discard(client if ours else None)
             if isinstance(exc, Exception):
                 return report("discarded", describe(exc))
@@ -428,11 +757,17 @@ def listen(address: tuple[str, int]) -> socket.socket:
 
 
 __all__ = [
+    "AuthenticationError",
     "ControlError",
+    "Credentials",
+    "CredentialsError",
     "ReceiveReport",
+    "Refused",
+    "Shape",
     "TcpDestination",
     "listen",
     "migrate_tcp",
     "parse_address",
     "receive",
+    "security_for",
 ]
