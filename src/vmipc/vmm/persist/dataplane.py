@@ -188,28 +188,57 @@ class PageCoverage:
         return not rest or self._bits[full] == (1 << rest) - 1
 
 
+#: record headers and the stream header are read through a reusable buffer of this size
+#: (a read never asks for more than the decoder still wants, so never past the stream)
+_RECORD_READ = 64 << 10
+#: a data run's payload is read straight into guest RAM at most this much a call
+_PAYLOAD_READ = 4 << 20
+
+
 def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
     """Apply one page stream from ``fd`` to guest RAM as it arrives.
 
     Reads exactly the stream's bytes, never past its end (the fd may carry more after it).
-    Raises :class:`BulkError` ("bad-stream") when the stream is corrupt, truncated or for
-    other RAM: the memory then holds a partial update and must not be run. The stats say
-    ``complete`` when the stream wrote every page of RAM (as a full dump does).
+    A data run's payload goes from the fd into its place in RAM with one copy (the
+    ``read``) and no allocation; the decoder checks the round checksum over those bytes
+    where they landed. Raises :class:`BulkError` ("bad-stream") when the stream is corrupt,
+    truncated or for other RAM: the memory then holds a partial update (pages that may
+    have failed the checksum) and must not be run. The stats say ``complete`` when the
+    stream wrote every page of RAM (as a full dump does).
     """
     decoder = PageStreamDecoder(expect_layout=list(memory.ram_ranges()))
     stats = Stats()
     coverage = PageCoverage(memory.size)
     rounds = data_bytes = 0
+    small = memoryview(bytearray(_RECORD_READ))
+    ram = memory.view
     try:
         while True:
+            left = decoder.payload_left
+            if left and not decoder.buffered:
+                # the decoder validated the run (inside one RAM range): read into place
+                count = min(left, _PAYLOAD_READ)
+                offset = memory.offset_of(decoder.payload_gpa, count)
+                got = transfer.read_into(fd, ram[offset : offset + count])
+                if not got:
+                    decoder.feed(b"")  # the next event says where the stream was cut
+                    decoder.next_event()
+                    raise BulkError("bad-stream", "page stream truncated")  # not reached
+                decoder.feed_payload(ram[offset : offset + got])
+                coverage.add(offset, got)
+                data_bytes += got
+                stats.bytes += got
+                continue
             event = decoder.next_event()
             if event is NEED_DATA:
-                data = transfer.read_some(fd, max(1, min(decoder.wanted, 1 << 20)))
-                decoder.feed(data)
-                stats.bytes += len(data)
+                got = transfer.read_into(fd, small[: max(1, min(decoder.wanted, _RECORD_READ))])
+                decoder.feed(small[:got])  # copied into the decoder; empty: end of input
+                stats.bytes += got
             elif isinstance(event, DataRun):
+                # payload bytes that came with a header read (not with this loop's reads,
+                # which stop where the decoder's wants do; kept for any feeding)
                 offset = memory.offset_of(event.gpa, len(event.data))
-                memory.view[offset : offset + len(event.data)] = event.data
+                ram[offset : offset + len(event.data)] = event.data
                 coverage.add(offset, len(event.data))
                 data_bytes += len(event.data)  # a run may arrive in unaligned pieces
             elif isinstance(event, ZeroRun):
