@@ -35,7 +35,7 @@ from vmipc.memory_layout import PAGE_SIZE, MemoryRegion, describe_layout
 from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.extents import data_extents, punch_hole
-from vmipc.vmm.persist.transfer import PeerClosed, Transfer, fd_kind
+from vmipc.vmm.persist.transfer import PeerClosed, Transfer, fd_kind, widen_send_buffer
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
 RUN_PAGES = 1024
@@ -110,6 +110,8 @@ def send_page_stream(
     covers exactly the bytes sent.
     """
     kind = fd_kind(fd)
+    if kind == "socket":
+        widen_send_buffer(fd)
     encoder = PageStreamEncoder(list(memory.ram_ranges()))
     stats = Stats()
     transfer.write(fd, encoder.header())
@@ -191,8 +193,9 @@ class PageCoverage:
 #: record headers and the stream header are read through a reusable buffer of this size
 #: (a read never asks for more than the decoder still wants, so never past the stream)
 _RECORD_READ = 64 << 10
-#: a data run's payload is read straight into guest RAM at most this much a call
-_PAYLOAD_READ = 4 << 20
+#: a data run's payload is read straight into guest RAM at most this much a call (then
+#: hashed there while it is still in the cache)
+_PAYLOAD_READ = 1 << 20
 
 
 def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
