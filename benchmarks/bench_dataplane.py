@@ -49,6 +49,7 @@ from _common import median, progress, ratio, say, say_notes, table
 
 from vmipc.client import SyncClient
 from vmipc.memory_layout import PAGE_SIZE
+from vmipc.sequences import MigrationNotConverged, MigrationReport, migrate_blocking
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -114,7 +115,9 @@ class Vmm:
     """``python -m vmipc vmm`` in its own process: a source running the built-in guest
     (paused after every vCPU's first pass) or an ``--incoming`` VMM of the same size."""
 
-    def __init__(self, spec: GuestSpec, tmp: str, name: str, *, incoming: bool) -> None:
+    def __init__(
+        self, spec: GuestSpec, tmp: str, name: str, *, incoming: bool, pause: bool = True
+    ) -> None:
         self.spec = spec
         self.socket_path = os.path.join(tmp, f"{name}.sock")
         self.console = Path(tmp) / f"{name}-console.txt"
@@ -133,7 +136,7 @@ class Vmm:
             ready = self._socket_ready if incoming else self._pass_one_done
             wait_for(ready, f"the {name} VMM", 180)
             self.client = SyncClient(self.socket_path, timeout=600, client_name="bench_dataplane")
-            if not incoming:
+            if not incoming and pause:
                 self.client.pause()
         except BaseException:
             self.close()
@@ -388,11 +391,110 @@ def report(result: dict[str, Any], rounds: int) -> dict[str, float]:
     return rates
 
 
+# --- a busy guest migrated with the default policy -----------------------------------------
+
+#: the issue's busy guest: one vCPU rewriting a 32 MiB working set flat out
+BUSY = GuestSpec(512 * MIB, 1, "32M")
+
+
+def migrate_busy(runs: int, tmp: str) -> list[dict[str, Any]]:
+    """``vmipc.sequences.migrate_blocking`` (the default MigrationPolicy) of BUSY between
+    two VMM processes, ``runs`` times: its report, or the one it gave up with."""
+    results = []
+    for run in range(runs):
+        progress(f"migrating {BUSY.label} rate=0 ({run + 1}/{runs})")
+        source = dest = None
+        try:
+            source = Vmm(BUSY, tmp, f"busy-src{run}", incoming=False, pause=False)
+            dest = Vmm(BUSY, tmp, f"busy-dst{run}", incoming=True)
+            assert source.client is not None
+            source.client.close()  # the migration's own clients only
+            source.client = None
+            try:
+                report: MigrationReport = migrate_blocking(source.socket_path, dest.socket_path)
+            except MigrationNotConverged as exc:
+                report = exc.report
+            rounds = report.round_details
+            last = rounds[-1] if rounds else None
+            results.append(
+                {
+                    "converged": report.converged and report.outcome == "migrated",
+                    "outcome": report.outcome,
+                    "downtime_s": report.downtime_s,
+                    "total_s": report.total_s,
+                    "rounds": report.rounds,
+                    "last_round": None
+                    if last is None
+                    else {"kind": last.kind, "bytes": last.bytes, "seconds": last.seconds},
+                    "dirty_rounds": [
+                        {"bytes": r.bytes, "seconds": r.seconds}
+                        for r in rounds
+                        if r.kind == "dirty" and r.seconds > 0
+                    ],
+                    "reason": report.reason,
+                }
+            )
+        finally:
+            for vmm in (dest, source):
+                if vmm is not None:
+                    with contextlib.suppress(Exception):
+                        vmm.close()
+    return results
+
+
+def report_migrations(runs: list[dict[str, Any]], plain_gbps: float) -> None:
+    def ms(value: float | None) -> str:
+        return "—" if value is None else f"{value * 1e3:.1f} ms"
+
+    converged = [run for run in runs if run["converged"]]
+    finals = [run["last_round"] for run in converged if run["last_round"]]
+    final_rate = median([gbps(f["bytes"], f["seconds"]) for f in finals]) if finals else None
+    dirty = [r for run in runs for r in run["dirty_rounds"]]
+    dirty_rate = median([gbps(r["bytes"], r["seconds"]) for r in dirty]) if dirty else None
+    say(
+        f"**{BUSY.label} rate=0, migrated with the default MigrationPolicy** "
+        f"(medians of the {len(converged)} of {len(runs)} runs that converged):"
+    )
+    say()
+    rows = [
+        ["converged", f"{len(converged)} of {len(runs)}"],
+        [
+            "downtime (own report)",
+            ms(median([r["downtime_s"] for r in converged]) if converged else None),
+        ],
+        ["total", ms(median([r["total_s"] for r in converged]) if converged else None)],
+        ["rounds", f"{median([r['rounds'] for r in converged]):.0f}" if converged else "—"],
+        [
+            "last round (in the pause): bytes, time",
+            f"{median([f['bytes'] for f in finals]) / MIB:.1f} MiB, "
+            f"{ms(median([f['seconds'] for f in finals]))}"
+            if finals
+            else "—",
+        ],
+        [
+            "last round GB/s ÷ plain copy",
+            "—" if final_rate is None else f"{final_rate:.2f} ({ratio(final_rate, plain_gbps)})",
+        ],
+        [
+            "dirty rounds GB/s ÷ plain copy",
+            "—" if dirty_rate is None else f"{dirty_rate:.2f} ({ratio(dirty_rate, plain_gbps)})",
+        ],
+    ]
+    say(table(["measure", "value"], rows))
+    say()
+    reasons = [run["reason"] for run in runs if not run["converged"]]
+    if reasons:
+        say_notes([f"gave up: {reason}" for reason in reasons])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 512 MiB guest, 3 rounds")
     parser.add_argument("--json", metavar="FILE", help="also write the raw samples here")
     parser.add_argument("--rounds", type=int, help="measured rounds (default 5, --quick 3)")
+    parser.add_argument(
+        "--migrations", type=int, help="busy-guest migrations (default 5, --quick 3; 0: none)"
+    )
     args = parser.parse_args(argv)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("bench_dataplane: /dev/kvm is not usable here; nothing to measure", file=sys.stderr)
@@ -409,11 +511,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     say()
     tmp = tempfile.mkdtemp(prefix="vmipc-bench-dataplane-")
+    migrations = args.migrations if args.migrations is not None else (3 if args.quick else 5)
     try:
         result = bench(spec, rounds, tmp)
+        result["rates_gbps"] = report(result, rounds)
+        result["migrations"] = migrate_busy(migrations, tmp) if migrations else []
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result["rates_gbps"] = report(result, rounds)
+    if result["migrations"]:
+        report_migrations(result["migrations"], result["rates_gbps"]["plain"])
     result["elapsed_s"] = time.perf_counter() - began
     say_notes(
         [
