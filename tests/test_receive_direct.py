@@ -10,6 +10,7 @@ import random
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ from vmipc.formats.pagestream import (
 from vmipc.memory_layout import MIB, PAGE_SIZE
 from vmipc.vmm.kick import install_kick_handler
 from vmipc.vmm.memory import GuestMemory
-from vmipc.vmm.persist import BulkError, Transfer, receive_page_stream
+from vmipc.vmm.persist import BulkError, Transfer, receive_page_stream, send_page_stream
 from vmipc.vmm.persist.statecodec import _STATE_HEADER, STATE_MAGIC, read_state_blob
 
 SIZE = 16 * MIB
@@ -321,3 +322,58 @@ def test_the_state_blob_is_read_in_place_and_not_past_its_end() -> None:
     finally:
         left.close()
         right.close()
+
+
+@pytest.mark.parametrize("consistent", [True, False])
+@pytest.mark.parametrize("kind", ["socket", "pipe"])
+def test_a_sent_stream_of_many_small_runs_arrives_whole(
+    memory: GuestMemory, consistent: bool, kind: str
+) -> None:
+    """The sender gathers records (zero runs, data headers) into one write, and from a
+    running guest copies each run behind them into one reused buffer: thousands of
+    separate zero runs (more record bytes than one gathering holds), single data pages and
+    long runs all arrive, and the receiver ends with the same RAM."""
+    rng = random.Random(7)
+    source = GuestMemory(SIZE)
+    try:
+        data_pages = set(rng.sample(range(PAGES // 2, PAGES), 600))
+        for page in range(PAGES // 2, PAGES):
+            if page in data_pages:
+                source.view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = rng.randbytes(PAGE_SIZE)
+        runs = [(page, 1) for page in range(0, PAGES // 2, 2)]  # 2048 zero records
+        runs += [(PAGES // 2, PAGES // 2)]  # data and zero pages mixed, then long runs
+        memory.view[:] = b"\xee" * SIZE
+        if kind == "socket":
+            left, right = socket.socketpair()
+            out, into = left.fileno(), right.fileno()
+        else:
+            into, out = os.pipe()
+        received: list[Any] = []
+
+        def receive() -> None:
+            try:
+                received.append(receive_page_stream(memory, into, Transfer()))
+            except BaseException as exc:  # reported below
+                received.append(exc)
+
+        reader = threading.Thread(target=receive)
+        reader.start()
+        stats = send_page_stream(source, out, Transfer(), consistent=consistent, runs=[runs])
+        reader.join(30)
+        assert not isinstance(received[0], BaseException), received[0]
+        assert received[0].data_pages == stats.data_pages == len(data_pages)
+        assert received[0].zero_pages == stats.zero_pages
+        assert stats.zero_pages == PAGES // 4 + PAGES // 2 - len(data_pages)
+        for first, count in runs:
+            span = slice(first * PAGE_SIZE, (first + count) * PAGE_SIZE)
+            assert memory.view[span] == source.view[span]
+        for page in range(1, PAGES // 2, 2):  # not in any run: untouched
+            assert memory.view[page * PAGE_SIZE] == 0xEE
+    finally:
+        source.close()
+        if kind == "socket":
+            left.close()
+            right.close()
+        else:
+            os.close(into)
+            os.close(out)

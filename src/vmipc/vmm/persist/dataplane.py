@@ -94,6 +94,11 @@ def _region_pieces(
 # --- page streams --------------------------------------------------------------------------
 
 
+#: record bytes (zero records, data record headers) are gathered up to this size and go
+#: out in one write, with the payload that follows them where it is copied anyway
+_RECORDS_FLUSH = 64 << 10
+
+
 def send_page_stream(
     memory: GuestMemory,
     fd: int,
@@ -106,43 +111,58 @@ def send_page_stream(
 
     ``runs`` limits it to those (first_page, npages) runs per memory region (dirty pages);
     None sends everything. ``consistent`` means the guest is paused: pages then go
-    zero-copy; from a running guest each run is copied first so that the round checksum
-    covers exactly the bytes sent.
+    zero-copy; from a running guest each run is copied first (into one buffer reused for
+    every run, behind the records that precede it, so that they go in one write) so that
+    the round checksum covers exactly the bytes sent.
     """
     kind = fd_kind(fd)
     if kind == "socket":
         widen_send_buffer(fd)
     encoder = PageStreamEncoder(list(memory.ram_ranges()))
     stats = Stats()
-    transfer.write(fd, encoder.header())
+    records = bytearray(encoder.header())
+    staging: memoryview | None = None  # the running guest's copies
     for index, region in enumerate(memory.regions):
         region_runs = None if runs is None else runs[index]
         for first, npages, zero in _region_pieces(memory, region, region_runs):
             gpa = region.gpa + first * PAGE_SIZE
             if zero:
-                transfer.write(fd, encoder.zero(gpa, npages))
+                records += encoder.zero(gpa, npages)
                 stats.zero_pages += npages
+                if len(records) >= _RECORDS_FLUSH:
+                    transfer.write(fd, records)
+                    records.clear()
                 continue
             for start in range(first, first + npages, RUN_PAGES):
                 count = min(RUN_PAGES, first + npages - start)
                 offset = region.offset + start * PAGE_SIZE
                 length = count * PAGE_SIZE
-                transfer.write(fd, encoder.data(region.gpa + start * PAGE_SIZE, count))
+                records += encoder.data(region.gpa + start * PAGE_SIZE, count)
                 view = memory.view[offset : offset + length]
                 if not consistent:
-                    copy = memoryview(bytearray(view))
-                    encoder.payload(copy)
-                    transfer.write(fd, copy)
-                elif kind == "file" or not memory.fd_is_ram:
-                    encoder.payload(view)
-                    transfer.write(fd, view)
+                    head = len(records)
+                    if staging is None or len(staging) < head + length:
+                        # records are flushed before they reach _RECORDS_FLUSH, then a
+                        # header: twice that always holds them
+                        size = max(head + length, 2 * _RECORDS_FLUSH + RUN_PAGES * PAGE_SIZE)
+                        staging = memoryview(bytearray(size))
+                    staging[:head] = records
+                    staging[head : head + length] = view
+                    encoder.payload(staging[head : head + length])
+                    transfer.write(fd, staging[: head + length])
                 else:
                     encoder.payload(view)
-                    transfer.sendfile(fd, memory.fd, offset, length)
+                    transfer.write(fd, records)
+                    if kind == "file" or not memory.fd_is_ram:
+                        transfer.write(fd, view)
+                    else:
+                        transfer.sendfile(fd, memory.fd, offset, length)
+                records.clear()
                 view.release()
                 stats.data_pages += count
-    transfer.write(fd, encoder.end_round())
-    transfer.write(fd, encoder.end_stream())
+    records += encoder.end_round()
+    records += encoder.end_stream()
+    transfer.write(fd, records)
     stats.bytes = transfer.done
     return stats
 
