@@ -136,28 +136,3 @@ def test_a_non_blocking_fd_is_waited_on_not_spun(
     # each call waits for room in the pipe: about one per 64 KiB the reader takes, not
     # thousands of EAGAIN retries
     assert calls < 4 * MIB // 65536 * 4
-
-
-def test_a_dump_widens_a_socket_send_buffer_and_never_narrows_it() -> None:
-    from vmipc.vmm.persist.transfer import SEND_BUFFER, widen_send_buffer
-
-    with open("/proc/sys/net/core/wmem_max") as handle:
-        cap = int(handle.read())
-    left, right = socket.socketpair()
-    try:
-        before = left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        widen_send_buffer(left.fileno())
-        after = left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        assert before < SEND_BUFFER  # the default, about 200 KiB
-        assert after == max(before, 2 * min(SEND_BUFFER, cap))  # Linux doubles the value
-        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 20)
-        big = left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        widen_send_buffer(left.fileno())
-        assert left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == big
-    finally:
-        left.close()
-        right.close()
-    read_end, write_end = os.pipe()
-    widen_send_buffer(write_end)  # not a socket: nothing happens, nothing raised
-    os.close(read_end)
-    os.close(write_end)

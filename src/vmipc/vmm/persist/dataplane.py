@@ -35,7 +35,7 @@ from vmipc.memory_layout import PAGE_SIZE, MemoryRegion, describe_layout
 from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.extents import data_extents, punch_hole
-from vmipc.vmm.persist.transfer import PeerClosed, Transfer, fd_kind, widen_send_buffer
+from vmipc.vmm.persist.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
 RUN_PAGES = 1024
@@ -116,8 +116,6 @@ def send_page_stream(
     the round checksum covers exactly the bytes sent.
     """
     kind = fd_kind(fd)
-    if kind == "socket":
-        widen_send_buffer(fd)
     encoder = PageStreamEncoder(list(memory.ram_ranges()))
     stats = Stats()
     records = bytearray(encoder.header())

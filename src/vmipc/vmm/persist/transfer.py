@@ -16,7 +16,6 @@ import errno
 import os
 import select
 import signal
-import socket
 import stat
 import threading
 import time
@@ -41,10 +40,6 @@ _pread.restype = ctypes.c_ssize_t
 _read = _libc.read
 _read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 _read.restype = ctypes.c_ssize_t
-_getsockopt = _libc.getsockopt
-_getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-_setsockopt = _libc.setsockopt
-_setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint]
 
 #: Largest piece moved by one system call: bounds how long a cancel waits on a fast fd.
 CHUNK = 4 << 20
@@ -234,29 +229,6 @@ class Transfer:
             if moved:
                 self.advance(moved)
                 return moved
-
-
-#: what a dump asks of a socket's send buffer (the kernel caps it at net.core.wmem_max)
-SEND_BUFFER = 4 << 20
-
-
-def widen_send_buffer(fd: int, size: int = SEND_BUFFER) -> None:
-    """Let socket ``fd`` hold up to ``size`` bytes in flight (never less than it does).
-
-    Pages ``sendfile``d to an AF_UNIX socket go by reference; with the default send buffer
-    (~200 KiB) the reader drains it in a fraction of the time the writer spends checking
-    and hashing the next run, and waits. A bigger buffer lets the two overlap. Best
-    effort: a socket that refuses keeps its size.
-    """
-    level, option = socket.SOL_SOCKET, socket.SO_SNDBUF
-    current = ctypes.c_int(0)
-    length = ctypes.c_uint(ctypes.sizeof(current))
-    if _getsockopt(fd, level, option, ctypes.byref(current), ctypes.byref(length)) != 0:
-        return
-    if current.value >= size:
-        return
-    wanted = ctypes.c_int(size)
-    _setsockopt(fd, level, option, ctypes.byref(wanted), ctypes.sizeof(wanted))
 
 
 def _address_of(view: memoryview) -> int:
