@@ -21,9 +21,14 @@ beside the baseline, a **plain copy** of as many bytes between two processes: a 
 process ``sendfile``s from the guest's own memfd (reopened through ``/proc/PID/fd``) into
 one end, this process ``recv_into`` a preallocated, already-touched buffer from the other.
 
-Run: ``.venv/bin/python benchmarks/bench_dataplane.py [--quick] [--json FILE]``. The default
-run (a 1 GiB guest, 2 vCPUs, 5 rounds) takes about a minute; ``--quick`` (512 MiB, 1 vCPU,
-3 rounds) about half that. Needs a usable /dev/kvm (as root).
+Then the issue's busy guest (512 MiB, 1 vCPU, ``ws=32M rate=0``) migrated with the default
+``MigrationPolicy`` between two VMM processes (``migrate_blocking``): whether it converged,
+its downtime, and how fast its rounds went beside the plain copy.
+
+Run: ``.venv/bin/python benchmarks/bench_dataplane.py [--quick] [--rounds N]
+[--migrations N] [--json FILE]``. The default run (a 1 GiB guest, 2 vCPUs, 5 rounds, 5
+migrations) takes about 1.5 minutes; ``--quick`` (512 MiB, 1 vCPU, 3 rounds, 3 migrations)
+about one. Needs a usable /dev/kvm (as root).
 """
 
 from __future__ import annotations
