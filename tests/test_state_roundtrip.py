@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -108,3 +110,40 @@ def test_bad_records_are_refused_with_a_reason(guests: Path) -> None:
         VcpuState.from_dict({**record, "regs": b"0123456789"})
     with pytest.raises(StateRecordError, match="malformed"):
         VcpuState.from_dict({k: v for k, v in record.items() if k != "lapic"})
+
+
+def test_restore_sets_the_cpuid_only_when_it_differs_from_the_one_set_at_start_up(
+    guests: Path,
+) -> None:
+    """An incoming machine got its CPUID when it was built: a state from a VMM on the same
+    host carries the same one, and load-state does not repeat KVM_SET_CPUID2 (the costliest
+    ioctl of a restore); a different CPUID is still applied, and saved again."""
+    source = BootSource("bootsector", str(guests / "counter-bootsector.bin"))
+    with Machine(MachineConfig(32 * MIB, 2, source), lambda data: None) as machine:
+        machine.start(paused=True)
+        state = machine.save_state()
+    changed_vcpu = state.vcpus[1]
+    cpuid = list(changed_vcpu.cpuid)
+    leaf = next(i for i, entry in enumerate(cpuid) if entry[0] == 1)
+    function, index, flags, eax, ebx, ecx, edx = cpuid[leaf]
+    cpuid[leaf] = (function, index, flags, eax, ebx, ecx ^ (1 << 0), edx)  # SSE3 off
+    changed = dataclasses.replace(
+        state, vcpus=(state.vcpus[0], dataclasses.replace(changed_vcpu, cpuid=tuple(cpuid)))
+    )
+    with Machine(MachineConfig(32 * MIB, 2, BootSource("none")), lambda data: None) as target:
+        target.start(paused=True)
+        calls: list[int] = []
+        for vcpu in target.vcpus:
+            original = vcpu.set_cpuid2
+
+            def counted(value: Any, vcpu_id: int = vcpu.id, call: Any = original) -> None:
+                calls.append(vcpu_id)
+                call(value)
+
+            vcpu.set_cpuid2 = counted  # type: ignore[method-assign]
+        target.restore_state(state)
+        assert calls == []
+        target.restore_state(changed)
+        assert calls == [1]
+        assert target.save_state().vcpus[1].cpuid == tuple(cpuid)
+        assert target.save_state().vcpus[0].cpuid == state.vcpus[0].cpuid

@@ -186,6 +186,9 @@ def run_pagestream(data: bytes) -> None:
     max_chunk = rng.choice((100, _PAGE, 1 << 20))
     layout = _STREAM_LAYOUT if rng.random() < 0.5 else None
     decoder = PageStreamDecoder(max_chunk=max_chunk, expect_layout=layout)
+    if rng.random() < 0.5:
+        _receive_in_place(decoder, rng, data)
+        return
     ranges: tuple[tuple[int, int], ...] | None = layout
     for chunk in [*_chunks(rng, data), b""]:
         decoder.feed(chunk)
@@ -198,13 +201,48 @@ def run_pagestream(data: bytes) -> None:
                 ranges = decoder.header.layout
             if isinstance(event, DataRun):
                 _check(0 < len(event.data) <= max_chunk, f"a data chunk of {len(event.data)}")
-                assert ranges is not None
-                _check(
-                    any(s <= event.gpa and event.gpa + len(event.data) <= s + n for s, n in ranges),
-                    f"data at {event.gpa:#x}+{len(event.data)} outside RAM",
-                )
+                _check_inside(decoder, event.gpa, len(event.data))
             if decoder.ended:
                 return
+
+
+def _check_inside(decoder: PageStreamDecoder, gpa: int, length: int) -> None:
+    assert decoder.header is not None
+    _check(
+        any(s <= gpa and gpa + length <= s + n for s, n in decoder.header.layout),
+        f"data at {gpa:#x}+{length} outside RAM",
+    )
+
+
+def _receive_in_place(decoder: PageStreamDecoder, rng: random.Random, data: bytes) -> None:
+    """The VMM's receiver (vmm/persist/dataplane.py receive_page_stream): a data run's
+    payload handed over with ``feed_payload`` as if read into place, everything else fed
+    no more than the decoder still wants (reads of random sizes). Checked besides: a
+    payload piece lies inside RAM, and no read goes past the end of the stream."""
+    position = 0
+    biggest = rng.choice((1, 7, 64, 4096, 1 << 20))
+    while not decoder.ended:
+        left = decoder.payload_left
+        if left and not decoder.buffered and position < len(data):
+            size = min(left, rng.randint(1, biggest), len(data) - position)
+            _check_inside(decoder, decoder.payload_gpa, size)
+            decoder.feed_payload(data[position : position + size])
+            position += size
+            continue
+        event = decoder.next_event()
+        if event is NEED_DATA:
+            _check(decoder.buffered < MAX_HEADER_LENGTH, f"{decoder.buffered} bytes buffered")
+            size = min(decoder.wanted, rng.randint(1, biggest))
+            _check(size >= 1, "NEED_DATA with nothing wanted")
+            decoder.feed(data[position : position + size])  # b"" once the input ends
+            position += size
+        elif isinstance(event, DataRun):
+            _check_inside(decoder, event.gpa, len(event.data))
+    # every byte read went into the stream: nothing after its end was taken from the fd
+    _check(
+        not decoder.buffered and decoder.offset == min(position, len(data)),
+        f"read {min(position, len(data))} bytes, the stream has {decoder.offset}",
+    )
 
 
 _SNAPSHOT_ALLOWED = (SnapshotError, BulkError)

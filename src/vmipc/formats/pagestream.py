@@ -486,6 +486,39 @@ class PageStreamDecoder:
         return max(0, need - have)
 
     @property
+    def payload_left(self) -> int:
+        """Payload bytes of the current data run still to come (0 outside a data run)."""
+        return self._payload_left if self._state == _PAYLOAD else 0
+
+    @property
+    def payload_gpa(self) -> int:
+        """The guest-physical address of the current data run's next payload byte."""
+        return self._payload_gpa
+
+    def feed_payload(self, data: BytesLike) -> None:
+        """Account for the next ``len(data)`` payload bytes of the current data run, which
+        the caller read straight into their place (guest RAM at :attr:`payload_gpa`)
+        instead of feeding them, so that they are copied once: the decoder adds them to
+        the round checksum and moves on, and no :class:`DataRun` is returned for them.
+
+        Only inside a data run with nothing buffered (``payload_left`` and not
+        ``buffered``), at most ``payload_left`` bytes. Like a DataRun's bytes they are not
+        verified until the round's :class:`RoundEnd`: a receiver must not run the guest
+        on them before that.
+        """
+        count = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if self._state != _PAYLOAD or self._eof or self.buffered:
+            raise RuntimeError("feed_payload() outside a data run, or with bytes buffered")
+        if not 0 < count <= self._payload_left:
+            raise ValueError(f"{count} payload bytes, the run has {self._payload_left} left")
+        self._hash.update(data)
+        self._offset += count
+        self._payload_gpa += count
+        self._payload_left -= count
+        if not self._payload_left:
+            self._state = _RECORD_STATE
+
+    @property
     def offset(self) -> int:
         """Stream bytes turned into events so far."""
         return self._offset

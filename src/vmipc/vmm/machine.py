@@ -45,7 +45,6 @@ from vmipc.vmm.runstate import RunState
 from vmipc.vmm.state import MachineState as MachineState
 from vmipc.vmm.state import (
     StateRecordError,
-    cpuid_from_state,
     readable_msrs,
     restore_vcpu,
     restore_vm,
@@ -450,8 +449,8 @@ class Machine:
             try:
                 for vcpu, vcpu_state in zip(self.vcpus, state.vcpus, strict=True):
                     where = f"vcpu {vcpu.id}"
-                    restore_vcpu(vcpu, vcpu_state)
-                    self._cpuid[vcpu.id] = cpuid_from_state(vcpu_state)
+                    # the CPUID set at start-up is not set again when it is the same
+                    self._cpuid[vcpu.id] = restore_vcpu(vcpu, vcpu_state, self._cpuid[vcpu.id])
                 where = "vm"
                 restore_vm(self.vm, state.vm)
             except KvmError as exc:

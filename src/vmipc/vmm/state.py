@@ -12,6 +12,7 @@ stable kernel ABI) plus plain values. ``save_*`` cannot fail on a paused machine
 from __future__ import annotations
 
 import ctypes
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
@@ -90,15 +91,22 @@ def _msrs(value: Any) -> tuple[tuple[int, int], ...]:
 
 
 def _cpuid(value: Any) -> tuple[tuple[int, ...], ...]:
-    entries = []
-    for entry in _items(value, MAX_CPUID_ENTRIES, "cpuid"):
-        fields = _items(entry, len(_CPUID_FIELDS), "cpuid entry")
-        if len(fields) != len(_CPUID_FIELDS):
-            raise StateRecordError(
-                f"cpuid entry: {len(fields)} fields, {len(_CPUID_FIELDS)} expected"
-            )
-        entries.append(tuple(_uint(x, _U32, "cpuid field") for x in fields))
-    return tuple(entries)
+    width = len(_CPUID_FIELDS)
+    entries = _items(value, MAX_CPUID_ENTRIES, "cpuid")
+    # The common case checked in a few C-level passes over all the fields at once (decoding
+    # the state is on a migration's critical path); anything else goes through the
+    # entry-by-entry check below, which names what is wrong.
+    if all(type(entry) in (list, tuple) and len(entry) == width for entry in entries):
+        flat = [field for entry in entries for field in entry]
+        if not flat or (set(map(type, flat)) == {int} and min(flat) >= 0 and max(flat) <= _U32):
+            return tuple(map(tuple, entries))
+    checked = []
+    for entry in entries:
+        fields = _items(entry, width, "cpuid entry")
+        if len(fields) != width:
+            raise StateRecordError(f"cpuid entry: {len(fields)} fields, {width} expected")
+        checked.append(tuple(_uint(x, _U32, "cpuid field") for x in fields))
+    return tuple(checked)
 
 
 def _check_version(data: dict[str, Any], expected: int, what: str) -> None:
@@ -215,20 +223,39 @@ def save_vcpu(vcpu: Vcpu, msr_indices: list[int], cpuid: ctypes.Structure) -> Vc
     )
 
 
+#: a KvmCpuidEntry2: its seven fields, then three words of padding (zeros)
+_CPUID_ENTRY = struct.Struct("<7I12x")
+
+
 def cpuid_from_state(state: VcpuState) -> ctypes.Structure:
     cpuid = structs.kvm_cpuid2(len(state.cpuid))
-    for slot, values in enumerate(state.cpuid):
-        entry = cpuid.entries[slot]
-        for name, value in zip(_CPUID_FIELDS, values, strict=True):
-            setattr(entry, name, value)
+    data = b"".join(_CPUID_ENTRY.pack(*values) for values in state.cpuid)
+    ctypes.memmove(ctypes.addressof(cpuid.entries), data, len(data))
     return cpuid
 
 
-def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
-    """Apply ``state`` to a vCPU that is not in KVM_RUN, in the order KVM needs."""
+def _cpuid_values(cpuid: ctypes.Structure) -> tuple[tuple[int, ...], ...]:
+    """The entries of a kvm_cpuid2 as a record holds them (padding aside)."""
+    return tuple(_CPUID_ENTRY.iter_unpack(bytes(memoryview(cpuid.entries).cast("B"))))
+
+
+def restore_vcpu(
+    vcpu: Vcpu, state: VcpuState, current_cpuid: ctypes.Structure | None = None
+) -> ctypes.Structure:
+    """Apply ``state`` to a vCPU that is not in KVM_RUN, in the order KVM needs; returns
+    the CPUID the vCPU now has.
+
+    ``current_cpuid``: what the vCPU was given before (at start-up). When the state's is
+    the same (a migration between VMMs on one host), ``KVM_SET_CPUID2`` — the costliest
+    ioctl here — is not repeated, so that load-state only sets registers.
+    """
     if state.vcpu_id != vcpu.id:
         raise StateRecordError(f"state of vcpu {state.vcpu_id} cannot go to vcpu {vcpu.id}")
-    vcpu.set_cpuid2(cpuid_from_state(state))
+    if current_cpuid is not None and _cpuid_values(current_cpuid) == state.cpuid:
+        cpuid = current_cpuid
+    else:
+        cpuid = cpuid_from_state(state)
+        vcpu.set_cpuid2(cpuid)
     vcpu.set_mp_state(state.mp_state)
     vcpu.set_regs(_from_raw(structs.KvmRegs, state.regs, "regs"))
     vcpu.set_sregs(_from_raw(structs.KvmSregs, state.sregs, "sregs"))
@@ -245,6 +272,7 @@ def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
         structs.KVM_VCPUEVENT_VALID_NMI_PENDING | structs.KVM_VCPUEVENT_VALID_SIPI_VECTOR
     )
     vcpu.set_vcpu_events(events)
+    return cpuid
 
 
 @dataclass(frozen=True)

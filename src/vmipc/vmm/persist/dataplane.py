@@ -94,6 +94,11 @@ def _region_pieces(
 # --- page streams --------------------------------------------------------------------------
 
 
+#: record bytes (zero records, data record headers) are gathered up to this size and go
+#: out in one write, with the payload that follows them where it is copied anyway
+_RECORDS_FLUSH = 64 << 10
+
+
 def send_page_stream(
     memory: GuestMemory,
     fd: int,
@@ -106,41 +111,56 @@ def send_page_stream(
 
     ``runs`` limits it to those (first_page, npages) runs per memory region (dirty pages);
     None sends everything. ``consistent`` means the guest is paused: pages then go
-    zero-copy; from a running guest each run is copied first so that the round checksum
-    covers exactly the bytes sent.
+    zero-copy; from a running guest each run is copied first (into one buffer reused for
+    every run, behind the records that precede it, so that they go in one write) so that
+    the round checksum covers exactly the bytes sent.
     """
     kind = fd_kind(fd)
     encoder = PageStreamEncoder(list(memory.ram_ranges()))
     stats = Stats()
-    transfer.write(fd, encoder.header())
+    records = bytearray(encoder.header())
+    staging: memoryview | None = None  # the running guest's copies
     for index, region in enumerate(memory.regions):
         region_runs = None if runs is None else runs[index]
         for first, npages, zero in _region_pieces(memory, region, region_runs):
             gpa = region.gpa + first * PAGE_SIZE
             if zero:
-                transfer.write(fd, encoder.zero(gpa, npages))
+                records += encoder.zero(gpa, npages)
                 stats.zero_pages += npages
+                if len(records) >= _RECORDS_FLUSH:
+                    transfer.write(fd, records)
+                    records.clear()
                 continue
             for start in range(first, first + npages, RUN_PAGES):
                 count = min(RUN_PAGES, first + npages - start)
                 offset = region.offset + start * PAGE_SIZE
                 length = count * PAGE_SIZE
-                transfer.write(fd, encoder.data(region.gpa + start * PAGE_SIZE, count))
+                records += encoder.data(region.gpa + start * PAGE_SIZE, count)
                 view = memory.view[offset : offset + length]
                 if not consistent:
-                    copy = memoryview(bytearray(view))
-                    encoder.payload(copy)
-                    transfer.write(fd, copy)
-                elif kind == "file" or not memory.fd_is_ram:
-                    encoder.payload(view)
-                    transfer.write(fd, view)
+                    head = len(records)
+                    if staging is None or len(staging) < head + length:
+                        # records are flushed before they reach _RECORDS_FLUSH, then a
+                        # header: twice that always holds them
+                        size = max(head + length, 2 * _RECORDS_FLUSH + RUN_PAGES * PAGE_SIZE)
+                        staging = memoryview(bytearray(size))
+                    staging[:head] = records
+                    staging[head : head + length] = view
+                    encoder.payload(staging[head : head + length])
+                    transfer.write(fd, staging[: head + length])
                 else:
                     encoder.payload(view)
-                    transfer.sendfile(fd, memory.fd, offset, length)
+                    transfer.write(fd, records)
+                    if kind == "file" or not memory.fd_is_ram:
+                        transfer.write(fd, view)
+                    else:
+                        transfer.sendfile(fd, memory.fd, offset, length)
+                records.clear()
                 view.release()
                 stats.data_pages += count
-    transfer.write(fd, encoder.end_round())
-    transfer.write(fd, encoder.end_stream())
+    records += encoder.end_round()
+    records += encoder.end_stream()
+    transfer.write(fd, records)
     stats.bytes = transfer.done
     return stats
 
@@ -188,28 +208,58 @@ class PageCoverage:
         return not rest or self._bits[full] == (1 << rest) - 1
 
 
+#: record headers and the stream header are read through a reusable buffer of this size
+#: (a read never asks for more than the decoder still wants, so never past the stream)
+_RECORD_READ = 64 << 10
+#: a data run's payload is read straight into guest RAM at most this much a call (then
+#: hashed there while it is still in the cache)
+_PAYLOAD_READ = 1 << 20
+
+
 def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
     """Apply one page stream from ``fd`` to guest RAM as it arrives.
 
     Reads exactly the stream's bytes, never past its end (the fd may carry more after it).
-    Raises :class:`BulkError` ("bad-stream") when the stream is corrupt, truncated or for
-    other RAM: the memory then holds a partial update and must not be run. The stats say
-    ``complete`` when the stream wrote every page of RAM (as a full dump does).
+    A data run's payload goes from the fd into its place in RAM with one copy (the
+    ``read``) and no allocation; the decoder checks the round checksum over those bytes
+    where they landed. Raises :class:`BulkError` ("bad-stream") when the stream is corrupt,
+    truncated or for other RAM: the memory then holds a partial update (pages that may
+    have failed the checksum) and must not be run. The stats say ``complete`` when the
+    stream wrote every page of RAM (as a full dump does).
     """
     decoder = PageStreamDecoder(expect_layout=list(memory.ram_ranges()))
     stats = Stats()
     coverage = PageCoverage(memory.size)
     rounds = data_bytes = 0
+    small = memoryview(bytearray(_RECORD_READ))
+    ram = memory.view
     try:
         while True:
+            left = decoder.payload_left
+            if left and not decoder.buffered:
+                # the decoder validated the run (inside one RAM range): read into place
+                count = min(left, _PAYLOAD_READ)
+                offset = memory.offset_of(decoder.payload_gpa, count)
+                got = transfer.read_into(fd, ram[offset : offset + count])
+                if not got:
+                    decoder.feed(b"")  # the next event says where the stream was cut
+                    decoder.next_event()
+                    raise BulkError("bad-stream", "page stream truncated")  # not reached
+                decoder.feed_payload(ram[offset : offset + got])
+                coverage.add(offset, got)
+                data_bytes += got
+                stats.bytes += got
+                continue
             event = decoder.next_event()
             if event is NEED_DATA:
-                data = transfer.read_some(fd, max(1, min(decoder.wanted, 1 << 20)))
-                decoder.feed(data)
-                stats.bytes += len(data)
+                got = transfer.read_into(fd, small[: max(1, min(decoder.wanted, _RECORD_READ))])
+                decoder.feed(small[:got])  # copied into the decoder; empty: end of input
+                stats.bytes += got
             elif isinstance(event, DataRun):
+                # payload bytes that came with a header read (not with this loop's reads,
+                # which stop where the decoder's wants do; kept for any feeding)
                 offset = memory.offset_of(event.gpa, len(event.data))
-                memory.view[offset : offset + len(event.data)] = event.data
+                ram[offset : offset + len(event.data)] = event.data
                 coverage.add(offset, len(event.data))
                 data_bytes += len(event.data)  # a run may arrive in unaligned pieces
             elif isinstance(event, ZeroRun):

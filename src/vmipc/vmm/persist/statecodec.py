@@ -61,6 +61,8 @@ STATE_LIMITS = MsgpackLimits(
 #: the payload is read in pieces of this size: memory follows the bytes that arrived, not
 #: the length the header announces
 _STATE_READ = 64 << 10
+#: what a growing payload buffer is extended with (no allocation per growth)
+_GROW_ZEROS = memoryview(bytes(MAX_STATE_SIZE // 2))
 
 
 def encode_state_blob(state: MachineState) -> bytes:
@@ -81,16 +83,22 @@ def read_state_blob(fd: int, transfer: Transfer) -> MachineState:
     if length > MAX_STATE_SIZE:
         raise BulkError("bad-state", f"state blob claims {length} bytes (limit {MAX_STATE_SIZE})")
     payload = bytearray()
-    while len(payload) < length:
-        # never more than one read past what arrived, never past the blob's end (the fd
-        # may carry more after it)
-        data = transfer.read_some(fd, min(length - len(payload), _STATE_READ))
-        if not data:
+    got = 0
+    while got < length:
+        # Read straight into the payload's own buffer, grown as bytes arrive (to at most
+        # twice what arrived, never to the length the header announces), never past the
+        # blob's end (the fd may carry more after it).
+        if got == len(payload):
+            grow = min(length - got, max(_STATE_READ, got))
+            payload[got:] = _GROW_ZEROS[:grow]
+        with memoryview(payload) as view:
+            moved = transfer.read_into(fd, view[got:])
+        if not moved:
             raise BulkError(
                 "bad-state",
-                f"state blob truncated: the input ended {length - len(payload)} bytes early",
+                f"state blob truncated: the input ended {length - got} bytes early",
             )
-        payload += data
+        got += moved
     if checksum(payload) != stored:
         raise BulkError("bad-state", "state blob checksum mismatch (corrupt)")
     return decode_state(payload)

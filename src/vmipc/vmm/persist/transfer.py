@@ -66,7 +66,6 @@ class Transfer:
         self._cancelled = threading.Event()
         self._finished = threading.Event()
         self._progress = progress
-        self._read_buffer: ctypes.Array[ctypes.c_char] | None = None
         #: bytes moved so far
         self.done = 0
         #: the bytes the operation expects to move, when it knows (for progress reports)
@@ -216,21 +215,20 @@ class Transfer:
             got += moved
             self.advance(moved)
 
-    def read_some(self, in_fd: int, size: int) -> bytes:
-        """Up to ``size`` bytes; b'' at end of input."""
-        if self._read_buffer is None or len(self._read_buffer) < size:
-            self._read_buffer = ctypes.create_string_buffer(size)
-        buffer = self._read_buffer
+    def read_into(self, in_fd: int, view: memoryview) -> int:
+        """One read of up to ``len(view)`` bytes into ``view`` (writable: guest RAM or a
+        caller's reusable buffer, so no read allocates); 0 at end of input."""
+        base = _address_of(view)
+        size = min(len(view), CHUNK)
         while True:
             self.check()
-            result = _read(in_fd, buffer, size)
+            result = _read(in_fd, base, size)
             if result == 0:
-                return b""
+                return 0
             moved = self._result(result, "read", in_fd, select.POLLIN)
             if moved:
                 self.advance(moved)
-                # copies just what arrived (``buffer.raw[:n]`` would copy all of it first)
-                return ctypes.string_at(buffer, moved)
+                return moved
 
 
 def _address_of(view: memoryview) -> int:
