@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import trio
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from vmipc.cli._progress import ProgressView, add_progress_argument, view_for
 from vmipc.client import ClosedByPeer, CommandError, ProtocolError
 from vmipc.sequences import DEFAULT_LEASE, SequenceError, as_dict
 
@@ -77,7 +78,9 @@ def run_sequence(prog: str, main: Callable[[], Awaitable[T]]) -> tuple[int, T | 
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--json`` (the whole report, its timeline included) and ``--timeline``."""
+    """``--json`` (the whole report, its timeline included), ``--timeline`` and
+    ``--progress``."""
+    add_progress_argument(parser)
     parser.add_argument(
         "--json", action="store_true", help="print the report as JSON (with its timeline)"
     )
@@ -87,6 +90,14 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         help="print every step with its start and duration (ms since the start) and the "
         "time the VMM reported running its requests (VMM ms: protocol 1.8, else -)",
     )
+
+
+def progress_hooks(args: argparse.Namespace) -> tuple[ProgressView | None, dict[str, Any]]:
+    """The view ``--progress`` asks for, and the sequence's keyword arguments feeding it."""
+    view = view_for(args.progress)
+    if view is None:
+        return None, {}
+    return view, {"on_step": view.step, "on_progress": view.update}
 
 
 def timeline_lines(timeline: list[dict[str, Any]]) -> list[str]:

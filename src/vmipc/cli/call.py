@@ -29,6 +29,7 @@ from contextlib import ExitStack
 from typing import Any, NoReturn, TextIO
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from vmipc.cli._progress import add_progress_argument, view_for
 from vmipc.client import Call, SyncClient
 from vmipc.errors import VmipcError
 from vmipc.protocol import (
@@ -105,6 +106,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="give up after this long (default: wait)"
     )
+    add_progress_argument(parser)
     parser.add_argument(
         "--fd",
         action="append",
@@ -129,9 +131,9 @@ def _split_command(args: argparse.Namespace) -> None:
     if items and items[0] == "--":
         items.pop(0)
     for i, item in enumerate(items):
-        if item in ("--fd", "--socket", "--timeout"):
+        if item in ("--fd", "--socket", "--timeout", "--progress"):
             continue
-        if i and items[i - 1] in ("--fd", "--socket", "--timeout"):
+        if i and items[i - 1] in ("--fd", "--socket", "--timeout", "--progress"):
             continue
         if not item.startswith("-"):
             args.command = items.pop(i)
@@ -166,7 +168,7 @@ def _take_trailing_options(args: argparse.Namespace) -> list[str]:
             args.json = True
         elif item == "--list":
             args.list = True
-        elif item in ("--fd", "--socket", "--timeout"):
+        elif item in ("--fd", "--socket", "--timeout", "--progress"):
             if not items:
                 raise UsageError(f"{item} needs a value")
             _set_option(args, item, items.pop(0))
@@ -512,7 +514,7 @@ def _call(client: SyncClient, args: argparse.Namespace, params: list[str]) -> in
         if args.chain:
             return _send_chain(client, schema, spec, call_args, args)
         with open_fds(spec, args.fd) as fds:
-            return _send(client, spec, call_args, fds, as_json=args.json)
+            return _send(client, spec, call_args, fds, as_json=args.json, progress=args.progress)
     except UsageError as exc:
         _fail(EXIT_USAGE, str(exc))
 
@@ -574,16 +576,27 @@ def _send(
     fds: dict[str, int],
     *,
     as_json: bool,
+    progress: str = "auto",
 ) -> int:
     # when stdout is passed to the server as an fd it carries data: report on stderr
     out = sys.stderr if 1 in fds.values() else sys.stdout
+    view = view_for(progress) if spec.progress else None
     try:
-        result = client.call(spec.name, fds=fds, **call_args)
+        if view is not None:
+            client.subscribe(events=["progress"])
+            result = client.call(
+                spec.name, fds=fds, on_progress=lambda event: view.update(event.data), **call_args
+            )
+        else:
+            result = client.call(spec.name, fds=fds, **call_args)
     except CommandError as exc:
         if as_json:
             error = {"code": exc.code, "message": exc.message, "details": dict(exc.details)}
             print(to_json({"error": error}), file=out)
         _fail(EXIT_FAILED, f"{spec.name}: {exc.code}: {exc.message}")
+    finally:
+        if view is not None:
+            view.close()
     if as_json:
         print(to_json(result), file=out)
     else:

@@ -29,6 +29,7 @@ from vmipc.cli._sequence import (
     add_socket_argument,
     lease_of,
     print_report,
+    progress_hooks,
     run_sequence,
     socket_path,
 )
@@ -148,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: {mode}", file=sys.stderr)
         return EXIT_USAGE
 
+    view, hooks = progress_hooks(args)
+
     async def main() -> SnapshotReport:
         async with open_client(path, client_name=prog) as client:
             return await checkpoint(
@@ -157,9 +160,14 @@ def run(args: argparse.Namespace) -> int:
                 then=then,
                 verify=not args.no_verify,
                 lease=lease_of(args),
+                **hooks,
             )
 
-    code, report = run_sequence(prog, main)
+    try:
+        code, report = run_sequence(prog, main)
+    finally:
+        if view is not None:
+            view.close()
     if report is not None:
         print_report(report, args.json, _lines, args.timeline)
     return code

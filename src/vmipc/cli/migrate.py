@@ -2,7 +2,7 @@
 
     vmipc migrate [--socket SRC] --to DST_SOCKET|tcp:HOST:PORT [--max-downtime MS]
                   [--max-rounds N] [--timeout SECONDS] [--force] [--lease SECONDS]
-                  [--json] [--timeline]
+                  [--json] [--timeline] [--progress MODE]
                   [--token-file F | --tls-cert C --tls-key K --tls-ca CA
                    [--tls-peer-name NAME] | --insecure]
 
@@ -37,6 +37,7 @@ from vmipc.cli._sequence import (
     add_socket_argument,
     lease_of,
     print_report,
+    progress_hooks,
     run_sequence,
     socket_path,
 )
@@ -172,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        main = _migration(source, args, {"policy": policy, "lease": lease_of(args)})
+        view, hooks = progress_hooks(args)
+        main = _migration(source, args, {"policy": policy, "lease": lease_of(args), **hooks})
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -185,7 +187,11 @@ def run(args: argparse.Namespace) -> int:
             gave_up.append(exc.report)
             raise
 
-    code, report = run_sequence(PROG, guarded)
+    try:
+        code, report = run_sequence(PROG, guarded)
+    finally:
+        if view is not None:
+            view.close()
     if report is None and gave_up:
         report = gave_up[0]
         code = EXIT_FAILED

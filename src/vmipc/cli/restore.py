@@ -22,6 +22,7 @@ from vmipc.cli._sequence import (
     add_output_arguments,
     add_socket_argument,
     print_report,
+    progress_hooks,
     run_sequence,
     socket_path,
 )
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if path is None:
         return EXIT_USAGE
 
+    view, hooks = progress_hooks(args)
+
     async def main() -> RestoreReport:
         async with open_client(path, client_name=PROG) as client:
             return await restore_into(
@@ -79,9 +82,14 @@ def run(args: argparse.Namespace) -> int:
                 discard_on_failure=args.quit_on_failure,
                 parents=args.parent,
                 chain_dir=args.chain_dir,
+                **hooks,
             )
 
-    code, report = run_sequence(PROG, main)
+    try:
+        code, report = run_sequence(PROG, main)
+    finally:
+        if view is not None:
+            view.close()
     if report is not None:
         print_report(
             report,

@@ -309,9 +309,14 @@ class ProgressData(TypedDict):
     phase: str
     """What it is doing, in a word or two."""
     done: int
-    """Units done (bytes, unless the command says otherwise)."""
+    """Units done. Since 1.8, for dump-memory, dump-dirty, load-memory and apply-pages: bytes of
+    guest RAM gone through, zero pages and holes included (a stream says a zero page in a few
+    bytes, a sparse file skips it); for the others, bytes moved through the fd.
+    """
     total: int | None
-    """Units in all, or null when unknown."""
+    """Units in all (dump-memory, load-memory: the RAM size; dump-dirty: the dirty pages taken, in
+    bytes), or null when unknown (apply-pages: the stream says when it ends).
+    """
 
 
 class AsyncCommands:

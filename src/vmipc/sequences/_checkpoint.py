@@ -42,10 +42,12 @@ from vmipc.formats import SectionEntry, SnapshotHeader
 from vmipc.sequences._common import (
     DEFAULT_LEASE,
     PauseLease,
+    ProgressCallback,
     SequenceError,
     best_effort,
     describe,
     resume_if_paused,
+    watch_progress,
 )
 from vmipc.sequences._memory import (
     DIRTY_LOG_OFF_HINT,
@@ -55,7 +57,7 @@ from vmipc.sequences._memory import (
     check_tracking,
     dirty_epoch,
 )
-from vmipc.sequences._steps import Steps, StepTiming, nothing_done, observe_replies
+from vmipc.sequences._steps import StepHook, Steps, StepTiming, nothing_done, observe_replies
 from vmipc.snapshots import (
     PRODUCER,
     PendingFile,
@@ -151,6 +153,8 @@ async def checkpoint(
     verify: bool = True,
     producer: str = PRODUCER,
     lease: float | None = DEFAULT_LEASE,
+    on_step: StepHook | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> SnapshotReport:
     """Write a snapshot of the VM behind ``client`` to ``path``, atomically.
 
@@ -170,9 +174,13 @@ async def checkpoint(
     logging was touched (dump-dirty consumed the dirty pages, or tracking was restarted)
     stops dirty logging, so that no later incremental snapshot can miss pages: the next
     checkpoint must be a full one.
+
+    ``on_step``: called with the name of each step before it runs; ``on_progress``: with
+    the data of each ``progress`` event of the dumps (bytes of RAM gone through).
     """
     run = _Checkpoint(client, path, then=then, verify=verify, producer=producer, lease=lease)
-    async with observe_replies(run.steps, client):
+    run.steps = Steps(on_step)
+    async with observe_replies(run.steps, client), watch_progress(on_progress, client):
         return await run.run(mode)
 
 

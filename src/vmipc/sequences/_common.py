@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import trio
@@ -205,3 +205,34 @@ def as_dict(obj: Any) -> dict[str, Any]:
     import dataclasses
 
     return dataclasses.asdict(obj)
+
+
+#: called with each ``progress`` event's data (``command``, ``phase``, ``done``, ``total``)
+ProgressCallback = Callable[[Mapping[str, Any]], None]
+
+
+@contextlib.asynccontextmanager
+async def watch_progress(
+    on_progress: ProgressCallback | None, *clients: Client
+) -> AsyncIterator[None]:
+    """While the body runs, pass the ``progress`` events of ``clients``' requests to
+    ``on_progress`` (a watcher that cannot subscribe, an old VMM say, shows nothing and
+    never fails the sequence)."""
+    if on_progress is None:
+        yield
+        return
+    callback = on_progress
+
+    async def watch(client: Client) -> None:
+        with contextlib.suppress(Exception):
+            await client.subscribe(events=["progress"])
+            while True:
+                event = await client.next_event()
+                if event.event == "progress":
+                    callback(event.data)
+
+    async with trio.open_nursery() as nursery:
+        for client in clients:
+            nursery.start_soon(watch, client)
+        yield
+        nursery.cancel_scope.cancel()

@@ -74,6 +74,7 @@ from vmipc.protocol import ProtocolError, UntrustedServer
 from vmipc.sequences._common import (
     DEFAULT_LEASE,
     PauseLease,
+    ProgressCallback,
     SequenceError,
     best_effort,
     describe,
@@ -81,6 +82,7 @@ from vmipc.sequences._common import (
     resume_if_paused,
     state_of,
     supports,
+    watch_progress,
 )
 from vmipc.sequences._steps import StepHook, Steps, StepTiming, observe_replies
 from vmipc.sequences._steps import side as timed_side
@@ -458,6 +460,7 @@ async def migrate(
     policy: MigrationPolicy = DEFAULT_POLICY,
     on_step: StepHook | None = None,
     lease: float | None = DEFAULT_LEASE,
+    on_progress: ProgressCallback | None = None,
 ) -> MigrationReport:
     """Move the running VM behind ``source`` to ``dest`` (pre-copy; see the module doc),
     pre-copy stopping and giving up as ``policy`` says.
@@ -467,8 +470,9 @@ async def migrate(
     on, the destination was discarded) and :class:`SequenceError` when a step failed (its
     ``outcome`` says which VM runs). ``lease``: the source is paused with a pause lease of
     that many seconds (renewed during the stop-and-copy, released just before the
-    destination resumes); None for a plain pause. ``on_step`` (tests): called with the
-    name of each step before it runs.
+    destination resumes); None for a plain pause. ``on_step``: called with the name of
+    each step before it runs (a display, or a test's fault). ``on_progress``: called with
+    the data of each ``progress`` event of the source's dumps (bytes of RAM gone through).
 
     Throughout, the source's requests go before other clients' (``claim-priority``), so
     that a VMM busy answering monitors neither slows the pre-copy nor lengthens the
@@ -477,7 +481,7 @@ async def migrate(
     steps = Steps(on_step)
     # the destination's VMM too, when this client talks to it (a local destination)
     observing = observe_replies(steps, source, getattr(dest, "client", None))
-    async with observing, going_first(source):
+    async with observing, going_first(source), watch_progress(on_progress, source):
         return await _Migration(source, dest, policy, lease, steps).run()
 
 

@@ -15,8 +15,14 @@ from typing import Any
 import trio
 
 from vmipc.client import Client, open_client
-from vmipc.sequences._common import SequenceError, best_effort, describe
-from vmipc.sequences._steps import Steps, StepTiming, observe_replies
+from vmipc.sequences._common import (
+    ProgressCallback,
+    SequenceError,
+    best_effort,
+    describe,
+    watch_progress,
+)
+from vmipc.sequences._steps import StepHook, Steps, StepTiming, observe_replies
 from vmipc.snapshots import ChainError, ChainLink, resolve_chain, verify_links
 
 
@@ -41,6 +47,8 @@ async def restore_into(
     discard_on_failure: bool = False,
     parents: Sequence[str] = (),
     chain_dir: str | None = None,
+    on_step: StepHook | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> RestoreReport:
     """Restore the snapshot at ``path`` into an incoming VMM (``vmipc vmm --incoming``)::
 
@@ -56,10 +64,12 @@ async def restore_into(
     order (the fd positioned at its memory data), ``load-state`` of ``path``, ``resume``.
 
     On failure nothing runs (a failed load makes the VMM refuse resume); with
-    ``discard_on_failure`` the incoming VMM is also told to quit.
+    ``discard_on_failure`` the incoming VMM is also told to quit. ``on_step``: called
+    with the name of each step before it runs; ``on_progress``: with the data of each
+    ``progress`` event of the loads.
     """
     started = time.monotonic()
-    steps = Steps(phase="restore")
+    steps = Steps(on_step, phase="restore")
 
     async def not_started(exc: BaseException) -> str:
         outcome = "the incoming VM was not started"
@@ -72,7 +82,11 @@ async def restore_into(
             )
         return outcome
 
-    async with observe_replies(steps, client), steps.phase(not_started):
+    async with (
+        observe_replies(steps, client),
+        watch_progress(on_progress, client),
+        steps.phase(not_started),
+    ):
         async with steps.step("query-status"):
             status = await client.query_status()
             if status["state"] != "incoming":

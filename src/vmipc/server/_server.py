@@ -91,7 +91,7 @@ log = logging.getLogger("vmipc.server")
 CAPABILITIES = ("fd-passing", "events", "progress", "cancel")
 _RECV_SIZE = 64 * 1024
 #: at most one progress event per request this often (seconds), besides the first and last
-PROGRESS_INTERVAL = 0.2
+PROGRESS_INTERVAL = 0.25
 _MISSING: Any = object()
 #: what sending on a connection's queue raises once the connection is going away
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)

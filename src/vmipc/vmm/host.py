@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from vmipc.memory_layout import MemoryConfigError, layout_for
+from vmipc.memory_layout import PAGE_SIZE, MemoryConfigError, layout_for
 from vmipc.vmm.config import MAX_VCPUS
 from vmipc.vmm.dirtylog import DirtyCount
 from vmipc.vmm.machine import Machine, MachineConfig, MachineState
@@ -289,12 +289,12 @@ class MachineHost:
         machine = self.require_machine("dump-memory")
         memory = _ram(machine)
         consistent = machine.state is not RunState.RUNNING
+        # progress counts bytes of RAM gone through, whatever the format makes of them
+        transfer.total = memory.size
         if fmt == "snapshot":
-            transfer.total = memory.size
             entry, stats = write_memory_section(memory, fd, transfer, consistent=consistent)
             return MemoryDump(stats, consistent, entry)
         if fmt == "raw":
-            transfer.total = memory.size
             return MemoryDump(write_raw_image(memory, fd, transfer), consistent)
         stats = send_page_stream(memory, fd, transfer, consistent=consistent)
         return MemoryDump(stats, consistent)
@@ -360,6 +360,7 @@ class MachineHost:
         # before any page is taken: a wrong file or offset must not lose the dirty pages
         writer = None if section is None else memory_section_at(memory, fd, section)
         taken = machine.dirty_log.take(epoch)
+        transfer.total = PAGE_SIZE * sum(n for runs in taken.slots for _, n in runs)
         if writer is None:
             stats = send_page_stream(memory, fd, transfer, consistent=consistent, runs=taken.slots)
         else:

@@ -118,6 +118,7 @@ def send_page_stream(
     kind = fd_kind(fd)
     encoder = PageStreamEncoder(list(memory.ram_ranges()))
     stats = Stats()
+    transfer.count_ram()
     records = bytearray(encoder.header())
     staging: memoryview | None = None  # the running guest's copies
     for index, region in enumerate(memory.regions):
@@ -130,6 +131,7 @@ def send_page_stream(
                 if len(records) >= _RECORDS_FLUSH:
                     transfer.write(fd, records)
                     records.clear()
+                transfer.cover(npages * PAGE_SIZE)
                 continue
             for start in range(first, first + npages, RUN_PAGES):
                 count = min(RUN_PAGES, first + npages - start)
@@ -158,6 +160,7 @@ def send_page_stream(
                 records.clear()
                 view.release()
                 stats.data_pages += count
+                transfer.cover(length)
     records += encoder.end_round()
     records += encoder.end_stream()
     transfer.write(fd, records)
@@ -233,6 +236,7 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
     rounds = data_bytes = 0
     small = memoryview(bytearray(_RECORD_READ))
     ram = memory.view
+    transfer.count_ram()
     try:
         while True:
             left = decoder.payload_left
@@ -249,6 +253,7 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
                 coverage.add(offset, got)
                 data_bytes += got
                 stats.bytes += got
+                transfer.cover(got)
                 continue
             event = decoder.next_event()
             if event is NEED_DATA:
@@ -262,12 +267,14 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
                 ram[offset : offset + len(event.data)] = event.data
                 coverage.add(offset, len(event.data))
                 data_bytes += len(event.data)  # a run may arrive in unaligned pieces
+                transfer.cover(len(event.data))
             elif isinstance(event, ZeroRun):
                 length = event.npages * PAGE_SIZE
                 offset = memory.offset_of(event.gpa, length)
                 _zero_range(memory, offset, length)
                 coverage.add(offset, length)
                 stats.zero_pages += event.npages
+                transfer.cover(length)
             elif isinstance(event, RoundEnd):
                 rounds += 1
             elif isinstance(event, StreamEnd):
@@ -294,10 +301,12 @@ def write_memory_section(
     writer = MemorySectionWriter(offset, regions)
     transfer.write_at(fd, writer.descriptor, writer.offset)
     stats = Stats()
+    transfer.count_ram()
     for region in memory.regions:
         for first, npages, zero in _region_pieces(memory, region, None):
             if zero:
                 stats.zero_pages += npages
+                transfer.cover(npages * PAGE_SIZE)
                 continue
             stats.data_pages += npages
             _write_pages(memory, region, first, npages, fd, transfer, consistent, writer.data)
@@ -328,6 +337,7 @@ def _write_pages(
         data = view if consistent else memoryview(bytearray(view))
         transfer.pwrite(fd, data, place(image_offset, data))
         view.release()
+        transfer.cover(count * PAGE_SIZE)
 
 
 def memory_section_at(memory: GuestMemory, fd: int, section: int) -> MemorySectionWriter:
@@ -365,6 +375,7 @@ def update_memory_section(
     whole section)."""
     stats = Stats()
     can_punch = True
+    transfer.count_ram()
     for region, region_runs in zip(memory.regions, runs, strict=True):
         for first, npages, zero in _region_pieces(memory, region, region_runs):
             image_offset = region.offset + first * PAGE_SIZE
@@ -378,6 +389,7 @@ def update_memory_section(
                     for piece in range(file_offset, file_offset + length, len(_ZEROS)):
                         size = min(len(_ZEROS), file_offset + length - piece)
                         transfer.pwrite(fd, memoryview(_ZEROS)[:size], piece)
+                transfer.cover(length)
                 continue
             stats.data_pages += npages
             _write_pages(
@@ -405,15 +417,20 @@ def write_raw_image(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
         base = os.lseek(fd, 0, os.SEEK_CUR)
         if os.fstat(fd).st_size > base:
             os.ftruncate(fd, base)
+        transfer.count_ram()
         for region in memory.regions:
             for first, npages, zero in _region_pieces(memory, region, None):
                 if zero:
                     stats.zero_pages += npages
+                    transfer.cover(npages * PAGE_SIZE)
                     continue
-                offset = region.offset + first * PAGE_SIZE
-                view = memory.view[offset : offset + npages * PAGE_SIZE]
-                transfer.pwrite(fd, view, base + offset)
-                view.release()
+                for start in range(first, first + npages, RUN_PAGES):
+                    count = min(RUN_PAGES, first + npages - start)
+                    offset = region.offset + start * PAGE_SIZE
+                    view = memory.view[offset : offset + count * PAGE_SIZE]
+                    transfer.pwrite(fd, view, base + offset)
+                    view.release()
+                    transfer.cover(count * PAGE_SIZE)
                 stats.data_pages += npages
         if os.fstat(fd).st_size < base + memory.size:
             os.ftruncate(fd, base + memory.size)
@@ -453,6 +470,7 @@ def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> St
     if stored != list(memory.ram_ranges()) or section.descriptor.page_size != PAGE_SIZE:
         raise BulkError("bad-snapshot", f"the snapshot's RAM layout {stored} is not this machine's")
     stats = Stats()
+    transfer.count_ram()
     for region in memory.regions:
         start = section.file_offset(region.gpa, region.size)
         cursor = region.offset
@@ -460,13 +478,18 @@ def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> St
             target = region.offset + (offset - start)
             if target > cursor:
                 _zero_range(memory, cursor, target - cursor)
-            view = memory.view[target : target + length]
-            transfer.preadinto(fd, view, offset)
-            view.release()
+                transfer.cover(target - cursor)
+            for done in range(0, length, RUN_PAGES * PAGE_SIZE):  # progress as it goes
+                size = min(RUN_PAGES * PAGE_SIZE, length - done)
+                view = memory.view[target + done : target + done + size]
+                transfer.preadinto(fd, view, offset + done)
+                view.release()
+                transfer.cover(size)
             stats.data_pages += length // PAGE_SIZE
             cursor = target + length
         if cursor < region.offset + region.size:
             _zero_range(memory, cursor, region.offset + region.size - cursor)
+            transfer.cover(region.offset + region.size - cursor)
     stats.bytes = memory.size
     stats.complete = True
     return stats

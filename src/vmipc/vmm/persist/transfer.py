@@ -68,8 +68,12 @@ class Transfer:
         self._progress = progress
         #: bytes moved so far
         self.done = 0
-        #: the bytes the operation expects to move, when it knows (for progress reports)
+        #: what progress reports count up to, when known: bytes moved, or (after
+        #: :meth:`count_ram`) bytes of guest RAM gone through
         self.total: int | None = None
+        #: bytes of guest RAM gone through, holes and zero pages included (:meth:`cover`)
+        self.ram_done = 0
+        self._counts_ram = False
 
     @classmethod
     def unbound(cls, progress: Callable[[int], None] | None = None) -> Transfer:
@@ -92,8 +96,19 @@ class Transfer:
 
     def advance(self, count: int) -> None:
         self.done += count
-        if self._progress is not None:
+        if self._progress is not None and not self._counts_ram:
             self._progress(self.done)
+
+    def count_ram(self) -> None:
+        """Progress counts bytes of guest RAM gone through (:meth:`cover`) from now on, not
+        bytes moved: a stream says a zero page in a few bytes, a sparse file skips it."""
+        self._counts_ram = True
+
+    def cover(self, count: int) -> None:
+        """``count`` more bytes of guest RAM were sent, written, skipped or received."""
+        self.ram_done += count
+        if self._progress is not None and self._counts_ram:
+            self._progress(self.ram_done)
 
     def finish(self) -> None:
         self._finished.set()
