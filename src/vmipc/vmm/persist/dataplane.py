@@ -427,8 +427,8 @@ def map_snapshot_memory(memory: GuestMemory, fd: int, lease: ReadLease) -> Stats
     (the structure, the small sections' checksums, the layout; not the memory section's
     checksum, which reads every byte: ``vmipc snapshot verify``), under ``lease``, a read
     lease on it taken before anything was read (owned from now on). The image's holes
-    read as zeros. BulkError("bad-snapshot") when the file fails a check: RAM is then
-    all zeros."""
+    read as zeros. BulkError("bad-snapshot") when the file fails a check: nothing is
+    mapped then (RAM is a memfd), and the caller treats RAM as damaged."""
     try:
         section = _snapshot_image(memory, fd, verify=False)
         offset = section.file_offset(memory.regions[0].gpa, memory.regions[0].size)
