@@ -17,16 +17,21 @@ shared machine affects both sides alike:
    last round of dirty pages and the state), alternately on the same VM, beside QEMU's
    ``stop`` + ``migrate`` into the file + ``cont``;
 3. restore of those snapshots until the guest runs (and prints its next line):
-   ``vmipc vmm --restore FILE`` lazy and ``--eager``, beside QEMU ``-incoming defer`` +
-   ``migrate-incoming`` from the file + ``cont``.
+   ``vmipc vmm --restore FILE`` lazy and ``--eager``, ``vmipc restore FILE`` (the
+   sequence, ``restore_into``) into an already-running ``vmipc vmm --incoming``, beside
+   QEMU ``-incoming defer`` + ``migrate-incoming`` from the file + ``cont``; both from the
+   process's start and, for the restore into a waiting VMM and QEMU, from the first
+   request (process start excluded).
 
 It also draws downtime and total time against dirty rate for both, log-log, with
 matplotlib: the optional ``bench`` extra (``pip install -e '.[bench]'``), which
 ``make bench`` installs; without it the tables are printed and the plot is skipped.
 
 Run: ``.venv/bin/python benchmarks/bench_sequences.py [--quick] [--json FILE] [--plot PATH]
-[--no-qemu]``. The default run takes about 5 minutes, ``--quick`` (no 8 MiB working set and
-no 4 GiB guest; one migration and one checkpoint of each kind, two restores) about 2. It
+[--no-qemu] [--restore-only]``. The default run takes about 5 minutes, ``--quick`` (no 8 MiB
+working set and no 4 GiB guest; one migration and one checkpoint of each kind, two restores)
+about 2; ``--restore-only`` runs tables 2 and 3 only (one checkpoint of each kind, every
+size, three restores of each kind). It
 needs a usable /dev/kvm (as root). QEMU is installed with ``tools/install-system-deps``
 when missing; its columns are skipped, with a note, when it still cannot boot the guest.
 """
@@ -65,6 +70,7 @@ from vmipc.sequences import (
     checkpoint,
     checkpoint_blocking,
     migrate_blocking,
+    restore_into,
 )
 
 MIB = 1 << 20
@@ -149,6 +155,10 @@ def fmt_s(seconds: float | None) -> str:
     if seconds < 1:
         return f"{seconds * 1e3:.0f} ms" if seconds >= 0.01 else f"{seconds * 1e3:.1f} ms"
     return f"{seconds:.2f} s"
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1e3:.1f} ms"
 
 
 def fmt_rate(pages_per_s: float | None) -> str:
@@ -1084,8 +1094,12 @@ def report_checkpoint(
 
 @dataclass
 class RestoreRun:
+    #: from spawning the process to running
     running_s: float
     first_line_s: float | None
+    #: from the first request to running (the process was up and waiting): the restore
+    #: into a waiting VMM, and QEMU's ``migrate-incoming``; None for ``vmm --restore``
+    request_s: float | None = None
 
 
 def first_line_after(path: Path, started: float, timeout: float) -> float | None:
@@ -1118,6 +1132,34 @@ def restore_vmipc(kids: Children, tmp: Path, snapshot: Path, eager: bool, index:
     return RestoreRun(running, first_line)
 
 
+def restore_incoming(kids: Children, tmp: Path, snapshot: Path, index: int) -> RestoreRun:
+    """``vmipc restore`` (the sequence) into a ``vmipc vmm --incoming`` that is up and
+    waiting (a client connected, ``query-status`` answered): timed from the sequence's
+    first request to its return, when ``resume`` has answered (running)."""
+    vm = VmipcVmm(kids, tmp, f"restore-{snapshot.stem}-incoming-{index}", ["--incoming"])
+    try:
+        with vm.client() as client:
+            while client.query_status()["state"] != "incoming":
+                time.sleep(0.002)
+
+        async def run() -> float:
+            async with open_client(vm.socket, client_name="bench_sequences") as client:
+                began = time.perf_counter()
+                await restore_into(client, str(snapshot))
+                return time.perf_counter() - began
+
+        request = trio.run(run)
+        running = time.perf_counter() - vm.started
+        first_line = first_line_after(vm.console, vm.started, 60)
+        if b"ERROR" in read(vm.console):
+            raise RuntimeError(f"the guest restored by vmipc printed: {read(vm.console)!r}")
+    finally:
+        vm.quit()
+        with contextlib.suppress(FileNotFoundError):
+            vm.console.unlink()
+    return RestoreRun(running, first_line, request)
+
+
 def restore_qemu(
     kids: Children, qemu: str, tmp: Path, snapshot: Path, size: SnapSize, index: int
 ) -> RestoreRun:
@@ -1129,10 +1171,12 @@ def restore_qemu(
             vm.qmp.execute("getfd", {"fdname": "snapshot"}, fd=fd)
         finally:
             os.close(fd)
+        requested = time.perf_counter()
         vm.qmp.execute("migrate-incoming", {"uri": "fd:snapshot"})
         vm.wait_migration(600)
         vm.qmp.execute("cont")  # the snapshot was taken stopped: it arrives paused
-        running = time.perf_counter() - vm.started
+        done = time.perf_counter()
+        running = done - vm.started
         first_line = first_line_after(vm.serial, vm.started, 60)
         if b"ERROR" in read(vm.serial):
             raise QemuFailed(f"the guest restored by QEMU printed: {read(vm.serial)!r}")
@@ -1140,7 +1184,7 @@ def restore_qemu(
         vm.close()
         with contextlib.suppress(FileNotFoundError):
             vm.serial.unlink()
-    return RestoreRun(running, first_line)
+    return RestoreRun(running, first_line, done - requested)
 
 
 def bench_snapshots(
@@ -1175,16 +1219,21 @@ def bench_snapshots(
                 checkpoints[size.label]["qemu"] = theirs
             except QemuFailed as exc:
                 notes.append(f"QEMU checkpoint ({size.label}) skipped: {exc}")
-        progress(f"restore, {size.label}: vmipc lazy, vmipc eager, QEMU, x{restore_count} each")
-        runs: dict[str, list[RestoreRun]] = {"lazy": [], "eager": [], "qemu": []}
+        progress(
+            f"restore, {size.label}: vmipc lazy, eager, into --incoming, QEMU, "
+            f"x{restore_count} each"
+        )
+        runs: dict[str, list[RestoreRun]] = {"lazy": [], "eager": [], "incoming": [], "qemu": []}
         for index in range(restore_count):  # interleaved, so noise hits every kind alike
             if our_file is not None:
-                for kind in ("lazy", "eager"):
+                for kind in ("lazy", "eager", "incoming"):
                     try:
-                        runs[kind].append(
-                            restore_vmipc(kids, tmp, our_file, kind == "eager", index)
-                        )
-                    except (RuntimeError, OSError, TimeoutError) as exc:
+                        if kind == "incoming":
+                            run = restore_incoming(kids, tmp, our_file, index)
+                        else:
+                            run = restore_vmipc(kids, tmp, our_file, kind == "eager", index)
+                        runs[kind].append(run)
+                    except (RuntimeError, OSError, TimeoutError, SequenceError) as exc:
                         notes.append(f"vmipc {kind} restore ({size.label}) failed: {exc}")
             if qemu is not None and their_file is not None:
                 try:
@@ -1208,15 +1257,18 @@ def report_restore(
         runs = results[size.label]
         q_running = med([r.running_s for r in runs["qemu"]])
         q_line = med([r.first_line_s for r in runs["qemu"] if r.first_line_s is not None])
+        q_request = med([r.request_s for r in runs["qemu"] if r.request_s is not None])
         for kind, label in (
             ("lazy", "vmipc `vmm --restore` (lazy)"),
             ("eager", "vmipc `vmm --restore --eager`"),
+            ("incoming", "vmipc `restore` into a waiting `vmm --incoming`"),
             ("qemu", "QEMU `-incoming defer` + `migrate-incoming fd:` + `cont`"),
         ):
-            if not runs[kind]:
+            if not runs.get(kind):
                 continue
             running = med([r.running_s for r in runs[kind]])
             line = med([r.first_line_s for r in runs[kind] if r.first_line_s is not None])
+            request = med([r.request_s for r in runs[kind] if r.request_s is not None])
             rows.append(
                 [
                     size.label,
@@ -1225,6 +1277,8 @@ def report_restore(
                     ratio(running, q_running),
                     fmt_s(line),
                     ratio(line, q_line),
+                    fmt_ms(request),
+                    ratio(request, q_request) if request is not None else "",
                 ]
             )
     say(
@@ -1236,6 +1290,8 @@ def report_restore(
                 "ratio to QEMU",
                 "start → first console line",
                 "ratio to QEMU",
+                "first request → running",
+                "ratio to QEMU",
             ],
             rows,
         )
@@ -1243,7 +1299,12 @@ def report_restore(
     say()
     say(
         "Both from spawning the process. Running: vmipc, the first `query-status` on its "
-        "socket that says running; QEMU, `cont` answered after `migrate-incoming` completed. "
+        "socket that says running (the restore into a waiting VMM: `resume` answered); QEMU, "
+        "`cont` answered after `migrate-incoming` completed. First request → running "
+        "excludes the process's start: `vmipc restore` (`restore_into`, query-status, "
+        "load-memory, load-state, resume) into a `vmm --incoming` that already answered "
+        "`query-status` on a connected client; QEMU, from `migrate-incoming` (the file's fd "
+        "already passed with `getfd`) to `cont` answered. "
         "First console line: the first newline the guest writes after the restore — it "
         "comes at the end of the pass that was under way at the checkpoint, so it includes "
         "the guest re-reading and rewriting the rest of its working set (where a lazy "
@@ -1396,6 +1457,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     parser.add_argument("--plot", metavar="PATH", help="the PNG (default: in a new temp dir)")
     parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU baselines")
+    parser.add_argument(
+        "--restore-only",
+        action="store_true",
+        help="checkpoints (once) and restores only, every size (no migration table)",
+    )
+    parser.add_argument(
+        "--sizes", metavar="LABELS", help="comma-separated guest sizes (256M,1G,4G) to run"
+    )
     args = parser.parse_args(argv)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("bench_sequences: /dev/kvm is not usable here; nothing to measure", file=sys.stderr)
@@ -1403,12 +1472,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a SIGTERM ends the run through the finally clauses, which kill every child
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
+    levels: tuple[Level, ...]
+    sizes: tuple[SnapSize, ...]
     if args.quick:  # no 8 MiB working set, no 4 GiB guest, fewer repetitions
         levels, sizes = (LEVELS[0], *LEVELS[2:]), SNAP_SIZES[:2]
         migrations, checkpoints, restores = 1, 1, 2
     else:
         levels, sizes = LEVELS, SNAP_SIZES
         migrations, checkpoints, restores = 3, 3, 3
+    if args.restore_only:
+        levels, sizes, checkpoints = (), SNAP_SIZES, 1
+    if args.sizes:
+        wanted = args.sizes.split(",")
+        sizes = tuple(size for size in SNAP_SIZES if size.memory in wanted)
     notes: list[str] = []
     failures: list[str] = []
     qemu: str | None = None
@@ -1432,7 +1508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     drawn: str | None = None
     try:
         migration = bench_migration(kids, qemu, tmp, levels, migrations, notes, failures)
-        report_migration(levels, migration, migrations)
+        if levels:
+            report_migration(levels, migration, migrations)
         results["migration"] = {
             level: {side: [asdict(run) for run in runs] for side, runs in entry.items()}
             for level, entry in migration.items()
@@ -1451,11 +1528,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             size: {side: [asdict(run) for run in runs] for side, runs in entry.items()}
             for size, entry in restored.items()
         }
-        if args.plot:
-            plot_path = Path(args.plot)
-        else:
-            plot_path = Path(tempfile.mkdtemp(prefix="vmipc-bench-seq-plot-")) / "sequences.png"
-        drawn = draw_plot(plot_series(levels, migration), plot_path)
+        plot_path = Path(args.plot) if args.plot else None
+        if levels:
+            if plot_path is None:
+                plot_dir = tempfile.mkdtemp(prefix="vmipc-bench-seq-plot-")
+                plot_path = Path(plot_dir) / "sequences.png"
+            drawn = draw_plot(plot_series(levels, migration), plot_path)
         results["plot"] = drawn
     finally:
         kids.kill_all()
@@ -1468,11 +1546,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["notes"] = notes
     results["elapsed_s"] = time.monotonic() - BEGAN
     say_notes(notes)
-    if drawn is None:
+    if levels and drawn is None:
         say("Plot skipped: matplotlib is missing (`pip install -e '.[bench]'`, or `make bench`).")
-    else:
+        say()
+    elif drawn is not None:
         say(f"Plot (downtime and total time against dirty rate): {drawn}")
-    say()
+        say()
     say(f"Total benchmark time: {results['elapsed_s']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -862,3 +863,41 @@ def test_a_socket_directory_root_may_not_write_without_capabilities_is_warned_ab
             "uid 0)"
         ]
         assert os.listdir(theirs) == ["vm.sock"]
+
+
+def test_the_lease_calls_are_allowed_for_this_process_and_its_lease_signal_only(
+    tmp_path: Path, stranger: Any
+) -> None:
+    """A restore into a running VMM leases a passed snapshot file in capability mode
+    (``ReadLease.take_passed``): fcntl's lease commands are allowed with exactly the
+    arguments it uses. Its signal cannot be pointed at another process, nor another signal
+    chosen, nor a write lease taken."""
+    import fcntl
+
+    from vmipc.vmm.filelease import LEASE_SIGNAL
+
+    snapshot = tmp_path / "snap"
+    snapshot.write_bytes(b"x" * 4096)
+    opened: dict[str, int] = {}
+
+    def before() -> None:
+        opened["fd"] = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+
+    def body() -> dict[str, str]:
+        fd = opened["fd"]
+        return {
+            "setown-other": attempt(lambda: fcntl.fcntl(fd, fcntl.F_SETOWN, stranger.pid)),
+            "setown-group": attempt(lambda: fcntl.fcntl(fd, fcntl.F_SETOWN, -os.getpgrp())),
+            "setsig-other": attempt(lambda: fcntl.fcntl(fd, 10, signal.SIGUSR1)),
+            "write-lease": attempt(lambda: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)),
+            "setown-self": attempt(lambda: fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())),
+            "setsig-lease": attempt(lambda: fcntl.fcntl(fd, 10, LEASE_SIGNAL)),
+            "read-lease": attempt(lambda: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)),
+            "held": "ok" if fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK else "no",
+            "unlock": attempt(lambda: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)),
+        }
+
+    got = in_sandboxed_child(body, before=before)
+    refused = ("setown-other", "setown-group", "setsig-other", "write-lease")
+    assert {name: got.pop(name) for name in refused} == dict.fromkeys(refused, "EPERM")
+    assert got == dict.fromkeys(got, "ok"), got

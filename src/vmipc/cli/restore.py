@@ -1,15 +1,17 @@
 """``vmipc restore``: restore a snapshot file into an incoming VMM.
 
     vmipc restore [--socket PATH] FILE [--parent FILE]... [--chain-dir DIR] [--paused]
-                  [--quit-on-failure] [--json] [--timeline]
+                  [--verify] [--quit-on-failure] [--json] [--timeline] [--progress MODE]
 
 The VMM is one started with ``vmipc vmm --incoming --socket PATH`` (no --memory/--vcpus
 needed: the machine is built from the file). Sends load-memory and load-state (both with
-format snapshot; the file is verified first) and resume. An incremental FILE is restored
-with its chain: its parents are found among the ``--parent`` files and the snapshots in
-``--chain-dir``, every link checked (parent id and table checksum), then the base is
-loaded and each increment's pages applied in order. Exit codes: 0 done; 1 a step failed
-(the incoming VM does not run); 2 bad usage; 3 the VMM cannot be reached.
+format snapshot; the VMM checks the file as ``vmm --restore`` does and maps its memory
+section lazily; ``--verify`` checks every checksum first, reading all of it) and resume.
+An incremental FILE is restored with its chain: its parents are found among the
+``--parent`` files and the snapshots in ``--chain-dir``, every link checked (parent id and
+table checksum), then the base is loaded and each increment's pages applied in order.
+Exit codes: 0 done; 1 a step failed (the incoming VM does not run); 2 bad usage; 3 the VMM
+cannot be reached.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--paused", action="store_true", help="leave the restored VM paused")
     parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every checksum of the files first, the memory's too (reads all of it)",
+    )
+    parser.add_argument(
         "--quit-on-failure",
         action="store_true",
         help="tell the incoming VMM to quit when the restore fails",
@@ -82,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
                 discard_on_failure=args.quit_on_failure,
                 parents=args.parent,
                 chain_dir=args.chain_dir,
+                verify=args.verify,
                 **hooks,
             )
 

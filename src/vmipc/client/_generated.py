@@ -638,8 +638,14 @@ class AsyncCommands:
     ) -> LoadMemoryResult:
         """On an incoming VMM: fill guest RAM from the ``in`` fd. ``format: stream`` (default) reads
         one page stream (like ``apply-pages``), ``raw`` a flat image as ``dump-memory`` writes
-        it, ``snapshot`` the memory section of a complete snapshot file (verified first; on a VMM
-        without a machine yet, the machine is built from the file's config section). Allowed
+        it, ``snapshot`` the memory section of a complete snapshot file (on a VMM without a
+        machine yet, the machine is built from the file's config section). A regular file on
+        which the VMM gets a read lease (one of its own user, opened read-only, nobody writing
+        it) is mapped copy-on-write as guest RAM, as ``vmm --restore`` maps it (since 1.8):
+        checked first as that checks a file (structure, state sections' checksums, layout), but
+        the memory section's checksum is not read (``vmipc snapshot verify`` does; nothing is
+        read, so ``bytes`` and ``data_pages`` are 0); a writer of the file then waits until RAM
+        is copied off it. Any other fd is read into RAM, its checksum verified first. Allowed
         until the received guest first runs (also after ``load-state``, which may come first); a
         load that fails half-way makes ``resume`` refuse (``damaged``) until a complete load
         succeeds: a ``raw`` image or a ``snapshot`` (whose holes are zeroed), or a page stream
@@ -1041,8 +1047,14 @@ class SyncCommands:
     ) -> LoadMemoryResult:
         """On an incoming VMM: fill guest RAM from the ``in`` fd. ``format: stream`` (default) reads
         one page stream (like ``apply-pages``), ``raw`` a flat image as ``dump-memory`` writes
-        it, ``snapshot`` the memory section of a complete snapshot file (verified first; on a VMM
-        without a machine yet, the machine is built from the file's config section). Allowed
+        it, ``snapshot`` the memory section of a complete snapshot file (on a VMM without a
+        machine yet, the machine is built from the file's config section). A regular file on
+        which the VMM gets a read lease (one of its own user, opened read-only, nobody writing
+        it) is mapped copy-on-write as guest RAM, as ``vmm --restore`` maps it (since 1.8):
+        checked first as that checks a file (structure, state sections' checksums, layout), but
+        the memory section's checksum is not read (``vmipc snapshot verify`` does; nothing is
+        read, so ``bytes`` and ``data_pages`` are 0); a writer of the file then waits until RAM
+        is copied off it. Any other fd is read into RAM, its checksum verified first. Allowed
         until the received guest first runs (also after ``load-state``, which may come first); a
         load that fails half-way makes ``resume`` refuse (``damaged``) until a complete load
         succeeds: a ``raw`` image or a ``snapshot`` (whose holes are zeroed), or a page stream

@@ -47,15 +47,22 @@ async def restore_into(
     discard_on_failure: bool = False,
     parents: Sequence[str] = (),
     chain_dir: str | None = None,
+    verify: bool = False,
     on_step: StepHook | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> RestoreReport:
     """Restore the snapshot at ``path`` into an incoming VMM (``vmipc vmm --incoming``)::
 
         query-status                      must be incoming
-        load-memory format=snapshot       verifies the file; builds the machine from config
+        load-memory format=snapshot       checks the file; builds the machine from config
         load-state  format=snapshot
         resume                            (unless resume=False: it stays paused)
+
+    ``load-memory`` of a file checks it as ``vmm --restore`` does (its structure, the
+    state sections' checksums, the memory's layout) and maps its memory section lazily
+    under a read lease, so its time does not grow with the data; the memory section's
+    checksum, which reads every byte, is checked first with ``verify`` (as ``vmm --restore
+    --verify``), else not at all.
 
     An incremental snapshot is restored with its chain: its parents are looked for among
     ``parents`` (files) and the snapshots in ``chain_dir``, and each link's parent id and
@@ -96,7 +103,7 @@ async def restore_into(
                     "nothing was done",
                 )
         async with steps.step("chain"):
-            chain = await trio.to_thread.run_sync(_find_chain, path, parents, chain_dir)
+            chain = await trio.to_thread.run_sync(_find_chain, path, parents, chain_dir, verify)
         loaded = await _load(client, steps, chain)
         if resume:
             async with steps.step("resume"):
@@ -112,9 +119,13 @@ async def restore_into(
     )
 
 
-def _find_chain(path: str, parents: Sequence[str], chain_dir: str | None) -> list[ChainLink]:
+def _find_chain(
+    path: str, parents: Sequence[str], chain_dir: str | None, verify: bool
+) -> list[ChainLink]:
+    """The chain of ``path``, each increment verified (small files), and the base too
+    (every byte) with ``verify``."""
     links = resolve_chain(path, parents=parents, chain_dir=chain_dir)
-    verify_links(links)
+    verify_links(links, base=verify)
     return links
 
 

@@ -20,7 +20,12 @@ from vmipc.errors import VmipcError
 from vmipc.formats import FormatError, SnapshotReader
 from vmipc.kvm import Kvm
 from vmipc.vmm.devices import DiskImage
-from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
+from vmipc.vmm.filelease import (
+    LeaseUnavailable,
+    ReadLease,
+    hold_lease_signal,
+    lease_break_time,
+)
 from vmipc.vmm.host import MachineHost
 from vmipc.vmm.kick import install_kick_handler
 from vmipc.vmm.machine import Machine, MachineConfig, MachineState
@@ -96,7 +101,16 @@ def build_incoming(
     def factory(config: MachineConfig, console: Console) -> Machine:
         return Machine(config, console, kvm=kvm.dup(), disk=disk)
 
-    host = MachineHost(console, machine_factory=factory)
+    # a snapshot file passed to load-memory is mapped under a read lease, taken in
+    # capability mode: its signal is held now, on the main thread before any other thread,
+    # and fs.lease-break-time read while /proc can still be opened
+    break_time: int | None = lease_break_time()
+    try:
+        hold_lease_signal()
+    except LeaseUnavailable as exc:
+        log.warning("warning: snapshots will be read into RAM, not mapped: %s", exc)
+        break_time = None
+    host = MachineHost(console, machine_factory=factory, lease_break_time=break_time)
     cleanup.callback(host.close)
 
     def start() -> None:

@@ -19,8 +19,19 @@ before capability mode: afterwards the lease needs only ``fcntl(F_GETLEASE)``,
 ``rt_sigtimedwait``, ``rt_sigprocmask``, ``tgkill`` (this process) and ``close`` —
 releasing by closing the fd needs neither ownership nor ``CAP_LEASE``, unlike ``F_UNLCK``.
 The capability-mode filter allows just these (``vmm/sandbox.py``); it refuses
-``F_SETOWN``/``F_SETOWN_EX``, with which a compromised VMM could have the kernel signal
-other processes.
+``F_SETOWN_EX``, and ``F_SETOWN`` to anything but this process, with which a compromised
+VMM could have the kernel signal other processes.
+
+A restore into a VMM that is already running (``load-memory format=snapshot`` of a passed
+fd, in capability mode) cannot open the file again: :meth:`ReadLease.take_passed` leases
+the passed fd's own open file description (on a duplicate of it, which shares it). Then
+the lease is taken after the capabilities are dropped, so the kernel grants it only on a
+file of the VMM's own user; and it is released with ``F_SETLEASE F_UNLCK`` rather than by
+closing the fd, since the client's fd and the mapping hold the same description. The
+capability-mode filter allows exactly these: ``F_SETLEASE`` to ``F_RDLCK``/``F_UNLCK``,
+``F_SETSIG`` to :data:`LEASE_SIGNAL` and ``F_SETOWN`` to this process. The signal is held
+on the main thread when the VMM starts (:func:`hold_lease_signal`, from
+``vmm/builder.py``'s ``build_incoming``), before any thread exists.
 
 The break is announced with :data:`LEASE_SIGNAL` (``F_SETSIG``) to this process
 (``F_SETOWN``, both set in :meth:`ReadLease.take`). The main thread blocks the signal
@@ -43,7 +54,15 @@ from collections.abc import Callable
 
 from vmipc.errors import VmipcError
 
-__all__ = ["LEASE_SIGNAL", "MIN_BREAK_SECONDS", "POLL_SECONDS", "LeaseUnavailable", "ReadLease"]
+__all__ = [
+    "LEASE_SIGNAL",
+    "MIN_BREAK_SECONDS",
+    "POLL_SECONDS",
+    "LeaseUnavailable",
+    "ReadLease",
+    "hold_lease_signal",
+    "lease_break_time",
+]
 
 log = logging.getLogger("vmipc.vmm")
 
@@ -81,7 +100,7 @@ def lease_break_time() -> int:
         return 45  # the kernel's default
 
 
-def _hold_lease_signal() -> None:
+def hold_lease_signal() -> None:
     """Block the lease signal on the main thread, which every thread started later
     inherits, so that it waits, pending, for the watcher's ``sigtimedwait``; and ignore it,
     so that it can never kill the process (a real-time signal's default)."""
@@ -95,8 +114,11 @@ def _hold_lease_signal() -> None:
 class ReadLease:
     """A read lease on a file, held on an fd of its own; see the module docstring."""
 
-    def __init__(self, fd: int, break_time: int) -> None:
+    def __init__(self, fd: int, break_time: int, *, unlock: bool = False) -> None:
         self._fd = fd
+        #: release with F_UNLCK before closing: the fd shares its open file description
+        #: with other holders (a passed fd), so closing it would not end the lease
+        self._unlock = unlock
         #: fs.lease-break-time when the lease was taken (capability mode cannot read it)
         self.break_time = break_time
         self._lock = threading.Lock()
@@ -113,7 +135,7 @@ class ReadLease:
             raise LeaseUnavailable(
                 f"fs.lease-break-time is {break_time} s: too short to copy guest RAM off it"
             )
-        _hold_lease_signal()
+        hold_lease_signal()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -132,6 +154,37 @@ class ReadLease:
             os.close(fd)
             raise
         return cls(fd, break_time)
+
+    @classmethod
+    def take_passed(cls, fd: int, break_time: int) -> ReadLease:
+        """A read lease on the open file description of ``fd`` (a regular file passed to
+        the VMM), for a VMM in capability mode: no path is opened. ``break_time``:
+        fs.lease-break-time, read before capability mode. The lease signal must be held
+        already (:func:`hold_lease_signal` on the main thread, before any thread).
+        Raises :class:`LeaseUnavailable`."""
+        if break_time < MIN_BREAK_SECONDS:
+            raise LeaseUnavailable(
+                f"fs.lease-break-time is {break_time} s: too short to copy guest RAM off it"
+            )
+        if LEASE_SIGNAL not in signal.pthread_sigmask(signal.SIG_BLOCK, set()):
+            raise LeaseUnavailable("the lease signal is not held in this VMM")
+        try:
+            ours = os.dup(fd)
+        except OSError as exc:
+            raise LeaseUnavailable(f"cannot duplicate the fd: {exc.strerror}") from None
+        try:
+            fcntl.fcntl(ours, _F_SETSIG, LEASE_SIGNAL)
+            fcntl.fcntl(ours, fcntl.F_SETOWN, os.getpid())
+            fcntl.fcntl(ours, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            os.close(ours)
+            if exc.errno == errno.EPERM:  # a sandbox without the lease calls
+                raise LeaseUnavailable("this VMM's sandbox allows no leases") from None
+            raise LeaseUnavailable(_why(exc)) from None
+        except BaseException:
+            os.close(ours)
+            raise
+        return cls(ours, break_time, unlock=True)
 
     @property
     def held(self) -> bool:
@@ -183,6 +236,11 @@ class ReadLease:
         with self._lock:
             fd, self._fd = self._fd, -1
         if fd >= 0:
+            if self._unlock:
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+                except OSError as exc:  # the kernel ends it at fs.lease-break-time anyway
+                    log.warning("cannot release the snapshot file's lease: %s", exc.strerror)
             os.close(fd)
 
     def close(self) -> None:

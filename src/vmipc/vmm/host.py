@@ -15,12 +15,14 @@ damaged its memory.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
 from vmipc.memory_layout import PAGE_SIZE, MemoryConfigError, layout_for
 from vmipc.vmm.config import MAX_VCPUS
 from vmipc.vmm.dirtylog import DirtyCount
+from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
 from vmipc.vmm.machine import Machine, MachineConfig, MachineState
 from vmipc.vmm.machine_api import (
     DirtyDump,
@@ -38,8 +40,10 @@ from vmipc.vmm.persist import (
     Stats,
     Transfer,
     TransferCancelled,
+    can_map_snapshot,
     check_config,
     encode_state_blob,
+    map_snapshot_memory,
     memory_section_at,
     read_raw_image,
     read_snapshot_memory,
@@ -53,6 +57,8 @@ from vmipc.vmm.persist import (
     write_state_sections,
 )
 from vmipc.vmm.runstate import RunState
+
+log = logging.getLogger("vmipc.vmm")
 
 #: a damage reason is cut to this many characters: it quotes an error about hostile data
 MAX_DAMAGE_REASON = 240
@@ -86,8 +92,14 @@ class MachineHost:
         machine: Machine | None = None,
         *,
         machine_factory: Callable[[MachineConfig, Callable[[bytes], None]], Machine] = Machine,
+        lease_break_time: int | None = None,
     ) -> None:
+        """``lease_break_time``: fs.lease-break-time, read at start-up, when the lease
+        signal is held (``filelease.hold_lease_signal``): then ``load-memory
+        format=snapshot`` of a regular file maps it lazily, under a read lease; None: it
+        reads the file into RAM."""
         self._console = console
+        self._lease_break_time = lease_break_time
         self._factory = machine_factory
         self._lock = threading.RLock()
         self._listeners: list[Callable[[StateChange], None]] = []
@@ -304,10 +316,31 @@ class MachineHost:
             state = read_state_sections(fd)
             check_config(state.config)  # a file's config that builds no machine
             self.configure(state.config)
-        memory = _ram(self._incoming_machine("load-memory"))
+        machine = self._incoming_machine("load-memory")
+        memory = _ram(machine)
         transfer.total = memory.size
+        if fmt == "snapshot" and self._lease_break_time is not None and can_map_snapshot(fd):
+            stats = self._load("load-memory", lambda: self._map_snapshot(memory, fd, transfer))
+            machine.watch_file_lease()
+            return stats
         read = _MEMORY_READERS[fmt]
         return self._load("load-memory", lambda: read(memory, fd, transfer))
+
+    def _map_snapshot(self, memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
+        """The snapshot file ``fd`` mapped as RAM under a read lease, as ``vmm --restore``
+        maps it; read into RAM (verified) when the kernel refuses the lease."""
+        assert self._lease_break_time is not None
+        # RAM mapped from a file before lets go of it (and its lease) first: the same
+        # file, passed again, must not lose the new lease when the old one is released
+        memory.drop_file()
+        try:
+            lease = ReadLease.take_passed(fd, self._lease_break_time)
+        except LeaseUnavailable as exc:
+            log.warning(
+                "warning: no read lease on the snapshot file (%s): guest RAM read at once", exc
+            )
+            return read_snapshot_memory(memory, fd, transfer)
+        return map_snapshot_memory(memory, fd, lease)
 
     def dump_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> StateDump:
         state = self.require_machine("dump-state").save_state()

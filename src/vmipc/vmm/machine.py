@@ -277,10 +277,16 @@ class Machine:
             while paused and len(self._parked) < len(self._threads):
                 self._cond.wait()
             change = self._set_state(RunState.PAUSED if paused else RunState.RUNNING)
-        assert self.memory is not None
-        if self.memory.file_lease is not None:  # threads start here, in capability mode
-            self.memory.file_lease.watch(self._copy_ram_off_file)
+        self.watch_file_lease()  # threads start here, in capability mode
         self._notify(change)
+
+    def watch_file_lease(self) -> None:
+        """Watch the read lease of the snapshot file RAM is mapped from, if any: when a
+        writer breaks it, RAM is copied off the file first. At start, and after RAM was
+        mapped from a file later (``GuestMemory.map_file``). Idempotent."""
+        memory = self.memory
+        if memory is not None and memory.file_lease is not None:
+            memory.file_lease.watch(self._copy_ram_off_file)
 
     def pause(self) -> None:
         """RUNNING -> PAUSED; returns when every vCPU is parked with its exit completed."""

@@ -7,8 +7,12 @@ The memfd is the single copy of guest RAM: loaders write into it in place, dumps
 from it with sendfile/splice, and nothing copies RAM to build or to run a guest.
 
 A lazy restore maps a snapshot file's memory section instead (``MAP_PRIVATE``), under a
-read lease (vmm/filelease.py); when somebody is about to write the file,
+read lease (vmm/filelease.py): from the start (``vmm --restore``), or over the memfd of a
+machine that exists already (:meth:`GuestMemory.map_file`, ``load-memory format=snapshot``
+into an incoming VMM). When somebody is about to write the file,
 :meth:`GuestMemory.detach_from_file` copies RAM into a memfd mapped at the same address.
+Every replacement maps over the same host addresses (``MAP_FIXED``), so KVM's memory slots
+stay registered and valid (docs/kvm-notes.md).
 """
 
 from __future__ import annotations
@@ -144,6 +148,61 @@ class GuestMemory:
             self.fd = -1
 
     # --- RAM mapped from a file ---------------------------------------------------------
+
+    def map_file(self, fd: int, offset: int, lease: ReadLease) -> None:
+        """Make RAM a copy-on-write mapping of ``size`` bytes of the file ``fd`` from
+        ``offset`` (page-aligned), in place of whatever backed it: a lazy restore into a
+        machine that exists already. The mapping goes over the same addresses, so KVM's
+        memory slots and every view of RAM stay valid; the file's holes read as zeros, and
+        nothing RAM held before shows through. Owns ``fd`` and ``lease`` from now on (they
+        are closed if this fails); whoever watches the lease calls :meth:`detach_from_file`
+        when it breaks. RAM must not be in use (the vCPUs parked, no dump running).
+        Raises OSError; RAM is then an empty memfd (all zeros)."""
+        self.drop_file()
+        try:
+            with self._lock:
+                if self.fd < 0:
+                    raise OSError(errno.EBADF, "guest memory is closed")
+                self._map_over(fd, mmap.MAP_PRIVATE, offset)
+                # fd before fd_is_ram: a dump that sees the file's fd never punches it
+                ram, self.fd = self.fd, fd
+                self.fd_is_ram = False
+                self._abandoned = False
+                self.file_lease = lease
+            os.close(ram)
+        except BaseException:
+            os.close(fd)
+            lease.close()
+            raise
+
+    def drop_file(self) -> None:
+        """If RAM is mapped from a file, let go of it (and of its lease): an empty memfd
+        (all zeros) is mapped over RAM instead. Raises OSError when no memfd can be had:
+        RAM is then zero pages, which no guest may run on (as :meth:`abandon_file`)."""
+        lease, self.file_lease = self.file_lease, None
+        if lease is not None:
+            lease.close()  # outside the lock: it waits for a copy off the file under way
+        with self._lock:
+            if self.fd < 0 or self.fd_is_ram:
+                return
+            try:
+                memfd = os.memfd_create("vmipc-guest-ram", os.MFD_CLOEXEC)
+            except OSError:
+                self._map_over(-1, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+                self._abandoned = True
+                raise
+            try:
+                os.ftruncate(memfd, self.size)
+                self._map_over(memfd, mmap.MAP_SHARED)
+            except BaseException:
+                os.close(memfd)
+                self._map_over(-1, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+                self._abandoned = True
+                raise
+            file_fd, self.fd = self.fd, memfd
+            self.fd_is_ram = True
+            self._abandoned = False
+            os.close(file_fd)
 
     def detach_from_file(
         self,

@@ -27,7 +27,8 @@ The Capsicum idea on Linux. Once everything the VMM needs from the filesystem is
   allowed only with certain arguments: ``ioctl`` for KVM's and a few harmless fd ioctls
   (never ``TIOCSTI``/``TIOCLINUX``), ``clone`` for threads only, ``kill``/``tgkill`` to
   this process only, ``prlimit64`` on this process only, ``fcntl`` and ``prctl`` for a
-  few harmless commands. Landlock does not cover a file's attributes (``chmod``,
+  few harmless commands (and ``fcntl``'s read lease on a passed snapshot file, its
+  signal going to this process only). Landlock does not cover a file's attributes (``chmod``,
   ``chown``, ``utimes``, extended attributes), which root may change on root's files
   without a capability: none of those calls is on the list.
 
@@ -57,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vmipc.errors import VmipcError
+from vmipc.vmm.filelease import LEASE_SIGNAL
 
 __all__ = [
     "SandboxError",
@@ -473,9 +475,10 @@ ALLOWED_IOCTLS = {
     "FIOCLEX": 0x5451,
 }
 #: fcntl commands: dup (os.dup), fd and status flags (os.set_blocking, the passed fds'
-#: checks), and whether the snapshot's lease is being broken; not F_SETOWN/F_SETOWN_EX/
-#: F_SETSIG (they would have the kernel signal another process for us), taking leases,
-#: notifications or locks
+#: checks), and whether the snapshot's lease is being broken; not F_SETOWN_EX, notifications
+#: or locks. The lease a restore into a running VMM takes on a passed snapshot file
+#: (``ReadLease.take_passed``) is allowed by :data:`ALLOWED_FCNTL_ARGS`, with its argument
+#: checked.
 ALLOWED_FCNTLS = {
     "F_GETFD": 1,
     "F_SETFD": 2,
@@ -483,6 +486,14 @@ ALLOWED_FCNTLS = {
     "F_SETFL": 4,
     "F_DUPFD_CLOEXEC": 1030,
     "F_GETLEASE": 1025,  # a question: the snapshot lease's watcher (vmm/filelease.py)
+}
+#: fcntl commands allowed with these arguments only: a read lease (taken, and given up),
+#: its break announced with the lease signal, to this process alone (``None``: the pid,
+#: known when the filter is made) -- never to another process, which F_SETOWN could name
+ALLOWED_FCNTL_ARGS: dict[str, tuple[int, tuple[int | None, ...]]] = {
+    "F_SETLEASE": (1024, (0, 2)),  # F_RDLCK, F_UNLCK
+    "F_SETSIG": (10, (int(LEASE_SIGNAL),)),
+    "F_SETOWN": (8, (None,)),
 }
 #: prctl options: a thread's name (trio names its worker threads), and a question
 ALLOWED_PRCTLS = {
@@ -584,7 +595,15 @@ def seccomp_program(pid: int) -> bytes:
     a.stmt(_BPF_RET_K, _RET_REFUSED)
     one_of("this-process", 0, [pid])
     one_of("this-process-or-0", 0, [pid, 0])
-    one_of("fcntl", 1, list(ALLOWED_FCNTLS.values()))
+    a.label("fcntl")
+    a.stmt(_BPF_LD_W_ABS, _arg(1))  # the command
+    for value in ALLOWED_FCNTLS.values():
+        a.jump(_BPF_JEQ_K, value, jt="allow-2")
+    for name, (command, _) in ALLOWED_FCNTL_ARGS.items():
+        a.jump(_BPF_JEQ_K, command, jt=f"fcntl-{name}")
+    a.stmt(_BPF_RET_K, _RET_REFUSED)
+    for name, (_, values) in ALLOWED_FCNTL_ARGS.items():
+        one_of(f"fcntl-{name}", 2, [pid if value is None else value for value in values])
     one_of("prctl", 0, list(ALLOWED_PRCTLS.values()))
     a.label("allow-2")
     a.stmt(_BPF_RET_K, _RET_ALLOW)

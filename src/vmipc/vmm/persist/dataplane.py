@@ -30,11 +30,13 @@ from vmipc.formats import (
     section_offset,
     split_zero_runs,
 )
-from vmipc.formats.snapshot import MEMORY_ENCODING_IMAGE
+from vmipc.formats.snapshot import MEMORY_ENCODING_IMAGE, MemorySection
 from vmipc.memory_layout import PAGE_SIZE, MemoryRegion, describe_layout
+from vmipc.vmm.filelease import ReadLease
 from vmipc.vmm.memory import GuestMemory
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.extents import data_extents, punch_hole
+from vmipc.vmm.persist.restorable import check_restorable
 from vmipc.vmm.persist.transfer import PeerClosed, Transfer, fd_kind
 
 #: pages per DATA record: bounds the copy made for a running guest and the progress step
@@ -451,16 +453,18 @@ def read_raw_image(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
     return Stats(data_pages=memory.size // PAGE_SIZE, bytes=memory.size, complete=True)
 
 
-def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
-    """Fill RAM from the memory section of the snapshot file ``fd`` (eagerly, verified):
-    all of it, the image's holes as zeros (RAM may hold what a failed load left)."""
+def _snapshot_image(memory: GuestMemory, fd: int, *, verify: bool) -> MemorySection:
+    """The memory section of the full snapshot file ``fd``, an image of exactly this RAM;
+    with ``verify``, its checksum checked too (which reads all of it). Else BulkError
+    ("bad-snapshot")."""
     try:
         reader = SnapshotReader(functools.partial(os.pread, fd), os.fstat(fd).st_size)
         section = reader.memory()
-        reader.verify(section.entry.name)
+        if verify:
+            reader.verify(section.entry.name)
     except FormatError as exc:
         raise BulkError("bad-snapshot", str(exc)) from None
-    if section.descriptor.encoding != MEMORY_ENCODING_IMAGE:
+    if reader.header.incremental or section.descriptor.encoding != MEMORY_ENCODING_IMAGE:
         raise BulkError(
             "bad-snapshot",
             "an incremental snapshot (its memory is a page stream): load the base of its "
@@ -469,6 +473,51 @@ def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> St
     stored = [(r.gpa, r.size) for r in section.descriptor.regions]
     if stored != list(memory.ram_ranges()) or section.descriptor.page_size != PAGE_SIZE:
         raise BulkError("bad-snapshot", f"the snapshot's RAM layout {stored} is not this machine's")
+    if not verify:
+        # what `vmm --restore` checks before it maps a file: every section a restore
+        # needs, the state sections (checksums included) and a configuration of this RAM
+        try:
+            check_restorable(reader, fd)
+        except FormatError as exc:
+            raise BulkError("bad-snapshot", str(exc)) from None
+    return section
+
+
+def can_map_snapshot(fd: int) -> bool:
+    """Whether ``fd`` is a regular file, which :func:`map_snapshot_memory` may map."""
+    return fd_kind(fd) == "file"
+
+
+def map_snapshot_memory(memory: GuestMemory, fd: int, lease: ReadLease) -> Stats:
+    """Make RAM the memory section of the full snapshot file ``fd`` mapped copy-on-write
+    (lazily: nothing is read), as ``vmm --restore`` does: checked as that checks a file
+    (the structure, the small sections' checksums, the layout; not the memory section's
+    checksum, which reads every byte: ``vmipc snapshot verify``), under ``lease``, a read
+    lease on it taken before anything was read (owned from now on). The image's holes
+    read as zeros. BulkError("bad-snapshot") when the file fails a check: nothing is
+    mapped then (RAM is a memfd), and the caller treats RAM as damaged."""
+    try:
+        section = _snapshot_image(memory, fd, verify=False)
+        offset = section.file_offset(memory.regions[0].gpa, memory.regions[0].size)
+        contiguous = all(
+            section.file_offset(region.gpa, region.size) == offset + region.offset
+            for region in memory.regions
+        )
+        if not contiguous or offset % PAGE_SIZE:
+            raise BulkError("bad-snapshot", "the memory section's image cannot be mapped")
+    except BaseException:
+        lease.close()
+        memory.drop_file()
+        raise
+    memory.map_file(os.dup(fd), offset, lease)
+    return Stats(complete=True)
+
+
+def read_snapshot_memory(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
+    """Fill RAM from the memory section of the snapshot file ``fd`` (eagerly, verified):
+    all of it, the image's holes as zeros (RAM may hold what a failed load left)."""
+    section = _snapshot_image(memory, fd, verify=True)
+    memory.drop_file()  # RAM mapped from another snapshot before: now a memfd again
     stats = Stats()
     transfer.count_ram()
     for region in memory.regions:
