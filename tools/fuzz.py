@@ -371,7 +371,7 @@ def synthetic_state(vcpus: int = 1) -> Any:
     import ctypes
 
     from vmipc.kvm import structs
-    from vmipc.vmm.devices.uart import Uart16550
+    from vmipc.vmm.devices import Uart16550, VirtioBlk
     from vmipc.vmm.machine import BootSource, MachineConfig, MachineState
     from vmipc.vmm.state import VcpuState, VmState
 
@@ -398,7 +398,8 @@ def synthetic_state(vcpus: int = 1) -> Any:
     vm = VmState(irqchip, irqchip, irqchip, zeros(structs.KvmPitState2), 12345)
     uart = Uart16550(lambda data: None, lambda level: None).save()
     config = MachineConfig(64 << 20, vcpus, BootSource("none"))
-    return MachineState(config, vcpu_records, vm, {"uart": uart})
+    devices = {"uart": uart, "virtio-blk": VirtioBlk.empty_state()}
+    return MachineState(config, vcpu_records, vm, devices)
 
 
 def _state_payload() -> bytes:
