@@ -28,7 +28,7 @@ from tests.control_support import (
 )
 from tests.test_server_security import NOBODY, in_child_as, needs_root, talk
 from vmipc.client import CommandError, SyncClient
-from vmipc.protocol import Error, load_schema
+from vmipc.protocol import Error, TypeSpec, load_schema
 from vmipc.server import READ_ONLY_COMMANDS, Server, ServerConfig, SocketConfig, SocketPathError
 from vmipc.vmm.runstate import RunState
 
@@ -100,10 +100,13 @@ def test_the_read_only_socket_allows_queries_and_refuses_everything_else() -> No
         assert s.machine.calls == ["pause"]
 
 
-def _an_argument(kind: str) -> object:
-    return {"string": "x", "int": 0, "bool": False, "bytes": b"", "list": [], "map": {}}.get(
-        kind, 0
-    )
+def _an_argument(spec: TypeSpec) -> object:
+    """A value the schema accepts: the refusal must be the socket's, not the arguments'."""
+    if spec.enum:
+        return spec.enum[0]
+    if spec.type == "int":
+        return spec.minimum or 0
+    return {"string": "x", "bool": False, "bytes": b"", "list": [], "map": {}}.get(spec.type, 0)
 
 
 def _other_end_closed(fd: int) -> bool:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, ClassVar
 
+from vmipc.errors import VmipcError
 from vmipc.vmm.devices.disk import SECTOR_SIZE, DiskImage
 
 if TYPE_CHECKING:
@@ -141,11 +142,11 @@ _U64 = (1 << 64) - 1
 _ZEROS = bytes(64 << 10)
 
 
-class _NeedsReset(Exception):
+class _NeedsReset(VmipcError):
     """The queue is broken beyond one request: the device stops until a reset."""
 
 
-class _BadRequest(Exception):
+class _BadRequest(VmipcError):
     """One request is wrong: it completes with ``status``."""
 
     def __init__(self, status: int, why: str) -> None:
