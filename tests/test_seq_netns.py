@@ -1,8 +1,10 @@
 """Migration over TCP between two network namespaces joined by a veth pair that this test
 creates (addresses 10.200.N.1/30 and 10.200.N.2/30 exist only inside those namespaces and
-are removed with them): over TLS with certificates the guest continues exactly; a client
-killed mid-way and a destination VMM killed mid-way (plain TCP, --insecure) each leave
-exactly one VM running."""
+are removed with them): over TLS with certificates the guest continues exactly, and the
+session's recording replayed is refused; a plain peer, a peer certified by another CA or
+under another name, and a man in the middle flipping one byte are each refused with the
+destination never running and the source running on; a client killed mid-way and a
+destination VMM killed mid-way (plain TCP, --insecure) each leave exactly one VM running."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,9 +24,18 @@ from tests.seq_support import (
     VmmProcess,
     Vmms,
     check_continuation,
+    vmipc,
     vmm_processes,
-    wait_for,
 )
+from tests.tls_support import (
+    ROOT,
+    Ca,
+    ProxyProcess,
+    check_moved,
+    check_source_runs_and_nothing_received,
+    wait_gone,
+)
+from tests.tls_support import Receiver as TlsReceiver
 from vmipc.client import SyncClient
 
 pytestmark = pytest.mark.kvm
@@ -139,63 +149,126 @@ def source(vmms: Vmms, ns: str) -> VmmProcess:
 needs_netns = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
 
 
-@needs_netns
-def test_tls_migration_between_namespaces_continues_the_guest() -> None:
-    from tests.tls_support import Ca
+def migrate_from(
+    ns: str, src: VmmProcess, to: tuple[str, int], *security: str
+) -> tuple[int, dict, str]:
+    """``vmipc migrate`` run in namespace ``ns`` to ``tcp:HOST:PORT``."""
+    done = vmipc(
+        "migrate", "--socket", src.socket, "--to", f"tcp:{to[0]}:{to[1]}", "--json", "--force",
+        *security, prefix=in_ns(ns),
+    )  # fmt: skip
+    report = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+    return done.returncode, report, done.stderr
 
+
+def cert_options(cert: tuple[str, str], ca: Ca) -> tuple[str, ...]:
+    return ("--tls-cert", cert[0], "--tls-key", cert[1], "--tls-ca", str(ca.path))
+
+
+@needs_netns
+def test_tls_migration_between_namespaces_continues_the_guest_and_its_replay_is_refused() -> None:
+    """Certificates, across a veth pair, through a proxy in the destination's namespace
+    that records what the sender sent: the guest continues exactly at the destination; the
+    recording sent again from the source's namespace to a new receiver with the same
+    certificates is dropped before any VMM starts (TLS 1.3's fresh handshake secrets)."""
     with veth_namespaces() as ((ns_a, _), (ns_b, addr_b)), vmm_processes() as vmms:
         ca = Ca(vmms.tmp, "ca")
-        recv_cert, recv_key = ca.issue("receiver.test", [addr_b])
-        send_cert, send_key = ca.issue("sender.test")
+        recv = cert_options(ca.issue("receiver.test", [addr_b]), ca)
+        send = cert_options(ca.issue("sender.test"), ca)
         src = source(vmms, ns_a)
-        receiver = Receiver(
-            ns_b,
-            addr_b,
-            vmms.tmp,
-            security=("--tls-cert", recv_cert, "--tls-key", recv_key, "--tls-ca", str(ca.path)),
+        receiver = TlsReceiver(vmms.tmp, recv, addr=addr_b, prefix=in_ns(ns_b))
+        proxy = ProxyProcess(
+            in_ns(ns_b), addr_b, (addr_b, receiver.port), Path(vmms.tmp) / "recording"
         )
         try:
-            done = subprocess.run(
-                [
-                    *in_ns(ns_a),
-                    *VMIPC,
-                    "migrate",
-                    "--socket",
-                    src.socket,
-                    "--to",
-                    f"tcp:{addr_b}:{receiver.port}",
-                    "--json",
-                    *("--tls-cert", send_cert, "--tls-key", send_key, "--tls-ca", str(ca.path)),
-                ],
+            code, report, err = migrate_from(ns_a, src, (addr_b, proxy.port), *send)
+            assert code == 0, err
+            assert report["outcome"] == "migrated" and report["destination"] == "running"
+            flipped, recording = proxy.finish()
+            assert not flipped and len(recording) > 1 << 18  # the guest's pages went through
+            check_moved(src, receiver)
+        finally:
+            proxy.stop()
+            receiver.stop()
+        again = TlsReceiver(vmms.tmp, recv, addr=addr_b, prefix=in_ns(ns_b), name="again")
+        try:
+            replayed = subprocess.run(
+                [*in_ns(ns_a), sys.executable, "-c", REPLAY, addr_b, str(again.port)],
+                input=recording,
                 capture_output=True,
-                text=True,
+                cwd=ROOT,
                 timeout=60,
             )
-            assert done.returncode == 0, done.stderr
-            report = json.loads(done.stdout)
-            assert report["outcome"] == "migrated" and report["destination"] == "running"
-            code, received = receiver.result()
-            assert code == 0 and received["outcome"] == "running"
-            assert received["peer"].startswith("10.200.")
-            assert src.wait_exit() == 0
-            try:
-                with SyncClient(received["socket"], timeout=10) as client:
-                    assert client.query_status()["state"] == "running"
-                    reached = max(src.passes().values())
-
-                    deadline = time.monotonic() + 10
-                    while time.monotonic() < deadline:
-                        text = receiver.console.read_text()
-                        if text.count("\n") > 6 and f"pass={reached + 2} " in text:
-                            break
-                        time.sleep(0.05)
-                    client.pause()
-                check_continuation(src.text(), receiver.console.read_text())
-            finally:
-                quit_vmm_at(received["socket"], received["pid"])
-                wait_for(lambda: not os.path.exists(received["socket"]), what="the VMM to quit")
-                os.rmdir(os.path.dirname(received["socket"]))  # receive made it for its VMM
+            assert replayed.returncode == 0, replayed.stderr
+            again.wait_for_line("dropped a peer")
+            assert not again.console.exists(), "an incoming VMM was started for the replay"
         finally:
+            again.stop()
+
+
+REPLAY = """
+import sys
+from tests.tls_support import replay
+replay(int(sys.argv[2]), sys.stdin.buffer.read(), host=sys.argv[1])
+"""
+
+
+@needs_netns
+def test_peers_between_namespaces_without_the_right_credentials_or_bytes_are_refused() -> None:
+    """A receiver with certificates in one namespace, senders in another across a veth
+    pair: a plain sender (--insecure), a sender whose certificate another CA signed, and a
+    sender certified under a name other than the pinned --tls-peer-name are each dropped
+    before any VMM starts, the receiver listening on; then the right sender through a proxy
+    that flips one byte of its stream after the handshake: the receiver discards the VMM it
+    started before that VMM ever ran. The source runs on through all four and its guest
+    continues exactly."""
+    with veth_namespaces() as ((ns_a, _), (ns_b, addr_b)), vmm_processes() as vmms:
+        ca, other = Ca(vmms.tmp, "ca"), Ca(vmms.tmp, "other")
+        recv = cert_options(ca.issue("receiver.test", [addr_b]), ca)
+        send = cert_options(ca.issue("sender.test"), ca)
+        peers = {
+            "plain": ("--insecure",),
+            "another CA": cert_options(other.issue("sender.test"), ca),
+            "another name": cert_options(ca.issue("intruder.test"), ca),
+        }
+        src = source(vmms, ns_a)
+        receiver = TlsReceiver(
+            vmms.tmp,
+            (*recv, "--tls-peer-name", "sender.test"),
+            addr=addr_b,
+            prefix=in_ns(ns_b),
+        )
+        proxy: ProxyProcess | None = None
+        try:
+            for n, (peer, security) in enumerate(peers.items(), start=1):
+                code, _, err = migrate_from(ns_a, src, (addr_b, receiver.port), *security)
+                assert code == 1, f"{peer}: {err}"
+                # the receiver closes what it drops: the peer learns at once, no time-out
+                assert "timed out" not in err, f"{peer}: {err}"
+                receiver.wait_for_line("dropped a peer", n)
+                check_source_runs_and_nothing_received(src, receiver)
+            proxy = ProxyProcess(
+                in_ns(ns_b),
+                addr_b,
+                (addr_b, receiver.port),
+                Path(vmms.tmp) / "recording",
+                flip_at=200_000,
+            )
+            code, _, err = migrate_from(ns_a, src, (addr_b, proxy.port), *send)
+            assert code == 1, err
+            flipped, _ = proxy.finish()
+            assert flipped
+            code, received = receiver.result()
+            assert code == 1 and received["outcome"] == "discarded", received
+            assert received["pid"] is not None  # it had started a VMM, which never ran:
+            assert "pass=" not in receiver.console.read_text(errors="replace")
+            wait_gone(received["socket"])
+            assert src.state() == "running"
+            src.wait_for_passes(max(src.passes().values()) + 1)
+            check_continuation(src.text(), "")
+        finally:
+            if proxy is not None:
+                proxy.stop()
             receiver.stop()
 
 

@@ -8,17 +8,23 @@ unless --insecure; a shape other than --memory/--vcpus is refused before any VMM
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
-import time
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
 from tests.seq_support import VmmProcess, Vmms, check_continuation, vmipc, vmm_processes
-from tests.tls_support import Ca, Proxy, Receiver, replay, token_file, wait_gone
-from vmipc.client import SyncClient
+from tests.tls_support import (
+    Ca,
+    Proxy,
+    Receiver,
+    check_moved,
+    check_source_runs_and_nothing_received,
+    replay,
+    token_file,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.kvm
 
@@ -29,41 +35,6 @@ def migrate(src: VmmProcess, port: int, *args: str) -> tuple[int, dict, str]:
     )
     report = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
     return done.returncode, report, done.stderr
-
-
-def check_moved(src: VmmProcess, receiver: Receiver) -> None:
-    """The guest runs at the receiver's VMM and continues the source's run exactly; the
-    receiver's VMM is quit afterwards."""
-    code, received = receiver.result()
-    assert code == 0 and received["outcome"] == "running", received
-    assert src.wait_exit() == 0
-    try:
-        with SyncClient(received["socket"], timeout=10) as client:
-            assert client.query_status()["state"] == "running"
-            reached = max(src.passes().values())
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                text = receiver.console.read_text()
-                if text.count("\n") > 6 and f"pass={reached + 2} " in text:
-                    break
-                time.sleep(0.05)
-            client.pause()
-        check_continuation(src.text(), receiver.console.read_text())
-    finally:
-        try:
-            with SyncClient(received["socket"], timeout=5) as client:
-                client.quit()
-        except Exception:
-            os.kill(received["pid"], 9)
-        wait_gone(received["socket"])
-        os.rmdir(os.path.dirname(received["socket"]))
-
-
-def check_source_runs_and_nothing_received(src: VmmProcess, receiver: Receiver) -> None:
-    assert src.state() == "running"
-    src.wait_for_passes(max(src.passes().values()) + 1)
-    assert not receiver.console.exists(), "an incoming VMM was started for the peer"
-    assert receiver.proc.poll() is None, "the receiver stopped listening"
 
 
 def source(vmms: Vmms) -> VmmProcess:

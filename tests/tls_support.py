@@ -1,6 +1,8 @@
 """Helpers for the TLS migration tests: a CA and certificates made on the spot, a token
-file, a ``vmipc receive`` subprocess whose stderr lines are collected, and a small TCP
-proxy that records or flips bytes."""
+file, a ``vmipc receive`` subprocess whose stderr lines are collected, a small TCP
+proxy that records or flips bytes (in this process, or as a process of its own, e.g. in a
+network namespace: ``python -m tests.tls_support proxy ...``), and the checks the tests
+share (the guest moved and continues exactly; the source runs and nothing was received)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.seq_support import VMIPC
+from tests.seq_support import VMIPC, VmmProcess, check_continuation
+from vmipc.client import SyncClient
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _name(common_name: str) -> x509.Name:
@@ -143,14 +149,17 @@ class Receiver:
 
 
 class Proxy:
-    """A TCP proxy on loopback to ``target``, one connection at a time. ``record``: keep
-    what the client sent; ``flip_at``: invert one byte at that offset of what it sends."""
+    """A TCP proxy on ``listen`` (loopback by default) to ``target``, for one connection.
+    It keeps what the client sent (``sent``); ``flip_at``: inverts one byte at that offset
+    of what the client sends."""
 
-    def __init__(self, target: tuple[str, int], flip_at: int | None = None) -> None:
+    def __init__(
+        self, target: tuple[str, int], flip_at: int | None = None, listen: str = "127.0.0.1"
+    ) -> None:
         self.target = target
         self.flip_at = flip_at
         self.sent = bytearray()
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server((listen, 0))
         self.port = self.listener.getsockname()[1]
         self.flipped = False
         self._threads: list[threading.Thread] = []
@@ -199,11 +208,62 @@ class Proxy:
     def close(self) -> None:
         self.listener.close()
 
+    def wait(self, timeout: float) -> None:
+        """Until the connection was served and both directions ended (bounded)."""
+        deadline = time.monotonic() + timeout
+        self._threads[0].join(timeout)  # accepts, then starts the two pipes
+        for thread in self._threads[1:]:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
-def replay(port: int, data: bytes) -> bytes:
-    """Send ``data`` to 127.0.0.1:``port`` as one client would; return what came back."""
+
+class ProxyProcess:
+    """:class:`Proxy` in a process of its own, started with ``prefix`` (e.g. ``ip netns exec
+    NS``), so that it listens and connects in that network namespace. :meth:`finish` waits
+    for its connection to end and returns (whether it flipped its byte, what the client
+    sent); :meth:`stop` kills it by pid (call it on every path)."""
+
+    def __init__(
+        self,
+        prefix: Sequence[str],
+        listen: str,
+        target: tuple[str, int],
+        recording: Path,
+        flip_at: int | None = None,
+    ) -> None:
+        self.recording = recording
+        argv = [*prefix, sys.executable, "-m", "tests.tls_support", "proxy", listen]
+        argv += [target[0], str(target[1]), str(recording), str(-1 if flip_at is None else flip_at)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("proxy on "), line
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def finish(self, timeout: float = 60) -> tuple[bool, bytes]:
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        assert self.proc.wait(timeout) == 0, out
+        return "flipped" in out, self.recording.read_bytes()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def _proxy_main(listen: str, host: str, port: str, recording: str, flip_at: str) -> None:
+    proxy = Proxy((host, int(port)), None if int(flip_at) < 0 else int(flip_at), listen)
+    print(f"proxy on {listen}:{proxy.port}", flush=True)
+    proxy.wait(120)
+    proxy.close()
+    Path(recording).write_bytes(bytes(proxy.sent))
+    print("flipped" if proxy.flipped else "passed", flush=True)
+
+
+def replay(port: int, data: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send ``data`` to ``host``:``port`` as one client would; return what came back."""
     got = bytearray()
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+    with socket.create_connection((host, port), timeout=30) as sock:
         with contextlib.suppress(OSError):
             sock.sendall(data)
         try:
@@ -225,3 +285,45 @@ def wait_gone(path: str, timeout: float = 15) -> None:
     while os.path.exists(path):
         assert time.monotonic() < deadline, f"{path} is still there"
         time.sleep(0.02)
+
+
+def check_moved(src: VmmProcess, receiver: Receiver) -> None:
+    """The guest runs at the receiver's VMM and continues the source's run exactly; the
+    receiver's VMM is quit afterwards."""
+    code, received = receiver.result()
+    assert code == 0 and received["outcome"] == "running", received
+    assert src.wait_exit() == 0
+    try:
+        with SyncClient(received["socket"], timeout=10) as client:
+            assert client.query_status()["state"] == "running"
+            reached = max(src.passes().values())
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                text = receiver.console.read_text()
+                if text.count("\n") > 6 and f"pass={reached + 2} " in text:
+                    break
+                time.sleep(0.05)
+            client.pause()
+        check_continuation(src.text(), receiver.console.read_text())
+    finally:
+        try:
+            with SyncClient(received["socket"], timeout=5) as client:
+                client.quit()
+        except Exception:
+            os.kill(received["pid"], 9)
+        wait_gone(received["socket"])
+        os.rmdir(os.path.dirname(received["socket"]))
+
+
+def check_source_runs_and_nothing_received(src: VmmProcess, receiver: Receiver) -> None:
+    assert src.state() == "running"
+    src.wait_for_passes(max(src.passes().values()) + 1)
+    assert not receiver.console.exists(), "an incoming VMM was started for the peer"
+    assert receiver.proc.poll() is None, "the receiver stopped listening"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 7 and sys.argv[1] == "proxy":
+        _proxy_main(*sys.argv[2:])
+    else:
+        sys.exit("usage: python -m tests.tls_support proxy LISTEN HOST PORT RECORDING FLIP_AT")

@@ -573,10 +573,18 @@ class _Admission:
         assert creds is not None
         from vmipc.sequences._tls import check_peer_name
 
-        check_peer_name(tls, creds.peer_name)
-        if creds.token is not None:
-            assert self.fingerprint is not None
-            self._token_proofs(tls, creds.token, self.fingerprint)
+        try:
+            check_peer_name(tls, creds.peer_name)
+            if creds.token is not None:
+                assert self.fingerprint is not None
+                self._token_proofs(tls, creds.token, self.fingerprint)
+        except BaseException:
+            # wrap_socket took the fd from ``conn``: closing ``conn`` no longer closes the
+            # connection, so a peer dropped after the handshake waited for its reply
+            # timeout (30 s) on a connection nobody would answer
+            hard_shutdown(tls)
+            tls.close()
+            raise
         return tls
 
     @staticmethod
