@@ -21,10 +21,10 @@ import json
 import keyword
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vmipc._record import field, record
 from vmipc.errors import VmipcError
 from vmipc.protocol._errors import echo, shorten
 
@@ -65,7 +65,7 @@ def parse_version(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-@dataclass(frozen=True)
+@record
 class TypeSpec:
     type: str
     doc: str = ""
@@ -92,7 +92,7 @@ class TypeSpec:
         return f"{text} or null" if self.nullable else text
 
 
-@dataclass(frozen=True)
+@record
 class FieldSpec:
     name: str
     type: TypeSpec
@@ -102,7 +102,7 @@ class FieldSpec:
     since: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class FdSpec:
     name: str
     direction: Literal["in", "out"]
@@ -111,7 +111,7 @@ class FdSpec:
     since: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class CommandSpec:
     name: str
     doc: str
@@ -132,7 +132,7 @@ class CommandSpec:
         return next((f for f in self.fds if f.name == name), None)
 
 
-@dataclass(frozen=True)
+@record
 class EventSpec:
     name: str
     doc: str
@@ -140,7 +140,7 @@ class EventSpec:
     data: TypeSpec
 
 
-@dataclass(frozen=True)
+@record
 class ErrorSpec:
     code: str
     scope: Literal["request", "connection"]
@@ -148,13 +148,13 @@ class ErrorSpec:
     since: str
 
 
-@dataclass(frozen=True)
+@record
 class StateSpec:
     name: str
     doc: str
 
 
-@dataclass(frozen=True)
+@record
 class Schema:
     name: str
     version: str
