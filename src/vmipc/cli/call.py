@@ -432,7 +432,8 @@ def _fail(code: int, message: str) -> NoReturn:
 
 def _catalogue(client: SyncClient) -> Schema:
     try:
-        return Schema.from_document(client.query_commands())
+        # lazy: a call parses the one or two commands it uses of the catalogue, not all
+        return Schema.from_document(client.query_commands(), lazy=True)
     except SchemaError as exc:
         _fail(EXIT_ENVIRONMENT, f"the server's catalogue is not usable: {exc}")
 
@@ -509,6 +510,15 @@ def _connection_failure(exc: BaseException, socket_path: str) -> int:
 
 def _call(client: SyncClient, args: argparse.Namespace, params: list[str]) -> int:
     schema = _catalogue(client)
+    try:
+        return _call_with(client, schema, args, params)
+    except SchemaError as exc:  # a command's entry, checked when it is first looked up
+        _fail(EXIT_ENVIRONMENT, f"the server's catalogue is not usable: {exc}")
+
+
+def _call_with(
+    client: SyncClient, schema: Schema, args: argparse.Namespace, params: list[str]
+) -> int:
     if args.list:
         print(to_json(dict(schema.document)) if args.json else list_text(schema))
         return EXIT_OK

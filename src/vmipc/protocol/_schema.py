@@ -21,7 +21,7 @@ import json
 import keyword
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from vmipc._record import field, record
@@ -172,9 +172,16 @@ class Schema:
         return parse_version(self.version)[0]
 
     @classmethod
-    def from_document(cls, doc: Mapping[str, Any]) -> Schema:
-        """Parse and check a schema document. Raises SchemaError."""
-        return _parse_schema(doc)
+    def from_document(cls, doc: Mapping[str, Any], *, lazy: bool = False) -> Schema:
+        """Parse and check a schema document. Raises SchemaError.
+
+        ``lazy``: for a client that uses one or two commands of a server's catalogue
+        (``vmipc call``): the document's top level, its events and its command names are
+        checked now, each command's entry when it is first looked up in ``commands``
+        (which raises SchemaError then). The document is kept as it is, not copied: the
+        caller does not change it afterwards.
+        """
+        return _parse_schema(doc, lazy=lazy)
 
     def extended(self, extra: Mapping[str, Any]) -> Schema:
         """A new schema with ``extra``'s ``commands``, ``events`` and ``errors`` added."""
@@ -402,7 +409,39 @@ def _parse_command(
     )
 
 
-def _parse_schema(doc: Mapping[str, Any]) -> Schema:
+class _LazyCommands(Mapping[str, CommandSpec]):
+    """A catalogue's commands by name, each parsed and checked on its first lookup."""
+
+    def __init__(
+        self,
+        entries: dict[str, tuple[str, Mapping[str, Any]]],
+        state_names: set[str],
+        error_codes: set[str],
+    ) -> None:
+        self._entries = entries
+        self._state_names = state_names
+        self._error_codes = error_codes
+        self._parsed: dict[str, CommandSpec] = {}
+
+    def __getitem__(self, name: str) -> CommandSpec:
+        spec = self._parsed.get(name)
+        if spec is None:
+            where, obj = self._entries[name]
+            spec = _parse_command(obj, where, self._state_names, self._error_codes)
+            self._parsed[name] = spec
+        return spec
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"<commands {', '.join(self._entries)}>"
+
+
+def _parse_schema(doc: Mapping[str, Any], *, lazy: bool = False) -> Schema:
     if not isinstance(doc, Mapping):
         raise SchemaError("the schema must be an object")
     _only(
@@ -438,12 +477,28 @@ def _parse_schema(doc: Mapping[str, Any]) -> Schema:
     if set(common) - set(errors):
         raise SchemaError(f"common_errors: unknown codes {sorted(set(common) - set(errors))}")
     state_names = {s.name for s in states}
-    commands: dict[str, CommandSpec] = {}
-    for i, c in enumerate(_need(doc, "commands", list, "schema")):
-        spec = _parse_command(c, f"commands[{i}]", state_names, set(errors))
-        if spec.name in commands:
-            raise SchemaError(f"command {spec.name!r}: duplicate")
-        commands[spec.name] = spec
+    commands: Mapping[str, CommandSpec]
+    if lazy:
+        entries: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        for i, c in enumerate(_need(doc, "commands", list, "schema")):
+            where = f"commands[{i}]"
+            if not isinstance(c, Mapping):
+                raise SchemaError(f"{where}: a command must be an object")
+            name = _need(c, "name", str, where)
+            if not _KEBAB.match(name):
+                raise SchemaError(f"command {name!r}: command names are kebab-case")
+            if name in entries:
+                raise SchemaError(f"command {name!r}: duplicate")
+            entries[name] = (where, c)
+        commands = _LazyCommands(entries, state_names, set(errors))
+    else:
+        parsed: dict[str, CommandSpec] = {}
+        for i, c in enumerate(_need(doc, "commands", list, "schema")):
+            spec = _parse_command(c, f"commands[{i}]", state_names, set(errors))
+            if spec.name in parsed:
+                raise SchemaError(f"command {spec.name!r}: duplicate")
+            parsed[spec.name] = spec
+        commands = parsed
     events: dict[str, EventSpec] = {}
     for e in _need(doc, "events", list, "schema"):
         _only(e, {"name", "since", "doc", "data"}, "event")
@@ -465,7 +520,7 @@ def _parse_schema(doc: Mapping[str, Any]) -> Schema:
         common_errors=common,
         commands=commands,
         events=events,
-        document=copy.deepcopy(dict(doc)),
+        document=doc if lazy else copy.deepcopy(dict(doc)),
     )
 
 
