@@ -16,7 +16,6 @@ when its keys are fixed, else any string keys), ``any``. Every type may carry
 
 from __future__ import annotations
 
-import copy
 import json
 import keyword
 import os
@@ -56,6 +55,20 @@ class FdMismatch(VmipcError):
         super().__init__(f"fd {fd!r}: {problem}" if fd else problem)
         self.fd = fd
         self.problem = problem
+
+
+#: values that a deep copy returns as they are
+_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes})
+
+
+def _copied(value: Any) -> Any:
+    """``copy.deepcopy(value)``, with the copy module (and weakref under it: ~1 ms of a
+    short-lived `vmipc call`) imported only for a value that is not a plain scalar."""
+    if type(value) in _IMMUTABLE:
+        return value
+    import copy
+
+    return copy.deepcopy(value)
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -185,9 +198,9 @@ class Schema:
 
     def extended(self, extra: Mapping[str, Any]) -> Schema:
         """A new schema with ``extra``'s ``commands``, ``events`` and ``errors`` added."""
-        doc = copy.deepcopy(dict(self.document))
+        doc = _copied(dict(self.document))
         for key in ("commands", "events", "errors"):
-            doc[key] = list(doc[key]) + list(copy.deepcopy(extra.get(key, [])))
+            doc[key] = list(doc[key]) + list(_copied(extra.get(key, [])))
         return _parse_schema(doc)
 
     def errors_of(self, command: str) -> tuple[str, ...]:
@@ -318,7 +331,7 @@ def _parse_field(obj: Mapping[str, Any], where: str, *, arg: bool) -> FieldSpec:
         type=tspec,
         doc=doc,
         required=not has_default,
-        default=copy.deepcopy(obj.get("default")),
+        default=_copied(obj.get("default")),
         since=_since(obj, where, required=False),
     )
 
@@ -520,7 +533,7 @@ def _parse_schema(doc: Mapping[str, Any], *, lazy: bool = False) -> Schema:
         common_errors=common,
         commands=commands,
         events=events,
-        document=doc if lazy else copy.deepcopy(dict(doc)),
+        document=doc if lazy else _copied(dict(doc)),
     )
 
 
@@ -616,7 +629,7 @@ def validate_args(spec: CommandSpec, args: Mapping[str, Any]) -> dict[str, Any]:
         elif a.required:
             raise ValidationError(a.name, "missing required argument")
         else:
-            out[a.name] = copy.deepcopy(a.default)
+            out[a.name] = _copied(a.default)
     return out
 
 
