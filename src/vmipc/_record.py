@@ -127,6 +127,9 @@ def _install(
     qualname = cls.__qualname__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if len(args) == count and not kwargs:  # every field given in order: the common case
+            self.__dict__.update(zip(names, args, strict=True))
+            return
         if len(args) > count:
             raise TypeError(f"{qualname}() takes {count} arguments, {len(args)} given")
         values = dict(zip(names, args, strict=False))
