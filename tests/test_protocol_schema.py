@@ -235,3 +235,30 @@ def test_match_fds() -> None:
     ]:
         with pytest.raises(FdMismatch, match=problem):
             match_fds(copy_cmd, names, count)
+
+
+@pytest.mark.parametrize(
+    "text", ["1.8\n", "01.2", "1.02", "1.2.3", "1", ".1", "1.", "", "\u0661.2"]
+)
+def test_parse_version_refuses_what_is_not_major_dot_minor(text: str) -> None:
+    with pytest.raises(ValueError, match=r"major\.minor"):
+        parse_version(text)
+
+
+def test_parse_version_reads_major_and_minor() -> None:
+    assert parse_version("0.0") == (0, 0)
+    assert parse_version("10.12") == (10, 12)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_names_are_checked_to_their_end(lazy: bool) -> None:
+    # a name followed by a newline once matched the `$` of the name patterns
+    for mutate in (
+        lambda d: command(d, "pause").update(name="pause\n"),
+        lambda d: d["errors"][0].update(code=d["errors"][0]["code"] + "\n"),
+        lambda d: command(d, "dump-memory")["fds"][0].update(name="out\n"),
+    ):
+        doc = base_doc()
+        mutate(doc)
+        with pytest.raises(SchemaError):
+            dict(Schema.from_document(doc, lazy=lazy).commands)
