@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 #: handlers, so commands/ sits below it. Packages of one rank do not import each other.
 LAYERS: list[tuple[str, set[str]]] = [
     # the root package's own __version__, the exception root, the helpers of every __init__
-    ("base", {"vmipc", "vmipc.errors", "vmipc._util"}),
+    ("base", {"vmipc", "vmipc.errors", "vmipc._util", "vmipc._record"}),
     # guest RAM's layout: the one memory-range vocabulary of vmm/ and formats/ (pure)
     ("layout", {"vmipc.memory_layout"}),
     # typed ioctls; the built-in guest image (data); the sans-I/O page-stream and

@@ -47,6 +47,9 @@ def test_client_code_is_generated_from_the_schema() -> None:
     assert gencode.TARGET.read_text() == gencode.generate(), (
         "src/vmipc/client/_generated.py is stale: run python tools/gencode.py"
     )
+    assert gencode.RESULTS_TARGET.read_text() == gencode.generate_results(), (
+        "src/vmipc/client/_results.py is stale: run python tools/gencode.py"
+    )
 
 
 def test_reference_docs_are_generated_from_the_schema() -> None:

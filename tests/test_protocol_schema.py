@@ -73,6 +73,19 @@ def base_doc() -> dict[str, Any]:
     return copy.deepcopy(dict(load_schema().document))
 
 
+MALFORMED_COMMANDS: list[Any] = [
+    lambda d: d["commands"][0].pop("since"),
+    lambda d: d["commands"][0].update(name="Bad_Name"),
+    lambda d: d["commands"].append(copy.deepcopy(d["commands"][0])),
+    lambda d: d["commands"][0].update(errors=["no-such-code"]),
+    lambda d: d["commands"][0].update(states=["flying"]),
+    lambda d: command(d, "pause").update(errors=[]),
+    lambda d: d["commands"][0]["args"][0].update(type="complex"),
+    lambda d: d["commands"][0].update(color="red"),
+    lambda d: d.update(version="1"),
+]
+
+
 @pytest.mark.parametrize(
     ("mutate", "problem"),
     [
@@ -100,6 +113,29 @@ def test_malformed_schema_is_refused(mutate: Any, problem: str) -> None:
     mutate(doc)
     with pytest.raises(SchemaError, match=problem):
         Schema.from_document(doc)
+
+
+@pytest.mark.parametrize("mutate", MALFORMED_COMMANDS)
+def test_a_lazy_catalogue_refuses_a_bad_command_when_it_is_looked_up(mutate: Any) -> None:
+    # what `vmipc call` parses of the server's catalogue: the names now, an entry on use
+    doc = base_doc()
+    mutate(doc)
+    with pytest.raises(SchemaError):
+        dict(Schema.from_document(doc, lazy=True).commands)
+
+
+def test_a_lazy_catalogue_is_the_same_schema_and_parses_only_what_is_used() -> None:
+    doc = base_doc()
+    eager = Schema.from_document(doc)
+    assert Schema.from_document(base_doc(), lazy=True) == eager
+    command(doc, "pause")["args"][0].update(type="complex")  # broken, but not used
+    lazy = Schema.from_document(doc, lazy=True)
+    assert lazy.commands["query-status"] == eager.commands["query-status"]
+    assert set(lazy.commands) == set(eager.commands) and len(lazy.commands) == len(eager.commands)
+    with pytest.raises(SchemaError, match="unknown type"):
+        lazy.commands.get("pause")
+    assert lazy.commands.get("no-such-command") is None
+    assert lazy.document is doc  # kept, not copied
 
 
 def test_schema_round_trips_through_json() -> None:
@@ -199,3 +235,30 @@ def test_match_fds() -> None:
     ]:
         with pytest.raises(FdMismatch, match=problem):
             match_fds(copy_cmd, names, count)
+
+
+@pytest.mark.parametrize(
+    "text", ["1.8\n", "01.2", "1.02", "1.2.3", "1", ".1", "1.", "", "\u0661.2"]
+)
+def test_parse_version_refuses_what_is_not_major_dot_minor(text: str) -> None:
+    with pytest.raises(ValueError, match=r"major\.minor"):
+        parse_version(text)
+
+
+def test_parse_version_reads_major_and_minor() -> None:
+    assert parse_version("0.0") == (0, 0)
+    assert parse_version("10.12") == (10, 12)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_names_are_checked_to_their_end(lazy: bool) -> None:
+    # a name followed by a newline once matched the `$` of the name patterns
+    for mutate in (
+        lambda d: command(d, "pause").update(name="pause\n"),
+        lambda d: d["errors"][0].update(code=d["errors"][0]["code"] + "\n"),
+        lambda d: command(d, "dump-memory")["fds"][0].update(name="out\n"),
+    ):
+        doc = base_doc()
+        mutate(doc)
+        with pytest.raises(SchemaError):
+            dict(Schema.from_document(doc, lazy=lazy).commands)

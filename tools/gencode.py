@@ -1,5 +1,6 @@
 """Make the package follow the schema: generate ``vmipc/client/_generated.py`` (typed
-client methods) from ``protocol/schema.json`` and copy the schema into the package
+client methods) and ``vmipc/client/_results.py`` (their result types) from
+``protocol/schema.json`` and copy the schema into the package
 (``src/vmipc/protocol/schema.json``, what ``load_schema`` reads and the wheel ships).
 
 Run ``python tools/gencode.py`` after changing ``protocol/schema.json``; a test fails while
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import keyword
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -27,8 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "protocol" / "schema.json"
 #: the package's byte-identical copy of the spec
 PACKAGE_SCHEMA = ROOT / "src" / "vmipc" / "protocol" / "schema.json"
-#: the generated client module
+#: the generated client module (the methods)
 TARGET = ROOT / "src" / "vmipc" / "client" / "_generated.py"
+#: the generated result types: apart, since the clients need them only for type checkers
+#: and building them costs a short-lived `vmipc call` ~1.5 ms (``vmipc.client`` exports
+#: the public ones, loading this module on first use)
+RESULTS_TARGET = ROOT / "src" / "vmipc" / "client" / "_results.py"
 _WIDTH = 100
 
 
@@ -156,7 +162,8 @@ class _Generator:
         call = "self.call(" + ", ".join([f'"{spec.name}"', *passed]) + ")"
         if not sync:
             call = "await " + call
-        ret = f"        return cast({result_type}, {call})"
+        # the type as a string: the result types are imported for type checkers only
+        ret = f'        return cast("{result_type}", {call})'
         if len(ret) > _WIDTH:
             lines.append(f"        result = {call}")
             if len(lines[-1]) > _WIDTH:
@@ -168,12 +175,17 @@ class _Generator:
                     + inner
                     + ",\n        )"
                 )
-            lines.append(f"        return cast({result_type}, result)")
+            lines.append(f'        return cast("{result_type}", result)')
         else:
             lines.append(ret)
         return "\n".join(lines)
 
     def module(self) -> str:
+        """The methods' module."""
+        return self.modules()[0]
+
+    def modules(self) -> tuple[str, str]:
+        """The methods' module and the result types' module."""
         commands = list(self.schema.commands.values())
         async_methods = [self.method(c, sync=False) for c in commands]
         sync_methods = [self.method(c, sync=True) for c in commands]
@@ -185,19 +197,25 @@ class _Generator:
             "        on_progress: ProgressCallback | None = None,\n"
             "        **args: Any,\n"
         )
+        body = "\n\n".join(async_methods + sync_methods)
+        typed = [t.split("(", 1)[0].removeprefix("class ") for t in self.typed_dicts]
+        used = sorted(n for n in typed if re.search(rf"\b{n}\b", body))
+        names = "".join(f"        {n},\n" for n in used)
         header = (
-            f'"""Typed command methods and result types, generated from the schema (version '
-            f"{self.schema.version}).\n\nDo not edit: run ``python tools/gencode.py``.\n"
+            f'"""Typed command methods, generated from the schema (version '
+            f"{self.schema.version}).\n\nDo not edit: run ``python tools/gencode.py``. Their "
+            "result types are in ``_results``, imported\nhere for type checkers only.\n"
             '"""\n\n'
             "from __future__ import annotations\n\n"
             "from collections.abc import Mapping\n"
-            "from typing import Any, Literal, TypedDict, cast\n\n"
+            f"from typing import {_typing_names(body, 'TYPE_CHECKING', 'Any', 'cast')}\n\n"
             "from vmipc.client._common import FdLike, ProgressCallback\n\n"
+            "if TYPE_CHECKING:\n"
+            f"    from vmipc.client._results import (\n{names}    )\n\n"
             f'SCHEMA_VERSION = "{self.schema.version}"'
         )
         parts = [
             header,
-            *self.typed_dicts,
             "class AsyncCommands:\n"
             '    """One coroutine method per schema command; each sends it with ``call``."""\n\n'
             "    async def call(\n        self,\n" + call_sig + "    ) -> Any:\n"
@@ -207,7 +225,28 @@ class _Generator:
             "    def call(\n        self,\n" + call_sig + "    ) -> Any:\n"
             "        raise NotImplementedError\n\n" + "\n\n".join(sync_methods),
         ]
-        return "\n\n\n".join(parts) + "\n"
+        results_text = "\n\n".join(self.typed_dicts)
+        results_header = (
+            f'"""The result types of the command methods and the events\' data, generated from '
+            f"the schema\n(version {self.schema.version}).\n\n"
+            "Do not edit: run ``python tools/gencode.py``. ``vmipc.client`` loads this module on "
+            "first use\nof one of the types it exports: building them costs a short-lived "
+            "`vmipc call` ~1.5 ms.\n"
+            '"""\n\n'
+            "from __future__ import annotations\n\n"
+            f"from typing import {_typing_names(results_text, 'TypedDict')}"
+        )
+        results = "\n\n\n".join([results_header, *self.typed_dicts]) + "\n"
+        return "\n\n\n".join(parts) + "\n", results
+
+
+def _typing_names(text: str, *always: str) -> str:
+    """The names ``text`` uses of typing, for its import line."""
+    # in an annotation, not a docstring's word
+    found = {"Any": r"(: |, |\[|\| )Any\b", "Literal": r"\bLiteral\["}
+    names = set(always) | {n for n, pattern in found.items() if re.search(pattern, text)}
+    # ruff's order: constants, then classes, then functions
+    return ", ".join(sorted(names, key=lambda n: (not n.isupper(), n[0].islower(), n)))
 
 
 def _literal(value: object) -> str:
@@ -247,8 +286,13 @@ def _docstring(text: str, indent: int, *, attribute: bool = False) -> list[str]:
 
 
 def generate(schema: Schema | None = None) -> str:
-    gen = _Generator(schema or load_schema())
-    return gen.module()
+    """The methods' module (``_generated.py``)."""
+    return _Generator(schema or load_schema()).modules()[0]
+
+
+def generate_results(schema: Schema | None = None) -> str:
+    """The result types' module (``_results.py``)."""
+    return _Generator(schema or load_schema()).modules()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     document = (args.schema or SPEC).read_bytes()
     schema = Schema.from_document(json.loads(document))
-    outputs = {TARGET: generate(schema).encode()}
+    methods, results = _Generator(schema).modules()
+    outputs = {TARGET: methods.encode(), RESULTS_TARGET: results.encode()}
     if args.schema is None:
         outputs[PACKAGE_SCHEMA] = document
     stale = {p: data for p, data in outputs.items() if not p.exists() or p.read_bytes() != data}

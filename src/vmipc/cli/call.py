@@ -18,17 +18,22 @@ Several commands separated by ``--`` are sent at once as one ordered chain (prot
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
 import sys
-import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from typing import Any, NoReturn, TextIO
 
-from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from vmipc.cli import (
+    EXIT_ENVIRONMENT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    RawDescriptionHelpFormatter,
+)
 from vmipc.cli._progress import add_progress_argument, view_for
 from vmipc.client import Call, SyncClient
 from vmipc.errors import VmipcError
@@ -92,7 +97,7 @@ def add_parser(subparsers: Any) -> None:
         description="Send one command to a VMM's control server and print its result.",
         usage=USAGE,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
         add_help=False,
     )
     _configure(parser)
@@ -323,6 +328,8 @@ def open_fds(spec: CommandSpec, items: Sequence[str]) -> Iterator[dict[str, int]
 
 def _json_default(value: object) -> Any:
     if isinstance(value, bytes | bytearray):
+        import base64  # here: most calls print no bytes, and each import costs start-up
+
         return {"base64": base64.b64encode(value).decode()}
     raise TypeError(f"cannot print {type(value).__name__}")
 
@@ -360,6 +367,8 @@ def _scalar(value: Any) -> str:
 
 def command_help(schema: Schema, spec: CommandSpec) -> str:
     """The ``vmipc call CMD --help`` text, from the command's schema entry."""
+    import textwrap  # here, not at the top: only help wraps text
+
     usage = f"usage: vmipc call {spec.name}"
     for a in spec.args:
         usage += f" {a.name}=VALUE" if a.required else f" [{a.name}=VALUE]"
@@ -423,7 +432,8 @@ def _fail(code: int, message: str) -> NoReturn:
 
 def _catalogue(client: SyncClient) -> Schema:
     try:
-        return Schema.from_document(client.query_commands())
+        # lazy: a call parses the one or two commands it uses of the catalogue, not all
+        return Schema.from_document(client.query_commands(), lazy=True)
     except SchemaError as exc:
         _fail(EXIT_ENVIRONMENT, f"the server's catalogue is not usable: {exc}")
 
@@ -500,6 +510,15 @@ def _connection_failure(exc: BaseException, socket_path: str) -> int:
 
 def _call(client: SyncClient, args: argparse.Namespace, params: list[str]) -> int:
     schema = _catalogue(client)
+    try:
+        return _call_with(client, schema, args, params)
+    except SchemaError as exc:  # a command's entry, checked when it is first looked up
+        _fail(EXIT_ENVIRONMENT, f"the server's catalogue is not usable: {exc}")
+
+
+def _call_with(
+    client: SyncClient, schema: Schema, args: argparse.Namespace, params: list[str]
+) -> int:
     if args.list:
         print(to_json(dict(schema.document)) if args.json else list_text(schema))
         return EXIT_OK
@@ -610,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         usage=USAGE,
         epilog=EPILOG,
         add_help=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
         description="Send one command to a VMM's control server and print its result.",
     )
     _configure(parser)

@@ -6,7 +6,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -34,7 +34,7 @@ from vmipc.client._common import (
     split_fds,
     trusted_server_uids,
 )
-from vmipc.client._generated import AsyncCommands, HelloResult
+from vmipc.client._generated import AsyncCommands
 from vmipc.protocol import (
     CHAINS_MINOR,
     MAX_ID,
@@ -52,6 +52,9 @@ from vmipc.protocol import (
     Result,
     ServerTiming,
 )
+
+if TYPE_CHECKING:
+    from vmipc.client._results import HelloResult
 
 _RECV_SIZE = 64 * 1024
 #: seconds a cancelled call may spend telling the server to cancel its request
@@ -198,7 +201,7 @@ class Client(AsyncCommands):
         self._observers = ReplyObservers()
         self._next_chain = 0
         #: the ``hello`` result: protocol version, server identity, catalogue, limits
-        self.server_info: HelloResult = cast(HelloResult, {})
+        self.server_info: HelloResult = cast("HelloResult", {})
 
     @property
     def protocol_version(self) -> str:

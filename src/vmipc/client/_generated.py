@@ -1,322 +1,42 @@
-"""Typed command methods and result types, generated from the schema (version 1.8).
+"""Typed command methods, generated from the schema (version 1.8).
 
-Do not edit: run ``python tools/gencode.py``.
+Do not edit: run ``python tools/gencode.py``. Their result types are in ``_results``, imported
+here for type checkers only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from vmipc.client._common import FdLike, ProgressCallback
 
+if TYPE_CHECKING:
+    from vmipc.client._results import (
+        ApplyPagesResult,
+        CancelResult,
+        ClaimPriorityResult,
+        ConfigureResult,
+        DirtyLogStartResult,
+        DirtyLogStopResult,
+        DumpDirtyResult,
+        DumpMemoryResult,
+        DumpStateResult,
+        HelloResult,
+        LoadMemoryResult,
+        LoadStateResult,
+        PauseResult,
+        QueryDirtyResult,
+        QueryStatusResult,
+        QuitResult,
+        ReleaseLeaseResult,
+        ReleasePriorityResult,
+        RenewLeaseResult,
+        ResumeResult,
+        SubscribeResult,
+    )
+
 SCHEMA_VERSION = "1.8"
-
-
-class HelloResultServer(TypedDict):
-    """Who answered."""
-
-    name: str
-    """The server's name."""
-    version: str
-    """The server software's version."""
-    pid: int
-    """The VMM's process id."""
-
-
-class HelloResultLimits(TypedDict):
-    """The server's limits for this connection."""
-
-    max_frame_size: int
-    """Largest frame payload, in bytes, the server sends (and, before 1.7, accepts; see
-    `max_request_size`).
-    """
-    max_fds_per_request: int
-    """Most fds one request may carry."""
-    max_in_flight: int
-    """Most requests one connection may have in flight."""
-    max_request_size: int
-    """Largest request frame payload, in bytes, the server accepts (requests are small; replies and
-    events may be up to `max_frame_size`).
-    """
-
-
-class HelloResult(TypedDict):
-    """The result of ``hello``."""
-
-    protocol: str
-    """The negotiated protocol version, `major.minor`: with `minor` (1.8), the lower of the client's
-    and the server's minor; without, the server's.
-    """
-    server: HelloResultServer
-    """Who answered."""
-    commands: list[str]
-    """The names of the commands available in the negotiated version on this connection (a socket
-    restricted to some commands lists only those; since 1.2).
-    """
-    events: list[str]
-    """The names of the events available in the negotiated version."""
-    capabilities: list[str]
-    """Optional protocol features the server supports: `fd-passing`, `events`, `progress`, `cancel`.
-    """
-    limits: HelloResultLimits
-    """The server's limits for this connection."""
-    connection: int
-    """This connection's number: the one the server's log, `query-status`'s `lease` and `first` use.
-    """
-
-
-class SubscribeResult(TypedDict):
-    """The result of ``subscribe``."""
-
-    events: list[str]
-    """The events now subscribed, sorted."""
-
-
-class CancelResult(TypedDict):
-    """The result of ``cancel``."""
-
-    cancelled: bool
-    """Whether the request will answer `cancelled`: false if it is not in flight, already done, or
-    cannot be stopped.
-    """
-
-
-class QueryStatusResultLease(TypedDict):
-    """The pause lease, or null when nobody holds one."""
-
-    connection: int
-    """The number of the connection holding it (see `hello`'s `connection`)."""
-    expires_in: float
-    """Seconds until it expires unless renewed."""
-    duration: float
-    """Its length in seconds: what a `renew-lease` without `lease` extends it by."""
-
-
-class QueryStatusResult(TypedDict):
-    """The result of ``query-status``."""
-
-    state: Literal["created", "running", "paused", "incoming", "shutdown", "crashed", "destroyed"]
-    """The run state."""
-    vcpu_count: int
-    """Number of vCPUs."""
-    memory_size: int
-    """Guest memory size in bytes."""
-    stop_reason: str | None
-    """Why the machine stopped (states `shutdown` and `crashed`), else null."""
-    lease: QueryStatusResultLease | None
-    """The pause lease, or null when nobody holds one."""
-    first: list[int]
-    """The numbers of the connections whose requests go first now (see `claim-priority`): the pause
-    lease's holder and the priority claimants. Empty when nobody does.
-    """
-
-
-class PauseResult(TypedDict):
-    """The result of ``pause``."""
-
-
-class ResumeResult(TypedDict):
-    """The result of ``resume``."""
-
-
-class RenewLeaseResult(TypedDict):
-    """The result of ``renew-lease``."""
-
-    expires_in: float
-    """Seconds until the lease expires unless renewed again."""
-
-
-class ReleaseLeaseResult(TypedDict):
-    """The result of ``release-lease``."""
-
-
-class ClaimPriorityResult(TypedDict):
-    """The result of ``claim-priority``."""
-
-
-class ReleasePriorityResult(TypedDict):
-    """The result of ``release-priority``."""
-
-    released: bool
-    """False when this connection held no claim."""
-
-
-class QuitResult(TypedDict):
-    """The result of ``quit``."""
-
-
-class DumpMemoryResultSection(TypedDict):
-    """A snapshot section-table entry: pass it on to finish the file (`vmipc snapshot seal`)."""
-
-    name: str
-    """Section name (config, vcpus, devices, memory)."""
-    version: int
-    """The section's record version."""
-    offset: int
-    """File offset of the section (4096-aligned)."""
-    length: int
-    """Its length in bytes."""
-    checksum: int
-    """xxh3_64 of its bytes."""
-
-
-class DumpMemoryResult(TypedDict):
-    """The result of ``dump-memory``."""
-
-    data_pages: int
-    """Pages sent (or received) as data."""
-    zero_pages: int
-    """Pages sent (or received) as zero runs, never as data."""
-    bytes: int
-    """Bytes written to (or read from) the fd."""
-    consistent: bool | None
-    """Whether the guest was paused, so the image is one consistent moment (a running guest's dump
-    is the first pass of a pre-copy migration).
-    """
-    section: DumpMemoryResultSection | None
-    """A snapshot section-table entry: pass it on to finish the file (`vmipc snapshot seal`)."""
-
-
-class DumpStateResultSectionsItem(TypedDict):
-    """A snapshot section-table entry: pass it on to finish the file (`vmipc snapshot seal`)."""
-
-    name: str
-    """Section name (config, vcpus, devices, memory)."""
-    version: int
-    """The section's record version."""
-    offset: int
-    """File offset of the section (4096-aligned)."""
-    length: int
-    """Its length in bytes."""
-    checksum: int
-    """xxh3_64 of its bytes."""
-
-
-class DumpStateResult(TypedDict):
-    """The result of ``dump-state``."""
-
-    bytes: int
-    """Bytes written."""
-    sections: list[DumpStateResultSectionsItem]
-    """The snapshot section-table entries written (empty for a blob)."""
-
-
-class DirtyLogStartResult(TypedDict):
-    """The result of ``dirty-log-start``."""
-
-    epoch: str
-    """The dirty log's epoch: it names the moment the dirty pages count from, and changes whenever
-    they start counting afresh (`dirty-log-start` after logging was off, every `dump-dirty`). The
-    next `dump-dirty` sends the pages written since this epoch began.
-    """
-
-
-class DirtyLogStopResult(TypedDict):
-    """The result of ``dirty-log-stop``."""
-
-
-class QueryDirtyResult(TypedDict):
-    """The result of ``query-dirty``."""
-
-    dirty_pages: int
-    """Pages dirty now."""
-    dirty_bytes: int
-    """The same in bytes."""
-    epoch: str
-    """The epoch these pages were counted in (see `dirty-log-start`)."""
-
-
-class DumpDirtyResult(TypedDict):
-    """The result of ``dump-dirty``."""
-
-    data_pages: int
-    """Pages sent (or received) as data."""
-    zero_pages: int
-    """Pages sent (or received) as zero runs, never as data."""
-    bytes: int
-    """Bytes written to (or read from) the fd."""
-    consistent: bool | None
-    """Whether the guest was paused, so the image is one consistent moment (a running guest's dump
-    is the first pass of a pre-copy migration).
-    """
-    epoch: str
-    """The new epoch, which the next `dump-dirty` counts from."""
-
-
-class LoadMemoryResult(TypedDict):
-    """The result of ``load-memory``."""
-
-    data_pages: int
-    """Pages sent (or received) as data."""
-    zero_pages: int
-    """Pages sent (or received) as zero runs, never as data."""
-    bytes: int
-    """Bytes written to (or read from) the fd."""
-    rounds: int | None
-    """Page-stream rounds received (stream format)."""
-
-
-class ApplyPagesResult(TypedDict):
-    """The result of ``apply-pages``."""
-
-    data_pages: int
-    """Pages sent (or received) as data."""
-    zero_pages: int
-    """Pages sent (or received) as zero runs, never as data."""
-    bytes: int
-    """Bytes written to (or read from) the fd."""
-    rounds: int | None
-    """Rounds received."""
-
-
-class ConfigureResult(TypedDict):
-    """The result of ``configure``."""
-
-    memory_size: int
-    """The machine's RAM in bytes."""
-    vcpus: int
-    """Its vCPUs."""
-
-
-class LoadStateResult(TypedDict):
-    """The result of ``load-state``."""
-
-    vcpus: int
-    """vCPUs restored."""
-    memory_size: int
-    """The machine's RAM in bytes."""
-
-
-class StateChangeData(TypedDict):
-    """The data of the ``state-change`` event."""
-
-    old: Literal["created", "running", "paused", "incoming", "shutdown", "crashed", "destroyed"]
-    """The state before."""
-    new: Literal["created", "running", "paused", "incoming", "shutdown", "crashed", "destroyed"]
-    """The state now."""
-    reason: str | None
-    """Why, for stops (e.g. `triple fault on vcpu 1`), else null."""
-
-
-class ProgressData(TypedDict):
-    """The data of the ``progress`` event."""
-
-    request: int
-    """The id of the request."""
-    command: str
-    """Its command."""
-    phase: str
-    """What it is doing, in a word or two."""
-    done: int
-    """Units done. Since 1.8, for dump-memory, dump-dirty, load-memory and apply-pages: bytes of
-    guest RAM gone through, zero pages and holes included (a stream says a zero page in a few
-    bytes, a sparse file skips it); for the others, bytes moved through the fd.
-    """
-    total: int | None
-    """Units in all (dump-memory, load-memory: the RAM size; dump-dirty: the dirty pages taken, in
-    bytes), or null when unknown (apply-pages: the stream says when it ends).
-    """
 
 
 class AsyncCommands:
@@ -355,7 +75,7 @@ class AsyncCommands:
             args["client"] = client
         if minor is not None:
             args["minor"] = minor
-        return cast(HelloResult, await self.call("hello", **args))
+        return cast("HelloResult", await self.call("hello", **args))
 
     async def query_commands(self) -> dict[str, Any]:
         """The server's machine-readable catalogue: this very schema document (commands with their
@@ -367,7 +87,7 @@ class AsyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(dict[str, Any], await self.call("query-commands"))
+        return cast("dict[str, Any]", await self.call("query-commands"))
 
     async def subscribe(self, *, events: list[str]) -> SubscribeResult:
         """Choose the events this connection receives. Replaces the previous choice; an empty list
@@ -379,7 +99,7 @@ class AsyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(SubscribeResult, await self.call("subscribe", events=events))
+        return cast("SubscribeResult", await self.call("subscribe", events=events))
 
     async def cancel(self, *, request: int) -> CancelResult:
         """Cancel one of this connection's requests that is still in flight. A cancellable request,
@@ -392,7 +112,7 @@ class AsyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(CancelResult, await self.call("cancel", request=request))
+        return cast("CancelResult", await self.call("cancel", request=request))
 
     async def query_status(self) -> QueryStatusResult:
         """The machine's run state and shape.
@@ -402,7 +122,7 @@ class AsyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(QueryStatusResult, await self.call("query-status"))
+        return cast("QueryStatusResult", await self.call("query-status"))
 
     async def pause(self, *, lease: float | None = None) -> PauseResult:
         """Stop the vCPUs: returns once every vCPU is parked outside KVM_RUN with its pending exit
@@ -423,7 +143,7 @@ class AsyncCommands:
         args: dict[str, Any] = {}
         if lease is not None:
             args["lease"] = lease
-        return cast(PauseResult, await self.call("pause", **args))
+        return cast("PauseResult", await self.call("pause", **args))
 
     async def resume(self) -> ResumeResult:
         """Let the vCPUs of a paused machine run again. Ends a pause lease, whoever holds it.
@@ -433,7 +153,7 @@ class AsyncCommands:
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
         shutting-down, internal-error, not-permitted, chain-broken).
         """
-        return cast(ResumeResult, await self.call("resume"))
+        return cast("ResumeResult", await self.call("resume"))
 
     async def renew_lease(self, *, lease: float | None = None) -> RenewLeaseResult:
         """Extend the pause lease this connection holds: it now expires ``lease`` seconds from now
@@ -448,7 +168,7 @@ class AsyncCommands:
         args: dict[str, Any] = {}
         if lease is not None:
             args["lease"] = lease
-        return cast(RenewLeaseResult, await self.call("renew-lease", **args))
+        return cast("RenewLeaseResult", await self.call("renew-lease", **args))
 
     async def release_lease(self) -> ReleaseLeaseResult:
         """Give up the pause lease this connection holds without resuming: the machine stays paused,
@@ -462,7 +182,7 @@ class AsyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted, chain-broken).
         """
-        return cast(ReleaseLeaseResult, await self.call("release-lease"))
+        return cast("ReleaseLeaseResult", await self.call("release-lease"))
 
     async def claim_priority(self) -> ClaimPriorityResult:
         """This connection's requests go first until ``release-priority`` or until the connection
@@ -479,7 +199,7 @@ class AsyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(ClaimPriorityResult, await self.call("claim-priority"))
+        return cast("ClaimPriorityResult", await self.call("claim-priority"))
 
     async def release_priority(self) -> ReleasePriorityResult:
         """End this connection's priority claim (see ``claim-priority``). Its requests go first
@@ -490,7 +210,7 @@ class AsyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(ReleasePriorityResult, await self.call("release-priority"))
+        return cast("ReleasePriorityResult", await self.call("release-priority"))
 
     async def quit(self) -> QuitResult:
         """Shut the VMM down: the server answers, stops accepting connections, tells every other
@@ -501,7 +221,7 @@ class AsyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(QuitResult, await self.call("quit"))
+        return cast("QuitResult", await self.call("quit"))
 
     async def dump_memory(
         self,
@@ -533,7 +253,7 @@ class AsyncCommands:
         if format != "stream":
             args["format"] = format
         result = await self.call("dump-memory", **args, fds={"out": out}, on_progress=on_progress)
-        return cast(DumpMemoryResult, result)
+        return cast("DumpMemoryResult", result)
 
     async def dump_state(
         self,
@@ -558,7 +278,7 @@ class AsyncCommands:
         if format != "blob":
             args["format"] = format
         result = await self.call("dump-state", **args, fds={"out": out}, on_progress=on_progress)
-        return cast(DumpStateResult, result)
+        return cast("DumpStateResult", result)
 
     async def dirty_log_start(self) -> DirtyLogStartResult:
         """Start dirty-page tracking (KVM's dirty log on every memory slot, plus pages the VMM
@@ -569,7 +289,7 @@ class AsyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted, chain-broken).
         """
-        return cast(DirtyLogStartResult, await self.call("dirty-log-start"))
+        return cast("DirtyLogStartResult", await self.call("dirty-log-start"))
 
     async def dirty_log_stop(self) -> DirtyLogStopResult:
         """Stop dirty-page tracking and forget pending dirty pages. Idempotent.
@@ -579,7 +299,7 @@ class AsyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted, chain-broken).
         """
-        return cast(DirtyLogStopResult, await self.call("dirty-log-stop"))
+        return cast("DirtyLogStopResult", await self.call("dirty-log-stop"))
 
     async def query_dirty(self) -> QueryDirtyResult:
         """How many pages were written since the previous ``dump-dirty`` (or since
@@ -590,7 +310,7 @@ class AsyncCommands:
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
         shutting-down, internal-error, not-permitted, chain-broken).
         """
-        return cast(QueryDirtyResult, await self.call("query-dirty"))
+        return cast("QueryDirtyResult", await self.call("query-dirty"))
 
     async def dump_dirty(
         self,
@@ -627,7 +347,7 @@ class AsyncCommands:
         if epoch is not None:
             args["epoch"] = epoch
         result = await self.call("dump-dirty", **args, fds={"out": out}, on_progress=on_progress)
-        return cast(DumpDirtyResult, result)
+        return cast("DumpDirtyResult", result)
 
     async def load_memory(
         self,
@@ -663,7 +383,7 @@ class AsyncCommands:
         if format != "stream":
             args["format"] = format
         result = await self.call("load-memory", **args, fds={"in": in_}, on_progress=on_progress)
-        return cast(LoadMemoryResult, result)
+        return cast("LoadMemoryResult", result)
 
     async def apply_pages(
         self,
@@ -688,7 +408,7 @@ class AsyncCommands:
         not-permitted, chain-broken).
         """
         result = await self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
-        return cast(ApplyPagesResult, result)
+        return cast("ApplyPagesResult", result)
 
     async def configure(self, *, memory_size: int, vcpus: int) -> ConfigureResult:
         """On an incoming VMM started without --memory/--vcpus: build its machine, paused, with no
@@ -703,7 +423,7 @@ class AsyncCommands:
         shutting-down, internal-error, not-permitted, chain-broken).
         """
         result = await self.call("configure", memory_size=memory_size, vcpus=vcpus)
-        return cast(ConfigureResult, result)
+        return cast("ConfigureResult", result)
 
     async def load_state(
         self,
@@ -725,7 +445,7 @@ class AsyncCommands:
         args: dict[str, Any] = {}
         if format != "blob":
             args["format"] = format
-        return cast(LoadStateResult, await self.call("load-state", **args, fds={"in": in_}))
+        return cast("LoadStateResult", await self.call("load-state", **args, fds={"in": in_}))
 
 
 class SyncCommands:
@@ -764,7 +484,7 @@ class SyncCommands:
             args["client"] = client
         if minor is not None:
             args["minor"] = minor
-        return cast(HelloResult, self.call("hello", **args))
+        return cast("HelloResult", self.call("hello", **args))
 
     def query_commands(self) -> dict[str, Any]:
         """The server's machine-readable catalogue: this very schema document (commands with their
@@ -776,7 +496,7 @@ class SyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(dict[str, Any], self.call("query-commands"))
+        return cast("dict[str, Any]", self.call("query-commands"))
 
     def subscribe(self, *, events: list[str]) -> SubscribeResult:
         """Choose the events this connection receives. Replaces the previous choice; an empty list
@@ -788,7 +508,7 @@ class SyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(SubscribeResult, self.call("subscribe", events=events))
+        return cast("SubscribeResult", self.call("subscribe", events=events))
 
     def cancel(self, *, request: int) -> CancelResult:
         """Cancel one of this connection's requests that is still in flight. A cancellable request,
@@ -801,7 +521,7 @@ class SyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(CancelResult, self.call("cancel", request=request))
+        return cast("CancelResult", self.call("cancel", request=request))
 
     def query_status(self) -> QueryStatusResult:
         """The machine's run state and shape.
@@ -811,7 +531,7 @@ class SyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(QueryStatusResult, self.call("query-status"))
+        return cast("QueryStatusResult", self.call("query-status"))
 
     def pause(self, *, lease: float | None = None) -> PauseResult:
         """Stop the vCPUs: returns once every vCPU is parked outside KVM_RUN with its pending exit
@@ -832,7 +552,7 @@ class SyncCommands:
         args: dict[str, Any] = {}
         if lease is not None:
             args["lease"] = lease
-        return cast(PauseResult, self.call("pause", **args))
+        return cast("PauseResult", self.call("pause", **args))
 
     def resume(self) -> ResumeResult:
         """Let the vCPUs of a paused machine run again. Ends a pause lease, whoever holds it.
@@ -842,7 +562,7 @@ class SyncCommands:
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
         shutting-down, internal-error, not-permitted, chain-broken).
         """
-        return cast(ResumeResult, self.call("resume"))
+        return cast("ResumeResult", self.call("resume"))
 
     def renew_lease(self, *, lease: float | None = None) -> RenewLeaseResult:
         """Extend the pause lease this connection holds: it now expires ``lease`` seconds from now
@@ -857,7 +577,7 @@ class SyncCommands:
         args: dict[str, Any] = {}
         if lease is not None:
             args["lease"] = lease
-        return cast(RenewLeaseResult, self.call("renew-lease", **args))
+        return cast("RenewLeaseResult", self.call("renew-lease", **args))
 
     def release_lease(self) -> ReleaseLeaseResult:
         """Give up the pause lease this connection holds without resuming: the machine stays paused,
@@ -871,7 +591,7 @@ class SyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted, chain-broken).
         """
-        return cast(ReleaseLeaseResult, self.call("release-lease"))
+        return cast("ReleaseLeaseResult", self.call("release-lease"))
 
     def claim_priority(self) -> ClaimPriorityResult:
         """This connection's requests go first until ``release-priority`` or until the connection
@@ -888,7 +608,7 @@ class SyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(ClaimPriorityResult, self.call("claim-priority"))
+        return cast("ClaimPriorityResult", self.call("claim-priority"))
 
     def release_priority(self) -> ReleasePriorityResult:
         """End this connection's priority claim (see ``claim-priority``). Its requests go first
@@ -899,7 +619,7 @@ class SyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(ReleasePriorityResult, self.call("release-priority"))
+        return cast("ReleasePriorityResult", self.call("release-priority"))
 
     def quit(self) -> QuitResult:
         """Shut the VMM down: the server answers, stops accepting connections, tells every other
@@ -910,7 +630,7 @@ class SyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        return cast(QuitResult, self.call("quit"))
+        return cast("QuitResult", self.call("quit"))
 
     def dump_memory(
         self,
@@ -942,7 +662,7 @@ class SyncCommands:
         if format != "stream":
             args["format"] = format
         result = self.call("dump-memory", **args, fds={"out": out}, on_progress=on_progress)
-        return cast(DumpMemoryResult, result)
+        return cast("DumpMemoryResult", result)
 
     def dump_state(
         self,
@@ -967,7 +687,7 @@ class SyncCommands:
         if format != "blob":
             args["format"] = format
         result = self.call("dump-state", **args, fds={"out": out}, on_progress=on_progress)
-        return cast(DumpStateResult, result)
+        return cast("DumpStateResult", result)
 
     def dirty_log_start(self) -> DirtyLogStartResult:
         """Start dirty-page tracking (KVM's dirty log on every memory slot, plus pages the VMM
@@ -978,7 +698,7 @@ class SyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted, chain-broken).
         """
-        return cast(DirtyLogStartResult, self.call("dirty-log-start"))
+        return cast("DirtyLogStartResult", self.call("dirty-log-start"))
 
     def dirty_log_stop(self) -> DirtyLogStopResult:
         """Stop dirty-page tracking and forget pending dirty pages. Idempotent.
@@ -988,7 +708,7 @@ class SyncCommands:
         unknown-command, invalid-arguments, invalid-fds, limit-exceeded, shutting-down,
         internal-error, not-permitted, chain-broken).
         """
-        return cast(DirtyLogStopResult, self.call("dirty-log-stop"))
+        return cast("DirtyLogStopResult", self.call("dirty-log-stop"))
 
     def query_dirty(self) -> QueryDirtyResult:
         """How many pages were written since the previous ``dump-dirty`` (or since
@@ -999,7 +719,7 @@ class SyncCommands:
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
         shutting-down, internal-error, not-permitted, chain-broken).
         """
-        return cast(QueryDirtyResult, self.call("query-dirty"))
+        return cast("QueryDirtyResult", self.call("query-dirty"))
 
     def dump_dirty(
         self,
@@ -1036,7 +756,7 @@ class SyncCommands:
         if epoch is not None:
             args["epoch"] = epoch
         result = self.call("dump-dirty", **args, fds={"out": out}, on_progress=on_progress)
-        return cast(DumpDirtyResult, result)
+        return cast("DumpDirtyResult", result)
 
     def load_memory(
         self,
@@ -1072,7 +792,7 @@ class SyncCommands:
         if format != "stream":
             args["format"] = format
         result = self.call("load-memory", **args, fds={"in": in_}, on_progress=on_progress)
-        return cast(LoadMemoryResult, result)
+        return cast("LoadMemoryResult", result)
 
     def apply_pages(
         self,
@@ -1097,7 +817,7 @@ class SyncCommands:
         not-permitted, chain-broken).
         """
         result = self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
-        return cast(ApplyPagesResult, result)
+        return cast("ApplyPagesResult", result)
 
     def configure(self, *, memory_size: int, vcpus: int) -> ConfigureResult:
         """On an incoming VMM started without --memory/--vcpus: build its machine, paused, with no
@@ -1111,7 +831,7 @@ class SyncCommands:
         invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
         shutting-down, internal-error, not-permitted, chain-broken).
         """
-        return cast(ConfigureResult, self.call("configure", memory_size=memory_size, vcpus=vcpus))
+        return cast("ConfigureResult", self.call("configure", memory_size=memory_size, vcpus=vcpus))
 
     def load_state(
         self,
@@ -1133,4 +853,4 @@ class SyncCommands:
         args: dict[str, Any] = {}
         if format != "blob":
             args["format"] = format
-        return cast(LoadStateResult, self.call("load-state", **args, fds={"in": in_}))
+        return cast("LoadStateResult", self.call("load-state", **args, fds={"in": in_}))

@@ -7,7 +7,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from vmipc.client._common import (
     CLIENT_MAX_FRAME_SIZE,
@@ -33,7 +33,7 @@ from vmipc.client._common import (
     split_fds,
     trusted_server_uids,
 )
-from vmipc.client._generated import HelloResult, SyncCommands
+from vmipc.client._generated import SyncCommands
 from vmipc.protocol import (
     CHAINS_MINOR,
     MAX_ID,
@@ -50,6 +50,9 @@ from vmipc.protocol import (
     ProtocolError,
     Result,
 )
+
+if TYPE_CHECKING:
+    from vmipc.client._results import HelloResult
 
 _RECV_SIZE = 64 * 1024
 
@@ -106,7 +109,7 @@ class SyncClient(SyncCommands):
         #: replies of chained requests not collected yet, and the ids still expected
         self._chained: dict[int, Result | Error] = {}
         self._expected: set[int] = set()
-        self.server_info: HelloResult = cast(HelloResult, {})
+        self.server_info: HelloResult = cast("HelloResult", {})
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(socket_path)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from vmipc._record import record
 from vmipc.protocol._errors import (
     ECHO_CHARS,
     ErrorCode,
@@ -65,7 +65,7 @@ CHAINS_MINOR = 8
 MAX_ERROR_SIZE = 8192
 
 
-@dataclass(frozen=True)
+@record
 class Limits:
     """Per-connection limits the server enforces (and announces in ``hello``)."""
 
@@ -88,7 +88,7 @@ class ServerState(enum.Enum):
     BROKEN = "broken"  # a framing error: send the connection-level error and close
 
 
-@dataclass(frozen=True)
+@record
 class RequestReceived:
     """A valid request to run. The receiver owns ``fds`` (name -> fd) from now on."""
 
@@ -98,7 +98,7 @@ class RequestReceived:
     fds: dict[str, int]
 
 
-@dataclass(frozen=True)
+@record
 class RequestRejected:
     """A request refused before it ran; answer with :meth:`ServerProtocol.send_error`.
 
@@ -112,7 +112,7 @@ class RequestRejected:
     chain: int | None = None
 
 
-@dataclass(frozen=True)
+@record
 class ConnectionBroken:
     """The byte stream is unusable (framing error) or ended inside a frame.
 
@@ -123,7 +123,7 @@ class ConnectionBroken:
     error: ErrorInfo | None
 
 
-@dataclass(frozen=True)
+@record
 class InputEnded:
     """The peer ended its side of the stream cleanly, at a frame boundary (it may still
     read replies). Not ``vmipc.vmm.persist.PeerClosed``, a bulk fd's other end going
@@ -133,7 +133,7 @@ class InputEnded:
 ServerEvent = RequestReceived | RequestRejected | ConnectionBroken | InputEnded
 
 
-@dataclass
+@record(frozen=False)
 class _InFlight:
     spec: CommandSpec
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from vmipc._record import field, record
 from vmipc.errors import VmipcError
 
 #: how many characters of a peer's input an error message or detail may repeat; the rest
@@ -112,7 +112,7 @@ class ErrorCode(enum.StrEnum):
     IDLE_TIMEOUT = "idle-timeout"
 
 
-@dataclass(frozen=True)
+@record
 class ErrorInfo:
     """What travels in an error message: a stable code, one line, and details."""
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
+from vmipc._record import field, record
 from vmipc.protocol._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 HEADER = struct.Struct(">I")
@@ -50,7 +50,7 @@ def encode_frame(payload: bytes, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -
     return HEADER.pack(len(payload)) + payload
 
 
-@dataclass
+@record(frozen=False)
 class Frame:
     """One decoded frame and the fds that came with it (now owned by the receiver)."""
 
@@ -61,7 +61,7 @@ class Frame:
     fds_truncated: bool = False
 
 
-@dataclass
+@record(frozen=False)
 class _FdGroup:
     start: int  # stream offset of the first byte of the chunk the fds came with
     end: int  # stream offset just past that chunk

@@ -30,11 +30,11 @@ array or map takes the whole payload). The server decodes requests with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from vmipc._record import field, record
 from vmipc.errors import VmipcError
 from vmipc.protocol._errors import (
     ECHO_ITEMS,
@@ -50,7 +50,7 @@ from vmipc.protocol._errors import (
 MAX_ID = 2**53 - 1
 
 
-@dataclass(frozen=True)
+@record
 class DecodeLimits:
     """Bounds on each msgpack object of a payload, checked before the object is built:
     characters of a string, bytes of a bin, items of an array, entries of a map, bytes of
@@ -105,7 +105,7 @@ def _container_hooks(budget: int) -> dict[str, Any]:
     return {"list_hook": counted, "object_hook": counted}
 
 
-@dataclass(frozen=True)
+@record
 class ServerTiming:
     """What a 1.8 server says a request cost it (a reply's ``took``), in seconds:
     ``queued`` from its arrival until its handler began (admission, who goes first, the
@@ -118,7 +118,7 @@ class ServerTiming:
         return {"queued": self.queued, "ran": self.ran}
 
 
-@dataclass(frozen=True)
+@record
 class Request:
     id: int
     command: str
@@ -128,21 +128,21 @@ class Request:
     chain: int | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Result:
     id: int
     result: Any
     took: ServerTiming | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Error:
     id: int | None
     error: ErrorInfo
     took: ServerTiming | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Event:
     event: str
     time: float

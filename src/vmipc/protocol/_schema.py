@@ -16,24 +16,47 @@ when its keys are fixed, else any string keys), ``any``. Every type may carry
 
 from __future__ import annotations
 
-import copy
 import json
 import keyword
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+from vmipc._record import field, record
 from vmipc.errors import VmipcError
 from vmipc.protocol._errors import echo, shorten
 
 TYPES = frozenset({"bool", "int", "float", "string", "bytes", "list", "map", "any"})
 #: argument names that would clash with the client's ``call(name, *, fds=..., **args)``
 RESERVED_ARG_NAMES = frozenset({"fds", "command", "self"})
-_KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-_IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
-_VERSION = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
+# Names and versions are checked character by character, not with regular expressions:
+# compiling three cost a short-lived `vmipc call` 0.3 ms, and `$` let a trailing newline in
+_LOWER = frozenset("abcdefghijklmnopqrstuvwxyz")
+_DIGITS = frozenset("0123456789")
+_KEBAB_CHARS = _LOWER | _DIGITS
+_IDENT_CHARS = _LOWER | _DIGITS | {"_"}
+#: what a field, argument or fd name looks like (for messages)
+_IDENT_PATTERN = "^[a-z][a-z0-9_]*$"
+
+
+def _is_ident(name: str) -> bool:
+    """``^[a-z][a-z0-9_]*$``, no newline after."""
+    return bool(name) and name[0] in _LOWER and all(c in _IDENT_CHARS for c in name)
+
+
+def _is_kebab(name: str) -> bool:
+    """``^[a-z][a-z0-9]*(-[a-z0-9]+)*$``, no newline after."""
+    parts = name.split("-")
+    if not parts[0] or parts[0][0] not in _LOWER:
+        return False
+    return all(part and all(c in _KEBAB_CHARS for c in part) for part in parts)
+
+
+def _is_number(text: str) -> bool:
+    """``0|[1-9][0-9]*``: ASCII digits, no leading zero."""
+    if not text or not all(c in _DIGITS for c in text):
+        return False
+    return text == "0" or text[0] != "0"
 
 
 class SchemaError(VmipcError):
@@ -58,14 +81,28 @@ class FdMismatch(VmipcError):
         self.problem = problem
 
 
+#: values that a deep copy returns as they are
+_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes})
+
+
+def _copied(value: Any) -> Any:
+    """``copy.deepcopy(value)``, with the copy module (and weakref under it: ~1 ms of a
+    short-lived `vmipc call`) imported only for a value that is not a plain scalar."""
+    if type(value) in _IMMUTABLE:
+        return value
+    import copy
+
+    return copy.deepcopy(value)
+
+
 def parse_version(text: str) -> tuple[int, int]:
-    m = _VERSION.match(text)
-    if not m:
+    major, dot, minor = text.partition(".")
+    if not (dot and _is_number(major) and _is_number(minor)):
         raise ValueError(f"not a protocol version (major.minor): {text!r}")
-    return int(m.group(1)), int(m.group(2))
+    return int(major), int(minor)
 
 
-@dataclass(frozen=True)
+@record
 class TypeSpec:
     type: str
     doc: str = ""
@@ -92,7 +129,7 @@ class TypeSpec:
         return f"{text} or null" if self.nullable else text
 
 
-@dataclass(frozen=True)
+@record
 class FieldSpec:
     name: str
     type: TypeSpec
@@ -102,7 +139,7 @@ class FieldSpec:
     since: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class FdSpec:
     name: str
     direction: Literal["in", "out"]
@@ -111,7 +148,7 @@ class FdSpec:
     since: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class CommandSpec:
     name: str
     doc: str
@@ -132,7 +169,7 @@ class CommandSpec:
         return next((f for f in self.fds if f.name == name), None)
 
 
-@dataclass(frozen=True)
+@record
 class EventSpec:
     name: str
     doc: str
@@ -140,7 +177,7 @@ class EventSpec:
     data: TypeSpec
 
 
-@dataclass(frozen=True)
+@record
 class ErrorSpec:
     code: str
     scope: Literal["request", "connection"]
@@ -148,13 +185,13 @@ class ErrorSpec:
     since: str
 
 
-@dataclass(frozen=True)
+@record
 class StateSpec:
     name: str
     doc: str
 
 
-@dataclass(frozen=True)
+@record
 class Schema:
     name: str
     version: str
@@ -172,15 +209,22 @@ class Schema:
         return parse_version(self.version)[0]
 
     @classmethod
-    def from_document(cls, doc: Mapping[str, Any]) -> Schema:
-        """Parse and check a schema document. Raises SchemaError."""
-        return _parse_schema(doc)
+    def from_document(cls, doc: Mapping[str, Any], *, lazy: bool = False) -> Schema:
+        """Parse and check a schema document. Raises SchemaError.
+
+        ``lazy``: for a client that uses one or two commands of a server's catalogue
+        (``vmipc call``): the document's top level, its events and its command names are
+        checked now, each command's entry when it is first looked up in ``commands``
+        (which raises SchemaError then). The document is kept as it is, not copied: the
+        caller does not change it afterwards.
+        """
+        return _parse_schema(doc, lazy=lazy)
 
     def extended(self, extra: Mapping[str, Any]) -> Schema:
         """A new schema with ``extra``'s ``commands``, ``events`` and ``errors`` added."""
-        doc = copy.deepcopy(dict(self.document))
+        doc = _copied(dict(self.document))
         for key in ("commands", "events", "errors"):
-            doc[key] = list(doc[key]) + list(copy.deepcopy(extra.get(key, [])))
+            doc[key] = list(doc[key]) + list(_copied(extra.get(key, [])))
         return _parse_schema(doc)
 
     def errors_of(self, command: str) -> tuple[str, ...]:
@@ -197,8 +241,10 @@ def load_schema() -> Schema:
     global _cached
     if _cached is None:
         # beside this module in every install (package data); not importlib.resources,
-        # which costs a short-lived `vmipc call` ~10 ms of imports
-        text = (Path(__file__).parent / "schema.json").read_text("utf-8")
+        # which costs a short-lived `vmipc call` ~10 ms of imports, nor pathlib (~3 ms)
+        path = os.path.join(os.path.dirname(__file__), "schema.json")
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
         _cached = _parse_schema(json.loads(text))
     return _cached
 
@@ -287,8 +333,8 @@ def _parse_field(obj: Mapping[str, Any], where: str, *, arg: bool) -> FieldSpec:
         raise SchemaError(f"{where}: a field must be an object")
     _only(obj, _TYPE_KEYS | {"name", "default", "since"}, where)
     name = _need(obj, "name", str, where)
-    if not _IDENT.match(name):
-        raise SchemaError(f"{where}: field name {name!r} must match {_IDENT.pattern}")
+    if not _is_ident(name):
+        raise SchemaError(f"{where}: field name {name!r} must match {_IDENT_PATTERN}")
     if arg and (name in RESERVED_ARG_NAMES or keyword.iskeyword(name)):
         # arguments become keyword arguments of the clients' methods
         raise SchemaError(f"{where}: argument name {name!r} is reserved")
@@ -309,7 +355,7 @@ def _parse_field(obj: Mapping[str, Any], where: str, *, arg: bool) -> FieldSpec:
         type=tspec,
         doc=doc,
         required=not has_default,
-        default=copy.deepcopy(obj.get("default")),
+        default=_copied(obj.get("default")),
         since=_since(obj, where, required=False),
     )
 
@@ -343,7 +389,7 @@ def _parse_command(
     )
     name = _need(obj, "name", str, where)
     where = f"command {name!r}"
-    if not _KEBAB.match(name):
+    if not _is_kebab(name):
         raise SchemaError(f"{where}: command names are kebab-case")
     args = tuple(
         _parse_field(a, f"{where}.args[{i}]", arg=True)
@@ -354,7 +400,7 @@ def _parse_command(
         fwhere = f"{where}.fds[{i}]"
         _only(f, {"name", "direction", "doc", "required", "since"}, fwhere)
         fname = _need(f, "name", str, fwhere)
-        if not _IDENT.match(fname) or fname in RESERVED_ARG_NAMES:
+        if not _is_ident(fname) or fname in RESERVED_ARG_NAMES:
             raise SchemaError(f"{fwhere}: bad fd name {fname!r}")
         direction = _need(f, "direction", str, fwhere)
         if direction not in ("in", "out"):
@@ -400,7 +446,39 @@ def _parse_command(
     )
 
 
-def _parse_schema(doc: Mapping[str, Any]) -> Schema:
+class _LazyCommands(Mapping[str, CommandSpec]):
+    """A catalogue's commands by name, each parsed and checked on its first lookup."""
+
+    def __init__(
+        self,
+        entries: dict[str, tuple[str, Mapping[str, Any]]],
+        state_names: set[str],
+        error_codes: set[str],
+    ) -> None:
+        self._entries = entries
+        self._state_names = state_names
+        self._error_codes = error_codes
+        self._parsed: dict[str, CommandSpec] = {}
+
+    def __getitem__(self, name: str) -> CommandSpec:
+        spec = self._parsed.get(name)
+        if spec is None:
+            where, obj = self._entries[name]
+            spec = _parse_command(obj, where, self._state_names, self._error_codes)
+            self._parsed[name] = spec
+        return spec
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"<commands {', '.join(self._entries)}>"
+
+
+def _parse_schema(doc: Mapping[str, Any], *, lazy: bool = False) -> Schema:
     if not isinstance(doc, Mapping):
         raise SchemaError("the schema must be an object")
     _only(
@@ -421,7 +499,7 @@ def _parse_schema(doc: Mapping[str, Any]) -> Schema:
     for e in _need(doc, "errors", list, "schema"):
         _only(e, {"code", "scope", "doc", "since"}, "error")
         code = _need(e, "code", str, "error")
-        if not _KEBAB.match(code) or code in errors:
+        if not _is_kebab(code) or code in errors:
             raise SchemaError(f"error {code!r}: bad or duplicate code")
         scope = _need(e, "scope", str, f"error {code!r}")
         if scope not in ("request", "connection"):
@@ -436,17 +514,33 @@ def _parse_schema(doc: Mapping[str, Any]) -> Schema:
     if set(common) - set(errors):
         raise SchemaError(f"common_errors: unknown codes {sorted(set(common) - set(errors))}")
     state_names = {s.name for s in states}
-    commands: dict[str, CommandSpec] = {}
-    for i, c in enumerate(_need(doc, "commands", list, "schema")):
-        spec = _parse_command(c, f"commands[{i}]", state_names, set(errors))
-        if spec.name in commands:
-            raise SchemaError(f"command {spec.name!r}: duplicate")
-        commands[spec.name] = spec
+    commands: Mapping[str, CommandSpec]
+    if lazy:
+        entries: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        for i, c in enumerate(_need(doc, "commands", list, "schema")):
+            where = f"commands[{i}]"
+            if not isinstance(c, Mapping):
+                raise SchemaError(f"{where}: a command must be an object")
+            name = _need(c, "name", str, where)
+            if not _is_kebab(name):
+                raise SchemaError(f"command {name!r}: command names are kebab-case")
+            if name in entries:
+                raise SchemaError(f"command {name!r}: duplicate")
+            entries[name] = (where, c)
+        commands = _LazyCommands(entries, state_names, set(errors))
+    else:
+        parsed: dict[str, CommandSpec] = {}
+        for i, c in enumerate(_need(doc, "commands", list, "schema")):
+            spec = _parse_command(c, f"commands[{i}]", state_names, set(errors))
+            if spec.name in parsed:
+                raise SchemaError(f"command {spec.name!r}: duplicate")
+            parsed[spec.name] = spec
+        commands = parsed
     events: dict[str, EventSpec] = {}
     for e in _need(doc, "events", list, "schema"):
         _only(e, {"name", "since", "doc", "data"}, "event")
         name = _need(e, "name", str, "event")
-        if not _KEBAB.match(name) or name in events:
+        if not _is_kebab(name) or name in events:
             raise SchemaError(f"event {name!r}: bad or duplicate name")
         events[name] = EventSpec(
             name,
@@ -463,7 +557,7 @@ def _parse_schema(doc: Mapping[str, Any]) -> Schema:
         common_errors=common,
         commands=commands,
         events=events,
-        document=copy.deepcopy(dict(doc)),
+        document=doc if lazy else _copied(dict(doc)),
     )
 
 
@@ -559,7 +653,7 @@ def validate_args(spec: CommandSpec, args: Mapping[str, Any]) -> dict[str, Any]:
         elif a.required:
             raise ValidationError(a.name, "missing required argument")
         else:
-            out[a.name] = copy.deepcopy(a.default)
+            out[a.name] = _copied(a.default)
     return out
 
 
