@@ -103,6 +103,10 @@ def test_migrate_reports_the_rounds_and_the_source_dumps() -> None:
     assert "pause" in steps and steps[-1] == "quit the source"
     commands = {line["command"] for line in lines if "command" in line}
     assert "dump-memory" in commands
+    # where the pre-copy stands: rounds, bytes sent, dirty bytes, the predicted downtime
+    precopy = [line for line in lines if line.get("command") == "migrate"]
+    assert precopy and all(line["predicted_downtime_s"] > 0 for line in precopy)
+    assert precopy[-1]["sent_bytes"] >= precopy[0]["sent_bytes"] > 0
 
 
 def test_vmipc_call_shows_the_progress_of_a_bulk_command(tmp_path: Path) -> None:

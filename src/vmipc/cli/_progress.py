@@ -48,6 +48,8 @@ class ProgressView:
         self._bar: Any = None
         self._phase = ""
         self._step = ""
+        #: where a migration's pre-copy stands, shown beside every bar after it
+        self._note = ""
 
     def step(self, name: str) -> None:
         """A sequence's step begins (its ``on_step`` hook)."""
@@ -62,11 +64,20 @@ class ProgressView:
         self.close()
         self._phase = ""
         self._bar = tqdm(
-            desc=name, bar_format="{desc} [{elapsed}]", file=sys.stderr, leave=False, total=0
+            desc=name,
+            bar_format="{desc} [{elapsed}{postfix}]",
+            file=sys.stderr,
+            leave=False,
+            total=0,
+            postfix=self._note or None,
         )
 
     def update(self, data: Mapping[str, Any]) -> None:
-        """A ``progress`` event's data: ``phase``, ``done``, ``total`` (or None)."""
+        """A ``progress`` event's data: ``phase``, ``done``, ``total`` (or None); or where
+        a migration's pre-copy stands (``predicted_downtime_s``...)."""
+        if "predicted_downtime_s" in data:
+            self._precopy(data)
+            return
         phase, done, total = str(data.get("phase", "")), data.get("done"), data.get("total")
         if not isinstance(done, int):
             return
@@ -80,6 +91,19 @@ class ProgressView:
         if self._bar is None or phase != self._phase or (self._bar.total or None) != total:
             self._new_bar(phase, total)
         self._bar.update(done - self._bar.n)
+
+    def _precopy(self, data: Mapping[str, Any]) -> None:
+        if self.json:
+            self._emit({"step": self._step, **data})
+            return
+        mib = 1 << 20
+        self._note = (
+            f"{data.get('rounds', 0)} rounds, {data.get('sent_bytes', 0) / mib:.0f} MiB sent, "
+            f"{data.get('dirty_bytes', 0) / mib:.1f} MiB dirty, downtime "
+            f"~{data['predicted_downtime_s'] * 1000:.0f} ms"
+        )
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._note)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -106,6 +130,7 @@ class ProgressView:
             # the VMM sends about four reports a second: show each
             mininterval=0,
             miniters=1,
+            postfix=self._note or None,
         )
 
     def _emit(self, fields: dict[str, Any]) -> None:

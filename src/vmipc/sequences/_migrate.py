@@ -476,8 +476,10 @@ async def migrate(
     steps = Steps(on_step)
     # the destination's VMM too, when this client talks to it (a local destination)
     observing = observe_replies(steps, source, getattr(dest, "client", None))
+    run = _Migration(source, dest, policy, lease, steps)
+    run.on_progress = on_progress
     async with observing, going_first(source), watch_progress(on_progress, source):
-        return await _Migration(source, dest, policy, lease, steps).run()
+        return await run.run()
 
 
 class _Migration:
@@ -503,6 +505,8 @@ class _Migration:
         self.converged = False
         self.state_bytes = 0
         self.paused_at = self.started
+        #: told where the pre-copy stands after every look at the dirty log
+        self.on_progress: ProgressCallback | None = None
 
     async def run(self) -> MigrationReport:
         during = self.steps.during
@@ -566,6 +570,7 @@ class _Migration:
                     self.predicted = self.policy.predicted_downtime(
                         dirty["dirty_bytes"], bandwidth, round_trip
                     )
+                    self._tell_precopy(dirty["dirty_bytes"])
                     if self.predicted <= self.policy.max_downtime:
                         self.converged = True
                         return None
@@ -715,6 +720,21 @@ class _Migration:
             destination="running",
             downtime_s=running_at - self.paused_at,
         )
+
+    def _tell_precopy(self, dirty_bytes: int) -> None:
+        """Where the pre-copy stands, for a progress display: rounds so far, bytes sent,
+        what is dirty now and the downtime it predicts."""
+        if self.on_progress is not None:
+            self.on_progress(
+                {
+                    "command": "migrate",
+                    "phase": "precopy",
+                    "rounds": len(self.rounds),
+                    "sent_bytes": sum(r.bytes for r in self.rounds),
+                    "dirty_bytes": dirty_bytes,
+                    "predicted_downtime_s": self.predicted,
+                }
+            )
 
     # --- the work of the steps ---------------------------------------------------------
 
