@@ -134,6 +134,9 @@ class GuestMemory:
                 raise MemoryConfigError(f"cannot map {size} bytes: {exc.strerror}") from None
         self._tracking = False
         self._written: dict[int, set[int]] = {}
+        #: a device's worker notes pages while the dirty log takes them: a note that fell
+        #: between a take's swap and its reading would be lost to the migration
+        self._written_lock = threading.Lock()
 
     def close(self) -> None:
         if self.file_lease is not None:
@@ -287,18 +290,20 @@ class GuestMemory:
         for slot, region in enumerate(self.regions):
             start, end = max(gpa, region.gpa), min(gpa + length, region.end)
             if start < end:
-                pages = self._written.setdefault(slot, set())
                 first = (start - region.gpa) // PAGE_SIZE
                 last = (end - 1 - region.gpa) // PAGE_SIZE
-                pages.update(range(first, last + 1))
+                with self._written_lock:
+                    self._written.setdefault(slot, set()).update(range(first, last + 1))
 
     def track_writes(self, enabled: bool) -> None:
-        self._tracking = enabled
-        self._written = {}
+        with self._written_lock:
+            self._tracking = enabled
+            self._written = {}
 
     def take_written_pages(self) -> dict[int, set[int]]:
         """Pages the VMM wrote since the last call, per slot (page index within the slot)."""
-        written, self._written = self._written, {}
+        with self._written_lock:
+            written, self._written = self._written, {}
         return written
 
     def read(self, gpa: int, length: int) -> bytes:
