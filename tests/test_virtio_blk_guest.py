@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +18,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tests.builtin_guest import Console
-from tests.seq_support import vmipc, vmm_processes, wait_for
+from tests.seq_support import VMIPC, vmipc, vmm_processes, wait_for
 from vmipc.guest import check_disk_image, disk_pass_sums, expected_disk_lines
 from vmipc.memory_layout import MIB
 from vmipc.vmm.devices import DiskImage, VirtioBlk
@@ -277,3 +279,40 @@ def test_a_sandboxed_vmm_suspends_and_restores_with_its_disk(image: Path, tmp_pa
     lines = [line for line in (before + after).split("\n")[:-1] if "vmipc-guest" not in line]
     model = itertools.islice(disk_pass_sums(BLOCKS), len(lines))
     assert lines == [f"vcpu=0 disk pass={n} sum={v:016x}" for n, v in enumerate(model, 1)]
+
+
+def test_flush_devices_makes_the_disk_durable_on_request_and_checkpoints_send_it(
+    tmp_path: Path,
+) -> None:
+    """`flush-devices` (1.8): pause drains, it does not flush; a checkpoint flushes while
+    the guest is paused, so that the image matches the snapshot. Without a disk, or with a
+    read-only one, it does nothing and says so by succeeding."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    for n, spec in enumerate((str(image), f"{image},readonly")):
+        sock = tmp_path / f"vm{n}.sock"
+        proc = subprocess.Popen(
+            [*VMIPC, "vmm", "--disk", spec, "--socket", str(sock), "--console", "/dev/null",
+             "--no-console-input", "--memory", "64M"],
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while vmipc("call", "--socket", str(sock), "query-status").returncode != 0:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+            flushed = subprocess.run(
+                [*VMIPC, "call", "--socket", str(sock), "--json", "flush-devices"],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert flushed.returncode == 0 and json.loads(flushed.stdout) == {}, flushed.stderr
+            snap = subprocess.run(
+                [*VMIPC, "checkpoint", "--socket", str(sock), "--json", str(tmp_path / "s")],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert snap.returncode == 0, snap.stderr
+            steps = [t["name"] for t in json.loads(snap.stdout)["timeline"]]
+            assert steps.index("dump-memory") < steps.index("flush-devices") < steps.index("resume")
+        finally:
+            proc.kill()
+            proc.wait(10)
+            (tmp_path / "s").unlink(missing_ok=True)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         DumpDirtyResult,
         DumpMemoryResult,
         DumpStateResult,
+        FlushDevicesResult,
         HelloResult,
         LoadMemoryResult,
         LoadStateResult,
@@ -279,6 +280,20 @@ class AsyncCommands:
             args["format"] = format
         result = await self.call("dump-state", **args, fds={"out": out}, on_progress=on_progress)
         return cast("DumpStateResult", result)
+
+    async def flush_devices(self) -> FlushDevicesResult:
+        """Make what the guest wrote to a writable disk durable (fdatasync of its image); a
+        read-only disk is never flushed, a VMM without a disk does nothing. ``pause`` drains the
+        block device but does not flush it: a checkpoint sends this while the guest is paused, so
+        that the image on disk matches the snapshot, and a migration with shared storage sends it
+        before the destination may run.
+
+        Allowed in states: paused, running. Since protocol 1.8.
+        Errors: invalid-state, io-error, and the common errors (handshake-required,
+        invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
+        shutting-down, internal-error, not-permitted, chain-broken).
+        """
+        return cast("FlushDevicesResult", await self.call("flush-devices"))
 
     async def dirty_log_start(self) -> DirtyLogStartResult:
         """Start dirty-page tracking (KVM's dirty log on every memory slot, plus pages the VMM
@@ -688,6 +703,20 @@ class SyncCommands:
             args["format"] = format
         result = self.call("dump-state", **args, fds={"out": out}, on_progress=on_progress)
         return cast("DumpStateResult", result)
+
+    def flush_devices(self) -> FlushDevicesResult:
+        """Make what the guest wrote to a writable disk durable (fdatasync of its image); a
+        read-only disk is never flushed, a VMM without a disk does nothing. ``pause`` drains the
+        block device but does not flush it: a checkpoint sends this while the guest is paused, so
+        that the image on disk matches the snapshot, and a migration with shared storage sends it
+        before the destination may run.
+
+        Allowed in states: paused, running. Since protocol 1.8.
+        Errors: invalid-state, io-error, and the common errors (handshake-required,
+        invalid-message, unknown-command, invalid-arguments, invalid-fds, limit-exceeded,
+        shutting-down, internal-error, not-permitted, chain-broken).
+        """
+        return cast("FlushDevicesResult", self.call("flush-devices"))
 
     def dirty_log_start(self) -> DirtyLogStartResult:
         """Start dirty-page tracking (KVM's dirty log on every memory slot, plus pages the VMM

@@ -199,6 +199,10 @@ class DumpStateResult(TypedDict):
     """The snapshot section-table entries written (empty for a blob)."""
 
 
+class FlushDevicesResult(TypedDict):
+    """The result of ``flush-devices``."""
+
+
 class DirtyLogStartResult(TypedDict):
     """The result of ``dirty-log-start``."""
 

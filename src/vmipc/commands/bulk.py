@@ -148,6 +148,15 @@ async def apply_pages(ctx: CommandContext) -> dict[str, Any]:
 # --- state -----------------------------------------------------------------------------------
 
 
+@handler("flush-devices")
+async def flush_devices(ctx: CommandContext) -> dict[str, Any]:
+    try:
+        await trio.to_thread.run_sync(ctx.machine.flush_devices)
+    except OSError as exc:
+        raise _command_error(ctx, exc) from None
+    return {}
+
+
 @handler("dump-state")
 async def dump_state(ctx: CommandContext) -> dict[str, Any]:
     fmt = ctx.args["format"]

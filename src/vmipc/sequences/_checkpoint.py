@@ -47,6 +47,7 @@ from vmipc.sequences._common import (
     best_effort,
     describe,
     resume_if_paused,
+    supports,
     watch_progress,
 )
 from vmipc.sequences._memory import (
@@ -340,6 +341,10 @@ class _Checkpoint:
         await self.memory.while_paused(self)
         if self.dirty.epoch is not None and self.memory.records_epoch:
             self.entries.append(append_dirty_log(self.file.fd, self.dirty.epoch))
+        if supports(self.client, "flush-devices"):
+            # pause drained the block device; its image on disk must match the snapshot
+            async with self.steps.step("flush-devices"):
+                await self.client.flush_devices()
 
     async def _resume(self) -> float:
         """Resume a VM this checkpoint paused (``then="resume"``); returns the downtime."""

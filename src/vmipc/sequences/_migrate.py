@@ -615,6 +615,10 @@ class _Migration:
                         )
                     async with steps.step("state"):
                         await self.dest.transfer("state", self._dump_state)
+                    if supports(source, "flush-devices"):
+                        # a disk on shared storage: durable before the other side runs
+                        async with steps.step("flush-devices"):
+                            await source.flush_devices()
 
                 await lease.keep_while(last_pages_and_state)
                 if lease.held:
@@ -654,11 +658,14 @@ class _Migration:
                             ]
                         )
                         sent = time.monotonic()
+                        flush = supports(source, "flush-devices")
                         dumps = await source.send_ordered(
                             [
                                 Call("pause", lease=self.lease) if leased else Call("pause"),
                                 Call("dump-dirty", fds={"out": pages_out}),
                                 Call("dump-state", fds={"out": state_out}),
+                                # a disk on shared storage: durable before the other side runs
+                                *([Call("flush-devices")] if flush else []),
                             ]
                         )
                         paused = await dumps[0].result()
@@ -690,6 +697,9 @@ class _Migration:
                         async with steps.step("state"):
                             dumped, _ = await _both("state", dumps[2], loads[1])
                             self.state_bytes = dumped["bytes"]
+                        if flush:
+                            async with steps.step("flush-devices"):
+                                await dumps[3].result()
 
                     await lease.keep_while(last_pages_and_state)
                     if lease.held:

@@ -362,6 +362,9 @@ class MachineHost:
             raise BulkError("bad-state", str(exc)) from None
         return state.config
 
+    def flush_devices(self) -> None:
+        self.require_machine("flush-devices").flush_devices()
+
     def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:
         if not self.incoming:
             raise InvalidStateError("configure", self.state)

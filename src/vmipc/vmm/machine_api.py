@@ -151,6 +151,10 @@ class Snapshottable(Protocol):
         """The non-RAM state to ``fd`` (paused only)."""
         ...
 
+    def flush_devices(self) -> None:
+        """Make what the guest wrote to writable disks durable (blocking; OSError)."""
+        ...
+
     def load_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> MachineConfig:
         """The non-RAM state from ``fd`` into the incoming machine (built first if needed),
         which is paused from then on; returns its configuration."""
