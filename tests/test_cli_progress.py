@@ -123,3 +123,33 @@ def test_vmipc_call_shows_the_progress_of_a_bulk_command(tmp_path: Path) -> None
     dump = progress_lines(done.stderr)
     assert dump and all(line["command"] == "dump-memory" for line in dump)
     assert dump[-1]["done"] == dump[-1]["total"] == MEMORY
+
+
+def test_a_sequences_progress_leaves_the_callers_subscriptions_and_events(tmp_path: Path) -> None:
+    """``checkpoint(on_progress=...)`` on a client of the caller's: its progress comes to
+    the callback, while the caller's own subscription (state-change) and its events stay
+    (before: the watcher replaced the subscription and swallowed every other event)."""
+    import trio
+
+    from vmipc.client import open_client
+    from vmipc.sequences import checkpoint
+
+    seen: list[Any] = []
+
+    async def main(socket_path: str) -> tuple[frozenset[str], list[str]]:
+        async with open_client(socket_path, events=["state-change"]) as client:
+            await checkpoint(client, str(tmp_path / "s"), on_progress=seen.append)
+            changes = []
+            with trio.move_on_after(5):
+                while len(changes) < 2:
+                    event = await client.next_event()
+                    changes.append(f"{event.data['old']}->{event.data['new']}")
+            return client.subscriptions, changes
+
+    with vmm_processes() as vmms:
+        src = vmms.guest()
+        src.wait_for_passes(1)
+        subscriptions, changes = trio.run(main, src.socket)
+    assert subscriptions == {"state-change"}
+    assert changes == ["running->paused", "paused->running"]
+    assert any(data.get("command") == "dump-memory" for data in seen)

@@ -199,6 +199,7 @@ class Client(AsyncCommands):
         self._event_arrived = trio.Event()
         self._connection_error: ErrorInfo | None = None
         self._observers = ReplyObservers()
+        self._progress_observers: list[Callable[[Event], None]] = []
         self._next_chain = 0
         #: the ``hello`` result: protocol version, server identity, catalogue, limits
         self.server_info: HelloResult = cast("HelloResult", {})
@@ -218,6 +219,25 @@ class Client(AsyncCommands):
         reader's task (keep it short; what it raises is logged and dropped). Returns a
         function that removes it."""
         return self._observers.add(observer)
+
+    def add_progress_observer(self, observer: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``observer(event)`` with every ``progress`` event of this client's calls
+        that no call's own ``on_progress`` takes (subscribe to ``progress`` first); those
+        events are then not kept for :meth:`next_event`. Called on the reader's task (keep
+        it short; what it raises is logged and dropped). Returns a function that removes
+        it."""
+        self._progress_observers.append(observer)
+
+        def remove() -> None:
+            with suppress(ValueError):
+                self._progress_observers.remove(observer)
+
+        return remove
+
+    @property
+    def subscriptions(self) -> frozenset[str]:
+        """The events this connection is subscribed to."""
+        return frozenset(self._events.subscribed)
 
     @property
     def is_closed(self) -> bool:
@@ -442,6 +462,15 @@ class Client(AsyncCommands):
             pending = self._pending.get(rid) if rid is not None else None
             if pending is not None and pending.on_progress is not None:
                 pending.on_progress(message)
+                return
+            if rid is not None and self._progress_observers:
+                for observer in list(self._progress_observers):
+                    try:
+                        observer(message)
+                    except Exception:
+                        import logging  # on an observer's bug only (see ReplyObservers)
+
+                        logging.getLogger("vmipc.client").exception("a progress observer failed")
                 return
             if self._events.add(message):
                 self._event_arrived.set()

@@ -216,23 +216,25 @@ async def watch_progress(
     on_progress: ProgressCallback | None, *clients: Client
 ) -> AsyncIterator[None]:
     """While the body runs, pass the ``progress`` events of ``clients``' requests to
-    ``on_progress`` (a watcher that cannot subscribe, an old VMM say, shows nothing and
-    never fails the sequence)."""
+    ``on_progress``. The clients' other subscriptions and events are left as they were;
+    ``progress`` is unsubscribed again afterwards if it was not before. A VMM that cannot
+    subscribe shows nothing: it never fails the sequence."""
     if on_progress is None:
         yield
         return
     callback = on_progress
-
-    async def watch(client: Client) -> None:
-        with contextlib.suppress(Exception):
-            await client.subscribe(events=["progress"])
-            while True:
-                event = await client.next_event()
-                if event.event == "progress":
-                    callback(event.data)
-
-    async with trio.open_nursery() as nursery:
+    async with contextlib.AsyncExitStack() as stack:
         for client in clients:
-            nursery.start_soon(watch, client)
+            stack.callback(client.add_progress_observer(lambda event: callback(event.data)))
+            before = client.subscriptions
+            if "progress" in before:
+                continue
+            with contextlib.suppress(Exception):
+                await client.subscribe(events=sorted(before | {"progress"}))
+                stack.push_async_callback(_resubscribe, client, before)
         yield
-        nursery.cancel_scope.cancel()
+
+
+async def _resubscribe(client: Client, events: frozenset[str]) -> None:
+    with contextlib.suppress(Exception), trio.CancelScope(shield=True):
+        await client.subscribe(events=sorted(events))

@@ -426,13 +426,11 @@ def write_raw_image(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
                     stats.zero_pages += npages
                     transfer.cover(npages * PAGE_SIZE)
                     continue
-                for start in range(first, first + npages, RUN_PAGES):
-                    count = min(RUN_PAGES, first + npages - start)
-                    offset = region.offset + start * PAGE_SIZE
-                    view = memory.view[offset : offset + count * PAGE_SIZE]
-                    transfer.pwrite(fd, view, base + offset)
-                    view.release()
-                    transfer.cover(count * PAGE_SIZE)
+                # the image is RAM in memfd order from ``base``; never copied first (a
+                # raw dump of a running guest is as inconsistent as the guest makes it)
+                _write_pages(
+                    memory, region, first, npages, fd, transfer, True, lambda at, _: base + at
+                )
                 stats.data_pages += npages
         if os.fstat(fd).st_size < base + memory.size:
             os.ftruncate(fd, base + memory.size)
