@@ -26,6 +26,7 @@ from vmipc.client import (
     open_client,
     server_timing,
 )
+from vmipc.client._generated import SCHEMA_VERSION
 from vmipc.protocol import Error, Event, Result
 
 pytestmark = pytest.mark.kvm
@@ -66,7 +67,7 @@ def drain(fd: int) -> int:
 
 def test_a_chain_runs_in_order_and_every_reply_says_what_it_took() -> None:
     with guest() as vmm, SyncClient(vmm.socket, timeout=20) as client:
-        assert client.protocol_version == "1.8" and client.supports_ordered
+        assert client.protocol_version == SCHEMA_VERSION and client.supports_ordered
         seen: list[tuple[str, ServerTiming]] = []
         remove = client.add_reply_observer(lambda command, took: seen.append((command, took)))
         r, w = os.pipe()

@@ -38,6 +38,14 @@ def test_the_package_ships_a_byte_identical_copy_of_the_spec_schema() -> None:
     )
 
 
+def test_the_client_offers_the_minor_version_of_the_schema_it_was_generated_from() -> None:
+    from vmipc.client._common import CLIENT_MINOR
+    from vmipc.client._generated import SCHEMA_VERSION
+    from vmipc.protocol import parse_version
+
+    assert parse_version(SCHEMA_VERSION)[1] == CLIENT_MINOR
+
+
 def test_schema_states_are_the_run_states() -> None:
     schema = load_schema()
     assert [s.name for s in schema.states] == [s.value for s in RunState]

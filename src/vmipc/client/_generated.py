@@ -1,4 +1,4 @@
-"""Typed command methods, generated from the schema (version 1.8).
+"""Typed command methods, generated from the schema (version 1.9).
 
 Do not edit: run ``python tools/gencode.py``. Their result types are in ``_results``, imported
 here for type checkers only.
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
         SubscribeResult,
     )
 
-SCHEMA_VERSION = "1.8"
+SCHEMA_VERSION = "1.9"
 
 
 class AsyncCommands:
