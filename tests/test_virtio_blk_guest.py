@@ -9,10 +9,12 @@ import hashlib
 import itertools
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
@@ -316,3 +318,45 @@ def test_flush_devices_makes_the_disk_durable_on_request_and_checkpoints_send_it
             proc.kill()
             proc.wait(10)
             (tmp_path / "s").unlink(missing_ok=True)
+
+
+def test_a_pause_waiting_for_a_slow_disk_request_does_not_block_its_caller(image: Path) -> None:
+    """``begin_pause`` is what the control server's event loop calls: while the block
+    device finishes a request it took (a slow disk, an fdatasync), it must return at once
+    and call ``wake`` when the drain is done, not hold the loop (and every other client)
+    for the length of the I/O. The pause still drains: it completes only after the
+    request did."""
+    console = Console()
+    with opened(image) as disk, Machine(disk_config(0), console, disk=disk) as machine:
+        device = machine.devices.get("virtio-blk", VirtioBlk)
+        entered, release = threading.Event(), threading.Event()
+        transfer = device._transfer
+
+        def slow_transfer(*args: Any, **kwargs: Any) -> None:
+            entered.set()
+            release.wait(30)
+            transfer(*args, **kwargs)
+
+        device._transfer = slow_transfer  # type: ignore[method-assign]
+        machine.start()
+        assert entered.wait(60), console.text
+        woken = threading.Event()
+        outcome: list[bool] = []
+        caller = threading.Thread(
+            target=lambda: outcome.append(machine.begin_pause(woken.set, within=2.0)), daemon=True
+        )
+        caller.start()
+        caller.join(10)
+        try:
+            assert not caller.is_alive(), "begin_pause blocked on the disk request"
+            assert outcome == [False] and machine.state is RunState.RUNNING
+            assert not woken.is_set()
+        finally:
+            release.set()
+        assert woken.wait(30)
+        assert machine.finish_pause(woken.set) is True
+        assert machine.state is RunState.PAUSED
+        record = machine.save_state().devices["virtio-blk"]
+        assert record.used_idx == record.last_avail
+        device._transfer = transfer  # type: ignore[method-assign]
+        machine.resume()

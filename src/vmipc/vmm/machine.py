@@ -309,10 +309,11 @@ class Machine:
         vCPUs, and wait at most ``within`` seconds for them to park.
 
         For a caller that must not block (the control server's event loop): True when the
-        machine is PAUSED already; else ``wake`` is called once, from a vCPU thread (it
-        must not block, and runs with the machine's lock held), when :meth:`finish_pause`
-        can tell the outcome. Raises InvalidStateError unless RUNNING (or while another
-        caller's pause is under way).
+        machine is PAUSED already; else ``wake`` is called once, from a vCPU thread or a
+        device's worker (it must not block, and runs with the machine's lock held), when
+        :meth:`finish_pause` can tell the outcome: every vCPU parked, and every request a
+        device took completed (a disk request may take as long as the disk does). Raises
+        InvalidStateError unless RUNNING (or while another caller's pause is under way).
 
         A vCPU in guest mode leaves KVM_RUN and parks some tens of microseconds after its
         kick: a short ``within`` lets the last one hand over straight to this thread (a
@@ -370,9 +371,11 @@ class Machine:
             raise InvalidStateError("pause", self._state)
         if len(self._parked) < len(self._threads):
             return None
+        # pause drains: every request a device took has completed, its used entry written;
+        # a disk request may take long (an fdatasync): the device says when it is done
+        if not self.devices.quiesce_nowait(self._devices_drained):
+            return None
         self._pause_waker = None
-        # pause drains: every request a device took has completed, its used entry written
-        self.devices.quiesce()
         self._freeze_clock()
         return self._set_state(RunState.PAUSED)
 
@@ -516,6 +519,13 @@ class Machine:
                 self._wake_pauser()
         else:
             self._parked.discard(thread.vcpu.id)
+
+    def _devices_drained(self) -> None:
+        # from a device's worker, holding none of its locks
+        with self._cond:
+            self._cond.notify_all()
+            if self._pausing and len(self._parked) == len(self._threads):
+                self._wake_pauser()
 
     def _wake_pauser(self) -> None:
         # with the lock held

@@ -8,7 +8,7 @@ isa-debug-exit) and the POST port 0x80 (ignored).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from vmipc.vmm.devices.persist import (
@@ -123,6 +123,20 @@ class DeviceManager:
         self._quiesced = True
         for device in self._devices.values():
             _call(device, "quiesce")
+
+    def quiesce_nowait(self, on_idle: Callable[[], None]) -> bool:
+        """As :meth:`quiesce`, without waiting: True when no device has a request in
+        flight; else False, and ``on_idle`` is called (from a device's worker, perhaps
+        more than once) as they complete: call this again to know whether all have."""
+        self._quiesced = True
+        idle = True
+        for device in self._devices.values():
+            nowait = getattr(device, "quiesce_nowait", None)
+            if nowait is not None:
+                idle = nowait(on_idle) and idle
+            else:
+                _call(device, "quiesce")
+        return idle
 
     def resume(self) -> None:
         """Devices take requests again (and look at what the guest queued meanwhile)."""

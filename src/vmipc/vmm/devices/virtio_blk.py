@@ -313,6 +313,8 @@ class VirtioBlk:
         self._notified = False
         self._quiesced = quiesced
         self._busy = False
+        #: who waits, without blocking, for the request in flight to complete
+        self._on_idle: Callable[[], None] | None = None
         self._closing = False
         self._irq_level = 0
         self._config_generation = 0
@@ -434,6 +436,18 @@ class VirtioBlk:
             self._quiesced = True
             while self._busy:
                 self._wake.wait()
+
+    def quiesce_nowait(self, on_idle: Callable[[], None]) -> bool:
+        """Take no more requests, without waiting for the ones taken: True when none is in
+        flight; else False, and ``on_idle`` is called once, from the worker and with no
+        lock of this device held, when the last one has completed. For a caller that must
+        not block for the length of a disk I/O (a pause on the control server's loop)."""
+        with self._wake:
+            self._quiesced = True
+            if not self._busy:
+                return True
+            self._on_idle = on_idle
+            return False
 
     def resume(self) -> None:
         """Take requests again, looking at the available ring at once."""
@@ -651,6 +665,9 @@ class VirtioBlk:
                 with self._wake:
                     self._busy = False
                     self._wake.notify_all()
+                    on_idle, self._on_idle = self._on_idle, None
+                if on_idle is not None:  # outside the lock: the callee takes the machine's
+                    on_idle()
 
     def _live_queue(self) -> tuple[int, int, int, int] | None:
         """(num, desc, avail, used) of a queue the device may work on now, else None."""
