@@ -45,6 +45,30 @@ def test_fds_events_and_progress() -> None:
         os.close(w)
 
 
+def test_a_progress_observer_takes_the_progress_no_call_takes_and_other_events_stay() -> None:
+    """As the async client's: every ``progress`` event of a call without its own
+    ``on_progress`` goes to the observers (and is not kept for next_event); other events
+    are kept; a failing observer is logged and dropped; removed, it sees nothing more."""
+    with serving() as s, SyncClient(s.path, events=["state-change", "progress"]) as client:
+        seen: list[Any] = []
+        remove = client.add_progress_observer(seen.append)
+        remove_failing = client.add_progress_observer(lambda event: 1 / 0)
+        client.call("test-sleep", seconds=0.1)
+        assert seen and seen[-1].data["done"] == 20
+        assert all(event.event == "progress" for event in seen)
+        observed = len(seen)
+        own: list[Any] = []
+        client.call("test-sleep", seconds=0.05, on_progress=own.append)
+        assert own and len(seen) == observed  # the call's own callback took them
+        client.pause()
+        assert client.next_event().data["new"] == "paused"  # kept, not observed
+        remove()
+        remove_failing()
+        client.call("test-sleep", seconds=0.05)
+        assert len(seen) == observed
+        assert client.next_event().event == "progress"  # kept again once removed
+
+
 def test_timeout_raises_and_closes() -> None:
     with serving() as s, SyncClient(s.path, timeout=0.1) as client:
         start = time.monotonic()

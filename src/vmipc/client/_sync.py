@@ -105,6 +105,7 @@ class SyncClient(SyncCommands):
         self._closed: ConnectionClosed | None = None
         self._connection_error: ErrorInfo | None = None
         self._observers = ReplyObservers()
+        self._progress_observers: list[Callable[[Event], None]] = []
         self._next_chain = 0
         #: replies of chained requests not collected yet, and the ids still expected
         self._chained: dict[int, Result | Error] = {}
@@ -145,6 +146,32 @@ class SyncClient(SyncCommands):
         call of this client that carries one (protocol 1.8), as it is read. Returns a
         function that removes it."""
         return self._observers.add(observer)
+
+    def add_progress_observer(self, observer: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``observer(event)`` with every ``progress`` event of this client's calls
+        that no call's own ``on_progress`` takes (subscribe to ``progress`` first), as it
+        is read; those events are then not kept for :meth:`next_event`. What it raises is
+        logged and dropped. Returns a function that removes it."""
+        self._progress_observers.append(observer)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._progress_observers.remove(observer)
+
+        return remove
+
+    def _keep_event(self, event: Event) -> None:
+        """An event no call took: to the progress observers, or kept for next_event."""
+        if self._progress_observers and progress_request(event) is not None:
+            for observer in list(self._progress_observers):
+                try:
+                    observer(event)
+                except Exception:
+                    import logging  # on an observer's bug only
+
+                    logging.getLogger("vmipc.client").exception("a progress observer failed")
+            return
+        self._events.add(event)
 
     def send_ordered(self, calls: Sequence[Call]) -> list[SyncOrderedCall]:
         """Send ``calls`` as one ordered chain (protocol 1.8), every frame before any
@@ -240,7 +267,7 @@ class SyncClient(SyncCommands):
                 if on_progress is not None and progress_request(message) == rid:
                     on_progress(message)
                 else:
-                    self._events.add(message)
+                    self._keep_event(message)
             elif message.id == rid:
                 if command == "subscribe":
                     ok = isinstance(message, Result)
@@ -252,7 +279,7 @@ class SyncClient(SyncCommands):
         while not self._events:
             message = self._next_message()
             if isinstance(message, Event):
-                self._events.add(message)
+                self._keep_event(message)
         return self._events.popleft()
 
     def _next_message(self) -> Result | Error | Event:
