@@ -11,6 +11,12 @@ Prints Markdown tables of p50/p99 round trips, one client and 16 concurrent clie
 * **QMP**: QEMU (Debian's ``qemu-system-x86_64``, ``-accel kvm``) booting the same built-in
   guest image, driven over QMP sockets -- query-status, stop, cont.
 
+Then pause with requests in flight (one client): pause/resume round trips of the built-in
+guest running its disk workload with 16 requests in flight (``disk=1 depth=16``), beside
+the same guest without a disk, under vmipc and QEMU ``-M microvm`` with a
+``virtio-blk-device``; and vmipc's ``pause`` + ``flush-devices`` (QEMU's ``stop`` drains
+and flushes). ``--only-disk`` runs only that part, ``--no-disk`` skips it.
+
 All three run in the same invocation, so a noisy machine affects them alike; compare the
 ratios. With 16 clients, query-status is sent by all of them at once; pause/resume is sent
 by one client while the 15 others keep sending query-status (pausing 16 times at once is
