@@ -427,6 +427,9 @@ void disk_workload(u64 seed, u64 passes, u64 every, void (*print)(const char *),
    end are reaped but not counted. */
 static void bench_one(const char *name, u32 type, int random, u64 bs, u64 (*now)(void), u8 *buf)
 {
+    if (type == T_OUT)                  /* not zeros (reads left what they read) */
+        for (u64 i = 0; i < disk_opt.depth * bs; i += 8)
+            *(u64 *)(buf + i) = mix64(i ^ bs);
     const u64 units = disk_opt.blocks * BLOCK / bs;
     const u64 span = disk_opt.benchms * 1000000ul;
     u64 rng = 0x2545f4914f6cdd1dul ^ bs ^ type, pos = 0, ops = 0, inflight = 0;
@@ -504,8 +507,6 @@ void disk_bench(u64 (*now)(void), u8 *buf, u64 len, void (*print)(const char *),
         t_str(&t, "vcpu=0 ERROR disk: bench needs blocks*4096 >= seqbs and ws >= depth*seqbs");
         fail(t_end(&t));
     }
-    for (u64 i = 0; i < len; i += 8)    /* not zeros: no VMM may take a shortcut */
-        *(u64 *)(buf + i) = mix64(i);
     bench_one("randread", T_IN, 1, BLOCK, now, buf);
     bench_one("randwrite", T_OUT, 1, BLOCK, now, buf);
     bench_one("seqread", T_IN, 0, seqbs, now, buf);
