@@ -546,3 +546,38 @@ def test_discard_is_not_offered_nor_done_on_a_readonly_disk_nor_unnegotiated(
     finally:
         dev.close()
         disk.close()
+
+
+@pytest.mark.kvm
+def test_discard_and_write_zeroes_work_in_the_sandbox(tmp_path: Path) -> None:
+    """The worker's fallocate calls are allowed in capability mode (the VMM's sandbox):
+    the device, built before it as the VMM builds it, discards and zeroes inside it."""
+    from tests.test_sandbox import in_sandboxed_child
+
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(DISCARD_SECTORS * 512))
+    parts: dict[str, object] = {}
+
+    def before() -> None:
+        memory = GuestMemory(MIN_MEMORY)
+        disk = DiskImage.open(str(path))
+        dev = VirtioBlk(memory, disk, Irq())
+        driver = Driver(dev, memory)
+        driver.setup(F_VERSION_1 | F_FLUSH | F_DISCARD | F_WRITE_ZEROES)
+        parts.update(driver=driver, disk=disk)
+
+    def body() -> list[int]:
+        driver = parts["driver"]
+        disk = parts["disk"]
+        assert isinstance(driver, Driver) and isinstance(disk, DiskImage)
+        return [
+            _ranges_request(driver, T_DISCARD, [(256, 256, 0)]),
+            _ranges_request(driver, T_WRITE_ZEROES, [(1024, 256, 0)]),
+            _ranges_request(driver, T_WRITE_ZEROES, [(1536, 256, RANGE_UNMAP)]),
+            int(_holes(disk.fd, 256 * 512, 256 * 512)),
+        ]
+
+    assert in_sandboxed_child(body, before=before) == [ST_OK, ST_OK, ST_OK, 1]
+    after = path.read_bytes()
+    for sector in (256, 1024, 1536):
+        assert after[sector * 512 : (sector + 256) * 512] == bytes(256 * 512)
