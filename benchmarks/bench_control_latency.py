@@ -11,6 +11,12 @@ Prints Markdown tables of p50/p99 round trips, one client and 16 concurrent clie
 * **QMP**: QEMU (Debian's ``qemu-system-x86_64``, ``-accel kvm``) booting the same built-in
   guest image, driven over QMP sockets -- query-status, stop, cont.
 
+Then pause with requests in flight (one client): pause/resume round trips of the built-in
+guest running its disk workload with 16 requests in flight (``disk=1 depth=16``), beside
+the same guest without a disk, under vmipc and QEMU ``-M microvm`` with a
+``virtio-blk-device``; and vmipc's ``pause`` + ``flush-devices`` (QEMU's ``stop`` drains
+and flushes). ``--only-disk`` runs only that part, ``--no-disk`` skips it.
+
 All three run in the same invocation, so a noisy machine affects them alike; compare the
 ratios. With 16 clients, query-status is sent by all of them at once; pause/resume is sent
 by one client while the 15 others keep sending query-status (pausing 16 times at once is
@@ -227,9 +233,9 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float) -> None:
 
 
 @contextmanager
-def vmipc_vmm(tmp: str, src: str | None = None) -> Iterator[str]:
+def vmipc_vmm(tmp: str, src: str | None = None, extra: Sequence[str] = ()) -> Iterator[str]:
     """``vmipc vmm`` with the built-in guest; ``src``: the source tree to run it from (a
-    baseline checkout's ``src``), else this one."""
+    baseline checkout's ``src``), else this one; ``extra``: more arguments (a disk)."""
     path = os.path.join(tmp, "vmipc.sock")
     console = Path(tmp) / "vmipc-console.txt"
     if console.exists():
@@ -239,7 +245,7 @@ def vmipc_vmm(tmp: str, src: str | None = None) -> Iterator[str]:
         env["PYTHONPATH"] = src
     argv = [sys.executable, "-m", "vmipc", "vmm", "--guest", "builtin", "--vcpus", "1"]
     argv += ["--memory", "64M", "--console", str(console), "--no-console-input"]
-    argv += ["--socket", path]
+    argv += ["--socket", path, *extra]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env)
     try:
         wait_for(
@@ -303,9 +309,12 @@ def echo_server(tmp: str) -> Iterator[str]:
 
 
 @contextmanager
-def qemu_vm(qemu: str, tmp: str, sockets: int) -> Iterator[list[str]]:
+def qemu_vm(
+    qemu: str, tmp: str, sockets: int, extra: Sequence[str] = (), append: str = ""
+) -> Iterator[list[str]]:
     """QEMU + KVM booting the built-in guest, with ``sockets`` QMP sockets (one per client:
-    a QMP socket serves one client at a time). Retried: SeaBIOS now and then hangs here."""
+    a QMP socket serves one client at a time). Retried: SeaBIOS now and then hangs here.
+    ``extra``: more arguments (a machine type, a disk); ``append``: more guest options."""
     from vmipc.guest import BUILTIN_GUEST_PATH
 
     paths = [os.path.join(tmp, f"qmp{i}.sock") for i in range(sockets)]
@@ -315,11 +324,12 @@ def qemu_vm(qemu: str, tmp: str, sockets: int) -> Iterator[list[str]]:
         if serial.exists():  # the last round's
             serial.unlink()
         argv = [qemu, "-accel", "kvm", "-smp", "1", "-m", "64"]
-        argv += ["-kernel", str(BUILTIN_GUEST_PATH), "-append", "vcpus=1"]
+        argv += ["-kernel", str(BUILTIN_GUEST_PATH), "-append", f"vcpus=1 {append}".strip()]
         argv += ["-display", "none", "-monitor", "none", "-serial", f"file:{serial}"]
         argv += ["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-no-reboot"]
         for path in paths:
             argv += ["-qmp", f"unix:{path},server=on,wait=off"]
+        argv += list(extra)
         proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
         try:
             try:
@@ -343,6 +353,146 @@ def qemu_vm(qemu: str, tmp: str, sockets: int) -> Iterator[list[str]]:
                 if os.path.exists(path):
                     os.unlink(path)
     raise RuntimeError(f"QEMU failed 3 times: {last}")
+
+
+# --- pause with requests in flight ----------------------------------------------------------
+
+#: the disk workload (guest/README.md): vCPU 0 writes 256 blocks, flushes, reads them back,
+#: pass after pass, 16 requests in flight; a pass line each pass shows it kept going
+DISK_OPTIONS = ("disk=1", "depth=16", "blocks=256", "every=1")
+DISK_MIB = 8
+#: QEMU microvm's virtio-mmio transports (see benchmarks/bench_blk.py)
+MICROVM = ["-M", "microvm", "-global", "virtio-mmio.force-legacy=false"]
+MICROVM_GUEST = "mmio=0xfeb00000 mmios=24"
+
+
+def pause_flush(client: VmipcClient, cycles: int, warmup: int) -> list[float]:
+    """pause then flush-devices (what QEMU's stop does: drain, then flush), then resume:
+    the pause and flush round trips together."""
+    pause, flush, resume = client.op("pause"), client.op("flush-devices"), client.op("resume")
+    clock = time.perf_counter
+    samples = []
+    for i in range(warmup + cycles):
+        time.sleep(0.001)
+        start = clock()
+        pause()
+        flush()
+        end = clock()
+        resume()
+        if i >= warmup:
+            samples.append(end - start)
+    return samples
+
+
+def disk_running(console: Path, after: int, what: str) -> int:
+    """Wait until the guest printed more than ``after`` disk pass lines; their number."""
+    wait_for(lambda: disk_passes(console) > after, f"{what}: no disk pass line", 30)
+    return disk_passes(console)
+
+
+def disk_passes(console: Path) -> int:
+    """How many disk pass lines the guest printed; RuntimeError on an error line."""
+    text = console.read_bytes() if console.exists() else b""
+    if b"ERROR" in text:
+        line = next(x for x in text.splitlines() if b"ERROR" in x)
+        raise RuntimeError(f"the guest said {line.decode(errors='replace')[:200]}")
+    return text.count(b"vcpu=0 disk pass=")
+
+
+def measure_drain(
+    tmp: str, qemu: str | None, cycles: int, notes: list[str]
+) -> dict[str, dict[str, list[float]]]:
+    """Pause/resume round trips (one client) of the same guest with its disk workload at
+    depth 16 and without a disk, under vmipc and (microvm) QEMU."""
+    image = Path(tmp) / "drain.img"
+    with image.open("wb") as f:
+        f.truncate(DISK_MIB << 20)
+    out: dict[str, dict[str, list[float]]] = {}
+    disk_args = ["--disk", str(image)]
+    for option in DISK_OPTIONS:
+        disk_args += ["--guest-opt", option]
+    console = Path(tmp) / "vmipc-console.txt"
+    for name, extra in (("vmipc", []), ("vmipc+disk", disk_args)):
+        progress(f"pause with requests in flight: {name}")
+        with vmipc_vmm(tmp, extra=extra) as path:
+            before = disk_running(console, 0, name) if extra else 0
+            client = VmipcClient(path)
+            flushes: list[float] = []
+            try:
+                pauses, resumes = pause_resume(client, cycles, cycles // 10)
+                if extra:
+                    flushes = pause_flush(client, cycles, cycles // 10)
+            finally:
+                client.close()
+            if extra:  # it went on: the pauses fell on a working disk workload
+                disk_running(console, before, name)
+        out[name] = {"pause": pauses, "resume": resumes}
+        if flushes:
+            out[name]["pause+flush"] = flushes
+    if qemu is None:
+        return out
+    drive = f"id=d0,file={image},format=raw,if=none,cache=writeback,aio=threads"
+    qemu_disk = [*MICROVM, "-drive", drive, "-device", "virtio-blk-device,drive=d0"]
+    for name, extra, append in (
+        ("qmp", MICROVM, ""),
+        ("qmp+disk", qemu_disk, f"{' '.join(DISK_OPTIONS)} {MICROVM_GUEST}"),
+    ):
+        progress(f"pause with requests in flight: {name}")
+        try:
+            with qemu_vm(qemu, tmp, 1, extra, append) as paths:
+                serial = max(Path(tmp).glob("qemu-serial-*.txt"), key=lambda p: p.stat().st_mtime)
+                before = disk_running(serial, 0, name) if append else 0
+                client = QmpClient(paths[0])
+                try:
+                    pauses, resumes = pause_resume(client, cycles, cycles // 10)
+                finally:
+                    client.close()
+                if append:
+                    disk_running(serial, before, name)
+        except (RuntimeError, OSError, ConnectionError, TimeoutError) as exc:
+            notes.append(f"QEMU drain columns skipped: {exc}.")
+            return out
+        out[name] = {"pause": pauses, "resume": resumes}
+    return out
+
+
+def report_drain(drain: dict[str, dict[str, list[float]]]) -> None:
+    print("\n### Pause with 16 requests in flight (one client)\n")
+    rows = []
+    for vmm, label in (("vmipc", "vmipc `pause`"), ("qmp", "QMP `stop`")):
+        if vmm not in drain:
+            continue
+        idle50, idle99 = stats(drain[vmm]["pause"])
+        busy50, busy99 = stats(drain.get(f"{vmm}+disk", {}).get("pause"))
+        rbusy, _ = stats(drain.get(f"{vmm}+disk", {}).get("resume"))
+        ridle, _ = stats(drain[vmm]["resume"])
+        rows.append(
+            [
+                label,
+                us(idle50),
+                us(idle99),
+                us(busy50),
+                us(busy99),
+                ratio(busy50, idle50),
+                us(ridle),
+                us(rbusy),
+            ]
+        )
+    headers = ["pause", "no disk p50", "no disk p99", "disk busy p50", "disk busy p99"]
+    headers += ["busy/no disk p50", "resume p50 no disk", "resume p50 disk busy"]
+    print(table(headers, rows))
+    if "vmipc+disk" in drain and "qmp+disk" in drain:
+        v50, _ = stats(drain["vmipc+disk"]["pause"])
+        q50, _ = stats(drain["qmp+disk"]["pause"])
+        print(f"\nvmipc/QMP pause p50 with the disk busy: {ratio(v50, q50)}.")
+    flushes = drain.get("vmipc+disk", {}).get("pause+flush")
+    if flushes:
+        f50, f99 = stats(flushes)
+        q50, _ = stats(drain.get("qmp+disk", {}).get("pause"))
+        print(
+            f"vmipc `pause` + `flush-devices` with the disk busy (QEMU's stop drains and "
+            f"flushes): p50 {us(f50)}, p99 {us(f99)}; vmipc/QMP p50 {ratio(f50, q50)}."
+        )
 
 
 # --- the benchmark ------------------------------------------------------------------------
@@ -422,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples (~10 s)")
     parser.add_argument("--no-qemu", action="store_true", help="skip the QMP columns")
     parser.add_argument("--json", metavar="FILE", help="also write the raw samples (seconds)")
+    parser.add_argument("--no-disk", action="store_true", help="skip pause with requests in flight")
+    parser.add_argument(
+        "--only-disk", action="store_true", help="only pause with requests in flight"
+    )
     parser.add_argument(
         "--baseline",
         metavar="SRC",
@@ -460,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"baseline: a vmipc VMM run from {args.baseline}.")
     if rounds > 1:
         notes.append(f"{rounds} rounds, each server measured once per round, samples pooled.")
+    drain: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="vmipc-bench-") as tmp:
-        for _ in range(rounds):
+        for _ in range(0 if args.only_disk else rounds):
             with echo_server(tmp) as path:
                 merge(results.setdefault("echo", {}), measure("echo", [path], n, cycles))
             with vmipc_vmm(tmp) as path:
@@ -477,9 +632,18 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(f"QMP columns skipped: {exc}.")
                     qemu = None
                     results.pop("qmp", None)
-    report(results, notes)
+        if not args.no_disk:
+            drain = measure_drain(tmp, qemu, cycles * rounds, notes)
+    if not args.only_disk:
+        report(results, notes)
+    if drain:
+        report_drain(drain)
+        if args.only_disk and notes:
+            print("\nNotes:")
+            for note in notes:
+                print(f"- {note}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results))
+        Path(args.json).write_text(json.dumps({**results, "drain": drain}))
     return 0
 
 

@@ -306,7 +306,11 @@ static const char *parse_options(u32 *len)
         else if (key_is(s, eq, "seed")) ok = parse_num(eq + 1, p, 0, &v) && (opt.seed = v, 1);
         else if (key_is(s, eq, "hz")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= 10000 && (opt.hz = v, 1);
         else if (key_is(s, eq, "every")) ok = parse_num(eq + 1, p, 0, &v) && (opt.every = v, 1);
-        else if (key_is(s, eq, "disk")) ok = parse_num(eq + 1, p, 0, &v) && v <= 2 && (disk_opt.mode = v, 1);
+        else if (key_is(s, eq, "disk")) ok = parse_num(eq + 1, p, 0, &v) && v <= 3 && (disk_opt.mode = v, 1);
+        else if (key_is(s, eq, "mmio")) ok = parse_num(eq + 1, p, 0, &v) && v >= 0x100000ul && v < 0x100000000ul && !(v & 0x1ff) && (disk_opt.mmio = v, 1);
+        else if (key_is(s, eq, "mmios")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= DISK_MAX_MMIOS && (disk_opt.mmios = v, 1);
+        else if (key_is(s, eq, "benchms")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= 600000 && (disk_opt.benchms = v, 1);
+        else if (key_is(s, eq, "seqbs")) ok = parse_num(eq + 1, p, 1, &v) && v >= 4096 && v <= (1ul << 20) && !(v & 4095) && (disk_opt.seqbs = v, 1);
         else if (key_is(s, eq, "depth")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= DISK_MAX_DEPTH && (disk_opt.depth = v, 1);
         else if (key_is(s, eq, "blocks")) ok = parse_num(eq + 1, p, 0, &v) && v >= 1 && v <= DISK_MAX_BLOCKS && (disk_opt.blocks = v, 1);
         else if (key_is(s, eq, "beat")) ok = parse_num(eq + 1, p, 0, &v) && (v == 0 || (v >= 100 && v <= NS)) && (opt.beat = v, 1);
@@ -537,6 +541,7 @@ static int may_sleep(struct watch *w)
 
 /* ---------------------------------------------------------------- the work */
 
+static u64 now_ns0(void) { return clock_ns(clock_of[0]); }
 static void print_text(const char *s) { struct line l; l.n = 0; l_str(&l, s); emit(&l); }
 static void fail_text(const char *s) { struct line l; l.n = 0; l_str(&l, s); fail(&l); }
 
@@ -589,7 +594,9 @@ static void run(u64 id)
     struct line l;
 
     const int disk = id == 0 && disk_opt.mode;  /* vCPU 0 runs the disk workload instead */
-    if (disk)
+    if (disk && disk_opt.mode == 3)
+        disk_bench(now_ns0, (u8 *)ws_base[0], opt.ws, print_text, fail_text);
+    else if (disk)
         disk_workload(opt.seed, opt.passes, opt.every, print_text, fail_text);
     for (u64 pass = 1; !disk && (opt.passes == 0 || pass <= opt.passes); pass++) {
         const u64 hpass = mix64(vbase ^ pass), hprev = mix64(vbase ^ (pass - 1));

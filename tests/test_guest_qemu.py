@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from vmipc.guest import BUILTIN_GUEST_PATH, banner, beat_line, expected_lines, pass_sums
+from vmipc.guest import (
+    BUILTIN_GUEST_PATH,
+    banner,
+    beat_line,
+    check_disk_image,
+    expected_disk_lines,
+    expected_lines,
+    pass_sums,
+)
 
 QEMU = shutil.which("qemu-system-x86_64")
 
@@ -117,3 +126,34 @@ def test_guest_in_qemu_prints_heartbeats_beside_the_passes() -> None:
     assert beats == [beat_line(n) for n in range(1, len(beats) + 1)]
     assert len(beats) >= 50  # 3 passes of 16 pages at 256/s: ~190 ms, ~90 beats
     assert [line for line in lines[1:] if " beat=" not in line] == expected_lines(0, 3, 64 << 10)
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+def test_guest_drives_qemu_microvms_virtio_blk_device(tmp_path: Path) -> None:
+    """The guest's virtio-blk driver against another VMM's device: QEMU's -M microvm boots
+    the multiboot guest, which finds the block device among microvm's virtio-mmio
+    transports (``mmio=`` ``mmios=``, as benchmarks/bench_blk.py runs it); its disk lines
+    are the model's and its blocks check from outside."""
+    assert QEMU is not None
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as handle:
+        handle.truncate(1 << 20)
+    append = "vcpus=1 passes=2 disk=1 depth=4 blocks=16 mmio=0xfeb00000 mmios=24"
+    # fmt: off
+    command = [
+        QEMU, "-M", "microvm", "-accel", "tcg", "-m", "64",
+        "-kernel", str(BUILTIN_GUEST_PATH), "-append", append,
+        "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+        "-device", "isa-debug-exit,iobase=0x501,iosize=1",
+        "-global", "virtio-mmio.force-legacy=false",
+        "-drive", f"id=d0,file={image},format=raw,if=none",
+        "-device", "virtio-blk-device,drive=d0",
+    ]
+    # fmt: on
+    done = subprocess.run(command, capture_output=True, timeout=120, check=False)
+    text = done.stdout.decode("ascii", errors="replace")
+    lines = text[text.find("vmipc-guest ") :].splitlines()
+    assert done.returncode == 1, (lines, done.stderr.decode(errors="replace")[-500:])
+    assert lines[1:] == expected_disk_lines(2, 16)
+    check = check_disk_image(image.read_bytes(), 16)
+    assert check.passes == dict.fromkeys(range(16), 2) and not check.torn

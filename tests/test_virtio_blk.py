@@ -19,18 +19,25 @@ from vmipc.vmm.devices import DiskImage, VirtioBlk, VirtioBlkState
 from vmipc.vmm.devices.virtio_blk import (
     D_NEXT,
     D_WRITE,
+    F_DISCARD,
     F_FLUSH,
     F_RO,
     F_VERSION_1,
+    F_WRITE_ZEROES,
+    MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEG,
     QUEUE_SIZE_MAX,
+    RANGE_UNMAP,
     S_NEEDS_RESET,
     ST_IOERR,
     ST_OK,
     ST_UNSUPP,
+    T_DISCARD,
     T_FLUSH,
     T_GET_ID,
     T_IN,
     T_OUT,
+    T_WRITE_ZEROES,
 )
 from vmipc.vmm.memory import GuestMemory
 
@@ -370,3 +377,207 @@ def test_hostile_records_are_refused(
         assert state.disk_mismatch(None) is not None
     finally:
         other.close()
+
+
+# --- discard and write-zeroes ---------------------------------------------------------------
+
+DISCARD_SECTORS = 2048  # 1 MiB: whole file-system blocks to give back
+RANGES = DATA + 0x3000
+
+
+def _ranges_request(
+    driver: Driver, kind: int, ranges: list[tuple[int, int, int]], *, writable: bool = False
+) -> int:
+    """A discard or write-zeroes request with ``ranges`` (sector, count, flags) in one
+    buffer; its status."""
+    header, status = DATA, DATA + 0x800
+    raw = b"".join(struct.pack("<QII", *r) for r in ranges)
+    driver.mem.write(header, struct.pack("<IIQ", kind, 0, 0))
+    driver.mem.write(status, b"\xee")
+    driver.mem.write(RANGES, raw)
+    driver.desc(0, header, 16, D_NEXT, 1)
+    driver.desc(1, RANGES, len(raw), D_NEXT | (D_WRITE if writable else 0), 2)
+    driver.desc(2, status, 1, D_WRITE)
+    driver.offer(0)
+    driver.notify()
+    driver.wait_used()
+    return driver.mem.read(status, 1)[0]
+
+
+def _holes(fd: int, offset: int, length: int) -> bool:
+    """Whether fd[offset:offset+length] is all hole (no data extent starts before its end)."""
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError:
+        return True  # ENXIO: only a hole up to the end
+    return data >= offset + length
+
+
+@pytest.fixture
+def discard_rig(
+    tmp_path: Path, memory: GuestMemory
+) -> Iterator[tuple[VirtioBlk, Driver, DiskImage, Path]]:
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(DISCARD_SECTORS * 512))
+    os.sync()
+    disk = DiskImage.open(str(path))
+    dev = VirtioBlk(memory, disk, Irq())
+    try:
+        driver = Driver(dev, memory)
+        driver.setup(F_VERSION_1 | F_FLUSH | F_DISCARD | F_WRITE_ZEROES)
+        yield dev, driver, disk, path
+    finally:
+        dev.close()
+        disk.close()
+
+
+def test_discard_and_write_zeroes_read_back_as_zeros_and_punch_holes(
+    discard_rig: tuple[VirtioBlk, Driver, DiskImage, Path],
+) -> None:
+    _dev, driver, disk, path = discard_rig
+    # the config space: max_discard_sectors, max_discard_seg, alignment, max_write_zeroes
+    # sectors and segments, write_zeroes_may_unmap
+    config = b"".join(driver.dev.mmio_read(0x100 + at, 4) for at in range(0, 60, 4))
+    assert struct.unpack_from("<IIIIIB", config, 36) == (
+        MAX_DISCARD_SECTORS,
+        MAX_DISCARD_SEG,
+        8,
+        MAX_DISCARD_SECTORS,
+        MAX_DISCARD_SEG,
+        1,
+    )
+    before = path.read_bytes()
+    blocks_before = os.stat(path).st_blocks
+    # discard two ranges of 128 KiB (one request), write-zeroes (unmap) and (keep) another
+    ranges = [(256, 256, 0), (1024, 256, 0)]
+    assert _ranges_request(driver, T_DISCARD, ranges) == ST_OK
+    assert _ranges_request(driver, T_WRITE_ZEROES, [(1536, 256, RANGE_UNMAP)]) == ST_OK
+    assert _ranges_request(driver, T_WRITE_ZEROES, [(1792, 128, 0)]) == ST_OK
+    after = path.read_bytes()
+    zeroed = {(256, 256), (1024, 256), (1536, 256), (1792, 128)}
+    for sector in range(0, DISCARD_SECTORS, 128):
+        chunk = slice(sector * 512, (sector + 128) * 512)
+        inside = any(s <= sector < s + n for s, n in zeroed)
+        assert after[chunk] == (bytes(128 * 512) if inside else before[chunk]), sector
+    # the guest reads zeros too
+    assert driver.request(T_IN, 300, 4096) == (ST_OK, 4097)
+    assert driver.mem.read(DATA + 0x1000, 4096) == bytes(4096)
+    # the discarded ranges (and write-zeroes with unmap) are holes now
+    for sector, count in ((256, 256), (1024, 256), (1536, 256)):
+        assert _holes(disk.fd, sector * 512, count * 512), sector
+    assert not _holes(disk.fd, 0, 256 * 512)
+    # 3 x 128 KiB given back (in 512-byte st_blocks), less what the extent tree took
+    assert os.stat(path).st_blocks <= blocks_before - 3 * 256 + 32
+
+
+@pytest.mark.parametrize(
+    ("kind", "ranges", "writable", "status"),
+    [
+        (T_DISCARD, [(DISCARD_SECTORS - 8, 16, 0)], False, ST_IOERR),  # past the end
+        (T_DISCARD, [(2**64 - 8, 16, 0)], False, ST_IOERR),  # wraps around
+        (T_DISCARD, [(0, 8, 0), (DISCARD_SECTORS, 8, 0)], False, ST_IOERR),  # 2nd is bad
+        (T_DISCARD, [(0, MAX_DISCARD_SECTORS + 1, 0)], False, ST_IOERR),
+        (T_DISCARD, [(0, 8, 0)] * (MAX_DISCARD_SEG + 1), False, ST_IOERR),
+        (T_DISCARD, [(0, 8, 0)], True, ST_IOERR),  # ranges the device would write
+        (T_DISCARD, [(0, 8, RANGE_UNMAP)], False, ST_UNSUPP),  # unmap is for write-zeroes
+        (T_WRITE_ZEROES, [(0, 8, 2)], False, ST_UNSUPP),  # an unknown flag
+        (T_WRITE_ZEROES, [(0, 8, 0), (0, 8, 4)], False, ST_UNSUPP),
+    ],
+)
+def test_bad_discards_get_an_error_status_and_change_nothing(
+    discard_rig: tuple[VirtioBlk, Driver, DiskImage, Path],
+    kind: int,
+    ranges: list[tuple[int, int, int]],
+    writable: bool,
+    status: int,
+) -> None:
+    _dev, driver, _disk, path = discard_rig
+    before = path.read_bytes()
+    assert _ranges_request(driver, kind, ranges, writable=writable) == status
+    assert path.read_bytes() == before
+    assert driver.request(T_IN, 0, 512) == (ST_OK, 513)  # and the device goes on
+
+
+def test_a_range_buffer_of_odd_length_or_outside_ram_is_refused(
+    discard_rig: tuple[VirtioBlk, Driver, DiskImage, Path],
+) -> None:
+    _dev, driver, _disk, path = discard_rig
+    before = path.read_bytes()
+    header, status = DATA, DATA + 0x800
+    driver.mem.write(header, struct.pack("<IIQ", T_DISCARD, 0, 0))
+    for addr, length in ((RANGES, 15), (RANGES, 0), (0xF000_0000, 16)):
+        driver.mem.write(status, b"\xee")
+        driver.desc(0, header, 16, D_NEXT, 1)
+        driver.desc(1, addr, length, D_NEXT, 2)
+        driver.desc(2, status, 1, D_WRITE)
+        driver.offer(0)
+        driver.notify()
+        driver.wait_used()
+        assert driver.mem.read(status, 1)[0] == ST_IOERR, (addr, length)
+    assert path.read_bytes() == before
+
+
+def test_discard_is_not_offered_nor_done_on_a_readonly_disk_nor_unnegotiated(
+    tmp_path: Path, memory: GuestMemory
+) -> None:
+    disk = make_disk(tmp_path, readonly=True)
+    dev = VirtioBlk(memory, disk, Irq())
+    try:
+        driver = Driver(dev, memory)
+        offered = driver.r32(0x10)
+        assert not offered & (F_DISCARD | F_WRITE_ZEROES)
+        driver.setup()
+        before = Path(tmp_path / "disk.img").read_bytes()
+        assert _ranges_request(driver, T_DISCARD, [(0, 8, 0)]) == ST_IOERR
+        assert _ranges_request(driver, T_WRITE_ZEROES, [(0, 8, 0)]) == ST_IOERR
+        assert Path(tmp_path / "disk.img").read_bytes() == before
+    finally:
+        dev.close()
+        disk.close()
+    disk = make_disk(tmp_path)
+    dev = VirtioBlk(memory, disk, Irq())
+    try:
+        memory.write(USED, bytes(4096))  # the first device's used entries
+        driver = Driver(dev, memory)
+        assert driver.r32(0x10) & (F_DISCARD | F_WRITE_ZEROES)
+        driver.setup()  # VERSION_1 and FLUSH only
+        assert _ranges_request(driver, T_DISCARD, [(0, 8, 0)]) == ST_UNSUPP
+        assert _ranges_request(driver, T_WRITE_ZEROES, [(0, 8, 0)]) == ST_UNSUPP
+    finally:
+        dev.close()
+        disk.close()
+
+
+@pytest.mark.kvm
+def test_discard_and_write_zeroes_work_in_the_sandbox(tmp_path: Path) -> None:
+    """The worker's fallocate calls are allowed in capability mode (the VMM's sandbox):
+    the device, built before it as the VMM builds it, discards and zeroes inside it."""
+    from tests.test_sandbox import in_sandboxed_child
+
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(DISCARD_SECTORS * 512))
+    parts: dict[str, object] = {}
+
+    def before() -> None:
+        memory = GuestMemory(MIN_MEMORY)
+        disk = DiskImage.open(str(path))
+        dev = VirtioBlk(memory, disk, Irq())
+        driver = Driver(dev, memory)
+        driver.setup(F_VERSION_1 | F_FLUSH | F_DISCARD | F_WRITE_ZEROES)
+        parts.update(driver=driver, disk=disk)
+
+    def body() -> list[int]:
+        driver = parts["driver"]
+        disk = parts["disk"]
+        assert isinstance(driver, Driver) and isinstance(disk, DiskImage)
+        return [
+            _ranges_request(driver, T_DISCARD, [(256, 256, 0)]),
+            _ranges_request(driver, T_WRITE_ZEROES, [(1024, 256, 0)]),
+            _ranges_request(driver, T_WRITE_ZEROES, [(1536, 256, RANGE_UNMAP)]),
+            int(_holes(disk.fd, 256 * 512, 256 * 512)),
+        ]
+
+    assert in_sandboxed_child(body, before=before) == [ST_OK, ST_OK, ST_OK, 1]
+    after = path.read_bytes()
+    for sector in (256, 1024, 1536):
+        assert after[sector * 512 : (sector + 256) * 512] == bytes(256 * 512)

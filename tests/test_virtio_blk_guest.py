@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import subprocess
 import threading
 import time
@@ -360,3 +361,38 @@ def test_a_pause_waiting_for_a_slow_disk_request_does_not_block_its_caller(image
         assert record.used_idx == record.last_avail
         device._transfer = transfer  # type: ignore[method-assign]
         machine.resume()
+
+
+def test_the_io_benchmark_mode_runs_its_four_tests(image: Path) -> None:
+    """disk=3 (benchmarks/bench_blk.py): four tests, each line well formed, requests
+    counted, and the writes reached the image. No timing is asserted."""
+    options = (
+        ("disk", "3"),
+        ("depth", "4"),
+        ("blocks", str(BLOCKS)),
+        ("benchms", "20"),
+        ("seqbs", "16K"),
+    )
+    console = Console()
+    config = MachineConfig(MEMORY, 1, BootSource(guest_options=options))
+    with opened(image) as disk, Machine(config, console, disk=disk) as machine:
+        machine.start()
+        assert machine.wait_stopped(60) is RunState.SHUTDOWN, console.text
+        assert machine.power_off_code == 0
+    lines = disk_lines(console)
+    assert lines[-1] == "vcpu=0 done"
+    tests = []
+    for line in lines[:-1]:
+        m = re.fullmatch(
+            r"vcpu=0 disk bench=(\w+) bs=(\d+) depth=4 ops=(\d+) ns=(\d+) iops=\d+ kib_s=\d+", line
+        )
+        assert m, line
+        tests.append((m.group(1), int(m.group(2))))
+        assert int(m.group(3)) > 0 and int(m.group(4)) > 0
+    assert tests == [
+        ("randread", 4096),
+        ("randwrite", 4096),
+        ("seqread", 16384),
+        ("seqwrite", 16384),
+    ]
+    assert image.read_bytes()[: BLOCKS * 4096] != bytes(BLOCKS * 4096)

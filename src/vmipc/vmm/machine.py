@@ -79,6 +79,9 @@ BUILTIN_GUEST_OPTIONS = {
     "disk": "disk",
     "depth": "depth",
     "blocks": "blocks",
+    # disk=3, the I/O benchmark (benchmarks/bench_blk.py)
+    "benchms": "benchms",
+    "seqbs": "seqbs",
     "beat": "beat",
     "beatonly": "beatonly",
 }

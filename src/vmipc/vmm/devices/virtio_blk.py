@@ -23,10 +23,20 @@ index out of range, a descriptor chain longer than the queue (a loop), an availa
 that ran ahead by more than the queue size, a request with nowhere to put its status —
 sets DEVICE_NEEDS_RESET and the device does nothing more until the driver resets it.
 Nothing the guest does raises out of the device.
+
+Discard and write-zeroes (VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES; writable disks
+only): every range of a request is checked before any is touched; a discard punches a
+hole (``fallocate(PUNCH_HOLE|KEEP_SIZE)``), so the range reads as zeros and the image
+gives its blocks back; write-zeroes zeroes the range in place (``FALLOC_FL_ZERO_RANGE``),
+or punches a hole when the driver allows unmapping. Where the image's file system cannot,
+a discard does nothing (it is a hint) and write-zeroes writes zeros.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import logging
 import os
 import struct
@@ -65,6 +75,12 @@ SEG_MAX = 126
 SIZE_MAX = 1 << 20
 #: the most bytes one request may move
 MAX_REQUEST_BYTES = 4 << 20
+#: discard and write-zeroes: the most sectors one range may cover, the most ranges one
+#: request may hold (config max_discard_sectors/max_write_zeroes_sectors, .._seg), and the
+#: alignment that gives whole blocks back (discard_sector_alignment: 4 KiB)
+MAX_DISCARD_SECTORS = (1 << 22) - 1
+MAX_DISCARD_SEG = 16
+DISCARD_ALIGNMENT = 8
 
 MAGIC = 0x74726976  # "virt"
 VERSION = 2
@@ -116,6 +132,8 @@ F_SEG_MAX = 1 << 2
 F_RO = 1 << 5
 F_BLK_SIZE = 1 << 6
 F_FLUSH = 1 << 9
+F_DISCARD = 1 << 13
+F_WRITE_ZEROES = 1 << 14
 F_VERSION_1 = 1 << 32
 
 # descriptor flags
@@ -129,6 +147,10 @@ T_IN = 0
 T_OUT = 1
 T_FLUSH = 4
 T_GET_ID = 8
+T_DISCARD = 11
+T_WRITE_ZEROES = 13
+#: the flags of a discard/write-zeroes range: the driver lets the device unmap
+RANGE_UNMAP = 1
 ST_OK = 0
 ST_IOERR = 1
 ST_UNSUPP = 2
@@ -138,6 +160,10 @@ _DESC = struct.Struct("<QIHH")
 _HEADER = struct.Struct("<IIQ")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+_RANGE = struct.Struct("<QII")  # sector, num_sectors, flags
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
 _U64 = (1 << 64) - 1
 _ZEROS = bytes(64 << 10)
 
@@ -277,7 +303,30 @@ class VirtioBlkState:
 
 def _offered(readonly: bool) -> int:
     features = F_VERSION_1 | F_SEG_MAX | F_SIZE_MAX | F_BLK_SIZE | F_FLUSH
-    return features | F_RO if readonly else features
+    return features | F_RO if readonly else features | F_DISCARD | F_WRITE_ZEROES
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int]:
+    # os has posix_fallocate only; the modes come from libc (allowed by the sandbox)
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    function = libc.fallocate
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _libc_fallocate()
+
+
+def _fallocate_or_not(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(mode): False when the file system cannot (EOPNOTSUPP, ENOSYS); OSError
+    for other failures."""
+    if _fallocate(fd, mode, offset, length) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(code, os.strerror(code))
 
 
 def _valid_queue_num(num: int) -> bool:
@@ -497,8 +546,33 @@ class VirtioBlk:
     def _config_space(self) -> bytes:
         disk = self._disk
         sectors = disk.sectors if disk is not None else 0
-        # capacity, size_max, seg_max, geometry (c, h, s), blk_size
-        return struct.pack("<QIIHBBI", sectors, SIZE_MAX, SEG_MAX, 0, 0, 0, SECTOR_SIZE)
+        # capacity, size_max, seg_max, geometry (c, h, s), blk_size; topology (4 fields),
+        # writeback, unused, num_queues; max_discard_sectors, max_discard_seg,
+        # discard_sector_alignment, max_write_zeroes_sectors, max_write_zeroes_seg,
+        # write_zeroes_may_unmap (virtio 1.1 5.2.4)
+        return struct.pack(
+            "<QIIHBBIBBHIBBHIIIIIB3x",
+            sectors,
+            SIZE_MAX,
+            SEG_MAX,
+            0,
+            0,
+            0,
+            SECTOR_SIZE,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            MAX_DISCARD_SECTORS,
+            MAX_DISCARD_SEG,
+            DISCARD_ALIGNMENT,
+            MAX_DISCARD_SECTORS,
+            MAX_DISCARD_SEG,
+            1,
+        )
 
     def _read_register(self, offset: int, size: int) -> int:
         if offset >= R_CONFIG:
@@ -846,6 +920,8 @@ class VirtioBlk:
             except OSError as exc:
                 raise _BadRequest(ST_IOERR, f"fdatasync: {exc.strerror}") from None
             return 0
+        if kind in (T_DISCARD, T_WRITE_ZEROES):
+            return self._discard(disk, kind, data)
         if kind == T_GET_ID:
             if not data or not data[0][2] & D_WRITE:
                 raise _BadRequest(ST_IOERR, "get-id needs a writable buffer")
@@ -856,6 +932,56 @@ class VirtioBlk:
             self._memory.note_written(a, n)
             return n
         raise _BadRequest(ST_UNSUPP, f"request type {kind}")
+
+    def _discard(self, disk: DiskImage, kind: int, data: list[tuple[int, int, int]]) -> int:
+        """Discard or write-zeroes: every range is checked before any is done."""
+        name = "discard" if kind == T_DISCARD else "write-zeroes"
+        if disk.readonly:
+            raise _BadRequest(ST_IOERR, f"a {name} on a read-only disk")
+        feature = F_DISCARD if kind == T_DISCARD else F_WRITE_ZEROES
+        with self._lock:
+            negotiated = bool(self._driver_features & feature)
+        if not negotiated:
+            raise _BadRequest(ST_UNSUPP, f"{name} was not negotiated")
+        if any(item[2] & D_WRITE for item in data):
+            raise _BadRequest(ST_IOERR, f"a {name} range in a device-writable buffer")
+        total = sum(item[1] for item in data)
+        if not total or total % _RANGE.size or total > MAX_DISCARD_SEG * _RANGE.size:
+            raise _BadRequest(
+                ST_IOERR, f"{total} bytes of ranges: not 1 .. {MAX_DISCARD_SEG} of {_RANGE.size}"
+            )
+        # copied out of guest RAM at once: the guest cannot change a range once checked
+        raw = b"".join(bytes(self._buffer(a, n)) for a, n, _f in data)
+        ranges = [_RANGE.unpack_from(raw, at) for at in range(0, total, _RANGE.size)]
+        for sector, count, flags in ranges:
+            if flags & ~RANGE_UNMAP or (kind == T_DISCARD and flags):
+                raise _BadRequest(ST_UNSUPP, f"{name} flags {flags:#x}")
+            if count > MAX_DISCARD_SECTORS:
+                raise _BadRequest(ST_IOERR, f"{count} sectors, at most {MAX_DISCARD_SECTORS}")
+            if sector > disk.sectors or count > disk.sectors - sector:
+                raise _BadRequest(ST_IOERR, f"sector {sector}+{count} is past the end")
+        for sector, count, flags in ranges:
+            if count:
+                self._zero(disk, kind, flags, sector * SECTOR_SIZE, count * SECTOR_SIZE)
+        return 0
+
+    def _zero(self, disk: DiskImage, kind: int, flags: int, offset: int, length: int) -> None:
+        punch = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        try:
+            if kind == T_DISCARD:
+                _fallocate_or_not(disk.fd, punch, offset, length)  # a hint: may do nothing
+                return
+            if flags & RANGE_UNMAP and _fallocate_or_not(disk.fd, punch, offset, length):
+                return
+            if _fallocate_or_not(
+                disk.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length
+            ):
+                return
+        except OSError as exc:
+            raise _BadRequest(ST_IOERR, f"fallocate: {exc.strerror}") from None
+        for start in range(offset, offset + length, len(_ZEROS)):
+            chunk = memoryview(_ZEROS)[: min(len(_ZEROS), offset + length - start)]
+            self._transfer(disk, [chunk], start, False)
 
     def _transfer(
         self, disk: DiskImage, buffers: list[memoryview], offset: int, into_guest: bool
