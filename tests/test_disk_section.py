@@ -373,3 +373,21 @@ def test_a_damaged_disk_section_leaves_no_image(with_disk_snapshot: Path, tmp_pa
     refused = vmipc("vmm", "--restore", str(bad), "--disk-from-snapshot", str(new))
     assert refused.returncode == 1 and "checksum mismatch" in refused.stderr, refused.stderr
     assert not new.exists()
+
+
+@pytest.mark.kvm
+def test_dump_disk_wants_a_paused_vm_with_a_disk(tmp_path: Path) -> None:
+    """Running: invalid-state; no disk: no-disk, and checkpoint --with-disk fails with the
+    VM running on and no file left."""
+    image = _image(tmp_path / "disk.img")
+    out = tmp_path / "out"
+    with vmm_processes() as vmms:
+        with_disk = vmms._start("a", ["--memory", "32M", "--disk", str(image)], [])
+        running = vmipc("call", "--socket", with_disk.socket, "dump-disk", f"--fd=out=+{out}")
+        assert running.returncode != 0 and "invalid-state" in running.stderr, running.stderr
+        without = vmms._start("b", ["--memory", "32M"], [])
+        snap = tmp_path / "snap"
+        done = vmipc("checkpoint", "--socket", without.socket, "--with-disk", str(snap))
+        assert done.returncode == 1 and "no-disk" in done.stderr, done.stderr
+        assert not snap.exists() and not list(tmp_path.glob(".snap.*"))
+        assert without.state() == "running"
