@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.seq_support import VmmProcess, Vmms, vmipc, vmm_processes, wait_for
 from vmipc.formats import SectionEntry, SnapshotError, checksum
@@ -391,3 +393,52 @@ def test_dump_disk_wants_a_paused_vm_with_a_disk(tmp_path: Path) -> None:
         assert done.returncode == 1 and "no-disk" in done.stderr, done.stderr
         assert not snap.exists() and not list(tmp_path.glob(".snap.*"))
         assert without.state() == "running"
+
+
+def test_the_dump_is_sparse_and_reports_progress(tmp_path: Path) -> None:
+    """write_disk_section (the data plane of dump-disk): holes and all-zero blocks of the
+    image are left out, what is stored reads back as the image, progress counts the disk
+    gone through up to its size."""
+    from vmipc.vmm.devices import DiskImage
+    from vmipc.vmm.persist import Transfer, write_disk_section
+
+    image = _image(tmp_path / "disk.img", 4 * MIB)
+    with open(image, "r+b") as handle:
+        handle.seek(8192)
+        handle.write(BLOCK + bytes(8192) + BLOCK)  # data, two written zero blocks, data
+        handle.seek(3 * MIB)
+        handle.write(b"\x07" * 1024)  # a quarter block
+    seen: list[int] = []
+    disk = DiskImage.open(str(image), readonly=False)
+    out = os.open(tmp_path / "snap", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        entry, stats = write_disk_section(disk, out, Transfer(seen.append))
+        data = os.pread(out, entry.length, entry.offset)
+    finally:
+        os.close(out)
+        disk.close()
+    assert entry.offset == 4096 and checksum(data) == entry.checksum
+    assert stats.data_bytes == 3 * 4096 and stats.extents == 3
+    assert _walk(data) == [(8192, 4096), (8192 + 3 * 4096, 4096), (3 * MIB, 4096)]
+    assert seen[-1] == 4 * MIB and seen == sorted(seen)
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_any_damage_to_a_section_is_refused_or_yields_only_sane_extents(
+    data: st.DataObject,
+) -> None:
+    good = bytearray(_section([(0, 4096, BLOCK), (8192, 512, BLOCK[:512])]))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(good) - 1))
+        good[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, 40))
+    try:
+        extents = _walk(bytes(good), cut=cut)
+    except SnapshotError:
+        return
+    previous = 0
+    size = struct.unpack_from("<Q", good, 16)[0]
+    for offset, length in extents:
+        assert offset >= previous and length > 0 and offset + length <= size <= MAX_DISK_SIZE
+        previous = offset + length
