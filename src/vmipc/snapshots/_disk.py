@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vmipc.formats import Checksum, MissingSection, SnapshotError, SnapshotReader
@@ -42,13 +43,14 @@ class DiskExtraction:
     extents: int
 
 
-def disk_section(reader: SnapshotReader, fd: int) -> tuple[DiskSectionHeader, list[DiskExtent]]:
-    """The disk section's header and extents, its structure checked (not its checksum);
-    MissingSection when the snapshot has none, SnapshotError when it is malformed."""
+def disk_section(reader: SnapshotReader, fd: int) -> tuple[DiskSectionHeader, int]:
+    """The disk section's header and number of extents, its structure checked (not its
+    checksum); MissingSection when the snapshot has none, SnapshotError when it is
+    malformed. The extents are walked, never collected: their number is the file's."""
     entry = reader.entry(SECTION_DISK)
     pread = functools.partial(os.pread, fd)
     header = read_disk_header(pread, entry)
-    return header, list(walk_disk_section(pread, entry))
+    return header, sum(1 for _ in walk_disk_section(pread, entry))
 
 
 def has_disk(reader: SnapshotReader) -> bool:
@@ -67,8 +69,9 @@ def extract_disk(snapshot: str, out_path: str) -> DiskExtraction:
     fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
     try:
         reader = reader_of(fd)
-        header, extents = disk_section(reader, fd)
+        header, count = disk_section(reader, fd)
         entry = reader.entry(SECTION_DISK)
+        extents = walk_disk_section(functools.partial(os.pread, fd), entry)
         out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             data_bytes = _copy(fd, out, header, extents, entry.checksum, entry.offset)
@@ -81,14 +84,14 @@ def extract_disk(snapshot: str, out_path: str) -> DiskExtraction:
         os.close(out)
     finally:
         os.close(fd)
-    return DiskExtraction(out_path, header.disk_size, header.readonly, data_bytes, len(extents))
+    return DiskExtraction(out_path, header.disk_size, header.readonly, data_bytes, count)
 
 
 def _copy(
     src: int,
     out: int,
     header: DiskSectionHeader,
-    extents: list[DiskExtent],
+    extents: Iterator[DiskExtent],
     stored: int,
     offset: int,
 ) -> int:
@@ -98,6 +101,7 @@ def _copy(
     digest = Checksum()
     digest.update(_pread_exact(src, DISK_HEADER_SIZE, offset))
     written = 0
+    end = offset + DISK_HEADER_SIZE  # where the end record is
     for extent in extents:
         digest.update(_pread_exact(src, 16, extent.file_offset - 16))
         for done in range(0, extent.length, _CHUNK):
@@ -107,7 +111,7 @@ def _copy(
             if data.count(0) != size:  # all-zero pieces stay holes
                 _pwrite_all(out, data, extent.disk_offset + done)
             written += size
-    end = extents[-1].file_offset + extents[-1].length if extents else offset + DISK_HEADER_SIZE
+        end = extent.file_offset + extent.length
     digest.update(_pread_exact(src, 16, end))
     computed = digest.digest()
     if computed != stored:
