@@ -1,9 +1,10 @@
 """``vmipc checkpoint`` and ``vmipc suspend``: a VM's full snapshot in one file.
 
     vmipc checkpoint [--socket PATH] FILE [--track | --incremental --parent PARENT]
-                     [--leave-paused] [--no-verify] [--lease SECONDS] [--json] [--timeline]
-    vmipc suspend    [--socket PATH] FILE [--incremental --parent PARENT] [--no-verify]
-                     [--lease SECONDS] [--json] [--timeline]
+                     [--with-disk] [--leave-paused] [--no-verify] [--lease SECONDS] [--json]
+                     [--timeline]
+    vmipc suspend    [--socket PATH] FILE [--incremental --parent PARENT] [--with-disk]
+                     [--no-verify] [--lease SECONDS] [--json] [--timeline]
 
 The file is written under a temporary name in FILE's directory and renamed into place
 once complete, checked and fsynced: FILE is either the previous file or the whole new
@@ -11,7 +12,9 @@ snapshot, never a part of one. ``--track`` starts dirty logging with a full chec
 ``--incremental --parent PARENT`` then writes only the pages written since PARENT (the
 newest snapshot of the chain, taken from this VMM). The VM is paused with a pause lease
 (``--lease``): if this command dies before it resumes the VM (or publishes the file),
-the VMM resumes the guest by itself. Exit codes: 0 done; 1 a step failed
+the VMM resumes the guest by itself. ``--with-disk`` puts the block device's image in the
+file too (sparse), so that the VM and its disk move as one file (restore it with
+``vmipc vmm --restore FILE --disk-from-snapshot NEWIMG``). Exit codes: 0 done; 1 a step failed
 (one line says which and what became of the VM: a VM this command paused is resumed);
 2 bad usage; 3 the VMM cannot be reached.
 """
@@ -92,6 +95,12 @@ def add_parser(subparsers: Any) -> None:
             help="the previous snapshot of the chain (with --incremental)",
         )
         parser.add_argument(
+            "--with-disk",
+            action="store_true",
+            help="put the block device's image in the file too (sparse; while the VM is "
+            "paused): restore it with `vmipc vmm --restore FILE --disk-from-snapshot NEWIMG`",
+        )
+        parser.add_argument(
             "--no-verify",
             action="store_true",
             help="do not read the file back to check every checksum before publishing it",
@@ -160,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
                 then=then,
                 verify=not args.no_verify,
                 lease=lease_of(args),
+                with_disk=args.with_disk,
                 **hooks,
             )
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmipc.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from vmipc.formats import FormatError
 from vmipc.kvm import KvmError, KvmUnavailableError, MissingCapabilityError
 from vmipc.memory_layout import MemoryConfigError, layout_for
 from vmipc.vmm.builder import (
@@ -98,6 +99,15 @@ def add_parser(subparsers: Any) -> None:
             "device, opened now: the sandboxed VMM opens nothing later); with ,readonly the "
             "guest cannot write it. With --restore or --incoming it must be the disk the "
             "state was taken with (same size and mode)"
+        ),
+    )
+    parser.add_argument(
+        "--disk-from-snapshot",
+        metavar="NEWIMG",
+        help=(
+            "with --restore: write the snapshot's disk section (vmipc checkpoint --with-disk) "
+            "to the new image file NEWIMG (created, never overwritten; sparse), checked whole "
+            "first, and run the restored VM on it"
         ),
     )
     parser.add_argument("--vcpus", type=int, help="number of vCPUs (default 1)")
@@ -375,6 +385,9 @@ def run(args: argparse.Namespace) -> int:
             "vmipc vmm: --incoming needs --socket (that is how the guest arrives)", file=sys.stderr
         )
         return EXIT_USAGE
+    if args.disk_from_snapshot and (not args.restore or args.disk):
+        print("vmipc vmm: --disk-from-snapshot goes with --restore, not --disk", file=sys.stderr)
+        return EXIT_USAGE
     if (args.eager or args.verify) and not args.restore:
         print("vmipc vmm: --eager and --verify go with --restore", file=sys.stderr)
         return EXIT_USAGE
@@ -422,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
         except (GuestImageError, DiskImageError) as exc:
             print(f"vmipc vmm: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        except RestoreError as exc:
+        except (RestoreError, FormatError) as exc:
             print(f"vmipc vmm: cannot restore {args.restore}: {exc}", file=sys.stderr)
             return EXIT_FAILED
         except (KvmUnavailableError, MissingCapabilityError) as exc:
@@ -455,15 +468,39 @@ def _build(
         path, readonly = parse_disk_option(args.disk)
         disk = DiskImage.open(path, readonly=readonly)
         cleanup.callback(disk.close)  # after the machine (the stack unwinds in reverse)
+    if args.disk_from_snapshot:
+        disk = _disk_from_snapshot(args.restore, args.disk_from_snapshot, cleanup)
     if args.restore:
         options = RestoreOptions(
             eager=args.eager, verify=args.verify, paused=args.paused, disk=disk
         )
-        return build_from_snapshot(args.restore, sink, options, cleanup)
+        try:
+            return build_from_snapshot(args.restore, sink, options, cleanup)
+        except BaseException:
+            if args.disk_from_snapshot:  # written for this restore alone: no VM runs on it
+                with contextlib.suppress(OSError):
+                    os.unlink(args.disk_from_snapshot)
+            raise
     if args.incoming:
         configured = args.memory is not None or args.vcpus is not None
         return build_incoming(sink, cleanup, config if configured else None, disk)
     return build_for_boot(config, sink, cleanup, disk)
+
+
+def _disk_from_snapshot(snapshot: str, path: str, cleanup: contextlib.ExitStack) -> DiskImage:
+    """The snapshot's disk section written out to the new image ``path`` (checked whole:
+    structure and checksum; else FormatError and no file), opened in the section's mode."""
+    from vmipc.snapshots import extract_disk
+
+    try:
+        extracted = extract_disk(snapshot, path)
+    except FileExistsError:
+        raise DiskImageError(f"--disk-from-snapshot {path}: the file exists") from None
+    except OSError as exc:
+        raise DiskImageError(f"--disk-from-snapshot {path}: {exc.strerror or exc}") from None
+    disk = DiskImage.open(path, readonly=extracted.readonly)
+    cleanup.callback(disk.close)
+    return disk
 
 
 def _bind_server(

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         DirtyLogStartResult,
         DirtyLogStopResult,
         DumpDirtyResult,
+        DumpDiskResult,
         DumpMemoryResult,
         DumpStateResult,
         FlushDevicesResult,
@@ -294,6 +295,31 @@ class AsyncCommands:
         shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast("FlushDevicesResult", await self.call("flush-devices"))
+
+    async def dump_disk(
+        self,
+        *,
+        out: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> DumpDiskResult:
+        """Write the block device's image to the ``out`` fd as a snapshot file's ``disk`` section
+        (protocol/snapshot-file.md), appended at the file's end, and return its table entry (the
+        fd must be a regular file, not O_APPEND: ``invalid-fds`` before anything is written).
+        Sparse: only the image's data extents are read (SEEK_DATA/SEEK_HOLE) and all-zero 4 KiB
+        blocks are left out, so a restore keeps holes as holes; the bytes go from the image to
+        the file with copy_file_range where the kernel allows, else pwrite. Paused only: the
+        block device is drained, so the image is the paused moment (no flush is needed: the image
+        is read through the device's own file). A read-only disk is dumped like a writable one
+        (the section records its mode). ``no-disk`` when the VMM has no block device.
+        Cancellable; reports progress in bytes of the disk gone through.
+
+        Allowed in states: paused. Since protocol 1.9.
+        Errors: invalid-state, no-disk, cancelled, io-error, and the common errors
+        (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
+        """
+        result = await self.call("dump-disk", fds={"out": out}, on_progress=on_progress)
+        return cast("DumpDiskResult", result)
 
     async def dirty_log_start(self) -> DirtyLogStartResult:
         """Start dirty-page tracking (KVM's dirty log on every memory slot, plus pages the VMM
@@ -717,6 +743,31 @@ class SyncCommands:
         shutting-down, internal-error, not-permitted, chain-broken).
         """
         return cast("FlushDevicesResult", self.call("flush-devices"))
+
+    def dump_disk(
+        self,
+        *,
+        out: FdLike,
+        on_progress: ProgressCallback | None = None,
+    ) -> DumpDiskResult:
+        """Write the block device's image to the ``out`` fd as a snapshot file's ``disk`` section
+        (protocol/snapshot-file.md), appended at the file's end, and return its table entry (the
+        fd must be a regular file, not O_APPEND: ``invalid-fds`` before anything is written).
+        Sparse: only the image's data extents are read (SEEK_DATA/SEEK_HOLE) and all-zero 4 KiB
+        blocks are left out, so a restore keeps holes as holes; the bytes go from the image to
+        the file with copy_file_range where the kernel allows, else pwrite. Paused only: the
+        block device is drained, so the image is the paused moment (no flush is needed: the image
+        is read through the device's own file). A read-only disk is dumped like a writable one
+        (the section records its mode). ``no-disk`` when the VMM has no block device.
+        Cancellable; reports progress in bytes of the disk gone through.
+
+        Allowed in states: paused. Since protocol 1.9.
+        Errors: invalid-state, no-disk, cancelled, io-error, and the common errors
+        (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
+        """
+        result = self.call("dump-disk", fds={"out": out}, on_progress=on_progress)
+        return cast("DumpDiskResult", result)
 
     def dirty_log_start(self) -> DirtyLogStartResult:
         """Start dirty-page tracking (KVM's dirty log on every memory slot, plus pages the VMM

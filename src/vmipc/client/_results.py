@@ -203,6 +203,36 @@ class FlushDevicesResult(TypedDict):
     """The result of ``flush-devices``."""
 
 
+class DumpDiskResultSection(TypedDict):
+    """A snapshot section-table entry: pass it on to finish the file (`vmipc snapshot seal`)."""
+
+    name: str
+    """Section name (config, vcpus, devices, memory)."""
+    version: int
+    """The section's record version."""
+    offset: int
+    """File offset of the section (4096-aligned)."""
+    length: int
+    """Its length in bytes."""
+    checksum: int
+    """xxh3_64 of its bytes."""
+
+
+class DumpDiskResult(TypedDict):
+    """The result of ``dump-disk``."""
+
+    disk_size: int
+    """The disk's size in bytes (whole sectors)."""
+    data_bytes: int
+    """Bytes of the image stored (non-zero blocks of its data extents)."""
+    extents: int
+    """Extents stored."""
+    bytes: int
+    """The section's length in bytes."""
+    section: DumpDiskResultSection
+    """A snapshot section-table entry: pass it on to finish the file (`vmipc snapshot seal`)."""
+
+
 class DirtyLogStartResult(TypedDict):
     """The result of ``dirty-log-start``."""
 

@@ -21,6 +21,7 @@ from vmipc.kvm import KvmError
 from vmipc.memory_layout import PAGE_SIZE
 from vmipc.protocol import CommandError, ErrorCode
 from vmipc.vmm.dirtylog import DirtyLogMoved, DirtyLogOff
+from vmipc.vmm.machine_api import NoDisk
 from vmipc.vmm.persist import BulkError, PeerClosed, Stats, Transfer, TransferCancelled, fd_kind
 
 T = TypeVar("T")
@@ -176,6 +177,29 @@ async def load_state(ctx: CommandContext) -> dict[str, Any]:
         _require_file(ctx, "in", "snapshot")
     config = await _run_bulk(ctx, "state", lambda t: ctx.machine.load_state(fd, fmt, t))
     return {"vcpus": config.vcpus, "memory_size": config.memory_size}
+
+
+# --- the block device's image (1.9) ------------------------------------------------------------
+
+
+@handler("dump-disk")
+async def dump_disk(ctx: CommandContext) -> dict[str, Any]:
+    """The image, sparsely, as a snapshot's ``disk`` section (vmm/persist/diskdump.py)."""
+    fd = ctx.fds["out"]
+    _require_file(ctx, "out", "snapshot")
+    _require_positional(ctx, "out", "snapshot")
+    try:
+        dump = await _run_bulk(ctx, "disk", lambda t: ctx.machine.dump_disk(fd, t))
+    except NoDisk as exc:
+        raise CommandError(ErrorCode.NO_DISK, f"dump-disk: {exc}") from None
+    stats = dump.stats
+    return {
+        "disk_size": stats.disk_size,
+        "data_bytes": stats.data_bytes,
+        "extents": stats.extents,
+        "bytes": stats.bytes,
+        "section": dump.section.to_dict(),
+    }
 
 
 # --- dirty pages -------------------------------------------------------------------------------

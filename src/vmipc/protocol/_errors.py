@@ -101,6 +101,8 @@ class ErrorCode(enum.StrEnum):
     DAMAGED = "damaged"
     # ordered chains (1.8)
     CHAIN_BROKEN = "chain-broken"
+    # the block device's image (1.9)
+    NO_DISK = "no-disk"
     # connection scope: sent with a null id, then the server closes the connection
     FRAME_TOO_LARGE = "frame-too-large"
     HANDSHAKE_TIMEOUT = "handshake-timeout"

@@ -8,6 +8,7 @@ write)::
     <client> create TEMP (same directory, O_EXCL), write the header at 0
     dump-state  format=snapshot       the VMM appends config, vcpus, devices
     dump-memory format=snapshot       the VMM appends the memory section
+    dump-disk                         (with_disk) the VMM appends the disk section
     <client> write the section table + trailer (encode_table)
     resume                            (checkpoint, only if it paused the VM)
     <client> verify TEMP, fsync TEMP, rename TEMP -> FILE, fsync the directory
@@ -156,6 +157,7 @@ async def checkpoint(
     lease: float | None = DEFAULT_LEASE,
     on_step: StepHook | None = None,
     on_progress: ProgressCallback | None = None,
+    with_disk: bool = False,
 ) -> SnapshotReport:
     """Write a snapshot of the VM behind ``client`` to ``path``, atomically.
 
@@ -176,10 +178,16 @@ async def checkpoint(
     stops dirty logging, so that no later incremental snapshot can miss pages: the next
     checkpoint must be a full one.
 
+    ``with_disk``: the block device's image goes into the file too (a ``disk`` section,
+    ``dump-disk``, while the guest is paused), so that the VM and its disk move as one
+    file; a VMM without ``dump-disk`` is refused before anything is done, one without
+    a disk fails at ``dump-disk`` (``no-disk``; the VM is resumed, no file is left).
+
     ``on_step``: called with the name of each step before it runs; ``on_progress``: with
     the data of each ``progress`` event of the dumps (bytes of RAM gone through).
     """
     run = _Checkpoint(client, path, then=then, verify=verify, producer=producer, lease=lease)
+    run.with_disk = with_disk
     run.steps = Steps(on_step)
     async with observe_replies(run.steps, client), watch_progress(on_progress, client):
         return await run.run(mode)
@@ -214,6 +222,8 @@ class _Checkpoint:
     #: the memory part of the checkpoint's mode (chosen once what it needs is checked)
     memory: FullMemory
     header: SnapshotHeader
+    #: the block device's image goes into the file (a ``disk`` section)
+    with_disk: bool = False
 
     def __init__(
         self,
@@ -287,6 +297,12 @@ class _Checkpoint:
             status = dict(await self.client.query_status())
         if status["state"] not in ("running", "paused"):
             raise SequenceError("query-status", f"the VM is {status['state']}", "nothing was done")
+        if self.with_disk and not supports(self.client, "dump-disk"):
+            raise SequenceError(
+                "query-status",
+                "the VMM cannot dump its disk (dump-disk is protocol 1.9)",
+                "nothing was done",
+            )
         return status
 
     async def _memory_for(self, mode: CheckpointMode, status: dict[str, Any]) -> FullMemory:
@@ -341,6 +357,15 @@ class _Checkpoint:
         await self.memory.while_paused(self)
         if self.dirty.epoch is not None and self.memory.records_epoch:
             self.entries.append(append_dirty_log(self.file.fd, self.dirty.epoch))
+        if self.with_disk:
+            # the image as the paused guest left it: pause drained the device, and the VMM
+            # reads it through the device's own file, so what is not yet flushed is seen
+            async with self.steps.step("dump-disk"):
+                disk = await self.client.dump_disk(out=self.file.fd)
+                self.entries.append(SectionEntry.from_dict(disk["section"]))
+            # no flush-devices: the snapshot holds the disk and is fsynced before it is
+            # published; the image the guest runs on again is not the snapshot's any more
+            return
         if supports(self.client, "flush-devices"):
             # pause drained the block device; its image on disk must match the snapshot
             async with self.steps.step("flush-devices"):

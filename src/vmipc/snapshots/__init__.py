@@ -6,7 +6,8 @@ that building blocks wrote (:func:`seal`), check a file (:func:`verify_file`,
 (:class:`PendingFile`), follow and check an incremental chain (:func:`resolve_chain`),
 write the sections a chain relies on (an increment's memory around a ``dump-dirty``
 stream, the ``dirty-log`` epoch), and flatten a chain into one full snapshot
-(:func:`merge`). The byte format itself (header, table, sections) is the sans-I/O codec in
+(:func:`merge`), and write a snapshot's disk section out to a new image
+(:func:`extract_disk`). The byte format itself (header, table, sections) is the sans-I/O codec in
 :mod:`vmipc.formats`; this package is the blocking file work around it, for the
 sequences (``vmipc.sequences.checkpoint``, ``restore_into``) and ``vmipc snapshot``. It
 never talks to a VMM and never imports trio: from trio, run it in a thread.
@@ -27,6 +28,7 @@ from vmipc.snapshots._chain import (
     resolve_chain,
     verify_links,
 )
+from vmipc.snapshots._disk import DiskExtraction, disk_section, extract_disk, has_disk
 from vmipc.snapshots._merge import MergeReport, merge, merge_chain
 from vmipc.snapshots._publish import PendingFile, temp_path_for
 from vmipc.snapshots._ranges import hash_range, pwrite_all, reader_of, rehashed
@@ -37,11 +39,15 @@ __all__ = [
     "PRODUCER",
     "ChainError",
     "ChainLink",
+    "DiskExtraction",
     "MergeReport",
     "PendingFile",
     "append_dirty_log",
     "check_link",
+    "disk_section",
     "entries_of",
+    "extract_disk",
+    "has_disk",
     "hash_range",
     "increment_descriptor",
     "increment_entry",

@@ -26,9 +26,11 @@ from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
 from vmipc.vmm.machine import Machine, MachineConfig, MachineState
 from vmipc.vmm.machine_api import (
     DirtyDump,
+    DiskDump,
     InvalidStateError,
     MemoryDump,
     MemoryFormat,
+    NoDisk,
     StateChange,
     StateDump,
     StateFormat,
@@ -52,6 +54,7 @@ from vmipc.vmm.persist import (
     receive_page_stream,
     send_page_stream,
     update_memory_section,
+    write_disk_section,
     write_memory_section,
     write_raw_image,
     write_state_sections,
@@ -364,6 +367,18 @@ class MachineHost:
 
     def flush_devices(self) -> None:
         self.require_machine("flush-devices").flush_devices()
+
+    def dump_disk(self, fd: int, transfer: Transfer) -> DiskDump:
+        machine = self.require_machine("dump-disk")
+        if machine.state is not RunState.PAUSED:
+            # the server checks the state too; a drained device is what makes the image
+            # one moment, so the data plane never reads it from a running guest
+            raise InvalidStateError("dump-disk", machine.state)
+        disk = machine.disk
+        if disk is None or disk.fd < 0:
+            raise NoDisk("this VMM has no block device")
+        entry, stats = write_disk_section(disk, fd, transfer)
+        return DiskDump(stats, entry)
 
     def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:
         if not self.incoming:

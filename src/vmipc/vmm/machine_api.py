@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from vmipc.formats import SectionEntry
     from vmipc.vmm.dirtylog import DirtyCount
     from vmipc.vmm.machine import MachineConfig
-    from vmipc.vmm.persist import Stats, Transfer
+    from vmipc.vmm.persist import DiskStats, Stats, Transfer
 
 #: guest RAM as a page stream, a flat image, or a snapshot file's memory section
 MemoryFormat = Literal["stream", "raw", "snapshot"]
@@ -46,6 +46,10 @@ class InvalidStateError(VmipcError):
         super().__init__(f"cannot {operation} while {state.value}")
         self.operation = operation
         self.state = state
+
+
+class NoDisk(VmipcError):
+    """The machine has no block device (``dump-disk``)."""
 
 
 class Pausable(Protocol):
@@ -121,6 +125,14 @@ class StateDump:
 
 
 @dataclass(frozen=True)
+class DiskDump:
+    """What :meth:`Snapshottable.dump_disk` wrote: the ``disk`` section's table entry."""
+
+    stats: DiskStats
+    section: SectionEntry
+
+
+@dataclass(frozen=True)
 class DirtyDump:
     """What :meth:`Migratable.dump_dirty` wrote, and the dirty log's new epoch."""
 
@@ -153,6 +165,11 @@ class Snapshottable(Protocol):
 
     def flush_devices(self) -> None:
         """Make what the guest wrote to writable disks durable (blocking; OSError)."""
+        ...
+
+    def dump_disk(self, fd: int, transfer: Transfer) -> DiskDump:
+        """The block device's image, sparsely, as a snapshot ``disk`` section appended to
+        file ``fd`` (paused only: the device is drained). :class:`NoDisk` without one."""
         ...
 
     def load_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> MachineConfig:

@@ -389,6 +389,7 @@ ALLOWED_SYSCALLS_X86_64 = {
     "fdatasync": 75,  # the block device's flush
     "lseek": 8,  # also SEEK_DATA/SEEK_HOLE over the memfd
     "sendfile": 40,
+    "copy_file_range": 326,  # dump-disk: the image into the snapshot file in the kernel
     "ftruncate": 77,
     "fallocate": 285,  # punching holes into the memfd
     "close": 3,

@@ -25,6 +25,7 @@ from vmipc.vmm.persist.dataplane import (
     write_memory_section,
     write_raw_image,
 )
+from vmipc.vmm.persist.diskdump import DiskStats, write_disk_section
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.extents import data_extents, punch_hole
 from vmipc.vmm.persist.restorable import Restorable, check_config, check_restorable
@@ -47,6 +48,7 @@ __all__ = [
     "STATE_LIMITS",
     "STATE_MAGIC",
     "BulkError",
+    "DiskStats",
     "PageCoverage",
     "PeerClosed",
     "Restorable",
@@ -71,6 +73,7 @@ __all__ = [
     "send_page_stream",
     "state_sections",
     "update_memory_section",
+    "write_disk_section",
     "write_memory_section",
     "write_raw_image",
     "write_state_sections",

@@ -8,9 +8,12 @@ register or MSR value it does not take).
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
-from vmipc.formats import SnapshotReader
+from vmipc.formats import MissingSection, SnapshotReader
+from vmipc.formats.disksection import SECTION_DISK, read_disk_header, walk_disk_section
 from vmipc.formats.snapshot import (
     MEMORY_ENCODING_IMAGE,
     MEMORY_ENCODING_PAGE_STREAM,
@@ -22,6 +25,8 @@ from vmipc.memory_layout import (
     describe_layout,
     layout_for,
 )
+from vmipc.vmm.devices import VirtioBlkState
+from vmipc.vmm.devices.disk import SECTOR_SIZE
 from vmipc.vmm.machine import MAX_VCPUS, MachineConfig, MachineState
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.statecodec import read_state_sections
@@ -88,4 +93,31 @@ def check_restorable(reader: SnapshotReader, fd: int) -> Restorable:
             f"section 'memory': its layout {describe_layout(stored)} is not the layout of the "
             f"configuration's {config.memory_size >> 20} MiB of RAM ({describe_layout(expected)})",
         )
+    _check_disk_section(reader, fd, state)
     return Restorable(state, memory)
+
+
+def _check_disk_section(reader: SnapshotReader, fd: int, state: MachineState) -> None:
+    """An optional ``disk`` section must be well formed (every extent inside the disk, in
+    order, not overlapping, the end record where the section ends) and be the disk of the
+    block device's record (size and mode), whether or not this restore uses it: a file
+    with a malformed part is refused whole. Its checksum is read where it is copied out
+    (``vmipc.snapshots.extract_disk``) and by ``vmipc snapshot verify``."""
+    try:
+        entry = reader.entry(SECTION_DISK)
+    except MissingSection:
+        return
+    pread = functools.partial(os.pread, fd)
+    header = read_disk_header(pread, entry)
+    for _ in walk_disk_section(pread, entry):
+        pass
+    record = state.devices.get("virtio-blk")
+    sectors = record.disk_sectors if isinstance(record, VirtioBlkState) else 0
+    readonly = record.readonly if isinstance(record, VirtioBlkState) else False
+    if sectors * SECTOR_SIZE != header.disk_size or readonly != header.readonly:
+        mode = "read-only" if header.readonly else "writable"
+        raise BulkError(
+            "bad-snapshot",
+            f"section '{SECTION_DISK}': a {mode} disk of {header.disk_size} bytes, but the "
+            f"block device's record has {sectors} sectors" + (" (read-only)" if readonly else ""),
+        )
