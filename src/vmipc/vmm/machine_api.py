@@ -48,6 +48,11 @@ class InvalidStateError(VmipcError):
         self.state = state
 
 
+class DiskPresent(VmipcError):
+    """``attach-disk`` to a VMM that has a disk already (``vmm --disk``, or an earlier
+    ``attach-disk``): one disk per machine, and a disk is never swapped silently."""
+
+
 class Pausable(Protocol):
     """The run state: start, pause, resume, close, and who hears of the changes."""
 
@@ -155,9 +160,20 @@ class Snapshottable(Protocol):
         """Make what the guest wrote to writable disks durable (blocking; OSError)."""
         ...
 
-    def load_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> MachineConfig:
+    def load_state(
+        self, fd: int, fmt: StateFormat, transfer: Transfer, *, accept_disk: bool = False
+    ) -> MachineConfig:
         """The non-RAM state from ``fd`` into the incoming machine (built first if needed),
-        which is paused from then on; returns its configuration."""
+        which is paused from then on; returns its configuration. The machine's disk must
+        be the state's (size and fingerprint) unless ``accept_disk``."""
+        ...
+
+    def attach_disk(self, fd: int, *, readonly: bool) -> int:
+        """Give the incoming machine (or the one it will build) its block device's image:
+        ``fd``, a duplicate of which it keeps. Returns the disk's size in bytes.
+        :class:`vmipc.vmm.devices.DiskImageError` for an fd that cannot be a disk,
+        :class:`DiskPresent` when the VMM has one already, InvalidStateError when not
+        incoming."""
         ...
 
     def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:

@@ -113,8 +113,9 @@ class DeviceType(Generic[S, D]):
     #: ``(base, length)`` on the MMIO bus (the device is an :class:`MmioDevice`)
     mmio: tuple[int, int] | None = None
     #: why a (valid) record cannot go to a machine with these resources (a disk of
-    #: another size, say), or None: asked before any of a state is restored
-    check: Callable[[S, DeviceResources], str | None] | None = None
+    #: another size, say), or None: asked before any of a state is restored. Its third
+    #: argument: accept another disk than the record's (``load-state accept_disk``)
+    check: Callable[[S, DeviceResources, bool], str | None] | None = None
 
     def load(self, record: Any) -> S:
         """The state record in ``record`` (decoded msgpack); :class:`ValueError` if it is
