@@ -316,3 +316,26 @@ def test_live_migration_with_shared_storage_continues_the_disk_workload(
     assert_exact(before + after)
     check = check_disk_image(image.read_bytes(), BLOCKS)
     assert check.consistent_with(last_pass(before + after)), check
+
+
+def test_a_migration_to_a_destination_with_another_disk_leaves_the_source_running(
+    image: Path, tmp_path: Path
+) -> None:
+    """The destination's load-state refuses the state (another disk): the migration
+    fails before the switch-over, the source runs on exactly, the destination is gone."""
+    other = tmp_path / "other.img"
+    with vmm_processes() as vmms:
+        src = _disk_guest(vmms, image)
+        wait_for(lambda: last_pass(src.text()) >= 2, 60, "pass 2")
+        shutil.copy(image, other)
+        with open(other, "r+b") as handle:
+            handle.write(b"not the same disk")
+        dst = vmms._start("dst", ["--incoming", "--disk", str(other)], [])
+        done = vmipc("migrate", "--socket", src.socket, "--to", dst.socket)
+        assert done.returncode == 1, done.stderr
+        assert "fingerprint" in done.stderr and "source" in done.stderr, done.stderr
+        assert src.state() == "running"
+        dst.wait_exit()
+        text = _run_on(src, last_pass(src.text()))
+    assert_exact(text)
+    assert check_disk_image(image.read_bytes(), BLOCKS).consistent_with(last_pass(text))
