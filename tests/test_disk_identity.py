@@ -6,11 +6,14 @@ workload exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import shutil
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +23,7 @@ import pytest
 
 from tests.builtin_guest import Console
 from tests.seq_support import VmmProcess, Vmms, vmipc, vmm_processes, wait_for
+from tests.tls_support import Receiver
 from vmipc.client import SyncClient
 from vmipc.guest import check_disk_image, disk_pass_sums
 from vmipc.memory_layout import MIB
@@ -241,12 +245,18 @@ def test_checkpoint_restore_with_the_disk_refuses_another_unless_forced(
     """Suspend mid-workload (checkpoint, then the source quits: the disk stays as the
     snapshot has it). Restored into a VMM without --disk, the image passed as an fd:
     the workload continues exactly and the image checks. Another disk is refused by
-    `vmipc restore` and `vmm --restore`, and accepted with --force-disk."""
+    `vmipc restore` and `vmm --restore`, and accepted with --force-disk; so is the same
+    image after a live checkpoint whose VM wrote on."""
     snap = tmp_path / "vm.snap"
+    live = tmp_path / "live.snap"
     other = tmp_path / "other.img"
     with vmm_processes() as vmms:
         src = _disk_guest(vmms, image)
         wait_for(lambda: last_pass(src.text()) >= 2, 60, "pass 2")
+        done = vmipc("checkpoint", "--socket", src.socket, str(live))
+        assert done.returncode == 0, done.stderr
+        moved_on = last_pass(src.text()) + 2
+        wait_for(lambda: last_pass(src.text()) >= moved_on, 60, "two more passes")
         done = vmipc("suspend", "--socket", src.socket, str(snap))
         assert done.returncode == 0, done.stderr
         assert src.wait_exit() == 0
@@ -260,6 +270,9 @@ def test_checkpoint_restore_with_the_disk_refuses_another_unless_forced(
         assert refused.returncode == 1, refused.stderr
         assert "fingerprint" in refused.stderr and "--force-disk" in refused.stderr
         assert dst.state() == "incoming"
+        stale = vmms.incoming("stale", memory=None)
+        refused = vmipc("restore", "--socket", stale.socket, "--disk", str(image), str(live))
+        assert refused.returncode == 1 and "written since" in refused.stderr, refused.stderr
 
         lone = vmipc("vmm", "--restore", str(snap), "--disk", str(other), timeout=60)
         assert lone.returncode != 0 and "fingerprint" in lone.stderr, lone.stderr
@@ -290,21 +303,24 @@ def test_checkpoint_restore_with_the_disk_refuses_another_unless_forced(
     assert check.consistent_with(last_pass(before + after)), check
 
 
-@pytest.mark.parametrize("how", ["disk-at-start", "disk-passed"])
+@pytest.mark.parametrize("how", ["disk-at-start", "disk-passed", "disk-passed-configured"])
 def test_live_migration_with_shared_storage_continues_the_disk_workload(
     image: Path, how: str
 ) -> None:
     """The guest's disk workload (depth 4) migrates VMM to VMM, the destination opening
-    the same image (--disk at its start, or passed by `vmipc migrate --disk`): its lines
-    continue exactly and every block of the image checks afterwards."""
+    the same image (--disk at its start, or passed by `vmipc migrate --disk`, before its
+    machine is built or after --memory built it): its lines continue exactly and every
+    block of the image checks afterwards."""
     with vmm_processes() as vmms:
         src = _disk_guest(vmms, image)
+        extra: tuple[str, ...] = ("--disk", str(image))
         if how == "disk-at-start":
             dst = vmms._start("dst", ["--incoming", "--disk", str(image)], [])
-            extra: tuple[str, ...] = ()
-        else:
+            extra = ()
+        elif how == "disk-passed":
             dst = vmms.incoming("dst", memory=None)
-            extra = ("--disk", str(image))
+        else:
+            dst = vmms._start("dst", ["--incoming", "--memory", "32M", "--vcpus", "1"], [])
         wait_for(lambda: last_pass(src.text()) >= 2, 60, "pass 2")
         done = vmipc("migrate", "--socket", src.socket, "--to", dst.socket, "--json", *extra)
         assert done.returncode == 0, done.stderr
@@ -339,3 +355,50 @@ def test_a_migration_to_a_destination_with_another_disk_leaves_the_source_runnin
         text = _run_on(src, last_pass(src.text()))
     assert_exact(text)
     assert check_disk_image(image.read_bytes(), BLOCKS).consistent_with(last_pass(text))
+
+
+def test_a_migration_over_tcp_passes_the_disk_at_the_receiving_side(image: Path) -> None:
+    """`vmipc receive --disk IMAGE` (plain TCP on loopback): the receiver starts the
+    incoming VMM, opens the image and passes it (attach-disk); the workload continues
+    exactly there."""
+    report: dict = {}
+    with vmm_processes() as vmms:
+        src = _disk_guest(vmms, image)
+        receiver = Receiver(vmms.tmp, ["--disk", str(image)])
+        try:
+            wait_for(lambda: last_pass(src.text()) >= 2, 60, "pass 2")
+            to = f"tcp:127.0.0.1:{receiver.port}"
+            done = vmipc("migrate", "--socket", src.socket, "--to", to)
+            assert done.returncode == 0, done.stderr
+            code, report = receiver.result()
+            assert code == 0 and report["outcome"] == "running", report
+            assert src.wait_exit() == 0
+            before = src.text()
+            reached = last_pass(before)
+            console = receiver.console
+            wait_for(lambda: last_pass(console.read_text()) >= reached + 3, 60, "more passes")
+            with SyncClient(report["socket"]) as client:
+                client.pause()
+            after = console.read_text()
+        finally:
+            receiver.stop()
+            _stop_started(report)
+    assert_exact(before + after)
+    assert check_disk_image(image.read_bytes(), BLOCKS).consistent_with(last_pass(before + after))
+
+
+def _stop_started(report: dict) -> None:
+    """The VMM a receiver started outlives it: quit it, else kill it by its pid."""
+    if report.get("socket"):
+        with contextlib.suppress(Exception), SyncClient(report["socket"], timeout=5) as client:
+            client.quit()
+    pid = report.get("pid")
+    if pid:
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -2,7 +2,7 @@
 
     vmipc migrate [--socket SRC] --to DST_SOCKET|tcp:HOST:PORT [--max-downtime MS]
                   [--max-rounds N] [--timeout SECONDS] [--force] [--lease SECONDS]
-                  [--json] [--timeline] [--progress MODE]
+                  [--disk FILE[,readonly]] [--json] [--timeline] [--progress MODE]
                   [--token-file F | --tls-cert C --tls-key K --tls-ca CA
                    [--tls-peer-name NAME] | --insecure]
 
