@@ -93,7 +93,8 @@ class DeviceManager:
         return device
 
     def save(self) -> dict[str, DeviceState]:
-        """Every device's record, by name, in registry order. Never fails."""
+        """Every device's record, by name, in registry order. Fails only if a disk cannot
+        be read for its fingerprint (OSError)."""
         return {kind.name: self._devices[kind.name].save() for kind in self._kinds}
 
     def check(self, states: Mapping[str, DeviceState], *, accept_disk: bool = False) -> str | None:

@@ -7,7 +7,8 @@ As in Firecracker's ``persist.rs``, a device and its state are two things:
   any other version and any impossible value with :class:`ValueError`. It is the device's
   record in a state blob or snapshot (protocol/state-blob.md).
 * the device — it implements :class:`Persist`: ``save()`` returns its record and cannot
-  fail (it runs on a paused machine), and a *restore constructor* builds a live device
+  fail (it runs on a paused machine) — but for an I/O error reading what the record
+  names (the block device's disk, for its fingerprint), and a *restore constructor* builds a live device
   from a record plus the live resources of this process (:class:`DeviceResources`):
   nothing of the old device object is reused.
 
@@ -52,7 +53,8 @@ class Persist(Protocol[S_co]):
     """A device that can be saved; its restore constructor is its :class:`DeviceType`'s."""
 
     def save(self) -> S_co:
-        """The device's state, between two operations. Never fails."""
+        """The device's state, between two operations. Never fails, but for OSError from
+        reading the device's backing (a disk's fingerprint)."""
         ...
 
 
