@@ -269,6 +269,7 @@ def test_checkpoint_restore_with_the_disk_refuses_another_unless_forced(
         refused = vmipc("restore", "--socket", dst.socket, "--disk", str(other), str(snap))
         assert refused.returncode == 1, refused.stderr
         assert "fingerprint" in refused.stderr and "--force-disk" in refused.stderr
+        assert "bad-state" in refused.stderr, refused.stderr
         assert dst.state() == "incoming"
         stale = vmms.incoming("stale", memory=None)
         refused = vmipc("restore", "--socket", stale.socket, "--disk", str(image), str(live))

@@ -7,10 +7,10 @@ As in Firecracker's ``persist.rs``, a device and its state are two things:
   any other version and any impossible value with :class:`ValueError`. It is the device's
   record in a state blob or snapshot (protocol/state-blob.md).
 * the device — it implements :class:`Persist`: ``save()`` returns its record and cannot
-  fail (it runs on a paused machine) — but for an I/O error reading what the record
-  names (the block device's disk, for its fingerprint), and a *restore constructor* builds a live device
-  from a record plus the live resources of this process (:class:`DeviceResources`):
-  nothing of the old device object is reused.
+  fail (it runs on a paused machine) but for an I/O error reading what the record names
+  (the block device's disk, for its fingerprint), and a *restore constructor* builds a
+  live device from a record plus the live resources of this process
+  (:class:`DeviceResources`): nothing of the old device object is reused.
 
 A :class:`DeviceType` ties the two together with where the device sits on the buses; the
 registry (``vmm/devices/registry.py``) lists them, and the machine's
