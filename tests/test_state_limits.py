@@ -169,6 +169,7 @@ def maximal_state() -> MachineState:
         used_idx=0xFFFF,
         interrupt_status=3,
         config_generation=0xFFFFFFFF,
+        disk_fingerprint=(1 << 64) - 1,
     )
     return MachineState(config, vcpus, vm, {"uart": uart.save(), "virtio-blk": widest})
 

@@ -361,7 +361,10 @@ def test_hostile_records_are_refused(
         ("queue_desc", -1),
         ("readonly", 2),
         ("disk_sectors", "64"),
-        ("version", 2),
+        ("version", 3),
+        ("disk_fingerprint", -1),
+        ("disk_fingerprint", 1 << 64),
+        ("disk_fingerprint", b"12345678"),
     ]:
         bad = dict(record, **{key: value})
         with pytest.raises(ValueError):
@@ -371,9 +374,12 @@ def test_hostile_records_are_refused(
     state = VirtioBlkState.from_dict(record)
     other = make_disk(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, sectors=8)
     try:
-        assert state.disk_mismatch(other) is not None
+        assert "bytes" in (state.disk_mismatch(other) or "")
+        assert state.disk_mismatch(other, accept_disk=True) is None
+        # the same disk is the machine's check (which may be told to accept another);
+        # the restore constructor refuses what can never fit: no disk, another mode
         with pytest.raises(ValueError, match="sectors"):
-            VirtioBlk.restore(state, memory, other, Irq())
+            VirtioBlk.restore(state, memory, None, Irq())
         assert state.disk_mismatch(None) is not None
     finally:
         other.close()

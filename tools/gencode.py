@@ -119,11 +119,12 @@ class _Generator:
             default = "" if a.required else f" = {_literal(a.default)}"
             params.append(f"{a.name}: {annotation}{default}")
             if not a.required:
-                differs = (
-                    f"{a.name} is not None"
-                    if a.default is None
-                    else f"{a.name} != {_literal(a.default)}"
-                )
+                if a.default is None:
+                    differs = f"{a.name} is not None"
+                elif a.default is False:  # ruff's E712 refuses `!= False`
+                    differs = a.name
+                else:
+                    differs = f"{a.name} != {_literal(a.default)}"
                 optional.append(f'        if {differs}:\n            args["{a.name}"] = {a.name}')
         required = [a.name for a in spec.args if a.required]
         if optional:

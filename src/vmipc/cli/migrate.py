@@ -2,7 +2,7 @@
 
     vmipc migrate [--socket SRC] --to DST_SOCKET|tcp:HOST:PORT [--max-downtime MS]
                   [--max-rounds N] [--timeout SECONDS] [--force] [--lease SECONDS]
-                  [--json] [--timeline] [--progress MODE]
+                  [--disk FILE[,readonly]] [--json] [--timeline] [--progress MODE]
                   [--token-file F | --tls-cert C --tls-key K --tls-ca CA
                    [--tls-peer-name NAME] | --insecure]
 
@@ -51,6 +51,7 @@ from vmipc.sequences import (
     MigrationReport,
     migrate_local,
 )
+from vmipc.vmm.devices import parse_disk_option
 
 PROG = "vmipc migrate"
 
@@ -98,6 +99,15 @@ def add_parser(subparsers: Any) -> None:
         "--force",
         action="store_true",
         help="when it does not converge, stop the source anyway instead of giving up",
+    )
+    parser.add_argument(
+        "--disk",
+        metavar="FILE[,readonly]",
+        help=(
+            "shared storage: open this disk image (the source's) here and pass it to a local "
+            "destination started without --disk (attach-disk). The destination refuses the "
+            "state if it is not the source's disk (size and fingerprint)"
+        ),
     )
     add_lease_argument(parser, "the source's pause")
     add_tls_arguments(parser, "sender")
@@ -150,7 +160,12 @@ def _migration(
     bad address or unusable credentials)."""
     to: str = args.to
     if not to.startswith("tcp:"):
+        if args.disk:
+            path, readonly = parse_disk_option(args.disk)
+            options = {**options, "disk": path, "disk_readonly": readonly}
         return lambda: migrate_local(source, to, **options)
+    if args.disk:
+        raise ValueError("--disk goes with a local --to (the destination's socket)")
     from vmipc.sequences import CredentialsError, migrate_tcp, parse_address
 
     address = parse_address(to.removeprefix("tcp:"))

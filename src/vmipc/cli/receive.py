@@ -3,7 +3,8 @@
     vmipc receive --listen HOST:PORT [--token-file F | --tls-cert C --tls-key K --tls-ca CA
                   [--tls-peer-name NAME] | --insecure] [--memory SIZE] [--vcpus N]
                   [--hello-timeout SECONDS] [--socket PATH] [--console PATH]
-                  [--vmm-log PATH] [--accept-timeout SECONDS] [--json]
+                  [--vmm-log PATH] [--accept-timeout SECONDS] [--disk FILE[,readonly]]
+                  [--json]
 
 Accepts one TCP connection from ``vmipc migrate --to tcp:HOST:PORT`` and feeds what
 arrives straight into an incoming VMM: the one at --socket, or one it starts (``vmipc vmm
@@ -37,6 +38,7 @@ from vmipc.sequences import (
     parse_address,
     receive,
 )
+from vmipc.vmm.devices import parse_disk_option
 
 PROG = "vmipc receive"
 
@@ -84,6 +86,15 @@ def add_parser(subparsers: Any) -> None:
         "--memory", metavar="SIZE", help="accept only a guest of this RAM (e.g. 64M, 1G)"
     )
     parser.add_argument("--vcpus", type=int, metavar="N", help="accept only this vCPU count")
+    parser.add_argument(
+        "--disk",
+        metavar="FILE[,readonly]",
+        help=(
+            "shared storage: open this disk image (the source's) here and pass it to the "
+            "incoming VMM (attach-disk; one given with --socket must have been started "
+            "without --disk). It refuses the state if it is not the source's disk"
+        ),
+    )
     add_tls_arguments(parser, "receiver")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=run)
@@ -103,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         address = parse_address(args.listen)
         shape = _shape(args)
+        disk, disk_readonly = (None, False) if not args.disk else parse_disk_option(args.disk)
         if args.hello_timeout <= 0:
             raise ValueError("--hello-timeout must be positive")
     except ValueError as exc:
@@ -137,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
             hello_timeout=args.hello_timeout,
             shape=shape,
             on_refused=refused,
+            disk=disk,
+            disk_readonly=disk_readonly,
         )
 
     code, report = run_sequence(PROG, main)

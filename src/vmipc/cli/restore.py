@@ -1,7 +1,8 @@
 """``vmipc restore``: restore a snapshot file into an incoming VMM.
 
     vmipc restore [--socket PATH] FILE [--parent FILE]... [--chain-dir DIR] [--paused]
-                  [--verify] [--quit-on-failure] [--json] [--timeline] [--progress MODE]
+                  [--verify] [--disk FILE[,readonly]] [--force-disk] [--quit-on-failure]
+                  [--json] [--timeline] [--progress MODE]
 
 The VMM is one started with ``vmipc vmm --incoming --socket PATH`` (no --memory/--vcpus
 needed: the machine is built from the file). Sends load-memory and load-state (both with
@@ -17,6 +18,7 @@ cannot be reached.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from vmipc.cli import EXIT_USAGE
@@ -30,6 +32,7 @@ from vmipc.cli._sequence import (
 )
 from vmipc.client import open_client
 from vmipc.sequences import RestoreReport, restore_into
+from vmipc.vmm.devices import parse_disk_option
 
 PROG = "vmipc restore"
 
@@ -65,6 +68,24 @@ def add_parser(subparsers: Any) -> None:
         help="check every checksum of the files first, the memory's too (reads all of it)",
     )
     parser.add_argument(
+        "--disk",
+        metavar="FILE[,readonly]",
+        help=(
+            "open this disk image here and pass it to a VMM started without --disk "
+            "(attach-disk). Either way the VMM's disk must be the snapshot's: its size and "
+            "fingerprint (a disk written since the snapshot is refused too), unless "
+            "--force-disk"
+        ),
+    )
+    parser.add_argument(
+        "--force-disk",
+        action="store_true",
+        help=(
+            "restore even if the VMM's disk is not the snapshot's (another size or "
+            "fingerprint: load-state accept_disk); its mode must still match"
+        ),
+    )
+    parser.add_argument(
         "--quit-on-failure",
         action="store_true",
         help="tell the incoming VMM to quit when the restore fails",
@@ -78,6 +99,13 @@ def run(args: argparse.Namespace) -> int:
     if path is None:
         return EXIT_USAGE
 
+    disk, disk_readonly = None, False
+    if args.disk:
+        try:
+            disk, disk_readonly = parse_disk_option(args.disk)
+        except ValueError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     view, hooks = progress_hooks(args)
 
     async def main() -> RestoreReport:
@@ -90,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
                 parents=args.parent,
                 chain_dir=args.chain_dir,
                 verify=args.verify,
+                disk=disk,
+                disk_readonly=disk_readonly,
+                accept_disk=args.force_disk,
                 **hooks,
             )
 

@@ -98,7 +98,20 @@ def add_parser(subparsers: Any) -> None:
             "a virtio-mmio block device backed by this image (a regular file or block "
             "device, opened now: the sandboxed VMM opens nothing later); with ,readonly the "
             "guest cannot write it. With --restore or --incoming it must be the disk the "
-            "state was taken with (same size and mode)"
+            "state was taken with: the same mode, size and fingerprint (a hash of the size "
+            "and of 16 sampled blocks, recorded in the state: a disk written since the "
+            "state was taken is refused too), unless --force-disk. An --incoming VMM "
+            "without --disk can be given its image over the socket (attach-disk; "
+            "vmipc restore/migrate --disk)"
+        ),
+    )
+    parser.add_argument(
+        "--force-disk",
+        action="store_true",
+        help=(
+            "with --restore: restore with the --disk given even if its size or fingerprint "
+            "is not the snapshot's (another disk, or one written since the snapshot); its "
+            "mode must still match. The guest then finds on it what is there"
         ),
     )
     parser.add_argument(
@@ -391,6 +404,9 @@ def run(args: argparse.Namespace) -> int:
     if (args.eager or args.verify) and not args.restore:
         print("vmipc vmm: --eager and --verify go with --restore", file=sys.stderr)
         return EXIT_USAGE
+    if args.force_disk and not (args.restore and args.disk):
+        print("vmipc vmm: --force-disk goes with --restore and --disk", file=sys.stderr)
+        return EXIT_USAGE
     if args.paused and not args.socket:
         print("vmipc vmm: --paused needs --socket (something must resume it)", file=sys.stderr)
         return EXIT_USAGE
@@ -472,7 +488,11 @@ def _build(
         disk = _disk_from_snapshot(args.restore, args.disk_from_snapshot, cleanup)
     if args.restore:
         options = RestoreOptions(
-            eager=args.eager, verify=args.verify, paused=args.paused, disk=disk
+            eager=args.eager,
+            verify=args.verify,
+            paused=args.paused,
+            disk=disk,
+            accept_disk=args.force_disk,
         )
         try:
             return build_from_snapshot(args.restore, sink, options, cleanup)

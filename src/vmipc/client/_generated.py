@@ -14,6 +14,7 @@ from vmipc.client._common import FdLike, ProgressCallback
 if TYPE_CHECKING:
     from vmipc.client._results import (
         ApplyPagesResult,
+        AttachDiskResult,
         CancelResult,
         ClaimPriorityResult,
         ConfigureResult,
@@ -466,17 +467,41 @@ class AsyncCommands:
         result = await self.call("configure", memory_size=memory_size, vcpus=vcpus)
         return cast("ConfigureResult", result)
 
+    async def attach_disk(self, *, readonly: bool = False, disk: FdLike) -> AttachDiskResult:
+        """On an incoming VMM started without --disk: give its block device an image, as the
+        ``disk`` fd (the VMM opens nothing itself). The fd must be a regular file or block
+        device, open for reading and, unless ``readonly``, for writing too (not O_APPEND), of a
+        size that is a positive multiple of 512 bytes; otherwise ``invalid-fds`` and nothing
+        changes. The VMM keeps its own duplicate. Send it before ``load-state`` (before or after
+        ``configure`` and the memory loads): the state's disk record is then checked against this
+        image. A VMM that has a disk already (``vmm --disk``, or an earlier ``attach-disk``)
+        refuses with ``disk-present``. ``vmipc restore --disk`` and ``vmipc migrate --disk`` send
+        it.
+
+        Allowed in states: incoming. Since protocol 1.9.
+        Errors: invalid-state, invalid-fds, disk-present, and the common errors
+        (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
+        """
+        args: dict[str, Any] = {}
+        if readonly:
+            args["readonly"] = readonly
+        return cast("AttachDiskResult", await self.call("attach-disk", **args, fds={"disk": disk}))
+
     async def load_state(
         self,
         *,
         format: Literal["blob", "snapshot"] = "blob",
+        accept_disk: bool = False,
         in_: FdLike,
     ) -> LoadStateResult:
         """On an incoming VMM: read the machine state from the ``in`` fd (``format: blob`` as
         ``dump-state`` writes it, or ``snapshot`` sections of a snapshot file) and restore every
         vCPU and device. A VMM started without --memory/--vcpus builds its machine from the
-        state's configuration; otherwise the configuration must match. The machine is then
-        ``paused``: ``resume`` runs the guest.
+        state's configuration; otherwise the configuration must match. The block device's record
+        names the disk the state was taken with (its size and fingerprint, docs/formats.md): this
+        VMM's disk must be that one unless ``accept_disk``. The machine is then ``paused``:
+        ``resume`` runs the guest.
 
         Allowed in states: incoming. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-state, bad-snapshot, and the
@@ -486,6 +511,8 @@ class AsyncCommands:
         args: dict[str, Any] = {}
         if format != "blob":
             args["format"] = format
+        if accept_disk:
+            args["accept_disk"] = accept_disk
         return cast("LoadStateResult", await self.call("load-state", **args, fds={"in": in_}))
 
 
@@ -913,17 +940,41 @@ class SyncCommands:
         """
         return cast("ConfigureResult", self.call("configure", memory_size=memory_size, vcpus=vcpus))
 
+    def attach_disk(self, *, readonly: bool = False, disk: FdLike) -> AttachDiskResult:
+        """On an incoming VMM started without --disk: give its block device an image, as the
+        ``disk`` fd (the VMM opens nothing itself). The fd must be a regular file or block
+        device, open for reading and, unless ``readonly``, for writing too (not O_APPEND), of a
+        size that is a positive multiple of 512 bytes; otherwise ``invalid-fds`` and nothing
+        changes. The VMM keeps its own duplicate. Send it before ``load-state`` (before or after
+        ``configure`` and the memory loads): the state's disk record is then checked against this
+        image. A VMM that has a disk already (``vmm --disk``, or an earlier ``attach-disk``)
+        refuses with ``disk-present``. ``vmipc restore --disk`` and ``vmipc migrate --disk`` send
+        it.
+
+        Allowed in states: incoming. Since protocol 1.9.
+        Errors: invalid-state, invalid-fds, disk-present, and the common errors
+        (handshake-required, invalid-message, unknown-command, invalid-arguments, invalid-fds,
+        limit-exceeded, shutting-down, internal-error, not-permitted, chain-broken).
+        """
+        args: dict[str, Any] = {}
+        if readonly:
+            args["readonly"] = readonly
+        return cast("AttachDiskResult", self.call("attach-disk", **args, fds={"disk": disk}))
+
     def load_state(
         self,
         *,
         format: Literal["blob", "snapshot"] = "blob",
+        accept_disk: bool = False,
         in_: FdLike,
     ) -> LoadStateResult:
         """On an incoming VMM: read the machine state from the ``in`` fd (``format: blob`` as
         ``dump-state`` writes it, or ``snapshot`` sections of a snapshot file) and restore every
         vCPU and device. A VMM started without --memory/--vcpus builds its machine from the
-        state's configuration; otherwise the configuration must match. The machine is then
-        ``paused``: ``resume`` runs the guest.
+        state's configuration; otherwise the configuration must match. The block device's record
+        names the disk the state was taken with (its size and fingerprint, docs/formats.md): this
+        VMM's disk must be that one unless ``accept_disk``. The machine is then ``paused``:
+        ``resume`` runs the guest.
 
         Allowed in states: incoming. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-state, bad-snapshot, and the
@@ -933,4 +984,6 @@ class SyncCommands:
         args: dict[str, Any] = {}
         if format != "blob":
             args["format"] = format
+        if accept_disk:
+            args["accept_disk"] = accept_disk
         return cast("LoadStateResult", self.call("load-state", **args, fds={"in": in_}))

@@ -310,6 +310,13 @@ class ConfigureResult(TypedDict):
     """Its vCPUs."""
 
 
+class AttachDiskResult(TypedDict):
+    """The result of ``attach-disk``."""
+
+    size: int
+    """The disk's size in bytes, as the guest sees it."""
+
+
 class LoadStateResult(TypedDict):
     """The result of ``load-state``."""
 

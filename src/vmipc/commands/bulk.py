@@ -20,8 +20,9 @@ from vmipc.commands._registry import CommandContext, handler
 from vmipc.kvm import KvmError
 from vmipc.memory_layout import PAGE_SIZE
 from vmipc.protocol import CommandError, ErrorCode
+from vmipc.vmm.devices import DiskImageError
 from vmipc.vmm.dirtylog import DirtyLogMoved, DirtyLogOff
-from vmipc.vmm.machine_api import NoDisk
+from vmipc.vmm.machine_api import DiskPresent, NoDisk
 from vmipc.vmm.persist import BulkError, PeerClosed, Stats, Transfer, TransferCancelled, fd_kind
 
 T = TypeVar("T")
@@ -175,7 +176,10 @@ async def load_state(ctx: CommandContext) -> dict[str, Any]:
     fd = ctx.fds["in"]
     if fmt == "snapshot":
         _require_file(ctx, "in", "snapshot")
-    config = await _run_bulk(ctx, "state", lambda t: ctx.machine.load_state(fd, fmt, t))
+    accept_disk = ctx.args["accept_disk"]
+    config = await _run_bulk(
+        ctx, "state", lambda t: ctx.machine.load_state(fd, fmt, t, accept_disk=accept_disk)
+    )
     return {"vcpus": config.vcpus, "memory_size": config.memory_size}
 
 
@@ -280,3 +284,19 @@ async def configure(ctx: CommandContext) -> dict[str, Any]:
             {"argument": "memory_size", "problem": str(exc)[:200]},
         ) from None
     return {"memory_size": config.memory_size, "vcpus": config.vcpus}
+
+
+@handler("attach-disk", exclusive=True)
+async def attach_disk(ctx: CommandContext) -> dict[str, Any]:
+    fd, readonly = ctx.fds["disk"], ctx.args["readonly"]
+    try:
+        size = await trio.to_thread.run_sync(lambda: ctx.machine.attach_disk(fd, readonly=readonly))
+    except DiskImageError as exc:
+        raise CommandError(
+            ErrorCode.INVALID_FDS,
+            f"attach-disk: {exc}",
+            {"fd": "disk", "problem": exc.problem},
+        ) from None
+    except DiskPresent as exc:
+        raise CommandError(ErrorCode.DISK_PRESENT, f"attach-disk: {exc}") from None
+    return {"size": size}

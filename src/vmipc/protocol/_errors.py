@@ -89,6 +89,7 @@ class ErrorCode(enum.StrEnum):
     BAD_STREAM = "bad-stream"
     BAD_SNAPSHOT = "bad-snapshot"
     BAD_STATE = "bad-state"
+    DISK_PRESENT = "disk-present"
     NOT_CONFIGURED = "not-configured"
     DIRTY_LOG_OFF = "dirty-log-off"
     # connection classes (1.2)

@@ -84,6 +84,7 @@ from vmipc.sequences._common import (
     supports,
     watch_progress,
 )
+from vmipc.sequences._restore import attach_disk
 from vmipc.sequences._steps import StepHook, Steps, StepTiming, observe_replies
 from vmipc.sequences._steps import side as timed_side
 
@@ -271,10 +272,21 @@ class LocalDestination:
     reached through its control socket; data flows through a socket pair."""
 
     def __init__(
-        self, client: Client, socket_path: str, channel: ChannelFactory = socketpair_channel
+        self,
+        client: Client,
+        socket_path: str,
+        channel: ChannelFactory = socketpair_channel,
+        *,
+        disk: str | None = None,
+        disk_readonly: bool = False,
     ) -> None:
         self.client = client
         self.socket_path = socket_path
+        #: the disk image to pass (attach-disk) to a destination started without --disk:
+        #: shared storage, the source's own image
+        self.disk = disk
+        self.disk_readonly = disk_readonly
+        self._disk_attached = False
         #: makes the data channel of one transfer (the source's end, ours, close both)
         self.channel = channel
         self.description = f"the destination VMM at {socket_path}"
@@ -283,6 +295,10 @@ class LocalDestination:
         status = await self.client.query_status()
         if status["state"] != "incoming":
             raise ValueError(f"the destination is {status['state']}, not incoming")
+        if self.disk is not None and not self._disk_attached:
+            # before configure: the machine is then built with it
+            await attach_disk(self.client, self.disk, readonly=self.disk_readonly)
+            self._disk_attached = True
         if status["memory_size"] == 0:
             if not supports(self.client, "configure"):
                 raise ValueError(
@@ -846,13 +862,22 @@ async def _source_runs_on(exc: BaseException) -> str:
     return "nothing was done; the source VM runs on"
 
 
-async def migrate_local(source_socket: str, dest_socket: str, **options: Any) -> MigrationReport:
+async def migrate_local(
+    source_socket: str,
+    dest_socket: str,
+    *,
+    disk: str | None = None,
+    disk_readonly: bool = False,
+    **options: Any,
+) -> MigrationReport:
     """Migrate between two VMMs on this host, by their control sockets (``options``: those
-    of :func:`migrate`)."""
+    of :func:`migrate`). ``disk``: the image (shared storage) to pass to a destination
+    started without ``--disk`` (``attach-disk``), read-only with ``disk_readonly``."""
     async with AsyncExitStack() as stack:
         src = await _connect(stack, source_socket, "source")
         dst = await _connect(stack, dest_socket, "destination")
-        return await migrate(src, LocalDestination(dst, dest_socket), **options)
+        dest = LocalDestination(dst, dest_socket, disk=disk, disk_readonly=disk_readonly)
+        return await migrate(src, dest, **options)
 
 
 async def _connect(stack: AsyncExitStack, socket_path: str, side: str) -> Client:

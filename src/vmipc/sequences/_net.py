@@ -63,6 +63,7 @@ from vmipc.sequences._migrate import (
     TransferError,
     migrate,
 )
+from vmipc.sequences._restore import attach_disk
 from vmipc.sequences._tls import (
     AuthenticationError,
     ControlError,
@@ -613,6 +614,8 @@ async def receive(
     hello_timeout: float = HELLO_TIMEOUT,
     shape: Shape | None = None,
     on_refused: Callable[[str], None] | None = None,
+    disk: str | None = None,
+    disk_readonly: bool = False,
 ) -> ReceiveReport:
     """Accept one migration on ``listener`` (a bound, listening TCP socket) into an
     incoming VMM: the one at ``vmm_socket``, or one this function starts (it then outlives
@@ -620,7 +623,9 @@ async def receive(
 
     Over TLS with ``credentials`` (None: plain TCP). A peer that does not authenticate
     within ``hello_timeout`` seconds is dropped (``on_refused`` is told, one line) and the
-    receiver goes on listening, until ``accept_timeout`` after the start."""
+    receiver goes on listening, until ``accept_timeout`` after the start. ``disk``: the
+    disk image (shared storage) this side opens and passes to the incoming VMM
+    (``attach-disk``, read-only with ``disk_readonly``) once it proved a fitting one."""
     started = time.monotonic()
     shape = shape or Shape()
     admission = _Admission(credentials)
@@ -713,6 +718,8 @@ async def receive(
                     f"{status['vcpu_count']} vCPUs, the source {memory_size} and {vcpus}"
                 )
             ours = True
+            if disk is not None:
+                await attach_disk(client, disk, readonly=disk_readonly)
             await reply({"ok": True})
             while True:
                 message = await next_frame(IDLE_TIMEOUT)

@@ -48,15 +48,24 @@ async def restore_into(
     parents: Sequence[str] = (),
     chain_dir: str | None = None,
     verify: bool = False,
+    disk: str | None = None,
+    disk_readonly: bool = False,
+    accept_disk: bool = False,
     on_step: StepHook | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> RestoreReport:
     """Restore the snapshot at ``path`` into an incoming VMM (``vmipc vmm --incoming``)::
 
         query-status                      must be incoming
+        attach-disk                       with ``disk``: the image, opened here
         load-memory format=snapshot       checks the file; builds the machine from config
-        load-state  format=snapshot
+        load-state  format=snapshot       (accept_disk: with another disk than the file's)
         resume                            (unless resume=False: it stays paused)
+
+    ``disk``: the path of the disk image the VMM gets as an fd (``attach-disk``; read-only
+    with ``disk_readonly``) — for a VMM started without ``--disk``. Either way the VMM's
+    disk must be the one the snapshot was taken with (its size and fingerprint), else
+    ``load-state`` is refused, unless ``accept_disk``.
 
     ``load-memory`` of a file checks it as ``vmm --restore`` does (its structure, the
     state sections' checksums, the memory's layout) and maps its memory section lazily
@@ -104,7 +113,10 @@ async def restore_into(
                 )
         async with steps.step("chain"):
             chain = await trio.to_thread.run_sync(_find_chain, path, parents, chain_dir, verify)
-        loaded = await _load(client, steps, chain)
+        if disk is not None:
+            async with steps.step("attach-disk"):
+                await attach_disk(client, disk, readonly=disk_readonly)
+        loaded = await _load(client, steps, chain, accept_disk=accept_disk)
         if resume:
             async with steps.step("resume"):
                 await client.resume()
@@ -129,7 +141,22 @@ def _find_chain(
     return links
 
 
-async def _load(client: Client, steps: Steps, chain: list[ChainLink]) -> Any:
+async def attach_disk(client: Client, path: str, *, readonly: bool = False) -> int:
+    """Open the disk image at ``path`` here and pass it to the incoming VMM behind
+    ``client`` (``attach-disk``); returns its size. OSError if it cannot be opened."""
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        result = await client.attach_disk(disk=fd, readonly=readonly)
+    finally:
+        os.close(fd)
+    size: int = result["size"]
+    return size
+
+
+async def _load(
+    client: Client, steps: Steps, chain: list[ChainLink], *, accept_disk: bool = False
+) -> Any:
     """``load-memory`` of the base, ``apply-pages`` of each increment, ``load-state`` of
     the newest; returns load-state's result."""
     with contextlib.ExitStack() as files:
@@ -147,7 +174,10 @@ async def _load(client: Client, steps: Steps, chain: list[ChainLink]) -> Any:
                         f"its memory section {link.memory.data_size}"
                     )
         async with steps.step("load-state"):
-            return await client.load_state(format="snapshot", in_=opened[-1].fileno())
+            # accept_disk goes out only when true: an older VMM knows no such argument
+            return await client.load_state(
+                format="snapshot", in_=opened[-1].fileno(), accept_disk=accept_disk
+            )
 
 
 def restore_into_blocking(socket_path: str, path: str, **options: Any) -> RestoreReport:

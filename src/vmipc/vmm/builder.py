@@ -59,9 +59,12 @@ class RestoreOptions:
     verify: bool = False
     #: leave the restored machine paused
     paused: bool = False
-    #: the block device's image (the snapshot's state must have been taken with a disk of
-    #: its size and mode), or None; the caller keeps owning it
+    #: the block device's image (the snapshot's state must have been taken with this
+    #: disk: its size, mode and fingerprint), or None; the caller keeps owning it
     disk: DiskImage | None = None
+    #: restore with ``disk`` even if its size or fingerprint is not the snapshot's
+    #: (``vmm --restore --force-disk``)
+    accept_disk: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,15 @@ def build_incoming(
     disk: DiskImage | None = None,
 ) -> Built:
     """An empty slot that waits for a guest. ``config``: build its machine (paused, with
-    no guest) when it starts, else the first ``load-state`` does."""
+    no guest) when it starts, else the first ``load-state`` does. ``disk``: its block
+    device's image (the caller keeps owning it); without one, ``attach-disk`` may pass
+    one."""
     kvm = Kvm()  # kept open: in capability mode /dev/kvm cannot be opened again
     cleanup.callback(kvm.close)
     # the machine may be built later, by a request, in a worker thread
     install_kick_handler()
 
-    def factory(config: MachineConfig, console: Console) -> Machine:
+    def factory(config: MachineConfig, console: Console, disk: DiskImage | None) -> Machine:
         return Machine(config, console, kvm=kvm.dup(), disk=disk)
 
     # a snapshot file passed to load-memory is mapped under a read lease, taken in
@@ -110,7 +115,7 @@ def build_incoming(
     except LeaseUnavailable as exc:
         log.warning("warning: snapshots will be read into RAM, not mapped: %s", exc)
         break_time = None
-    host = MachineHost(console, machine_factory=factory, lease_break_time=break_time)
+    host = MachineHost(console, machine_factory=factory, lease_break_time=break_time, disk=disk)
     cleanup.callback(host.close)
 
     def start() -> None:
@@ -128,7 +133,12 @@ def build_from_snapshot(
     machine, state = open_snapshot(path, console, options)
     host = MachineHost(console, machine)
     cleanup.callback(host.close)
-    return Built(host, lambda: start_restored(machine, state, paused=options.paused))
+    return Built(
+        host,
+        lambda: start_restored(
+            machine, state, paused=options.paused, accept_disk=options.accept_disk
+        ),
+    )
 
 
 def restore_machine(path: str, console: Console, options: RestoreOptions) -> Machine:
@@ -136,7 +146,7 @@ def restore_machine(path: str, console: Console, options: RestoreOptions) -> Mac
     from the memory section (lazy) or copied into a memfd (``options.eager``), state
     restored. The machine is paused, or running unless ``options.paused``."""
     machine, state = open_snapshot(path, console, options)
-    start_restored(machine, state, paused=options.paused)
+    start_restored(machine, state, paused=options.paused, accept_disk=options.accept_disk)
     return machine
 
 
@@ -235,13 +245,16 @@ def _take_lease(path: str, fd: int) -> tuple[ReadLease | None, str | None]:
         return None, str(exc)
 
 
-def start_restored(machine: Machine, state: MachineState, *, paused: bool) -> None:
+def start_restored(
+    machine: Machine, state: MachineState, *, paused: bool, accept_disk: bool = False
+) -> None:
     """The second half of :func:`restore_machine`: start the vCPU threads (paused), restore
-    the state, and run unless ``paused``. Needs no file (it may run in capability mode)."""
+    the state (into the snapshot's disk, or any of the same mode with ``accept_disk``),
+    and run unless ``paused``. Needs no file (it may run in capability mode)."""
     try:
         machine.start(paused=True)
         try:
-            machine.restore_state(state)
+            machine.restore_state(state, accept_disk=accept_disk)
         except StateRecordError as exc:  # KVM refused a value of the file's records
             raise RestoreError(str(exc)) from None
         if not paused:

@@ -16,17 +16,20 @@ damaged its memory.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 
 from vmipc.memory_layout import PAGE_SIZE, MemoryConfigError, layout_for
 from vmipc.vmm.config import MAX_VCPUS
+from vmipc.vmm.devices import DiskImage
 from vmipc.vmm.dirtylog import DirtyCount
 from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
 from vmipc.vmm.machine import Machine, MachineConfig, MachineState
 from vmipc.vmm.machine_api import (
     DirtyDump,
     DiskDump,
+    DiskPresent,
     InvalidStateError,
     MemoryDump,
     MemoryFormat,
@@ -86,6 +89,16 @@ _MEMORY_READERS: dict[str, Callable[[GuestMemory, int, Transfer], Stats]] = {
 }
 
 
+#: builds a machine: (configuration, console, disk)
+MachineFactory = Callable[[MachineConfig, Callable[[bytes], None], DiskImage | None], Machine]
+
+
+def _new_machine(
+    config: MachineConfig, console: Callable[[bytes], None], disk: DiskImage | None
+) -> Machine:
+    return Machine(config, console, disk=disk)
+
+
 class MachineHost:
     """Holds the VMM's machine (or its absence) and serves the machine API for it."""
 
@@ -94,14 +107,20 @@ class MachineHost:
         console: Callable[[bytes], None],
         machine: Machine | None = None,
         *,
-        machine_factory: Callable[[MachineConfig, Callable[[bytes], None]], Machine] = Machine,
+        machine_factory: MachineFactory = _new_machine,
         lease_break_time: int | None = None,
+        disk: DiskImage | None = None,
     ) -> None:
         """``lease_break_time``: fs.lease-break-time, read at start-up, when the lease
         signal is held (``filelease.hold_lease_signal``): then ``load-memory
         format=snapshot`` of a regular file maps it lazily, under a read lease; None: it
-        reads the file into RAM."""
+        reads the file into RAM. ``disk``: the image a machine built here gets (``vmm
+        --incoming --disk``; the caller keeps owning it); else ``attach-disk`` may give
+        one (then the host owns it)."""
         self._console = console
+        self._disk = disk
+        #: a disk passed by attach-disk: closed after the machine
+        self._attached: DiskImage | None = None
         self._lease_break_time = lease_break_time
         self._factory = machine_factory
         self._lock = threading.RLock()
@@ -164,7 +183,7 @@ class MachineHost:
                 return self._machine
             if not self._awaiting_state:
                 raise InvalidStateError("configure a machine", self.state)
-            machine = self._factory(config.without_guest(), self._console)
+            machine = self._factory(config.without_guest(), self._console, self._disk)
             try:
                 machine.start(paused=True)
             except BaseException:
@@ -173,13 +192,13 @@ class MachineHost:
             self._adopt(machine)
             return machine
 
-    def _restore(self, state: MachineState) -> None:
+    def _restore(self, state: MachineState, *, accept_disk: bool = False) -> None:
         """Restore ``state`` into the incoming machine (building it first if needed)."""
         with self._lock:
             if not self._awaiting_state:
                 raise InvalidStateError("load state", self.state)
             machine = self.configure(state.config)
-            machine.restore_state(state)
+            machine.restore_state(state, accept_disk=accept_disk)
             self._awaiting_state = False
         self._notify(StateChange(RunState.INCOMING, RunState.PAUSED, None))
 
@@ -284,6 +303,8 @@ class MachineHost:
             machine = self._machine
         if machine is not None:
             machine.close()
+        if self._attached is not None:
+            self._attached.close()
         if old is RunState.INCOMING:
             self._notify(StateChange(old, RunState.DESTROYED, None))
 
@@ -355,12 +376,14 @@ class MachineHost:
         transfer.write(fd, blob)
         return StateDump(len(blob))
 
-    def load_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> MachineConfig:
+    def load_state(
+        self, fd: int, fmt: StateFormat, transfer: Transfer, *, accept_disk: bool = False
+    ) -> MachineConfig:
         if not self.incoming:
             raise InvalidStateError("load-state", self.state)
         state = read_state_sections(fd) if fmt == "snapshot" else read_state_blob(fd, transfer)
         try:
-            self._restore(state)
+            self._restore(state, accept_disk=accept_disk)
         except ValueError as exc:  # a record KVM refused, a machine that does not fit
             raise BulkError("bad-state", str(exc)) from None
         return state.config
@@ -379,6 +402,31 @@ class MachineHost:
             raise NoDisk("this VMM has no block device")
         entry, stats = write_disk_section(disk, fd, transfer)
         return DiskDump(stats, entry)
+
+    def attach_disk(self, fd: int, *, readonly: bool) -> int:
+        with self._lock:
+            if not self._awaiting_state or self._closed:
+                raise InvalidStateError("attach-disk", self.state)
+            if self._disk is not None:
+                raise DiskPresent(
+                    f"this VMM has a disk already ({self._disk.size} bytes, "
+                    f"{'read-only' if self._disk.readonly else 'writable'})"
+                )
+            # the request's fd is closed after the reply: the disk keeps its own
+            own = os.dup(fd)
+            try:
+                disk = DiskImage.from_passed_fd(own, readonly=readonly)
+            except BaseException:
+                os.close(own)
+                raise
+            try:
+                if self._machine is not None:  # configured, or memory loaded: not yet run
+                    self._machine.attach_disk(disk)
+            except BaseException:
+                disk.close()
+                raise
+            self._disk = self._attached = disk
+            return disk.size
 
     def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:
         if not self.incoming:

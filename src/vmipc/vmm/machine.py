@@ -444,16 +444,22 @@ class Machine:
                 devices=self.devices.save(),
             )
 
-    def restore_state(self, state: MachineState) -> None:
+    def restore_state(self, state: MachineState, *, accept_disk: bool = False) -> None:
         """Make this paused machine continue exactly as ``state`` was taken.
 
-        The machine must have been built with the same memory size and vCPU count; the
-        guest RAM is loaded separately.
+        The machine must have been built with the same memory size and vCPU count, and
+        with the disk the state was taken with (its size and fingerprint; with
+        ``accept_disk`` any disk of the same mode); the guest RAM is loaded separately.
         """
         with self._cond:
             if self._state is not RunState.PAUSED:
                 raise InvalidStateError("load state", self._state)
-            mismatch = state.config.mismatch(self.config) or self.devices.check(state.devices)
+            try:
+                mismatch = state.config.mismatch(self.config) or self.devices.check(
+                    state.devices, accept_disk=accept_disk
+                )
+            except OSError as exc:  # the disk's fingerprint could not be read
+                mismatch = f"virtio-blk: the disk cannot be read: {exc.strerror or exc}"
             if mismatch:
                 raise StateRecordError(f"state does not fit this machine: {mismatch}")
             assert self.vm is not None
@@ -472,6 +478,17 @@ class Machine:
             self._paused_clock = state.vm.clock
             self.devices.restore(state.devices)  # after the irqchips: see Uart16550.restore
             self.config = state.config
+
+    def attach_disk(self, disk: DiskImage) -> None:
+        """Put ``disk`` behind the block device of this machine, which has none and has
+        never run (an incoming machine, before its state; the caller keeps owning it)."""
+        with self._cond:
+            if self.disk is not None:
+                raise ValueError("the machine has a disk already")
+            if self._state not in (RunState.CREATED, RunState.PAUSED):
+                raise InvalidStateError("attach a disk", self._state)
+            self.disk = disk
+            self.devices.attach_disk(disk)
 
     def flush_devices(self) -> None:
         """Make what the guest wrote to a writable disk durable (fdatasync): what a

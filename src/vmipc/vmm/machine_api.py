@@ -52,6 +52,11 @@ class NoDisk(VmipcError):
     """The machine has no block device (``dump-disk``)."""
 
 
+class DiskPresent(VmipcError):
+    """``attach-disk`` to a VMM that has a disk already (``vmm --disk``, or an earlier
+    ``attach-disk``): one disk per machine, and a disk is never swapped silently."""
+
+
 class Pausable(Protocol):
     """The run state: start, pause, resume, close, and who hears of the changes."""
 
@@ -172,9 +177,20 @@ class Snapshottable(Protocol):
         file ``fd`` (paused only: the device is drained). :class:`NoDisk` without one."""
         ...
 
-    def load_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> MachineConfig:
+    def load_state(
+        self, fd: int, fmt: StateFormat, transfer: Transfer, *, accept_disk: bool = False
+    ) -> MachineConfig:
         """The non-RAM state from ``fd`` into the incoming machine (built first if needed),
-        which is paused from then on; returns its configuration."""
+        which is paused from then on; returns its configuration. The machine's disk must
+        be the state's (size and fingerprint) unless ``accept_disk``."""
+        ...
+
+    def attach_disk(self, fd: int, *, readonly: bool) -> int:
+        """Give the incoming machine (or the one it will build) its block device's image:
+        ``fd``, a duplicate of which it keeps. Returns the disk's size in bytes.
+        :class:`vmipc.vmm.devices.DiskImageError` for an fd that cannot be a disk,
+        :class:`DiskPresent` when the VMM has one already, InvalidStateError when not
+        incoming."""
         ...
 
     def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:

@@ -8,8 +8,9 @@ isa-debug-exit) and the POST port 0x80 (ignored).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vmipc.vmm.devices.persist import (
     DeviceResources,
@@ -18,6 +19,9 @@ from vmipc.vmm.devices.persist import (
 )
 from vmipc.vmm.iobus import IoBus, MmioBus
 from vmipc.vmm.vcpu import GuestStopped
+
+if TYPE_CHECKING:
+    from vmipc.vmm.devices.disk import DiskImage
 
 #: Writing a byte here powers the guest off (QEMU's isa-debug-exit uses the same port).
 POWER_OFF_PORT = 0x501
@@ -89,15 +93,17 @@ class DeviceManager:
         return device
 
     def save(self) -> dict[str, DeviceState]:
-        """Every device's record, by name, in registry order. Never fails."""
+        """Every device's record, by name, in registry order. Fails only if a disk cannot
+        be read for its fingerprint (OSError)."""
         return {kind.name: self._devices[kind.name].save() for kind in self._kinds}
 
-    def check(self, states: Mapping[str, DeviceState]) -> str | None:
-        """Why ``states`` cannot be restored into these devices (a record made with a
-        disk of another size, say), or None. Asked before anything is restored."""
+    def check(self, states: Mapping[str, DeviceState], *, accept_disk: bool = False) -> str | None:
+        """Why ``states`` cannot be restored into these devices (a record made with
+        another disk, say), or None. Asked before anything is restored. ``accept_disk``:
+        a disk of another size or content is taken (its mode must still match)."""
         for kind in self._kinds:
             if kind.check is not None:
-                why = kind.check(states[kind.name], self._resources)
+                why = kind.check(states[kind.name], self._resources, accept_disk)
                 if why:
                     return f"{kind.name}: {why}"
         return None
@@ -116,6 +122,20 @@ class DeviceManager:
             _call(device, "close")
         if not self._quiesced:
             self.resume()
+
+    def attach_disk(self, disk: DiskImage) -> None:
+        """Build every device anew with ``disk`` among the resources: only for a machine
+        that has not run yet (an incoming one, before its state), whose devices hold
+        nothing a guest did."""
+        self._resources = dataclasses.replace(self._resources, disk=disk)
+        fresh = {kind.name: kind.create(self._resources) for kind in self._kinds}
+        old = dict(self._devices)
+        self._devices.update(fresh)  # in place: the buses hold this very map
+        for device in old.values():
+            _call(device, "close")
+        if self._quiesced:
+            for device in fresh.values():
+                _call(device, "quiesce")
 
     def quiesce(self) -> None:
         """Every device with requests of its own (the block device) takes no more and has

@@ -7,9 +7,10 @@ As in Firecracker's ``persist.rs``, a device and its state are two things:
   any other version and any impossible value with :class:`ValueError`. It is the device's
   record in a state blob or snapshot (protocol/state-blob.md).
 * the device — it implements :class:`Persist`: ``save()`` returns its record and cannot
-  fail (it runs on a paused machine), and a *restore constructor* builds a live device
-  from a record plus the live resources of this process (:class:`DeviceResources`):
-  nothing of the old device object is reused.
+  fail (it runs on a paused machine) but for an I/O error reading what the record names
+  (the block device's disk, for its fingerprint), and a *restore constructor* builds a
+  live device from a record plus the live resources of this process
+  (:class:`DeviceResources`): nothing of the old device object is reused.
 
 A :class:`DeviceType` ties the two together with where the device sits on the buses; the
 registry (``vmm/devices/registry.py``) lists them, and the machine's
@@ -52,7 +53,8 @@ class Persist(Protocol[S_co]):
     """A device that can be saved; its restore constructor is its :class:`DeviceType`'s."""
 
     def save(self) -> S_co:
-        """The device's state, between two operations. Never fails."""
+        """The device's state, between two operations. Never fails, but for OSError from
+        reading the device's backing (a disk's fingerprint)."""
         ...
 
 
@@ -113,8 +115,9 @@ class DeviceType(Generic[S, D]):
     #: ``(base, length)`` on the MMIO bus (the device is an :class:`MmioDevice`)
     mmio: tuple[int, int] | None = None
     #: why a (valid) record cannot go to a machine with these resources (a disk of
-    #: another size, say), or None: asked before any of a state is restored
-    check: Callable[[S, DeviceResources], str | None] | None = None
+    #: another size, say), or None: asked before any of a state is restored. Its third
+    #: argument: accept another disk than the record's (``load-state accept_disk``)
+    check: Callable[[S, DeviceResources, bool], str | None] | None = None
 
     def load(self, record: Any) -> S:
         """The state record in ``record`` (decoded msgpack); :class:`ValueError` if it is

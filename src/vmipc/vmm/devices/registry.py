@@ -44,7 +44,7 @@ DEVICES: tuple[DeviceType[Any, Any], ...] = (
         create=lambda r: VirtioBlk(r.memory, r.disk, r.irq(VIRTIO_BLK_IRQ)),
         restore=lambda state, r: VirtioBlk.restore(state, r.memory, r.disk, r.irq(VIRTIO_BLK_IRQ)),
         mmio=(VIRTIO_BLK_MMIO_BASE, VIRTIO_BLK_MMIO_SIZE),
-        check=lambda state, r: state.disk_mismatch(r.disk),
+        check=lambda state, r, accept: state.disk_mismatch(r.disk, accept_disk=accept),
     ),
 )
 

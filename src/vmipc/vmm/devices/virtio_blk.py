@@ -186,12 +186,17 @@ class VirtioBlkState:
     has drained the queue: no request is half done, so none is saved).
 
     ``disk_sectors`` and ``readonly`` describe the disk the state was taken with (0 and
-    False: no disk); a machine restores the record only with a disk of that size and
-    mode. ``last_avail`` is the next available-ring index the device takes, ``used_idx``
-    the next used-ring index it writes (both free-running 16-bit counters).
+    False: no disk), and ``disk_fingerprint`` its content when the state was taken
+    (:meth:`DiskImage.fingerprint`; None: no disk, or a version-1 record, which predates
+    it); a machine restores the record only with a disk of that mode, and — unless told
+    to accept another disk — of that size and fingerprint. ``last_avail`` is the next
+    available-ring index the device takes, ``used_idx`` the next used-ring index it
+    writes (both free-running 16-bit counters).
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
+    #: the versions :meth:`from_dict` reads (1: without ``disk_fingerprint``)
+    READABLE_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)
 
     disk_sectors: int
     readonly: bool
@@ -209,6 +214,7 @@ class VirtioBlkState:
     used_idx: int
     interrupt_status: int
     config_generation: int
+    disk_fingerprint: int | None = None
 
     def __post_init__(self) -> None:
         limits = {
@@ -234,6 +240,13 @@ class VirtioBlkState:
         for name in ("readonly", "queue_ready"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"VirtioBlkState.{name} must be a bool")
+        fingerprint = self.disk_fingerprint
+        if fingerprint is not None and (
+            type(fingerprint) is not int or not 0 <= fingerprint <= _U64
+        ):
+            raise ValueError(
+                f"VirtioBlkState.disk_fingerprint must be None or an int in 0..{_U64:#x}"
+            )
 
         def bad(why: str) -> ValueError:
             return ValueError(f"inconsistent VirtioBlkState: {why}")
@@ -242,6 +255,8 @@ class VirtioBlkState:
             raise bad(f"status {self.status:#x} has reserved bits set")
         if self.readonly and not self.disk_sectors:
             raise bad("a read-only disk of no sectors")
+        if fingerprint is not None and not self.disk_sectors:
+            raise bad("the fingerprint of no disk")
         if not self.disk_sectors and (self.status or self.queue_ready or self.interrupt_status):
             raise bad("a device without a disk was driven")
         if self.driver_features & ~_offered(self.readonly):
@@ -254,8 +269,8 @@ class VirtioBlkState:
             if (self.used_idx - self.last_avail) & 0xFFFF:
                 raise bad("requests are in flight (a drained device has used every one)")
 
-    def to_dict(self) -> dict[str, int | bool]:
-        record: dict[str, int | bool] = {"version": self.VERSION}
+    def to_dict(self) -> dict[str, int | None]:
+        record: dict[str, int | None] = {"version": self.VERSION}
         for item in fields(self):
             value = getattr(self, item.name)
             record[item.name] = int(value) if type(value) is bool else value
@@ -263,41 +278,74 @@ class VirtioBlkState:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> VirtioBlkState:
-        """The record :meth:`to_dict` wrote; ValueError for anything else."""
+        """The record :meth:`to_dict` wrote (this version or version 1); ValueError for
+        anything else."""
         if not isinstance(d, Mapping):
             raise ValueError(f"VirtioBlkState record must be a mapping, not {type(d).__name__}")
         version = d.get("version")
-        if type(version) is not int or version != cls.VERSION:
+        if type(version) is not int or version not in cls.READABLE_VERSIONS:
             raise ValueError(f"unsupported VirtioBlkState record version {version!r}")
-        expected = {"version"} | {item.name for item in fields(cls)}
+        names = [item.name for item in fields(cls)]
+        if version == 1:  # before the disk's identity
+            names.remove("disk_fingerprint")
+        expected = {"version", *names}
         if set(d) != expected:
             missing = sorted(expected - set(d))
             extra = sorted(map(str, set(d) - expected))
             raise ValueError(f"VirtioBlkState record keys: missing {missing}, unexpected {extra}")
-        values: dict[str, int | bool] = {}
-        for item in fields(cls):
-            value = d[item.name]
-            if type(value) is not int:
-                raise ValueError(f"VirtioBlkState record {item.name!r} must be an int")
-            if item.name in ("readonly", "queue_ready"):
+        values: dict[str, int | bool | None] = {}
+        for name in names:
+            value = d[name]
+            if name == "disk_fingerprint" and value is None:
+                values[name] = None
+            elif type(value) is not int:
+                raise ValueError(f"VirtioBlkState record {name!r} must be an int")
+            elif name in ("readonly", "queue_ready"):
                 if value not in (0, 1):
-                    raise ValueError(f"VirtioBlkState record {item.name!r} must be 0 or 1")
-                values[item.name] = bool(value)
+                    raise ValueError(f"VirtioBlkState record {name!r} must be 0 or 1")
+                values[name] = bool(value)
             else:
-                values[item.name] = value
+                values[name] = value
         return cls(**values)  # type: ignore[arg-type]
 
-    def disk_mismatch(self, disk: DiskImage | None) -> str | None:
-        """Why this record cannot go to a machine with ``disk``, or None."""
+    def disk_mismatch(self, disk: DiskImage | None, *, accept_disk: bool = False) -> str | None:
+        """Why this record cannot go to a machine with ``disk``, or None.
+
+        A disk must be there if and only if the record had one, in the same mode; and it
+        must be the same disk: of the same size, and of the same fingerprint when the
+        record has one (a version-1 record has not: only its size is checked). With
+        ``accept_disk`` the size and fingerprint are not checked (the operator knows the
+        disk is the right one, or accepts what the guest will find on it). OSError if
+        the disk cannot be read for its fingerprint."""
         sectors = disk.sectors if disk is not None else 0
         readonly = disk.readonly if disk is not None else False
-        if sectors != self.disk_sectors:
-            return f"the state's disk has {self.disk_sectors} sectors, this machine's {sectors}" + (
-                "" if sectors else " (it has no disk)"
-            )
+        if not sectors or not self.disk_sectors:
+            if sectors != self.disk_sectors:
+                return (
+                    f"the state's disk has {self.disk_sectors} sectors, this machine's "
+                    f"{sectors}" + ("" if sectors else " (it has no disk)")
+                )
+            return None
         if readonly != self.readonly:
             mode = "read-only" if self.readonly else "writable"
             return f"the state's disk is {mode}, this machine's is not"
+        if accept_disk:
+            return None
+        assert disk is not None
+        hint = " (accept_disk / --force-disk restores it anyway)"
+        if sectors != self.disk_sectors:
+            return (
+                f"another disk: the state's has {self.disk_sectors * SECTOR_SIZE} bytes, "
+                f"this machine's {disk.size}{hint}"
+            )
+        if self.disk_fingerprint is not None:
+            fingerprint = disk.fingerprint()
+            if fingerprint != self.disk_fingerprint:
+                return (
+                    f"another disk, or one written since the state was taken: its "
+                    f"fingerprint is {fingerprint:016x}, the state's {self.disk_fingerprint:016x}"
+                    f" (same size, {disk.size} bytes){hint}"
+                )
         return None
 
 
@@ -415,9 +463,12 @@ class VirtioBlk:
 
     def save(self) -> VirtioBlkState:
         """The device between two requests: the caller has quiesced it (a paused machine);
-        otherwise what is in flight is not in the record."""
+        otherwise what is in flight is not in the record. The disk's fingerprint is taken
+        now, drained: what the guest wrote is in the image. OSError if the disk cannot be
+        read (the only way a save fails)."""
+        disk = self._disk
+        fingerprint = disk.fingerprint() if disk is not None else None
         with self._lock:
-            disk = self._disk
             return VirtioBlkState(
                 disk_sectors=disk.sectors if disk is not None else 0,
                 readonly=disk.readonly if disk is not None else False,
@@ -435,6 +486,7 @@ class VirtioBlk:
                 used_idx=self._used_idx,
                 interrupt_status=self._interrupt_status,
                 config_generation=self._config_generation,
+                disk_fingerprint=fingerprint,
             )
 
     @staticmethod
@@ -470,8 +522,10 @@ class VirtioBlk:
     ) -> VirtioBlk:
         """A device that continues from ``state``, quiesced (the machine is paused):
         :meth:`resume` lets it take the requests the guest queued meanwhile. ValueError if
-        ``disk`` is not the state's."""
-        mismatch = state.disk_mismatch(disk)
+        ``disk`` cannot be the state's (missing, or of another mode); whether it is the
+        same disk (size, fingerprint) is the machine's check, before any restore
+        (:meth:`VirtioBlkState.disk_mismatch`), which may have been told to accept it."""
+        mismatch = state.disk_mismatch(disk, accept_disk=True)
         if mismatch:
             raise ValueError(mismatch)
         return cls(memory, disk, irq, state, quiesced=True)
