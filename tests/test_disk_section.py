@@ -224,6 +224,57 @@ def test_checkpoint_with_disk_moves_the_vm_and_its_disk_as_one_file(tmp_path: Pa
 
 
 @pytest.mark.kvm
+def test_restore_into_an_incoming_vmm_takes_the_disk_from_the_snapshot(tmp_path: Path) -> None:
+    """`vmipc restore FILE --disk-from-snapshot NEWIMG` into a VMM started with `--incoming`
+    and no disk: the client writes the section out to NEWIMG (never over an existing file)
+    and passes it (attach-disk); the workload continues exactly. A failed restore removes
+    the image it wrote, and leaves alone a file that was there before."""
+    image = _image(tmp_path / "disk.img")
+    snap = tmp_path / "vm.snap"
+    new = tmp_path / "new.img"
+    with vmm_processes() as vmms:
+        src = _disk_vmm(vmms, "src", image)
+        wait_for(lambda: _last_pass(src.text()) >= 2, 60, "pass 2")
+        done = vmipc("suspend", "--socket", src.socket, "--with-disk", str(snap))
+        assert done.returncode == 0, done.stderr
+        before = src.text()
+        reached = _last_pass(before)
+        image.unlink()
+        # an existing file is never overwritten, and nothing is loaded
+        new.write_bytes(b"keep")
+        dst = vmms.incoming("dst", memory=None)
+        refused = vmipc(
+            "restore", "--socket", dst.socket, "--disk-from-snapshot", str(new), str(snap)
+        )
+        assert refused.returncode != 0 and "exists" in refused.stderr, refused.stderr
+        assert new.read_bytes() == b"keep"
+        with dst.client() as client:
+            assert client.query_status()["state"] == "incoming"
+        new.unlink()
+        # a VMM with a disk of its own refuses the attach: the image written is removed
+        other = _image(tmp_path / "other.img")
+        busy = vmms._start("busy", ["--incoming", "--disk", str(other)], [])
+        failed = vmipc(
+            "restore", "--socket", busy.socket, "--disk-from-snapshot", str(new), str(snap)
+        )
+        assert failed.returncode != 0 and "disk" in failed.stderr, failed.stderr
+        assert not new.exists()
+        restored = vmipc(
+            "restore", "--socket", dst.socket, "--disk-from-snapshot", str(new), "--json", str(snap)
+        )
+        assert restored.returncode == 0, restored.stderr
+        steps = [step["name"] for step in json.loads(restored.stdout)["timeline"]]
+        assert "disk-from-snapshot" in steps and "attach-disk" in steps, steps
+        wait_for(lambda: _last_pass(dst.text()) >= reached + 3, 60, "three more passes")
+        with dst.client() as client:
+            client.pause()
+        after = dst.text()
+        check = check_disk_image(new.read_bytes(), BLOCKS)
+        assert check.consistent_with(_last_pass(before + after)), check
+    _model_lines(before + after)
+
+
+@pytest.mark.kvm
 def test_a_read_only_disk_is_dumped_and_restored_read_only(tmp_path: Path) -> None:
     image = tmp_path / "ro.img"
     content = bytearray(DISK_SIZE + 512)  # a short last block: whole sectors only

@@ -1,8 +1,8 @@
 """``vmipc restore``: restore a snapshot file into an incoming VMM.
 
     vmipc restore [--socket PATH] FILE [--parent FILE]... [--chain-dir DIR] [--paused]
-                  [--verify] [--disk FILE[,readonly]] [--force-disk] [--quit-on-failure]
-                  [--json] [--timeline] [--progress MODE]
+                  [--verify] [--disk FILE[,readonly] | --disk-from-snapshot NEWIMG] [--force-disk]
+                  [--quit-on-failure] [--json] [--timeline] [--progress MODE]
 
 The VMM is one started with ``vmipc vmm --incoming --socket PATH`` (no --memory/--vcpus
 needed: the machine is built from the file). Sends load-memory and load-state (both with
@@ -78,6 +78,15 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     parser.add_argument(
+        "--disk-from-snapshot",
+        metavar="NEWIMG",
+        help=(
+            "write the snapshot's disk section (checkpoint --with-disk) out to the new "
+            "image NEWIMG (never over an existing file) and pass it to a VMM started "
+            "without --disk, in its recorded mode; removed again if the restore fails"
+        ),
+    )
+    parser.add_argument(
         "--force-disk",
         action="store_true",
         help=(
@@ -106,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"{PROG}: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    if args.disk and args.disk_from_snapshot:
+        print(f"{PROG}: --disk and --disk-from-snapshot exclude each other", file=sys.stderr)
+        return EXIT_USAGE
     view, hooks = progress_hooks(args)
 
     async def main() -> RestoreReport:
@@ -120,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 verify=args.verify,
                 disk=disk,
                 disk_readonly=disk_readonly,
+                disk_from_snapshot=args.disk_from_snapshot,
                 accept_disk=args.force_disk,
                 **hooks,
             )

@@ -23,7 +23,7 @@ from vmipc.sequences._common import (
     watch_progress,
 )
 from vmipc.sequences._steps import StepHook, Steps, StepTiming, observe_replies
-from vmipc.snapshots import ChainError, ChainLink, resolve_chain, verify_links
+from vmipc.snapshots import ChainError, ChainLink, extract_disk, resolve_chain, verify_links
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ async def restore_into(
     verify: bool = False,
     disk: str | None = None,
     disk_readonly: bool = False,
+    disk_from_snapshot: str | None = None,
     accept_disk: bool = False,
     on_step: StepHook | None = None,
     on_progress: ProgressCallback | None = None,
@@ -57,6 +58,7 @@ async def restore_into(
     """Restore the snapshot at ``path`` into an incoming VMM (``vmipc vmm --incoming``)::
 
         query-status                      must be incoming
+        (disk-from-snapshot)              the file's disk section written out to a new image
         attach-disk                       with ``disk``: the image, opened here
         load-memory format=snapshot       checks the file; builds the machine from config
         load-state  format=snapshot       (accept_disk: with another disk than the file's)
@@ -66,6 +68,11 @@ async def restore_into(
     with ``disk_readonly``) — for a VMM started without ``--disk``. Either way the VMM's
     disk must be the one the snapshot was taken with (its size and fingerprint), else
     ``load-state`` is refused, unless ``accept_disk``.
+
+    ``disk_from_snapshot``: instead of ``disk``, a new image file (never an existing one)
+    that the snapshot's disk section (``vmipc checkpoint --with-disk``) is written out to,
+    here, and passed in its recorded mode; removed again when the restore fails, as no VM
+    has run on it.
 
     ``load-memory`` of a file checks it as ``vmm --restore`` does (its structure, the
     state sections' checksums, the memory's layout) and maps its memory section lazily
@@ -113,10 +120,25 @@ async def restore_into(
                 )
         async with steps.step("chain"):
             chain = await trio.to_thread.run_sync(_find_chain, path, parents, chain_dir, verify)
-        if disk is not None:
-            async with steps.step("attach-disk"):
-                await attach_disk(client, disk, readonly=disk_readonly)
-        loaded = await _load(client, steps, chain, accept_disk=accept_disk)
+        if disk is not None and disk_from_snapshot is not None:
+            raise ValueError("disk and disk_from_snapshot exclude each other")
+        written: str | None = None
+        try:
+            if disk_from_snapshot is not None:
+                async with steps.step("disk-from-snapshot"):
+                    extracted = await trio.to_thread.run_sync(
+                        extract_disk, path, disk_from_snapshot
+                    )
+                written, disk, disk_readonly = extracted.path, extracted.path, extracted.readonly
+            if disk is not None:
+                async with steps.step("attach-disk"):
+                    await attach_disk(client, disk, readonly=disk_readonly)
+            loaded = await _load(client, steps, chain, accept_disk=accept_disk)
+        except BaseException:
+            if written is not None:  # nothing loaded, no VM can run on it: this restore's alone
+                with contextlib.suppress(OSError):
+                    os.unlink(written)
+            raise
         if resume:
             async with steps.step("resume"):
                 await client.resume()
