@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import contextlib
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -67,6 +68,19 @@ def progress(text: str) -> None:
     print(f"... {text}", file=sys.stderr, flush=True)
 
 
+def say_banner(title: str, quick: bool, *about: str) -> None:
+    """The run's title and one line on the machine it ran on (CPUs, load, Python, kernel)
+    and ``about`` it (what was measured: the tree, QEMU's version...)."""
+    say(f"# {title} ({'quick' if quick else 'full'} run)")
+    say()
+    machine = (
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start, "
+        f"Python {sys.version.split()[0]}, {os.uname().release}"
+    )
+    say("; ".join((machine, *about)))
+    say()
+
+
 def say_notes(notes: Sequence[str]) -> None:
     """A "Notes:" list (each note once, in order), nothing when there are none."""
     if notes:
@@ -94,6 +108,35 @@ def find_qemu(
         return None, f"{QEMU} is not installed and tools/install-system-deps failed ({exc})"
     path = shutil.which(QEMU)
     return (path, "") if path else (None, f"{QEMU} is still missing after {still_missing}")
+
+
+def qemu_or_note(
+    skip: bool, notes: list[str], what: str = "QEMU columns", **find: Any
+) -> str | None:
+    """The QEMU to measure beside vmipc, or None with a note saying why not: ``skip``
+    (``--no-qemu``), or :func:`find_qemu` (given ``find``) found none."""
+    if skip:
+        notes.append(f"{what} skipped: --no-qemu")
+        return None
+    qemu, why = find_qemu(**find)
+    if qemu is None:
+        notes.append(f"{what} skipped: {why}")
+    return qemu
+
+
+def note_repeated(failures: Sequence[str], notes: list[str], what: str = "boot(s)") -> None:
+    """A note that QEMU runs failed and were repeated, and why, if any did."""
+    if failures:
+        notes.append(
+            f"{len(failures)} QEMU {what} failed and were repeated: "
+            f"{'; '.join(sorted(set(failures)))}"
+        )
+
+
+def write_json(path: str | None, results: Any) -> None:
+    """Every sample of a run as JSON in ``path`` (``--json``), if asked."""
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1, default=str) + "\n")
 
 
 class QemuFailed(Exception):

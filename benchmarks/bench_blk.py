@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import statistics
@@ -51,7 +50,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import find_qemu, progress, ratio, say, say_notes, table
+from _common import progress, qemu_or_note, ratio, say, say_notes, table, write_json
 
 from vmipc.guest import BUILTIN_GUEST_PATH
 
@@ -237,13 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "QEMU: -M microvm, virtio-blk-device on virtio-mmio (virtio 1.x), cache=writeback, "
         "aio=threads; the guest finds the device by probing microvm's transports.",
     ]
-    qemu: str | None = None
-    if args.no_qemu:
-        notes.append("QEMU columns skipped (--no-qemu).")
-    else:
-        qemu, why = find_qemu()
-        if qemu is None:
-            notes.append(f"QEMU columns skipped: {why}.")
+    qemu = qemu_or_note(args.no_qemu, notes)
     results: dict[str, dict[int, list[dict[str, tuple[int, int, int]]]]] = {"vmipc": {}}
     with tempfile.TemporaryDirectory(prefix="vmipc-bench-blk-") as tmp_name:
         tmp = Path(tmp_name)
@@ -266,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.setdefault("qemu", {}).setdefault(depth, []).append(got)
     report(results)
     say_notes(notes)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results))
+    write_json(args.json, results)
     return 0
 
 

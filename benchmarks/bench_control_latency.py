@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-from _common import find_qemu, percentile, progress, ratio, table, us
+from _common import percentile, progress, qemu_or_note, ratio, table, us
 
 CLIENTS = 16
 BANNER = b"vmipc-guest "
@@ -603,13 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         "QEMU has paused its vCPUs (vm_stop).",
     ]
     results: dict[str, dict[str, Any]] = {}
-    qemu: str | None = None
-    if args.no_qemu:
-        notes.append("QMP columns skipped (--no-qemu).")
-    else:
-        qemu, why = find_qemu()
-        if qemu is None:
-            notes.append(f"QMP columns skipped: {why}.")
+    qemu = qemu_or_note(args.no_qemu, notes, "QMP columns")
     if args.baseline:
         notes.append(f"baseline: a vmipc VMM run from {args.baseline}.")
     if rounds > 1:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import mmap
 import os
 import shutil
@@ -49,13 +48,15 @@ from typing import Any
 from _common import (
     QemuFailed,
     QmpConnection,
-    find_qemu,
     median,
+    note_repeated,
     progress,
+    qemu_or_note,
     ratio,
     say,
     say_notes,
     table,
+    write_json,
 )
 
 from vmipc.client import SyncClient
@@ -1047,13 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     big_rounds = 3
     dirty_samples, interval = (10, 0.02) if args.quick else (20, 0.025)
     notes: list[str] = []
-    qemu: str | None = None
-    if args.no_qemu:
-        notes.append("QEMU column skipped: --no-qemu")
-    else:
-        qemu, why = find_qemu()
-        if qemu is None:
-            notes.append(f"QEMU column skipped: {why}")
+    qemu = qemu_or_note(args.no_qemu, notes, "QEMU column")
 
     began = time.perf_counter()
     say(f"# vmipc dump-memory and dirty-log benchmarks ({'quick' if args.quick else 'full'} run)")
@@ -1081,18 +1076,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_dirty(results["dirty"], dirty_samples, interval)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if failures:
-        notes.append(
-            f"{len(failures)} QEMU boot(s) failed and were repeated: "
-            f"{'; '.join(sorted(set(failures)))}"
-        )
+    note_repeated(failures, notes)
     results["qemu_failures"] = failures
     results["notes"] = notes
     results["elapsed_s"] = time.perf_counter() - began
     say_notes(notes)
     say(f"Total benchmark time: {results['elapsed_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_json(args.json, results)
     return 0
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -51,7 +50,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import QemuFailed, find_qemu, ratio, say, say_notes, table
+from _common import (
+    QemuFailed,
+    note_repeated,
+    qemu_or_note,
+    ratio,
+    say,
+    say_banner,
+    say_notes,
+    table,
+    write_json,
+)
 from bench_sequences import (
     BEGAN,
     MAX_DOWNTIME_MS,
@@ -669,21 +678,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     count = 1 if args.quick else 3
     notes: list[str] = []
     failures: list[str] = []
-    qemu: str | None = None
-    if args.no_qemu:
-        notes.append("QEMU columns skipped: --no-qemu")
-    else:
-        qemu, why = find_qemu(progress)
-        if qemu is None:
-            notes.append(f"QEMU columns skipped: {why}")
-    say(f"# vmipc migration gap benchmark ({'quick' if args.quick else 'full'} run)")
-    say()
-    say(
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start, Python "
-        f"{sys.version.split()[0]}, {os.uname().release}, vmipc at {describe_tree()}; "
-        f"{qemu_version(qemu)}"
+    qemu = qemu_or_note(args.no_qemu, notes, progress=progress)
+    say_banner(
+        "vmipc migration gap benchmark",
+        args.quick,
+        f"vmipc at {describe_tree()}",
+        qemu_version(qemu),
     )
-    say()
     kids = Children()
     tmp = Path(tempfile.mkdtemp(prefix="vmipc-bench-gap-"))
     results: dict[str, Any] = {"quick": args.quick}
@@ -715,14 +716,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         kids.kill_all()
         shutil.rmtree(tmp, ignore_errors=True)
-    if failures:
-        notes.append(f"{len(failures)} QEMU boot(s) failed and were repeated")
+    note_repeated(failures, notes)
     results["notes"] = notes
     results["elapsed_s"] = time.monotonic() - BEGAN
     say_notes(notes)
     say(f"Total benchmark time: {results['elapsed_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_json(args.json, results)
     return 0
 
 

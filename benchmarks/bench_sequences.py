@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import re
@@ -58,7 +57,20 @@ from pathlib import Path
 from typing import Any, cast
 
 import trio
-from _common import REPO, QemuFailed, QmpConnection, find_qemu, median, ratio, say, say_notes, table
+from _common import (
+    REPO,
+    QemuFailed,
+    QmpConnection,
+    median,
+    note_repeated,
+    qemu_or_note,
+    ratio,
+    say,
+    say_banner,
+    say_notes,
+    table,
+    write_json,
+)
 
 from vmipc.client import Client, SyncClient, open_client
 from vmipc.guest import BUILTIN_GUEST_PATH
@@ -1487,21 +1499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = tuple(size for size in SNAP_SIZES if size.memory in wanted)
     notes: list[str] = []
     failures: list[str] = []
-    qemu: str | None = None
-    if args.no_qemu:
-        notes.append("QEMU columns skipped: --no-qemu")
-    else:
-        qemu, why = find_qemu(progress)
-        if qemu is None:
-            notes.append(f"QEMU columns skipped: {why}")
+    qemu = qemu_or_note(args.no_qemu, notes, progress=progress)
 
-    say(f"# vmipc sequences benchmark ({'quick' if args.quick else 'full'} run)")
-    say()
-    say(
-        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {os.uname().release}, "
-        f"vmipc at {describe_tree()}; {qemu_version(qemu)}"
+    say_banner(
+        "vmipc sequences benchmark", args.quick, f"vmipc at {describe_tree()}", qemu_version(qemu)
     )
-    say()
     kids = Children()
     tmp = Path(tempfile.mkdtemp(prefix="vmipc-bench-seq-"))
     results: dict[str, Any] = {"quick": args.quick}
@@ -1538,11 +1540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         kids.kill_all()
         shutil.rmtree(tmp, ignore_errors=True)
-    if failures:
-        notes.append(
-            f"{len(failures)} QEMU boot(s) failed and were repeated: "
-            f"{'; '.join(sorted(set(failures)))}"
-        )
+    note_repeated(failures, notes)
     results["notes"] = notes
     results["elapsed_s"] = time.monotonic() - BEGAN
     say_notes(notes)
@@ -1553,8 +1551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"Plot (downtime and total time against dirty rate): {drawn}")
         say()
     say(f"Total benchmark time: {results['elapsed_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_json(args.json, results)
     return 0
 
 

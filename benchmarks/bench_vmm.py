@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
-import json
 import os
 import random
 import re
@@ -45,16 +44,18 @@ from typing import Any
 
 from _common import (
     REPO,
-    find_qemu,
     median,
     ms,
+    note_repeated,
     percentile,
     progress,
+    qemu_or_note,
     ratio,
     say,
     say_notes,
     table,
     us,
+    write_json,
 )
 
 from vmipc.guest import BUILTIN_GUEST_PATH
@@ -1013,13 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (3, 200, 1, 1.0) if args.quick else (10, 500, 3, 2.0)
     )
     notes: list[str] = []
-    qemu: str | None = None
-    if args.no_qemu:
-        notes.append("QEMU columns skipped: --no-qemu")
-    else:
-        qemu, why = find_qemu(still_missing="tools/install-system-deps")
-        if qemu is None:
-            notes.append(f"QEMU columns skipped: {why}")
+    qemu = qemu_or_note(args.no_qemu, notes, still_missing="tools/install-system-deps")
 
     began = time.perf_counter()
     say(f"# vmipc VMM benchmarks ({'quick' if args.quick else 'full'} run)")
@@ -1042,18 +1037,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["console"] = bench_console(window, console_runs, qemu, notes, qemu_failures)
     if "exits" in only:
         results["exits"] = bench_exits(window, console_runs + 2)
-    if qemu_failures:
-        notes.append(
-            f"{len(qemu_failures)} QEMU run(s) failed and were repeated: "
-            f"{'; '.join(sorted(set(qemu_failures)))}"
-        )
+    note_repeated(qemu_failures, notes, "run(s)")
     results["qemu_failures"] = qemu_failures
     results["notes"] = notes
     results["elapsed_s"] = time.perf_counter() - began
     say_notes(notes)
     say(f"Total benchmark time: {results['elapsed_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    write_json(args.json, results)
     return 0
 
 
