@@ -21,7 +21,7 @@ from tests.control_support import (
     schema_with_test_commands,
     serving,
 )
-from vmipc.protocol import Error, ErrorInfo, Event, Result, Schema, encode_frame
+from vmipc.protocol import Error, ErrorInfo, Event, Result, Schema, encode_frame, pack
 from vmipc.server import ServerConfig
 from vmipc.vmm.machine_api import InvalidStateError
 from vmipc.vmm.runstate import RunState
@@ -195,12 +195,32 @@ def test_quit_drains_replies_a_slow_reader_has_not_read_then_tells_it() -> None:
             gone.result(gone.request("query-status"))
         _wait_for(lambda: s.thread.server.connection_count == 0, "the first connection to end")
         with s.connect() as slow, s.connect() as c:
-            ids = [slow.request("query-commands") for _ in range(64)]
+            # as many large replies as the connection's queue holds (2 MiB), far more than
+            # the kernel's socket buffer: more would stop the server reading requests
+            # (backpressure), and those unread at quit are refused, not answered
+            size = len(pack(slow.result(slow.request("query-commands")))) + 64
+            count = min(64, ServerConfig().max_queued_bytes // size - 1)
+            assert count * size > 1 << 20
+            ids = [slow.request("query-commands") for _ in range(count)]
             _wait_until_the_kernel_holds_no_more(slow)
             assert c.result(c.request("quit")) == {}
             got = slow.wait_closed()
             assert [m.id for m in got if isinstance(m, Result)] == ids
             assert got[-1] == Error(None, _shutting_down())
+        assert s.thread.join(5), "serve() did not return after quit"
+
+
+def test_a_request_running_at_quit_answers_before_the_notice() -> None:
+    """``shutting-down`` is a connection's last frame: a request that cannot be cancelled
+    and was running when quit came answers first. Before, the notice went out at once and
+    the reply after it, to a client that had been told the connection was over."""
+    with serving() as s, s.connect() as busy, s.connect() as c:
+        rid = busy.request("test-block", args={"seconds": 0.5})
+        time.sleep(0.1)
+        assert c.result(c.request("quit")) == {}
+        got = busy.wait_closed()
+        assert [type(m) for m in got] == [Result, Error], got
+        assert got[0].id == rid and got[1] == Error(None, _shutting_down())
         assert s.thread.join(5), "serve() did not return after quit"
 
 

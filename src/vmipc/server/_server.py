@@ -676,6 +676,8 @@ class _Connection:
         self._timer_scope = trio.CancelScope()
         self._writer_scope = trio.CancelScope()
         self._stopping = False
+        #: the connection-level error to send once every request has been answered
+        self._farewell: ErrorInfo | None = None
         self._ancsize = socket.CMSG_SPACE(server.limits.max_fds_per_request * 4)
         self._work: trio.Nursery | None = None
         self._close_hooks: list[Callable[[], None]] = []
@@ -698,7 +700,10 @@ class _Connection:
                         work.start_soon(self._handshake_timer)
                         await self._read_loop()
                         self._timer_scope.cancel()
-                    # every request has been answered (or dropped): flush and close
+                    # every request has been answered (or dropped): the last word, if any,
+                    # comes after the last reply, then flush and close
+                    if self._farewell is not None:
+                        self._enqueue(self.proto.send_connection_error(self._farewell))
                     self._send.close()
                     self._writer_scope.deadline = (
                         trio.current_time() + self.server.config.shutdown_grace
@@ -761,13 +766,16 @@ class _Connection:
                 entry.scope.cancel()
 
     def shutdown(self) -> None:
-        """The server is shutting down: say so, stop, let replies drain."""
+        """The server is shutting down: stop, let replies drain, then say so."""
+        self._farewell = self._farewell or _SHUTTING_DOWN
         self._stop(_SHUTTING_DOWN)
-        self._enqueue(self.proto.send_connection_error(_SHUTTING_DOWN))
 
     def close_with(self, error: ErrorInfo) -> None:
-        """Send the connection-level ``error``, stop reading, let replies drain, close."""
-        self._enqueue(self.proto.send_connection_error(error))
+        """Stop reading, let replies drain, send the connection-level ``error``, close.
+        The error is the connection's last frame: a request still running (one that
+        cannot be cancelled, or whose reply waits for room in a slow reader's queue)
+        answers before it, never after."""
+        self._farewell = self._farewell or error
         self._stop(None)
 
     def send_event(self, frame: bytes, *, droppable: bool) -> None:
