@@ -196,11 +196,9 @@ def test_a_checkpoint_and_a_migration_under_a_full_load_of_clients(tmp_path: Pat
             assert calls_between(load, begin, end) > 0, f"no load call completed during {name}"
         assert migrated.outcome == "migrated" and migrated.source == "quit"
         assert src.wait_exit() == 0
-        # the migration went first (its priority claim) and nobody but the sequence did
-        begin, end = windows["migration"]
-        assert [me] in (first for t, first in load.firsts if begin <= t <= end), (
-            "no load client saw the migration go first"
-        )
+        # nobody but the sequence went first. That it did is seen only if a load call
+        # happens to complete inside its claim, which a loaded host may not give it (the
+        # claim itself holds the load back): tests/test_priority.py proves the claim
         assert all(first in ([], [me]) for _, first in load.firsts)
 
         # the migrated guest continues exactly (through the checkpoint's pause, too)
