@@ -288,6 +288,7 @@ def migrate_vmipc(
                             "rounds": report.rounds,
                             "round_details": [asdict(r) for r in report.round_details],
                             "receiver": received,
+                            "timeline": [asdict(t) for t in report.timeline],
                         },
                     )
                 )
