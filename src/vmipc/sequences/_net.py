@@ -4,7 +4,8 @@ The sender (``vmipc migrate --to tcp:HOST:PORT``) drives the source VMM; the rec
 (``vmipc receive --listen HOST:PORT``) drives an incoming VMM on its host. By default the
 connection is TLS 1.3 with mutual authentication (certificates, or a shared token: see
 ``_tls``); then the bulk data goes from the source VMM into a socket pair, through the
-sender's pump into TLS, and out of the receiver's pump into a socket pair its VMM reads.
+sender's relay thread into TLS, and out of the receiver's into a socket pair its VMM
+reads (``_relay``).
 Only with ``--insecure`` (or on loopback without credentials) does the connection stay
 plain TCP, and each VMM then reads or writes the TCP socket itself.
 
