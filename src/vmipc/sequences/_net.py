@@ -4,7 +4,8 @@ The sender (``vmipc migrate --to tcp:HOST:PORT``) drives the source VMM; the rec
 (``vmipc receive --listen HOST:PORT``) drives an incoming VMM on its host. By default the
 connection is TLS 1.3 with mutual authentication (certificates, or a shared token: see
 ``_tls``); then the bulk data goes from the source VMM into a socket pair, through the
-sender's pump into TLS, and out of the receiver's pump into a socket pair its VMM reads.
+sender's relay thread into TLS, and out of the receiver's into a socket pair its VMM
+reads (``_relay``).
 Only with ``--insecure`` (or on loopback without credentials) does the connection stay
 plain TCP, and each VMM then reads or writes the TCP socket itself.
 
@@ -64,6 +65,7 @@ from vmipc.sequences._migrate import (
     migrate,
 )
 from vmipc.sequences._restore import attach_disk
+from vmipc.sequences._relay import End, in_thread, receive_chunks, relay, send_chunks
 from vmipc.sequences._tls import (
     AuthenticationError,
     ControlError,
@@ -74,8 +76,6 @@ from vmipc.sequences._tls import (
     hard_shutdown,
     is_loopback,
     new_nonce,
-    pump_in,
-    pump_out,
     read_token,
     receiver_fingerprint,
     receiver_proof,
@@ -158,9 +158,13 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def send_frame(sock: socket.socket, message: Mapping[str, Any]) -> None:
+def encode_frame(message: Mapping[str, Any]) -> bytes:
     payload: bytes = msgpack.packb(dict(message), use_bin_type=True)
-    sock.sendall(_LENGTH.pack(len(payload)) + payload)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def send_frame(sock: socket.socket, message: Mapping[str, Any]) -> None:
+    sock.sendall(encode_frame(message))
 
 
 def recv_frame(sock: socket.socket) -> dict[str, Any]:
@@ -177,78 +181,14 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
     return message
 
 
-async def _in_thread(sock: socket.socket, work: Callable[[], Any]) -> Any:
-    """Blocking socket work in a thread; a cancelled wait shuts the connection down so
-    the thread returns (the connection is unusable afterwards anyway)."""
-    try:
-        return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
-    except trio.Cancelled:
-        hard_shutdown(sock)
-        raise
-
-
-async def _bulk_out(
-    sock: socket.socket, send: Send
-) -> tuple[BaseException | None, BaseException | None]:
-    """Sender, TLS: the source VMM's dump goes into a socket pair that a thread pumps into
-    ``sock`` in chunks. Returns (the dump's error, the pump's error)."""
-    ours, pumped = socket.socketpair()
-    failed = threading.Event()
-    errors: dict[str, BaseException] = {}
-
-    async def pump() -> None:
-        try:
-            await _in_thread(sock, lambda: pump_out(pumped, sock, failed))
-        except Exception as exc:
-            errors["pump"] = exc
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump)
-            try:
-                await send(ours.fileno())
-            except Exception as exc:
-                errors["dump"] = exc
-                failed.set()  # the pump ends the stream with ABORT, not END
-            finally:
-                ours.close()  # with the VMM's copy closed too, the pump sees end of input
-    finally:
-        pumped.close()
-    return errors.get("dump"), errors.get("pump")
-
-
-async def _bulk_in(sock: socket.socket, load: Callable[[int], Awaitable[Any]]) -> Any:
-    """Receiver, TLS: a thread pumps the chunks from ``sock`` into a socket pair whose
-    other end the VMM's ``load`` reads. Raises when either fails."""
-    theirs, pumped = socket.socketpair()
-    errors: dict[str, BaseException] = {}
-    result: dict[str, Any] = {}
-
-    async def pump() -> None:
-        try:
-            await _in_thread(sock, lambda: pump_in(sock, pumped))
-        except Exception as exc:
-            errors["pump"] = exc
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump)
-            try:
-                result["load"] = await load(theirs.fileno())
-            except Exception as exc:
-                errors["load"] = exc
-                # the VMM stopped reading: the pump fails on its next write, unless the
-                # sender stops sending; then the connection is given up
-                nursery.cancel_scope.deadline = trio.current_time() + 5
-            finally:
-                theirs.close()
-    finally:
-        pumped.close()
-    if "load" in errors:
-        raise errors["load"]
-    if "pump" in errors:
-        raise errors["pump"]
-    return result["load"]
+def _checked(reply: dict[str, Any]) -> dict[str, Any]:
+    """The receiver's reply if it says ``{ok: true}``; Refused for an explicit
+    ``{ok: false}``, ControlError for anything else."""
+    if reply.get("ok") is False:
+        raise Refused(str(reply.get("error", "refused"))[:500])
+    if reply.get("ok") is not True:
+        raise ControlError("a reply that is neither {ok: true} nor {ok: false}")
+    return reply
 
 
 # --- the sender's side: a Destination over TCP -----------------------------------------------
@@ -278,17 +218,12 @@ class TcpDestination:
 
     async def _request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         sock = self._sock()
-        await _in_thread(sock, lambda: send_frame(sock, message))
+        await in_thread(sock, lambda: send_frame(sock, message))
         return await self._reply()
 
     async def _reply(self) -> dict[str, Any]:
         sock = self._sock()
-        reply: dict[str, Any] = await _in_thread(sock, lambda: recv_frame(sock))
-        if reply.get("ok") is False:
-            raise Refused(str(reply.get("error", "refused"))[:500])
-        if reply.get("ok") is not True:
-            raise ControlError("a reply that is neither {ok: true} nor {ok: false}")
-        return reply
+        return _checked(await in_thread(sock, lambda: recv_frame(sock)))
 
     def close(self) -> None:
         if self.sock is not None:
@@ -353,31 +288,56 @@ class TcpDestination:
             raise
 
     async def transfer(self, kind: Kind, send: Send) -> Mapping[str, Any]:
+        if self.credentials is None:
+            return await self._plain_transfer(kind, send)
+        sock = self._sock()
+        failed = threading.Event()
+
+        def relay_and_reply(ours: End, theirs: End) -> dict[str, Any]:
+            # one thread: the frame, the chunks and the reply follow each other on the
+            # wire, so no hop through trio between them
+            try:
+                send_chunks(sock, ours, theirs, failed, encode_frame({"op": kind}))
+            except (OSError, ControlError) as broken:
+                # the receiver may have said why it stopped reading (the dump fails too,
+                # so this wait is bounded by the grace below)
+                try:
+                    told = recv_frame(sock)
+                except (OSError, ControlError):
+                    raise broken from None
+                _checked(told)  # an {ok: false} says why
+                raise
+            return _checked(recv_frame(sock))
+
+        # after a failed dump, the receiver has 2 s to say how its side ended
+        dump, relayed = await relay(
+            sock, vmm_call=send, copy=relay_and_reply, failed=failed, grace=2
+        )
+        if dump.error is not None or relayed.error is not None or relayed.value is None:
+            self.close()  # a broken stream: the receiver discards on end of input
+            raise TransferError(kind, dump.error, relayed.error) from (dump.error or relayed.error)
+        result: Mapping[str, Any] = relayed.value.get("result") or {}
+        return result
+
+    async def _plain_transfer(self, kind: Kind, send: Send) -> Mapping[str, Any]:
+        """The source VMM writes to the TCP socket itself."""
         sock = self._sock()
         try:
-            await _in_thread(sock, lambda: send_frame(sock, {"op": kind}))
+            await in_thread(sock, lambda: send_frame(sock, {"op": kind}))
         except (OSError, ControlError) as exc:
             raise TransferError(kind, None, exc) from exc
-        dump_error: BaseException | None
-        pump_error: BaseException | None = None
-        if self.credentials is None:
-            try:
-                await send(sock.fileno())
-                dump_error = None
-            except Exception as exc:
-                dump_error = exc
-        else:
-            dump_error, pump_error = await _bulk_out(sock, send)
-        if dump_error is not None or pump_error is not None:
+        try:
+            await send(sock.fileno())
+        except Exception as dump_error:
             # the receiver may have said why it stopped reading
-            reason: BaseException | None = pump_error
+            reason: BaseException | None = None
             with trio.move_on_after(2):
                 try:
                     await self._reply()
                 except (OSError, ControlError) as told:
                     reason = told
             self.close()  # a broken stream: the receiver discards on end of input
-            raise TransferError(kind, dump_error, reason) from dump_error or pump_error
+            raise TransferError(kind, dump_error, reason) from dump_error
         try:
             reply = await self._reply()
         except (OSError, ControlError) as exc:
@@ -547,6 +507,9 @@ class _Admission:
         """Blocking: the connection once its peer authenticated (TLS) or, in plain mode,
         as it is. Raises AuthenticationError (or OSError) for a peer to drop."""
         conn.settimeout(timeout)
+        # replies are small frames: never held back waiting for an acknowledgement
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         first = conn.recv(1, socket.MSG_PEEK)
         if not first:
             raise AuthenticationError("it closed without a word")
@@ -644,7 +607,7 @@ async def receive(
         accepted = time.monotonic()
         try:
             with trio.fail_after(hello_timeout + 1):
-                conn = await _in_thread(raw, functools.partial(admission.admit, raw, hello_timeout))
+                conn = await in_thread(raw, functools.partial(admission.admit, raw, hello_timeout))
             break
         except (AuthenticationError, ControlError, OSError, trio.TooSlowError) as exc:
             silent = isinstance(exc, (TimeoutError, trio.TooSlowError))
@@ -678,17 +641,34 @@ async def receive(
         )
 
     async def reply(message: Mapping[str, Any]) -> None:
-        await _in_thread(conn, lambda: send_frame(conn, message))
+        await in_thread(conn, lambda: send_frame(conn, message))
 
     async def next_frame(timeout: float) -> dict[str, Any]:
         with trio.fail_after(timeout):
-            frame: dict[str, Any] = await _in_thread(conn, lambda: recv_frame(conn))
+            frame: dict[str, Any] = await in_thread(conn, lambda: recv_frame(conn))
         return frame
 
     async def bulk(load: Callable[[int], Awaitable[Any]]) -> Any:
-        if secure:
-            return await _bulk_in(conn, load)
-        return await load(conn.fileno())
+        if not secure:
+            return await load(conn.fileno())
+        # once the VMM stopped reading, the relay's writes fail at once; unless the sender
+        # stops sending: then the connection is given up after 5 s. After a good load,
+        # the end mark must follow within REPLY_TIMEOUT.
+        loaded, relayed = await relay(
+            conn,
+            vmm_call=load,
+            copy=lambda ours, _theirs: receive_chunks(conn, ours),
+            failed=threading.Event(),
+            grace=5,
+            after=REPLY_TIMEOUT,
+        )
+        if loaded.error is not None:
+            raise loaded.error
+        if relayed.error is not None:
+            raise relayed.error
+        if relayed.value is None:
+            raise ControlError(f"no end of the stream within {REPLY_TIMEOUT:g} s of its load")
+        return loaded.value
 
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(conn.close)

@@ -12,9 +12,8 @@ sound):
   before anything else, both sides prove that they know the token with an HMAC over the
   receiver's certificate fingerprint and a fresh nonce from each side.
 
-Bulk data cannot go from a VMM straight into a userspace TLS connection, so each client
-gives its VMM one end of a socket pair and pumps between the other end and the TLS
-socket (:func:`pump_out`, :func:`pump_in`), in chunks that mark where each stream ends.
+Bulk data cannot go from a VMM straight into a userspace TLS connection: ``_relay``
+copies it between a pipe to the VMM and the TLS connection.
 """
 
 from __future__ import annotations
@@ -29,9 +28,7 @@ import secrets
 import socket
 import ssl
 import stat
-import struct
 import tempfile
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +39,6 @@ MIN_TOKEN_BYTES = 16
 #: the largest token file read
 MAX_TOKEN_BYTES = 4096
 NONCE_BYTES = 32
-#: a bulk chunk: u32 little-endian length, then that many bytes; 0 ends the stream
-#: and ABORT says the sender's dump failed (the stream is cut short on purpose)
-MAX_CHUNK = 1 << 20
-CHUNK_END = 0
-CHUNK_ABORT = 0xFFFFFFFF
-_LENGTH = struct.Struct("<I")
 #: what each side's HMAC is over, besides the fingerprint and the nonces (a proof made
 #: for one direction is never valid for the other)
 _SENDER_LABEL = b"vmipc migration channel 2: sender proof"
@@ -296,64 +287,3 @@ def hard_shutdown(sock: socket.socket) -> None:
     TLS state, which another thread may be using): blocked reads and writes return."""
     with contextlib.suppress(OSError):
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ControlError("the connection closed")
-        got += n
-
-
-class Aborted(ControlError):
-    """The sender said its dump failed: the stream was cut short on purpose."""
-
-
-def pump_out(source: socket.socket, tls: socket.socket, failed: threading.Event) -> int:
-    """Sender: everything the source VMM writes into the pair's other end, until it is
-    closed, goes to ``tls`` in chunks; then the end mark (or ABORT when ``failed`` is set
-    by then). Closes ``source``. Returns the bytes pumped."""
-    buffer = bytearray(_LENGTH.size + MAX_CHUNK)
-    view = memoryview(buffer)
-    total = 0
-    try:
-        while True:
-            n = source.recv_into(view[_LENGTH.size :])
-            if n == 0:
-                break
-            _LENGTH.pack_into(buffer, 0, n)
-            tls.sendall(view[: _LENGTH.size + n])
-            total += n
-        tls.sendall(_LENGTH.pack(CHUNK_ABORT if failed.is_set() else CHUNK_END))
-        return total
-    finally:
-        source.close()  # the VMM's writes fail at once if this stopped early
-
-
-def pump_in(tls: socket.socket, sink: socket.socket) -> int:
-    """Receiver: chunks from ``tls`` into the pair's end ``sink`` (the VMM reads the other
-    end) up to the end mark, then ``sink`` is shut for writing (the VMM sees end of input).
-    Never reads past the end mark. Closes ``sink``. Returns the bytes pumped."""
-    buffer = bytearray(MAX_CHUNK)
-    view = memoryview(buffer)
-    header = bytearray(_LENGTH.size)
-    total = 0
-    try:
-        while True:
-            recv_exact_into(tls, memoryview(header))
-            (n,) = _LENGTH.unpack(header)
-            if n == CHUNK_END:
-                with contextlib.suppress(OSError):
-                    sink.shutdown(socket.SHUT_WR)
-                return total
-            if n == CHUNK_ABORT:
-                raise Aborted("the sender's dump failed (it cut the stream short)")
-            if n > MAX_CHUNK:
-                raise ControlError(f"a bulk chunk of {n} bytes (limit {MAX_CHUNK})")
-            recv_exact_into(tls, view[:n])
-            sink.sendall(view[:n])
-            total += n
-    finally:
-        sink.close()
