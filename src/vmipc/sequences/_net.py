@@ -64,8 +64,8 @@ from vmipc.sequences._migrate import (
     TransferError,
     migrate,
 )
-from vmipc.sequences._restore import attach_disk
 from vmipc.sequences._relay import End, in_thread, receive_chunks, relay, send_chunks
+from vmipc.sequences._restore import attach_disk
 from vmipc.sequences._tls import (
     AuthenticationError,
     ControlError,
