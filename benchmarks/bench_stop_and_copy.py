@@ -13,7 +13,9 @@ a 32 MiB working set flat out: ``ws=32M rate=0``) migrated back and forth under 
 default ``MigrationPolicy`` (50 ms, no ``force``), alternately alone and beside a busy
 host process (a Python spin loop, started before and killed by its pid after each such
 migration): how many converged, the downtime (the report's own), the last round (in the
-pause: its bytes and time) and the dirty rounds' rate, medians per condition.
+pause: its bytes and time) and the rate of the rounds while the guest ran (the full pass
+and any dirty rounds: bytes over their time, all migrations of the condition), medians
+per condition.
 
     PYTHONPATH=src python benchmarks/bench_stop_and_copy.py [--runs 7] [--memory 256M]
     PYTHONPATH=src python benchmarks/bench_stop_and_copy.py --busy [--runs 7]
@@ -139,7 +141,7 @@ def busy(runs: int) -> None:
         done = reports[condition]
         converged = [r for r in done if r.outcome == "migrated"]
         lasts = [r.round_details[-1] for r in converged if r.round_details]
-        dirty = [x for r in done for x in r.round_details if x.kind == "dirty" and x.seconds > 0]
+        dirty = [x for r in done for x in r.round_details if x.kind != "final" and x.seconds > 0]
         rate = sum(x.bytes for x in dirty) / sum(x.seconds for x in dirty) if dirty else None
         rows.append(
             [
@@ -166,7 +168,7 @@ def busy(runs: int) -> None:
                 "downtime",
                 "last round",
                 "last round time",
-                "dirty rounds",
+                "rounds while running",
                 "rounds",
             ],
             rows,

@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final, NamedTuple, Protocol
+from typing import Final, NamedTuple
 
 from vmipc.formats._common import (
     ZERO_CHUNK_SIZE,
@@ -59,7 +59,6 @@ __all__ = [
     "PageStreamDecoder",
     "PageStreamEncoder",
     "RecordType",
-    "RoundChecksum",
     "RoundEnd",
     "StreamEnd",
     "StreamHeader",
@@ -289,16 +288,6 @@ def end_of_stream(rounds: int) -> bytes:
 # -- encoding: the checked, checksumming encoder -------------------------------------------
 
 
-class RoundChecksum(Protocol):
-    """What the encoder keeps a round's checksum in: :class:`~vmipc.formats.Checksum` by
-    default; a sender may give one that hashes elsewhere (another thread) as long as it
-    hashes every byte in the order given and :meth:`digest` returns once all of it is in."""
-
-    def update(self, data: BytesLike) -> None: ...
-
-    def digest(self) -> int: ...
-
-
 class PageStreamEncoder:
     """Produces a page stream's bytes, checking runs against the layout and keeping the
     running round checksum.
@@ -321,21 +310,14 @@ class PageStreamEncoder:
     order) raises ValueError.
     """
 
-    def __init__(
-        self,
-        layout: Iterable[tuple[int, int]],
-        *,
-        page_size: int = PAGE_SIZE,
-        new_checksum: Callable[[], RoundChecksum] = Checksum,
-    ) -> None:
+    def __init__(self, layout: Iterable[tuple[int, int]], *, page_size: int = PAGE_SIZE) -> None:
         checked = validate_layout(layout, page_size)
         if isinstance(checked, str):
             raise ValueError(checked)
         self.layout: Layout = checked
         self.page_size = page_size
         self._index = _RangeIndex(checked)
-        self._new_checksum = new_checksum
-        self._hash: RoundChecksum = new_checksum()
+        self._hash = Checksum()
         self._started = False
         self._ended = False
         self._records_in_round = 0
@@ -398,7 +380,7 @@ class PageStreamEncoder:
         self._next_record()
         record = end_of_round(self.round, self._hash.digest())
         self.round += 1
-        self._hash = self._new_checksum()
+        self._hash = Checksum()
         self._records_in_round = 0
         return record
 

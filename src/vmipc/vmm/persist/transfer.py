@@ -246,12 +246,6 @@ class Transfer:
                 return moved
 
 
-def address_of(view: memoryview) -> int:
-    """The address of writable ``view``'s first byte (for a libc call; keep ``view``
-    alive while it is used)."""
-    return _address_of(view)
-
-
 def _address_of(view: memoryview) -> int:
     if view.readonly:
         raise ValueError("needs writable memory")
