@@ -64,6 +64,18 @@ class Stats:
 # --- which pages to send ---------------------------------------------------------------
 
 
+def _scan(view: memoryview, runs: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
+    """(first_page, npages, is_zero) of ``runs`` of ``view``, looked at a data record's
+    worth (RUN_PAGES) at a time as the caller asks: a sender then writes what it found
+    before it looks further, instead of scanning a whole extent (16 ms for 460 MiB) while
+    the reader of the stream waits."""
+    for first, count in runs:
+        for start in range(first, first + count, RUN_PAGES):
+            window = (start, min(RUN_PAGES, first + count - start))
+            for piece in split_zero_runs(view, [window]):
+                yield piece.first_page, piece.npages, piece.zero
+
+
 def _region_pieces(
     memory: GuestMemory, region: MemoryRegion, runs: Sequence[tuple[int, int]] | None
 ) -> Iterator[tuple[int, int, bool]]:
@@ -81,15 +93,13 @@ def _region_pieces(
             last = -(-(offset - region.offset + length) // PAGE_SIZE)
             if first > cursor:
                 yield cursor, first - cursor, True
-            for piece in split_zero_runs(view, [(first, last - first)]):
-                yield piece.first_page, piece.npages, piece.zero
+            yield from _scan(view, [(first, last - first)])
             cursor = last
         total = region.size // PAGE_SIZE
         if cursor < total:
             yield cursor, total - cursor, True
     else:
-        for piece in split_zero_runs(view, runs):
-            yield piece.first_page, piece.npages, piece.zero
+        yield from _scan(view, runs)
     view.release()
 
 
