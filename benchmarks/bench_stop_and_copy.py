@@ -24,6 +24,7 @@ per condition.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -98,7 +99,7 @@ async def one_busy(src: str, dst: str) -> MigrationReport:
             return exc.report
 
 
-def busy(runs: int) -> None:
+def busy(runs: int, json_path: str | None = None) -> None:
     reports: dict[str, list[MigrationReport]] = defaultdict(list)
     conditions = ("alone", "one busy process")
     vmm_args = ["--vcpus", "1", "--memory", "512M"]
@@ -136,6 +137,23 @@ def busy(runs: int) -> None:
                 if proc.poll() is None:
                     proc.kill()
                 proc.wait()
+    if json_path:
+        raw = {
+            condition: [
+                {
+                    "outcome": r.outcome,
+                    "downtime_s": r.downtime_s,
+                    "rounds": [
+                        {"kind": x.kind, "bytes": x.bytes, "seconds": x.seconds}
+                        for x in r.round_details
+                    ],
+                }
+                for r in done
+            ]
+            for condition, done in reports.items()
+        }
+        with open(json_path, "w") as out:
+            json.dump(raw, out, indent=1)
     rows = []
     for condition in conditions:
         done = reports[condition]
@@ -183,9 +201,10 @@ def main() -> None:
     parser.add_argument(
         "--busy", action="store_true", help="the 32 MiB flat-out guest, alone and beside a spinner"
     )
+    parser.add_argument("--json", metavar="FILE", help="--busy: every migration's figures")
     opts = parser.parse_args()
     if opts.busy:
-        busy(opts.runs)
+        busy(opts.runs, opts.json)
         return
     downtimes: dict[bool, list[float]] = defaultdict(list)
     steps: dict[bool, dict[str, list[float]]] = {True: defaultdict(list), False: defaultdict(list)}

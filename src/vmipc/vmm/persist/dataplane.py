@@ -110,13 +110,14 @@ def _region_pieces(
 #: out in one write, with the payload that follows them where it is copied anyway
 _RECORDS_FLUSH = 64 << 10
 #: A data run goes out in pieces of this size, each hashed (and, from a running guest,
-#: copied) between two writes. A blocking write into a socket returns once its bytes are
-#: queued, and the peer then still has the socket's buffer to read (208 KiB by default,
-#: ~70 us at 3 GB/s): work between two writes shorter than that overlaps the peer's read
-#: instead of leaving it idle. Whole runs hashed (~0.4 ms per 4 MiB) between their sends
-#: made a stream 0.65x a plain copy. One thread: a helper thread hashing ahead did as well
-#: on an idle host and far worse on a loaded one (waiting for the helper to be scheduled).
-_PIECE = 512 << 10
+#: copied) just before its write, so that the hash overlaps the peer reading what the
+#: previous write queued: a blocking write into a socket returns once its bytes are
+#: queued, and the peer then still has up to the socket's buffer to read (208 KiB by
+#: default, ~60 us here), more than hashing a piece takes (~25 us). Before, each 4 MiB
+#: run was hashed whole (~0.4 ms) between two sends while the peer had run dry. One
+#: thread: a helper thread hashing ahead (tried) did no better on an idle host and worse
+#: on a loaded one, where the sender waited for the helper to be scheduled.
+_PIECE = 256 << 10
 
 
 def send_page_stream(
