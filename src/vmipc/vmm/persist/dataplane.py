@@ -64,18 +64,6 @@ class Stats:
 # --- which pages to send ---------------------------------------------------------------
 
 
-def _scan(view: memoryview, runs: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
-    """(first_page, npages, is_zero) of ``runs`` of ``view``, looked at a data record's
-    worth (RUN_PAGES) at a time as the caller asks: a sender then writes what it found
-    before it looks further, instead of scanning a whole extent (16 ms for 460 MiB) while
-    the reader of the stream waits."""
-    for first, count in runs:
-        for start in range(first, first + count, RUN_PAGES):
-            window = (start, min(RUN_PAGES, first + count - start))
-            for piece in split_zero_runs(view, [window]):
-                yield piece.first_page, piece.npages, piece.zero
-
-
 def _region_pieces(
     memory: GuestMemory, region: MemoryRegion, runs: Sequence[tuple[int, int]] | None
 ) -> Iterator[tuple[int, int, bool]]:
@@ -93,13 +81,15 @@ def _region_pieces(
             last = -(-(offset - region.offset + length) // PAGE_SIZE)
             if first > cursor:
                 yield cursor, first - cursor, True
-            yield from _scan(view, [(first, last - first)])
+            for piece in split_zero_runs(view, [(first, last - first)]):
+                yield piece.first_page, piece.npages, piece.zero
             cursor = last
         total = region.size // PAGE_SIZE
         if cursor < total:
             yield cursor, total - cursor, True
     else:
-        yield from _scan(view, runs)
+        for piece in split_zero_runs(view, runs):
+            yield piece.first_page, piece.npages, piece.zero
     view.release()
 
 
@@ -109,15 +99,6 @@ def _region_pieces(
 #: record bytes (zero records, data record headers) are gathered up to this size and go
 #: out in one write, with the payload that follows them where it is copied anyway
 _RECORDS_FLUSH = 64 << 10
-#: A data run goes out in pieces of this size, each hashed (and, from a running guest,
-#: copied) just before its write, so that the hash overlaps the peer reading what the
-#: previous write queued: a blocking write into a socket returns once its bytes are
-#: queued, and the peer then still has up to the socket's buffer to read (208 KiB by
-#: default, ~60 us here), more than hashing a piece takes (~25 us). Before, each 4 MiB
-#: run was hashed whole (~0.4 ms) between two sends while the peer had run dry. One
-#: thread: a helper thread hashing ahead (tried) did no better on an idle host and worse
-#: on a loaded one, where the sender waited for the helper to be scheduled.
-_PIECE = 256 << 10
 
 
 def send_page_stream(
@@ -132,10 +113,9 @@ def send_page_stream(
 
     ``runs`` limits it to those (first_page, npages) runs per memory region (dirty pages);
     None sends everything. ``consistent`` means the guest is paused: pages then go
-    zero-copy; from a running guest each piece is copied first (into one buffer reused
-    for every piece, behind the records that precede it, so that they go in one write) so
-    that the round checksum covers exactly the bytes sent. Each piece is hashed right
-    before it is written (see ``_PIECE``).
+    zero-copy; from a running guest each run is copied first (into one buffer reused for
+    every run, behind the records that precede it, so that they go in one write) so that
+    the round checksum covers exactly the bytes sent.
     """
     kind = fd_kind(fd)
     encoder = PageStreamEncoder(list(memory.ram_ranges()))
@@ -143,7 +123,6 @@ def send_page_stream(
     transfer.count_ram()
     records = bytearray(encoder.header())
     staging: memoryview | None = None  # the running guest's copies
-    zero_copy = kind != "file" and memory.fd_is_ram
     for index, region in enumerate(memory.regions):
         region_runs = None if runs is None else runs[index]
         for first, npages, zero in _region_pieces(memory, region, region_runs):
@@ -163,28 +142,24 @@ def send_page_stream(
                 records += encoder.data(region.gpa + start * PAGE_SIZE, count)
                 view = memory.view[offset : offset + length]
                 if not consistent:
-                    if staging is None:
+                    head = len(records)
+                    if staging is None or len(staging) < head + length:
                         # records are flushed before they reach _RECORDS_FLUSH, then a
                         # header: twice that always holds them
-                        staging = memoryview(bytearray(2 * _RECORDS_FLUSH + _PIECE))
-                    for at in range(0, length, _PIECE):
-                        size = min(_PIECE, length - at)
-                        head = len(records)
-                        staging[:head] = records
-                        staging[head : head + size] = view[at : at + size]
-                        encoder.payload(staging[head : head + size])
-                        transfer.write(fd, staging[: head + size])
-                        records.clear()
+                        size = max(head + length, 2 * _RECORDS_FLUSH + RUN_PAGES * PAGE_SIZE)
+                        staging = memoryview(bytearray(size))
+                    staging[:head] = records
+                    staging[head : head + length] = view
+                    encoder.payload(staging[head : head + length])
+                    transfer.write(fd, staging[: head + length])
                 else:
+                    encoder.payload(view)
                     transfer.write(fd, records)
-                    records.clear()
-                    for at in range(0, length, _PIECE):
-                        size = min(_PIECE, length - at)
-                        encoder.payload(view[at : at + size])  # and into the cache
-                        if zero_copy:
-                            transfer.sendfile(fd, memory.fd, offset + at, size)
-                        else:
-                            transfer.write(fd, view[at : at + size])
+                    if kind == "file" or not memory.fd_is_ram:
+                        transfer.write(fd, view)
+                    else:
+                        transfer.sendfile(fd, memory.fd, offset, length)
+                records.clear()
                 view.release()
                 stats.data_pages += count
                 transfer.cover(length)
