@@ -26,9 +26,11 @@ Then the issue's busy guest (512 MiB, 1 vCPU, ``ws=32M rate=0``) migrated with t
 its downtime, and how fast its rounds went beside the plain copy.
 
 Run: ``.venv/bin/python benchmarks/bench_dataplane.py [--quick] [--rounds N]
-[--migrations N] [--json FILE]``. The default run (a 1 GiB guest, 2 vCPUs, 5 rounds, 5
-migrations) takes about 1.5 minutes; ``--quick`` (512 MiB, 1 vCPU, 3 rounds, 3 migrations)
-about one. Needs a usable /dev/kvm (as root).
+[--migrations N] [--json FILE] [--baseline-src DIR]``; with ``--baseline-src`` two more VMMs
+run the vmipc of another tree (``DIR`` is its ``src/``) and its stream and sender-alone rows
+join every round, to compare a change with its parent in the same conditions. The
+default run (a 1 GiB guest, 2 vCPUs, 5 rounds, 5 migrations) takes about 1.5 minutes;
+``--quick`` (512 MiB, 1 vCPU, 3 rounds, 3 migrations) about one. Needs a usable /dev/kvm (as root).
 """
 
 from __future__ import annotations
