@@ -26,9 +26,11 @@ Then the issue's busy guest (512 MiB, 1 vCPU, ``ws=32M rate=0``) migrated with t
 its downtime, and how fast its rounds went beside the plain copy.
 
 Run: ``.venv/bin/python benchmarks/bench_dataplane.py [--quick] [--rounds N]
-[--migrations N] [--json FILE]``. The default run (a 1 GiB guest, 2 vCPUs, 5 rounds, 5
-migrations) takes about 1.5 minutes; ``--quick`` (512 MiB, 1 vCPU, 3 rounds, 3 migrations)
-about one. Needs a usable /dev/kvm (as root).
+[--migrations N] [--json FILE] [--baseline-src DIR]``; with ``--baseline-src`` two more VMMs
+run the vmipc of another tree (``DIR`` is its ``src/``) and its stream and sender-alone rows
+join every round, to compare a change with its parent in the same conditions. The
+default run (a 1 GiB guest, 2 vCPUs, 5 rounds, 5 migrations) takes about 1.5 minutes;
+``--quick`` (512 MiB, 1 vCPU, 3 rounds, 3 migrations) about one. Needs a usable /dev/kvm (as root).
 """
 
 from __future__ import annotations
@@ -114,7 +116,14 @@ class Vmm:
     (paused after every vCPU's first pass) or an ``--incoming`` VMM of the same size."""
 
     def __init__(
-        self, spec: GuestSpec, tmp: str, name: str, *, incoming: bool, pause: bool = True
+        self,
+        spec: GuestSpec,
+        tmp: str,
+        name: str,
+        *,
+        incoming: bool,
+        pause: bool = True,
+        src: str | None = None,
     ) -> None:
         self.spec = spec
         self.socket_path = os.path.join(tmp, f"{name}.sock")
@@ -128,8 +137,11 @@ class Vmm:
             argv += ["--guest", "builtin", "--guest-opt", f"ws={spec.ws}", "--guest-opt", "rate=0"]
         argv += ["--console", str(self.console), "--no-console-input"]
         self.client: SyncClient | None = None
+        env = None
+        if src is not None:  # another tree's vmipc (the --baseline-src rows)
+            env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
         with self.stderr.open("wb") as err:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=err)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=err, env=env)
         try:
             ready = self._socket_ready if incoming else self._pass_one_done
             wait_for(ready, f"the {name} VMM", 180)
@@ -295,11 +307,19 @@ ROWS = {
 }
 
 
-def bench(spec: GuestSpec, rounds: int, tmp: str) -> dict[str, Any]:
-    source = dest = None
+#: rows of the --baseline-src VMMs (another tree's vmipc), beside the same rows of this one
+BASELINE_ROWS = {
+    "stream-baseline": "baseline tree: `dump-memory` stream → `apply-pages`",
+    "sender-baseline": "baseline tree: sender alone",
+}
+
+
+def bench(spec: GuestSpec, rounds: int, tmp: str, baseline: str | None = None) -> dict[str, Any]:
+    source = dest = old_source = old_dest = None
     saved_fd = -1
     buffer: mmap.mmap | None = None
-    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in ROWS}
+    rows = {**ROWS, **(BASELINE_ROWS if baseline else {})}
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in rows}
     try:
         progress(f"starting the source ({spec.label}) and the incoming VMM")
         source = Vmm(spec, tmp, "source", incoming=False)
@@ -314,19 +334,24 @@ def bench(spec: GuestSpec, rounds: int, tmp: str) -> dict[str, Any]:
         saved_fd = os.memfd_create("bench-stream")
         stream_bytes = int(src.dump_memory(format="stream", out=saved_fd)["bytes"])
 
-        def dump(fmt: str) -> End:
+        if baseline:
+            progress(f"starting the baseline tree's VMMs ({baseline})")
+            old_source = Vmm(spec, tmp, "old-source", incoming=False, src=baseline)
+            old_dest = Vmm(spec, tmp, "old-dest", incoming=True, src=baseline)
+
+        def dump(fmt: str, client: SyncClient = src) -> End:
             def send(sock: socket.socket) -> int:
-                reply = src.dump_memory(format=fmt, out=sock.fileno())  # type: ignore[arg-type]
+                reply = client.dump_memory(format=fmt, out=sock.fileno())  # type: ignore[arg-type]
                 sock.shutdown(socket.SHUT_WR)
                 return int(reply["bytes"])
 
             return send
 
-        def load(fmt: str) -> End:
+        def load(fmt: str, client: SyncClient = dst) -> End:
             def receive(sock: socket.socket) -> int:
                 if fmt == "stream":
-                    return int(dst.apply_pages(in_=sock.fileno())["bytes"])
-                return int(dst.load_memory(format="raw", in_=sock.fileno())["bytes"])
+                    return int(client.apply_pages(in_=sock.fileno())["bytes"])
+                return int(client.load_memory(format="raw", in_=sock.fileno())["bytes"])
 
             return receive
 
@@ -339,7 +364,12 @@ def bench(spec: GuestSpec, rounds: int, tmp: str) -> dict[str, Any]:
             ),
             "plain": lambda: timed_plain(memfd, stream_bytes, view),
         }
-        names = list(ROWS)
+        if old_source is not None and old_dest is not None:
+            old_src, old_dst = old_source.client, old_dest.client
+            assert old_src is not None and old_dst is not None
+            runs["stream-baseline"] = lambda: both(dump("stream", old_src), load("stream", old_dst))
+            runs["sender-baseline"] = lambda: both(dump("stream", old_src), recv_all(view))
+        names = list(rows)
         for round_index in range(rounds + 1):  # round 0 warms up (first touch at the dest)
             progress(f"{spec.label}: round {round_index}/{rounds}")
             order = names[round_index % len(names) :] + names[: round_index % len(names)]
@@ -353,13 +383,14 @@ def bench(spec: GuestSpec, rounds: int, tmp: str) -> dict[str, Any]:
         if buffer is not None:
             with contextlib.suppress(BufferError):
                 buffer.close()
-        for vmm in (dest, source):
+        for vmm in (dest, source, old_dest, old_source):
             if vmm is not None:
                 vmm.close()
     return {
         "guest": spec.label,
         "size": spec.size,
-        "samples": {name: [list(sample) for sample in rows] for name, rows in samples.items()},
+        "rows": rows,
+        "samples": {name: [list(sample) for sample in found] for name, found in samples.items()},
     }
 
 
@@ -378,7 +409,7 @@ def report(result: dict[str, Any], rounds: int) -> dict[str, float]:
             f"{moved[name] / MIB:,.0f} MiB",
             ratio(rates[name], rates["plain"]),
         ]
-        for name, label in ROWS.items()
+        for name, label in result["rows"].items()
     ]
     say(table(["path", "GB/s", "bytes", "÷ plain copy"], rows))
     say()
@@ -489,6 +520,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--migrations", type=int, help="busy-guest migrations (default 5, --quick 3; 0: none)"
     )
+    parser.add_argument(
+        "--baseline-src",
+        metavar="DIR",
+        help="also run the stream and sender-alone rows with the vmipc of another tree's "
+        "src/ (e.g. a `git archive` of an earlier commit), interleaved with this tree's",
+    )
     args = parser.parse_args(argv)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("bench_dataplane: /dev/kvm is not usable here; nothing to measure", file=sys.stderr)
@@ -507,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="vmipc-bench-dataplane-")
     migrations = args.migrations if args.migrations is not None else (3 if args.quick else 5)
     try:
-        result = bench(spec, rounds, tmp)
+        result = bench(spec, rounds, tmp, args.baseline_src)
         result["rates_gbps"] = report(result, rounds)
         result["migrations"] = migrate_busy(migrations, tmp) if migrations else []
     finally:

@@ -8,12 +8,23 @@ medians of the downtime each migration's own report gives, and of its steps betw
 the pause and the destination running, as measured by the client. Compare the ratio:
 absolute figures depend on the host and its load.
 
+``--busy``: instead, the issue's busy guest (512 MiB, 1 vCPU, the built-in guest rewriting
+a 32 MiB working set flat out: ``ws=32M rate=0``) migrated back and forth under the
+default ``MigrationPolicy`` (50 ms, no ``force``), alternately alone and beside a busy
+host process (a Python spin loop, started before and killed by its pid after each such
+migration): how many converged, the downtime (the report's own), the last round (in the
+pause: its bytes and time) and the rate of the rounds while the guest ran (the full pass
+and any dirty rounds: bytes over their time, all migrations of the condition), medians
+per condition.
+
     PYTHONPATH=src python benchmarks/bench_stop_and_copy.py [--runs 7] [--memory 256M]
+    PYTHONPATH=src python benchmarks/bench_stop_and_copy.py --busy [--runs 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -25,8 +36,11 @@ import trio
 from _common import median, ms, ratio, say, table
 
 from vmipc.client import open_client
-from vmipc.sequences import MigrationPolicy, migrate
+from vmipc.sequences import MigrationNotConverged, MigrationPolicy, MigrationReport, migrate
 from vmipc.sequences._migrate import LocalDestination
+
+#: a host process that keeps one CPU busy (the --busy mode's second condition)
+SPIN = "while True: pass"
 
 STEPS = ("pause", "last dirty round", "state", "release-lease", "resume the destination")
 
@@ -76,11 +90,122 @@ async def one(src: str, dst: str, ordered: bool) -> tuple[float, dict[str, float
     return report.downtime_s, steps
 
 
+async def one_busy(src: str, dst: str) -> MigrationReport:
+    """A migration under the default policy: its report, also when it gave up."""
+    async with open_client(src) as s, open_client(dst) as d:
+        try:
+            return await migrate(s, LocalDestination(d, dst), policy=MigrationPolicy())
+        except MigrationNotConverged as exc:
+            return exc.report
+
+
+def busy(runs: int, json_path: str | None = None) -> None:
+    reports: dict[str, list[MigrationReport]] = defaultdict(list)
+    conditions = ("alone", "one busy process")
+    vmm_args = ["--vcpus", "1", "--memory", "512M"]
+    guest = ["--guest", "builtin", "--guest-opt", "ws=32M", "--guest-opt", "rate=0"]
+    with tempfile.TemporaryDirectory(prefix="vmipc-sc-") as tmp:
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            proc, here = start_vmm(tmp, "a0", [*guest, *vmm_args])
+            procs.append(proc)
+            time.sleep(1.0)  # the guest's first pass over its working set
+            for i in range(2 * runs):
+                condition = conditions[i % 2]
+                proc, there = start_vmm(tmp, f"b{i}", ["--incoming", *vmm_args])
+                procs.append(proc)
+                spinner = None
+                if condition != "alone":
+                    spinner = subprocess.Popen([sys.executable, "-c", SPIN])
+                    procs.append(spinner)
+                    time.sleep(0.2)
+                try:
+                    report = trio.run(one_busy, here, there)
+                finally:
+                    if spinner is not None:
+                        spinner.kill()
+                        spinner.wait()
+                reports[condition].append(report)
+                if report.outcome == "migrated":
+                    here = there  # else the source runs on; the destination is dropped
+                else:
+                    proc.kill()
+                    proc.wait()
+                time.sleep(0.3)  # the guest works on before the next migration
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+    if json_path:
+        raw = {
+            condition: [
+                {
+                    "outcome": r.outcome,
+                    "downtime_s": r.downtime_s,
+                    "rounds": [
+                        {"kind": x.kind, "bytes": x.bytes, "seconds": x.seconds}
+                        for x in r.round_details
+                    ],
+                }
+                for r in done
+            ]
+            for condition, done in reports.items()
+        }
+        with open(json_path, "w") as out:
+            json.dump(raw, out, indent=1)
+    rows = []
+    for condition in conditions:
+        done = reports[condition]
+        converged = [r for r in done if r.outcome == "migrated"]
+        lasts = [r.round_details[-1] for r in converged if r.round_details]
+        dirty = [x for r in done for x in r.round_details if x.kind != "final" and x.seconds > 0]
+        rate = sum(x.bytes for x in dirty) / sum(x.seconds for x in dirty) if dirty else None
+        rows.append(
+            [
+                condition,
+                f"{len(converged)}/{len(done)}",
+                ms(median([r.downtime_s for r in converged if r.downtime_s is not None]))
+                if converged
+                else "—",
+                f"{median([x.bytes for x in lasts]) / (1 << 20):.1f} MiB" if lasts else "—",
+                ms(median([x.seconds for x in lasts])) if lasts else "—",
+                f"{rate / 1e9:.2f} GB/s" if rate else "—",
+                f"{median([float(r.rounds) for r in done]):.0f}",
+            ]
+        )
+    say(
+        "512 MiB built-in guest rewriting 32 MiB flat out (ws=32M rate=0), 1 vCPU, the "
+        f"default MigrationPolicy; {runs} migrations per condition, alternating; medians"
+    )
+    say(
+        table(
+            [
+                "host",
+                "converged",
+                "downtime",
+                "last round",
+                "last round time",
+                "rounds while running",
+                "rounds",
+            ],
+            rows,
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7, help="migrations per mode")
     parser.add_argument("--memory", default="256M")
+    parser.add_argument(
+        "--busy", action="store_true", help="the 32 MiB flat-out guest, alone and beside a spinner"
+    )
+    parser.add_argument("--json", metavar="FILE", help="--busy: every migration's figures")
     opts = parser.parse_args()
+    if opts.busy:
+        busy(opts.runs, opts.json)
+        return
     downtimes: dict[bool, list[float]] = defaultdict(list)
     steps: dict[bool, dict[str, list[float]]] = {True: defaultdict(list), False: defaultdict(list)}
     with tempfile.TemporaryDirectory(prefix="vmipc-sc-") as tmp:
