@@ -16,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,35 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def gbps(size: int, seconds: float) -> float:
+    return size / seconds / 1e9
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float, poll: float = 0.05) -> None:
+    """Poll ``check`` until it is true; TimeoutError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+
+
+#: lines of QEMU's output that say nothing about why it failed
+QEMU_NOISE = ("host doesn't support requested feature", "hotpluggable cpus")
+
+
+def tail(path: Path, lines: int = 2) -> str:
+    """The last ``lines`` non-empty lines of a child's output file, for an error message
+    (QEMU's routine warnings left out)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "no output"
+    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    kept = [line for line in kept if not any(noise in line for noise in QEMU_NOISE)]
+    return " / ".join(kept[-lines:]) or "no output"
 
 
 def say(text: str = "") -> None:

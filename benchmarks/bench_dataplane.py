@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import median, progress, ratio, say, say_notes, table
+from _common import gbps, median, progress, ratio, say, say_notes, table, tail, wait_for
 
 from vmipc.client import SyncClient
 from vmipc.memory_layout import PAGE_SIZE
@@ -77,26 +77,6 @@ while offset < count:
         break
     offset += moved
 """
-
-
-def gbps(size: int, seconds: float) -> float:
-    return size / seconds / 1e9
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll)
-
-
-def tail(path: Path, lines: int = 2) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "no output"
-    return " / ".join([line for line in text.splitlines() if line.strip()][-lines:]) or "—"
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from typing import Any
 from _common import (
     QemuFailed,
     QmpConnection,
+    gbps,
     median,
     note_repeated,
     progress,
@@ -56,6 +57,8 @@ from _common import (
     say,
     say_notes,
     table,
+    tail,
+    wait_for,
     write_json,
 )
 
@@ -86,35 +89,12 @@ DESTINATIONS = ("file", "pipe", "socket")
 # --- statistics and output ----------------------------------------------------------------
 
 
-def gbps(size: int, seconds: float) -> float:
-    return size / seconds / 1e9
-
-
 def fmt_us(seconds: float) -> str:
     return f"{seconds * 1e6:,.0f} µs" if seconds < 0.01 else f"{seconds * 1e3:,.1f} ms"
 
 
 def fmt_mib(count: float) -> str:
     return f"{count / MIB:,.0f} MiB" if count >= 10 * MIB else f"{count / MIB:,.2f} MiB"
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll)
-
-
-def tail(path: Path, lines: int = 2) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "no output"
-    kept = [line.strip() for line in text.splitlines() if line.strip()]
-    kept = [line for line in kept if "host doesn't support requested feature" not in line]
-    kept = [line for line in kept if "hotpluggable cpus" not in line]
-    return " / ".join(kept[-lines:]) or "no output"
 
 
 # --- the guests -----------------------------------------------------------------------------

@@ -51,7 +51,18 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from _common import QemuFailed, find_qemu, median, ratio, say, say_notes, table
+from _common import (
+    QemuFailed,
+    median,
+    note_repeated,
+    qemu_or_note,
+    ratio,
+    say,
+    say_banner,
+    say_notes,
+    table,
+    write_json,
+)
 from bench_sequences import (
     BANNER,
     MAX_DOWNTIME_MS,
@@ -548,6 +559,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 migrations of each kind")
     parser.add_argument("--json", metavar="FILE", help="also write every run here")
     parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU baselines")
+    parser.add_argument(
+        "--count",
+        type=int,
+        metavar="N",
+        help=(
+            "migrations of each kind (default 5, --quick 2): the downtime ratio varies with "
+            "the size of the last round the policy picks, so take 15 or more to rely on it"
+        ),
+    )
     args = parser.parse_args(argv)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("bench_tls: /dev/kvm is not usable here; nothing to measure", file=sys.stderr)
@@ -555,23 +575,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a SIGTERM ends the run through the finally clauses, which kill every child
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     began = time.monotonic()
-    count = 2 if args.quick else 5
+    count = args.count or (2 if args.quick else 5)
     notes: list[str] = []
     failures: list[str] = []
-    qemu: str | None = None
-    if args.no_qemu:
-        notes.append("QEMU rows skipped: --no-qemu")
-    else:
-        qemu, why = find_qemu(progress)
-        if qemu is None:
-            notes.append(f"QEMU rows skipped: {why}")
-    say(f"# vmipc TLS migration benchmark ({'quick' if args.quick else 'full'} run)")
-    say()
-    say(
-        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {os.uname().release}, "
-        f"vmipc at {describe_tree()}; {qemu_version(qemu)}"
-    )
-    say()
+    qemu = qemu_or_note(args.no_qemu, notes, "QEMU rows", progress=progress)
+    tree, version = f"vmipc at {describe_tree()}", qemu_version(qemu)
+    say_banner("vmipc TLS migration benchmark", args.quick, tree, version)
     kids = Children()
     tmp = Path(tempfile.mkdtemp(prefix="vmipc-bench-tls-"))
     output: dict[str, Any] = {"quick": args.quick}
@@ -592,14 +601,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         kids.kill_all()
         shutil.rmtree(tmp, ignore_errors=True)
-    if failures:
-        notes.append(f"{len(failures)} QEMU boot(s) failed and were repeated")
+    note_repeated(failures, notes)
     output["notes"] = notes
     output["elapsed_s"] = time.monotonic() - began
     say_notes(notes)
     say(f"Total benchmark time: {output['elapsed_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(output, indent=1, default=str) + "\n")
+    write_json(args.json, output)
     return 0
 
 
