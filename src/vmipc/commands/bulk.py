@@ -21,7 +21,23 @@ from vmipc.kvm import KvmError
 from vmipc.memory_layout import PAGE_SIZE
 from vmipc.protocol import CommandError, ErrorCode
 from vmipc.vmm.dirtylog import DirtyLogMoved, DirtyLogOff
-from vmipc.vmm.persist import BulkError, PeerClosed, Stats, Transfer, TransferCancelled, fd_kind
+from vmipc.vmm.machine_api import DirtyDump
+from vmipc.vmm.persist import (
+    STATE_HEADER_SIZE,
+    BufferTransfer,
+    BulkError,
+    PeerClosed,
+    Stats,
+    Transfer,
+    TransferCancelled,
+    fd_kind,
+    recv_nowait,
+    send_nowait,
+    state_blob_header,
+    state_from_payload,
+    truncated_header,
+    truncated_payload,
+)
 
 T = TypeVar("T")
 
@@ -161,6 +177,8 @@ async def flush_devices(ctx: CommandContext) -> dict[str, Any]:
 async def dump_state(ctx: CommandContext) -> dict[str, Any]:
     fmt = ctx.args["format"]
     fd = ctx.fds["out"]
+    if fmt == "blob" and fd_kind(fd) == "socket" and _small(ctx):
+        return await _dump_state_to_socket(ctx, fd)
     if fmt == "snapshot":
         _require_file(ctx, "out", "snapshot")
         _require_positional(ctx, "out", "snapshot")
@@ -174,8 +192,106 @@ async def load_state(ctx: CommandContext) -> dict[str, Any]:
     fd = ctx.fds["in"]
     if fmt == "snapshot":
         _require_file(ctx, "in", "snapshot")
-    config = await _run_bulk(ctx, "state", lambda t: ctx.machine.load_state(fd, fmt, t))
+    if fmt == "blob" and fd_kind(fd) == "socket":
+        config = await _load_state_from_socket(ctx, fd)
+    else:
+        config = await _run_bulk(ctx, "state", lambda t: ctx.machine.load_state(fd, fmt, t))
     return {"vcpus": config.vcpus, "memory_size": config.memory_size}
+
+
+# The state blob through a socket, on the event loop: a migration's stop-and-copy waits
+# for it, and for an idle guest the two thread hops of a worker (there and back, each a
+# wake-up of another thread that must take the GIL) cost more than the work itself — a
+# few KVM ioctls per vCPU and a few kilobytes. The socket is never switched to
+# non-blocking (its file description may be shared): each call says MSG_DONTWAIT, and
+# the loop waits for readiness in between. Anything else takes the worker-thread path.
+
+#: vCPUs up to which the state is saved, and restored, on the event loop (each costs
+#: about 0.15-0.25 ms of ioctls there; more would hold up other connections)
+INLINE_STATE_VCPUS = 4
+#: a state blob up to this size is decoded on the event loop (bigger: a worker thread),
+#: so that a hostile one holds the loop up for a millisecond or two at most
+INLINE_STATE_BYTES = 64 << 10
+#: what one receive of a state blob may take
+_STATE_RECV = 64 << 10
+
+
+def _small(ctx: CommandContext) -> bool:
+    """A machine whose state is saved or restored on the event loop: built (a restore that
+    must build it first takes a worker thread), with few vCPUs."""
+    return 1 <= ctx.machine.vcpu_count <= INLINE_STATE_VCPUS
+
+
+async def _dump_state_to_socket(ctx: CommandContext, fd: int) -> dict[str, Any]:
+    # the reply before this one (the chain's dump-dirty) goes out before the loop is busy
+    await trio.lowlevel.checkpoint()
+    blob = ctx.machine.state_blob()
+    await _send_socket(ctx, fd, blob)
+    ctx.progress("state", len(blob), len(blob))
+    return {"bytes": len(blob), "sections": []}
+
+
+async def _send_socket(ctx: CommandContext, fd: int, data: bytes) -> None:
+    """All of ``data`` into the socket ``fd``, waiting on the event loop while it is full."""
+    waited = False
+    try:
+        sent = 0
+        while sent < len(data):
+            moved = send_nowait(fd, data[sent:] if sent else data)
+            if moved is None:
+                waited = True
+                await trio.lowlevel.wait_writable(fd)
+            else:
+                sent += moved
+    except PeerClosed as exc:
+        raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
+    except OSError as exc:
+        raise _command_error(ctx, exc) from None
+    finally:
+        if waited:
+            trio.lowlevel.notify_closing(fd)  # the server closes it once answered
+
+
+async def _load_state_from_socket(ctx: CommandContext, fd: int) -> Any:
+    waited = False
+
+    async def receive(buffer: bytearray, size: int) -> int:
+        """Up to ``size`` more bytes onto the end of ``buffer``: how many (0: input ended)."""
+        nonlocal waited
+        start = len(buffer)
+        buffer.extend(bytes(size))  # grown by what may arrive now, at most _STATE_RECV
+        while True:
+            moved = recv_nowait(fd, buffer, start, size)
+            if moved is not None:
+                del buffer[start + moved :]
+                return moved
+            waited = True
+            await trio.lowlevel.wait_readable(fd)
+
+    try:
+        header = bytearray()
+        while len(header) < STATE_HEADER_SIZE:
+            if not await receive(header, STATE_HEADER_SIZE - len(header)):
+                raise truncated_header(
+                    f"the input ended {STATE_HEADER_SIZE - len(header)} bytes early"
+                )
+        length, stored = state_blob_header(header)
+        payload = bytearray()
+        while len(payload) < length:
+            if not await receive(payload, min(length - len(payload), _STATE_RECV)):
+                raise truncated_payload(length - len(payload))
+        if length <= INLINE_STATE_BYTES and _small(ctx):
+            return ctx.machine.restore_state(state_from_payload(payload, stored))
+        return await trio.to_thread.run_sync(
+            lambda: ctx.machine.restore_state(state_from_payload(payload, stored))
+        )
+    except PeerClosed as exc:
+        raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
+    except (BulkError, OSError) as exc:
+        raise _command_error(ctx, exc) from None
+    finally:
+        if waited:
+            trio.lowlevel.notify_closing(fd)  # the server closes it once answered
 
 
 # --- dirty pages -------------------------------------------------------------------------------
@@ -227,9 +343,14 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
             )
     epoch = ctx.args["epoch"]
     try:
-        dump = await _run_bulk(
-            ctx, "pages", lambda t: ctx.machine.dump_dirty(fd, t, epoch=epoch, section=section)
-        )
+        if section is None and fd_kind(fd) == "socket":
+            dump = await _dump_dirty_to_socket(ctx, fd, epoch)
+        else:
+            dump = await _run_bulk(
+                ctx,
+                "pages",
+                lambda t: ctx.machine.dump_dirty(fd, t, epoch=epoch, section=section),
+            )
     except DirtyLogOff:
         raise _dirty_log_off(ctx) from None
     except DirtyLogMoved as exc:
@@ -239,6 +360,27 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
             {"expected": exc.expected, "epoch": exc.current},
         ) from None
     return {**_stats(dump.stats, consistent=dump.consistent), "epoch": dump.epoch}
+
+
+#: dirty pages up to which a page stream to a socket is made in memory and sent from the
+#: event loop (more: a worker thread writes it): a paused idle guest's last round
+INLINE_DIRTY_PAGES = 64
+#: what such a stream may take: the pages, and records of at most 32 bytes per page
+_INLINE_DIRTY_BYTES = INLINE_DIRTY_PAGES * (PAGE_SIZE + 32) + 4096
+
+
+async def _dump_dirty_to_socket(ctx: CommandContext, fd: int, epoch: str | None) -> DirtyDump:
+    """dump-dirty as a page stream into a socket: the pages taken on the event loop (an
+    ioctl and a bitmap walk), and when they are few the stream made in memory and sent
+    from the loop (see the state blob's reasons above), else written by a worker."""
+    taken = ctx.machine.take_dirty(epoch)
+    if taken.pages > INLINE_DIRTY_PAGES:
+        return await _run_bulk(ctx, "pages", lambda t: ctx.machine.send_dirty(fd, t, taken))
+    gathered = BufferTransfer(_INLINE_DIRTY_BYTES)
+    dump = ctx.machine.send_dirty(fd, gathered, taken)
+    await _send_socket(ctx, fd, bytes(gathered.data))
+    ctx.progress("pages", taken.pages * PAGE_SIZE, taken.pages * PAGE_SIZE)
+    return dump
 
 
 # --- the incoming machine ----------------------------------------------------------------------
