@@ -166,6 +166,10 @@ async def apply_pages(ctx: CommandContext) -> dict[str, Any]:
 
 @handler("flush-devices")
 async def flush_devices(ctx: CommandContext) -> dict[str, Any]:
+    if not ctx.machine.flush_needed:
+        # nothing to make durable: answered without a worker thread's two hops (the
+        # request sits in a migration's stop-and-copy chain)
+        return {}
     try:
         await trio.to_thread.run_sync(ctx.machine.flush_devices)
     except OSError as exc:

@@ -25,10 +25,9 @@ destination's load reads, concurrently, VMM to VMM, never through this client)::
 When both VMMs speak protocol 1.8, the stop-and-copy is two ordered chains sent at once
 (no round trip between its steps): ``src [pause, dump-dirty, dump-state]`` and
 ``dst [apply-pages, load-state]``, each VMM running its chain in order and stopping at the
-first failure; ``src flush-devices`` goes beside the chain once the pause answered.
-``src release-lease`` is sent once ``load-state`` answered, not chained: a lease released
-before the destination holds the state would leave no VM running if this client died
-then (the window stays one request wide); ``dst resume`` once it answered.
+first failure. ``src release-lease`` is sent once ``load-state`` answered, not chained: a
+lease released before the destination holds the state would leave no VM running if this
+client died then (the window stays one request wide); ``dst resume`` once it answered.
     dst query-status                  running                  downtime ends
     src quit
 
@@ -659,23 +658,17 @@ class _Migration:
                             ]
                         )
                         sent = time.monotonic()
+                        flush = supports(source, "flush-devices")
                         dumps = await source.send_ordered(
                             [
                                 Call("pause", lease=self.lease) if leased else Call("pause"),
                                 Call("dump-dirty", fds={"out": pages_out}),
                                 Call("dump-state", fds={"out": state_out}),
+                                # a disk on shared storage: durable before the other side runs
+                                *([Call("flush-devices")] if flush else []),
                             ]
                         )
                         paused = await dumps[0].result()
-                        # a disk on shared storage: durable before the other side runs.
-                        # Sent once paused, beside the chain rather than at its end: the
-                        # flush (a worker thread in the VMM, even with nothing to flush)
-                        # then runs while the pages and the state travel, not after them
-                        flushed = (
-                            await source.send_ordered([Call("flush-devices")])
-                            if supports(source, "flush-devices")
-                            else []
-                        )
                     # the downtime starts when the guest stopped, not when we heard of it:
                     # the source went on with the dumps meanwhile and its reply may come
                     # late (its worker threads compete with its event loop). The server's
@@ -704,9 +697,9 @@ class _Migration:
                         async with steps.step("state"):
                             dumped, _ = await _both("state", dumps[2], loads[1])
                             self.state_bytes = dumped["bytes"]
-                        if flushed:
+                        if flush:
                             async with steps.step("flush-devices"):
-                                await flushed[0].result()
+                                await dumps[3].result()
 
                     await lease.keep_while(last_pages_and_state)
                     if lease.held:

@@ -373,6 +373,12 @@ class MachineHost:
     def flush_devices(self) -> None:
         self.require_machine("flush-devices").flush_devices()
 
+    @property
+    def flush_needed(self) -> bool:
+        # the block device's disk is what flush_devices makes durable (read-only: never)
+        machine = self._machine
+        return machine is not None and machine.disk is not None and not machine.disk.readonly
+
     def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:
         if not self.incoming:
             raise InvalidStateError("configure", self.state)

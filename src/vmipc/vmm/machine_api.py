@@ -160,6 +160,11 @@ class Snapshottable(Protocol):
         """Make what the guest wrote to writable disks durable (blocking; OSError)."""
         ...
 
+    @property
+    def flush_needed(self) -> bool:
+        """Whether :meth:`flush_devices` has anything to do (a writable disk)."""
+        ...
+
     def load_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> MachineConfig:
         """The non-RAM state from ``fd`` into the incoming machine (built first if needed),
         which is paused from then on; returns its configuration."""
