@@ -24,6 +24,7 @@ from vmipc.vmm.dirtylog import DirtyLogMoved, DirtyLogOff
 from vmipc.vmm.machine_api import DirtyDump
 from vmipc.vmm.persist import (
     STATE_HEADER_SIZE,
+    BufferedInput,
     BufferTransfer,
     BulkError,
     PeerClosed,
@@ -37,6 +38,7 @@ from vmipc.vmm.persist import (
     state_from_payload,
     truncated_header,
     truncated_payload,
+    whole_page_stream,
 )
 
 T = TypeVar("T")
@@ -157,8 +159,50 @@ async def load_memory(ctx: CommandContext) -> dict[str, Any]:
 @handler("apply-pages", exclusive=True)
 async def apply_pages(ctx: CommandContext) -> dict[str, Any]:
     fd = ctx.fds["in"]
-    stats = await _run_bulk(ctx, "memory", lambda t: ctx.machine.apply_pages(fd, t))
+    stream = await _whole_small_stream(ctx, fd) if fd_kind(fd) == "socket" else None
+    if stream is not None:
+        try:
+            stats = ctx.machine.apply_pages(fd, BufferedInput(stream))
+        except PeerClosed as exc:
+            raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
+        except (BulkError, OSError) as exc:
+            raise _command_error(ctx, exc) from None
+    else:
+        stats = await _run_bulk(ctx, "memory", lambda t: ctx.machine.apply_pages(fd, t))
     return _stats(stats, rounds=stats.rounds)
+
+
+#: a page stream up to this size, all of it in the socket when it first has data, is
+#: applied from the event loop (a migration's last round for an idle guest); any other
+#: is read by a worker thread, which takes the fd with nothing consumed from it
+INLINE_STREAM_BYTES = 128 << 10
+
+
+async def _whole_small_stream(ctx: CommandContext, fd: int) -> bytes | None:
+    """Once the socket ``fd`` has data: when a whole page stream of at most
+    INLINE_STREAM_BYTES is there, the stream, taken off the socket (and nothing after it);
+    else None, and nothing was taken."""
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        trio.lowlevel.notify_closing(fd)  # a worker thread or the server takes it next
+    buffer = bytearray(INLINE_STREAM_BYTES)
+    try:
+        peeked = recv_nowait(fd, buffer, 0, len(buffer), peek=True)
+        length = None if not peeked else whole_page_stream(memoryview(buffer)[:peeked])
+        if length is None:
+            return None
+        taken = 0
+        while taken < length:
+            moved = recv_nowait(fd, buffer, taken, length - taken)
+            if not moved:  # the bytes peeked are there: neither happens
+                raise CommandError("io-error", f"{ctx.command}: the socket lost bytes")
+            taken += moved
+    except PeerClosed as exc:
+        raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
+    except OSError as exc:
+        raise _command_error(ctx, exc) from None
+    return bytes(buffer[:length])
 
 
 # --- state -----------------------------------------------------------------------------------

@@ -28,7 +28,13 @@ from vmipc.vmm.persist.dataplane import (
 )
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.extents import data_extents, punch_hole
-from vmipc.vmm.persist.nowait import BufferTransfer, recv_nowait, send_nowait
+from vmipc.vmm.persist.nowait import (
+    BufferedInput,
+    BufferTransfer,
+    recv_nowait,
+    send_nowait,
+    whole_page_stream,
+)
 from vmipc.vmm.persist.restorable import Restorable, check_config, check_restorable
 from vmipc.vmm.persist.statecodec import (
     MAX_STATE_SIZE,
@@ -55,6 +61,7 @@ __all__ = [
     "STATE_LIMITS",
     "STATE_MAGIC",
     "BufferTransfer",
+    "BufferedInput",
     "BulkError",
     "PageCoverage",
     "PeerClosed",
@@ -86,6 +93,7 @@ __all__ = [
     "truncated_header",
     "truncated_payload",
     "update_memory_section",
+    "whole_page_stream",
     "write_memory_section",
     "write_raw_image",
     "write_state_sections",

@@ -16,6 +16,7 @@ import errno
 import os
 import socket
 
+from vmipc.formats import NEED_DATA, FormatError, PageStreamDecoder, StreamEnd
 from vmipc.vmm.persist.transfer import PeerClosed, Transfer
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -47,14 +48,35 @@ def send_nowait(fd: int, data: bytes) -> int | None:
     return _outcome(_send(fd, data, len(data), _SEND_FLAGS), "send")
 
 
-def recv_nowait(fd: int, buffer: bytearray, offset: int, size: int) -> int | None:
+def recv_nowait(
+    fd: int, buffer: bytearray, offset: int, size: int, *, peek: bool = False
+) -> int | None:
     """Receive at most ``size`` bytes from the socket ``fd`` into ``buffer[offset:]`` (which
     holds them): the bytes received (0 at the end of input), or None when none are there
-    now. PeerClosed when the sender reset the connection, OSError else."""
+    now. ``peek``: leave them in the socket. PeerClosed when the sender reset the
+    connection, OSError else."""
     if offset + size > len(buffer):
         raise ValueError("the buffer is too small")
     base = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
-    return _outcome(_recv(fd, base + offset, size, socket.MSG_DONTWAIT), "recv")
+    flags = socket.MSG_DONTWAIT | (socket.MSG_PEEK if peek else 0)
+    return _outcome(_recv(fd, base + offset, size, flags), "recv")
+
+
+def whole_page_stream(data: bytes | bytearray | memoryview) -> int | None:
+    """The length of the page stream ``data`` begins with, when all of it is there (its
+    end record included); None when it is not (or the bytes are no page stream: the
+    reader that takes the fd says what is wrong with them). Reads nothing into RAM."""
+    decoder = PageStreamDecoder()
+    decoder.feed(data)
+    try:
+        while True:
+            event = decoder.next_event()
+            if event is NEED_DATA:
+                return None
+            if isinstance(event, StreamEnd):
+                return len(data) - decoder.buffered
+    except FormatError:
+        return None
 
 
 class BufferTransfer(Transfer):
@@ -90,3 +112,26 @@ class BufferTransfer(Transfer):
                     raise OSError(errno.EIO, "guest RAM ended early")
                 got += moved
         self.advance(count)
+
+
+class BufferedInput(Transfer):
+    """A transfer out of memory: a load's reads served from bytes already received (a
+    whole page stream, read off a socket by the event loop); the end of the bytes is the
+    end of input."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        super().__init__(None)
+        self._data = memoryview(data).cast("B")
+        self._pos = 0
+
+    def read_into(self, in_fd: int, view: memoryview) -> int:
+        count = min(len(view), len(self._data) - self._pos)
+        view[:count] = self._data[self._pos : self._pos + count]
+        self._pos += count
+        if count:
+            self.advance(count)
+        return count
+
+    def readinto(self, in_fd: int, view: memoryview) -> None:
+        if self.read_into(in_fd, view) < len(view):
+            raise PeerClosed("the input ended early")
