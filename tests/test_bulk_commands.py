@@ -831,3 +831,96 @@ def test_bulk_commands_leak_no_fds(tmp_path: Path) -> None:
             os.close(write_end)
             leaked = wait_for_fds(baseline)
             assert not leaked, describe_fds(leaked)
+
+
+# --- small transfers through sockets, done on the event loop ----------------------------
+
+
+@contextlib.contextmanager
+def _sent_through_socket(data: bytes, *, close: bool = True) -> Iterator[int]:
+    """The reading end's fd (for a request, which owns it) of a socket pair that ``data``
+    is written into by a thread (then its writing end shut, when ``close``; else kept open
+    until the block ends, as if more were to follow)."""
+    left, right = socket.socketpair()
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            left.sendall(data)
+            if close:
+                left.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        yield right.detach()
+    finally:
+        left.shutdown(socket.SHUT_RDWR)
+        sender.join(30)
+        left.close()
+
+
+def test_the_state_and_a_small_dirty_round_through_sockets_continue_the_guest(
+    tmp_path: Path,
+) -> None:
+    """What the stop-and-copy sends through socket pairs (the state blob, a paused guest's
+    last few dirty pages) goes on the event loop, and refuses what the worker-thread path
+    refuses: a blob cut in its header or payload, a corrupt one, a page stream for other
+    RAM (the destination stays incoming). Then the guest continues exactly."""
+    from vmipc.formats import PageStreamEncoder
+
+    with vmms() as make:
+        source = make(rate="256")  # a pass of the working set in a quarter of a second
+        source.console.wait_for_passes(2, 1)
+        target = make(incoming=True)
+        with source.client() as src, target.client() as dst:
+            src.dirty_log_start()
+            with fd_pair("pipe", tmp_path) as (fd, received):
+                src.dump_memory(out=fd)
+                streams = [received()]
+            src.pause()
+            reached = max(source.console.passes().values())
+            # the last rounds: a few pages, then none (made in memory, sent from the loop)
+            for _ in range(2):
+                left, right = socket.socketpair()
+                with left, right:
+                    reply = src.dump_dirty(out=left.fileno())
+                    left.shutdown(socket.SHUT_WR)
+                    stream = bytearray()
+                    read_all(right.fileno(), stream)
+                streams.append(bytes(stream))
+            assert reply["data_pages"] + reply["zero_pages"] <= 64
+            left, right = socket.socketpair()
+            with left, right:
+                state = src.dump_state(out=left.fileno())
+                left.shutdown(socket.SHUT_WR)
+                blob = bytearray()
+                read_all(right.fileno(), blob)
+            assert state["bytes"] == len(blob)
+
+            # refusals first: nothing of them may stick (into a machine built already, as
+            # a migration's destination is: its state is restored on the loop)
+            dst.configure(memory_size=MEMORY, vcpus=2)
+            corrupt = bytearray(blob)
+            corrupt[-5] ^= 0x10
+            for bad in (blob[:10], blob[: len(blob) // 2], b"X" * len(blob), corrupt):
+                with _sent_through_socket(bytes(bad)) as fd:
+                    error = expect_error(lambda fd=fd: dst.load_state(in_=fd), "bad-state")
+                assert dst.query_status()["state"] == "incoming"
+            assert "checksum" in str(error)
+            other = PageStreamEncoder([(0, MEMORY // 2)])
+            alien = other.header() + other.end_round() + other.end_stream()
+            with _sent_through_socket(alien) as fd:
+                expect_error(lambda: dst.apply_pages(in_=fd), "bad-stream")
+
+            # then the real thing, each through a socket
+            for stream in streams:
+                with _sent_through_socket(stream, close=False) as fd:
+                    dst.apply_pages(in_=fd)
+            assert ram_of(target.machine) == ram_of(source.machine)
+            with _sent_through_socket(bytes(blob)) as fd:
+                assert dst.load_state(in_=fd) == {"vcpus": 2, "memory_size": MEMORY}
+            dst.resume()
+            target.console.wait_for_passes(2, reached + 2)
+            dst.pause()
+    combined = (source.console.text + target.console.text).split("\n")[:-1]
+    assert min(check_against_model(combined, 2, WS).values()) >= reached + 2

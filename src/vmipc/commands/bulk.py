@@ -22,8 +22,25 @@ from vmipc.memory_layout import PAGE_SIZE
 from vmipc.protocol import CommandError, ErrorCode
 from vmipc.vmm.devices import DiskImageError
 from vmipc.vmm.dirtylog import DirtyLogMoved, DirtyLogOff
-from vmipc.vmm.machine_api import DiskPresent, NoDisk
-from vmipc.vmm.persist import BulkError, PeerClosed, Stats, Transfer, TransferCancelled, fd_kind
+from vmipc.vmm.machine_api import DirtyDump, DiskPresent, NoDisk
+from vmipc.vmm.persist import (
+    STATE_HEADER_SIZE,
+    BufferedInput,
+    BufferTransfer,
+    BulkError,
+    PeerClosed,
+    Stats,
+    Transfer,
+    TransferCancelled,
+    fd_kind,
+    recv_nowait,
+    send_nowait,
+    state_blob_header,
+    state_from_payload,
+    truncated_header,
+    truncated_payload,
+    whole_page_stream,
+)
 
 T = TypeVar("T")
 
@@ -143,8 +160,50 @@ async def load_memory(ctx: CommandContext) -> dict[str, Any]:
 @handler("apply-pages", exclusive=True)
 async def apply_pages(ctx: CommandContext) -> dict[str, Any]:
     fd = ctx.fds["in"]
-    stats = await _run_bulk(ctx, "memory", lambda t: ctx.machine.apply_pages(fd, t))
+    stream = await _whole_small_stream(ctx, fd) if fd_kind(fd) == "socket" else None
+    if stream is not None:
+        try:
+            stats = ctx.machine.apply_pages(fd, BufferedInput(stream))
+        except PeerClosed as exc:
+            raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
+        except (BulkError, OSError) as exc:
+            raise _command_error(ctx, exc) from None
+    else:
+        stats = await _run_bulk(ctx, "memory", lambda t: ctx.machine.apply_pages(fd, t))
     return _stats(stats, rounds=stats.rounds)
+
+
+#: a page stream up to this size, all of it in the socket when it first has data, is
+#: applied from the event loop (a migration's last round for an idle guest); any other
+#: is read by a worker thread, which takes the fd with nothing consumed from it
+INLINE_STREAM_BYTES = 128 << 10
+
+
+async def _whole_small_stream(ctx: CommandContext, fd: int) -> bytes | None:
+    """Once the socket ``fd`` has data: when a whole page stream of at most
+    INLINE_STREAM_BYTES is there, the stream, taken off the socket (and nothing after it);
+    else None, and nothing was taken."""
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        trio.lowlevel.notify_closing(fd)  # a worker thread or the server takes it next
+    buffer = bytearray(INLINE_STREAM_BYTES)
+    try:
+        peeked = recv_nowait(fd, buffer, 0, len(buffer), peek=True)
+        length = None if not peeked else whole_page_stream(memoryview(buffer)[:peeked])
+        if length is None:
+            return None
+        taken = 0
+        while taken < length:
+            moved = recv_nowait(fd, buffer, taken, length - taken)
+            if not moved:  # the bytes peeked are there: neither happens
+                raise CommandError("io-error", f"{ctx.command}: the socket lost bytes")
+            taken += moved
+    except PeerClosed as exc:
+        raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
+    except OSError as exc:
+        raise _command_error(ctx, exc) from None
+    return bytes(buffer[:length])
 
 
 # --- state -----------------------------------------------------------------------------------
@@ -152,6 +211,10 @@ async def apply_pages(ctx: CommandContext) -> dict[str, Any]:
 
 @handler("flush-devices")
 async def flush_devices(ctx: CommandContext) -> dict[str, Any]:
+    if not ctx.machine.flush_needed:
+        # nothing to make durable: answered without a worker thread's two hops (the
+        # request sits in a migration's stop-and-copy chain)
+        return {}
     try:
         await trio.to_thread.run_sync(ctx.machine.flush_devices)
     except OSError as exc:
@@ -163,6 +226,8 @@ async def flush_devices(ctx: CommandContext) -> dict[str, Any]:
 async def dump_state(ctx: CommandContext) -> dict[str, Any]:
     fmt = ctx.args["format"]
     fd = ctx.fds["out"]
+    if fmt == "blob" and fd_kind(fd) == "socket" and _small(ctx):
+        return await _dump_state_to_socket(ctx, fd)
     if fmt == "snapshot":
         _require_file(ctx, "out", "snapshot")
         _require_positional(ctx, "out", "snapshot")
@@ -177,10 +242,111 @@ async def load_state(ctx: CommandContext) -> dict[str, Any]:
     if fmt == "snapshot":
         _require_file(ctx, "in", "snapshot")
     accept_disk = ctx.args["accept_disk"]
-    config = await _run_bulk(
-        ctx, "state", lambda t: ctx.machine.load_state(fd, fmt, t, accept_disk=accept_disk)
-    )
+    if fmt == "blob" and fd_kind(fd) == "socket":
+        config = await _load_state_from_socket(ctx, fd, accept_disk)
+    else:
+        config = await _run_bulk(
+            ctx, "state", lambda t: ctx.machine.load_state(fd, fmt, t, accept_disk=accept_disk)
+        )
     return {"vcpus": config.vcpus, "memory_size": config.memory_size}
+
+
+# The state blob through a socket, on the event loop: a migration's stop-and-copy waits
+# for it, and for an idle guest the two thread hops of a worker (there and back, each a
+# wake-up of another thread that must take the GIL) cost more than the work itself — a
+# few KVM ioctls per vCPU and a few kilobytes. The socket is never switched to
+# non-blocking (its file description may be shared): each call says MSG_DONTWAIT, and
+# the loop waits for readiness in between. Anything else takes the worker-thread path.
+
+#: vCPUs up to which the state is saved, and restored, on the event loop (each costs
+#: about 0.15-0.25 ms of ioctls there; more would hold up other connections)
+INLINE_STATE_VCPUS = 4
+#: a state blob up to this size is decoded on the event loop (bigger: a worker thread),
+#: so that a hostile one holds the loop up for a millisecond or two at most
+INLINE_STATE_BYTES = 64 << 10
+#: what one receive of a state blob may take
+_STATE_RECV = 64 << 10
+
+
+def _small(ctx: CommandContext) -> bool:
+    """A machine whose state is saved or restored on the event loop: built (a restore that
+    must build it first takes a worker thread), with few vCPUs."""
+    return 1 <= ctx.machine.vcpu_count <= INLINE_STATE_VCPUS
+
+
+async def _dump_state_to_socket(ctx: CommandContext, fd: int) -> dict[str, Any]:
+    # the reply before this one (the chain's dump-dirty) goes out before the loop is busy
+    await trio.lowlevel.checkpoint()
+    blob = ctx.machine.state_blob()
+    await _send_socket(ctx, fd, blob)
+    ctx.progress("state", len(blob), len(blob))
+    return {"bytes": len(blob), "sections": []}
+
+
+async def _send_socket(ctx: CommandContext, fd: int, data: bytes) -> None:
+    """All of ``data`` into the socket ``fd``, waiting on the event loop while it is full."""
+    waited = False
+    try:
+        sent = 0
+        while sent < len(data):
+            moved = send_nowait(fd, data[sent:] if sent else data)
+            if moved is None:
+                waited = True
+                await trio.lowlevel.wait_writable(fd)
+            else:
+                sent += moved
+    except PeerClosed as exc:
+        raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
+    except OSError as exc:
+        raise _command_error(ctx, exc) from None
+    finally:
+        if waited:
+            trio.lowlevel.notify_closing(fd)  # the server closes it once answered
+
+
+async def _load_state_from_socket(ctx: CommandContext, fd: int, accept_disk: bool) -> Any:
+    waited = False
+
+    async def receive(buffer: bytearray, size: int) -> int:
+        """Up to ``size`` more bytes onto the end of ``buffer``: how many (0: input ended)."""
+        nonlocal waited
+        start = len(buffer)
+        buffer.extend(bytes(size))  # grown by what may arrive now, at most _STATE_RECV
+        while True:
+            moved = recv_nowait(fd, buffer, start, size)
+            if moved is not None:
+                del buffer[start + moved :]
+                return moved
+            waited = True
+            await trio.lowlevel.wait_readable(fd)
+
+    try:
+        header = bytearray()
+        while len(header) < STATE_HEADER_SIZE:
+            if not await receive(header, STATE_HEADER_SIZE - len(header)):
+                raise truncated_header(
+                    f"the input ended {STATE_HEADER_SIZE - len(header)} bytes early"
+                )
+        length, stored = state_blob_header(header)
+        payload = bytearray()
+        while len(payload) < length:
+            if not await receive(payload, min(length - len(payload), _STATE_RECV)):
+                raise truncated_payload(length - len(payload))
+        if length <= INLINE_STATE_BYTES and _small(ctx):
+            state = state_from_payload(payload, stored)
+            return ctx.machine.restore_state(state, accept_disk=accept_disk)
+        return await trio.to_thread.run_sync(
+            lambda: ctx.machine.restore_state(
+                state_from_payload(payload, stored), accept_disk=accept_disk
+            )
+        )
+    except PeerClosed as exc:
+        raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
+    except (BulkError, OSError) as exc:
+        raise _command_error(ctx, exc) from None
+    finally:
+        if waited:
+            trio.lowlevel.notify_closing(fd)  # the server closes it once answered
 
 
 # --- the block device's image (1.9) ------------------------------------------------------------
@@ -255,9 +421,14 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
             )
     epoch = ctx.args["epoch"]
     try:
-        dump = await _run_bulk(
-            ctx, "pages", lambda t: ctx.machine.dump_dirty(fd, t, epoch=epoch, section=section)
-        )
+        if section is None and fd_kind(fd) == "socket":
+            dump = await _dump_dirty_to_socket(ctx, fd, epoch)
+        else:
+            dump = await _run_bulk(
+                ctx,
+                "pages",
+                lambda t: ctx.machine.dump_dirty(fd, t, epoch=epoch, section=section),
+            )
     except DirtyLogOff:
         raise _dirty_log_off(ctx) from None
     except DirtyLogMoved as exc:
@@ -267,6 +438,27 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
             {"expected": exc.expected, "epoch": exc.current},
         ) from None
     return {**_stats(dump.stats, consistent=dump.consistent), "epoch": dump.epoch}
+
+
+#: dirty pages up to which a page stream to a socket is made in memory and sent from the
+#: event loop (more: a worker thread writes it): a paused idle guest's last round
+INLINE_DIRTY_PAGES = 64
+#: what such a stream may take: the pages, and records of at most 32 bytes per page
+_INLINE_DIRTY_BYTES = INLINE_DIRTY_PAGES * (PAGE_SIZE + 32) + 4096
+
+
+async def _dump_dirty_to_socket(ctx: CommandContext, fd: int, epoch: str | None) -> DirtyDump:
+    """dump-dirty as a page stream into a socket: the pages taken on the event loop (an
+    ioctl and a bitmap walk), and when they are few the stream made in memory and sent
+    from the loop (see the state blob's reasons above), else written by a worker."""
+    taken = ctx.machine.take_dirty(epoch)
+    if taken.pages > INLINE_DIRTY_PAGES:
+        return await _run_bulk(ctx, "pages", lambda t: ctx.machine.send_dirty(fd, t, taken))
+    gathered = BufferTransfer(_INLINE_DIRTY_BYTES)
+    dump = ctx.machine.send_dirty(fd, gathered, taken)
+    await _send_socket(ctx, fd, bytes(gathered.data))
+    ctx.progress("pages", taken.pages * PAGE_SIZE, taken.pages * PAGE_SIZE)
+    return dump
 
 
 # --- the incoming machine ----------------------------------------------------------------------

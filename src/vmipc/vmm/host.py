@@ -23,7 +23,7 @@ from collections.abc import Callable
 from vmipc.memory_layout import PAGE_SIZE, MemoryConfigError, layout_for
 from vmipc.vmm.config import MAX_VCPUS
 from vmipc.vmm.devices import DiskImage
-from vmipc.vmm.dirtylog import DirtyCount
+from vmipc.vmm.dirtylog import DirtyCount, DirtyPages
 from vmipc.vmm.filelease import LeaseUnavailable, ReadLease
 from vmipc.vmm.machine import Machine, MachineConfig, MachineState
 from vmipc.vmm.machine_api import (
@@ -367,11 +367,11 @@ class MachineHost:
         return map_snapshot_memory(memory, fd, lease)
 
     def dump_state(self, fd: int, fmt: StateFormat, transfer: Transfer) -> StateDump:
-        state = self.require_machine("dump-state").save_state()
         if fmt == "snapshot":
+            state = self.require_machine("dump-state").save_state()
             entries = write_state_sections(state, fd, transfer)
             return StateDump(sum(entry.length for entry in entries), tuple(entries))
-        blob = encode_state_blob(state)
+        blob = self.state_blob()
         transfer.total = len(blob)
         transfer.write(fd, blob)
         return StateDump(len(blob))
@@ -382,6 +382,14 @@ class MachineHost:
         if not self.incoming:
             raise InvalidStateError("load-state", self.state)
         state = read_state_sections(fd) if fmt == "snapshot" else read_state_blob(fd, transfer)
+        return self.restore_state(state, accept_disk=accept_disk)
+
+    def state_blob(self) -> bytes:
+        return encode_state_blob(self.require_machine("dump-state").save_state())
+
+    def restore_state(self, state: MachineState, *, accept_disk: bool = False) -> MachineConfig:
+        if not self.incoming:
+            raise InvalidStateError("load-state", self.state)
         try:
             self._restore(state, accept_disk=accept_disk)
         except ValueError as exc:  # a record KVM refused, a machine that does not fit
@@ -428,6 +436,12 @@ class MachineHost:
             self._disk = self._attached = disk
             return disk.size
 
+    @property
+    def flush_needed(self) -> bool:
+        # the block device's disk is what flush_devices makes durable (read-only: never)
+        machine = self._machine
+        return machine is not None and machine.disk is not None and not machine.disk.readonly
+
     def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:
         if not self.incoming:
             raise InvalidStateError("configure", self.state)
@@ -455,17 +469,28 @@ class MachineHost:
     ) -> DirtyDump:
         machine = self.require_machine("dump-dirty")
         memory = _ram(machine)
-        consistent = machine.state is not RunState.RUNNING
         # before any page is taken: a wrong file or offset must not lose the dirty pages
         writer = None if section is None else memory_section_at(memory, fd, section)
         taken = machine.dirty_log.take(epoch)
-        transfer.total = PAGE_SIZE * sum(n for runs in taken.slots for _, n in runs)
         if writer is None:
-            stats = send_page_stream(memory, fd, transfer, consistent=consistent, runs=taken.slots)
-        else:
-            stats = update_memory_section(
-                memory, fd, transfer, writer, taken.slots, consistent=consistent
-            )
+            return self.send_dirty(fd, transfer, taken)
+        consistent = machine.state is not RunState.RUNNING
+        transfer.total = PAGE_SIZE * taken.pages
+        stats = update_memory_section(
+            memory, fd, transfer, writer, taken.slots, consistent=consistent
+        )
+        return DirtyDump(stats, consistent, taken.epoch)
+
+    def take_dirty(self, epoch: str | None) -> DirtyPages:
+        return self.require_machine("dump-dirty").dirty_log.take(epoch)
+
+    def send_dirty(self, fd: int, transfer: Transfer, taken: DirtyPages) -> DirtyDump:
+        machine = self.require_machine("dump-dirty")
+        consistent = machine.state is not RunState.RUNNING
+        transfer.total = PAGE_SIZE * taken.pages
+        stats = send_page_stream(
+            _ram(machine), fd, transfer, consistent=consistent, runs=taken.slots
+        )
         return DirtyDump(stats, consistent, taken.epoch)
 
     def apply_pages(self, fd: int, transfer: Transfer) -> Stats:

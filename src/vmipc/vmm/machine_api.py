@@ -20,8 +20,8 @@ from vmipc.vmm.runstate import RunState
 
 if TYPE_CHECKING:
     from vmipc.formats import SectionEntry
-    from vmipc.vmm.dirtylog import DirtyCount
-    from vmipc.vmm.machine import MachineConfig
+    from vmipc.vmm.dirtylog import DirtyCount, DirtyPages
+    from vmipc.vmm.machine import MachineConfig, MachineState
     from vmipc.vmm.persist import DiskStats, Stats, Transfer
 
 #: guest RAM as a page stream, a flat image, or a snapshot file's memory section
@@ -168,6 +168,11 @@ class Snapshottable(Protocol):
         """The non-RAM state to ``fd`` (paused only)."""
         ...
 
+    def state_blob(self) -> bytes:
+        """The non-RAM state as the blob :meth:`dump_state` writes (paused only): a few
+        KVM ioctls per vCPU, no I/O, so a caller may write it without a worker thread."""
+        ...
+
     def flush_devices(self) -> None:
         """Make what the guest wrote to writable disks durable (blocking; OSError)."""
         ...
@@ -175,6 +180,11 @@ class Snapshottable(Protocol):
     def dump_disk(self, fd: int, transfer: Transfer) -> DiskDump:
         """The block device's image, sparsely, as a snapshot ``disk`` section appended to
         file ``fd`` (paused only: the device is drained). :class:`NoDisk` without one."""
+        ...
+
+    @property
+    def flush_needed(self) -> bool:
+        """Whether :meth:`flush_devices` has anything to do (a writable disk)."""
         ...
 
     def load_state(
@@ -191,6 +201,12 @@ class Snapshottable(Protocol):
         :class:`vmipc.vmm.devices.DiskImageError` for an fd that cannot be a disk,
         :class:`DiskPresent` when the VMM has one already, InvalidStateError when not
         incoming."""
+        ...
+
+    def restore_state(self, state: MachineState, *, accept_disk: bool = False) -> MachineConfig:
+        """:meth:`load_state` of a state already read and decoded (BulkError
+        ``bad-state`` for one that does not fit, another disk among them unless
+        ``accept_disk``); no I/O."""
         ...
 
     def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:
@@ -221,6 +237,15 @@ class Migratable(Protocol):
         """Take the dirty pages (only if the dirty log's epoch is still ``epoch``, unless
         None) and write them to ``fd``: as a page stream, or (``section``: its file offset)
         into the snapshot memory section there, checked before anything is taken."""
+        ...
+
+    def take_dirty(self, epoch: str | None) -> DirtyPages:
+        """Take the dirty pages (as :meth:`dump_dirty`, without writing them): a quick
+        ioctl and a bitmap walk, no I/O."""
+        ...
+
+    def send_dirty(self, fd: int, transfer: Transfer, taken: DirtyPages) -> DirtyDump:
+        """Write pages :meth:`take_dirty` took to ``fd`` as a page stream."""
         ...
 
     def apply_pages(self, fd: int, transfer: Transfer) -> Stats:

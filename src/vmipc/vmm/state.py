@@ -204,7 +204,6 @@ def save_vcpu(vcpu: Vcpu, msr_indices: list[int], cpuid: ctypes.Structure) -> Vc
     lapic = vcpu.get_lapic()
     msrs = vcpu.get_msrs(msr_indices)
     events = vcpu.get_vcpu_events()
-    entries = cpuid.entries
     return VcpuState(
         vcpu_id=vcpu.id,
         mp_state=mp_state,
@@ -216,10 +215,9 @@ def save_vcpu(vcpu: Vcpu, msr_indices: list[int], cpuid: ctypes.Structure) -> Vc
         lapic=_raw(lapic),
         msrs=tuple((index, msrs[index]) for index in msr_indices if index in msrs),
         vcpu_events=_raw(events),
-        cpuid=tuple(
-            tuple(int(getattr(entries[i], name)) for name in _CPUID_FIELDS)
-            for i in range(int(cpuid.nent))
-        ),
+        # unpacked from the raw entries at C speed: ~60 entries field by field through
+        # ctypes cost a tenth of a millisecond of a migration's downtime
+        cpuid=_cpuid_values(cpuid)[: int(cpuid.nent)],
     )
 
 

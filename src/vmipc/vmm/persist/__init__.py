@@ -5,7 +5,8 @@ guest RAM (:mod:`.dataplane`), the state blob and state sections (:mod:`.stateco
 moved by cancellable blocking system calls (:mod:`.transfer`) and kept sparse with the
 files' holes (:mod:`.extents`), and what a snapshot file must hold to be restored
 (:mod:`.restorable`). Everything here is blocking
-and runs in a worker thread; nothing here knows of sockets, trio or the control protocol.
+and runs in a worker thread, but for the non-blocking socket calls of :mod:`.nowait`;
+nothing here knows of trio or the control protocol.
 """
 
 from __future__ import annotations
@@ -28,16 +29,28 @@ from vmipc.vmm.persist.dataplane import (
 from vmipc.vmm.persist.diskdump import DiskStats, write_disk_section
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.extents import data_extents, punch_hole
+from vmipc.vmm.persist.nowait import (
+    BufferedInput,
+    BufferTransfer,
+    recv_nowait,
+    send_nowait,
+    whole_page_stream,
+)
 from vmipc.vmm.persist.restorable import Restorable, check_config, check_restorable
 from vmipc.vmm.persist.statecodec import (
     MAX_STATE_SIZE,
+    STATE_HEADER_SIZE,
     STATE_LIMITS,
     STATE_MAGIC,
     decode_state,
     encode_state_blob,
     read_state_blob,
     read_state_sections,
+    state_blob_header,
+    state_from_payload,
     state_sections,
+    truncated_header,
+    truncated_payload,
     write_state_sections,
 )
 from vmipc.vmm.persist.transfer import PeerClosed, Transfer, TransferCancelled, fd_kind
@@ -45,8 +58,11 @@ from vmipc.vmm.persist.transfer import PeerClosed, Transfer, TransferCancelled, 
 __all__ = [
     "MAX_STATE_SIZE",
     "RUN_PAGES",
+    "STATE_HEADER_SIZE",
     "STATE_LIMITS",
     "STATE_MAGIC",
+    "BufferTransfer",
+    "BufferedInput",
     "BulkError",
     "DiskStats",
     "PageCoverage",
@@ -70,9 +86,16 @@ __all__ = [
     "read_state_blob",
     "read_state_sections",
     "receive_page_stream",
+    "recv_nowait",
+    "send_nowait",
     "send_page_stream",
+    "state_blob_header",
+    "state_from_payload",
     "state_sections",
+    "truncated_header",
+    "truncated_payload",
     "update_memory_section",
+    "whole_page_stream",
     "write_disk_section",
     "write_memory_section",
     "write_raw_image",

@@ -71,17 +71,44 @@ def encode_state_blob(state: MachineState) -> bytes:
     return _STATE_HEADER.pack(STATE_MAGIC, len(payload), checksum(payload)) + payload
 
 
-def read_state_blob(fd: int, transfer: Transfer) -> MachineState:
-    header = bytearray(_STATE_HEADER.size)
-    try:
-        transfer.readinto(fd, memoryview(header))
-    except PeerClosed as exc:
-        raise BulkError("bad-state", f"state blob truncated in its header: {exc}") from None
+#: bytes of a state blob's header (magic, payload length, checksum)
+STATE_HEADER_SIZE = _STATE_HEADER.size
+
+
+def state_blob_header(header: bytes | bytearray) -> tuple[int, int]:
+    """The payload length and checksum a state blob's header announces; BulkError if the
+    header is not one, or announces more than a state can be (nothing is allocated from
+    the length: readers grow their buffer as the bytes arrive)."""
     magic, length, stored = _STATE_HEADER.unpack(header)
     if magic != STATE_MAGIC:
         raise BulkError("bad-state", f"not a vmipc state blob (magic {bytes(magic)!r})")
     if length > MAX_STATE_SIZE:
         raise BulkError("bad-state", f"state blob claims {length} bytes (limit {MAX_STATE_SIZE})")
+    return length, stored
+
+
+def state_from_payload(payload: bytes | bytearray, stored: int) -> MachineState:
+    """The state a blob's whole payload holds, checked against the header's checksum."""
+    if checksum(payload) != stored:
+        raise BulkError("bad-state", "state blob checksum mismatch (corrupt)")
+    return decode_state(payload)
+
+
+def truncated_header(exc: BaseException | str) -> BulkError:
+    return BulkError("bad-state", f"state blob truncated in its header: {exc}")
+
+
+def truncated_payload(missing: int) -> BulkError:
+    return BulkError("bad-state", f"state blob truncated: the input ended {missing} bytes early")
+
+
+def read_state_blob(fd: int, transfer: Transfer) -> MachineState:
+    header = bytearray(STATE_HEADER_SIZE)
+    try:
+        transfer.readinto(fd, memoryview(header))
+    except PeerClosed as exc:
+        raise truncated_header(exc) from None
+    length, stored = state_blob_header(header)
     payload = bytearray()
     got = 0
     while got < length:
@@ -94,14 +121,9 @@ def read_state_blob(fd: int, transfer: Transfer) -> MachineState:
         with memoryview(payload) as view:
             moved = transfer.read_into(fd, view[got:])
         if not moved:
-            raise BulkError(
-                "bad-state",
-                f"state blob truncated: the input ended {length - got} bytes early",
-            )
+            raise truncated_payload(length - got)
         got += moved
-    if checksum(payload) != stored:
-        raise BulkError("bad-state", "state blob checksum mismatch (corrupt)")
-    return decode_state(payload)
+    return state_from_payload(payload, stored)
 
 
 def decode_state(payload: bytes | bytearray) -> MachineState:
