@@ -14,14 +14,13 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tests.builtin_guest import Console
+from tests.disk_support import BLOCKS, DISK_SIZE, last_pass, make_image, opened
 from tests.seq_support import VmmProcess, Vmms, vmipc, vmm_processes, wait_for
 from tests.tls_support import Receiver
 from vmipc.client import SyncClient
@@ -36,36 +35,13 @@ from vmipc.vmm.state import StateRecordError
 
 pytestmark = pytest.mark.kvm
 
-BLOCKS = 16
-DISK_SIZE = 1 * MIB
 MEMORY = 32 * MIB
 WORKLOAD = ("disk=1", "depth=4", f"blocks={BLOCKS}", "passes=0")
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as handle:
-        handle.truncate(DISK_SIZE)
-    return path
-
-
-@contextmanager
-def opened(path: Path, readonly: bool = False) -> Iterator[DiskImage]:
-    disk = DiskImage.open(str(path), readonly=readonly)
-    try:
-        yield disk
-    finally:
-        disk.close()
-
-
-def last_pass(text: str) -> int:
-    passes = [
-        int(line.split("pass=")[1].split()[0])
-        for line in text.split("\n")[:-1]
-        if line.startswith("vcpu=0 disk pass=")
-    ]
-    return max(passes, default=0)
+    return make_image(tmp_path / "disk.img")
 
 
 def assert_exact(text: str) -> None:

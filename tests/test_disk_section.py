@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.disk_support import BLOCKS, DISK_SIZE, last_pass, make_image
 from tests.seq_support import VmmProcess, Vmms, vmipc, vmm_processes, wait_for
 from vmipc.formats import SectionEntry, SnapshotError, checksum
 from vmipc.formats.disksection import (
@@ -34,9 +35,6 @@ from vmipc.formats.disksection import (
 from vmipc.formats.snapshot import SnapshotHeader, SnapshotReader, build_snapshot
 from vmipc.guest import check_disk_image, disk_bad_lines, disk_pass_sums
 from vmipc.memory_layout import MIB
-
-BLOCKS = 16
-DISK_SIZE = 1 * MIB
 
 _REC = struct.Struct("<QQ")
 END = (1 << 64) - 1
@@ -148,21 +146,6 @@ def test_the_writer_and_the_walk_agree() -> None:
 # --- on real KVM ---------------------------------------------------------------------------------
 
 
-def _image(path: Path, size: int = DISK_SIZE) -> Path:
-    with open(path, "wb") as handle:
-        handle.truncate(size)
-    return path
-
-
-def _last_pass(text: str) -> int:
-    passes = [
-        int(line.split("pass=")[1].split()[0])
-        for line in text.split("\n")[:-1]
-        if line.startswith("vcpu=0 disk pass=")
-    ]
-    return max(passes, default=0)
-
-
 def _disk_vmm(vmms: Vmms, name: str, image: Path, *, depth: int = 8, mode: int = 2) -> VmmProcess:
     args = ["--memory", "32M", "--disk", str(image)]
     for opt in (f"disk={mode}", f"depth={depth}", f"blocks={BLOCKS}", "passes=0"):
@@ -188,19 +171,19 @@ def test_checkpoint_with_disk_moves_the_vm_and_its_disk_as_one_file(tmp_path: Pa
     VMM is killed and its image removed; a fresh VMM restores from the one file with the
     disk written out to a new image: the workload continues exactly, and the new image
     (sparse) checks from outside, both as written out and after more passes."""
-    image = _image(tmp_path / "disk.img")
+    image = make_image(tmp_path / "disk.img")
     snap = tmp_path / "vm.snap"
     new = tmp_path / "new.img"
     with vmm_processes() as vmms:
         src = _disk_vmm(vmms, "src", image)
-        wait_for(lambda: _last_pass(src.text()) >= 2, 60, "pass 2")
+        wait_for(lambda: last_pass(src.text()) >= 2, 60, "pass 2")
         done = vmipc("suspend", "--socket", src.socket, "--with-disk", "--json", str(snap))
         assert done.returncode == 0, done.stderr
         assert src.wait_exit() == 0
         names = [s["name"] for s in json.loads(done.stdout)["sections"]]
         assert names[-1] == "disk", names
         before = src.text()
-        reached = _last_pass(before)
+        reached = last_pass(before)
         image.unlink()  # the VM moves as one file
         verified = vmipc("snapshot", "verify", str(snap))
         assert verified.returncode == 0, verified.stderr
@@ -214,12 +197,12 @@ def test_checkpoint_with_disk_moves_the_vm_and_its_disk_as_one_file(tmp_path: Pa
         assert new.stat().st_blocks * 512 <= BLOCKS * 4096 + 64 * 1024  # holes stay holes
         with dst.client() as client:
             client.resume()
-        wait_for(lambda: _last_pass(dst.text()) >= reached + 3, 60, "three more passes")
+        wait_for(lambda: last_pass(dst.text()) >= reached + 3, 60, "three more passes")
         with dst.client() as client:
             client.pause()
         after = dst.text()
         check = check_disk_image(new.read_bytes(), BLOCKS)
-        assert check.consistent_with(_last_pass(before + after)), check
+        assert check.consistent_with(last_pass(before + after)), check
     _model_lines(before + after)
 
 
@@ -229,16 +212,16 @@ def test_restore_into_an_incoming_vmm_takes_the_disk_from_the_snapshot(tmp_path:
     and no disk: the client writes the section out to NEWIMG (never over an existing file)
     and passes it (attach-disk); the workload continues exactly. A failed restore removes
     the image it wrote, and leaves alone a file that was there before."""
-    image = _image(tmp_path / "disk.img")
+    image = make_image(tmp_path / "disk.img")
     snap = tmp_path / "vm.snap"
     new = tmp_path / "new.img"
     with vmm_processes() as vmms:
         src = _disk_vmm(vmms, "src", image)
-        wait_for(lambda: _last_pass(src.text()) >= 2, 60, "pass 2")
+        wait_for(lambda: last_pass(src.text()) >= 2, 60, "pass 2")
         done = vmipc("suspend", "--socket", src.socket, "--with-disk", str(snap))
         assert done.returncode == 0, done.stderr
         before = src.text()
-        reached = _last_pass(before)
+        reached = last_pass(before)
         image.unlink()
         # an existing file is never overwritten, and nothing is loaded
         new.write_bytes(b"keep")
@@ -252,7 +235,7 @@ def test_restore_into_an_incoming_vmm_takes_the_disk_from_the_snapshot(tmp_path:
             assert client.query_status()["state"] == "incoming"
         new.unlink()
         # a VMM with a disk of its own refuses the attach: the image written is removed
-        other = _image(tmp_path / "other.img")
+        other = make_image(tmp_path / "other.img")
         busy = vmms._start("busy", ["--incoming", "--disk", str(other)], [])
         failed = vmipc(
             "restore", "--socket", busy.socket, "--disk-from-snapshot", str(new), str(snap)
@@ -265,12 +248,12 @@ def test_restore_into_an_incoming_vmm_takes_the_disk_from_the_snapshot(tmp_path:
         assert restored.returncode == 0, restored.stderr
         steps = [step["name"] for step in json.loads(restored.stdout)["timeline"]]
         assert "disk-from-snapshot" in steps and "attach-disk" in steps, steps
-        wait_for(lambda: _last_pass(dst.text()) >= reached + 3, 60, "three more passes")
+        wait_for(lambda: last_pass(dst.text()) >= reached + 3, 60, "three more passes")
         with dst.client() as client:
             client.pause()
         after = dst.text()
         check = check_disk_image(new.read_bytes(), BLOCKS)
-        assert check.consistent_with(_last_pass(before + after)), check
+        assert check.consistent_with(last_pass(before + after)), check
     _model_lines(before + after)
 
 
@@ -308,17 +291,17 @@ def test_a_checkpoint_with_requests_in_flight_leaves_an_image_that_checks_whole(
     """Without --with-disk: right after each checkpoint (left paused, so nothing writes
     meanwhile) the image read from outside has only whole blocks of the pass printed or
     the next; resumed, the workload continues exactly."""
-    image = _image(tmp_path / "disk.img")
+    image = make_image(tmp_path / "disk.img")
     with vmm_processes() as vmms:
         src = _disk_vmm(vmms, "src", image, depth=8)
-        wait_for(lambda: _last_pass(src.text()) >= 1, 60, "pass 1")
+        wait_for(lambda: last_pass(src.text()) >= 1, 60, "pass 1")
         for n in range(4):
             time.sleep(0.01 + 0.013 * n)
             snap = tmp_path / f"s{n}"
             done = vmipc("checkpoint", "--socket", src.socket, "--leave-paused", str(snap))
             assert done.returncode == 0, done.stderr
             check = check_disk_image(image.read_bytes(), BLOCKS)
-            assert check.consistent_with(_last_pass(src.text())), check
+            assert check.consistent_with(last_pass(src.text())), check
             if n == 0:  # no disk section: nothing to write out, and no file is made
                 out = tmp_path / "out.img"
                 none = vmipc("snapshot", "extract-disk", str(snap), "-o", str(out))
@@ -327,8 +310,8 @@ def test_a_checkpoint_with_requests_in_flight_leaves_an_image_that_checks_whole(
             snap.unlink()
             with src.client() as client:
                 client.resume()
-        reached = _last_pass(src.text())
-        wait_for(lambda: _last_pass(src.text()) >= reached + 2, 60, "two more passes")
+        reached = last_pass(src.text())
+        wait_for(lambda: last_pass(src.text()) >= reached + 2, 60, "two more passes")
         with src.client() as client:
             client.pause()
         _model_lines(src.text())
@@ -338,13 +321,13 @@ def test_a_checkpoint_with_requests_in_flight_leaves_an_image_that_checks_whole(
 def test_kill_9_mid_workload_leaves_only_whole_blocks(tmp_path: Path) -> None:
     rng = random.Random(14)
     for n in range(3):
-        image = _image(tmp_path / f"disk{n}.img")
+        image = make_image(tmp_path / f"disk{n}.img")
         with vmm_processes() as vmms:
             src = _disk_vmm(vmms, "src", image, depth=8, mode=1)
-            wait_for(lambda: _last_pass(src.text()) >= 1, 60, "pass 1")  # noqa: B023
+            wait_for(lambda: last_pass(src.text()) >= 1, 60, "pass 1")  # noqa: B023
             time.sleep(rng.uniform(0.0, 0.05))
             src.kill()
-            printed = _last_pass(src.text())
+            printed = last_pass(src.text())
         check = check_disk_image(image.read_bytes(), BLOCKS)
         assert check.consistent_with(printed), check
 
@@ -353,11 +336,11 @@ def test_kill_9_mid_workload_leaves_only_whole_blocks(tmp_path: Path) -> None:
 def with_disk_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real --with-disk snapshot of a guest mid-workload (taken once)."""
     tmp = tmp_path_factory.mktemp("disksnap")
-    image = _image(tmp / "disk.img")
+    image = make_image(tmp / "disk.img")
     snap = tmp / "vm.snap"
     with vmm_processes() as vmms:
         src = _disk_vmm(vmms, "src", image, depth=8, mode=1)
-        wait_for(lambda: _last_pass(src.text()) >= 1, 60, "pass 1")
+        wait_for(lambda: last_pass(src.text()) >= 1, 60, "pass 1")
         done = vmipc("suspend", "--socket", src.socket, "--with-disk", str(snap))
         assert done.returncode == 0, done.stderr
     return snap
@@ -437,7 +420,7 @@ def test_a_damaged_disk_section_leaves_no_image(with_disk_snapshot: Path, tmp_pa
 def test_dump_disk_wants_a_paused_vm_with_a_disk(tmp_path: Path) -> None:
     """Running: invalid-state; no disk: no-disk, and checkpoint --with-disk fails with the
     VM running on and no file left."""
-    image = _image(tmp_path / "disk.img")
+    image = make_image(tmp_path / "disk.img")
     out = tmp_path / "out"
     with vmm_processes() as vmms:
         with_disk = vmms._start("a", ["--memory", "32M", "--disk", str(image)], [])
@@ -458,7 +441,7 @@ def test_the_dump_is_sparse_and_reports_progress(tmp_path: Path) -> None:
     from vmipc.vmm.devices import DiskImage
     from vmipc.vmm.persist import Transfer, write_disk_section
 
-    image = _image(tmp_path / "disk.img", 4 * MIB)
+    image = make_image(tmp_path / "disk.img", 4 * MIB)
     with open(image, "r+b") as handle:
         handle.seek(8192)
         handle.write(BLOCK + bytes(8192) + BLOCK)  # data, two written zero blocks, data
@@ -505,10 +488,10 @@ def test_live_and_incremental_checkpoints_take_the_disk_too(tmp_path: Path) -> N
     """--with-disk in the other modes: the disk section follows the others (a live
     checkpoint's memory comes first; an increment's disk section is whole), every file
     verifies, and each disk written out checks whole."""
-    image = _image(tmp_path / "disk.img")
+    image = make_image(tmp_path / "disk.img")
     with vmm_processes() as vmms:
         src = _disk_vmm(vmms, "src", image, depth=8, mode=1)
-        wait_for(lambda: _last_pass(src.text()) >= 1, 60, "pass 1")
+        wait_for(lambda: last_pass(src.text()) >= 1, 60, "pass 1")
         runs = {
             "live": ["--live", "--track"],
             "incr": ["--incremental", "--parent", str(tmp_path / "live")],

@@ -21,10 +21,11 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tests.builtin_guest import Console
+from tests.disk_support import BLOCKS, DISK_SIZE, last_pass, make_image, opened
 from tests.seq_support import VMIPC, vmipc, vmm_processes, wait_for
 from vmipc.guest import check_disk_image, disk_pass_sums, expected_disk_lines
 from vmipc.memory_layout import MIB
-from vmipc.vmm.devices import DiskImage, VirtioBlk
+from vmipc.vmm.devices import VirtioBlk
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig, MachineState
 from vmipc.vmm.persist import decode_state
 from vmipc.vmm.persist.errors import BulkError
@@ -33,8 +34,6 @@ from vmipc.vmm.state import StateRecordError
 
 pytestmark = pytest.mark.kvm
 
-BLOCKS = 16
-DISK_SIZE = 1 * MIB
 MEMORY = 32 * MIB
 
 
@@ -50,32 +49,11 @@ def disk_config(passes: int, *, mode: int = 1, depth: int = 4) -> MachineConfig:
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as handle:
-        handle.truncate(DISK_SIZE)
-    return path
-
-
-@contextmanager
-def opened(path: Path, readonly: bool = False) -> Iterator[DiskImage]:
-    disk = DiskImage.open(str(path), readonly=readonly)
-    try:
-        yield disk
-    finally:
-        disk.close()
+    return make_image(tmp_path / "disk.img")
 
 
 def disk_lines(console: Console) -> list[str]:
     return [line for line in console.lines() if not line.startswith("vmipc-guest ")]
-
-
-def last_pass(text: str) -> int:
-    passes = [
-        int(line.split("pass=")[1].split()[0])
-        for line in text.split("\n")[:-1]
-        if line.startswith("vcpu=0 disk pass=")
-    ]
-    return max(passes, default=0)
 
 
 def test_the_disk_workload_runs_and_its_blocks_check_from_outside(image: Path) -> None:

@@ -8,10 +8,14 @@ pwrite, fdatasync).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -184,3 +188,29 @@ def parse_disk_option(text: str) -> tuple[str, bool]:
     if not path:
         raise ValueError("--disk wants FILE[,readonly]")
     return path, readonly
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int]:
+    # os has posix_fallocate only; the modes (punch a hole, zero a range) come from libc
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    function = libc.fallocate
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_libc = _libc_fallocate()
+#: errors of fallocate that mean "this file system (or kernel) cannot do that mode"
+_CANNOT = frozenset({errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2) with ``mode`` on ``fd[offset:offset+length]``: False when the file
+    system cannot (EOPNOTSUPP, ENOSYS: the caller falls back, e.g. writes zeros); OSError
+    for other failures."""
+    if _libc(fd, mode, offset, length) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _CANNOT:
+        return False
+    raise OSError(code, f"fallocate({mode:#x}) at {offset:#x}+{length:#x}: {os.strerror(code)}")

@@ -34,9 +34,6 @@ a discard does nothing (it is a hint) and write-zeroes writes zeros.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import logging
 import os
 import struct
@@ -46,7 +43,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, ClassVar
 
 from vmipc.errors import VmipcError
-from vmipc.vmm.devices.disk import SECTOR_SIZE, DiskImage
+from vmipc.vmm.devices.disk import SECTOR_SIZE, DiskImage, fallocate
 
 if TYPE_CHECKING:
     from vmipc.vmm.memory import GuestMemory
@@ -352,29 +349,6 @@ class VirtioBlkState:
 def _offered(readonly: bool) -> int:
     features = F_VERSION_1 | F_SEG_MAX | F_SIZE_MAX | F_BLK_SIZE | F_FLUSH
     return features | F_RO if readonly else features | F_DISCARD | F_WRITE_ZEROES
-
-
-def _libc_fallocate() -> Callable[[int, int, int, int], int]:
-    # os has posix_fallocate only; the modes come from libc (allowed by the sandbox)
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    function = libc.fallocate
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    function.restype = ctypes.c_int
-    return function
-
-
-_fallocate = _libc_fallocate()
-
-
-def _fallocate_or_not(fd: int, mode: int, offset: int, length: int) -> bool:
-    """fallocate(mode): False when the file system cannot (EOPNOTSUPP, ENOSYS); OSError
-    for other failures."""
-    if _fallocate(fd, mode, offset, length) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EOPNOTSUPP, errno.ENOSYS):
-        return False
-    raise OSError(code, os.strerror(code))
 
 
 def _valid_queue_num(num: int) -> bool:
@@ -1023,13 +997,11 @@ class VirtioBlk:
         punch = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
         try:
             if kind == T_DISCARD:
-                _fallocate_or_not(disk.fd, punch, offset, length)  # a hint: may do nothing
+                fallocate(disk.fd, punch, offset, length)  # a hint: may do nothing
                 return
-            if flags & RANGE_UNMAP and _fallocate_or_not(disk.fd, punch, offset, length):
+            if flags & RANGE_UNMAP and fallocate(disk.fd, punch, offset, length):
                 return
-            if _fallocate_or_not(
-                disk.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length
-            ):
+            if fallocate(disk.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length):
                 return
         except OSError as exc:
             raise _BadRequest(ST_IOERR, f"fallocate: {exc.strerror}") from None

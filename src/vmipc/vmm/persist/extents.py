@@ -7,40 +7,21 @@ client-side file tools (a snapshot's memory image keeps holes for zero pages).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+
+from vmipc.vmm.devices.disk import fallocate
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-#: errors of fallocate(PUNCH_HOLE) that mean "this filesystem (or kernel) cannot": the
-#: caller writes zeros instead
-_CANNOT_PUNCH = frozenset({errno.EOPNOTSUPP, errno.ENOSYS})
-
-
-def _libc_fallocate() -> Callable[[int, int, int, int], int]:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    function = libc.fallocate
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    function.restype = ctypes.c_int
-    return function
-
-
-_fallocate = _libc_fallocate()
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Make ``fd[offset:offset+length]`` a hole (it reads as zeros and holds no blocks),
     keeping the file's size. False when the filesystem cannot punch holes (EOPNOTSUPP);
     other failures raise OSError."""
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in _CANNOT_PUNCH:
-        return False
-    raise OSError(code, f"fallocate(PUNCH_HOLE) at {offset:#x}+{length:#x}: {os.strerror(code)}")
+    return fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def data_extents(fd: int, start: int, length: int) -> Iterator[tuple[int, int]]:
