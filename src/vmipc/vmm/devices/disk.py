@@ -72,16 +72,7 @@ class DiskImage:
     @classmethod
     def from_fd(cls, fd: int, *, readonly: bool, path: str = "") -> DiskImage:
         """A disk over an fd already open (owned from now on unless this raises)."""
-        try:
-            info = os.fstat(fd)
-            if stat.S_ISREG(info.st_mode):
-                size = info.st_size
-            elif stat.S_ISBLK(info.st_mode):
-                size = os.lseek(fd, 0, os.SEEK_END)
-            else:
-                raise DiskImageError(f"disk {path or fd}: not a regular file or block device")
-        except OSError as exc:
-            raise DiskImageError(f"disk {path or fd}: {exc.strerror}") from None
+        size = _image_size(fd, f"disk {path or fd}")
         size -= size % SECTOR_SIZE
         if size <= 0:
             raise DiskImageError(f"disk {path or fd}: smaller than one {SECTOR_SIZE}-byte sector")
@@ -114,19 +105,7 @@ class DiskImage:
                 "disk fd: opened with O_APPEND (writes would land at the end of the file)",
                 "opened with O_APPEND",
             )
-        try:
-            info = os.fstat(fd)
-            if stat.S_ISREG(info.st_mode):
-                size = info.st_size
-            elif stat.S_ISBLK(info.st_mode):
-                size = os.lseek(fd, 0, os.SEEK_END)
-            else:
-                raise DiskImageError(
-                    "disk fd: not a regular file or block device",
-                    "not a regular file or block device",
-                )
-        except OSError as exc:
-            raise DiskImageError(f"disk fd: {exc.strerror}", str(exc.strerror)) from None
+        size = _image_size(fd, "disk fd")
         if size <= 0 or size % SECTOR_SIZE:
             problem = f"size {size} is not a positive multiple of {SECTOR_SIZE}"
             raise DiskImageError(f"disk fd: {problem}", problem)
@@ -188,6 +167,21 @@ def parse_disk_option(text: str) -> tuple[str, bool]:
     if not path:
         raise ValueError("--disk wants FILE[,readonly]")
     return path, readonly
+
+
+def _image_size(fd: int, label: str) -> int:
+    """The size of a regular file or block device; DiskImageError (with the problem as
+    its reason) for anything else, or when the host cannot tell."""
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            return info.st_size
+        if stat.S_ISBLK(info.st_mode):
+            return os.lseek(fd, 0, os.SEEK_END)
+    except OSError as exc:
+        raise DiskImageError(f"{label}: {exc.strerror}", str(exc.strerror)) from None
+    problem = "not a regular file or block device"
+    raise DiskImageError(f"{label}: {problem}", problem)
 
 
 def _libc_fallocate() -> Callable[[int, int, int, int], int]:
