@@ -38,6 +38,7 @@ from vmipc.formats import (
 from vmipc.formats.snapshot import FLAG_INCREMENTAL, SECTION_MEMORY
 from vmipc.sequences import Incremental, SequenceError, checkpoint
 from vmipc.snapshots import hash_range, increment_descriptor
+from vmipc.vmm.devices import disk as _disk
 from vmipc.vmm.persist import extents as _extents
 
 pytestmark = pytest.mark.kvm
@@ -311,7 +312,7 @@ def test_merging_turns_zeroed_pages_into_holes(
             ctypes.set_errno(errno.EOPNOTSUPP)
             return -1
 
-        monkeypatch.setattr(_extents, "_fallocate", cannot_punch)
+        monkeypatch.setattr(_disk, "_libc", cannot_punch)
         written = tmp_path / "written.snap"
         done = vmipc.json(
             "snapshot", "merge", str(inc2), "--chain-dir", str(chain), "-o", str(written)
