@@ -270,8 +270,9 @@ _STATE_RECV = 64 << 10
 
 def _small(ctx: CommandContext) -> bool:
     """A machine whose state is saved or restored on the event loop: built (a restore that
-    must build it first takes a worker thread), with few vCPUs."""
-    return 1 <= ctx.machine.vcpu_count <= INLINE_STATE_VCPUS
+    must build it first takes a worker thread), with few vCPUs, and no disk (its state
+    reads the disk for the identity's fingerprint: disk I/O stays off the loop)."""
+    return 1 <= ctx.machine.vcpu_count <= INLINE_STATE_VCPUS and not ctx.machine.has_disk
 
 
 async def _dump_state_to_socket(ctx: CommandContext, fd: int) -> dict[str, Any]:

@@ -437,6 +437,11 @@ class MachineHost:
             return disk.size
 
     @property
+    def has_disk(self) -> bool:
+        machine = self._machine
+        return (machine is not None and machine.disk is not None) or self._disk is not None
+
+    @property
     def flush_needed(self) -> bool:
         # the block device's disk is what flush_devices makes durable (read-only: never)
         machine = self._machine

@@ -183,6 +183,12 @@ class Snapshottable(Protocol):
         ...
 
     @property
+    def has_disk(self) -> bool:
+        """Whether the machine has (or, incoming, will have) a block device's image:
+        saving or restoring its state then reads the disk (the identity's fingerprint)."""
+        ...
+
+    @property
     def flush_needed(self) -> bool:
         """Whether :meth:`flush_devices` has anything to do (a writable disk)."""
         ...
