@@ -210,6 +210,29 @@ def test_quit_drains_replies_a_slow_reader_has_not_read_then_tells_it() -> None:
         assert s.thread.join(5), "serve() did not return after quit"
 
 
+def test_replies_sent_straight_and_queued_arrive_whole_and_in_order() -> None:
+    """A reply goes straight into the socket when nothing is queued before it, else to
+    the writer's queue: a reader that falls behind (the kernel's buffer full, a reply half
+    sent, more queued behind it) and then catches up gets every frame whole, in order,
+    and the replies after that are sent straight again."""
+    with serving() as s, s.connect() as c:
+        size = len(pack(c.result(c.request("query-commands")))) + 64
+        count = min(48, ServerConfig().max_queued_bytes // size - 1)
+        assert count * size > 1 << 20  # far more than the kernel's socket buffer
+        for _round in range(2):
+            ids = [c.request("query-commands") for _ in range(count)]
+            _wait_until_the_kernel_holds_no_more(c)
+            got = []
+            for _ in range(count):
+                # a small reply asked for while the big ones drain: it goes behind them
+                ids.append(c.request("query-status"))
+                got.append(c.next_message())
+            got += [c.next_message() for _ in range(count)]
+            assert [m.id for m in got] == ids
+            assert all(isinstance(m, Result) and m.result for m in got)
+            assert c.result(c.request("query-status"))["state"] == "running"
+
+
 def test_a_request_running_at_quit_answers_before_the_notice() -> None:
     """``shutting-down`` is a connection's last frame: a request that cannot be cancelled
     and was running when quit came answers first. Before, the notice went out at once and

@@ -84,6 +84,7 @@ from vmipc.server._os import (
 )
 from vmipc.server._priority import Priority
 from vmipc.vmm.machine_api import InvalidStateError, MachineApi, StateChange
+from vmipc.vmm.persist import send_nowait
 
 log = logging.getLogger("vmipc.server")
 
@@ -666,6 +667,8 @@ class _Connection:
         #: woken whenever the writer took a frame off the queue, or went away
         self._drained = trio.lowlevel.ParkingLot()
         self._writer_gone = False
+        #: the queue was closed: nothing is sent any more, not even straight
+        self._send_closed = False
         self._requests: dict[int, _RequestEntry] = {}
         #: ordered chains with requests in flight, or broken (at most BROKEN_CHAINS_KEPT
         #: of those, the oldest forgotten first)
@@ -704,6 +707,7 @@ class _Connection:
                     # comes after the last reply, then flush and close
                     if self._farewell is not None:
                         self._enqueue(self.proto.send_connection_error(self._farewell))
+                    self._send_closed = True
                     self._send.close()
                     self._writer_scope.deadline = (
                         trio.current_time() + self.server.config.shutdown_grace
@@ -814,7 +818,19 @@ class _Connection:
             await self._drained.park()
 
     def _enqueue(self, frame: bytes) -> None:
-        """Queue ``frame`` for the writer (dropped if the peer is gone)."""
+        """Send ``frame``, in order after the frames queued before it: straight into the
+        socket when nothing is queued and the socket takes it now (the usual case: a reply
+        costs no hop to the writer task, a pass of the event loop), else what is left goes
+        to the writer's queue (dropped if the peer is gone)."""
+        if self._queued_frames == 0 and not self._send_closed and not self._writer_gone:
+            try:
+                sent = send_nowait(self.sock.fileno(), frame)
+            except OSError:
+                sent = None  # the writer meets the error again, and stops the connection
+            if sent == len(frame):
+                return
+            if sent:
+                frame = frame[sent:]
         try:
             self._send.send_nowait(frame)
         except _GONE:
