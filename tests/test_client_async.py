@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,7 +248,21 @@ def refusal_frame(code: str) -> bytes:
     return encode_frame(encode_message(Error(None, ErrorInfo(code, f"{code} (fake server)"))))
 
 
-async def test_a_refusal_that_makes_the_hello_fail_still_says_why() -> None:
+def hold_sends_until(monkeypatch: pytest.MonkeyPatch, event: Callable[[], trio.Event]) -> None:
+    """The client sends a frame the moment its socket takes it: to see what it does when
+    the server went away first, its sends wait until ``event()`` is set."""
+    send_frame = Client._send_frame
+
+    async def held(self: Client, frame: bytes, fds: list[int]) -> None:
+        await event().wait()
+        await send_frame(self, frame, fds)
+
+    monkeypatch.setattr(Client, "_send_frame", held)
+
+
+async def test_a_refusal_that_makes_the_hello_fail_still_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The server writes its connection-level error and closes before the client has sent
     ``hello``: that send fails (EPIPE) while the reason is already in the client's receive
     buffer, or already taken by its reader task and not yet looked at. Either way the
@@ -256,6 +270,8 @@ async def test_a_refusal_that_makes_the_hello_fail_still_says_why() -> None:
     to the bytes first is up to trio's scheduler."""
     rounds = 50
     hello_arrived = 0
+    closed = trio.Event()
+    hold_sends_until(monkeypatch, lambda: closed)
     with short_tmpdir() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         path = os.path.join(tmp, "fake.sock")
         listener.bind(path)
@@ -263,7 +279,7 @@ async def test_a_refusal_that_makes_the_hello_fail_still_says_why() -> None:
         listener.setblocking(False)
 
         async def fake_server() -> None:
-            nonlocal hello_arrived
+            nonlocal hello_arrived, closed
             for _ in range(rounds):
                 await trio.lowlevel.wait_readable(listener)
                 # no checkpoint from here on: accept, refuse, note whether hello came, close
@@ -272,11 +288,13 @@ async def test_a_refusal_that_makes_the_hello_fail_still_says_why() -> None:
                     sock.send(refusal_frame("too-many-connections"))
                     with contextlib.suppress(BlockingIOError):
                         hello_arrived += bool(sock.recv(1, socket.MSG_DONTWAIT))
+                closed.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fake_server)
             await trio.testing.wait_all_tasks_blocked()  # the server waits before we connect
             for _ in range(rounds):
+                closed = trio.Event()
                 with trio.fail_after(2), pytest.raises(ClosedByPeer) as info:
                     async with open_client(path):
                         pass
@@ -286,7 +304,9 @@ async def test_a_refusal_that_makes_the_hello_fail_still_says_why() -> None:
     assert hello_arrived == 0
 
 
-async def test_last_words_that_come_after_the_failed_send_are_waited_for() -> None:
+async def test_last_words_that_come_after_the_failed_send_are_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The server stops reading (shutdown SHUT_RD) before the client's hello, so that send
     fails at once (EPIPE), and says why a moment later, then closes: the client waits a
     little for them instead of reporting a connection closed without a reason."""
@@ -296,11 +316,14 @@ async def test_last_words_that_come_after_the_failed_send_are_waited_for() -> No
         await listener.bind(path)
         listener.listen(1)
         hello: list[bytes] = []
+        shut = trio.Event()
+        hold_sends_until(monkeypatch, lambda: shut)
 
         async def fake_server() -> None:
             sock, _ = await listener.accept()
             with sock:
                 sock.shutdown(trio.socket.SHUT_RD)
+                shut.set()
                 await trio.sleep(0.05)
                 await sock.send(refusal_frame("access-denied"))
                 with contextlib.suppress(BlockingIOError):

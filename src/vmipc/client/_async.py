@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -375,8 +376,22 @@ class Client(AsyncCommands):
                 await self._send_cancel(rid)
 
     async def _send_frame(self, frame: bytes, fds: list[int]) -> None:
-        async with self._send_lock:
-            view = memoryview(frame)
+        view = memoryview(frame)
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+            free = True
+        except trio.WouldBlock:
+            free = False
+        if not free:
+            await lock.acquire()
+        try:
+            if free and not fds:
+                # the usual case: the socket takes the whole frame now, with no pass of
+                # the event loop (a frame with fds, the rest of one that did not fit, or
+                # an error: below, where a full socket is waited for)
+                with suppress(OSError):  # full, closed or gone: the send below says which
+                    view = view[os.write(self._sock.fileno(), view) :]
             try:
                 if fds:
                     sent = await self._sock.sendmsg([view], scm_rights(fds))
@@ -397,6 +412,8 @@ class Client(AsyncCommands):
                     await self._hear_last_words(reason)
                 self._fail(ClosedByPeer(reason, self._connection_error))
                 raise self._closed or ClosedByPeer(reason) from None
+        finally:
+            lock.release()
 
     async def _hear_last_words(self, reason: str) -> None:
         """After a send failed because the server closed: let the reader take in what it

@@ -884,15 +884,18 @@ class _Connection:
                 # the earlier ones pile up unread (backpressure), and let the other
                 # connections run between two frames (decoding one costs up to a
                 # millisecond or so: requests are small, see Limits.max_request_size)
+                handled = 0
                 while True:
-                    await self._wait_for_room()
                     event = self.proto.next_event()
                     close_fds(self.proto.take_discarded_fds())
                     if event is None:
                         break
+                    if handled:  # not after the last one: the receive below waits anyway
+                        await trio.lowlevel.checkpoint()
+                    await self._wait_for_room()
                     if not self._handle(event):
                         return
-                    await trio.lowlevel.checkpoint()
+                    handled += 1
                 try:
                     data, ancdata, flags, _ = await self.sock.recvmsg(
                         _RECV_SIZE, self._ancsize, socket.MSG_CMSG_CLOEXEC
@@ -1062,8 +1065,15 @@ class _Connection:
                             _progress=self._progress_sink(rid, spec.name, entry),
                         )
                         if handler.exclusive:
-                            async with self.server.machine_lock:
+                            lock = self.server.machine_lock
+                            try:  # free, the usual case: taken with no pass of the loop
+                                lock.acquire_nowait()
+                            except trio.WouldBlock:
+                                await lock.acquire()
+                            try:
                                 result, error = await self._start(handler, ctx, entry)
+                            finally:
+                                lock.release()
                         else:
                             result, error = await self._start(handler, ctx, entry)
             except Exception as exc:
