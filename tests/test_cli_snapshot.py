@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import subprocess
@@ -11,15 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.state_support import restorable_state
 from vmipc.cli import main
 from vmipc.formats import SnapshotHeader
 from vmipc.formats import snapshot as sn
-from vmipc.kvm import structs
 from vmipc.memory_layout import MIN_MEMORY, layout_for
-from vmipc.vmm.devices import Uart16550, VirtioBlk
-from vmipc.vmm.machine import BootSource, MachineConfig, MachineState
+from vmipc.vmm.machine import MachineState
 from vmipc.vmm.persist import state_sections
-from vmipc.vmm.state import VcpuState, VmState
 
 PAGE = 4096
 SNAPSHOT_ID = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -35,45 +32,6 @@ def make_snapshot(path: Path, header: SnapshotHeader | None = None, *, memory: b
         sections.append(("memory", 1, sn.encode_memory_section(REGIONS, image)))
     path.write_bytes(sn.build_snapshot(header, sections))
     return path
-
-
-def restorable_state(memory_size: int = MIN_MEMORY, vcpus: int = 1) -> MachineState:
-    """A machine state a restore takes as far as can be told without KVM (registers and
-    devices all zero: only KVM would refuse some of them)."""
-
-    def zeros(kind: type[ctypes.Structure]) -> bytes:
-        return bytes(ctypes.sizeof(kind))
-
-    return MachineState(
-        config=MachineConfig(memory_size, vcpus, BootSource("builtin")),
-        vcpus=tuple(
-            VcpuState(
-                vcpu_id=index,
-                mp_state=0,
-                regs=zeros(structs.KvmRegs),
-                sregs=zeros(structs.KvmSregs),
-                xsave=zeros(structs.KvmXsave),
-                xcrs=zeros(structs.KvmXcrs),
-                debugregs=zeros(structs.KvmDebugregs),
-                lapic=zeros(structs.KvmLapicState),
-                msrs=((0x10, 0),),
-                vcpu_events=zeros(structs.KvmVcpuEvents),
-                cpuid=(),
-            )
-            for index in range(vcpus)
-        ),
-        vm=VmState(
-            pic_master=zeros(structs.KvmIrqchip),
-            pic_slave=zeros(structs.KvmIrqchip),
-            ioapic=zeros(structs.KvmIrqchip),
-            pit=zeros(structs.KvmPitState2),
-            clock=0,
-        ),
-        devices={
-            "uart": Uart16550(lambda data: None).save(),
-            "virtio-blk": VirtioBlk.empty_state(),
-        },
-    )
 
 
 def make_restorable(

@@ -150,3 +150,8 @@ def test_a_state_field_cannot_make_the_vmm_allocate() -> None:
     record["vm"]["pit"] = 1 << 40
     with pytest.raises(BulkError, match="pit: bytes expected"):
         decode_state(msgpack.packb(record))
+    for table in ("cpuid", "msrs"):  # packed (vcpu record version 2): no count to trust
+        record = msgpack.unpackb(fuzz._state_payload(), raw=False)
+        record["vcpus"][0][table] = 1 << 40
+        with pytest.raises(BulkError, match=f"{table}: bytes expected"):
+            decode_state(msgpack.packb(record))

@@ -15,6 +15,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tests.builtin_guest import Console, check_against_model
+from tests.state_support import vcpu_record_v1
 from tests.test_bulk_commands import WS, compose_snapshot, vmms
 from vmipc.formats import SnapshotHeader, SnapshotReader, new_snapshot_id
 from vmipc.formats.snapshot import MEMORY_ENCODING_PAGE_STREAM, build_snapshot
@@ -23,6 +24,7 @@ from vmipc.memory_layout import MIB
 from vmipc.protocol import CommandError
 from vmipc.vmm.builder import RestoreError, RestoreOptions, restore_machine
 from vmipc.vmm.runstate import RunState
+from vmipc.vmm.state import MSR_ENTRY, VcpuState
 
 pytestmark = pytest.mark.kvm
 
@@ -208,7 +210,8 @@ def page_stream_encoding(records: dict[str, Any]) -> None:
 
 
 def refused_msr(records: dict[str, Any]) -> None:
-    records["vcpus"]["vcpus"][0]["msrs"].insert(1, [0xDEADBEEF, 1])
+    vcpu = records["vcpus"]["vcpus"][0]  # MSRs packed (vcpu record version 2), TSC first
+    vcpu["msrs"] = vcpu["msrs"][:12] + MSR_ENTRY.pack(0xDEADBEEF, 1) + vcpu["msrs"][12:]
 
 
 def refused_sregs(records: dict[str, Any]) -> None:
@@ -289,6 +292,36 @@ def test_verify_accepts_what_restore_accepts(real_snapshot: Path, tmp_path: Path
         console.wait_for_passes(2, 1)
     finally:
         machine.close()
+
+
+def vcpu_records_version_1(records: dict[str, Any]) -> None:
+    vcpus = [VcpuState.from_dict(record) for record in records["vcpus"]["vcpus"]]
+    assert vcpus and {record["version"] for record in records["vcpus"]["vcpus"]} == {2}
+    records["vcpus"]["vcpus"] = [vcpu_record_v1(vcpu) for vcpu in vcpus]
+
+
+def test_a_snapshot_of_version_1_vcpu_records_restores_and_the_guest_continues_exactly(
+    tmp_path: Path,
+) -> None:
+    """A file written before the vCPU record's version 2 (CPUID and MSRs as arrays)."""
+    path = tmp_path / "snap.vmipc"
+    before, reached = snapshot_of_a_running_guest(path)
+    old = rewritten(path, tmp_path / "old.vmipc", vcpu_records_version_1)
+    verify = subprocess.run(
+        [sys.executable, "-m", "vmipc", "snapshot", "verify", str(old)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verify.returncode == 0, verify.stderr
+    console = Console()
+    machine = restore_machine(str(old), console, restore_options(verify=True))
+    try:
+        console.wait_for_passes(2, reached + 2)
+        machine.pause()
+    finally:
+        machine.close()
+    check_against_model((before + console.text).split("\n")[:-1], 2, WS)
 
 
 def test_restore_of_a_directory_is_one_line() -> None:

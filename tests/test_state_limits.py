@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -16,11 +17,15 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.seq_support import VmmProcess, vmm_processes
+from tests.state_support import restorable_state, vcpu_record_v1, vcpu_state, with_v1_vcpus
 from vmipc.formats import (
     MsgpackLimits,
     MsgpackRefused,
@@ -47,7 +52,15 @@ from vmipc.vmm.persist import (
     read_state_sections,
     state_sections,
 )
-from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, VcpuState, VmState
+from vmipc.vmm.state import (
+    CPUID_ENTRY,
+    MAX_CPUID_ENTRIES,
+    MAX_MSRS,
+    MSR_ENTRY,
+    StateRecordError,
+    VcpuState,
+    VmState,
+)
 
 kvm = pytest.mark.kvm
 
@@ -125,17 +138,11 @@ def maximal_state() -> MachineState:
         return b"\xff" * ctypes.sizeof(kind)
 
     vcpus = tuple(
-        VcpuState(
-            vcpu_id=index,
+        vcpu_state(
+            index,
+            fill=0xFF,
             mp_state=0xFFFFFFFF,
-            regs=raw(structs.KvmRegs),
-            sregs=raw(structs.KvmSregs),
-            xsave=raw(structs.KvmXsave),
-            xcrs=raw(structs.KvmXcrs),
-            debugregs=raw(structs.KvmDebugregs),
-            lapic=raw(structs.KvmLapicState),
             msrs=tuple((0xFFFFFFFF - i, (1 << 64) - 1 - i) for i in range(MAX_MSRS)),
-            vcpu_events=raw(structs.KvmVcpuEvents),
             cpuid=tuple((0xFFFFFFFF - i,) * 7 for i in range(MAX_CPUID_ENTRIES)),
         )
         for index in range(MAX_VCPUS)
@@ -179,7 +186,15 @@ def test_the_largest_legitimate_state_is_within_every_limit(tmp_path: Path) -> N
     payload = encode_state_blob(state)[20:]
     assert len(payload) <= MAX_STATE_SIZE * 3 // 4  # a margin for fields to come
     assert measure(payload, STATE_LIMITS, 1 << 62) <= STATE_LIMITS.budget(len(payload)) * 3 // 4
-    assert decode_state(payload) == state
+    tracemalloc.start()
+    try:
+        decoded = decode_state(payload)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decoded == state
+    # the records' own objects too (a vCPU's packed tables unpack into tuples of ints)
+    assert peak <= STATE_LIMITS.max_decoded * 3 // 4
     sections = state_sections(state)
     path = tmp_path / "snap.vmipc"
     header = SnapshotHeader(new_snapshot_id(), "vmipc-test")
@@ -192,7 +207,9 @@ def test_the_largest_legitimate_state_is_within_every_limit(tmp_path: Path) -> N
 
 
 def test_records_longer_than_kvm_takes_are_refused() -> None:
-    record = maximal_state().to_dict()
+    state = maximal_state()
+    record = with_v1_vcpus(state.to_dict(), state.vcpus)
+    assert decode_state(msgpack.packb(record)) == state  # version 1 is still read
     record["vcpus"][0]["msrs"].append([0, 0])
     with pytest.raises(BulkError, match="msrs: 256 entries"):
         decode_state(msgpack.packb(record))
@@ -204,6 +221,135 @@ def test_records_longer_than_kvm_takes_are_refused() -> None:
     record["vcpus"][0]["msrs"][0][1] = -1
     with pytest.raises(BulkError, match="msr value"):
         decode_state(msgpack.packb(record))
+    # version 2: one more entry than KVM takes; CPUID's is beyond the decoder's bin limit
+    record = state.to_dict()
+    record["vcpus"][0]["msrs"] += MSR_ENTRY.pack(0, 0)
+    with pytest.raises(BulkError, match=r"msrs: 256 entries, 1 \.\. 255 expected"):
+        decode_state(msgpack.packb(record))
+    record = state.to_dict()
+    record["vcpus"][0]["cpuid"] += CPUID_ENTRY.pack(*[0] * 7)
+    with pytest.raises(BulkError, match="a bin of 7196 \\(at most 7168\\)"):
+        decode_state(msgpack.packb(record))
+
+
+def test_vcpu_records_beyond_the_configuration_are_not_unpacked() -> None:
+    """A vCPU record's 10 KB of packed tables become ~120 KB of tuples: a 2 MiB state of
+    vCPU records with full tables for a 1-vCPU machine is refused before any is unpacked.
+    Before: all 126 were unpacked first, a peak of 15 MiB."""
+    full = maximal_state().vcpus[0].to_dict()
+    record = restorable_state().to_dict()
+    record["vcpus"] = [full] * 126
+    payload = msgpack.packb(record)
+    assert len(payload) <= MAX_STATE_SIZE
+    estimate = measure(payload, STATE_LIMITS, STATE_LIMITS.budget(len(payload)))
+    tracemalloc.start()
+    try:
+        with pytest.raises(BulkError, match="vcpu records do not match the configuration"):
+            decode_state(payload)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= estimate + MIB, f"decoding peaked at {peak >> 20} MiB"
+
+
+#: a version-2 vCPU record's packed tables, replaced by what a hostile peer might send:
+#: (field, value, what the one-line refusal says)
+HOSTILE_TABLES: dict[str, tuple[str, Any, str]] = {
+    "cpuid-not-whole-entries": ("cpuid", bytes(29), "cpuid: 29 bytes, not a whole number of 28"),
+    "cpuid-one-byte-short": ("cpuid", bytes(27), "not a whole number of 28-byte entries"),
+    "msrs-not-whole-entries": ("msrs", bytes(13), "msrs: 13 bytes, not a whole number of 12"),
+    "msrs-as-16-byte-entries": (
+        "msrs",
+        bytes(16 * 2),
+        "msrs: 32 bytes, not a whole number of 12-byte",
+    ),
+    "cpuid-too-many": ("cpuid", bytes(28 * 257), "a bin of 7196 \\(at most 7168\\)"),
+    "cpuid-far-too-many": ("cpuid", bytes(7168 * 2), "a bin of 14336"),
+    "msrs-too-many": ("msrs", bytes(12 * 256), "msrs: 256 entries, 1 .. 255 expected"),
+    "cpuid-empty": ("cpuid", b"", "cpuid: 0 entries, 1 .. 256 expected"),
+    "msrs-empty": ("msrs", b"", "msrs: 0 entries, 1 .. 255 expected"),
+    "cpuid-version-1-shape": ("cpuid", [[0] * 7], "cpuid: bytes expected, not list"),
+    "msrs-version-1-shape": ("msrs", [[0x10, 0]], "msrs: bytes expected, not list"),
+    "cpuid-an-int": ("cpuid", 1 << 30, "cpuid: bytes expected, not int"),
+    "msrs-an-int": ("msrs", 4096, "msrs: bytes expected, not int"),
+    "cpuid-a-str": ("cpuid", "\0" * 28, "cpuid: bytes expected, not str"),
+    "msrs-nil": ("msrs", None, "msrs: bytes expected, not NoneType"),
+    "cpuid-a-map": ("cpuid", {"version": 1}, "cpuid: bytes expected, not dict"),
+    "cpuid-missing": ("cpuid", KeyError, "malformed: 'cpuid'"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_TABLES)
+def test_hostile_packed_tables_are_refused_in_one_line(case: str) -> None:
+    """Before (a version-1 reader): every one of them, "vcpu record version 2 is not
+    supported"; now each is refused for what is wrong with it, before any KVM call (the
+    decode comes first, without a machine: tests/test_restore.py loads through a VMM)."""
+    field, value, problem = HOSTILE_TABLES[case]
+    state = restorable_state()
+    record = state.to_dict()
+    if value is KeyError:
+        del record["vcpus"][0][field]
+    else:
+        record["vcpus"][0][field] = value
+    with pytest.raises(BulkError, match=problem) as info:
+        decode_state(msgpack.packb(record, use_bin_type=True))
+    assert info.value.code == "bad-state"
+    assert len(str(info.value)) < 200
+    if value is not KeyError and not (isinstance(value, bytes) and len(value) > 7168):
+        with pytest.raises(StateRecordError):
+            VcpuState.from_dict(record["vcpus"][0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(["cpuid", "msrs"]), table=st.binary(max_size=8000))
+def test_any_packed_table_is_decoded_exactly_or_refused(field: str, table: bytes) -> None:
+    """Whatever bytes a table holds: the entries they are, or a StateRecordError."""
+    entry, limit = (CPUID_ENTRY, MAX_CPUID_ENTRIES) if field == "cpuid" else (MSR_ENTRY, MAX_MSRS)
+    record = {**restorable_state().vcpus[0].to_dict(), field: table}
+    whole = len(table) % entry.size == 0 and 0 < len(table) // entry.size <= limit
+    try:
+        vcpu = VcpuState.from_dict(record)
+    except StateRecordError as exc:
+        assert not whole, exc
+        assert len(str(exc)) < 200
+    else:
+        assert whole
+        assert getattr(vcpu, field) == tuple(entry.iter_unpack(table))
+        assert VcpuState.from_dict(vcpu.to_dict()) == vcpu
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    cpuid=st.lists(
+        st.tuples(*[st.integers(0, (1 << 32) - 1)] * 7), min_size=1, max_size=MAX_CPUID_ENTRIES
+    ),
+    msrs=st.lists(
+        st.tuples(st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 64) - 1)),
+        min_size=1,
+        max_size=MAX_MSRS,
+    ),
+)
+def test_packed_tables_round_trip_and_version_1_reads_the_same(
+    cpuid: list[tuple[int, ...]], msrs: list[tuple[int, int]]
+) -> None:
+    vcpu = vcpu_state(0, cpuid=tuple(cpuid), msrs=tuple(msrs))
+    record = vcpu.to_dict()
+    assert record["version"] == 2
+    assert len(record["cpuid"]) == 28 * len(cpuid) and len(record["msrs"]) == 12 * len(msrs)
+    assert VcpuState.from_dict(msgpack.unpackb(msgpack.packb(record))) == vcpu
+    assert VcpuState.from_dict(msgpack.unpackb(msgpack.packb(vcpu_record_v1(vcpu)))) == vcpu
+
+
+@pytest.mark.parametrize("version", [3, 0, None, "2", True])
+def test_a_vcpu_record_of_another_version_is_refused_naming_the_versions_read(
+    version: Any,
+) -> None:
+    record = {**restorable_state().vcpus[0].to_dict(), "version": version}
+    with pytest.raises(
+        StateRecordError,
+        match=f"vcpu record version {version!r} is not supported \\(want 1 or 2\\)",
+    ):
+        VcpuState.from_dict(record)
 
 
 def _array(items: list[bytes]) -> bytes:
@@ -226,6 +372,7 @@ ALLOCATING: dict[str, Callable[[], bytes]] = {
     "short-strings": lambda: _array([_array([msgpack.packb("ab")] * 256)] * 100),
     "wide-strings": lambda: _array([_array([msgpack.packb("a\u20ac")] * 256)] * 100),
     "short-bins": lambda: _array([_array([msgpack.packb(b"ab")] * 256)] * 100),
+    "packed-table-bins": lambda: _array([_array([msgpack.packb(bytes(7168))] * 16)] * 8),
     **{f"maps-of-{n}": (lambda n=n: _maps(n)) for n in (1, 2, 3, 5, 6, 8, 11, 12, 15)},
 }
 
@@ -308,6 +455,27 @@ def test_hostile_state_blobs_cost_the_vmm_a_small_multiple_of_their_size(tmp_pat
             assert len(error.message) < 500
             assert grown <= bound, f"{name}: the VMM's peak grew by {grown >> 20} MiB"
             assert vmm.alive()
+
+
+@kvm
+def test_load_state_refuses_hostile_vcpu_tables_and_the_vmm_stays_incoming(
+    tmp_path: Path,
+) -> None:
+    """Through a real VMM: each is refused (bad-state, one line naming the field) while
+    the blob is decoded, before the machine is touched; the VMM stays incoming."""
+    cases = ["cpuid-not-whole-entries", "msrs-too-many", "cpuid-empty", "msrs-an-int"]
+    state = restorable_state(memory_size=64 * MIB, vcpus=2)
+    with vmm_processes() as vmms:
+        vmm = vmms.incoming()
+        for case in cases:
+            field, value, problem = HOSTILE_TABLES[case]
+            record = state.to_dict()
+            record["vcpus"][1][field] = value
+            error = refused(vmm, blob(msgpack.packb(record)), tmp_path)
+            assert error.code == "bad-state", error
+            assert re.search(problem, error.message), (case, error.message)
+            assert len(error.message) < 200
+        assert vmm.alive() and vmm.state() == "incoming"
 
 
 @contextlib.contextmanager

@@ -10,10 +10,12 @@ from typing import Any
 import msgpack
 import pytest
 
+from tests.state_support import with_v1_vcpus
 from vmipc.memory_layout import MIB
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig, MachineState
+from vmipc.vmm.persist import STATE_HEADER_SIZE, decode_state, encode_state_blob
 from vmipc.vmm.runstate import RunState
-from vmipc.vmm.state import StateRecordError, VcpuState
+from vmipc.vmm.state import CPUID_ENTRY, MSR_ENTRY, StateRecordError, VcpuState
 
 pytestmark = pytest.mark.kvm
 
@@ -44,6 +46,28 @@ def test_machine_state_record_round_trips_through_msgpack(guests: Path) -> None:
         assert len(state.vcpus) == 2
         assert state.vcpus[1].vcpu_id == 1
         assert any(index == 0x10 for index, _ in state.vcpus[0].msrs)  # IA32_TSC saved
+        # version 2: the tables as one bin each, 28 bytes a CPUID entry, 12 an MSR
+        for vcpu, record in zip(state.vcpus, state.to_dict()["vcpus"], strict=True):
+            assert record["version"] == 2
+            assert record["cpuid"] == b"".join(CPUID_ENTRY.pack(*e) for e in vcpu.cpuid)
+            assert record["msrs"] == b"".join(MSR_ENTRY.pack(*pair) for pair in vcpu.msrs)
+            assert len(vcpu.cpuid) > 1 and len(vcpu.msrs) > 1
+
+
+def test_the_vcpu_record_is_decoded_to_what_kvm_holds(guests: Path) -> None:
+    """Through the state blob (its bounded decoder): the tables come back as KVM gave
+    them, and a version-1 record of the same vCPUs decodes to the same state."""
+    config = MachineConfig(
+        32 * MIB, 2, BootSource("bootsector", str(guests / "counter-bootsector.bin"))
+    )
+    with Machine(config, lambda data: None) as machine:
+        machine.start()
+        time.sleep(0.05)
+        machine.pause()
+        state = machine.save_state()
+    assert decode_state(encode_state_blob(state)[STATE_HEADER_SIZE:]) == state
+    old = msgpack.packb(with_v1_vcpus(state.to_dict(), state.vcpus))
+    assert decode_state(old) == state
 
 
 def test_save_is_refused_unless_paused(guests: Path) -> None:
@@ -56,7 +80,11 @@ def test_save_is_refused_unless_paused(guests: Path) -> None:
             machine.save_state()
 
 
-def test_restore_into_a_fresh_machine_continues_the_guest_exactly(guests: Path) -> None:
+@pytest.mark.parametrize("vcpu_version", [2, 1])
+def test_restore_into_a_fresh_machine_continues_the_guest_exactly(
+    guests: Path, vcpu_version: int
+) -> None:
+    """Also from version-1 vCPU records (what VMMs before the packed tables wrote)."""
     source = BootSource("bootsector", str(guests / "counter-bootsector.bin"))
     config = MachineConfig(32 * MIB, 1, source)
     first: list[bytes] = []
@@ -65,7 +93,11 @@ def test_restore_into_a_fresh_machine_continues_the_guest_exactly(guests: Path) 
         machine.start()
         time.sleep(0.2)
         machine.pause()
-        record = msgpack.packb(machine.save_state().to_dict())
+        saved = machine.save_state()
+        record = msgpack.packb(
+            saved.to_dict() if vcpu_version == 2 else with_v1_vcpus(saved.to_dict(), saved.vcpus)
+        )
+        assert msgpack.unpackb(record)["vcpus"][0]["version"] == vcpu_version
         assert machine.memory is not None
         ram = bytes(machine.memory.view)
     incoming = MachineConfig(32 * MIB, 1, BootSource("none"))
@@ -104,8 +136,12 @@ def test_bad_records_are_refused_with_a_reason(guests: Path) -> None:
     with Machine(config, lambda data: None) as machine:
         machine.start(paused=True)
         record = machine.save_state().vcpus[0].to_dict()
-    with pytest.raises(StateRecordError, match="version 99"):
+    with pytest.raises(StateRecordError, match=r"version 99 is not supported \(want 1 or 2\)"):
         VcpuState.from_dict({**record, "version": 99})
+    with pytest.raises(StateRecordError, match="cpuid: 27 bytes, not a whole number"):
+        VcpuState.from_dict({**record, "cpuid": record["cpuid"][:27]})
+    with pytest.raises(StateRecordError, match="msrs: 0 entries"):
+        VcpuState.from_dict({**record, "msrs": b""})
     with pytest.raises(StateRecordError, match="regs: 10 bytes"):
         VcpuState.from_dict({**record, "regs": b"0123456789"})
     with pytest.raises(StateRecordError, match="malformed"):

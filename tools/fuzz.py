@@ -46,6 +46,7 @@ import contextlib
 import hashlib
 import os
 import random
+import struct
 import sys
 import time
 import traceback
@@ -408,10 +409,26 @@ def _state_payload() -> bytes:
 
 
 def _state_seeds() -> list[bytes]:
-    payload = _state_payload()
+    """The state of a 2-vCPU machine as written (vCPU records of version 2: CPUID and MSRs
+    packed as bin), with version-1 vCPU records (as arrays, as older VMMs wrote them), and
+    with maps and arrays in odd places."""
+    payload = encode_state_blob(synthetic_state(vcpus=2))[20:]
     record = msgpack.unpackb(payload, raw=False)
+    version_1 = dict(record, vcpus=[_vcpu_record_v1(vcpu) for vcpu in record["vcpus"]])
     odd = dict(record, config=[1, 2], vcpus={"a": 1})
-    return [payload, msgpack.packb(odd, use_bin_type=True), msgpack.packb([record])]
+    return [
+        payload,
+        msgpack.packb(version_1, use_bin_type=True),
+        msgpack.packb(odd, use_bin_type=True),
+        msgpack.packb([record]),
+    ]
+
+
+def _vcpu_record_v1(record: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 vCPU record as version 1 wrote it: the packed tables as arrays."""
+    cpuid = [list(entry) for entry in struct.iter_unpack("<7I", record["cpuid"])]
+    msrs = [list(pair) for pair in struct.iter_unpack("<IQ", record["msrs"])]
+    return dict(record, version=1, cpuid=cpuid, msrs=msrs)
 
 
 def _snapshot_image() -> bytes:

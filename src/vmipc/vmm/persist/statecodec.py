@@ -32,30 +32,47 @@ from vmipc.vmm.devices import DEFAULT_RX_BACKLOG
 from vmipc.vmm.machine import MAX_VCPUS, MachineConfig, MachineState
 from vmipc.vmm.persist.errors import BulkError
 from vmipc.vmm.persist.transfer import PeerClosed, Transfer
-from vmipc.vmm.state import MAX_CPUID_ENTRIES, MAX_MSRS, STATE_RECORD_KEYS
+from vmipc.vmm.state import (
+    CPUID_ENTRY,
+    MAX_CPUID_ENTRIES,
+    MAX_MSRS,
+    MSR_ENTRY,
+    STATE_RECORD_KEYS,
+)
 
 STATE_MAGIC = b"VMIPCST1"
 _STATE_HEADER = struct.Struct("<8sIQ")  # magic, payload length, xxh3_64 of the payload
-#: A maximal state is about 1.3 MiB: 64 vCPUs with 256 CPUID entries, 255 MSRs and 6 KiB of
-#: kernel structs each, and a 60 KiB command line (tests/test_state_limits.py builds it).
+#: A maximal state is about 1.2 MB: 64 vCPUs with 256 CPUID entries, 255 MSRs and 6 KiB of
+#: kernel structs each, and a 60 KiB command line (tests/test_state_limits.py builds it;
+#: 1.37 MB with version-1 vCPU records, whose tables were arrays).
 MAX_STATE_SIZE = 2 << 20
 #: What a state record can hold (vmm/state.py, vmm/machine.py, vmm/devices/uart.py), so
 #: that no blob decodes into more than a small multiple of its size.
 STATE_LIMITS = MsgpackLimits(
-    # CPUID entries, MSRs (fewer than 256), vCPUs (64), guest options
+    # CPUID entries and MSRs (fewer than 256) of a version-1 vCPU record, vCPUs (64), guest
+    # options
     max_array_len=max(MAX_CPUID_ENTRIES, MAX_MSRS + 1, MAX_VCPUS),
-    # the largest record, the UART's, has 14 fields
+    # the largest record, virtio-blk's, has 18 keys
     max_map_len=32,
     # the multiboot command line (under 60 KiB), a path (PATH_MAX)
     max_str_len=64 << 10,
-    # the largest kernel struct (XSAVE) and the UART's input backlog
-    max_bin_len=max(ctypes.sizeof(KvmXsave), DEFAULT_RX_BACKLOG),
-    # state > vcpus > vcpu > cpuid > entry
+    # the largest kernel struct (XSAVE), the UART's input backlog, a vCPU's packed CPUID
+    # (7 KiB: 256 entries of 28 bytes) and MSRs (255 of 12 bytes)
+    max_bin_len=max(
+        ctypes.sizeof(KvmXsave),
+        DEFAULT_RX_BACKLOG,
+        MAX_CPUID_ENTRIES * CPUID_ENTRY.size,
+        MAX_MSRS * MSR_ENTRY.size,
+    ),
+    # state > vcpus > vcpu > cpuid > entry in a version-1 vCPU record (version 2 stops at
+    # vcpu; state > config > boot > guest_options > option is as deep)
     max_depth=6,
     # the records' fields (each record's to_dict uses its field names), their versions,
     # and the names of the user devices
     keys=STATE_RECORD_KEYS,
-    # a maximal state decodes into about 11 MiB (estimated)
+    # a maximal state decodes into about 2 MB of msgpack objects (estimated; 11 MB with
+    # version-1 vCPU records), and its records into about 9 MB (the vCPUs' tables as
+    # tuples of ints: from_dict counts the vCPU records before it unpacks any)
     max_decoded=16 << 20,
 )
 #: the payload is read in pieces of this size: memory follows the bytes that arrived, not
