@@ -25,8 +25,9 @@ the destination printed. Beside it: each VMM's own downtime figure and its total
 3. vmipc's stop-and-copy step by step, when the migration report carries a ``timeline``
    (otherwise a note says it does not).
 
-Run: ``.venv/bin/python benchmarks/bench_migration_gap.py [--quick] [--json FILE]
-[--no-qemu]``. About 3 minutes (``--quick``: one migration per row, about 1.5). Needs a
+Run: ``.venv/bin/python benchmarks/bench_migration_gap.py [--quick] [--count N]
+[--json FILE] [--no-qemu]``. About 3 minutes (``--quick``: one migration per row, about
+1.5; ``--count N``: N a row, for steadier medians on a noisy machine). Needs a
 usable /dev/kvm (as root); QEMU is installed with ``tools/install-system-deps`` when
 missing. Every VMM, QEMU, timestamper and spinner this script starts is killed by its pid
 on every path.
@@ -667,6 +668,9 @@ def bench_flat_out(kids: Children, tmp: Path, count: int, notes: list[str]) -> d
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one migration per row")
+    parser.add_argument(
+        "--count", type=int, metavar="N", help="migrations per row (default 3, --quick 1)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU baselines")
     args = parser.parse_args(argv)
@@ -675,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     # a SIGTERM ends the run through the finally clauses, which kill every child
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    count = 1 if args.quick else 3
+    count = args.count or (1 if args.quick else 3)
     notes: list[str] = []
     failures: list[str] = []
     qemu = qemu_or_note(args.no_qemu, notes, progress=progress)
