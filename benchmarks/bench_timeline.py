@@ -4,7 +4,7 @@
 Migrates an idle built-in guest (256 MiB, 1 vCPU; ``ws=1M rate=1``) from one ``vmipc
 vmm`` to a new incoming one, ``--count`` times after a warm-up, each destination the next
 source, and prints the median of each step of the report's timeline from the pause to
-the destination running: pause, last dirty round, state, release-lease, resume the
+the destination running: pause, state, last dirty round, release-lease, resume the
 destination (its ``resume`` and ``query-status``), beside the downtime the report gives.
 "VMM ms" is the median of what the VMM reported running the step's requests (protocol
 1.8; "-" for a VMM that reports none). The downtime starts at the pause's reply, so the
@@ -35,8 +35,8 @@ from vmipc.sequences import MigrationPolicy, StepTiming, migrate_blocking
 #: the steps of the downtime, in order, and how the table names them
 STOP_AND_COPY = (
     ("pause", "pause"),
-    ("last dirty round", "last dirty round"),
     ("state", "state"),
+    ("last dirty round", "last dirty round"),
     ("release-lease", "release"),
     ("resume the destination", "resume at the destination"),
 )

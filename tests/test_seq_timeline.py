@@ -217,8 +217,8 @@ def test_a_migration_timeline_names_its_steps_in_order() -> None:
     assert names[5 : 5 + 2 * rounds : 2] == [f"dirty round {n}" for n in range(1, rounds + 1)]
     assert names[5 + 2 * rounds :] == [
         "pause",
-        "last dirty round",
         "state",
+        "last dirty round",
         "flush-devices",
         "release-lease",
         "resume the destination",

@@ -23,11 +23,12 @@ destination's load reads, concurrently, VMM to VMM, never through this client)::
     dst resume                                                 the switch-over point
 
 When both VMMs speak protocol 1.8, the stop-and-copy is two ordered chains sent at once
-(no round trip between its steps): ``src [pause, dump-dirty, dump-state]`` and
-``dst [apply-pages, load-state]``, each VMM running its chain in order and stopping at the
-first failure. ``src release-lease`` is sent once ``load-state`` answered, not chained: a
-lease released before the destination holds the state would leave no VM running if this
-client died then (the window stays one request wide); ``dst resume`` once it answered.
+(no round trip between its steps): ``src [pause, dump-state, dump-dirty]`` and
+``dst [load-state, apply-pages]``, each VMM running its chain in order and stopping at the
+first failure (the state first: the destination sets it while the source sends the
+pages). ``src release-lease`` is sent once both chains answered, not chained: a lease
+released before the destination holds the state would leave no VM running if this client
+died then (the window stays one request wide); ``dst resume`` once it answered.
     dst query-status                  running                  downtime ends
     src quit
 
@@ -643,7 +644,7 @@ class _Migration:
 
     async def _stop_and_copy_ordered(self, dest: LocalDestination) -> None:
         """The stop-and-copy as two ordered chains, sent at once: the source's pause,
-        last dirty pages and state, the destination's apply-pages and load-state. Each
+        state and last dirty pages, the destination's load-state and apply-pages. Each
         VMM runs its chain in order and stops at the first failure (the rest answer
         ``chain-broken`` without running), so what a failure leaves is what the
         sequential steps leave: the source paused under its lease (resumed by the
@@ -653,7 +654,7 @@ class _Migration:
         ``release-lease`` is not in the chain: the source would give its lease up as soon
         as its state was written, before the destination is known to hold it, and a
         client dying then would leave no VM running (nothing resumes the source). Sent
-        after ``load-state``'s reply, it costs one round trip and keeps that window one
+        once both chains answered, it costs one round trip and keeps that window one
         request wide."""
         steps, source = self.steps, self.source
         leased = self.lease is not None and supports(source, "renew-lease")
@@ -666,11 +667,14 @@ class _Migration:
                         closers.append(close)
                         state_out, state_in, close = dest.channel()
                         closers.append(close)
-                        # the loads first: they wait on their fds, the dumps write into them
+                        # the loads first: they wait on their fds, the dumps write into them.
+                        # The state before the last pages: the destination decodes and
+                        # sets it while the source takes and sends the pages (two cores
+                        # at work, not one after the other)
                         loads = await dest.client.send_ordered(
                             [
-                                Call("apply-pages", fds={"in": pages_in}),
                                 Call("load-state", fds={"in": state_in}),
+                                Call("apply-pages", fds={"in": pages_in}),
                             ]
                         )
                         sent = time.monotonic()
@@ -678,8 +682,8 @@ class _Migration:
                         dumps = await source.send_ordered(
                             [
                                 Call("pause", lease=self.lease) if leased else Call("pause"),
-                                Call("dump-dirty", fds={"out": pages_out}),
                                 Call("dump-state", fds={"out": state_out}),
+                                Call("dump-dirty", fds={"out": pages_out}),
                                 # a disk on shared storage: durable before the other side runs
                                 *([Call("flush-devices")] if flush else []),
                             ]
@@ -696,9 +700,12 @@ class _Migration:
                     lease = PauseLease(source, self.lease if leased else None)
 
                     async def last_pages_and_state() -> None:
+                        async with steps.step("state"):
+                            dumped, _ = await _both("state", dumps[1], loads[0])
+                            self.state_bytes = dumped["bytes"]
                         async with steps.step("last dirty round"):
                             began = time.monotonic()
-                            dumped, applied = await _both("pages", dumps[1], loads[0])
+                            dumped, applied = await _both("pages", dumps[2], loads[1])
                             self.rounds.append(
                                 Round(
                                     number=len(self.rounds),
@@ -710,9 +717,6 @@ class _Migration:
                                     dirty_pages=dumped["data_pages"] + dumped["zero_pages"],
                                 )
                             )
-                        async with steps.step("state"):
-                            dumped, _ = await _both("state", dumps[2], loads[1])
-                            self.state_bytes = dumped["bytes"]
                         if flush:
                             async with steps.step("flush-devices"):
                                 await dumps[3].result()
