@@ -124,8 +124,16 @@ def test_guest_in_qemu_prints_heartbeats_beside_the_passes() -> None:
     assert lines[0] == banner(ws=64 << 10, rate=256, passes=3, hz=1000, clock=clock, beat=2000)
     beats = [line for line in lines[1:] if " beat=" in line]
     assert beats == [beat_line(n) for n in range(1, len(beats) + 1)]
-    assert len(beats) >= 50  # 3 passes of 16 pages at 256/s: ~190 ms, ~90 beats
-    assert [line for line in lines[1:] if " beat=" not in line] == expected_lines(0, 3, 64 << 10)
+    # 3 passes of 16 pages at 256/s take ~190 ms of guest time, ~90 beats on a quiet
+    # machine; every console line costs milliseconds under QEMU's emulation, more on a
+    # loaded machine (49 seen), so the count only shows the beat ran all along the passes
+    assert len(beats) >= 10
+    work = [line for line in lines[1:] if " beat=" not in line]
+    assert work == expected_lines(0, 3, 64 << 10)
+    # beats beside the work, not only before or after it
+    first_pass_end = lines.index(work[0])
+    assert any(" beat=" in line for line in lines[1:first_pass_end])
+    assert any(" beat=" in line for line in lines[first_pass_end + 1 :])
 
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
