@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
 import threading
 import time
 
@@ -63,6 +65,21 @@ def test_disconnecting_mid_frame_changes_nothing() -> None:
         assert s.machine.calls == []
         with s.connect() as other:
             assert other.result(other.request("query-status"))["state"] == "running"
+
+
+def test_a_peer_gone_before_its_reply_is_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    """The reply is sent straight from the request's task: a peer that closed (EPIPE,
+    ECONNRESET) only ends its connection; nothing is logged as a failure."""
+    with serving() as s, caplog.at_level(logging.WARNING, logger="vmipc"):
+        for _ in range(20):
+            with s.connect() as c:
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.request("test-sleep", args={"seconds": 0.01})
+            # closed with a reset while the request runs: its reply meets a dead socket
+        s.wait_connections(0)
+        with s.connect() as other:
+            assert other.result(other.request("query-status"))["state"] == "running"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_disconnecting_cancels_cancellable_requests() -> None:

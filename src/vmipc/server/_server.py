@@ -84,7 +84,7 @@ from vmipc.server._os import (
 )
 from vmipc.server._priority import Priority
 from vmipc.vmm.machine_api import InvalidStateError, MachineApi, StateChange
-from vmipc.vmm.persist import send_nowait
+from vmipc.vmm.persist import PeerClosed, send_nowait
 
 log = logging.getLogger("vmipc.server")
 
@@ -825,7 +825,7 @@ class _Connection:
         if self._queued_frames == 0 and not self._send_closed and not self._writer_gone:
             try:
                 sent = send_nowait(self.sock.fileno(), frame)
-            except OSError:
+            except (OSError, PeerClosed):
                 sent = None  # the writer meets the error again, and stops the connection
             if sent == len(frame):
                 return
