@@ -12,7 +12,8 @@ destination's load reads, concurrently, VMM to VMM, never through this client)::
     repeat:
       src query-dirty                 predicted downtime = dirty bytes / measured rate
                                       + 4 control round trips (as long as query-dirty's)
-      stop if predicted ≤ max-downtime (converged), or rounds/timeout/no progress (not)
+      stop if predicted ≤ max-downtime (converged) and another round would not at
+      least halve the dirty pages (settle), or rounds/timeout/no progress (not converged)
       src dump-dirty               →  dst apply-pages          a dirty round, guest running
     not converged and not force:      give up: src dirty-log-stop, dst quit; src never paused
     src pause lease=L                                          downtime starts
