@@ -107,6 +107,10 @@ STALL_ROUNDS = 3
 DEFAULT_SETTLE_FLOOR = 0.001
 #: a settling round must be expected to leave at most this fraction of what is dirty
 SETTLE_SHRINK = 0.5
+#: no settling round for at most this many dirty bytes, whatever the rate says: the full
+#: pass's rate understates the channel when memory is mostly zero pages (its time goes
+#: into scanning them), which would send an idle guest's few dirty pages once more
+SETTLE_MIN_BYTES = 256 << 10
 
 
 #: control round trips between pausing the source and the destination running, counted
@@ -479,14 +483,20 @@ class MigrationPolicy:
         most :data:`SETTLE_SHRINK` (the set at least halves: the rounds shrink
         geometrically, the time they take adds up to less than twice the first), the
         pages would take more than ``settle_floor`` (another round saves at least half of
-        it), and the rounds and the time stay within the policy's limits. A guest that
-        dirties little stops at once (the floor); one rewriting its working set faster
+        it) and more than :data:`SETTLE_MIN_BYTES` are dirty, and the rounds and the
+        time stay within the policy's limits. A guest that dirties little stops at once
+        (the floors); one rewriting its working set faster
         than a round sends stops at the first round that did not shrink it (right after
         the full pass, which sends all of memory, that takes one round to see)."""
         bandwidth = last_bytes / max(last_seconds, 1e-6)
         pages = dirty_bytes / bandwidth if bandwidth > 0 else 0.0
         if not self.settle:
             return "settling is off"
+        if dirty_bytes <= SETTLE_MIN_BYTES:
+            return (
+                f"{dirty_bytes / 1024:.0f} KiB dirty, at most the floor of "
+                f"{SETTLE_MIN_BYTES >> 10} KiB"
+            )
         if pages <= self.settle_floor:
             return (
                 f"the last pages take {pages * 1000:.2f} ms, at most the floor of "
