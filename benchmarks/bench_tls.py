@@ -488,9 +488,9 @@ def report(results: dict[str, list[Run]], count: int) -> dict[str, Any]:
 
 def stop_and_copy(results: dict[str, list[Run]]) -> dict[str, Any]:
     """vmipc's downtime in two parts: the last dirty round, whose size the pre-copy policy
-    picks from the bandwidth it measured (so it varies from run to run, 0 to ~17 MiB
-    here, whatever the channel), and the rest (pause, state, flush, lease, resume), which
-    is the same work in every run."""
+    picks (since it settles, well under 1 MiB here in every mode; before, whatever the
+    bandwidth it measured left, 0 to ~17 MiB), and the rest (pause, state, flush, lease,
+    resume), which is the same work in every run."""
     rows = []
     parts: dict[str, Any] = {}
     for config, runs in results.items():
@@ -564,8 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         metavar="N",
         help=(
-            "migrations of each kind (default 5, --quick 2): the downtime ratio varies with "
-            "the size of the last round the policy picks, so take 15 or more to rely on it"
+            "migrations of each kind (default 5, --quick 2): on a shared machine the "
+            "downtime ratio moves with the load, so take 15 or more to rely on it"
         ),
     )
     args = parser.parse_args(argv)

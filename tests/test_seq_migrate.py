@@ -162,6 +162,36 @@ def test_a_migration_that_cannot_converge_gives_up_then_force_moves_it() -> None
         assert_moved(src, again, BIG_WS)
 
 
+#: pages per second per vCPU for a guest that pre-copy catches up with: ~80 MiB/s in all,
+#: a fraction of the rate a round sends at, so each round leaves a fraction of the last
+SETTLING_RATE = 10000
+
+
+def test_a_converged_migration_settles_on_a_smaller_last_round() -> None:
+    """Once the predicted downtime meets the target, pre-copy goes on with dirty rounds
+    while each is expected to halve what is dirty (``settle``, on by default): a guest
+    dirtying a few MiB per full pass gets at least one such round, its report counts
+    them, and it continues exactly. ``--no-settle`` stops as soon as it converges."""
+    with vmm_processes() as vmms:
+        src = vmms.guest(ws=BIG_WS, rate=SETTLING_RATE)
+        dst = vmms.incoming()
+        src.wait_for_passes(2)
+        code, report = migrate_cli(src, dst)
+        assert code == 0 and report["outcome"] == "migrated" and report["converged"], report
+        kinds = [r["kind"] for r in report["round_details"]]
+        assert kinds == ["full"] + ["dirty"] * (report["rounds"] - 1) + ["final"]
+        assert 1 <= report["settle_rounds"] <= report["rounds"] - 1, report
+        assert_moved(src, dst, BIG_WS)
+
+        src = vmms.guest("src2", ws=BIG_WS, rate=SETTLING_RATE)
+        dst = vmms.incoming("dst2")
+        src.wait_for_passes(2)
+        code, report = migrate_cli(src, dst, "--no-settle")
+        assert code == 0 and report["outcome"] == "migrated" and report["converged"], report
+        assert report["settle_rounds"] == 0
+        assert_moved(src, dst, BIG_WS)
+
+
 def test_a_destination_that_is_not_incoming_is_left_alone() -> None:
     with vmm_processes() as vmms:
         src = vmms.guest()

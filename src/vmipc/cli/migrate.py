@@ -101,6 +101,16 @@ def add_parser(subparsers: Any) -> None:
         help="when it does not converge, stop the source anyway instead of giving up",
     )
     parser.add_argument(
+        "--no-settle",
+        dest="settle",
+        action="store_false",
+        help=(
+            "stop the source as soon as the predicted downtime is short enough (default: go "
+            "on with dirty rounds while each is expected to halve what is dirty, so that the "
+            "last round, paused, is as small as pre-copy can make it)"
+        ),
+    )
+    parser.add_argument(
         "--disk",
         metavar="FILE[,readonly]",
         help=(
@@ -125,7 +135,8 @@ def _lines(data: dict[str, Any]) -> list[str]:
         f"dest       {data['destination']}",
         f"total      {data['total_s'] * 1000:.1f} ms",
         f"downtime   {'-' if downtime is None else f'{downtime * 1000:.1f} ms'}",
-        f"rounds     {data['rounds']} dirty rounds after the full pass",
+        f"rounds     {data['rounds']} dirty rounds after the full pass"
+        + (f", {data['settle_rounds']} of them once converged" if data["settle_rounds"] else ""),
         f"bytes      {data['bytes']} of pages, {data['state_bytes']} of state",
         f"  {'ROUND':>5} {'KIND':6} {'DIRTY':>8} {'DATA':>8} {'ZERO':>8} {'BYTES':>12} {'MS':>8}",
     ]
@@ -148,6 +159,7 @@ def _policy(args: argparse.Namespace) -> MigrationPolicy | None:
             max_rounds=args.max_rounds,
             timeout=args.timeout,
             force=args.force,
+            settle=args.settle,
         )
     except ValueError:
         return None

@@ -12,7 +12,8 @@ destination's load reads, concurrently, VMM to VMM, never through this client)::
     repeat:
       src query-dirty                 predicted downtime = dirty bytes / measured rate
                                       + 4 control round trips (as long as query-dirty's)
-      stop if predicted ≤ max-downtime (converged), or rounds/timeout/no progress (not)
+      stop if predicted ≤ max-downtime (converged) and another round would not at
+      least halve the dirty pages (settle), or rounds/timeout/no progress (not converged)
       src dump-dirty               →  dst apply-pages          a dirty round, guest running
     not converged and not force:      give up: src dirty-log-stop, dst quit; src never paused
     src pause lease=L                                          downtime starts
@@ -102,6 +103,15 @@ DEFAULT_SWITCH_TIMEOUT = 15.0
 RESUME_TIMEOUT = 10.0
 #: rounds in a row without a new low of dirty bytes that count as "no progress"
 STALL_ROUNDS = 3
+#: settling (see :meth:`MigrationPolicy.settled_reason`): no more rounds once the last
+#: pages would take at most this many seconds to send
+DEFAULT_SETTLE_FLOOR = 0.001
+#: a settling round must be expected to leave at most this fraction of what is dirty
+SETTLE_SHRINK = 0.5
+#: no settling round for at most this many dirty bytes, whatever the rate says: the full
+#: pass's rate understates the channel when memory is mostly zero pages (its time goes
+#: into scanning them), which would send an idle guest's few dirty pages once more
+SETTLE_MIN_BYTES = 256 << 10
 
 
 #: control round trips between pausing the source and the destination running, counted
@@ -182,6 +192,10 @@ class MigrationReport:
     reason: str | None = None
     #: every step as it ran, in order (docs/sequences.md#timelines)
     timeline: tuple[StepTiming, ...] = ()
+    #: dirty rounds run after pre-copy converged, to shrink the last one (``settle``)
+    settle_rounds: int = 0
+    #: why pre-copy stopped once converged (None: it did not converge)
+    settled: str | None = None
 
 
 class MigrationNotConverged(SequenceError):
@@ -424,10 +438,15 @@ class MigrationPolicy:
     switch_timeout: float = DEFAULT_SWITCH_TIMEOUT
     #: when pre-copy does not converge, stop the source anyway instead of giving up
     force: bool = False
+    #: once converged, go on with dirty rounds while each is expected to pay, so that
+    #: the last round, paused, is the smallest pre-copy can reach (:meth:`settled_reason`)
+    settle: bool = True
+    #: seconds: no settling round once the last pages would take at most this long
+    settle_floor: float = DEFAULT_SETTLE_FLOOR
 
     def __post_init__(self) -> None:
-        if self.max_downtime < 0 or self.max_rounds < 0:
-            raise ValueError("max_downtime and max_rounds must be 0 or more")
+        if self.max_downtime < 0 or self.max_rounds < 0 or self.settle_floor < 0:
+            raise ValueError("max_downtime, max_rounds and settle_floor must be 0 or more")
         if self.timeout <= 0 or self.switch_timeout <= 0:
             raise ValueError("timeout and switch_timeout must be more than 0")
 
@@ -438,6 +457,63 @@ class MigrationPolicy:
         pages, state, resume), each as long as the query that counted the pages; so even
         with no page dirty the downtime is not zero."""
         return dirty_bytes / bandwidth + STOP_AND_COPY_ROUND_TRIPS * round_trip
+
+    def settled_reason(
+        self,
+        *,
+        dirty_bytes: int,
+        last_bytes: int,
+        last_seconds: float,
+        round_trip: float,
+        dirty_rounds: int,
+        elapsed: float,
+    ) -> str | None:
+        """Why pre-copy, converged, should stop now (None: one more dirty round is expected
+        to pay): ``dirty_bytes`` dirty after a round that sent ``last_bytes`` in
+        ``last_seconds``, ``round_trip`` the query's, ``dirty_rounds`` and ``elapsed`` as
+        for :meth:`give_up_reason`.
+
+        Converging only says the downtime will be short enough; how short depends on
+        where the rounds happened to stand, up to ``max_downtime``'s worth of pages. So
+        while the guest dirties slower than a round sends, another round sends what is
+        dirty now (for ``dirty_bytes ÷ bandwidth`` seconds), during which the guest
+        dirties at the rate it showed over the last round (``dirty_bytes ÷ (last_seconds
+        + round_trip)``): what that round leaves, as a fraction of what is dirty now, is
+        ``(pages + round_trip) ÷ (last_seconds + round_trip)`` — ``dirty_bytes ÷
+        last_bytes`` when round trips are negligible. One more round while that is at
+        most :data:`SETTLE_SHRINK` (the set at least halves: the rounds shrink
+        geometrically, the time they take adds up to less than twice the first), the
+        pages would take more than ``settle_floor`` (another round saves at least half of
+        it) and more than :data:`SETTLE_MIN_BYTES` are dirty, and the rounds and the
+        time stay within the policy's limits. A guest that dirties little stops at once
+        (the floors); one rewriting its working set faster
+        than a round sends stops at the first round that did not shrink it (right after
+        the full pass, which sends all of memory, that takes one round to see)."""
+        bandwidth = last_bytes / max(last_seconds, 1e-6)
+        pages = dirty_bytes / bandwidth if bandwidth > 0 else 0.0
+        if not self.settle:
+            return "settling is off"
+        if dirty_bytes <= SETTLE_MIN_BYTES:
+            return (
+                f"{dirty_bytes / 1024:.0f} KiB dirty, at most the floor of "
+                f"{SETTLE_MIN_BYTES >> 10} KiB"
+            )
+        if pages <= self.settle_floor:
+            return (
+                f"the last pages take {pages * 1000:.2f} ms, at most the floor of "
+                f"{self.settle_floor * 1000:.2f} ms"
+            )
+        if dirty_rounds >= self.max_rounds:
+            return f"no dirty round left after {dirty_rounds} rounds"
+        if elapsed > self.timeout * 0.8:
+            return "too near the timeout for another round"
+        left = (pages + round_trip) / (last_seconds + round_trip)
+        if left > SETTLE_SHRINK:
+            return (
+                f"another round would leave {left:.0%} of the dirty bytes "
+                f"(more than {SETTLE_SHRINK:.0%})"
+            )
+        return None
 
     def give_up_reason(
         self, *, predicted: float, dirty_rounds: int, stalled: int, elapsed: float
@@ -520,6 +596,10 @@ class _Migration:
         self.rounds: list[Round] = []
         self.predicted: float | None = None
         self.converged = False
+        #: dirty rounds after pre-copy converged (MigrationPolicy.settle)
+        self.settle_rounds = 0
+        #: why pre-copy stopped once converged (MigrationPolicy.settled_reason)
+        self.settled: str | None = None
         self.state_bytes = 0
         self.paused_at = self.started
         #: told where the pre-copy stands after every look at the dirty log
@@ -565,7 +645,14 @@ class _Migration:
 
     async def _precopy(self) -> str | None:
         """The full pass, then dirty rounds while the guest runs, until the predicted
-        downtime is short enough (returns None) or the policy says why it gives up."""
+        downtime is short enough and another round would not shrink it much (returns
+        None), or the policy says why it gives up.
+
+        Once converged, it stays so: the settling rounds (``policy.settle``) run while
+        each is expected to halve what is dirty and stop at the first that is not, so a
+        migration that converged never gives up, and the pause comes at most one round
+        later than without them (with what that round left: less, unless the guest
+        began to dirty faster)."""
         steps, source = self.steps, self.source
         async with steps.phase(self._undo_running):
             with trio.fail_after(self.policy.timeout):
@@ -588,21 +675,32 @@ class _Migration:
                         dirty["dirty_bytes"], bandwidth, round_trip
                     )
                     self._tell_precopy(dirty["dirty_bytes"])
-                    if self.predicted <= self.policy.max_downtime:
+                    if self.converged or self.predicted <= self.policy.max_downtime:
                         self.converged = True
-                        return None
-                    if dirty["dirty_bytes"] < best:
-                        best, stalled = dirty["dirty_bytes"], 0
+                        self.settled = self.policy.settled_reason(
+                            dirty_bytes=dirty["dirty_bytes"],
+                            last_bytes=last.bytes,
+                            last_seconds=last.seconds,
+                            round_trip=round_trip,
+                            dirty_rounds=len(self.rounds) - 1,
+                            elapsed=time.monotonic() - self.started,
+                        )
+                        if self.settled is not None:
+                            return None
+                        self.settle_rounds += 1
                     else:
-                        stalled += 1
-                    reason = self.policy.give_up_reason(
-                        predicted=self.predicted,
-                        dirty_rounds=len(self.rounds) - 1,
-                        stalled=stalled,
-                        elapsed=time.monotonic() - self.started,
-                    )
-                    if reason is not None:
-                        return reason
+                        if dirty["dirty_bytes"] < best:
+                            best, stalled = dirty["dirty_bytes"], 0
+                        else:
+                            stalled += 1
+                        reason = self.policy.give_up_reason(
+                            predicted=self.predicted,
+                            dirty_rounds=len(self.rounds) - 1,
+                            stalled=stalled,
+                            elapsed=time.monotonic() - self.started,
+                        )
+                        if reason is not None:
+                            return reason
                     async with steps.step(f"dirty round {len(self.rounds)}", hook="dirty round"):
                         await self._pages(
                             "dirty", lambda fd: source.dump_dirty(out=fd), dirty["dirty_pages"]
@@ -854,6 +952,8 @@ class _Migration:
             round_details=self.rounds,
             reason=reason,
             timeline=self.steps.timeline(),
+            settle_rounds=self.settle_rounds,
+            settled=self.settled,
         )
 
 
