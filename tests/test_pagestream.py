@@ -636,6 +636,22 @@ def test_the_specs_worked_example_is_what_the_code_writes() -> None:
     assert max(blocks) + len(blocks[max(blocks)]) == len(stream)
     assert "0x297b6bc6a481cd36" in SPEC.read_text()
     assert xxhash.xxh3_64_intdigest(stream[0x48:0x1088]) == 0x297B6BC6A481CD36
+    # the same stream with its payload not hashed (1.1), as the spec describes it
+    enc = PageStreamEncoder(((0, 0x4000), (0x100000000, 0x1000)), hash_payload=False)
+    flagged = enc.header() + enc.data(0x1000, 1) + payload
+    enc.skip_payload(len(payload))
+    flagged += enc.zero(0x100000000, 1) + enc.end_round() + enc.end_stream()
+    differ = [i for i in range(len(stream)) if stream[i] != flagged[i]]
+    assert len(flagged) == len(stream)
+    assert {10, 20} | set(range(0x40, 0x48)) <= set(differ)
+    assert all(i < 0x48 or 0x1088 <= i < 0x10A8 for i in differ)
+    assert flagged[10:12] == b"\x01\x00" and flagged[20:24] == b"\x01\x00\x00\x00"
+    assert struct.unpack_from("<Q", flagged, 0x40)[0] == 0x11E049CA0E71487F
+    round_checksum = struct.unpack_from("<Q", flagged, 0x1098)[0]
+    assert round_checksum == 0x2062FF6A9F215015
+    assert round_checksum == xxhash.xxh3_64_intdigest(flagged[0x48:0x68] + flagged[0x1068:0x1088])
+    for value in ("0x11e049ca0e71487f", "0x2062ff6a9f215015"):
+        assert value in SPEC.read_text()
 
 
 def test_split_zero_runs_with_pages_larger_than_the_zero_buffer() -> None:
