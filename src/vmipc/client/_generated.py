@@ -245,7 +245,8 @@ class AsyncCommands:
         regular file and ``snapshot`` write at file offsets: an fd opened with O_APPEND, which
         would turn them into appends, is refused (``invalid-fds``) before anything is written.
         Allowed while paused (a consistent image) and while running (the first pass of a pre-copy
-        migration: each run is copied before it is sent so its checksum is right). Cancellable;
+        migration: each run is copied before it is sent so its checksum is right; with
+        ``checksum: headers`` nothing needs to be right, and the runs go zero-copy). Cancellable;
         reports progress in bytes.
 
         Allowed in states: paused, running. Since protocol 1.1.
@@ -730,7 +731,8 @@ class SyncCommands:
         regular file and ``snapshot`` write at file offsets: an fd opened with O_APPEND, which
         would turn them into appends, is refused (``invalid-fds``) before anything is written.
         Allowed while paused (a consistent image) and while running (the first pass of a pre-copy
-        migration: each run is copied before it is sent so its checksum is right). Cancellable;
+        migration: each run is copied before it is sent so its checksum is right; with
+        ``checksum: headers`` nothing needs to be right, and the runs go zero-copy). Cancellable;
         reports progress in bytes.
 
         Allowed in states: paused, running. Since protocol 1.1.
