@@ -11,9 +11,14 @@ AF_UNIX socket pair, the way ``vmipc migrate`` does (``sequences/_migrate.py``
 the other, both requests in flight at once, timed from before both calls to after both
 replies:
 
-* ``dump-memory format=stream`` -> ``apply-pages`` (VMM to VMM, the migration's path);
+* ``dump-memory format=stream`` -> ``apply-pages`` (VMM to VMM, with full checksums: the
+  path of a migration to another host, and of one to an older VMM);
+* the same with ``checksum=headers`` -> ``apply-pages accept_unhashed`` (protocol 1.10, page
+  stream 1.1: the pages are not hashed; what ``vmipc migrate`` uses on the socket pairs it
+  makes itself);
 * ``dump-memory format=raw`` -> ``load-memory format=raw``;
-* the sender alone: ``dump-memory format=stream`` -> this process ``recv_into`` a buffer;
+* the sender alone: ``dump-memory format=stream`` (hashed, and unhashed) -> this process
+  ``recv_into`` a buffer;
 * the receiver alone: the same stream, saved once, ``sendfile``d by a helper process ->
   ``apply-pages``;
 
@@ -280,8 +285,10 @@ def timed_saved_stream(path: str, count: int, dest: SyncClient) -> tuple[float, 
 
 ROWS = {
     "stream": "`dump-memory` stream → `apply-pages` (VMM to VMM)",
+    "unhashed": "`dump-memory` stream `checksum=headers` → `apply-pages accept_unhashed`",
     "raw": "`dump-memory` raw → `load-memory` raw (VMM to VMM)",
     "sender": "sender alone: `dump-memory` stream → `recv_into` a buffer",
+    "sender-unhashed": "sender alone: the same, `checksum=headers`",
     "receiver": "receiver alone: the saved stream, `sendfile`d → `apply-pages`",
     "plain": "**plain copy**: `sendfile` from the guest memfd → `recv_into` a buffer",
 }
@@ -319,26 +326,33 @@ def bench(spec: GuestSpec, rounds: int, tmp: str, baseline: str | None = None) -
             old_source = Vmm(spec, tmp, "old-source", incoming=False, src=baseline)
             old_dest = Vmm(spec, tmp, "old-dest", incoming=True, src=baseline)
 
-        def dump(fmt: str, client: SyncClient = src) -> End:
+        def dump(fmt: str, client: SyncClient = src, *, hashed: bool = True) -> End:
+            # (the argument only when asked: a --baseline-src tree may not know it)
+            extra: dict[str, Any] = {} if hashed else {"checksum": "headers"}
+
             def send(sock: socket.socket) -> int:
-                reply = client.dump_memory(format=fmt, out=sock.fileno())  # type: ignore[arg-type]
+                reply = client.dump_memory(format=fmt, out=sock.fileno(), **extra)  # type: ignore[arg-type]
                 sock.shutdown(socket.SHUT_WR)
                 return int(reply["bytes"])
 
             return send
 
-        def load(fmt: str, client: SyncClient = dst) -> End:
+        def load(fmt: str, client: SyncClient = dst, *, hashed: bool = True) -> End:
+            extra: dict[str, Any] = {} if hashed else {"accept_unhashed": True}
+
             def receive(sock: socket.socket) -> int:
                 if fmt == "stream":
-                    return int(client.apply_pages(in_=sock.fileno())["bytes"])
+                    return int(client.apply_pages(in_=sock.fileno(), **extra)["bytes"])
                 return int(client.load_memory(format="raw", in_=sock.fileno())["bytes"])
 
             return receive
 
         runs: dict[str, Callable[[], tuple[float, int]]] = {
             "stream": lambda: both(dump("stream"), load("stream")),
+            "unhashed": lambda: both(dump("stream", hashed=False), load("stream", hashed=False)),
             "raw": lambda: both(dump("raw"), load("raw")),
             "sender": lambda: both(dump("stream"), recv_all(view)),
+            "sender-unhashed": lambda: both(dump("stream", hashed=False), recv_all(view)),
             "receiver": lambda: timed_saved_stream(
                 f"/proc/{os.getpid()}/fd/{saved_fd}", stream_bytes, dst
             ),

@@ -15,15 +15,19 @@ host process (a Python spin loop, started before and killed by its pid after eac
 migration): how many converged, the downtime (the report's own), the last round (in the
 pause: its bytes and time) and the rate of the rounds while the guest ran (the full pass
 and any dirty rounds: bytes over their time, all migrations of the condition), medians
-per condition.
+per condition. With ``--checksums`` each condition runs twice as often, alternating the
+page streams a local migration sends since protocol 1.10 (``checksum: headers``, pages
+not hashed, on the client's own socket pairs) with fully hashed ones (the same socket
+pairs, made by a channel factory the client does not know as its own).
 
     PYTHONPATH=src python benchmarks/bench_stop_and_copy.py [--runs 7] [--memory 256M]
-    PYTHONPATH=src python benchmarks/bench_stop_and_copy.py --busy [--runs 7]
+    PYTHONPATH=src python benchmarks/bench_stop_and_copy.py --busy [--runs 7] [--checksums]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -37,7 +41,7 @@ from _common import median, ms, ratio, say, table
 
 from vmipc.client import open_client
 from vmipc.sequences import MigrationNotConverged, MigrationPolicy, MigrationReport, migrate
-from vmipc.sequences._migrate import LocalDestination
+from vmipc.sequences._migrate import LocalDestination, socketpair_channel
 
 #: a host process that keeps one CPU busy (the --busy mode's second condition)
 SPIN = "while True: pass"
@@ -90,18 +94,27 @@ async def one(src: str, dst: str, ordered: bool) -> tuple[float, dict[str, float
     return report.downtime_s, steps
 
 
-async def one_busy(src: str, dst: str) -> MigrationReport:
-    """A migration under the default policy: its report, also when it gave up."""
+async def one_busy(src: str, dst: str, hashed: bool = False) -> MigrationReport:
+    """A migration under the default policy: its report, also when it gave up. ``hashed``:
+    full checksums (the same socket pairs, from a factory that is not the client's own)."""
     async with open_client(src) as s, open_client(dst) as d:
+        # a wrapper of the default factory: LocalDestination only trusts its own
+        channel = functools.partial(socketpair_channel) if hashed else socketpair_channel
         try:
-            return await migrate(s, LocalDestination(d, dst), policy=MigrationPolicy())
+            return await migrate(s, LocalDestination(d, dst, channel), policy=MigrationPolicy())
         except MigrationNotConverged as exc:
             return exc.report
 
 
-def busy(runs: int, json_path: str | None = None) -> None:
+def busy(runs: int, json_path: str | None = None, checksums: bool = False) -> None:
     reports: dict[str, list[MigrationReport]] = defaultdict(list)
-    conditions = ("alone", "one busy process")
+    hosts = ("alone", "one busy process")
+    conditions: tuple[str, ...] = hosts
+    if checksums:
+        conditions = tuple(
+            f"{host}, {kind}" for host in hosts for kind in ("unhashed", "full checksums")
+        )
+    runs_total = len(conditions) * runs
     vmm_args = ["--vcpus", "1", "--memory", "512M"]
     guest = ["--guest", "builtin", "--guest-opt", "ws=32M", "--guest-opt", "rate=0"]
     with tempfile.TemporaryDirectory(prefix="vmipc-sc-") as tmp:
@@ -110,17 +123,18 @@ def busy(runs: int, json_path: str | None = None) -> None:
             proc, here = start_vmm(tmp, "a0", [*guest, *vmm_args])
             procs.append(proc)
             time.sleep(1.0)  # the guest's first pass over its working set
-            for i in range(2 * runs):
-                condition = conditions[i % 2]
+            for i in range(runs_total):
+                condition = conditions[i % len(conditions)]
                 proc, there = start_vmm(tmp, f"b{i}", ["--incoming", *vmm_args])
                 procs.append(proc)
                 spinner = None
-                if condition != "alone":
+                if not condition.startswith("alone"):
                     spinner = subprocess.Popen([sys.executable, "-c", SPIN])
                     procs.append(spinner)
                     time.sleep(0.2)
                 try:
-                    report = trio.run(one_busy, here, there)
+                    hashed = condition.endswith("full checksums")
+                    report = trio.run(one_busy, here, there, hashed)
                 finally:
                     if spinner is not None:
                         spinner.kill()
@@ -202,9 +216,14 @@ def main() -> None:
         "--busy", action="store_true", help="the 32 MiB flat-out guest, alone and beside a spinner"
     )
     parser.add_argument("--json", metavar="FILE", help="--busy: every migration's figures")
+    parser.add_argument(
+        "--checksums",
+        action="store_true",
+        help="--busy: alternate unhashed page streams (1.10) with fully hashed ones",
+    )
     opts = parser.parse_args()
     if opts.busy:
-        busy(opts.runs, opts.json)
+        busy(opts.runs, opts.json, opts.checksums)
         return
     downtimes: dict[bool, list[float]] = defaultdict(list)
     steps: dict[bool, dict[str, list[float]]] = {True: defaultdict(list), False: defaultdict(list)}

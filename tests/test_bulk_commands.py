@@ -924,3 +924,75 @@ def test_the_state_and_a_small_dirty_round_through_sockets_continue_the_guest(
             dst.pause()
     combined = (source.console.text + target.console.text).split("\n")[:-1]
     assert min(check_against_model(combined, 2, WS).values()) >= reached + 2
+
+
+def test_unhashed_page_streams_between_two_vmms_are_taken_only_when_accepted(
+    tmp_path: Path,
+) -> None:
+    """Protocol 1.10: ``checksum: headers`` streams (page stream 1.1) of a running and a
+    paused guest, through socket pairs; apply-pages refuses them (``bad-stream``, on the
+    event loop's path and the worker's) unless ``accept_unhashed``, and then the guest
+    continues exactly. Files, raw images and snapshot sections keep full checksums."""
+    import struct
+
+    from vmipc.formats import PageStreamEncoder
+
+    with vmms() as make:
+        source = make(rate="256")
+        source.console.wait_for_passes(2, 1)
+        target = make(incoming=True)
+        with source.client() as src, target.client() as dst:
+            out = os.open(tmp_path / "file", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                for call in (
+                    lambda: src.dump_memory(format="raw", checksum="headers", out=out),
+                    lambda: src.dump_memory(checksum="headers", out=out),
+                    lambda: src.dump_dirty(checksum="headers", out=out),
+                    lambda: src.dump_dirty(
+                        format="snapshot", section=0, checksum="headers", out=out
+                    ),
+                ):
+                    error = expect_error(call, "invalid-arguments")
+                    assert error.details["argument"] == "checksum"
+                assert os.fstat(out).st_size == 0
+            finally:
+                os.close(out)
+            src.dirty_log_start()
+            with fd_pair("socketpair", tmp_path) as (fd, received):
+                full = src.dump_memory(checksum="headers", out=fd)
+                streams = [received()]
+            assert full["consistent"] is False
+            assert struct.unpack_from("<HHxxxxxxxxI", streams[0], 8) == (1, 1, 1)
+            src.pause()
+            reached = max(source.console.passes().values())
+            with fd_pair("socketpair", tmp_path) as (fd, received):
+                src.dump_dirty(checksum="headers", out=fd)
+                streams.append(received())
+
+            with fd_pair("socketpair", tmp_path) as (fd, received):
+                src.dump_state(out=fd)
+                blob = received()
+
+            dst.configure(memory_size=MEMORY, vcpus=2)
+            with _sent_through_socket(blob) as fd:
+                dst.load_state(in_=fd)  # first: a refused stream then shows as damage
+            small = PageStreamEncoder([(0, MEMORY)], hash_payload=False)
+            empty = small.header() + small.end_round() + small.end_stream()
+            for stream in (empty, streams[0]):  # the loop's path, then a worker's
+                with _sent_through_socket(stream) as fd:
+                    error = expect_error(lambda fd=fd: dst.apply_pages(in_=fd), "bad-stream")
+                assert "not hashed" in str(error)
+            # load-memory never takes one (it has no such argument)
+            with _sent_through_socket(streams[0]) as fd:
+                error = expect_error(lambda: dst.load_memory(format="stream", in_=fd), "bad-stream")
+            assert "not hashed" in str(error)
+            expect_error(dst.resume, "damaged")
+            for stream in streams:
+                with _sent_through_socket(stream, close=False) as fd:
+                    dst.apply_pages(in_=fd, accept_unhashed=True)
+            assert ram_of(target.machine) == ram_of(source.machine)
+            dst.resume()
+            target.console.wait_for_passes(2, reached + 2)
+            dst.pause()
+    combined = (source.console.text + target.console.text).split("\n")[:-1]
+    assert min(check_against_model(combined, 2, WS).values()) >= reached + 2

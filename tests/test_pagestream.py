@@ -160,14 +160,20 @@ def stream_plans(
 
 
 @settings(max_examples=60, deadline=None)
-@given(plan=stream_plans(), chunk=st.integers(1, 20000), max_chunk=st.integers(1, 9000))
+@given(
+    plan=stream_plans(),
+    chunk=st.integers(1, 20000),
+    max_chunk=st.integers(1, 9000),
+    hashed=st.booleans(),
+)
 def test_round_trip(
     plan: tuple[tuple[tuple[int, int], ...], list[list[tuple[int, int, int]]]],
     chunk: int,
     max_chunk: int,
+    hashed: bool,
 ) -> None:
     layout, rounds = plan
-    enc = PageStreamEncoder(layout)
+    enc = PageStreamEncoder(layout, hash_payload=hashed)
     out = [enc.header()]
     expected: dict[int, bytes] = {}
     for runs in rounds:
@@ -185,8 +191,10 @@ def test_round_trip(
                 )
         out.append(enc.end_round())
     out.append(enc.end_stream())
-    events = decode_all(b"".join(out), chunk=chunk, max_chunk=max_chunk)
-    assert events[0] == StreamHeader(1, 0, PAGE, layout)
+    events = decode_all(b"".join(out), chunk=chunk, max_chunk=max_chunk, accept_unhashed=not hashed)
+    flags = 0 if hashed else ps.FLAG_PAYLOAD_UNHASHED
+    assert events[0] == StreamHeader(1, 0 if hashed else 1, PAGE, layout, flags)
+    assert events[0].payload_hashed is hashed
     assert all(len(e.data) <= max_chunk for e in events if isinstance(e, DataRun))
     assert apply(events) == expected
     assert events[-1] == StreamEnd(len(rounds))
@@ -315,8 +323,10 @@ def test_future_major_with_another_header_shape_is_refused_as_a_version() -> Non
 
 
 def test_newer_minor_is_refused_and_older_minor_read() -> None:
-    with pytest.raises(PageStreamError, match=r"1\.1 is newer"):
-        decode_all(stream_with_version(1, 1))
+    with pytest.raises(PageStreamError, match=r"1\.2 is newer"):
+        decode_all(stream_with_version(1, 2))
+    with pytest.raises(PageStreamError, match=r"1\.1 is newer than this reader's 1\.0"):
+        decode_all(stream_with_version(1, 1), supported=(1, 0))
     events = decode_all(stream_with_version(1, 0), supported=(1, 1))
     assert isinstance(events[-1], StreamEnd)
 
@@ -626,6 +636,22 @@ def test_the_specs_worked_example_is_what_the_code_writes() -> None:
     assert max(blocks) + len(blocks[max(blocks)]) == len(stream)
     assert "0x297b6bc6a481cd36" in SPEC.read_text()
     assert xxhash.xxh3_64_intdigest(stream[0x48:0x1088]) == 0x297B6BC6A481CD36
+    # the same stream with its payload not hashed (1.1), as the spec describes it
+    enc = PageStreamEncoder(((0, 0x4000), (0x100000000, 0x1000)), hash_payload=False)
+    flagged = enc.header() + enc.data(0x1000, 1) + payload
+    enc.skip_payload(len(payload))
+    flagged += enc.zero(0x100000000, 1) + enc.end_round() + enc.end_stream()
+    differ = [i for i in range(len(stream)) if stream[i] != flagged[i]]
+    assert len(flagged) == len(stream)
+    assert {10, 20} | set(range(0x40, 0x48)) <= set(differ)
+    assert all(i < 0x48 or 0x1088 <= i < 0x10A8 for i in differ)
+    assert flagged[10:12] == b"\x01\x00" and flagged[20:24] == b"\x01\x00\x00\x00"
+    assert struct.unpack_from("<Q", flagged, 0x40)[0] == 0x11E049CA0E71487F
+    round_checksum = struct.unpack_from("<Q", flagged, 0x1098)[0]
+    assert round_checksum == 0x2062FF6A9F215015
+    assert round_checksum == xxhash.xxh3_64_intdigest(flagged[0x48:0x68] + flagged[0x1068:0x1088])
+    for value in ("0x11e049ca0e71487f", "0x2062ff6a9f215015"):
+        assert value in SPEC.read_text()
 
 
 def test_split_zero_runs_with_pages_larger_than_the_zero_buffer() -> None:
@@ -637,3 +663,142 @@ def test_split_zero_runs_with_pages_larger_than_the_zero_buffer() -> None:
         PageRun(1, 1, False),
         PageRun(2, 1, True),
     ]
+
+
+# -- 1.1: streams whose data payloads are not hashed ---------------------------------------
+
+
+def sample_unhashed_stream() -> bytes:
+    """sample_stream()'s records, flagged: round checksums over the record headers only."""
+    enc = PageStreamEncoder(LAYOUT, hash_payload=False)
+    out = [enc.header()]
+    out += [enc.data(PAGE, 2), page(1) + page(2)]
+    enc.payload(page(1))
+    enc.skip_payload(PAGE)
+    out += [enc.zero(1 << 32, 3)]
+    out += [enc.data((1 << 32) + 7 * PAGE, 1), page(3)]
+    enc.skip_payload(PAGE)
+    out += [enc.end_round()]
+    out += [enc.data(0, 1), page(9)]
+    enc.payload(page(9))
+    out += [enc.end_round(), enc.end_round(), enc.end_stream()]
+    return b"".join(out)
+
+
+def test_an_unhashed_stream_is_1_1_with_flag_bit_0_and_hashed_streams_stay_1_0() -> None:
+    data = sample_unhashed_stream()
+    assert struct.unpack_from("<HH", data, 8) == (1, 1)
+    assert struct.unpack_from("<I", data, 20)[0] == ps.FLAG_PAYLOAD_UNHASHED == 1
+    assert struct.unpack_from("<HHxxxxxxxxI", sample_stream(), 8) == (1, 0, 0)
+    events = decode_all(data, accept_unhashed=True)
+    assert events[0] == StreamHeader(1, 1, PAGE, LAYOUT, ps.FLAG_PAYLOAD_UNHASHED)
+    hashed = decode_all(sample_stream())
+    assert [e for e in events[1:] if not isinstance(e, RoundEnd)] == [
+        e for e in hashed[1:] if not isinstance(e, RoundEnd)
+    ]
+    assert apply(events) == apply(decode_all(sample_stream()))
+    # the round checksum: xxh3_64 of the round's record headers only
+    header_length = struct.unpack_from("<I", data, 12)[0]
+    rec = data[header_length : header_length + 32]
+    zero = data[header_length + 32 + 2 * PAGE : header_length + 64 + 2 * PAGE]
+    rec2 = data[header_length + 64 + 2 * PAGE : header_length + 96 + 2 * PAGE]
+    round0 = next(e for e in events if isinstance(e, RoundEnd))
+    assert round0.checksum == xxhash.xxh3_64_intdigest(rec + zero + rec2)
+
+
+def test_an_unhashed_stream_is_refused_at_its_header_unless_accepted() -> None:
+    data = sample_unhashed_stream()
+    dec = PageStreamDecoder()
+    dec.feed(data)
+    with pytest.raises(PageStreamError, match="not hashed") as info:
+        dec.next_event()
+    assert str(info.value).startswith("page stream header: ")
+    assert dec.header is None  # nothing past the header: no page was handed out
+    # a 1.0 reader refuses it as a newer version, accepted or not
+    for accept in (False, True):
+        with pytest.raises(PageStreamError, match=r"1\.1 is newer than this reader's 1\.0"):
+            decode_all(data, supported=(1, 0), accept_unhashed=accept)
+
+
+def test_a_1_0_header_with_the_flag_is_refused_as_unknown_flags() -> None:
+    header = bytearray(ps.stream_header(LAYOUT, flags=1, version=(1, 0)))
+    with pytest.raises(PageStreamError, match="unknown flags 0x1"):
+        decode_all(bytes(header), accept_unhashed=True)
+    with pytest.raises(PageStreamError, match="unknown flags 0x2"):
+        decode_all(ps.stream_header(LAYOUT, flags=2, version=(1, 1)), accept_unhashed=True)
+    with pytest.raises(ValueError, match="unknown page stream flags"):
+        ps.stream_header(LAYOUT, flags=2)
+
+
+def test_a_damaged_payload_of_an_unhashed_stream_is_not_detected() -> None:
+    """What the flag gives up, stated as a test: the bytes of the pages are not checked."""
+    data = bytearray(sample_unhashed_stream())
+    header_length = struct.unpack_from("<I", data, 12)[0]
+    data[header_length + 32 + 100] ^= 0xFF
+    events = decode_all(bytes(data), accept_unhashed=True)
+    assert all(e.ok for e in events if isinstance(e, RoundEnd))
+
+
+@pytest.mark.parametrize("where", ["record header", "lost record", "reordered", "round number"])
+def test_damaged_or_lost_records_of_an_unhashed_stream_are_refused(where: str) -> None:
+    data = sample_unhashed_stream()
+    header_length = struct.unpack_from("<I", data, 12)[0]
+    first = header_length
+    zero_at = header_length + 32 + 2 * PAGE
+    zero = data[zero_at : zero_at + 32]
+    third = data[zero_at + 32 : zero_at + 64 + PAGE]
+    if where == "record header":
+        bad = bytearray(data)
+        bad[zero_at + 8] ^= 1  # its check32 no longer matches
+        message = "fails its check"
+    elif where == "lost record":
+        bad = bytearray(data[:zero_at] + data[zero_at + 32 :])
+        message = "checksum mismatch"
+    elif where == "reordered":
+        bad = bytearray(data[:zero_at] + third + zero + data[zero_at + 64 + PAGE :])
+        message = "checksum mismatch"
+    else:
+        # a whole round dropped: the next END_OF_ROUND names another round
+        round0_end = zero_at + 64 + PAGE
+        bad = bytearray(data[:first] + data[round0_end + 32 :])
+        message = "expected round 0|checksum mismatch"
+    with pytest.raises(PageStreamError, match=message):
+        decode_all(bytes(bad), accept_unhashed=True)
+
+
+def test_a_truncated_unhashed_stream_is_refused_at_every_cut() -> None:
+    data = sample_unhashed_stream()
+    for cut in [*range(0, 200, 7), *range(len(data) - 200, len(data))]:
+        with pytest.raises(PageStreamError, match=r": ends (inside|before|at byte) "):
+            decode_all(data[:cut], chunk=777, accept_unhashed=True)
+
+
+def test_feed_payload_of_an_unhashed_stream_counts_without_hashing() -> None:
+    data = sample_unhashed_stream()
+    header_length = struct.unpack_from("<I", data, 12)[0]
+    dec = PageStreamDecoder(accept_unhashed=True)
+    dec.feed(data[: header_length + 32])
+    assert isinstance(dec.next_event(), StreamHeader)
+    assert dec.next_event() is NEED_DATA
+    assert dec.payload_left == 2 * PAGE
+    dec.feed_payload(b"\xee" * (2 * PAGE))  # not what was sent: nobody can tell
+    dec.feed(data[header_length + 32 + 2 * PAGE :] + b"")
+    events = []
+    while not dec.ended:
+        event = dec.next_event()
+        assert event is not NEED_DATA
+        events.append(event)
+    assert all(e.ok for e in events if isinstance(e, RoundEnd))
+
+
+def test_the_encoder_of_a_hashed_stream_refuses_to_skip_payload() -> None:
+    enc = PageStreamEncoder(LAYOUT)
+    enc.header()
+    enc.data(0, 1)
+    with pytest.raises(ValueError, match="payload"):
+        enc.skip_payload(PAGE)
+    enc = PageStreamEncoder(LAYOUT, hash_payload=False)
+    enc.header()
+    enc.data(0, 1)
+    with pytest.raises(ValueError, match="expected"):
+        enc.skip_payload(PAGE + 1)

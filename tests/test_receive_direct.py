@@ -110,7 +110,12 @@ def reference(stream: bytes, before: bytes, layout: list[tuple[int, int]]) -> by
 
 
 def receive(
-    memory: GuestMemory, stream: bytes, rng: random.Random, *, close: bool
+    memory: GuestMemory,
+    stream: bytes,
+    rng: random.Random,
+    *,
+    close: bool,
+    accept_unhashed: bool = False,
 ) -> tuple[BulkError | None, bytes]:
     """``receive_page_stream`` over a socket pair fed ``stream`` in random pieces, then
     TRAILER (or, with ``close``, end of input); (its error, what it left unread)."""
@@ -137,7 +142,7 @@ def receive(
     writer.start()
     error: BulkError | None = None
     try:
-        receive_page_stream(memory, right.fileno(), Transfer())
+        receive_page_stream(memory, right.fileno(), Transfer(), accept_unhashed=accept_unhashed)
     except BulkError as exc:
         error = exc
     left_over = b""
@@ -377,3 +382,92 @@ def test_a_sent_stream_of_many_small_runs_arrives_whole(
         else:
             os.close(into)
             os.close(out)
+
+
+# -- format 1.1: streams whose payloads are not hashed -----------------------------------------
+
+
+def unhashed(layout: list[tuple[int, int]], runs: list[tuple[int, int, bytes]]) -> bytes:
+    """A flagged stream of DATA runs (gpa, npages, payload): round checksum over the record
+    headers only."""
+    encoder = PageStreamEncoder(layout, hash_payload=False)
+    out = bytearray(encoder.header())
+    for gpa, npages, payload in runs:
+        out += encoder.data(gpa, npages) + payload
+        encoder.skip_payload(len(payload))
+    return bytes(out + encoder.end_round() + encoder.end_stream())
+
+
+def test_an_unhashed_stream_is_refused_before_any_page_unless_accepted(
+    memory: GuestMemory,
+) -> None:
+    layout = list(memory.ram_ranges())
+    memory.view[:] = b"\x5a" * SIZE
+    stream = unhashed(
+        layout, [(0, 4, b"\x11" * 4 * PAGE_SIZE), (SIZE // 2, 1, b"\x22" * PAGE_SIZE)]
+    )
+    error, _ = receive(memory, stream, random.Random(5), close=True)
+    assert error is not None and error.code == "bad-stream" and "not hashed" in str(error)
+    assert memory.view == b"\x5a" * SIZE  # nothing landed anywhere
+    error, left_over = receive(memory, stream, random.Random(6), close=False, accept_unhashed=True)
+    assert error is None and left_over == TRAILER
+    assert memory.view[: 4 * PAGE_SIZE] == b"\x11" * 4 * PAGE_SIZE
+    assert memory.view[SIZE // 2 : SIZE // 2 + PAGE_SIZE] == b"\x22" * PAGE_SIZE
+    assert memory.view[4 * PAGE_SIZE : SIZE // 2] == b"\x5a" * (SIZE // 2 - 4 * PAGE_SIZE)
+
+
+@pytest.mark.parametrize("damage", ["record check", "round lost", "cut in payload", "cut at end"])
+def test_an_accepted_unhashed_stream_still_refuses_damaged_records_and_truncation(
+    memory: GuestMemory, damage: str
+) -> None:
+    layout = list(memory.ram_ranges())
+    stream = bytearray(
+        unhashed(layout, [(0, 2, b"\x11" * 2 * PAGE_SIZE), (0, 1, b"\x33" * PAGE_SIZE)])
+    )
+    header = len(stream_header(layout, PAGE_SIZE))
+    second = header + 32 + 2 * PAGE_SIZE
+    if damage == "record check":
+        stream[second + 9] ^= 0x01  # the second run's gpa: fails its check32
+        why = "fails its check"
+    elif damage == "round lost":
+        del stream[second : second + 32 + PAGE_SIZE]  # a whole record and its payload
+        why = "checksum mismatch"
+    elif damage == "cut in payload":
+        del stream[second + 32 + 100 :]
+        why = "payload bytes missing"
+    else:
+        del stream[-32:]  # no end of stream
+        why = "without an end-of-stream record"
+    error, _ = receive(memory, bytes(stream), random.Random(7), close=True, accept_unhashed=True)
+    assert error is not None and error.code == "bad-stream" and why in str(error), error
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_mutated_unhashed_stream_is_refused_as_the_decoder_refuses_it(
+    memory: GuestMemory, seed: int
+) -> None:
+    """The receiver's verdict on a flagged stream is the decoder's (told to accept it)."""
+    rng = random.Random(1000 + seed)
+    layout = list(memory.ram_ranges())
+    runs = []
+    for _ in range(rng.randint(1, 5)):
+        npages = rng.randint(1, 40)
+        first = rng.randrange(PAGES - npages)
+        runs.append((first * PAGE_SIZE, npages, rng.randbytes(npages * PAGE_SIZE)))
+    stream = unhashed(layout, runs)
+    cut = rng.randrange(len(stream))
+    mutated = bytearray(stream[:cut] if rng.random() < 0.5 else stream)
+    if len(mutated) == len(stream):
+        mutated[rng.randrange(len(stream))] ^= 1 << rng.randrange(8)
+    memory.view[:] = b"\x00" * SIZE
+    decoder = PageStreamDecoder(expect_layout=layout, accept_unhashed=True)
+    decoder.feed(bytes(mutated))
+    decoder.feed(b"")
+    try:
+        while not isinstance(decoder.next_event(), StreamEnd):
+            pass
+        refused = False
+    except FormatError:
+        refused = True
+    error, _ = receive(memory, bytes(mutated), rng, close=True, accept_unhashed=True)
+    assert (error is not None) == refused, error

@@ -5,6 +5,7 @@ overlapping the hash with the send were tried against this test)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -20,7 +21,7 @@ import pytest
 from vmipc.memory_layout import MIB, PAGE_SIZE
 from vmipc.vmm.kick import install_kick_handler
 from vmipc.vmm.memory import GuestMemory
-from vmipc.vmm.persist import Transfer, receive_page_stream, send_page_stream
+from vmipc.vmm.persist import BulkError, Transfer, receive_page_stream, send_page_stream
 
 SIZE = 16 * MIB
 PAGES = SIZE // PAGE_SIZE
@@ -55,10 +56,13 @@ def _runs(rng: random.Random) -> list[tuple[int, int]]:
     return runs
 
 
+@pytest.mark.parametrize("hashed", [True, False], ids=["hashed", "unhashed"])
 @pytest.mark.parametrize("consistent", [False, True])
 def test_a_stream_verifies_while_the_guest_writes(
-    memories: tuple[GuestMemory, GuestMemory], consistent: bool
+    memories: tuple[GuestMemory, GuestMemory], consistent: bool, hashed: bool
 ) -> None:
+    """(Unhashed, format 1.1: the pages go zero-copy even from a running guest, and
+    every check but the pages' hash still holds: record headers, runs, round order.)"""
     source, dest = memories
     rng = random.Random(5)
     source.view[:] = rng.randbytes(SIZE)
@@ -80,7 +84,9 @@ def test_a_stream_verifies_while_the_guest_writes(
 
             def receive(into: int = right.fileno(), out: list[Any] = received) -> None:
                 try:
-                    out.append(receive_page_stream(dest, into, Transfer()))
+                    out.append(
+                        receive_page_stream(dest, into, Transfer(), accept_unhashed=not hashed)
+                    )
                 except BaseException as exc:  # reported below
                     out.append(exc)
 
@@ -88,7 +94,12 @@ def test_a_stream_verifies_while_the_guest_writes(
             reader.start()
             try:
                 stats = send_page_stream(
-                    source, left.fileno(), Transfer(), consistent=consistent, runs=[runs]
+                    source,
+                    left.fileno(),
+                    Transfer(),
+                    consistent=consistent,
+                    runs=[runs],
+                    hash_payload=hashed,
                 )
             finally:
                 left.shutdown(socket.SHUT_WR)
@@ -109,3 +120,34 @@ def test_a_stream_verifies_while_the_guest_writes(
             guest.kill()
             guest.wait()
             assert alive, "the guest process stopped writing"
+
+
+def test_an_unhashed_stream_is_refused_by_a_receiver_not_told_to_take_it(
+    memories: tuple[GuestMemory, GuestMemory],
+) -> None:
+    source, dest = memories
+    source.view[:] = b"\x77" * SIZE
+    dest.view[:] = b"\x11" * SIZE
+    left, right = socket.socketpair()
+    received: list[Any] = []
+
+    def receive() -> None:
+        try:
+            out = receive_page_stream(dest, right.fileno(), Transfer())
+            received.append(out)
+        except BaseException as exc:
+            received.append(exc)
+        right.shutdown(socket.SHUT_RD)  # the refusal: the sender sees it go away
+
+    reader = threading.Thread(target=receive)
+    reader.start()
+    try:
+        with contextlib.suppress(Exception):  # the receiver went away: a broken pipe
+            send_page_stream(source, left.fileno(), Transfer(), consistent=True, hash_payload=False)
+    finally:
+        left.close()
+        reader.join(60)
+        right.close()
+    assert isinstance(received[0], BulkError) and received[0].code == "bad-stream"
+    assert "not hashed" in str(received[0])
+    assert dest.view == b"\x11" * SIZE  # not a page written

@@ -5,6 +5,7 @@ policy; faults at every step leave exactly one VM running."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -12,6 +13,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -510,3 +512,92 @@ def test_the_migrating_client_killed_inside_the_ordered_stop_and_copy_leaves_one
         assert running_count(src, dst) == 1
         src.wait_for_passes(max(src.passes().values()) + 2)
         check_continuation(src.text(), "")
+
+
+# --- page streams without a hash of their pages (protocol 1.10) ----------------------------
+
+
+def record_calls(client: Any, seen: list[tuple[str, dict[str, Any]]]) -> None:
+    """Note every request ``client`` sends, chained or not: (command, its arguments)."""
+    call, send_ordered = client.call, client.send_ordered
+
+    async def recording_call(command: str, /, **kwargs: Any) -> Any:
+        seen.append((command, {k: v for k, v in kwargs.items() if k not in ("fds", "on_progress")}))
+        return await call(command, **kwargs)
+
+    async def recording_send(calls: Any) -> Any:
+        seen.extend((c.command, dict(c.args)) for c in calls)
+        return await send_ordered(calls)
+
+    client.call = recording_call
+    client.send_ordered = recording_send
+
+
+async def migrate_recorded(
+    src: VmmProcess, dst: VmmProcess, *, dest_minor: int | None = None, channel: Any = None
+) -> tuple[Any, list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:
+    """A migration with dirty rounds (max_downtime 0, then forced) over the client's own
+    socket pairs (or ``channel``); the destination's connection speaks 1.``dest_minor``
+    when given (an older VMM, as the negotiated version makes it)."""
+    from vmipc.client import _async
+
+    async with contextlib.AsyncExitStack() as stack:
+        s = await stack.enter_async_context(open_client(src.socket))
+        if dest_minor is None:
+            d = await stack.enter_async_context(open_client(dst.socket))
+        else:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(_async, "CLIENT_MINOR", dest_minor)
+                d = await stack.enter_async_context(open_client(dst.socket))
+            assert d.protocol_version == f"1.{dest_minor}"
+        sent: list[tuple[str, dict[str, Any]]] = []
+        applied: list[tuple[str, dict[str, Any]]] = []
+        record_calls(s, sent)
+        record_calls(d, applied)
+        dest = LocalDestination(d, dst.socket, *([channel] if channel else []))
+        policy = MigrationPolicy(timeout=15.0, max_downtime=0.0, max_rounds=2, force=True)
+        report = await migrate(s, dest, policy=policy)
+        return report, sent, applied
+
+
+def test_a_migration_over_its_own_socket_pairs_sends_unhashed_streams_and_continues() -> None:
+    """Both VMMs speak 1.10 and the channel is the client's own socket pair: every page
+    stream goes with ``checksum: headers`` and is applied with ``accept_unhashed``, the
+    full pass, the dirty rounds and the last round in the ordered stop-and-copy; the
+    guest continues exactly."""
+    with vmm_processes() as vmms:
+        src = vmms.guest(ws=2 << 20)
+        dst = vmms.incoming()
+        src.wait_for_passes(2)
+        report, sent, applied = trio.run(lambda: migrate_recorded(src, dst))
+        assert report.outcome == "migrated"
+        dumps = [args for command, args in sent if command in ("dump-memory", "dump-dirty")]
+        applies = [args for command, args in applied if command == "apply-pages"]
+        assert len(dumps) == len(applies) == len(report.round_details) >= 3
+        assert all(args.get("checksum") == "headers" for args in dumps), dumps
+        assert all(args.get("accept_unhashed") is True for args in applies), applies
+        assert_moved(src, dst, 2 << 20)
+
+
+@pytest.mark.parametrize("other", ["older destination", "caller's channel"])
+def test_an_older_destination_or_another_channel_keeps_full_checksums(other: str) -> None:
+    """A destination whose connection speaks 1.9 (it knows no ``accept_unhashed``), or a
+    channel the caller gave (a relay, anything: not this client's own socket pair), gets
+    hashed streams only, and the migration still continues the guest exactly."""
+    with vmm_processes() as vmms:
+        src = vmms.guest(ws=2 << 20)
+        dst = vmms.incoming()
+        src.wait_for_passes(2)
+        if other == "older destination":
+            run = functools.partial(migrate_recorded, src, dst, dest_minor=9)
+        else:
+            relay = Relay(-1, "cut")  # copies every transfer through this process intact
+            run = functools.partial(migrate_recorded, src, dst, channel=relay)
+        report, sent, applied = trio.run(run)
+        assert report.outcome == "migrated"
+        dumps = [args for command, args in sent if command in ("dump-memory", "dump-dirty")]
+        applies = [args for command, args in applied if command == "apply-pages"]
+        assert len(dumps) == len(applies) >= 3
+        assert not any("checksum" in args for args in dumps), dumps
+        assert not any("accept_unhashed" in args for args in applies), applies
+        assert_moved(src, dst, 2 << 20)

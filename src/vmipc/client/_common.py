@@ -169,7 +169,7 @@ def progress_request(event: Event) -> int | None:
 # --- protocol 1.8: server timings and ordered chains ---------------------------------------
 
 #: the minor version of major 1 this client speaks (``hello``'s ``minor``)
-CLIENT_MINOR = 9
+CLIENT_MINOR = 10
 #: a reply observer: called with the command and the server's timing of each reply
 ReplyObserver = Callable[[str, ServerTiming], None]
 

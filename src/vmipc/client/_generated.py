@@ -1,4 +1,4 @@
-"""Typed command methods, generated from the schema (version 1.9).
+"""Typed command methods, generated from the schema (version 1.10).
 
 Do not edit: run ``python tools/gencode.py``. Their result types are in ``_results``, imported
 here for type checkers only.
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
         SubscribeResult,
     )
 
-SCHEMA_VERSION = "1.9"
+SCHEMA_VERSION = "1.10"
 
 
 class AsyncCommands:
@@ -230,6 +230,7 @@ class AsyncCommands:
         self,
         *,
         format: Literal["stream", "raw", "snapshot"] = "stream",
+        checksum: Literal["full", "headers"] = "full",
         out: FdLike,
         on_progress: ProgressCallback | None = None,
     ) -> DumpMemoryResult:
@@ -244,7 +245,8 @@ class AsyncCommands:
         regular file and ``snapshot`` write at file offsets: an fd opened with O_APPEND, which
         would turn them into appends, is refused (``invalid-fds``) before anything is written.
         Allowed while paused (a consistent image) and while running (the first pass of a pre-copy
-        migration: each run is copied before it is sent so its checksum is right). Cancellable;
+        migration: each run is copied before it is sent so its checksum is right; with
+        ``checksum: headers`` nothing needs to be right, and the runs go zero-copy). Cancellable;
         reports progress in bytes.
 
         Allowed in states: paused, running. Since protocol 1.1.
@@ -255,6 +257,8 @@ class AsyncCommands:
         args: dict[str, Any] = {}
         if format != "stream":
             args["format"] = format
+        if checksum != "full":
+            args["checksum"] = checksum
         result = await self.call("dump-memory", **args, fds={"out": out}, on_progress=on_progress)
         return cast("DumpMemoryResult", result)
 
@@ -360,6 +364,7 @@ class AsyncCommands:
         format: Literal["stream", "snapshot"] = "stream",
         section: int | None = None,
         epoch: str | None = None,
+        checksum: Literal["full", "headers"] = "full",
         out: FdLike,
         on_progress: ProgressCallback | None = None,
     ) -> DumpDirtyResult:
@@ -388,6 +393,8 @@ class AsyncCommands:
             args["section"] = section
         if epoch is not None:
             args["epoch"] = epoch
+        if checksum != "full":
+            args["checksum"] = checksum
         result = await self.call("dump-dirty", **args, fds={"out": out}, on_progress=on_progress)
         return cast("DumpDirtyResult", result)
 
@@ -430,18 +437,20 @@ class AsyncCommands:
     async def apply_pages(
         self,
         *,
+        accept_unhashed: bool = False,
         in_: FdLike,
         on_progress: ProgressCallback | None = None,
     ) -> ApplyPagesResult:
         """On an incoming VMM: apply one page stream from the ``in`` fd to guest RAM as it arrives,
         reading exactly the stream (never past its end, so one socket can carry several streams
-        in turn). Every round's checksum is verified; a bad stream answers ``bad-stream``.
-        Allowed until the received guest first runs (also after ``load-state``, which may come
-        first); a load that fails half-way makes ``resume`` refuse (``damaged``) until a complete
-        load succeeds: a ``raw`` image or a ``snapshot`` (whose holes are zeroed), or a page
-        stream that covers every page of RAM (as ``dump-memory`` writes one); a stream of some
-        pages only (a dirty round, an empty stream) keeps the refusal, but is fine after a
-        complete load.
+        in turn). Every round's checksum is verified (over every byte, or over the record headers
+        only in a stream written with ``checksum: headers``, which needs ``accept_unhashed``); a
+        bad stream answers ``bad-stream``. Allowed until the received guest first runs (also
+        after ``load-state``, which may come first); a load that fails half-way makes ``resume``
+        refuse (``damaged``) until a complete load succeeds: a ``raw`` image or a ``snapshot``
+        (whose holes are zeroed), or a page stream that covers every page of RAM (as
+        ``dump-memory`` writes one); a stream of some pages only (a dirty round, an empty stream)
+        keeps the refusal, but is fine after a complete load.
 
         Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
@@ -449,7 +458,10 @@ class AsyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        result = await self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
+        args: dict[str, Any] = {}
+        if accept_unhashed:
+            args["accept_unhashed"] = accept_unhashed
+        result = await self.call("apply-pages", **args, fds={"in": in_}, on_progress=on_progress)
         return cast("ApplyPagesResult", result)
 
     async def configure(self, *, memory_size: int, vcpus: int) -> ConfigureResult:
@@ -704,6 +716,7 @@ class SyncCommands:
         self,
         *,
         format: Literal["stream", "raw", "snapshot"] = "stream",
+        checksum: Literal["full", "headers"] = "full",
         out: FdLike,
         on_progress: ProgressCallback | None = None,
     ) -> DumpMemoryResult:
@@ -718,7 +731,8 @@ class SyncCommands:
         regular file and ``snapshot`` write at file offsets: an fd opened with O_APPEND, which
         would turn them into appends, is refused (``invalid-fds``) before anything is written.
         Allowed while paused (a consistent image) and while running (the first pass of a pre-copy
-        migration: each run is copied before it is sent so its checksum is right). Cancellable;
+        migration: each run is copied before it is sent so its checksum is right; with
+        ``checksum: headers`` nothing needs to be right, and the runs go zero-copy). Cancellable;
         reports progress in bytes.
 
         Allowed in states: paused, running. Since protocol 1.1.
@@ -729,6 +743,8 @@ class SyncCommands:
         args: dict[str, Any] = {}
         if format != "stream":
             args["format"] = format
+        if checksum != "full":
+            args["checksum"] = checksum
         result = self.call("dump-memory", **args, fds={"out": out}, on_progress=on_progress)
         return cast("DumpMemoryResult", result)
 
@@ -834,6 +850,7 @@ class SyncCommands:
         format: Literal["stream", "snapshot"] = "stream",
         section: int | None = None,
         epoch: str | None = None,
+        checksum: Literal["full", "headers"] = "full",
         out: FdLike,
         on_progress: ProgressCallback | None = None,
     ) -> DumpDirtyResult:
@@ -862,6 +879,8 @@ class SyncCommands:
             args["section"] = section
         if epoch is not None:
             args["epoch"] = epoch
+        if checksum != "full":
+            args["checksum"] = checksum
         result = self.call("dump-dirty", **args, fds={"out": out}, on_progress=on_progress)
         return cast("DumpDirtyResult", result)
 
@@ -904,18 +923,20 @@ class SyncCommands:
     def apply_pages(
         self,
         *,
+        accept_unhashed: bool = False,
         in_: FdLike,
         on_progress: ProgressCallback | None = None,
     ) -> ApplyPagesResult:
         """On an incoming VMM: apply one page stream from the ``in`` fd to guest RAM as it arrives,
         reading exactly the stream (never past its end, so one socket can carry several streams
-        in turn). Every round's checksum is verified; a bad stream answers ``bad-stream``.
-        Allowed until the received guest first runs (also after ``load-state``, which may come
-        first); a load that fails half-way makes ``resume`` refuse (``damaged``) until a complete
-        load succeeds: a ``raw`` image or a ``snapshot`` (whose holes are zeroed), or a page
-        stream that covers every page of RAM (as ``dump-memory`` writes one); a stream of some
-        pages only (a dirty round, an empty stream) keeps the refusal, but is fine after a
-        complete load.
+        in turn). Every round's checksum is verified (over every byte, or over the record headers
+        only in a stream written with ``checksum: headers``, which needs ``accept_unhashed``); a
+        bad stream answers ``bad-stream``. Allowed until the received guest first runs (also
+        after ``load-state``, which may come first); a load that fails half-way makes ``resume``
+        refuse (``damaged``) until a complete load succeeds: a ``raw`` image or a ``snapshot``
+        (whose holes are zeroed), or a page stream that covers every page of RAM (as
+        ``dump-memory`` writes one); a stream of some pages only (a dirty round, an empty stream)
+        keeps the refusal, but is fine after a complete load.
 
         Allowed in states: incoming, paused. Since protocol 1.1.
         Errors: invalid-state, cancelled, peer-closed, io-error, bad-stream, not-configured, and
@@ -923,7 +944,10 @@ class SyncCommands:
         invalid-arguments, invalid-fds, limit-exceeded, shutting-down, internal-error,
         not-permitted, chain-broken).
         """
-        result = self.call("apply-pages", fds={"in": in_}, on_progress=on_progress)
+        args: dict[str, Any] = {}
+        if accept_unhashed:
+            args["accept_unhashed"] = accept_unhashed
+        result = self.call("apply-pages", **args, fds={"in": in_}, on_progress=on_progress)
         return cast("ApplyPagesResult", result)
 
     def configure(self, *, memory_size: int, vcpus: int) -> ConfigureResult:

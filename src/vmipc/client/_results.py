@@ -1,5 +1,5 @@
 """The result types of the command methods and the events' data, generated from the schema
-(version 1.9).
+(version 1.10).
 
 Do not edit: run ``python tools/gencode.py``. ``vmipc.client`` loads this module on first use
 of one of the types it exports: building them costs a short-lived `vmipc call` ~1.5 ms.

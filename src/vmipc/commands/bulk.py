@@ -133,16 +133,35 @@ def _stats(stats: Stats, **extra: Any) -> dict[str, Any]:
 # --- memory --------------------------------------------------------------------------------
 
 
+def _hash_payload(ctx: CommandContext, fmt: str, fd: int) -> bool:
+    """Whether a page stream's round checksums cover the pages (``checksum: full``, the
+    default) or the record headers only (``headers``, 1.10): only as a page stream, never
+    into a regular file (a file is read back by whoever finds it: it keeps every hash)."""
+    if ctx.args["checksum"] == "full":
+        return True
+    if fmt != "stream" or fd_kind(fd) == "file":
+        raise CommandError(
+            ErrorCode.INVALID_ARGUMENTS,
+            f"{ctx.command}: checksum headers is for a page stream into a socket or a pipe "
+            "(files and snapshot sections keep full checksums)",
+            {"argument": "checksum", "problem": "only for format stream, not into a file"},
+        )
+    return False
+
+
 @handler("dump-memory")
 async def dump_memory(ctx: CommandContext) -> dict[str, Any]:
     fmt = ctx.args["format"]
     fd = ctx.fds["out"]
+    hashed = _hash_payload(ctx, fmt, fd)
     if fmt == "snapshot":
         _require_file(ctx, "out", "snapshot")
         _require_positional(ctx, "out", "snapshot")
     elif fmt == "raw" and fd_kind(fd) == "file":
         _require_positional(ctx, "out", "raw")
-    dump = await _run_bulk(ctx, "memory", lambda t: ctx.machine.dump_memory(fd, fmt, t))
+    dump = await _run_bulk(
+        ctx, "memory", lambda t: ctx.machine.dump_memory(fd, fmt, t, hash_payload=hashed)
+    )
     section = None if dump.section is None else dump.section.to_dict()
     return _stats(dump.stats, consistent=dump.consistent, section=section)
 
@@ -160,16 +179,19 @@ async def load_memory(ctx: CommandContext) -> dict[str, Any]:
 @handler("apply-pages", exclusive=True)
 async def apply_pages(ctx: CommandContext) -> dict[str, Any]:
     fd = ctx.fds["in"]
+    accept = ctx.args["accept_unhashed"]
     stream = await _whole_small_stream(ctx, fd) if fd_kind(fd) == "socket" else None
     if stream is not None:
         try:
-            stats = ctx.machine.apply_pages(fd, BufferedInput(stream))
+            stats = ctx.machine.apply_pages(fd, BufferedInput(stream), accept_unhashed=accept)
         except PeerClosed as exc:
             raise CommandError("peer-closed", f"{ctx.command}: {exc}") from None
         except (BulkError, OSError) as exc:
             raise _command_error(ctx, exc) from None
     else:
-        stats = await _run_bulk(ctx, "memory", lambda t: ctx.machine.apply_pages(fd, t))
+        stats = await _run_bulk(
+            ctx, "memory", lambda t: ctx.machine.apply_pages(fd, t, accept_unhashed=accept)
+        )
     return _stats(stats, rounds=stats.rounds)
 
 
@@ -421,14 +443,18 @@ async def dump_dirty(ctx: CommandContext) -> dict[str, Any]:
                 {"argument": "section", "problem": "required with format snapshot"},
             )
     epoch = ctx.args["epoch"]
+    # before anything is taken: a refused request must not lose the dirty pages
+    hashed = _hash_payload(ctx, ctx.args["format"], fd)
     try:
         if section is None and fd_kind(fd) == "socket":
-            dump = await _dump_dirty_to_socket(ctx, fd, epoch)
+            dump = await _dump_dirty_to_socket(ctx, fd, epoch, hashed)
         else:
             dump = await _run_bulk(
                 ctx,
                 "pages",
-                lambda t: ctx.machine.dump_dirty(fd, t, epoch=epoch, section=section),
+                lambda t: ctx.machine.dump_dirty(
+                    fd, t, epoch=epoch, section=section, hash_payload=hashed
+                ),
             )
     except DirtyLogOff:
         raise _dirty_log_off(ctx) from None
@@ -448,15 +474,19 @@ INLINE_DIRTY_PAGES = 64
 _INLINE_DIRTY_BYTES = INLINE_DIRTY_PAGES * (PAGE_SIZE + 32) + 4096
 
 
-async def _dump_dirty_to_socket(ctx: CommandContext, fd: int, epoch: str | None) -> DirtyDump:
+async def _dump_dirty_to_socket(
+    ctx: CommandContext, fd: int, epoch: str | None, hashed: bool
+) -> DirtyDump:
     """dump-dirty as a page stream into a socket: the pages taken on the event loop (an
     ioctl and a bitmap walk), and when they are few the stream made in memory and sent
     from the loop (see the state blob's reasons above), else written by a worker."""
     taken = ctx.machine.take_dirty(epoch)
     if taken.pages > INLINE_DIRTY_PAGES:
-        return await _run_bulk(ctx, "pages", lambda t: ctx.machine.send_dirty(fd, t, taken))
+        return await _run_bulk(
+            ctx, "pages", lambda t: ctx.machine.send_dirty(fd, t, taken, hash_payload=hashed)
+        )
     gathered = BufferTransfer(_INLINE_DIRTY_BYTES)
-    dump = ctx.machine.send_dirty(fd, gathered, taken)
+    dump = ctx.machine.send_dirty(fd, gathered, taken, hash_payload=hashed)
     await _send_socket(ctx, fd, bytes(gathered.data))
     ctx.progress("pages", taken.pages * PAGE_SIZE, taken.pages * PAGE_SIZE)
     return dump

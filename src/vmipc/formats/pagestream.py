@@ -44,6 +44,7 @@ from vmipc.formats.errors import PageStreamError
 
 __all__ = [
     "DEFAULT_MAX_CHUNK",
+    "FLAG_PAYLOAD_UNHASHED",
     "MAGIC",
     "MAJOR",
     "MAX_HEADER_LENGTH",
@@ -77,7 +78,14 @@ __all__ = [
 MAGIC: Final = b"VMIPCPGS"
 #: the format version this module writes and the newest it reads
 MAJOR: Final = 1
-MINOR: Final = 0
+MINOR: Final = 1
+#: header flag (1.1): the round checksums cover the record headers only, not the data
+#: payloads -- for a channel whose both ends the receiver's client made (a local socket
+#: pair), where the kernel moves the bytes exactly and a hash would protect nothing. A
+#: stream without flags is written as 1.0, so that every reader of 1.0 still reads it
+FLAG_PAYLOAD_UNHASHED: Final = 1
+#: the header flags each minor defines
+_KNOWN_FLAGS = {0: 0, 1: FLAG_PAYLOAD_UNHASHED}
 PAGE_SIZE: Final = 4096
 MIN_PAGE_SIZE: Final = 4096
 MAX_PAGE_SIZE: Final = 1 << 30
@@ -118,12 +126,20 @@ Layout = tuple[tuple[int, int], ...]
 
 @dataclass(frozen=True)
 class StreamHeader:
-    """The stream's first event: its version, page size and RAM layout ((gpa, size) ranges)."""
+    """The stream's first event: its version, page size and RAM layout ((gpa, size) ranges).
+
+    ``flags``: the header's flags (1.1: :data:`FLAG_PAYLOAD_UNHASHED`)."""
 
     major: int
     minor: int
     page_size: int
     layout: Layout
+    flags: int = 0
+
+    @property
+    def payload_hashed(self) -> bool:
+        """Whether the round checksums cover the data payloads (not for 1.1's flag)."""
+        return not self.flags & FLAG_PAYLOAD_UNHASHED
 
 
 @dataclass(frozen=True)
@@ -132,7 +148,8 @@ class DataRun:
 
     A data record's payload arrives as one or more DataRuns with ascending ``gpa``; a
     chunk need not be a whole number of pages (``gpa`` of a later chunk may be unaligned).
-    The bytes are not verified until the round's :class:`RoundEnd`.
+    The bytes are not verified until the round's :class:`RoundEnd` (and in a stream whose
+    payloads are not hashed, 1.1, never: only their place and length are).
     """
 
     gpa: int
@@ -238,14 +255,22 @@ def stream_header(
     layout: Iterable[tuple[int, int]],
     page_size: int = PAGE_SIZE,
     *,
-    version: tuple[int, int] = (MAJOR, MINOR),
+    flags: int = 0,
+    version: tuple[int, int] | None = None,
 ) -> bytes:
-    """The stream header for RAM ``layout`` ((gpa, size) ranges). ``version`` is for tests."""
+    """The stream header for RAM ``layout`` ((gpa, size) ranges) with ``flags``.
+
+    The version is the oldest that defines the flags: 1.0 without any, 1.1 with
+    :data:`FLAG_PAYLOAD_UNHASHED`. ``version`` overrides it, and then any flags go (tests)."""
     checked = validate_layout(layout, page_size)
     if isinstance(checked, str):
         raise ValueError(checked)
+    if version is None:
+        if flags & ~_KNOWN_FLAGS[MINOR]:
+            raise ValueError(f"unknown page stream flags {flags:#x}")
+        version = (MAJOR, 1 if flags else 0)
     length = _HEADER_V1.size + _RANGE.size * len(checked) + _HEADER_CHECKSUM_SIZE
-    body = _HEADER_V1.pack(MAGIC, *version, length, page_size, 0, len(checked))
+    body = _HEADER_V1.pack(MAGIC, *version, length, page_size, flags, len(checked))
     body += b"".join(_RANGE.pack(gpa, size) for gpa, size in checked)
     return body + _U64.pack(checksum(body))
 
@@ -276,7 +301,8 @@ def zero_record(gpa: int, npages: int) -> bytes:
 
 def end_of_round(round: int, round_checksum: int) -> bytes:
     """END_OF_ROUND: ``round_checksum`` is xxh3_64 of every byte since the previous
-    END_OF_ROUND (or since the stream header): record headers and payloads."""
+    END_OF_ROUND (or since the stream header): record headers and payloads (record headers
+    only in a stream flagged :data:`FLAG_PAYLOAD_UNHASHED`)."""
     return _record(RecordType.END_OF_ROUND, 0, round, round_checksum)
 
 
@@ -305,17 +331,29 @@ class PageStreamEncoder:
         out.write(enc.end_stream())
 
     The checksum must cover the bytes actually sent: hash and send pages only while the
-    guest is paused, or copy them first (see protocol/page-stream.md, "Sending from a
-    running guest"). Misuse (a run outside RAM, a payload of the wrong size, records out of
-    order) raises ValueError.
+    guest is paused, or copy them first (see protocol/page-stream.md, "Sending"). Misuse
+    (a run outside RAM, a payload of the wrong size, records out of order) raises
+    ValueError.
+
+    ``hash_payload=False`` writes a 1.1 stream flagged :data:`FLAG_PAYLOAD_UNHASHED`: the
+    round checksums cover the record headers only, :meth:`payload` only counts the bytes
+    (and a running guest's pages need no copy), and only a receiver told to accept such
+    a stream takes it.
     """
 
-    def __init__(self, layout: Iterable[tuple[int, int]], *, page_size: int = PAGE_SIZE) -> None:
+    def __init__(
+        self,
+        layout: Iterable[tuple[int, int]],
+        *,
+        page_size: int = PAGE_SIZE,
+        hash_payload: bool = True,
+    ) -> None:
         checked = validate_layout(layout, page_size)
         if isinstance(checked, str):
             raise ValueError(checked)
         self.layout: Layout = checked
         self.page_size = page_size
+        self.hash_payload = hash_payload
         self._index = _RangeIndex(checked)
         self._hash = Checksum()
         self._started = False
@@ -348,7 +386,8 @@ class PageStreamEncoder:
         if self._started:
             raise ValueError("header() was already called")
         self._started = True
-        return stream_header(self.layout, self.page_size)
+        flags = 0 if self.hash_payload else FLAG_PAYLOAD_UNHASHED
+        return stream_header(self.layout, self.page_size, flags=flags)
 
     def data(self, gpa: int, npages: int) -> bytes:
         """The DATA record header; then send ``npages`` pages and call :meth:`payload`."""
@@ -364,7 +403,17 @@ class PageStreamEncoder:
         size = data.nbytes if isinstance(data, memoryview) else len(data)
         if size > self._pending:
             raise ValueError(f"{size} payload bytes given, {self._pending} expected")
-        self._hash.update(data)
+        if self.hash_payload:
+            self._hash.update(data)
+        self._pending -= size
+
+    def skip_payload(self, size: int) -> None:
+        """Account for ``size`` payload bytes sent without handing them over: only in a
+        stream whose payloads are not hashed (``hash_payload=False``)."""
+        if self.hash_payload:
+            raise ValueError("a hashed stream's payload must be given to payload()")
+        if not 0 <= size <= self._pending:
+            raise ValueError(f"{size} payload bytes given, {self._pending} expected")
         self._pending -= size
 
     def zero(self, gpa: int, npages: int) -> bytes:
@@ -412,6 +461,13 @@ class PageStreamDecoder:
     :class:`~vmipc.formats.errors.PageStreamError`. ``strict=False`` reports a bad round
     checksum as ``RoundEnd(ok=False)`` instead of raising (for inspection tools only: a
     receiver must not resume a guest from such a stream).
+
+    ``accept_unhashed``: take a 1.1 stream flagged :data:`FLAG_PAYLOAD_UNHASHED`, whose
+    round checksums cover the record headers only (still: lost, reordered, damaged or
+    truncated records; never the pages' bytes). Without it such a stream is refused at
+    its header, before any page. Only for a channel the receiver's side trusts to move
+    bytes exactly (a socket pair its client made). ``supported`` is the newest version
+    read (for tests: ``(1, 0)`` is a 1.0 reader).
     """
 
     def __init__(
@@ -422,6 +478,7 @@ class PageStreamDecoder:
         expect_layout: Iterable[tuple[int, int]] | None = None,
         strict: bool = True,
         supported: tuple[int, int] = (MAJOR, MINOR),
+        accept_unhashed: bool = False,
     ) -> None:
         if max_chunk < 1:
             raise ValueError("max_chunk must be positive")
@@ -430,6 +487,9 @@ class PageStreamDecoder:
         self._expect_layout = None if expect_layout is None else tuple(expect_layout)
         self._strict = strict
         self._supported = supported
+        self._accept_unhashed = accept_unhashed
+        #: whether payload bytes go into the round checksum (not in an unhashed stream)
+        self._hash_payload = True
         self._buf = bytearray()
         self._pos = 0
         self._eof = False
@@ -511,7 +571,8 @@ class PageStreamDecoder:
             raise RuntimeError("feed_payload() outside a data run, or with bytes buffered")
         if not 0 < count <= self._payload_left:
             raise ValueError(f"{count} payload bytes, the run has {self._payload_left} left")
-        self._hash.update(data)
+        if self._hash_payload:
+            self._hash.update(data)
         self._offset += count
         self._payload_gpa += count
         self._payload_left -= count
@@ -600,8 +661,15 @@ class PageStreamDecoder:
         if length < _HEADER_V1.size + 8:
             raise PageStreamError(where, f"header length {length} too short")
         _, _, _, _, page_size, flags, count = _HEADER_V1.unpack_from(raw)
-        if flags or any(raw[28:32]):
+        if flags & ~_KNOWN_FLAGS.get(minor, 0) or any(raw[28:32]):
             raise PageStreamError(where, f"unknown flags {flags:#x} or reserved bytes set")
+        if flags & FLAG_PAYLOAD_UNHASHED and not self._accept_unhashed:
+            # before any page: this receiver wants every byte checked
+            raise PageStreamError(
+                where,
+                "the data payloads are not hashed (format 1.1 flag), and this receiver was "
+                "not told to accept such a stream",
+            )
         if length != _HEADER_V1.size + _RANGE.size * count + 8:
             raise PageStreamError(where, f"header length {length} does not fit {count} ranges")
         ranges = [_RANGE.unpack_from(raw, _HEADER_V1.size + i * _RANGE.size) for i in range(count)]
@@ -619,7 +687,8 @@ class PageStreamDecoder:
                 f"{_format_layout(self._expect_layout)}",
             )
         self._index = _RangeIndex(layout)
-        self.header = StreamHeader(major, minor, page_size, layout)
+        self._hash_payload = not flags & FLAG_PAYLOAD_UNHASHED
+        self.header = StreamHeader(major, minor, page_size, layout, flags)
         self._state = _RECORD_STATE
         return self.header
 
@@ -676,7 +745,8 @@ class PageStreamDecoder:
                 )
             return NEED_DATA
         chunk = self._take(count)
-        self._hash.update(chunk)
+        if self._hash_payload:
+            self._hash.update(chunk)
         event = DataRun(self._payload_gpa, chunk)
         self._payload_gpa += count
         self._payload_left -= count

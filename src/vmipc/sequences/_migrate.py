@@ -82,6 +82,7 @@ from vmipc.sequences._common import (
     describe,
     going_first,
     resume_if_paused,
+    speaks,
     state_of,
     supports,
     watch_progress,
@@ -89,6 +90,9 @@ from vmipc.sequences._common import (
 from vmipc.sequences._restore import attach_disk
 from vmipc.sequences._steps import StepHook, Steps, StepTiming, observe_replies
 from vmipc.sequences._steps import side as timed_side
+
+#: the protocol minor of ``checksum: headers`` and ``accept_unhashed`` (page stream 1.1)
+UNHASHED_MINOR = 10
 
 #: a building-block call that writes into the fd it is given and returns its result
 Send = Callable[[int], Awaitable[Mapping[str, Any]]]
@@ -305,6 +309,30 @@ class LocalDestination:
         #: makes the data channel of one transfer (the source's end, ours, close both)
         self.channel = channel
         self.description = f"the destination VMM at {socket_path}"
+        #: apply-pages takes streams whose pages are not hashed (:meth:`trust_channel`)
+        self.accept_unhashed = False
+
+    def trust_channel(self, source: Client) -> bool:
+        """Whether page streams from ``source`` may go without a hash of their pages
+        (``checksum: headers``, page stream 1.1), and if so, take them from now on.
+
+        Only on the socket pairs this client makes itself (:func:`socketpair_channel`):
+        nobody else holds either end, the kernel copies the bytes exactly, and the VMM
+        at the other end could forge any checksum anyway, so a hash of every page would
+        protect nothing and costs as much CPU as the copy, on each side. Any other
+        channel (one given by the caller: a relay, another transport) keeps full
+        checksums, and so does a VMM on either side older than 1.10."""
+        self.accept_unhashed = (
+            self.channel is socketpair_channel
+            and speaks(source, UNHASHED_MINOR)
+            and speaks(self.client, UNHASHED_MINOR)
+        )
+        return self.accept_unhashed
+
+    @property
+    def apply_args(self) -> dict[str, Any]:
+        """apply-pages' arguments (for an ordered chain's Call)."""
+        return {"accept_unhashed": True} if self.accept_unhashed else {}
 
     async def prepare(self, memory_size: int, vcpus: int) -> None:
         status = await self.client.query_status()
@@ -336,6 +364,8 @@ class LocalDestination:
     async def transfer(self, kind: Kind, send: Send) -> Mapping[str, Any]:
         async def receive(fd: int) -> Mapping[str, Any]:
             if kind == "pages":
+                if self.accept_unhashed:
+                    return await self.client.apply_pages(in_=fd, accept_unhashed=True)
                 return await self.client.apply_pages(in_=fd)
             return await self.client.load_state(in_=fd)
 
@@ -602,6 +632,9 @@ class _Migration:
         self.settled: str | None = None
         self.state_bytes = 0
         self.paused_at = self.started
+        #: dump-memory's and dump-dirty's page stream arguments: ``checksum: headers``
+        #: where the destination trusts the channel (LocalDestination.trust_channel)
+        self.stream_args: dict[str, Any] = {}
         #: told where the pre-copy stands after every look at the dirty log
         self.on_progress: ProgressCallback | None = None
 
@@ -642,6 +675,9 @@ class _Migration:
         async with self.steps.phase(_source_runs_on), self.steps.step("prepare"):
             with trio.fail_after(self.policy.timeout):
                 await self.dest.prepare(memory_size, vcpus)
+        dest = self.dest
+        if isinstance(dest, LocalDestination) and dest.trust_channel(self.source):
+            self.stream_args = {"checksum": "headers"}
 
     async def _precopy(self) -> str | None:
         """The full pass, then dirty rounds while the guest runs, until the predicted
@@ -660,7 +696,8 @@ class _Migration:
                     await source.dirty_log_start()
                 async with steps.step("full pass"):
                     await self._pages(
-                        "full", lambda fd: source.dump_memory(format="stream", out=fd)
+                        "full",
+                        lambda fd: source.dump_memory(format="stream", out=fd, **self.stream_args),
                     )
                 best = math.inf
                 stalled = 0
@@ -703,7 +740,9 @@ class _Migration:
                             return reason
                     async with steps.step(f"dirty round {len(self.rounds)}", hook="dirty round"):
                         await self._pages(
-                            "dirty", lambda fd: source.dump_dirty(out=fd), dirty["dirty_pages"]
+                            "dirty",
+                            lambda fd: source.dump_dirty(out=fd, **self.stream_args),
+                            dirty["dirty_pages"],
                         )
 
     async def _stop_and_copy(self) -> None:
@@ -726,7 +765,9 @@ class _Migration:
                     async with steps.step("last dirty round"):
                         dirty = await source.query_dirty()
                         await self._pages(
-                            "final", lambda fd: source.dump_dirty(out=fd), dirty["dirty_pages"]
+                            "final",
+                            lambda fd: source.dump_dirty(out=fd, **self.stream_args),
+                            dirty["dirty_pages"],
                         )
                     async with steps.step("state"):
                         await self.dest.transfer("state", self._dump_state)
@@ -772,7 +813,7 @@ class _Migration:
                         loads = await dest.client.send_ordered(
                             [
                                 Call("load-state", fds={"in": state_in}),
-                                Call("apply-pages", fds={"in": pages_in}),
+                                Call("apply-pages", fds={"in": pages_in}, **dest.apply_args),
                             ]
                         )
                         sent = time.monotonic()
@@ -781,7 +822,7 @@ class _Migration:
                             [
                                 Call("pause", lease=self.lease) if leased else Call("pause"),
                                 Call("dump-state", fds={"out": state_out}),
-                                Call("dump-dirty", fds={"out": pages_out}),
+                                Call("dump-dirty", fds={"out": pages_out}, **self.stream_args),
                                 # a disk on shared storage: durable before the other side runs
                                 *([Call("flush-devices")] if flush else []),
                             ]

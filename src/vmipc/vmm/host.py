@@ -321,7 +321,9 @@ class MachineHost:
 
     # --- Snapshottable ----------------------------------------------------------------------
 
-    def dump_memory(self, fd: int, fmt: MemoryFormat, transfer: Transfer) -> MemoryDump:
+    def dump_memory(
+        self, fd: int, fmt: MemoryFormat, transfer: Transfer, *, hash_payload: bool = True
+    ) -> MemoryDump:
         machine = self.require_machine("dump-memory")
         memory = _ram(machine)
         consistent = machine.state is not RunState.RUNNING
@@ -332,7 +334,9 @@ class MachineHost:
             return MemoryDump(stats, consistent, entry)
         if fmt == "raw":
             return MemoryDump(write_raw_image(memory, fd, transfer), consistent)
-        stats = send_page_stream(memory, fd, transfer, consistent=consistent)
+        stats = send_page_stream(
+            memory, fd, transfer, consistent=consistent, hash_payload=hash_payload
+        )
         return MemoryDump(stats, consistent)
 
     def load_memory(self, fd: int, fmt: MemoryFormat, transfer: Transfer) -> Stats:
@@ -470,7 +474,13 @@ class MachineHost:
         return self.require_machine("query-dirty").dirty_log.query()
 
     def dump_dirty(
-        self, fd: int, transfer: Transfer, *, epoch: str | None, section: int | None
+        self,
+        fd: int,
+        transfer: Transfer,
+        *,
+        epoch: str | None,
+        section: int | None,
+        hash_payload: bool = True,
     ) -> DirtyDump:
         machine = self.require_machine("dump-dirty")
         memory = _ram(machine)
@@ -478,7 +488,7 @@ class MachineHost:
         writer = None if section is None else memory_section_at(memory, fd, section)
         taken = machine.dirty_log.take(epoch)
         if writer is None:
-            return self.send_dirty(fd, transfer, taken)
+            return self.send_dirty(fd, transfer, taken, hash_payload=hash_payload)
         consistent = machine.state is not RunState.RUNNING
         transfer.total = PAGE_SIZE * taken.pages
         stats = update_memory_section(
@@ -489,18 +499,28 @@ class MachineHost:
     def take_dirty(self, epoch: str | None) -> DirtyPages:
         return self.require_machine("dump-dirty").dirty_log.take(epoch)
 
-    def send_dirty(self, fd: int, transfer: Transfer, taken: DirtyPages) -> DirtyDump:
+    def send_dirty(
+        self, fd: int, transfer: Transfer, taken: DirtyPages, *, hash_payload: bool = True
+    ) -> DirtyDump:
         machine = self.require_machine("dump-dirty")
         consistent = machine.state is not RunState.RUNNING
         transfer.total = PAGE_SIZE * taken.pages
         stats = send_page_stream(
-            _ram(machine), fd, transfer, consistent=consistent, runs=taken.slots
+            _ram(machine),
+            fd,
+            transfer,
+            consistent=consistent,
+            runs=taken.slots,
+            hash_payload=hash_payload,
         )
         return DirtyDump(stats, consistent, taken.epoch)
 
-    def apply_pages(self, fd: int, transfer: Transfer) -> Stats:
+    def apply_pages(self, fd: int, transfer: Transfer, *, accept_unhashed: bool = False) -> Stats:
         memory = _ram(self._incoming_machine("apply-pages"))
-        return self._load("apply-pages", lambda: receive_page_stream(memory, fd, transfer))
+        return self._load(
+            "apply-pages",
+            lambda: receive_page_stream(memory, fd, transfer, accept_unhashed=accept_unhashed),
+        )
 
 
 def _ram(machine: Machine) -> GuestMemory:

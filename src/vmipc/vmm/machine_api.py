@@ -153,8 +153,11 @@ class Snapshottable(Protocol):
     (with a stable code), :class:`vmipc.vmm.persist.PeerClosed`,
     :class:`vmipc.vmm.persist.TransferCancelled`, OSError, or :class:`InvalidStateError`."""
 
-    def dump_memory(self, fd: int, fmt: MemoryFormat, transfer: Transfer) -> MemoryDump:
-        """All of RAM to ``fd`` (running or paused)."""
+    def dump_memory(
+        self, fd: int, fmt: MemoryFormat, transfer: Transfer, *, hash_payload: bool = True
+    ) -> MemoryDump:
+        """All of RAM to ``fd`` (running or paused); ``hash_payload=False``: a page stream
+        whose round checksums cover its record headers only (format 1.1)."""
         ...
 
     def load_memory(self, fd: int, fmt: MemoryFormat, transfer: Transfer) -> Stats:
@@ -238,7 +241,13 @@ class Migratable(Protocol):
         ...
 
     def dump_dirty(
-        self, fd: int, transfer: Transfer, *, epoch: str | None, section: int | None
+        self,
+        fd: int,
+        transfer: Transfer,
+        *,
+        epoch: str | None,
+        section: int | None,
+        hash_payload: bool = True,
     ) -> DirtyDump:
         """Take the dirty pages (only if the dirty log's epoch is still ``epoch``, unless
         None) and write them to ``fd``: as a page stream, or (``section``: its file offset)
@@ -250,12 +259,17 @@ class Migratable(Protocol):
         ioctl and a bitmap walk, no I/O."""
         ...
 
-    def send_dirty(self, fd: int, transfer: Transfer, taken: DirtyPages) -> DirtyDump:
-        """Write pages :meth:`take_dirty` took to ``fd`` as a page stream."""
+    def send_dirty(
+        self, fd: int, transfer: Transfer, taken: DirtyPages, *, hash_payload: bool = True
+    ) -> DirtyDump:
+        """Write pages :meth:`take_dirty` took to ``fd`` as a page stream (``hash_payload``
+        as for :meth:`dump_memory`)."""
         ...
 
-    def apply_pages(self, fd: int, transfer: Transfer) -> Stats:
-        """A page stream from ``fd`` into a received machine (as :meth:`load_memory`)."""
+    def apply_pages(self, fd: int, transfer: Transfer, *, accept_unhashed: bool = False) -> Stats:
+        """A page stream from ``fd`` into a received machine (as :meth:`load_memory`); a
+        stream whose payloads are not hashed (format 1.1) only with ``accept_unhashed``,
+        else refused before any page is written."""
         ...
 
 

@@ -108,6 +108,7 @@ def send_page_stream(
     *,
     consistent: bool,
     runs: Sequence[Sequence[tuple[int, int]]] | None = None,
+    hash_payload: bool = True,
 ) -> Stats:
     """Write one complete page stream (header, one round, end) of guest RAM to ``fd``.
 
@@ -116,9 +117,16 @@ def send_page_stream(
     zero-copy; from a running guest each run is copied first (into one buffer reused for
     every run, behind the records that precede it, so that they go in one write) so that
     the round checksum covers exactly the bytes sent.
+
+    ``hash_payload=False`` writes a format 1.1 stream whose round checksums cover the
+    record headers only: nothing hashes the pages, so a running guest's pages go
+    zero-copy too (what the guest writes after the dirty log was taken is sent again in
+    a later round, whatever bytes of it went now).
     """
     kind = fd_kind(fd)
-    encoder = PageStreamEncoder(list(memory.ram_ranges()))
+    encoder = PageStreamEncoder(list(memory.ram_ranges()), hash_payload=hash_payload)
+    # the copy only exists so that the hash matches the bytes sent
+    copy = not consistent and hash_payload
     stats = Stats()
     transfer.count_ram()
     records = bytearray(encoder.header())
@@ -141,7 +149,7 @@ def send_page_stream(
                 length = count * PAGE_SIZE
                 records += encoder.data(region.gpa + start * PAGE_SIZE, count)
                 view = memory.view[offset : offset + length]
-                if not consistent:
+                if copy:
                     head = len(records)
                     if staging is None or len(staging) < head + length:
                         # records are flushed before they reach _RECORDS_FLUSH, then a
@@ -153,7 +161,10 @@ def send_page_stream(
                     encoder.payload(staging[head : head + length])
                     transfer.write(fd, staging[: head + length])
                 else:
-                    encoder.payload(view)
+                    if hash_payload:
+                        encoder.payload(view)
+                    else:
+                        encoder.skip_payload(length)
                     transfer.write(fd, records)
                     if kind == "file" or not memory.fd_is_ram:
                         transfer.write(fd, view)
@@ -221,7 +232,9 @@ _RECORD_READ = 64 << 10
 _PAYLOAD_READ = 1 << 20
 
 
-def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Stats:
+def receive_page_stream(
+    memory: GuestMemory, fd: int, transfer: Transfer, *, accept_unhashed: bool = False
+) -> Stats:
     """Apply one page stream from ``fd`` to guest RAM as it arrives.
 
     Reads exactly the stream's bytes, never past its end (the fd may carry more after it).
@@ -231,8 +244,14 @@ def receive_page_stream(memory: GuestMemory, fd: int, transfer: Transfer) -> Sta
     truncated or for other RAM: the memory then holds a partial update (pages that may
     have failed the checksum) and must not be run. The stats say ``complete`` when the
     stream wrote every page of RAM (as a full dump does).
+
+    ``accept_unhashed``: take a format 1.1 stream whose payloads are not hashed (only for
+    a channel the caller trusts); without it such a stream is refused at its header,
+    before any page is written.
     """
-    decoder = PageStreamDecoder(expect_layout=list(memory.ram_ranges()))
+    decoder = PageStreamDecoder(
+        expect_layout=list(memory.ram_ranges()), accept_unhashed=accept_unhashed
+    )
     stats = Stats()
     coverage = PageCoverage(memory.size)
     rounds = data_bytes = 0

@@ -65,8 +65,10 @@ def recv_nowait(
 def whole_page_stream(data: bytes | bytearray | memoryview) -> int | None:
     """The length of the page stream ``data`` begins with, when all of it is there (its
     end record included); None when it is not (or the bytes are no page stream: the
-    reader that takes the fd says what is wrong with them). Reads nothing into RAM."""
-    decoder = PageStreamDecoder()
+    reader that takes the fd says what is wrong with them). Reads nothing into RAM; a
+    stream whose payloads are not hashed is measured too (its reader decides whether to
+    take it)."""
+    decoder = PageStreamDecoder(accept_unhashed=True)
     decoder.feed(data)
     try:
         while True:
