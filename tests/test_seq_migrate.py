@@ -167,6 +167,10 @@ def test_a_migration_that_cannot_converge_gives_up_then_force_moves_it() -> None
 #: pages per second per vCPU for a guest that pre-copy catches up with: ~80 MiB/s in all,
 #: a fraction of the rate a round sends at, so each round leaves a fraction of the last
 SETTLING_RATE = 10000
+#: and a working set big enough that what it dirties during the full pass takes several
+#: times the settling floor (1 ms) to send, however fast this machine's rounds are (with
+#: 8 MiB a vCPU in 64 MiB, a fast full pass left ~1 ms: no settling round, now and then)
+SETTLING_WS = 32 << 20
 
 
 def test_a_converged_migration_settles_on_a_smaller_last_round() -> None:
@@ -175,23 +179,26 @@ def test_a_converged_migration_settles_on_a_smaller_last_round() -> None:
     dirtying a few MiB per full pass gets at least one such round, its report counts
     them, and it continues exactly. ``--no-settle`` stops as soon as it converges."""
     with vmm_processes() as vmms:
-        src = vmms.guest(ws=BIG_WS, rate=SETTLING_RATE)
-        dst = vmms.incoming()
+        src = vmms.guest(ws=SETTLING_WS, rate=SETTLING_RATE, memory="256M")
+        dst = vmms.incoming(memory="256M")
         src.wait_for_passes(2)
         code, report = migrate_cli(src, dst)
         assert code == 0 and report["outcome"] == "migrated" and report["converged"], report
         kinds = [r["kind"] for r in report["round_details"]]
         assert kinds == ["full"] + ["dirty"] * (report["rounds"] - 1) + ["final"]
-        assert 1 <= report["settle_rounds"] <= report["rounds"] - 1, report
-        assert_moved(src, dst, BIG_WS)
+        assert 1 <= report["settle_rounds"] <= report["rounds"] - 1, (
+            report["settled"],
+            report["round_details"],
+        )
+        assert_moved(src, dst, SETTLING_WS)
 
-        src = vmms.guest("src2", ws=BIG_WS, rate=SETTLING_RATE)
-        dst = vmms.incoming("dst2")
+        src = vmms.guest("src2", ws=SETTLING_WS, rate=SETTLING_RATE, memory="256M")
+        dst = vmms.incoming("dst2", memory="256M")
         src.wait_for_passes(2)
         code, report = migrate_cli(src, dst, "--no-settle")
         assert code == 0 and report["outcome"] == "migrated" and report["converged"], report
         assert report["settle_rounds"] == 0
-        assert_moved(src, dst, BIG_WS)
+        assert_moved(src, dst, SETTLING_WS)
 
 
 def test_a_destination_that_is_not_incoming_is_left_alone() -> None:
