@@ -45,6 +45,9 @@ class RecordingMachine:
         self._lock = threading.Lock()
         self._listeners: list[Callable[[StateChange], None]] = []
         self.calls: list[str] = []
+        #: wake_vcpus calls, and a hook called in each (what the test looks at then)
+        self.wakes = 0
+        self.on_wake: Callable[[], None] | None = None
         self.pause_delay = pause_delay
         #: the thread finishing a slow pause (begin_pause)
         self._pausing: threading.Thread | None = None
@@ -103,12 +106,19 @@ class RecordingMachine:
                 raise InvalidStateError("pause", self._state)
             return True
 
-    def resume(self) -> None:
+    def resume(self, *, wake: bool = True) -> None:
         self.calls.append("resume")
         with self._lock:
             if self._state is not RunState.PAUSED:
                 raise InvalidStateError("resume", self._state)
             self._set(RunState.RUNNING)
+        if wake:
+            self.wake_vcpus()
+
+    def wake_vcpus(self) -> None:
+        self.wakes += 1
+        if self.on_wake is not None:
+            self.on_wake()
 
     def close(self) -> None:
         self.calls.append("close")

@@ -112,3 +112,34 @@ def test_close_while_paused_and_while_running_returns(guests: Path) -> None:
         machine.close()
         assert machine.state is RunState.DESTROYED
         machine.close()  # idempotent
+
+
+def test_a_resume_that_lets_the_vcpus_go_later_runs_the_guest_on_exactly(guests: Path) -> None:
+    """``resume(wake=False)`` (the control server answers first, then wakes): RUNNING at
+    once; the guest goes on only after ``wake_vcpus``. A pause in between keeps the vCPUs
+    parked (the late wake does nothing), and the guest still continues exactly."""
+    config = MachineConfig(
+        32 * MIB, 2, BootSource("bootsector", str(guests / "counter-bootsector.bin"))
+    )
+    output = bytearray()
+    with Machine(config, output.extend) as machine:
+        machine.start()
+        time.sleep(0.05)
+        for _ in range(20):
+            machine.pause()
+            machine.resume(wake=False)
+            assert machine.state is RunState.RUNNING
+            if random.random() < 0.5:
+                machine.pause()  # before the wake: the vCPUs never left their park
+                machine.wake_vcpus()
+                assert machine.state is RunState.PAUSED
+                machine.resume(wake=False)
+            machine.wake_vcpus()
+            time.sleep(random.uniform(0.001, 0.005))
+        seen = len(output)
+        deadline = time.monotonic() + 10
+        while len(output) == seen:  # the guest runs after the last wake
+            assert time.monotonic() < deadline, "the guest never ran again"
+            time.sleep(0.01)
+        machine.pause()
+    assert_consecutive(counter_lines(bytes(output)))

@@ -91,6 +91,29 @@ def test_pause_and_resume_change_the_machine_state() -> None:
         assert s.machine.calls == ["pause", "resume"]
 
 
+def test_resume_answers_before_the_vcpus_are_let_go() -> None:
+    """The reply to resume is in the client's socket when the vCPU threads are woken, so
+    that a vCPU busy in the guest cannot hold up the reply a migration's downtime waits
+    for; and they are woken, once."""
+    with serving() as s, s.connect() as c:
+        assert c.result(c.request("pause")) is not None
+        waiting: list[int] = []
+
+        def look() -> None:
+            waiting.append(
+                int.from_bytes(
+                    fcntl.ioctl(c.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), "little"
+                )
+            )
+
+        s.machine.on_wake = look
+        rid = c.request("resume")
+        _wait_for(lambda: s.machine.wakes == 1, "the vCPUs to be let go")
+        assert waiting and waiting[0] > 0  # the reply was there already
+        assert c.result(rid) == {}
+        assert s.machine.state is RunState.RUNNING and s.machine.wakes == 1
+
+
 def test_pause_belongs_to_the_machine_not_the_connection() -> None:
     with serving() as s:
         with s.connect() as a:

@@ -374,8 +374,9 @@ class LocalDestination:
     async def resume(self) -> str:
         try:
             with trio.fail_after(RESUME_TIMEOUT):
-                # its reply means running, every vCPU let go (a refusal raises): asking
-                # query-status after it would only lengthen the downtime by a round trip
+                # its reply means running (its VMM lets the vCPUs go right after sending
+                # it; a refusal raises): asking query-status after it would only lengthen
+                # the downtime by a round trip
                 await self.client.resume()
             return "running"
         except (ConnectionClosed, OSError, trio.TooSlowError) as exc:

@@ -286,13 +286,18 @@ class MachineHost:
     def finish_pause(self, wake: Callable[[], None]) -> bool:
         return self.require_machine("pause").finish_pause(wake)
 
-    def resume(self) -> None:
+    def resume(self, *, wake: bool = True) -> None:
         if self._awaiting_state:
             raise InvalidStateError("resume", RunState.INCOMING)
         if self._damaged is not None:
             raise MachineDamaged(self._damaged, self.state)
-        self.require_machine("resume").resume()
+        self.require_machine("resume").resume(wake=wake)
         self._receiving = False
+
+    def wake_vcpus(self) -> None:
+        machine = self._machine
+        if machine is not None:
+            machine.wake_vcpus()
 
     def close(self) -> None:
         with self._lock:

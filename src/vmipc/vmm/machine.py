@@ -382,12 +382,13 @@ class Machine:
         self._freeze_clock()
         return self._set_state(RunState.PAUSED)
 
-    def resume(self) -> None:
+    def resume(self, *, wake: bool = True) -> None:
         """PAUSED -> RUNNING: each vCPU continues exactly where it stopped.
 
         Returns once the state is RUNNING and every vCPU thread has been woken; it does
         not wait for them to re-enter KVM_RUN (nothing could go wrong there that a reply
-        could report: a vCPU that fails later stops the machine and says so)."""
+        could report: a vCPU that fails later stops the machine and says so).
+        ``wake=False``: the threads are woken by :meth:`wake_vcpus`."""
         with self._cond:
             if self._state is not RunState.PAUSED:
                 raise InvalidStateError("resume", self._state)
@@ -398,8 +399,16 @@ class Machine:
                 vcpu.kvm_run.immediate_exit = 0
             self._gate_closed = False
             change = self._set_state(RunState.RUNNING)
-            self._release_vcpus_locked()
+            if wake:
+                self._release_vcpus_locked()
         self._notify(change)
+
+    def wake_vcpus(self) -> None:
+        """Let the vCPU threads go after ``resume(wake=False)``; nothing unless RUNNING
+        (a pause since has kept them parked: they never left)."""
+        with self._cond:
+            if self._state is RunState.RUNNING:
+                self._release_vcpus_locked()
 
     def wait_stopped(self, timeout: float | None = None) -> RunState:
         """Block until the guest powers off or dies (or ``timeout`` passes); returns the state."""

@@ -97,9 +97,16 @@ class Pausable(Protocol):
         the guest stopped meanwhile."""
         ...
 
-    def resume(self) -> None:
+    def resume(self, *, wake: bool = True) -> None:
         """PAUSED -> RUNNING without blocking: every vCPU is let go (it does not wait for
-        them to re-enter KVM_RUN). Raises InvalidStateError unless PAUSED."""
+        them to re-enter KVM_RUN). ``wake=False``: RUNNING at once, but the vCPU threads
+        are let go by :meth:`wake_vcpus` — for a caller that answers first (a woken vCPU
+        may take the caller's core before its answer is out). Raises InvalidStateError
+        unless PAUSED."""
+
+    def wake_vcpus(self) -> None:
+        """Let the vCPU threads of a RUNNING machine go (after ``resume(wake=False)``);
+        nothing in any other state (a pause that came first keeps them parked)."""
 
     def close(self) -> None:
         """Stop every vCPU thread and release KVM resources (-> DESTROYED). Idempotent."""
