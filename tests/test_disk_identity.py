@@ -345,8 +345,10 @@ def test_a_migration_over_tcp_passes_the_disk_at_the_receiving_side(image: Path)
         try:
             wait_for(lambda: last_pass(src.text()) >= 2, 60, "pass 2")
             to = f"tcp:127.0.0.1:{receiver.port}"
-            done = vmipc("migrate", "--socket", src.socket, "--to", to)
+            done = vmipc("migrate", "--socket", src.socket, "--to", to, "--json")
             assert done.returncode == 0, done.stderr
+            # plain TCP: nothing but the stream's own checksums guards the pages
+            assert json.loads(done.stdout)["page_checksum"] == "full"
             code, report = receiver.result()
             assert code == 0 and report["outcome"] == "running", report
             assert src.wait_exit() == 0

@@ -145,6 +145,10 @@ class Destination(Protocol):
     async def prepare(self, memory_size: int, vcpus: int) -> None:
         """Make sure an incoming VMM with this RAM and vCPU count is ready."""
 
+    def trust_channel(self, source: Client) -> bool:
+        """After :meth:`prepare`: whether page streams from ``source`` may go without a
+        hash of their pages (``checksum: headers``), which the destination then takes."""
+
     async def transfer(self, kind: Kind, send: Send) -> Mapping[str, Any]:
         """Run ``send`` (a source dump) into an fd whose data the destination loads
         (apply-pages for pages, load-state for state); return the destination's result.
@@ -200,6 +204,9 @@ class MigrationReport:
     settle_rounds: int = 0
     #: why pre-copy stopped once converged (None: it did not converge)
     settled: str | None = None
+    #: what the page streams' checksums covered: "full" (every byte), or "headers" (the
+    #: records only: on a channel the destination trusts, see Destination.trust_channel)
+    page_checksum: str = "full"
 
 
 class MigrationNotConverged(SequenceError):
@@ -676,8 +683,7 @@ class _Migration:
         async with self.steps.phase(_source_runs_on), self.steps.step("prepare"):
             with trio.fail_after(self.policy.timeout):
                 await self.dest.prepare(memory_size, vcpus)
-        dest = self.dest
-        if isinstance(dest, LocalDestination) and dest.trust_channel(self.source):
+        if self.dest.trust_channel(self.source):
             self.stream_args = {"checksum": "headers"}
 
     async def _precopy(self) -> str | None:
@@ -996,6 +1002,7 @@ class _Migration:
             timeline=self.steps.timeline(),
             settle_rounds=self.settle_rounds,
             settled=self.settled,
+            page_checksum=self.stream_args.get("checksum", "full"),
         )
 
 

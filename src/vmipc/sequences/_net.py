@@ -15,8 +15,9 @@ connection: a ``u32`` little-endian length, then a msgpack map.
     sender → receiver                       receiver → sender
     (token mode, after the TLS handshake)   {auth: "token", nonce}
     {op: auth, nonce, proof}                {ok: true, proof}
-    {op: hello, version: 2,                 {ok: true} once an incoming VMM with that RAM
-     memory_size, vcpus}                      and vCPUs is ready
+    {op: hello, version: 2,                 {ok: true, unhashed} once an incoming VMM with
+     memory_size, vcpus}                      that RAM and vCPUs is ready (unhashed: page
+                                              streams may skip the hash of their pages: TLS)
     {op: pages} + one page stream           {ok: true, result: apply-pages' result}
     {op: state} + one state blob            {ok: true, result: load-state's result}
     {op: resume}                            {ok: true, state: "running"}
@@ -54,9 +55,10 @@ import trio
 
 from vmipc.client import Client, open_client
 from vmipc.protocol import DecodeLimits, RemoteProtocolError, unpack
-from vmipc.sequences._common import best_effort, describe, supports
+from vmipc.sequences._common import best_effort, describe, speaks, supports
 from vmipc.sequences._migrate import (
     RESUME_TIMEOUT,
+    UNHASHED_MINOR,
     DestinationUnknown,
     Kind,
     MigrationReport,
@@ -210,6 +212,8 @@ class TcpDestination:
         self.sock: socket.socket | None = None
         secured = "" if credentials is None else f" (TLS, {credentials.mode})"
         self.description = f"vmipc receive at {address[0]}:{address[1]}{secured}"
+        #: the receiver said it takes page streams whose pages are not hashed
+        self.takes_unhashed = False
 
     def _sock(self) -> socket.socket:
         if self.sock is None:
@@ -280,12 +284,23 @@ class TcpDestination:
         self.sock = await trio.to_thread.run_sync(self._connect)
         try:
             with trio.fail_after(REPLY_TIMEOUT):
-                await self._request(
+                ready = await self._request(
                     {"op": "hello", "version": VERSION, "memory_size": memory_size, "vcpus": vcpus}
                 )
         except BaseException:
             self.close()
             raise
+        self.takes_unhashed = ready.get("unhashed") is True
+
+    def trust_channel(self, source: Client) -> bool:
+        """Whether page streams from ``source`` may go without a hash of their pages:
+        only over TLS (its AEAD authenticates every byte between the two relays, whose
+        socket pairs to the VMMs are their own), when the receiver offered to take them
+        and the source speaks 1.10. Plain TCP keeps full checksums (TCP's own checksum
+        is weak)."""
+        return (
+            self.credentials is not None and self.takes_unhashed and speaks(source, UNHASHED_MINOR)
+        )
 
     async def transfer(self, kind: Kind, send: Send) -> Mapping[str, Any]:
         if self.credentials is None:
@@ -700,12 +715,21 @@ async def receive(
             ours = True
             if disk is not None:
                 await attach_disk(client, disk, readonly=disk_readonly)
-            await reply({"ok": True})
+            # over TLS (which authenticates every byte) page streams need no hash of their
+            # pages: offered here, taken only if the sender sends them so
+            unhashed = secure and speaks(client, UNHASHED_MINOR)
+            await reply({"ok": True, "unhashed": unhashed})
+
+            async def apply(fd: int) -> Any:
+                if unhashed:
+                    return await client.apply_pages(in_=fd, accept_unhashed=True)
+                return await client.apply_pages(in_=fd)
+
             while True:
                 message = await next_frame(IDLE_TIMEOUT)
                 op = message.get("op")
                 if op == "pages":
-                    applied = await bulk(lambda fd: client.apply_pages(in_=fd))
+                    applied = await bulk(apply)
                     transfers += 1
                     await reply({"ok": True, "result": dict(applied)})
                 elif op == "state":
