@@ -276,16 +276,21 @@ def test_files_restore_refuses_exit_1_in_one_line_and_verify_agrees(
         assert verify.returncode == 0, verify.stderr
 
 
+def verifies(path: Path) -> None:
+    """``vmipc snapshot verify FILE`` accepts the file."""
+    verify = subprocess.run(
+        [sys.executable, "-m", "vmipc", "snapshot", "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verify.returncode == 0, verify.stderr
+
+
 def test_verify_accepts_what_restore_accepts(real_snapshot: Path, tmp_path: Path) -> None:
     copy = rewritten(real_snapshot, tmp_path / "copy.vmipc", lambda records: None)
     for path in (real_snapshot, copy):
-        verify = subprocess.run(
-            [sys.executable, "-m", "vmipc", "snapshot", "verify", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert verify.returncode == 0, verify.stderr
+        verifies(path)
     console = Console()
     machine = restore_machine(str(copy), console, restore_options(verify=True))
     try:
@@ -307,13 +312,7 @@ def test_a_snapshot_of_version_1_vcpu_records_restores_and_the_guest_continues_e
     path = tmp_path / "snap.vmipc"
     before, reached = snapshot_of_a_running_guest(path)
     old = rewritten(path, tmp_path / "old.vmipc", vcpu_records_version_1)
-    verify = subprocess.run(
-        [sys.executable, "-m", "vmipc", "snapshot", "verify", str(old)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert verify.returncode == 0, verify.stderr
+    verifies(old)
     console = Console()
     machine = restore_machine(str(old), console, restore_options(verify=True))
     try:

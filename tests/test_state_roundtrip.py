@@ -31,7 +31,8 @@ def assert_consecutive(values: list[int]) -> None:
     assert values == list(range(len(values))), "counter lines lost, repeated or corrupted"
 
 
-def test_machine_state_record_round_trips_through_msgpack(guests: Path) -> None:
+def counter_state(guests: Path) -> MachineState:
+    """The state of the counting boot sector on 2 vCPUs, paused after 50 ms."""
     config = MachineConfig(
         32 * MIB, 2, BootSource("bootsector", str(guests / "counter-bootsector.bin"))
     )
@@ -39,32 +40,29 @@ def test_machine_state_record_round_trips_through_msgpack(guests: Path) -> None:
         machine.start()
         time.sleep(0.05)
         machine.pause()
-        state = machine.save_state()
-        packed = msgpack.packb(state.to_dict())
-        again = MachineState.from_dict(msgpack.unpackb(packed))
-        assert again == state
-        assert len(state.vcpus) == 2
-        assert state.vcpus[1].vcpu_id == 1
-        assert any(index == 0x10 for index, _ in state.vcpus[0].msrs)  # IA32_TSC saved
-        # version 2: the tables as one bin each, 28 bytes a CPUID entry, 12 an MSR
-        for vcpu, record in zip(state.vcpus, state.to_dict()["vcpus"], strict=True):
-            assert record["version"] == 2
-            assert record["cpuid"] == b"".join(CPUID_ENTRY.pack(*e) for e in vcpu.cpuid)
-            assert record["msrs"] == b"".join(MSR_ENTRY.pack(*pair) for pair in vcpu.msrs)
-            assert len(vcpu.cpuid) > 1 and len(vcpu.msrs) > 1
+        return machine.save_state()
+
+
+def test_machine_state_record_round_trips_through_msgpack(guests: Path) -> None:
+    state = counter_state(guests)
+    packed = msgpack.packb(state.to_dict())
+    again = MachineState.from_dict(msgpack.unpackb(packed))
+    assert again == state
+    assert len(state.vcpus) == 2
+    assert state.vcpus[1].vcpu_id == 1
+    assert any(index == 0x10 for index, _ in state.vcpus[0].msrs)  # IA32_TSC saved
+    # version 2: the tables as one bin each, 28 bytes a CPUID entry, 12 an MSR
+    for vcpu, record in zip(state.vcpus, state.to_dict()["vcpus"], strict=True):
+        assert record["version"] == 2
+        assert record["cpuid"] == b"".join(CPUID_ENTRY.pack(*e) for e in vcpu.cpuid)
+        assert record["msrs"] == b"".join(MSR_ENTRY.pack(*pair) for pair in vcpu.msrs)
+        assert len(vcpu.cpuid) > 1 and len(vcpu.msrs) > 1
 
 
 def test_the_vcpu_record_is_decoded_to_what_kvm_holds(guests: Path) -> None:
     """Through the state blob (its bounded decoder): the tables come back as KVM gave
     them, and a version-1 record of the same vCPUs decodes to the same state."""
-    config = MachineConfig(
-        32 * MIB, 2, BootSource("bootsector", str(guests / "counter-bootsector.bin"))
-    )
-    with Machine(config, lambda data: None) as machine:
-        machine.start()
-        time.sleep(0.05)
-        machine.pause()
-        state = machine.save_state()
+    state = counter_state(guests)
     assert decode_state(encode_state_blob(state)[STATE_HEADER_SIZE:]) == state
     old = msgpack.packb(with_v1_vcpus(state.to_dict(), state.vcpus))
     assert decode_state(old) == state
