@@ -115,6 +115,9 @@ class RecordingMachine:
         if wake:
             self.wake_vcpus()
 
+    def rehearse_load_state(self) -> None:
+        self.calls.append("rehearse")
+
     def wake_vcpus(self) -> None:
         self.wakes += 1
         if self.on_wake is not None:

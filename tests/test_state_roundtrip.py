@@ -12,6 +12,7 @@ import pytest
 
 from tests.state_support import with_v1_vcpus
 from vmipc.memory_layout import MIB
+from vmipc.vmm.host import MachineHost
 from vmipc.vmm.machine import BootSource, Machine, MachineConfig, MachineState
 from vmipc.vmm.persist import STATE_HEADER_SIZE, decode_state, encode_state_blob
 from vmipc.vmm.runstate import RunState
@@ -181,3 +182,38 @@ def test_restore_sets_the_cpuid_only_when_it_differs_from_the_one_set_at_start_u
         assert calls == [1]
         assert target.save_state().vcpus[1].cpuid == tuple(cpuid)
         assert target.save_state().vcpus[0].cpuid == state.vcpus[0].cpuid
+
+
+def test_rehearsing_a_load_state_leaves_the_incoming_machine_as_it_was(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An incoming VMM waiting for its state runs a decode and restore of its own state
+    (to warm the path up): everything KVM holds is as before but what runs on with time
+    anyway (the time stamp counter, the VM's clock, the PIT's load times); a rehearsal
+    that fails says nothing and changes nothing either."""
+    host = MachineHost(lambda data: None)
+    try:
+        host.configure(MachineConfig(32 * MIB, 2, BootSource("none")))
+        machine = host.require_machine("test")
+
+        def without_tsc(state: MachineState) -> MachineState:
+            vcpus = tuple(
+                dataclasses.replace(v, msrs=tuple(m for m in v.msrs if m[0] != 0x10))
+                for v in state.vcpus
+            )
+            vm = dataclasses.replace(state.vm, pit=b"", clock=0)
+            return dataclasses.replace(state, vcpus=vcpus, vm=vm)
+
+        before = without_tsc(machine.save_state())
+        host.rehearse_load_state()
+        assert without_tsc(machine.save_state()) == before
+        assert host.incoming  # still waiting for its state
+
+        def refused(state: MachineState, *, accept_disk: bool = False) -> None:
+            raise StateRecordError("KVM said no")
+
+        monkeypatch.setattr(machine, "restore_state", refused)
+        host.rehearse_load_state()  # no exception
+        assert without_tsc(machine.save_state()) == before
+    finally:
+        host.close()

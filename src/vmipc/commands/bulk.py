@@ -344,6 +344,9 @@ async def _load_state_from_socket(ctx: CommandContext, fd: int, accept_disk: boo
             await trio.lowlevel.wait_readable(fd)
 
     try:
+        if _small(ctx) and recv_nowait(fd, bytearray(1), 0, 1, peek=True) is None:
+            # nothing there yet (the source is still pausing): warm the path up meanwhile
+            ctx.machine.rehearse_load_state()
         header = bytearray()
         while len(header) < STATE_HEADER_SIZE:
             if not await receive(header, STATE_HEADER_SIZE - len(header)):

@@ -225,6 +225,13 @@ class Snapshottable(Protocol):
         ``accept_disk``); no I/O."""
         ...
 
+    def rehearse_load_state(self) -> None:
+        """While an incoming VMM waits for its state: run a state's decode and restore
+        once on the incoming machine's own state (nothing changes), so that the real
+        one, moments later, runs from warm caches. Never raises; nothing without a
+        built incoming machine. No I/O (the caller makes sure there is no disk)."""
+        ...
+
     def configure_incoming(self, memory_size: int, vcpus: int) -> MachineConfig:
         """Build the incoming machine of this shape (paused, nothing booted) before any
         load, or accept the same shape again. ValueError for a shape it cannot build or
