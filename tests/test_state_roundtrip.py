@@ -205,7 +205,17 @@ def test_rehearsing_a_load_state_leaves_the_incoming_machine_as_it_was(
             return dataclasses.replace(state, vcpus=vcpus, vm=vm)
 
         before = without_tsc(machine.save_state())
+        restored: list[MachineState] = []
+        restore = machine.restore_state
+
+        def spied(state: MachineState, *, accept_disk: bool = False) -> None:
+            restored.append(state)
+            restore(state, accept_disk=accept_disk)
+
+        monkeypatch.setattr(machine, "restore_state", spied)
         host.rehearse_load_state()
+        assert len(restored) == 1  # it did decode and restore a state
+        assert without_tsc(restored[0]) == before
         assert without_tsc(machine.save_state()) == before
         assert host.incoming  # still waiting for its state
 

@@ -210,9 +210,15 @@ class Client(AsyncCommands):
         return self.server_info["protocol"]
 
     @property
+    def protocol_minor(self) -> int:
+        """The minor version of protocol 1 this connection speaks (negotiated by
+        ``hello``): arguments added in a minor may be sent from it on."""
+        return minor_of(self.server_info)
+
+    @property
     def supports_ordered(self) -> bool:
         """Whether the connection speaks ordered chains and server timings (1.8)."""
-        return minor_of(self.server_info) >= CHAINS_MINOR
+        return self.protocol_minor >= CHAINS_MINOR
 
     def add_reply_observer(self, observer: ReplyObserver) -> Callable[[], None]:
         """Call ``observer(command, timing)`` with the server's timing of every reply to a

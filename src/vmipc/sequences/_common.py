@@ -10,7 +10,6 @@ import trio
 
 from vmipc.client import Client, CommandError, ConnectionClosed
 from vmipc.errors import VmipcError
-from vmipc.protocol import parse_version
 
 T = TypeVar("T")
 
@@ -81,17 +80,6 @@ async def resume_if_paused(client: Client) -> str:
     if state is None:
         return f"the source VM could not be resumed ({describe(error)}): its VMM is gone"
     return f"the source VM could not be resumed ({describe(error)}): it is {state}"
-
-
-def speaks(client: Client, minor: int) -> bool:
-    """Whether the connection speaks protocol 1.``minor`` or newer (the version ``hello``
-    negotiated: arguments added in a minor may only be sent from it on)."""
-    version = client.server_info.get("protocol")
-    try:
-        found = parse_version(version) if isinstance(version, str) else (0, 0)
-    except ValueError:
-        return False
-    return found[0] == 1 and found[1] >= minor
 
 
 def supports(client: Client, command: str) -> bool:

@@ -82,7 +82,6 @@ from vmipc.sequences._common import (
     describe,
     going_first,
     resume_if_paused,
-    speaks,
     state_of,
     supports,
     watch_progress,
@@ -331,8 +330,8 @@ class LocalDestination:
         checksums, and so does a VMM on either side older than 1.10."""
         self.accept_unhashed = (
             self.channel is socketpair_channel
-            and speaks(source, UNHASHED_MINOR)
-            and speaks(self.client, UNHASHED_MINOR)
+            and source.protocol_minor >= UNHASHED_MINOR
+            and self.client.protocol_minor >= UNHASHED_MINOR
         )
         return self.accept_unhashed
 

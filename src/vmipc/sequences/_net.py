@@ -55,7 +55,7 @@ import trio
 
 from vmipc.client import Client, open_client
 from vmipc.protocol import DecodeLimits, RemoteProtocolError, unpack
-from vmipc.sequences._common import best_effort, describe, speaks, supports
+from vmipc.sequences._common import best_effort, describe, supports
 from vmipc.sequences._migrate import (
     RESUME_TIMEOUT,
     UNHASHED_MINOR,
@@ -299,7 +299,9 @@ class TcpDestination:
         and the source speaks 1.10. Plain TCP keeps full checksums (TCP's own checksum
         is weak)."""
         return (
-            self.credentials is not None and self.takes_unhashed and speaks(source, UNHASHED_MINOR)
+            self.credentials is not None
+            and self.takes_unhashed
+            and source.protocol_minor >= UNHASHED_MINOR
         )
 
     async def transfer(self, kind: Kind, send: Send) -> Mapping[str, Any]:
@@ -717,7 +719,7 @@ async def receive(
                 await attach_disk(client, disk, readonly=disk_readonly)
             # over TLS (which authenticates every byte) page streams need no hash of their
             # pages: offered here, taken only if the sender sends them so
-            unhashed = secure and speaks(client, UNHASHED_MINOR)
+            unhashed = secure and client.protocol_minor >= UNHASHED_MINOR
             await reply({"ok": True, "unhashed": unhashed})
 
             async def apply(fd: int) -> Any:
